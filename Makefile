@@ -1,0 +1,58 @@
+# One entry point for building, testing and benchmarking.
+#   make test    creates .venv, installs build/test deps, builds the extension,
+#                runs the linters, `cargo test` and pytest.
+#   make bench   runs the benchmarks.
+
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+CARGO ?= cargo
+export VIRTUAL_ENV := $(abspath $(VENV))
+
+.PHONY: all venv build test test-rust test-python lint fmt bench bench-smoke clean
+
+all: test
+
+$(VENV)/.ready: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet "maturin>=1.9,<2"
+	touch $@
+
+venv: $(VENV)/.ready
+
+# Builds the extension in release mode and installs it (editable) with the dev extras.
+build: venv
+	$(VENV)/bin/maturin develop --release --extras dev --quiet
+
+lint: build
+	$(CARGO) fmt --all --check
+	$(CARGO) clippy --all-targets --all-features --quiet -- -D warnings
+	$(VENV)/bin/ruff check python tests benches examples
+	$(VENV)/bin/ruff format --check python tests benches examples
+	$(PY) -m mypy
+	$(PY) -m mypy.stubtest --ignore-disjoint-bases keyfailover._native
+
+test-rust:
+	$(CARGO) test --quiet
+
+test-python: build
+	$(PY) -m pytest
+
+bench-smoke: build
+	$(CARGO) bench --quiet --bench pool -- --smoke
+	$(PY) benches/bench_pool.py --smoke
+
+test: lint test-rust test-python bench-smoke
+
+bench: build
+	$(CARGO) bench --quiet --bench pool
+	$(PY) benches/bench_pool.py
+
+fmt:
+	$(CARGO) fmt --all
+	$(VENV)/bin/ruff format python tests benches examples
+	$(VENV)/bin/ruff check --fix python tests benches examples
+
+clean:
+	rm -rf $(VENV) target

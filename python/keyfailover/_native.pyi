@@ -1,0 +1,109 @@
+"""Type stubs for the Rust core (`keyfailover._native`)."""
+
+from collections.abc import Iterable, Mapping, Sequence
+from typing import ClassVar, Final, final
+
+__all__ = [
+    "ConfigError",
+    "Key",
+    "KeyPool",
+    "KeyState",
+    "KeyfailoverError",
+    "ManualClock",
+    "PermanentExhaustion",
+    "PoolExhausted",
+    "TransientExhaustion",
+    "UpstreamError",
+    "Walker",
+    "__version__",
+    "mark_key_on_response",
+    "parse_retry_after",
+]
+
+__version__: Final[str]
+
+_Headers = Mapping[str, str] | Mapping[bytes, bytes] | Iterable[tuple[str | bytes, str | bytes]]
+
+class KeyfailoverError(Exception):
+    """Base of every exception keyfailover raises."""
+
+class ConfigError(KeyfailoverError, ValueError):
+    """Invalid configuration or argument."""
+
+class PoolExhausted(KeyfailoverError):
+    """No key of the pool can take the request."""
+
+class TransientExhaustion(PoolExhausted):
+    retry_after: float
+    def __init__(self, retry_after: float, message: str | None = None) -> None: ...
+
+class PermanentExhaustion(PoolExhausted):
+    def __init__(self, message: str = ...) -> None: ...
+
+class UpstreamError(KeyfailoverError):
+    """The upstream connection broke after the response had started."""
+
+@final
+class KeyState:
+    VALID: ClassVar[KeyState]
+    TEMPORARY: ClassVar[KeyState]
+    PERMANENT: ClassVar[KeyState]
+    @property
+    def value(self) -> str:
+        """One of "valid", "temporary", "permanent"."""
+    def __eq__(self, other: object, /) -> bool: ...
+    def __hash__(self) -> int: ...
+    def __int__(self) -> int: ...
+
+@final
+class ManualClock:
+    def __new__(cls, start: float = 0.0) -> ManualClock: ...
+    def advance(self, seconds: float) -> None: ...
+    def now(self) -> float: ...
+
+@final
+class Key:
+    @property
+    def label(self) -> str: ...
+    @property
+    def hint(self) -> str: ...
+    @property
+    def value(self) -> str: ...
+    @property
+    def state(self) -> KeyState: ...
+    @property
+    def cooldown_remaining(self) -> float: ...
+    def mark_temporary(self, cooldown: float | None = None) -> bool: ...
+    def mark_permanent(self) -> bool: ...
+    def reset(self) -> None: ...
+    def __eq__(self, other: object, /) -> bool: ...
+    def __hash__(self) -> int: ...
+
+@final
+class Walker:
+    def next(self) -> Key: ...
+
+@final
+class KeyPool:
+    def __new__(
+        cls,
+        keys: Sequence[str] | Mapping[str, str],
+        *,
+        default_cooldown: float = 60.0,
+        max_cooldown: float | None = None,
+        quota_cooldown: float = 3600.0,
+        clock: ManualClock | None = None,
+    ) -> KeyPool: ...
+    def __len__(self) -> int: ...
+    def states(self) -> list[KeyState]: ...
+    def walker(self) -> Walker: ...
+    def key(self, label: str) -> Key: ...
+    def snapshot(self) -> list[dict[str, str | float]]: ...
+
+def parse_retry_after(headers: _Headers, *, now: float | None = None) -> float | None: ...
+def mark_key_on_response(
+    key: Key,
+    status: int,
+    headers: _Headers | None = None,
+    body: bytes | str | None = None,
+) -> bool: ...

@@ -1,0 +1,103 @@
+//! Clocks for cooldowns: a monotonic one for real use and a manual one for tests.
+//!
+//! Time is a count of nanoseconds since the clock's own origin. The pool only
+//! ever compares and subtracts these values, so the origin does not matter.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// A source of monotonic time.
+pub trait Clock: Send + Sync + 'static {
+    /// Nanoseconds since the clock's origin; never goes backwards.
+    fn now_nanos(&self) -> u64;
+}
+
+/// The default clock: `Instant`, so wall-clock jumps never touch a cooldown.
+#[derive(Debug)]
+pub struct MonotonicClock {
+    origin: Instant,
+}
+
+impl MonotonicClock {
+    pub fn new() -> Self {
+        Self {
+            origin: Instant::now(),
+        }
+    }
+}
+
+impl Default for MonotonicClock {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Clock for MonotonicClock {
+    fn now_nanos(&self) -> u64 {
+        // Saturates after ~584 years of uptime.
+        u64::try_from(self.origin.elapsed().as_nanos()).unwrap_or(u64::MAX)
+    }
+}
+
+/// A clock that only moves when told to, for deterministic tests.
+#[derive(Debug, Default)]
+pub struct ManualClock {
+    nanos: AtomicU64,
+}
+
+impl ManualClock {
+    pub fn new(start: Duration) -> Arc<Self> {
+        Arc::new(Self {
+            nanos: AtomicU64::new(duration_to_nanos(start)),
+        })
+    }
+
+    /// Moves the clock forward by `by`.
+    pub fn advance(&self, by: Duration) {
+        let by = duration_to_nanos(by);
+        // fetch_update cannot fail with a closure that always returns Some.
+        let _ = self
+            .nanos
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                Some(n.saturating_add(by))
+            });
+    }
+
+    pub fn now(&self) -> Duration {
+        Duration::from_nanos(self.now_nanos())
+    }
+}
+
+impl Clock for ManualClock {
+    fn now_nanos(&self) -> u64 {
+        self.nanos.load(Ordering::Acquire)
+    }
+}
+
+pub(crate) fn duration_to_nanos(d: Duration) -> u64 {
+    u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn manual_clock_moves_only_when_advanced() {
+        let clock = ManualClock::new(Duration::from_secs(5));
+        assert_eq!(clock.now(), Duration::from_secs(5));
+        clock.advance(Duration::from_millis(1500));
+        assert_eq!(clock.now(), Duration::from_millis(6500));
+        clock.advance(Duration::MAX);
+        assert_eq!(clock.now_nanos(), u64::MAX);
+    }
+
+    #[test]
+    fn monotonic_clock_never_goes_backwards() {
+        let clock = MonotonicClock::new();
+        let a = clock.now_nanos();
+        let b = clock.now_nanos();
+        assert!(b >= a);
+    }
+}

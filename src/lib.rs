@@ -1,0 +1,17 @@
+//! keyfailover: API-key failover for LLM provider APIs.
+//!
+//! The core is plain Rust: [`pool`] holds the keys and their states,
+//! [`retry_after`] reads cooldown hints, [`verdict`] turns a response into a
+//! key verdict. The PyO3 bindings live in `python/` behind the `python`
+//! feature, which maturin enables.
+
+pub mod clock;
+pub mod error;
+pub mod pool;
+pub mod retry_after;
+pub mod verdict;
+
+#[cfg(feature = "python")]
+mod python;
+
+pub use error::{Error, Exhaustion};

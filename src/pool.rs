@@ -1,0 +1,851 @@
+//! The key pool: an ordered set of API keys, each valid, cooling down
+//! (temporary) or retired (permanent), walked once per request.
+//!
+//! Each key's whole state is one `AtomicU64`, so a state and its remaining
+//! cooldown are always read together (no torn reads) and marking is lock-free:
+//!
+//! * `0`: valid;
+//! * `u64::MAX`: permanent;
+//! * anything else: the clock reading (nanoseconds) at which the cooldown ends.
+//!   Once the clock reaches it the key is valid again, with no write needed.
+
+use std::fmt;
+use std::hash::{Hash, Hasher};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::clock::{duration_to_nanos, Clock, MonotonicClock};
+use crate::error::{Error, Exhaustion, Result};
+
+const VALID: u64 = 0;
+const PERMANENT: u64 = u64::MAX;
+
+/// The three states of a key.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum KeyState {
+    Valid,
+    Temporary,
+    Permanent,
+}
+
+impl KeyState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            KeyState::Valid => "valid",
+            KeyState::Temporary => "temporary",
+            KeyState::Permanent => "permanent",
+        }
+    }
+}
+
+/// A key's state with its remaining cooldown (zero unless temporary), read at
+/// one instant.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct KeyStatus {
+    pub state: KeyState,
+    pub cooldown_remaining: Duration,
+}
+
+/// Cooldown settings of a pool.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Cooldowns {
+    /// Used when a 429 names no usable Retry-After, or a cooldown is zero.
+    pub default: Duration,
+    /// Upper bound for any cooldown, if set.
+    pub max: Option<Duration>,
+    /// Used when a key's quota or spend cap is exhausted.
+    pub quota: Duration,
+}
+
+impl Default for Cooldowns {
+    fn default() -> Self {
+        Self {
+            default: Duration::from_secs(60),
+            max: None,
+            quota: Duration::from_secs(3600),
+        }
+    }
+}
+
+impl Cooldowns {
+    fn validate(&self) -> Result<()> {
+        let positive = |name: &str, d: Duration| {
+            if d.is_zero() {
+                Err(Error::Config(format!("{name} must be positive")))
+            } else {
+                Ok(())
+            }
+        };
+        positive("default_cooldown", self.default)?;
+        positive("quota_cooldown", self.quota)?;
+        if let Some(max) = self.max {
+            positive("max_cooldown", max)?;
+        }
+        Ok(())
+    }
+}
+
+struct Slot {
+    label: String,
+    value: String,
+    hint: String,
+    word: AtomicU64,
+}
+
+struct Inner {
+    slots: Box<[Slot]>,
+    cooldowns: Cooldowns,
+    clock: Arc<dyn Clock>,
+}
+
+/// A pool of keys for one upstream provider. Cloning is cheap and shares state.
+#[derive(Clone)]
+pub struct KeyPool {
+    inner: Arc<Inner>,
+}
+
+impl fmt::Debug for KeyPool {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_list()
+            .entries(self.inner.slots.iter().map(|s| (&s.label, &s.hint)))
+            .finish()
+    }
+}
+
+impl KeyPool {
+    /// Builds a pool from unlabelled keys, labelled `key-0`, `key-1`, ...
+    pub fn from_keys<I, S>(
+        keys: I,
+        cooldowns: Cooldowns,
+        clock: Option<Arc<dyn Clock>>,
+    ) -> Result<Self>
+    where
+        I: IntoIterator<Item = S>,
+        S: Into<String>,
+    {
+        let labelled = keys
+            .into_iter()
+            .enumerate()
+            .map(|(i, k)| (format!("key-{i}"), k.into()));
+        Self::new(labelled, cooldowns, clock)
+    }
+
+    /// Builds a pool from `(label, key)` pairs, keeping their order.
+    pub fn new<I>(keys: I, cooldowns: Cooldowns, clock: Option<Arc<dyn Clock>>) -> Result<Self>
+    where
+        I: IntoIterator<Item = (String, String)>,
+    {
+        cooldowns.validate()?;
+        let mut slots: Vec<Slot> = Vec::new();
+        for (label, value) in keys {
+            validate_label(&label)?;
+            validate_key(&label, &value)?;
+            for other in &slots {
+                if other.label == label {
+                    return Err(Error::Config(format!("duplicate label '{label}'")));
+                }
+                if other.value == value {
+                    return Err(Error::Config(format!(
+                        "{} and {} hold the same key",
+                        other.label, label
+                    )));
+                }
+            }
+            slots.push(Slot {
+                hint: mask(&value),
+                label,
+                value,
+                word: AtomicU64::new(VALID),
+            });
+        }
+        if slots.is_empty() {
+            return Err(Error::Config("a key pool needs at least one key".into()));
+        }
+        Ok(Self {
+            inner: Arc::new(Inner {
+                slots: slots.into_boxed_slice(),
+                cooldowns,
+                clock: clock.unwrap_or_else(|| Arc::new(MonotonicClock::new())),
+            }),
+        })
+    }
+
+    pub fn len(&self) -> usize {
+        self.inner.slots.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.inner.slots.is_empty()
+    }
+
+    pub fn cooldowns(&self) -> Cooldowns {
+        self.inner.cooldowns
+    }
+
+    /// A fresh walker for one request, starting before the first key.
+    pub fn walker(&self) -> Walker {
+        Walker {
+            pool: self.clone(),
+            pos: 0,
+        }
+    }
+
+    /// The key with this label.
+    pub fn key(&self, label: &str) -> Result<Key> {
+        self.inner
+            .slots
+            .iter()
+            .position(|s| s.label == label)
+            .map(|index| self.key_at(index))
+            .ok_or_else(|| Error::UnknownLabel(label.to_owned()))
+    }
+
+    /// Every key, in configured order.
+    pub fn keys(&self) -> impl Iterator<Item = Key> + '_ {
+        (0..self.len()).map(|i| self.key_at(i))
+    }
+
+    /// Each key's state and remaining cooldown, in configured order, all read
+    /// against one clock reading.
+    pub fn statuses(&self) -> Vec<KeyStatus> {
+        let now = self.inner.clock.now_nanos();
+        self.inner
+            .slots
+            .iter()
+            .map(|s| status_of(s.word.load(Ordering::Acquire), now))
+            .collect()
+    }
+
+    /// Why nothing is available: permanent when every key is permanent,
+    /// otherwise transient with the smallest remaining cooldown (zero when
+    /// some key is valid).
+    pub fn exhaustion(&self) -> Exhaustion {
+        let now = self.inner.clock.now_nanos();
+        let mut soonest: Option<Duration> = None;
+        for slot in self.inner.slots.iter() {
+            let status = status_of(slot.word.load(Ordering::Acquire), now);
+            match status.state {
+                KeyState::Valid => {
+                    return Exhaustion::Transient {
+                        retry_after: Duration::ZERO,
+                    }
+                }
+                KeyState::Temporary => {
+                    let left = status.cooldown_remaining;
+                    soonest = Some(soonest.map_or(left, |s| s.min(left)));
+                }
+                KeyState::Permanent => {}
+            }
+        }
+        match soonest {
+            Some(retry_after) => Exhaustion::Transient { retry_after },
+            None => Exhaustion::Permanent,
+        }
+    }
+
+    fn key_at(&self, index: usize) -> Key {
+        Key {
+            pool: self.clone(),
+            index,
+        }
+    }
+
+    fn is_available(&self, index: usize) -> bool {
+        match self.inner.slots[index].word.load(Ordering::Acquire) {
+            VALID => true,
+            PERMANENT => false,
+            deadline => self.inner.clock.now_nanos() >= deadline,
+        }
+    }
+}
+
+/// A key-specific cursor through the pool for one request. Read-only: it
+/// never changes any key's state, so concurrent requests never interfere.
+#[derive(Debug, Clone)]
+pub struct Walker {
+    pool: KeyPool,
+    pos: usize,
+}
+
+impl Walker {
+    /// The next available key after the walker's position.
+    pub fn next_key(&mut self) -> Result<Key, Exhaustion> {
+        while self.pos < self.pool.len() {
+            let index = self.pos;
+            self.pos += 1;
+            if self.pool.is_available(index) {
+                return Ok(self.pool.key_at(index));
+            }
+        }
+        Err(self.pool.exhaustion())
+    }
+
+    pub fn pool(&self) -> &KeyPool {
+        &self.pool
+    }
+}
+
+/// A handle to one key of a pool.
+#[derive(Clone)]
+pub struct Key {
+    pool: KeyPool,
+    index: usize,
+}
+
+impl fmt::Debug for Key {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Key")
+            .field("label", &self.label())
+            .field("hint", &self.hint())
+            .finish()
+    }
+}
+
+/// Two handles are equal when they name the same key of the same pool.
+impl PartialEq for Key {
+    fn eq(&self, other: &Self) -> bool {
+        Arc::ptr_eq(&self.pool.inner, &other.pool.inner) && self.index == other.index
+    }
+}
+
+impl Eq for Key {}
+
+impl Hash for Key {
+    fn hash<H: Hasher>(&self, state: &mut H) {
+        Arc::as_ptr(&self.pool.inner).hash(state);
+        self.index.hash(state);
+    }
+}
+
+impl Key {
+    fn slot(&self) -> &Slot {
+        &self.pool.inner.slots[self.index]
+    }
+
+    pub fn label(&self) -> &str {
+        &self.slot().label
+    }
+
+    /// A masked form of the key, safe to log.
+    pub fn hint(&self) -> &str {
+        &self.slot().hint
+    }
+
+    /// The secret itself. Only for building the upstream request.
+    pub fn value(&self) -> &str {
+        &self.slot().value
+    }
+
+    pub fn pool(&self) -> &KeyPool {
+        &self.pool
+    }
+
+    pub fn status(&self) -> KeyStatus {
+        let word = self.slot().word.load(Ordering::Acquire);
+        let now = match word {
+            VALID | PERMANENT => 0,
+            _ => self.pool.inner.clock.now_nanos(),
+        };
+        status_of(word, now)
+    }
+
+    pub fn state(&self) -> KeyState {
+        self.status().state
+    }
+
+    /// Cools the key down. `None` or zero means the pool's default cooldown;
+    /// anything above the pool's maximum is clamped to it. An existing later
+    /// deadline is kept. Returns true only when this call moved the key from
+    /// valid to temporary; a permanent key stays permanent.
+    pub fn mark_temporary(&self, cooldown: Option<Duration>) -> bool {
+        let cooldowns = self.pool.inner.cooldowns;
+        let mut cooldown = cooldown
+            .filter(|d| !d.is_zero())
+            .unwrap_or(cooldowns.default);
+        if let Some(max) = cooldowns.max {
+            cooldown = cooldown.min(max);
+        }
+        let now = self.pool.inner.clock.now_nanos();
+        let deadline = now
+            .saturating_add(duration_to_nanos(cooldown).max(1))
+            .min(PERMANENT - 1);
+        let word = &self.slot().word;
+        let mut current = word.load(Ordering::Acquire);
+        loop {
+            if current == PERMANENT {
+                return false;
+            }
+            let was_valid = current <= now;
+            if !was_valid && current >= deadline {
+                return false;
+            }
+            match word.compare_exchange_weak(current, deadline, Ordering::AcqRel, Ordering::Acquire)
+            {
+                Ok(_) => return was_valid,
+                Err(actual) => current = actual,
+            }
+        }
+    }
+
+    /// Retires the key for good. Returns true only on the first transition.
+    pub fn mark_permanent(&self) -> bool {
+        self.slot().word.swap(PERMANENT, Ordering::AcqRel) != PERMANENT
+    }
+
+    /// Operator action: the key is valid again, whatever its state.
+    pub fn reset(&self) {
+        self.slot().word.store(VALID, Ordering::Release);
+    }
+}
+
+fn status_of(word: u64, now: u64) -> KeyStatus {
+    let (state, left) = match word {
+        VALID => (KeyState::Valid, 0),
+        PERMANENT => (KeyState::Permanent, 0),
+        deadline if deadline > now => (KeyState::Temporary, deadline - now),
+        _ => (KeyState::Valid, 0),
+    };
+    KeyStatus {
+        state,
+        cooldown_remaining: Duration::from_nanos(left),
+    }
+}
+
+/// The masked form of a secret: first 4 and last 4 characters of keys of 16
+/// characters or more, only the last 2 of keys of 8 to 15, nothing of shorter
+/// ones.
+pub fn mask(secret: &str) -> String {
+    let chars: Vec<char> = secret.chars().collect();
+    let n = chars.len();
+    let tail = |k: usize| chars[n - k..].iter().collect::<String>();
+    if n >= 16 {
+        format!("{}...{}", chars[..4].iter().collect::<String>(), tail(4))
+    } else if n >= 8 {
+        format!("...{}", tail(2))
+    } else {
+        "...".to_owned()
+    }
+}
+
+fn validate_label(label: &str) -> Result<()> {
+    if label.trim().is_empty() {
+        return Err(Error::Config("key labels must not be empty".into()));
+    }
+    if label.chars().any(char::is_control) {
+        return Err(Error::Config(format!(
+            "label {:?} contains control characters",
+            label.escape_debug().to_string()
+        )));
+    }
+    Ok(())
+}
+
+fn validate_key(label: &str, value: &str) -> Result<()> {
+    if value.trim().is_empty() {
+        return Err(Error::Config(format!("{label}: the key is empty")));
+    }
+    if !value.chars().all(|c| c.is_ascii_graphic()) {
+        return Err(Error::Config(format!(
+            "{label}: the key contains whitespace, control or non-ASCII characters"
+        )));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::clock::ManualClock;
+
+    const S: fn(u64) -> Duration = Duration::from_secs;
+
+    fn pool_with(keys: &[&str]) -> (KeyPool, Arc<ManualClock>) {
+        let clock = ManualClock::new(Duration::ZERO);
+        let pool = KeyPool::from_keys(
+            keys.iter().copied(),
+            Cooldowns::default(),
+            Some(clock.clone() as Arc<dyn Clock>),
+        )
+        .unwrap();
+        (pool, clock)
+    }
+
+    fn config_error(keys: Vec<(&str, &str)>, cooldowns: Cooldowns) -> String {
+        let keys = keys.into_iter().map(|(l, k)| (l.to_owned(), k.to_owned()));
+        match KeyPool::new(keys, cooldowns, None) {
+            Err(Error::Config(msg)) => msg,
+            other => panic!("expected a config error, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn new_pool_walks_every_key_then_is_transiently_exhausted() {
+        let (pool, _) = pool_with(&["key-a", "key-b", "key-c"]);
+        assert_eq!(pool.len(), 3);
+        let mut walker = pool.walker();
+        for label in ["key-0", "key-1", "key-2"] {
+            assert_eq!(walker.next_key().unwrap().label(), label);
+        }
+        assert_eq!(
+            walker.next_key().unwrap_err(),
+            Exhaustion::Transient {
+                retry_after: Duration::ZERO
+            }
+        );
+    }
+
+    #[test]
+    fn invalid_configurations_are_rejected_without_revealing_keys() {
+        let d = Cooldowns::default();
+        assert!(config_error(vec![], d).contains("at least one key"));
+        assert!(config_error(vec![("a", "")], d).contains("empty"));
+        assert!(config_error(vec![("a", "  \t")], d).contains("empty"));
+        assert!(config_error(vec![("a", "sk-ab cd")], d).contains("whitespace"));
+        let dup = config_error(vec![("a", "sk-secret-1"), ("b", "sk-secret-1")], d);
+        assert_eq!(dup, "a and b hold the same key");
+        assert!(!dup.contains("sk-secret"));
+        assert!(config_error(vec![("a", "sk-1"), ("a", "sk-2")], d).contains("duplicate label"));
+        assert!(config_error(vec![(" ", "sk-1")], d).contains("labels"));
+        for (name, bad) in [
+            (
+                "default_cooldown",
+                Cooldowns {
+                    default: Duration::ZERO,
+                    ..d
+                },
+            ),
+            (
+                "quota_cooldown",
+                Cooldowns {
+                    quota: Duration::ZERO,
+                    ..d
+                },
+            ),
+            (
+                "max_cooldown",
+                Cooldowns {
+                    max: Some(Duration::ZERO),
+                    ..d
+                },
+            ),
+        ] {
+            assert_eq!(
+                config_error(vec![("a", "sk-1")], bad),
+                format!("{name} must be positive")
+            );
+        }
+    }
+
+    #[test]
+    fn hints_mask_keys() {
+        assert_eq!(
+            mask("sk-ant-api03-abcdefghijklmnopqrstuvwxyz-abcd"),
+            "sk-a...abcd"
+        );
+        assert_eq!(mask("0123456789abcdef"), "0123...cdef");
+        assert_eq!(mask("0123456789abcde"), "...de");
+        assert_eq!(mask("01234567"), "...67");
+        assert_eq!(mask("0123456"), "...");
+        assert_eq!(mask(""), "...");
+    }
+
+    #[test]
+    fn unknown_label() {
+        let (pool, _) = pool_with(&["a"]);
+        assert_eq!(
+            pool.key("key-7").unwrap_err(),
+            Error::UnknownLabel("key-7".into())
+        );
+        assert_eq!(pool.key("key-0").unwrap().value(), "a");
+    }
+
+    type Setup = fn(&KeyPool);
+
+    fn mark(pool: &KeyPool, label: &str, cooldown: Option<Duration>) {
+        pool.key(label).unwrap().mark_temporary(cooldown);
+    }
+
+    fn retire(pool: &KeyPool, label: &str) {
+        pool.key(label).unwrap().mark_permanent();
+    }
+
+    /// The seed's walker table: which keys a fresh walker yields after the
+    /// setup and an advance of the clock, and how it is exhausted.
+    #[test]
+    #[allow(clippy::type_complexity)]
+    fn walker_table() {
+        let transient = |s: u64| Exhaustion::Transient { retry_after: S(s) };
+        let cases: Vec<(&str, usize, Setup, u64, Vec<&str>, Exhaustion)> = vec![
+            (
+                "all_keys_valid",
+                3,
+                |_| {},
+                0,
+                vec!["key-0", "key-1", "key-2"],
+                transient(0),
+            ),
+            (
+                "first_temporary",
+                3,
+                |p| mark(p, "key-0", Some(S(60))),
+                0,
+                vec!["key-1", "key-2"],
+                transient(0),
+            ),
+            (
+                "two_permanent",
+                3,
+                |p| {
+                    retire(p, "key-0");
+                    retire(p, "key-1")
+                },
+                0,
+                vec!["key-2"],
+                transient(0),
+            ),
+            (
+                "cooldown_expired",
+                2,
+                |p| mark(p, "key-0", Some(S(30))),
+                35,
+                vec!["key-0", "key-1"],
+                transient(0),
+            ),
+            (
+                "zero_means_default_not_expired",
+                2,
+                |p| mark(p, "key-0", Some(S(0))),
+                50,
+                vec!["key-1"],
+                transient(0),
+            ),
+            (
+                "zero_means_default_expired",
+                2,
+                |p| mark(p, "key-0", None),
+                65,
+                vec!["key-0", "key-1"],
+                transient(0),
+            ),
+            (
+                "shorter_cooldown_keeps_longer",
+                1,
+                |p| {
+                    mark(p, "key-0", Some(S(60)));
+                    mark(p, "key-0", Some(S(10)))
+                },
+                15,
+                vec![],
+                transient(45),
+            ),
+            (
+                "shorter_cooldown_longer_expired",
+                1,
+                |p| {
+                    mark(p, "key-0", Some(S(60)));
+                    mark(p, "key-0", Some(S(10)))
+                },
+                65,
+                vec!["key-0"],
+                transient(0),
+            ),
+            (
+                "smallest_cooldown_across_temporary_keys",
+                3,
+                |p| {
+                    mark(p, "key-0", Some(S(60)));
+                    mark(p, "key-1", Some(S(10)));
+                    mark(p, "key-2", Some(S(30)))
+                },
+                0,
+                vec![],
+                transient(10),
+            ),
+            (
+                "all_temporary",
+                2,
+                |p| {
+                    mark(p, "key-0", Some(S(60)));
+                    mark(p, "key-1", Some(S(60)))
+                },
+                0,
+                vec![],
+                transient(60),
+            ),
+            (
+                "all_permanent",
+                2,
+                |p| {
+                    retire(p, "key-0");
+                    retire(p, "key-1")
+                },
+                0,
+                vec![],
+                Exhaustion::Permanent,
+            ),
+            (
+                "permanent_and_temporary_mix",
+                3,
+                |p| {
+                    retire(p, "key-0");
+                    mark(p, "key-1", Some(S(60)));
+                    retire(p, "key-2")
+                },
+                0,
+                vec![],
+                transient(60),
+            ),
+        ];
+        for (name, n, setup, advance, expected, exhaustion) in cases {
+            let values: Vec<String> = (0..n).map(|i| format!("value-{i}")).collect();
+            let (pool, clock) = pool_with(&values.iter().map(String::as_str).collect::<Vec<_>>());
+            setup(&pool);
+            clock.advance(S(advance));
+            let mut walker = pool.walker();
+            for label in expected {
+                assert_eq!(
+                    walker.next_key().map(|k| k.label().to_owned()),
+                    Ok(label.to_owned()),
+                    "{name}"
+                );
+            }
+            assert_eq!(walker.next_key().unwrap_err(), exhaustion, "{name}");
+        }
+    }
+
+    #[test]
+    fn a_negative_or_missing_cooldown_uses_the_configured_default() {
+        let clock = ManualClock::new(Duration::ZERO);
+        let cooldowns = Cooldowns {
+            default: S(20),
+            ..Cooldowns::default()
+        };
+        let pool =
+            KeyPool::from_keys(["a"], cooldowns, Some(clock.clone() as Arc<dyn Clock>)).unwrap();
+        let key = pool.key("key-0").unwrap();
+        assert!(key.mark_temporary(None));
+        assert_eq!(key.status().cooldown_remaining, S(20));
+        clock.advance(S(20));
+        assert_eq!(key.state(), KeyState::Valid);
+    }
+
+    #[test]
+    fn max_cooldown_clamps() {
+        let clock = ManualClock::new(Duration::ZERO);
+        let cooldowns = Cooldowns {
+            max: Some(S(30)),
+            ..Cooldowns::default()
+        };
+        let pool = KeyPool::from_keys(["a"], cooldowns, Some(clock as Arc<dyn Clock>)).unwrap();
+        let key = pool.key("key-0").unwrap();
+        key.mark_temporary(Some(S(3600)));
+        assert_eq!(key.status().cooldown_remaining, S(30));
+        key.mark_temporary(None);
+        assert_eq!(key.status().cooldown_remaining, S(30));
+    }
+
+    #[test]
+    fn transitions_report_only_real_changes() {
+        let (pool, clock) = pool_with(&["a"]);
+        let key = pool.key("key-0").unwrap();
+        assert!(key.mark_temporary(Some(S(10))));
+        assert!(!key.mark_temporary(Some(S(20))), "already temporary");
+        assert_eq!(
+            key.status().cooldown_remaining,
+            S(20),
+            "the later deadline wins"
+        );
+        clock.advance(S(20));
+        assert!(
+            key.mark_temporary(Some(S(5))),
+            "expired cooldown counts as valid"
+        );
+        assert!(key.mark_permanent());
+        assert!(!key.mark_permanent());
+        assert!(!key.mark_temporary(Some(S(5))));
+        assert_eq!(
+            key.status(),
+            KeyStatus {
+                state: KeyState::Permanent,
+                cooldown_remaining: Duration::ZERO
+            }
+        );
+        key.reset();
+        assert_eq!(key.state(), KeyState::Valid);
+        assert!(key.mark_temporary(None));
+    }
+
+    #[test]
+    fn walker_is_read_only_and_independent() {
+        let (pool, _) = pool_with(&["a", "b"]);
+        let mut first = pool.walker();
+        let mut second = pool.walker();
+        assert_eq!(first.next_key().unwrap().label(), "key-0");
+        assert_eq!(first.next_key().unwrap().label(), "key-1");
+        assert_eq!(second.next_key().unwrap().label(), "key-0");
+        assert!(pool.statuses().iter().all(|s| s.state == KeyState::Valid));
+    }
+
+    fn hammer(run: fn(usize, &Key)) -> (Key, Arc<ManualClock>) {
+        let (pool, clock) = pool_with(&["a"]);
+        let key = pool.key("key-0").unwrap();
+        std::thread::scope(|scope| {
+            for i in 0..16 {
+                let key = key.clone();
+                scope.spawn(move || {
+                    for _ in 0..1000 {
+                        run(i, &key);
+                    }
+                });
+            }
+        });
+        (key, clock)
+    }
+
+    #[test]
+    fn concurrent_marks_longer_cooldown_wins() {
+        let (key, clock) = hammer(|i, k| {
+            k.mark_temporary(Some(if i % 2 == 0 { S(60) } else { S(10) }));
+        });
+        clock.advance(S(50));
+        assert_eq!(key.state(), KeyState::Temporary);
+        clock.advance(S(15));
+        assert_eq!(key.state(), KeyState::Valid);
+    }
+
+    #[test]
+    fn concurrent_marks_permanent_wins_over_temporary() {
+        let (key, _) = hammer(|i, k| {
+            if i % 2 == 0 {
+                k.mark_permanent();
+            } else {
+                k.mark_temporary(Some(S(60)));
+            }
+        });
+        assert_eq!(key.state(), KeyState::Permanent);
+    }
+
+    #[test]
+    fn exactly_one_thread_sees_each_transition() {
+        use std::sync::atomic::AtomicUsize;
+        let (pool, _) = pool_with(&["a"]);
+        let key = pool.key("key-0").unwrap();
+        let temporary = AtomicUsize::new(0);
+        let permanent = AtomicUsize::new(0);
+        std::thread::scope(|scope| {
+            for _ in 0..16 {
+                scope.spawn(|| {
+                    if key.mark_temporary(Some(S(60))) {
+                        temporary.fetch_add(1, Ordering::Relaxed);
+                    }
+                    if key.mark_permanent() {
+                        permanent.fetch_add(1, Ordering::Relaxed);
+                    }
+                });
+            }
+        });
+        assert_eq!(temporary.load(Ordering::Relaxed), 1);
+        assert_eq!(permanent.load(Ordering::Relaxed), 1);
+    }
+}

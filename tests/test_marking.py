@@ -1,0 +1,112 @@
+"""The marking rules: which responses fail a key over, and how it is marked."""
+
+import json
+
+import pytest
+
+from keyfailover import KeyState, mark_key_on_response
+
+# The seed's table, plus 402 and a few more pass-through statuses.
+MARKING_TABLE = [
+    ("429_with_retry_after_seconds", 429, {"Retry-After": "5"}, True, KeyState.TEMPORARY, 5.0),
+    ("429_with_retry_after_ms", 429, {"retry-after-ms": "1500"}, True, KeyState.TEMPORARY, 1.5),
+    ("429_no_headers_uses_default", 429, None, True, KeyState.TEMPORARY, 60.0),
+    ("401_marks_permanent", 401, None, True, KeyState.PERMANENT, None),
+    ("402_marks_permanent", 402, None, True, KeyState.PERMANENT, None),
+    ("403_marks_permanent", 403, None, True, KeyState.PERMANENT, None),
+    ("200_does_not_mark", 200, {"Retry-After": "5"}, False, KeyState.VALID, None),
+    ("400_does_not_mark", 400, None, False, KeyState.VALID, None),
+    ("404_does_not_mark", 404, None, False, KeyState.VALID, None),
+    ("500_does_not_mark", 500, None, False, KeyState.VALID, None),
+    ("503_does_not_mark", 503, {"Retry-After": "5"}, False, KeyState.VALID, None),
+    ("529_does_not_mark", 529, None, False, KeyState.VALID, None),
+]
+
+
+@pytest.mark.parametrize(
+    ("status", "headers", "failover", "state", "cooldown"),
+    [case[1:] for case in MARKING_TABLE],
+    ids=[case[0] for case in MARKING_TABLE],
+)
+def test_marking_table(make_pool, clock, status, headers, failover, state, cooldown):
+    key = make_pool(1).key("key-0")
+    assert mark_key_on_response(key, status, headers) is failover
+    assert key.state == state
+    if cooldown is not None:
+        assert key.cooldown_remaining == pytest.approx(cooldown)
+        clock.advance(cooldown)
+        assert key.state == KeyState.VALID
+
+
+QUOTA_BODIES = [
+    {
+        "error": {
+            "message": "You exceeded your current quota",
+            "type": "insufficient_quota",
+            "param": None,
+            "code": "insufficient_quota",
+        }
+    },
+    {
+        "error": {
+            "message": "quota",
+            "type": "requests",
+            "param": None,
+            "code": "insufficient_quota",
+        }
+    },
+    {
+        "type": "error",
+        "error": {
+            "type": "rate_limit_error",
+            "message": "spend limit reached",
+            "details": {"error_code": "enforced_spend_limit_reached"},
+        },
+    },
+]
+
+
+@pytest.mark.parametrize("body", QUOTA_BODIES)
+@pytest.mark.parametrize("as_text", [False, True])
+def test_quota_exhaustion_uses_quota_cooldown(make_pool, body, as_text):
+    key = make_pool(1, quota_cooldown=7200).key("key-0")
+    raw = json.dumps(body) if as_text else json.dumps(body).encode()
+    assert mark_key_on_response(key, 429, {"retry-after": "5"}, raw) is True
+    assert key.cooldown_remaining == pytest.approx(7200)
+
+
+def test_plain_rate_limit_body_keeps_retry_after(make_pool):
+    key = make_pool(1).key("key-0")
+    body = b'{"type":"error","error":{"type":"rate_limit_error","message":"slow down"}}'
+    assert mark_key_on_response(key, 429, [("retry-after", "9")], body)
+    assert key.cooldown_remaining == pytest.approx(9)
+
+
+def test_garbage_body_falls_back_to_headers(make_pool):
+    key = make_pool(1).key("key-0")
+    assert mark_key_on_response(key, 429, {"retry-after-ms": "2000"}, b"\xff<html>")
+    assert key.cooldown_remaining == pytest.approx(2)
+
+
+def test_cooldowns_are_clamped_by_max_cooldown(make_pool):
+    key = make_pool(1, max_cooldown=30).key("key-0")
+    mark_key_on_response(key, 429, {"retry-after": "3600"})
+    assert key.cooldown_remaining == pytest.approx(30)
+
+
+def test_permanent_key_stays_permanent(make_pool):
+    key = make_pool(1).key("key-0")
+    mark_key_on_response(key, 403)
+    assert mark_key_on_response(key, 429, {"retry-after": "1"}) is True
+    assert key.state == KeyState.PERMANENT
+
+
+def test_bad_arguments(make_pool):
+    key = make_pool(1).key("key-0")
+    with pytest.raises(TypeError):
+        mark_key_on_response(key, 429, body=123)
+    with pytest.raises(OverflowError):
+        mark_key_on_response(key, 70000)
+    with pytest.raises(TypeError):
+        mark_key_on_response("not a key", 429)
+    assert key.state == KeyState.VALID

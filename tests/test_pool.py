@@ -1,0 +1,341 @@
+"""The key pool as a Python user sees it: construction, walking, marking, state."""
+
+import pickle
+import threading
+
+import pytest
+from conftest import FAKE_KEYS
+
+import keyfailover as kf
+from keyfailover import KeyState
+
+
+def labels(walker: kf.Walker) -> list[str]:
+    out = []
+    while True:
+        try:
+            out.append(walker.next().label)
+        except kf.PoolExhausted:
+            return out
+
+
+def test_sequence_keys_are_labelled_in_order(make_pool):
+    pool = make_pool(3)
+    assert len(pool) == 3
+    assert [s["label"] for s in pool.snapshot()] == ["key-0", "key-1", "key-2"]
+    assert pool.key("key-1").value == FAKE_KEYS[1]
+    assert pool.states() == [KeyState.VALID] * 3
+
+
+def test_mapping_keys_keep_labels_and_order():
+    pool = kf.KeyPool({"prod-b": FAKE_KEYS[1], "prod-a": FAKE_KEYS[0]})
+    assert labels(pool.walker()) == ["prod-b", "prod-a"]
+    assert pool.key("prod-a").value == FAKE_KEYS[0]
+
+
+@pytest.mark.parametrize(
+    ("keys", "kwargs", "message"),
+    [
+        ([], {}, "at least one key"),
+        (["sk-good-key", ""], {}, "key-1: the key is empty"),
+        (["  \t "], {}, "key-0: the key is empty"),
+        (["sk-has space"], {}, "whitespace"),
+        ([FAKE_KEYS[0], FAKE_KEYS[0]], {}, "key-0 and key-1 hold the same key"),
+        ({"a": FAKE_KEYS[0], "b": FAKE_KEYS[0]}, {}, "a and b hold the same key"),
+        ({"": FAKE_KEYS[0]}, {}, "labels must not be empty"),
+        (FAKE_KEYS[:1], {"default_cooldown": 0}, "default_cooldown must be positive"),
+        (FAKE_KEYS[:1], {"default_cooldown": -1}, "default_cooldown must be positive"),
+        (FAKE_KEYS[:1], {"quota_cooldown": 0.0}, "quota_cooldown must be positive"),
+        (FAKE_KEYS[:1], {"max_cooldown": -5}, "max_cooldown must be positive"),
+        (FAKE_KEYS[:1], {"max_cooldown": float("nan")}, "max_cooldown must be positive"),
+        ("sk-just-one-string", {}, "not a single string"),
+    ],
+)
+def test_bad_configuration_is_a_config_error(keys, kwargs, message):
+    with pytest.raises(kf.ConfigError, match=message) as info:
+        kf.KeyPool(keys, **kwargs)
+    assert isinstance(info.value, ValueError)
+    assert isinstance(info.value, kf.KeyfailoverError)
+    assert FAKE_KEYS[0] not in str(info.value)
+
+
+def test_duplicate_labels_are_rejected():
+    # A mapping cannot hold duplicate labels, but an items view can.
+    class Items:
+        def items(self):
+            return [("a", FAKE_KEYS[0]), ("a", FAKE_KEYS[1])]
+
+    with pytest.raises(kf.ConfigError, match="duplicate label 'a'"):
+        kf.KeyPool(Items())
+
+
+def test_non_string_keys_are_a_type_error():
+    with pytest.raises(TypeError, match="keys must be str, not int"):
+        kf.KeyPool([FAKE_KEYS[0], 42])
+
+
+def test_unknown_label_is_a_key_error(make_pool):
+    with pytest.raises(KeyError):
+        make_pool().key("key-9")
+
+
+def s(*labels):
+    return list(labels)
+
+
+# The seed's walker table: (name, keys, setup, advance, yielded labels, exhaustion).
+# Setup entries: ("t", label, cooldown) marks temporary; ("p", label) permanent.
+WALKER_TABLE = [
+    ("all_keys_valid", 3, [], 0, s("key-0", "key-1", "key-2"), 0.0),
+    ("first_temporary", 3, [("t", "key-0", 60)], 0, s("key-1", "key-2"), 0.0),
+    ("two_permanent", 3, [("p", "key-0"), ("p", "key-1")], 0, s("key-2"), 0.0),
+    ("cooldown_expired", 2, [("t", "key-0", 30)], 35, s("key-0", "key-1"), 0.0),
+    ("zero_is_default_not_expired", 2, [("t", "key-0", 0)], 50, s("key-1"), 0.0),
+    ("zero_is_default_expired", 2, [("t", "key-0", 0)], 65, s("key-0", "key-1"), 0.0),
+    ("negative_is_default_expired", 2, [("t", "key-0", -10)], 65, s("key-0", "key-1"), 0.0),
+    ("none_is_default_not_expired", 2, [("t", "key-0", None)], 59, s("key-1"), 0.0),
+    (
+        "shorter_cooldown_keeps_longer",
+        1,
+        [("t", "key-0", 60), ("t", "key-0", 10)],
+        15,
+        s(),
+        45.0,
+    ),
+    (
+        "shorter_cooldown_longer_expired",
+        1,
+        [("t", "key-0", 60), ("t", "key-0", 10)],
+        65,
+        s("key-0"),
+        0.0,
+    ),
+    (
+        "smallest_cooldown_across_temporary_keys",
+        3,
+        [("t", "key-0", 60), ("t", "key-1", 10), ("t", "key-2", 30)],
+        0,
+        s(),
+        10.0,
+    ),
+    ("all_temporary", 2, [("t", "key-0", 60), ("t", "key-1", 60)], 0, s(), 60.0),
+    ("all_permanent", 2, [("p", "key-0"), ("p", "key-1")], 0, s(), "permanent"),
+    (
+        "permanent_and_temporary_mix",
+        3,
+        [("p", "key-0"), ("t", "key-1", 60), ("p", "key-2")],
+        0,
+        s(),
+        60.0,
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("n", "setup", "advance", "expected", "exhaustion"),
+    [case[1:] for case in WALKER_TABLE],
+    ids=[case[0] for case in WALKER_TABLE],
+)
+def test_walker_table(make_pool, clock, n, setup, advance, expected, exhaustion):
+    pool = make_pool(n)
+    for action in setup:
+        key = pool.key(action[1])
+        if action[0] == "t":
+            key.mark_temporary(action[2])
+        else:
+            key.mark_permanent()
+    clock.advance(advance)
+    walker = pool.walker()
+    assert [walker.next().label for _ in expected] == expected
+    if exhaustion == "permanent":
+        with pytest.raises(
+            kf.PermanentExhaustion, match="all configured keys failed authentication"
+        ):
+            walker.next()
+    else:
+        with pytest.raises(kf.TransientExhaustion) as info:
+            walker.next()
+        assert info.value.retry_after == pytest.approx(exhaustion)
+    # A walker stays exhausted; a fresh one starts over.
+    with pytest.raises(kf.PoolExhausted):
+        walker.next()
+
+
+def test_walker_never_changes_state_and_walkers_are_independent(make_pool):
+    pool = make_pool(2)
+    first, second = pool.walker(), pool.walker()
+    assert first.next().label == "key-0"
+    assert first.next().label == "key-1"
+    assert second.next().label == "key-0"
+    assert pool.states() == [KeyState.VALID, KeyState.VALID]
+
+
+def test_mark_temporary_semantics(make_pool, clock):
+    pool = make_pool(1, max_cooldown=120)
+    key = pool.key("key-0")
+    assert key.mark_temporary(60) is True
+    assert key.state == KeyState.TEMPORARY
+    assert key.mark_temporary(10) is False
+    assert key.cooldown_remaining == pytest.approx(60)
+    assert key.mark_temporary(90) is False
+    assert key.cooldown_remaining == pytest.approx(90), "the later deadline wins"
+    assert key.mark_temporary(10_000) is False
+    assert key.cooldown_remaining == pytest.approx(120), "clamped to max_cooldown"
+    clock.advance(120)
+    assert key.state == KeyState.VALID
+    assert key.cooldown_remaining == 0.0
+    assert key.mark_temporary(float("inf")) is True
+    assert key.cooldown_remaining == pytest.approx(120)
+
+
+def test_default_cooldown_is_configurable(make_pool, clock):
+    key = make_pool(1, default_cooldown=5).key("key-0")
+    key.mark_temporary()
+    assert key.cooldown_remaining == pytest.approx(5)
+    clock.advance(5)
+    assert key.state == KeyState.VALID
+
+
+def test_permanent_is_terminal_until_reset(make_pool):
+    key = make_pool(1).key("key-0")
+    assert key.mark_permanent() is True
+    assert key.mark_permanent() is False
+    assert key.mark_temporary(5) is False
+    assert key.state == KeyState.PERMANENT
+    assert key.cooldown_remaining == 0.0
+    key.reset()
+    assert key.state == KeyState.VALID
+    assert key.mark_temporary(5) is True
+
+
+def test_snapshot_reports_state_and_cooldown(make_pool, clock):
+    pool = make_pool(3)
+    pool.key("key-0").mark_temporary(30)
+    pool.key("key-2").mark_permanent()
+    clock.advance(10)
+    assert pool.snapshot() == [
+        {"label": "key-0", "hint": "sk-a...0000", "state": "temporary", "cooldown_remaining": 20.0},
+        {"label": "key-1", "hint": "sk-a...0001", "state": "valid", "cooldown_remaining": 0.0},
+        {"label": "key-2", "hint": "sk-a...0002", "state": "permanent", "cooldown_remaining": 0.0},
+    ]
+    assert pool.states() == [KeyState.TEMPORARY, KeyState.VALID, KeyState.PERMANENT]
+
+
+def test_key_state_is_comparable_and_hashable():
+    assert KeyState.VALID == KeyState.VALID
+    assert KeyState.VALID != KeyState.PERMANENT
+    assert {KeyState.VALID: 1}[KeyState.VALID] == 1
+    assert [s.value for s in (KeyState.VALID, KeyState.TEMPORARY, KeyState.PERMANENT)] == [
+        "valid",
+        "temporary",
+        "permanent",
+    ]
+
+
+def test_key_handles_compare_by_identity_of_the_key(make_pool):
+    pool = make_pool(2)
+    assert pool.walker().next() == pool.key("key-0")
+    assert pool.key("key-0") != pool.key("key-1")
+    assert len({pool.key("key-0"), pool.walker().next()}) == 1
+    assert pool.key("key-0") != make_pool(2).key("key-0")
+
+
+@pytest.mark.parametrize(
+    ("secret", "hint"),
+    [
+        ("sk-ant-api03-abcdefghijklmnopqrstuvwxyz-wxyz", "sk-a...wxyz"),
+        ("0123456789abcdef", "0123...cdef"),
+        ("0123456789abcde", "...de"),
+        ("short", "..."),
+    ],
+)
+def test_hints_are_masked(secret, hint):
+    assert kf.KeyPool([secret]).key("key-0").hint == hint
+
+
+def test_no_secret_in_repr_str_snapshot_or_errors(make_pool, clock):
+    pool = make_pool(2)
+    key = pool.key("key-0")
+    key.mark_temporary(1)
+    walker = pool.walker()
+    texts = [repr(pool), str(pool), repr(key), str(key), repr(walker), repr(pool.snapshot())]
+    walker.next()
+    pool.key("key-1").mark_permanent()
+    with pytest.raises(kf.TransientExhaustion) as info:
+        walker.next()
+    texts += [str(info.value), repr(info.value)]
+    for text in texts:
+        for secret in FAKE_KEYS:
+            assert secret not in text
+            assert secret[8:20] not in text
+
+
+def test_exceptions_form_one_hierarchy():
+    assert issubclass(kf.PoolExhausted, kf.KeyfailoverError)
+    assert issubclass(kf.TransientExhaustion, kf.PoolExhausted)
+    assert issubclass(kf.PermanentExhaustion, kf.PoolExhausted)
+    assert issubclass(kf.UpstreamError, kf.KeyfailoverError)
+    assert issubclass(kf.KeyfailoverError, Exception)
+    err = kf.TransientExhaustion(2.5)
+    assert err.retry_after == 2.5
+    assert "2.500" in str(err)
+    clone = pickle.loads(pickle.dumps(err))
+    assert (type(clone), clone.retry_after, str(clone)) == (kf.TransientExhaustion, 2.5, str(err))
+    assert str(kf.PermanentExhaustion()) == "all configured keys failed authentication"
+
+
+def test_manual_clock():
+    clock = kf.ManualClock(10.0)
+    assert clock.now() == 10.0
+    clock.advance(2.5)
+    assert clock.now() == 12.5
+    with pytest.raises(kf.ConfigError):
+        clock.advance(-1)
+    with pytest.raises(kf.ConfigError):
+        kf.ManualClock(float("nan"))
+
+
+def test_default_clock_is_real_time():
+    key = kf.KeyPool(FAKE_KEYS[:1]).key("key-0")
+    key.mark_temporary(0.05)
+    assert key.state == KeyState.TEMPORARY
+    assert 0 < key.cooldown_remaining <= 0.05
+    threading.Event().wait(0.08)
+    assert key.state == KeyState.VALID
+
+
+def run_threads(n, target):
+    barrier = threading.Barrier(n)
+
+    def run(i):
+        barrier.wait()
+        for _ in range(200):
+            target(i)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+
+
+def test_concurrent_marks_longer_cooldown_wins(make_pool, clock):
+    key = make_pool(1).key("key-0")
+    run_threads(16, lambda i: key.mark_temporary(60 if i % 2 == 0 else 10))
+    clock.advance(50)
+    assert key.state == KeyState.TEMPORARY
+    clock.advance(15)
+    assert key.state == KeyState.VALID
+
+
+def test_concurrent_marks_permanent_wins(make_pool):
+    key = make_pool(1).key("key-0")
+    run_threads(16, lambda i: key.mark_permanent() if i % 2 == 0 else key.mark_temporary(60))
+    assert key.state == KeyState.PERMANENT
+
+
+def test_concurrent_transitions_are_reported_once(make_pool):
+    key = make_pool(1).key("key-0")
+    wins = []
+    run_threads(16, lambda i: wins.append(key.mark_temporary(60)))
+    assert wins.count(True) == 1
