@@ -21,9 +21,9 @@ $(VENV)/.ready: pyproject.toml
 
 venv: $(VENV)/.ready
 
-# Builds the extension in release mode and installs it (editable) with the dev extras.
+# Builds the extension in release mode and installs it (editable) with the test and dev extras.
 build: venv
-	$(VENV)/bin/maturin develop --release --extras dev --quiet
+	$(VENV)/bin/maturin develop --release --extras test,dev --quiet
 
 lint: build
 	$(CARGO) fmt --all --check
