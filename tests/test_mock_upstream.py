@@ -1,0 +1,637 @@
+"""Tests of keyfailover.testing.MockUpstream, through httpx, raw sockets and the official SDKs."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import json
+import re
+import socket
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import BinaryIO
+
+import anthropic
+import httpx
+import openai
+import pytest
+from anthropic.types import MessageParam
+from openai.types.chat import ChatCompletionMessageParam
+
+from keyfailover.testing import (
+    MockUpstream,
+    RecordedRequest,
+    Reply,
+    anthropic_message,
+    anthropic_stream_events,
+    openai_chat_completion,
+    openai_stream_chunks,
+)
+
+ANTHROPIC_KEY = "sk-ant-test-key-0"
+OTHER_KEY = "sk-ant-test-key-1"
+OPENAI_KEY = "sk-openai-test-key"
+MESSAGES: list[MessageParam] = [{"role": "user", "content": "Hi"}]
+CHAT: list[ChatCompletionMessageParam] = [{"role": "user", "content": "Hi"}]
+
+
+@pytest.fixture
+def up() -> Iterator[MockUpstream]:
+    with MockUpstream() as upstream:
+        yield upstream
+
+
+@pytest.fixture
+def claude(up: MockUpstream) -> Iterator[anthropic.Anthropic]:
+    with anthropic.Anthropic(api_key=ANTHROPIC_KEY, base_url=up.url, max_retries=0) as client:
+        yield client
+
+
+@pytest.fixture
+def gpt(up: MockUpstream) -> Iterator[openai.OpenAI]:
+    with openai.OpenAI(api_key=OPENAI_KEY, base_url=up.url + "/v1", max_retries=0) as client:
+        yield client
+
+
+@pytest.fixture
+def http(up: MockUpstream) -> Iterator[httpx.Client]:
+    with httpx.Client(base_url=up.url, timeout=5.0) as client:
+        yield client
+
+
+def connect(up: MockUpstream) -> socket.socket:
+    return socket.create_connection(("127.0.0.1", up.port), timeout=5.0)
+
+
+def read_response(stream: BinaryIO) -> tuple[int, dict[str, str], bytes]:
+    """Read one HTTP/1.1 response: status, headers (lowercased names), decoded body."""
+    status_line = stream.readline()
+    assert status_line.startswith(b"HTTP/1.1 "), status_line
+    headers: dict[str, str] = {}
+    while (line := stream.readline()) not in (b"\r\n", b""):
+        name, _, value = line.decode().partition(":")
+        headers[name.strip().lower()] = value.strip()
+    if headers.get("transfer-encoding") == "chunked":
+        body = b""
+        while size := int(stream.readline().split(b";")[0], 16):
+            body += stream.read(size)
+            assert stream.readline() == b"\r\n"
+        assert stream.readline() == b"\r\n"
+    else:
+        body = stream.read(int(headers.get("content-length", "0")))
+    return int(status_line.split()[1]), headers, body
+
+
+def get(path: str = "/v1/models", extra: str = "") -> bytes:
+    return (
+        f"GET {path} HTTP/1.1\r\nHost: mock\r\nx-api-key: {ANTHROPIC_KEY}\r\n{extra}\r\n".encode()
+    )
+
+
+# ----------------------------------------------------------------- default replies and the SDKs
+
+
+def test_anthropic_sdk_parses_default_message(
+    up: MockUpstream, claude: anthropic.Anthropic
+) -> None:
+    message = claude.messages.create(model="claude-test", max_tokens=16, messages=MESSAGES)
+
+    assert message.content[0].type == "text"
+    assert message.content[0].text == "Hello from mock"
+    assert message.model == "claude-test"
+    assert message.stop_reason == "end_turn"
+    assert message.usage.input_tokens == 10
+    [request] = up.requests
+    assert (request.method, request.path) == ("POST", "/v1/messages")
+    assert request.credential == ANTHROPIC_KEY
+    assert request.json()["max_tokens"] == 16
+    assert request.completed
+    assert not request.disconnected
+
+
+def test_anthropic_sdk_parses_default_stream(up: MockUpstream, claude: anthropic.Anthropic) -> None:
+    with claude.messages.stream(model="claude-test", max_tokens=16, messages=MESSAGES) as stream:
+        text = "".join(stream.text_stream)
+        final = stream.get_final_message()
+    assert text == "Hello from mock"
+    assert final.content[0].type == "text"
+    assert final.content[0].text == "Hello from mock"
+    assert (final.model, final.stop_reason) == ("claude-test", "end_turn")
+
+    events = claude.messages.create(model="m", max_tokens=16, messages=MESSAGES, stream=True)
+    kinds = [event.type for event in events]
+    assert kinds[:2] == ["message_start", "content_block_start"]
+    assert kinds[-3:] == ["content_block_stop", "message_delta", "message_stop"]
+    assert set(kinds[2:-3]) == {"content_block_delta"}
+    assert all(request.json()["stream"] is True for request in up.requests)
+
+
+def test_anthropic_sdk_count_tokens_and_models(claude: anthropic.Anthropic) -> None:
+    count = claude.messages.count_tokens(model="claude-test", messages=MESSAGES)
+    assert count.input_tokens == 10
+    models = list(claude.models.list())
+    assert models
+    assert all(model.type == "model" for model in models)
+
+
+def test_openai_sdk_parses_default_completion_and_stream(
+    up: MockUpstream, gpt: openai.OpenAI
+) -> None:
+    completion = gpt.chat.completions.create(model="gpt-test", messages=CHAT)
+    assert completion.choices[0].message.content == "Hello from mock"
+    assert completion.choices[0].finish_reason == "stop"
+    assert completion.model == "gpt-test"
+
+    chunks = list(gpt.chat.completions.create(model="gpt-test", messages=CHAT, stream=True))
+    assert "".join(chunk.choices[0].delta.content or "" for chunk in chunks) == "Hello from mock"
+    assert chunks[-1].choices[0].finish_reason == "stop"
+
+    assert [model.object for model in gpt.models.list()] == ["model", "model"]
+    assert [r.path for r in up.requests] == ["/v1/chat/completions"] * 2 + ["/v1/models"]
+    assert {r.credential for r in up.requests} == {OPENAI_KEY}
+
+
+def test_sdks_parse_replies_made_with_the_builders(
+    up: MockUpstream, claude: anthropic.Anthropic, gpt: openai.OpenAI
+) -> None:
+    up.enqueue(
+        Reply.json(anthropic_message(text="Custom reply", model="claude-x")),
+        Reply.sse(anthropic_stream_events(text="Streamed  reply!")),
+        Reply.json(openai_chat_completion(text="OpenAI reply")),
+        Reply.sse([*openai_stream_chunks(text="OpenAI stream"), "[DONE]"]),
+    )
+
+    message = claude.messages.create(model="ignored", max_tokens=16, messages=MESSAGES)
+    assert message.content[0].type == "text"
+    assert (message.content[0].text, message.model) == ("Custom reply", "claude-x")
+    with claude.messages.stream(model="m", max_tokens=16, messages=MESSAGES) as stream:
+        assert "".join(stream.text_stream) == "Streamed  reply!"
+    completion = gpt.chat.completions.create(model="m", messages=CHAT)
+    assert completion.choices[0].message.content == "OpenAI reply"
+    chunks = gpt.chat.completions.create(model="m", messages=CHAT, stream=True)
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == "OpenAI stream"
+
+
+def test_anthropic_content_blocks_builder() -> None:
+    blocks = [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]
+    assert anthropic_message(content=blocks)["content"] == blocks
+    assert anthropic_message(text="x")["content"] == [{"type": "text", "text": "x"}]
+
+
+def test_unknown_route_is_404_with_anthropic_error(http: httpx.Client) -> None:
+    response = http.get("/v2/nothing")
+    assert response.status_code == 404
+    assert response.json()["type"] == "error"
+    assert response.json()["error"]["type"] == "not_found_error"
+
+
+def test_streams_are_chunked_event_streams_and_single_bodies_have_length(
+    http: httpx.Client,
+) -> None:
+    body = {"model": "m", "max_tokens": 1, "messages": MESSAGES}
+    single = http.post("/v1/messages", json=body)
+    assert single.headers["content-length"] == str(len(single.content))
+    assert single.headers["content-type"] == "application/json"
+
+    streamed = http.post("/v1/messages", json={**body, "stream": True})
+    assert streamed.headers["transfer-encoding"] == "chunked"
+    assert streamed.headers["content-type"] == "text/event-stream"
+    assert streamed.text.startswith("event: message_start\ndata: {")
+
+
+# ----------------------------------------------------------------- choosing replies
+
+
+def test_per_credential_reply_persists_until_removed(
+    up: MockUpstream, claude: anthropic.Anthropic
+) -> None:
+    limited = Reply.error(429, "rate_limit_error", "rate limited", headers={"retry-after": "5"})
+    up.set_reply(ANTHROPIC_KEY, limited)
+
+    for _ in range(2):
+        with pytest.raises(anthropic.RateLimitError) as caught:
+            claude.messages.create(model="m", max_tokens=16, messages=MESSAGES)
+        assert caught.value.response.headers["retry-after"] == "5"
+        assert caught.value.body == {
+            "type": "error",
+            "error": {"type": "rate_limit_error", "message": "rate limited"},
+        }
+    other = claude.with_options(api_key=OTHER_KEY)
+    assert other.messages.create(model="m", max_tokens=16, messages=MESSAGES).content
+
+    up.set_reply(ANTHROPIC_KEY, None)
+    assert claude.messages.create(model="m", max_tokens=16, messages=MESSAGES).content
+    assert [r.credential for r in up.requests] == [ANTHROPIC_KEY] * 2 + [OTHER_KEY, ANTHROPIC_KEY]
+
+
+def test_openai_error_envelope(up: MockUpstream, gpt: openai.OpenAI) -> None:
+    up.set_reply(OPENAI_KEY, Reply.error(401, "invalid_api_key", "bad key", provider="openai"))
+    with pytest.raises(openai.AuthenticationError) as caught:
+        gpt.chat.completions.create(model="m", messages=CHAT)
+    assert caught.value.code == "invalid_api_key"
+    assert caught.value.body == {
+        "message": "bad key",
+        "type": "invalid_api_key",
+        "param": None,
+        "code": "invalid_api_key",
+    }
+
+
+def test_queue_takes_precedence_and_is_consumed_in_order(
+    up: MockUpstream, http: httpx.Client
+) -> None:
+    up.set_reply(ANTHROPIC_KEY, Reply.error(500, "api_error", "boom"))
+    up.enqueue(Reply.json({"n": 1}))
+    up.enqueue(Reply.json({"n": 2}, status=201), Reply(status=202, body=b"three"))
+    headers = {"x-api-key": ANTHROPIC_KEY}
+
+    responses = [http.get("/anything", headers=headers) for _ in range(4)]
+
+    assert [r.status_code for r in responses] == [200, 201, 202, 500]
+    assert [r.content for r in responses[:3]] == [b'{"n":1}', b'{"n":2}', b"three"]
+    assert responses[3].json()["error"]["type"] == "api_error"
+
+
+def test_queue_applies_to_every_credential_and_to_none(
+    up: MockUpstream, http: httpx.Client
+) -> None:
+    up.enqueue(Reply.json({"n": 1}), Reply.json({"n": 2}))
+    assert http.get("/x").json() == {"n": 1}
+    assert http.get("/x", headers={"authorization": "Bearer k"}).json() == {"n": 2}
+    assert http.get("/x").status_code == 404
+
+
+# ----------------------------------------------------------------- recorded requests
+
+
+def test_recorded_request_fields(up: MockUpstream, http: httpx.Client) -> None:
+    http.post(
+        "/v1/messages/batches?beta=true&limit=2",
+        content=b'{"a": 1}',
+        headers={"Authorization": "Bearer sk-bearer-secret", "X-Custom": "Yes"},
+    )
+
+    [request] = up.requests
+    assert isinstance(request, RecordedRequest)
+    assert request.method == "POST"
+    assert request.path == "/v1/messages/batches"
+    assert request.query == "beta=true&limit=2"
+    assert request.body == b'{"a": 1}'
+    assert request.json() == {"a": 1}
+    assert request.credential == "sk-bearer-secret"
+    assert request.header("X-CUSTOM") == "Yes"
+    assert request.header("missing") is None
+    assert ("x-custom", "Yes") in request.headers
+    assert all(name == name.lower() for name, _ in request.headers)
+    assert "sk-bearer-secret" not in repr(request)
+    assert "Bearer" not in repr(request)
+
+
+def test_credential_prefers_x_api_key_over_bearer(up: MockUpstream, http: httpx.Client) -> None:
+    http.get("/a", headers={"x-api-key": "from-x-api-key", "authorization": "Bearer from-bearer"})
+    http.get("/b", headers={"authorization": "Basic dXNlcjpwYXNz"})
+    http.get("/c")
+    assert [r.credential for r in up.requests] == ["from-x-api-key", None, None]
+    assert "from-x-api-key" not in repr(up.requests)
+
+
+def test_requests_is_a_copy_and_clear_forgets_everything(
+    up: MockUpstream, http: httpx.Client
+) -> None:
+    up.set_reply(ANTHROPIC_KEY, Reply(status=418))
+    up.enqueue(Reply(status=204))
+    http.get("/x")
+    snapshot = up.requests
+    snapshot.clear()
+    assert len(up.requests) == 1
+
+    up.clear()
+    assert up.requests == []
+    assert http.get("/x", headers={"x-api-key": ANTHROPIC_KEY}).status_code == 404
+
+
+def test_chunked_request_body_is_decoded(up: MockUpstream, http: httpx.Client) -> None:
+    http.post("/upload", content=iter([b"hello ", b"chunked ", b"world"]))
+    [request] = up.requests
+    assert request.header("transfer-encoding") == "chunked"
+    assert request.body == b"hello chunked world"
+
+
+def test_chunked_request_body_with_extensions_and_trailers(up: MockUpstream) -> None:
+    raw = (
+        b"POST /upload HTTP/1.1\r\nHost: mock\r\nTransfer-Encoding: chunked\r\n\r\n"
+        b"5;name=value\r\nhello\r\nA\r\n, chunked!\r\n0\r\nX-Trailer: yes\r\n\r\n"
+    )
+    with connect(up) as sock, sock.makefile("rb") as stream:
+        for i in range(0, len(raw), 7):  # arrive in small pieces
+            sock.sendall(raw[i : i + 7])
+            time.sleep(0.001)
+        status, _, _ = read_response(stream)
+    assert status == 404
+    assert up.requests[0].body == b"hello, chunked!"
+
+
+def test_expect_100_continue(up: MockUpstream) -> None:
+    with connect(up) as sock, sock.makefile("rb") as stream:
+        sock.sendall(
+            b"POST /x HTTP/1.1\r\nHost: mock\r\nExpect: 100-continue\r\nContent-Length: 4\r\n\r\n"
+        )
+        assert stream.readline() == b"HTTP/1.1 100 Continue\r\n"
+        assert stream.readline() == b"\r\n"
+        sock.sendall(b"body")
+        status, _, _ = read_response(stream)
+    assert status == 404
+    assert up.requests[0].body == b"body"
+
+
+# ----------------------------------------------------------------- connections
+
+
+def test_keep_alive_reuses_one_connection(up: MockUpstream) -> None:
+    with connect(up) as sock, sock.makefile("rb") as stream:
+        for _ in range(3):
+            sock.sendall(get())
+            status, headers, body = read_response(stream)
+            assert status == 200
+            assert "connection" not in headers
+            assert json.loads(body)["data"]
+    assert len(up.requests) == 3
+    assert all(r.completed for r in up.requests)
+
+
+def test_pipelined_requests_are_answered_in_order(up: MockUpstream) -> None:
+    up.enqueue(
+        Reply(body=b"first"),
+        Reply(body=[b"sec", b"ond"], stall=0.1, chunk_delay=0.05),
+        Reply(body=b"third"),
+    )
+    with connect(up) as sock, sock.makefile("rb") as stream:
+        sock.sendall(get("/1") + get("/2") + get("/3"))
+        bodies = [read_response(stream)[2] for _ in range(3)]
+    assert bodies == [b"first", b"second", b"third"]
+    assert [r.path for r in up.requests] == ["/1", "/2", "/3"]
+
+
+def test_connection_close_is_honored(up: MockUpstream) -> None:
+    with connect(up) as sock, sock.makefile("rb") as stream:
+        sock.sendall(get(extra="Connection: close\r\n") + get("/ignored"))
+        status, headers, _ = read_response(stream)
+        assert status == 200
+        assert headers["connection"] == "close"
+        assert stream.read() == b""  # closed; the request after "close" is not served
+    assert [r.path for r in up.requests] == ["/v1/models"]
+
+
+def test_http_1_0_closes_by_default(up: MockUpstream) -> None:
+    with connect(up) as sock, sock.makefile("rb") as stream:
+        sock.sendall(b"GET /v1/models HTTP/1.0\r\n\r\n")
+        status, headers, _ = read_response(stream)
+        assert (status, headers["connection"]) == (200, "close")
+        assert stream.read() == b""
+
+
+MALFORMED = {
+    "garbage request line": b"NOT-HTTP\r\n\r\n",
+    "bad header line": b"GET / HTTP/1.1\r\nHost: mock\r\nno colon here\r\n\r\n",
+    "missing Host": b"GET / HTTP/1.1\r\n\r\n",
+    "bad content-length": b"POST / HTTP/1.1\r\nHost: mock\r\nContent-Length: 1x\r\n\r\n",
+    "bad chunk size": b"POST / HTTP/1.1\r\nHost: m\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n",
+    "unknown version": b"GET / HTTP/2.0\r\nHost: mock\r\n\r\n",
+}
+
+
+@pytest.mark.parametrize("raw", MALFORMED.values(), ids=MALFORMED.keys())
+def test_malformed_request_gets_400_and_close(up: MockUpstream, raw: bytes) -> None:
+    with connect(up) as sock, sock.makefile("rb") as stream:
+        sock.sendall(get() + raw)
+        assert read_response(stream)[0] == 200  # the valid request before it is served
+        status, headers, body = read_response(stream)
+        assert status == 400
+        assert headers["connection"] == "close"
+        assert json.loads(body)["error"]["type"] == "invalid_request_error"
+        assert stream.read() == b""
+    assert [r.path for r in up.requests] == ["/v1/models"]
+
+
+# ----------------------------------------------------------------- faults
+
+
+def test_reset_before_head(up: MockUpstream, claude: anthropic.Anthropic) -> None:
+    up.enqueue(Reply(reset_before_head=True))
+    with connect(up) as sock:
+        sock.sendall(get())
+        with pytest.raises(ConnectionResetError):
+            sock.recv(1024)
+
+    up.set_reply(ANTHROPIC_KEY, Reply(reset_before_head=True))
+    with pytest.raises(anthropic.APIConnectionError):
+        claude.messages.create(model="m", max_tokens=16, messages=MESSAGES)
+    assert len(up.requests) == 2
+    assert not any(r.completed or r.disconnected for r in up.requests)
+
+
+def test_client_timeout_during_stall_marks_disconnected_promptly(
+    up: MockUpstream, http: httpx.Client
+) -> None:
+    up.enqueue(Reply(stall=30.0))
+    with pytest.raises(httpx.ReadTimeout):
+        http.get("/slow", timeout=0.2)
+    gave_up = time.monotonic()
+
+    assert up.wait_for(lambda u: u.requests[0].disconnected, timeout=2.0)
+    assert time.monotonic() - gave_up < 0.5
+    assert not up.requests[0].completed
+    assert http.get("/next").status_code == 404  # the server is still healthy
+
+
+def test_dropping_a_slow_stream_marks_disconnected(up: MockUpstream, http: httpx.Client) -> None:
+    up.enqueue(Reply.sse([{"i": i} for i in range(100)], chunk_delay=0.1))
+    with http.stream("GET", "/stream") as response:
+        first = next(response.iter_raw())
+        assert first.startswith(b"data: {")
+    dropped = time.monotonic()
+
+    assert up.wait_for(lambda u: u.requests[0].disconnected, timeout=2.0)
+    assert time.monotonic() - dropped < 0.5
+    assert not up.requests[0].completed
+
+
+def test_break_after_cuts_a_chunked_stream(up: MockUpstream, http: httpx.Client) -> None:
+    up.enqueue(Reply.sse([("tick", {"i": i}) for i in range(5)], break_after=2))
+    received: list[str] = []
+    with (
+        pytest.raises(httpx.RemoteProtocolError),
+        http.stream("GET", "/stream") as response,
+    ):
+        received.extend(line for line in response.iter_lines() if line.startswith("data:"))
+    assert received == ['data: {"i":0}', 'data: {"i":1}']
+    assert not up.requests[0].completed
+    assert not up.requests[0].disconnected
+
+
+def test_break_after_cuts_a_content_length_body(up: MockUpstream, http: httpx.Client) -> None:
+    up.enqueue(Reply(body=b"x" * 100, break_after=10), Reply(body=b"y" * 100, break_after=10))
+    with pytest.raises(httpx.RemoteProtocolError):
+        http.get("/short")
+
+    with connect(up) as sock, sock.makefile("rb") as stream:
+        sock.sendall(get())
+        assert stream.readline() == b"HTTP/1.1 200 OK\r\n"
+        head = b"".join(iter(stream.readline, b"\r\n"))
+        assert b"content-length: 100\r\n" in head
+        assert stream.read() == b"y" * 10
+
+
+def test_chunk_delay_spaces_out_the_chunks(up: MockUpstream, http: httpx.Client) -> None:
+    up.enqueue(Reply.sse(["a", "b", "c"], chunk_delay=0.15))
+    arrivals: list[tuple[str, float]] = []
+    with http.stream("GET", "/stream") as response:
+        for line in response.iter_lines():
+            if line.startswith("data:"):
+                arrivals.append((line, time.monotonic()))
+    assert [line for line, _ in arrivals] == ["data: a", "data: b", "data: c"]
+    gaps = [later - earlier for (_, earlier), (_, later) in itertools.pairwise(arrivals)]
+    assert all(gap >= 0.1 for gap in gaps), gaps
+    assert up.requests[0].completed
+
+
+def test_stall_delays_the_head(up: MockUpstream, http: httpx.Client) -> None:
+    up.enqueue(Reply.json({"late": True}, headers={"x-extra": "1"}))
+    up.enqueue(Reply(stall=0.3, body=b"late"))
+    assert http.get("/x").headers["x-extra"] == "1"
+    started = time.monotonic()
+    assert http.get("/x").content == b"late"
+    assert time.monotonic() - started >= 0.25
+
+
+# ----------------------------------------------------------------- scenarios
+
+
+SCENARIO = {
+    "replies": {
+        "sk-limited": {
+            "error": {"type": "rate_limit_error", "message": "slow down"},
+            "status": 429,
+            "headers": {"retry-after": "7"},
+        },
+        "sk-openai-dead": {
+            "error": {"type": "invalid_api_key", "message": "no", "provider": "openai"},
+            "status": 401,
+        },
+    },
+    "queue": [
+        {"json": {"first": True}, "status": 201},
+        {"sse": [["ping", {"type": "ping"}], {"x": 1}, "[DONE]"], "break_after": 2},
+        {"body": "plain text", "status": 503, "headers": [["content-type", "text/plain"]]},
+    ],
+}
+
+
+@pytest.mark.parametrize("from_file", [False, True], ids=["dict", "file"])
+def test_load_scenario(up: MockUpstream, tmp_path: Path, from_file: bool) -> None:
+    if from_file:
+        path = tmp_path / "scenario.json"
+        path.write_text(json.dumps(SCENARIO))
+        up.load_scenario(path)
+    else:
+        up.load_scenario(SCENARIO)
+
+    with httpx.Client(base_url=up.url) as http:
+        first = http.get("/q")
+        assert (first.status_code, first.json()) == (201, {"first": True})
+        lines: list[str] = []
+        with pytest.raises(httpx.RemoteProtocolError), http.stream("GET", "/q") as response:
+            lines.extend(response.iter_lines())
+        assert lines[:3] == ["event: ping", 'data: {"type":"ping"}', ""]
+        third = http.get("/q")
+        assert (third.status_code, third.text) == (503, "plain text")
+        assert third.headers["content-type"] == "text/plain"
+
+        limited = http.get("/v1/models", headers={"x-api-key": "sk-limited"})
+        assert limited.status_code == 429
+        assert limited.headers["retry-after"] == "7"
+        assert limited.json()["error"] == {"type": "rate_limit_error", "message": "slow down"}
+        dead = http.get("/v1/models", headers={"authorization": "Bearer sk-openai-dead"})
+        assert dead.status_code == 401
+        assert dead.json()["error"]["code"] == "invalid_api_key"
+
+
+def test_scenario_errors_are_reported() -> None:
+    with pytest.raises(ValueError, match="unknown reply keys"):
+        Reply.from_dict({"jsn": {}})
+    with pytest.raises(ValueError, match="only one of"):
+        Reply.from_dict({"json": {}, "body": "x"})
+    with pytest.raises(ValueError, match="unknown scenario keys"):
+        MockUpstream().load_scenario({"reply": {}})
+    with pytest.raises(ValueError, match="negative"):
+        Reply(stall=-1)
+
+
+# ----------------------------------------------------------------- lifecycle and concurrency
+
+
+def test_start_and_stop_are_idempotent() -> None:
+    up = MockUpstream()
+    assert up.start() is up
+    url = up.url
+    up.start()
+    assert up.url == url
+    assert re.fullmatch(r"http://127\.0\.0\.1:\d+", url)
+    assert httpx.get(url + "/v1/models").status_code == 200
+    up.stop()
+    up.stop()
+    with pytest.raises(httpx.ConnectError):
+        httpx.get(url + "/v1/models")
+
+
+def test_stop_closes_open_connections() -> None:
+    with MockUpstream() as up, connect(up) as sock:
+        up.enqueue(Reply(stall=30.0))
+        sock.sendall(get())
+        assert up.wait_for(lambda u: len(u.requests) == 1)
+        up.stop()
+        assert sock.recv(1024) == b""
+        assert not up.requests[0].disconnected  # the server closed it, not the client
+
+
+def test_wait_for_gives_up_after_timeout(up: MockUpstream) -> None:
+    started = time.monotonic()
+    assert not up.wait_for(lambda u: False, timeout=0.05)
+    assert 0.05 <= time.monotonic() - started < 1.0
+    assert up.wait_for(lambda u: True, timeout=0)
+
+
+def test_async_clients_are_served_without_blocking_their_loop(up: MockUpstream) -> None:
+    up.enqueue(Reply(stall=0.5))
+
+    async def main() -> list[int]:
+        async with httpx.AsyncClient(base_url=up.url) as client:
+            slow = asyncio.create_task(client.get("/slow"))
+            assert await up.wait_for_async(lambda u: len(u.requests) == 1)
+            fast = await asyncio.gather(*(client.get(f"/fast/{i}") for i in range(20)))
+            assert not slow.done()  # the others did not wait behind it
+            return [(await slow).status_code] + [r.status_code for r in fast]
+
+    assert asyncio.run(main()) == [200] + [404] * 20
+
+
+def test_threads_with_their_own_credentials(up: MockUpstream) -> None:
+    for n in range(8):
+        up.set_reply(f"key-{n}", Reply.json({"key": n}))
+
+    def worker(n: int) -> list[int]:
+        with httpx.Client(base_url=up.url, headers={"x-api-key": f"key-{n}"}) as client:
+            return [client.get("/x").json()["key"] for _ in range(25)]
+
+    with ThreadPoolExecutor(8) as pool:
+        results = list(pool.map(worker, range(8)))
+    assert results == [[n] * 25 for n in range(8)]
+    assert len(up.requests) == 200
+
+
+def test_pytest_plugin_fixture(mock_upstream: MockUpstream) -> None:
+    # Provided by the pytest11 entry point, with no import here.
+    assert httpx.get(mock_upstream.url + "/v1/models").status_code == 200
+    assert len(mock_upstream.requests) == 1
