@@ -4,6 +4,8 @@
 
 use std::time::Duration;
 
+use crate::provider::ErrorKind;
+
 /// Why a walker has no key left to offer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 pub enum Exhaustion {
@@ -26,6 +28,30 @@ pub enum Error {
     UnknownLabel(String),
     #[error(transparent)]
     Exhausted(#[from] Exhaustion),
+    /// The upstream body broke after the response had started.
+    #[error("{0}")]
+    Upstream(String),
+}
+
+impl Error {
+    /// How keyfailover answers a caller for this error: the error kind (and so
+    /// the status) and message of its error body or SSE error event.
+    pub fn answer(&self) -> (ErrorKind, String) {
+        match self {
+            Error::Exhausted(Exhaustion::Transient { .. }) => (
+                ErrorKind::RateLimit,
+                "all configured keys are rate-limited".into(),
+            ),
+            Error::Exhausted(Exhaustion::Permanent) => (
+                ErrorKind::Api,
+                "all configured keys failed authentication".into(),
+            ),
+            Error::Upstream(message) => (ErrorKind::Api, message.clone()),
+            Error::Config(_) | Error::UnknownLabel(_) => {
+                (ErrorKind::InvalidRequest, self.to_string())
+            }
+        }
+    }
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;

@@ -7,8 +7,11 @@
 
 pub mod clock;
 pub mod error;
+pub mod failover;
 pub mod pool;
+pub mod provider;
 pub mod retry_after;
+pub mod sse;
 pub mod verdict;
 
 #[cfg(feature = "python")]

@@ -47,6 +47,26 @@ pub struct KeyStatus {
     pub cooldown_remaining: Duration,
 }
 
+/// Key counts by state; see [`KeyPool::health`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Health {
+    pub valid: usize,
+    pub temporary: usize,
+    pub permanent: usize,
+}
+
+impl Health {
+    pub fn status(&self) -> &'static str {
+        if self.temporary == 0 && self.permanent == 0 {
+            "ok"
+        } else if self.valid > 0 {
+            "degraded"
+        } else {
+            "exhausted"
+        }
+    }
+}
+
 /// Cooldown settings of a pool.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Cooldowns {
@@ -215,6 +235,21 @@ impl KeyPool {
             .iter()
             .map(|s| status_of(s.word.load(Ordering::Acquire), now))
             .collect()
+    }
+
+    /// How many keys are in each state, and what that means for service:
+    /// "ok" when every key is valid, "degraded" when some are, "exhausted"
+    /// when none is.
+    pub fn health(&self) -> Health {
+        let mut health = Health::default();
+        for status in self.statuses() {
+            match status.state {
+                KeyState::Valid => health.valid += 1,
+                KeyState::Temporary => health.temporary += 1,
+                KeyState::Permanent => health.permanent += 1,
+            }
+        }
+        health
     }
 
     /// Why nothing is available: permanent when every key is permanent,
@@ -548,6 +583,24 @@ mod tests {
         assert_eq!(mask("01234567"), "...67");
         assert_eq!(mask("0123456"), "...");
         assert_eq!(mask(""), "...");
+    }
+
+    #[test]
+    fn health_summarises_states() {
+        let (pool, clock) = pool_with(&["a", "b", "c"]);
+        assert_eq!(pool.health().status(), "ok");
+        mark(&pool, "key-0", Some(S(10)));
+        retire(&pool, "key-1");
+        let health = pool.health();
+        assert_eq!(
+            (health.valid, health.temporary, health.permanent),
+            (1, 1, 1)
+        );
+        assert_eq!(health.status(), "degraded");
+        mark(&pool, "key-2", Some(S(5)));
+        assert_eq!(pool.health().status(), "exhausted");
+        clock.advance(S(5));
+        assert_eq!(pool.health().status(), "degraded");
     }
 
     #[test]

@@ -6,6 +6,7 @@ The key pool, Retry-After parsing and the marking rules live in the Rust core
 
 from keyfailover._native import (
     ConfigError,
+    FailoverClient,
     Key,
     KeyfailoverError,
     KeyPool,
@@ -13,16 +14,21 @@ from keyfailover._native import (
     ManualClock,
     PermanentExhaustion,
     PoolExhausted,
+    Response,
+    SyncResponse,
     TransientExhaustion,
     UpstreamError,
     Walker,
     __version__,
+    error_response,
     mark_key_on_response,
     parse_retry_after,
+    sse_error_event,
 )
 
 __all__ = [
     "ConfigError",
+    "FailoverClient",
     "Key",
     "KeyPool",
     "KeyState",
@@ -30,10 +36,14 @@ __all__ = [
     "ManualClock",
     "PermanentExhaustion",
     "PoolExhausted",
+    "Response",
+    "SyncResponse",
     "TransientExhaustion",
     "UpstreamError",
     "Walker",
     "__version__",
+    "error_response",
     "mark_key_on_response",
     "parse_retry_after",
+    "sse_error_event",
 ]

@@ -91,6 +91,7 @@ fn to_pyerr(py: Python<'_>, err: Error) -> PyResult<PyErr> {
             class(py, "TransientExhaustion")?.call1((retry_after.as_secs_f64(),))?
         }
         Error::Exhausted(Exhaustion::Permanent) => class(py, "PermanentExhaustion")?.call0()?,
+        Error::Upstream(message) => class(py, "UpstreamError")?.call1((message,))?,
     };
     Ok(PyErr::from_value(instance))
 }

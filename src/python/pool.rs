@@ -215,6 +215,19 @@ impl PyKeyPool {
             .collect()
     }
 
+    /// {"status": "ok" | "degraded" | "exhausted", "keys": {"valid": n, "temporary": n, "permanent": n}}
+    fn health<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
+        let health = self.pool.health();
+        let keys = PyDict::new(py);
+        keys.set_item("valid", health.valid)?;
+        keys.set_item("temporary", health.temporary)?;
+        keys.set_item("permanent", health.permanent)?;
+        let out = PyDict::new(py);
+        out.set_item("status", health.status())?;
+        out.set_item("keys", keys)?;
+        Ok(out)
+    }
+
     fn __repr__(&self) -> String {
         let keys: Vec<String> = self
             .pool

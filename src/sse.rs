@@ -1,0 +1,254 @@
+//! Server-sent events on bytes: finding event boundaries, reading one event's
+//! fields, and relaying a stream in whole events.
+//!
+//! Everything works on bytes and only decodes whole field values, so a
+//! multi-byte character split across network chunks is never corrupted.
+
+use std::ops::Range;
+
+use bytes::{Bytes, BytesMut};
+
+use crate::verdict::{error_body_verdict, Verdict};
+
+/// A held partial event larger than this is relayed anyway: the stream is
+/// evidently not framed as SSE, and memory stays bounded.
+const MAX_HELD: usize = 1 << 20;
+
+/// Terminated lines of `buf`: (content range, offset just past the terminator).
+/// A trailing `\r` is not taken as a terminator yet: it may be half of `\r\n`.
+fn lines(buf: &[u8]) -> impl Iterator<Item = (Range<usize>, usize)> + '_ {
+    let mut pos = 0;
+    std::iter::from_fn(move || {
+        let rest = &buf[pos..];
+        let i = rest.iter().position(|&b| b == b'\n' || b == b'\r')?;
+        let next = match (rest[i], rest.get(i + 1)) {
+            (b'\r', None) => return None,
+            (b'\r', Some(b'\n')) => pos + i + 2,
+            _ => pos + i + 1,
+        };
+        let line = pos..pos + i;
+        pos = next;
+        Some((line, next))
+    })
+}
+
+/// The complete event blocks of `buf`, each with its terminating blank line.
+pub fn events(buf: &[u8]) -> impl Iterator<Item = Range<usize>> + '_ {
+    let mut start = 0;
+    lines(buf).filter_map(move |(line, next)| {
+        if line.is_empty() {
+            let block = start..next;
+            start = next;
+            Some(block)
+        } else {
+            None
+        }
+    })
+}
+
+/// One event's fields.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Event {
+    /// The `event:` field, if any.
+    pub name: Option<String>,
+    /// The `data:` lines joined with `\n`.
+    pub data: Vec<u8>,
+    /// False for a block of comments only (such as `: ping`).
+    pub has_fields: bool,
+}
+
+/// Reads one event block.
+pub fn parse_event(block: &[u8]) -> Event {
+    let mut event = Event::default();
+    let mut data_lines = 0;
+    for (line, _) in lines(block) {
+        let line = &block[line];
+        if line.is_empty() || line[0] == b':' {
+            continue;
+        }
+        event.has_fields = true;
+        let (field, value) = match line.iter().position(|&b| b == b':') {
+            Some(i) => (
+                &line[..i],
+                line[i + 1..].strip_prefix(b" ").unwrap_or(&line[i + 1..]),
+            ),
+            None => (line, &b""[..]),
+        };
+        match field {
+            b"event" => event.name = Some(String::from_utf8_lossy(value).into_owned()),
+            b"data" => {
+                if data_lines > 0 {
+                    event.data.push(b'\n');
+                }
+                event.data.extend_from_slice(value);
+                data_lines += 1;
+            }
+            _ => {}
+        }
+    }
+    event
+}
+
+/// What the first event of a stream says about the key.
+#[derive(Debug, PartialEq, Eq)]
+pub enum FirstEvent {
+    /// No event with fields yet: keep reading.
+    Pending,
+    /// A key-specific error event: mark the key and fail over.
+    KeyFailure(Verdict),
+    /// Anything else: relay the stream.
+    Relay,
+}
+
+/// Classifies the first event with fields among the complete events of `buf`.
+pub fn first_event(buf: &[u8]) -> FirstEvent {
+    for block in events(buf) {
+        let event = parse_event(&buf[block]);
+        if event.has_fields {
+            return match error_body_verdict(&event.data) {
+                Some(verdict) => FirstEvent::KeyFailure(verdict),
+                None => FirstEvent::Relay,
+            };
+        }
+    }
+    FirstEvent::Pending
+}
+
+/// Cuts a byte stream into runs of whole events. Chunks that end on an event
+/// boundary pass through without a copy; only a partial event at the end of a
+/// chunk is held back (and copied once) until the rest of it arrives.
+#[derive(Debug, Default)]
+pub struct Framer {
+    held: Bytes,
+}
+
+impl Framer {
+    /// Adds a chunk; returns the whole events now available, if any.
+    pub fn push(&mut self, chunk: Bytes) -> Option<Bytes> {
+        let mut buf = if self.held.is_empty() {
+            chunk
+        } else {
+            let mut joined = BytesMut::with_capacity(self.held.len() + chunk.len());
+            joined.extend_from_slice(&self.held);
+            joined.extend_from_slice(&chunk);
+            joined.freeze()
+        };
+        let end = match events(&buf).last() {
+            Some(block) => block.end,
+            None if buf.len() > MAX_HELD => buf.len(),
+            None => 0,
+        };
+        let out = buf.split_to(end);
+        self.held = buf;
+        (!out.is_empty()).then_some(out)
+    }
+
+    /// True when nothing is held: what was relayed ended on an event boundary.
+    pub fn at_boundary(&self) -> bool {
+        self.held.is_empty()
+    }
+
+    /// Whatever partial event is held, at the end of the stream.
+    pub fn take_held(&mut self) -> Bytes {
+        std::mem::take(&mut self.held)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn blocks(buf: &str) -> Vec<&str> {
+        events(buf.as_bytes()).map(|r| &buf[r]).collect()
+    }
+
+    #[test]
+    fn finds_event_boundaries_with_any_line_ending() {
+        assert_eq!(
+            blocks("data: a\n\ndata: b\n\ndata: c"),
+            ["data: a\n\n", "data: b\n\n"]
+        );
+        assert_eq!(
+            blocks("data: a\r\n\r\nevent: x\r\ndata: b\r\n\r\n"),
+            ["data: a\r\n\r\n", "event: x\r\ndata: b\r\n\r\n"]
+        );
+        assert_eq!(blocks("data: a\r\rdata: b\r"), ["data: a\r\r"]);
+        assert_eq!(
+            blocks("data: a\r\n\r"),
+            Vec::<&str>::new(),
+            "a trailing CR may be half a CRLF"
+        );
+        assert_eq!(blocks(""), Vec::<&str>::new());
+    }
+
+    #[test]
+    fn parses_fields() {
+        let event = parse_event(b"event: error\ndata: {\"a\":\ndata:1}\n: comment\nid: 7\n\n");
+        assert_eq!(event.name.as_deref(), Some("error"));
+        assert_eq!(event.data, b"{\"a\":\n1}");
+        assert!(event.has_fields);
+        assert!(!parse_event(b": ping\n\n").has_fields);
+        assert_eq!(parse_event(b"data\n\n").data, b"");
+    }
+
+    #[test]
+    fn first_event_classification() {
+        let anthropic_429 = b"event: error\ndata: {\"type\":\"error\",\"error\":{\"type\":\"rate_limit_error\",\"message\":\"x\"}}\n\n";
+        assert_eq!(
+            first_event(anthropic_429),
+            FirstEvent::KeyFailure(Verdict::RateLimited(None))
+        );
+        let openai_quota = b": keepalive\n\ndata: {\"error\":{\"message\":\"x\",\"type\":\"insufficient_quota\",\"code\":null}}\n\n";
+        assert_eq!(
+            first_event(openai_quota),
+            FirstEvent::KeyFailure(Verdict::QuotaExhausted)
+        );
+        let overloaded = b"event: error\ndata: {\"type\":\"error\",\"error\":{\"type\":\"overloaded_error\",\"message\":\"x\"}}\n\n";
+        assert_eq!(first_event(overloaded), FirstEvent::Relay);
+        assert_eq!(
+            first_event(b"event: message_start\ndata: {\"type\":\"message_start\"}\n\n"),
+            FirstEvent::Relay
+        );
+        assert_eq!(
+            first_event(b": ping\n\nevent: message_start\ndata: {\"ty"),
+            FirstEvent::Pending
+        );
+    }
+
+    #[test]
+    fn framer_relays_whole_events_without_copying_aligned_chunks() {
+        let mut framer = Framer::default();
+        let chunk = Bytes::from_static(b"data: 1\n\ndata: 2\n\n");
+        let out = framer.push(chunk.clone()).unwrap();
+        assert_eq!(
+            out.as_ptr(),
+            chunk.as_ptr(),
+            "aligned chunk passed through as is"
+        );
+        assert!(framer.at_boundary());
+
+        assert_eq!(
+            framer
+                .push(Bytes::from_static(b"data: 3\n\ndata: \xe2\x82"))
+                .unwrap(),
+            &b"data: 3\n\n"[..]
+        );
+        assert!(!framer.at_boundary());
+        assert_eq!(framer.push(Bytes::from_static(b"\xac\n")), None);
+        assert_eq!(
+            framer.push(Bytes::from_static(b"\n")).unwrap(),
+            "data: €\n\n".as_bytes()
+        );
+        assert!(framer.at_boundary());
+        framer.push(Bytes::from_static(b"data: tail"));
+        assert_eq!(framer.take_held(), &b"data: tail"[..]);
+    }
+
+    #[test]
+    fn framer_bounds_what_it_holds() {
+        let mut framer = Framer::default();
+        let big = Bytes::from(vec![b'x'; MAX_HELD + 1]);
+        assert_eq!(framer.push(big).unwrap().len(), MAX_HELD + 1);
+        assert!(framer.at_boundary());
+    }
+}
