@@ -42,12 +42,16 @@ test-python: build
 bench-smoke: build
 	$(CARGO) bench --quiet --bench pool -- --smoke
 	$(PY) benches/bench_pool.py --smoke
+	$(PY) benches/bench_client.py --smoke
+	$(PY) benches/bench_mock_upstream.py --smoke
 
 test: lint test-rust test-python bench-smoke
 
 bench: build
 	$(CARGO) bench --quiet --bench pool
 	$(PY) benches/bench_pool.py
+	$(PY) benches/bench_client.py
+	$(PY) benches/bench_mock_upstream.py
 
 fmt:
 	$(CARGO) fmt --all

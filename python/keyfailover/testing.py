@@ -37,6 +37,7 @@ that half-closes its socket after sending a request gets no response.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import re
@@ -64,6 +65,7 @@ __all__ = [
     "anthropic_stream_events",
     "openai_chat_completion",
     "openai_stream_chunks",
+    "serve_asgi",
 ]
 
 HeadersLike = Mapping[str, str] | Sequence[tuple[str, str]]
@@ -1076,6 +1078,32 @@ class MockUpstream:
                 self._replies.get(request.credential) if request.credential is not None else None
             )
         return reply if reply is not None else _default_reply(request)
+
+
+@contextlib.contextmanager
+def serve_asgi(app: Any, *, host: str = "127.0.0.1", port: int = 0) -> Iterator[str]:
+    """Runs an ASGI app under uvicorn in a background thread; yields its URL.
+
+    For end-to-end tests of a `FailoverProxy` (or a FastAPI app mounting one)
+    with a real HTTP server on loopback. Needs uvicorn (the `server` extra).
+    """
+    import uvicorn
+
+    config = uvicorn.Config(app, host=host, port=port, log_level="warning", lifespan="auto")
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, name="keyfailover-serve-asgi", daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 10
+    while not server.started:
+        if not thread.is_alive() or time.monotonic() > deadline:
+            raise RuntimeError(f"uvicorn did not start on {host}:{port}")
+        time.sleep(0.005)
+    bound_port = server.servers[0].sockets[0].getsockname()[1]
+    try:
+        yield f"http://{host}:{bound_port}"
+    finally:
+        server.should_exit = True
+        thread.join(10)
 
 
 if pytest is not None:

@@ -1,0 +1,218 @@
+"""The `keyfailover` command: argument errors, serve, mock-upstream, demo."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from keyfailover import cli
+from keyfailover.testing import MockUpstream, Reply
+
+KEY_A = "sk-ant-cli-a-" + "a" * 24
+KEY_B = "sk-ant-cli-b-" + "b" * 24
+
+
+def run_cli(*args: str, env: dict[str, str] | None = None, timeout: float = 60):
+    return subprocess.run(
+        [sys.executable, "-m", "keyfailover", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, **(env or {})},
+    )
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_until_listening(port: int, proc: subprocess.Popen[str], timeout: float = 15) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, proc.communicate()
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.05)
+    raise AssertionError(f"nothing listening on {port}")
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        (f"{KEY_A}\n{KEY_B}\n", [KEY_A, KEY_B]),
+        (f"# team keys\n\nprod={KEY_A}\nbackup={KEY_B}\n", {"prod": KEY_A, "backup": KEY_B}),
+        ("c2stYmFzZTY0a2V5==\nc2stb3RoZXI=\n", ["c2stYmFzZTY0a2V5==", "c2stb3RoZXI="]),
+        (f"  {KEY_A}  \n", [KEY_A]),
+    ],
+)
+def test_keys_file_format(text, expected):
+    assert cli.parse_keys(text, source="test") == expected
+
+
+def test_keys_env_is_comma_or_newline_separated():
+    assert cli.parse_keys(f"{KEY_A}, {KEY_B}\n", source="x", separators=",\n") == [KEY_A, KEY_B]
+
+
+def serve_args(*extra: str) -> list[str]:
+    return ["serve", "--upstream", "http://127.0.0.1:9", *extra]
+
+
+def keys_env(value: str, *extra: str) -> tuple[list[str], dict[str, str]]:
+    return serve_args("--keys-env", "KF_TEST_KEYS", *extra), {"KF_TEST_KEYS": value}
+
+
+ARGUMENT_ERRORS = [
+    (
+        (serve_args("--keys-file", "/nonexistent/keys.txt"), {}),
+        "keys file '/nonexistent/keys.txt' not found",
+    ),
+    (keys_env(" , \n"), "environment variable KF_TEST_KEYS holds no keys"),
+    ((serve_args("--keys-env", "KF_UNSET"), {}), "environment variable KF_UNSET is not set"),
+    (keys_env(f"{KEY_A},{KEY_A}"), "key-0 and key-1 hold the same key"),
+    (
+        keys_env(KEY_A, "--host", "0.0.0.0"),
+        "refusing to listen on 0.0.0.0 without client tokens",
+    ),
+    (keys_env(KEY_A, "--client-token-env", "KF_UNSET"), "environment variable KF_UNSET is not set"),
+    (keys_env(KEY_A, "--upstream", "ftp://x"), "must be an http or https URL"),
+]
+
+
+@pytest.mark.parametrize(("command", "message"), ARGUMENT_ERRORS)
+def test_serve_argument_errors_are_one_line(command, message):
+    args, env = command
+    result = run_cli(*args, env=env)
+    assert result.returncode == 2
+    assert result.stdout == ""
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("keyfailover serve: error: ")
+    assert message in lines[0]
+    assert KEY_A not in result.stderr
+
+
+def test_serve_needs_a_keys_source():
+    result = run_cli("serve")
+    assert result.returncode == 2
+    assert "one of the arguments --keys-file --keys-env is required" in result.stderr
+
+
+def test_serve_without_uvicorn_says_what_to_install(monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "uvicorn", None)
+    monkeypatch.setenv("KF_TEST_KEYS", KEY_A)
+    assert cli.main(serve_args("--keys-env", "KF_TEST_KEYS")) == 2
+    assert 'pip install "keyfailover[server]"' in capsys.readouterr().err
+
+
+def test_serve_allows_non_loopback_when_told(monkeypatch):
+    started = {}
+    monkeypatch.setenv("KF_TEST_KEYS", KEY_A)
+    monkeypatch.setattr("uvicorn.run", lambda app, **kw: started.update(kw, app=app))
+    args = serve_args("--keys-env", "KF_TEST_KEYS", "--host", "0.0.0.0", "--allow-unauthenticated")
+    assert cli.main(args) == 0
+    assert (started["host"], started["port"]) == ("0.0.0.0", 8787)
+    assert "no client tokens" in repr(started["app"])
+
+
+def test_serve_proxies_with_failover(tmp_path: Path):
+    keys_file = tmp_path / "keys.txt"
+    keys_file.write_text(f"first={KEY_A}\nsecond={KEY_B}\n")
+    port = free_port()
+    with MockUpstream() as up:
+        up.set_reply(
+            KEY_A, Reply.error(429, "rate_limit_error", "slow", headers={"retry-after": "9"})
+        )
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "keyfailover", "serve", "--upstream", up.url,
+             "--keys-file", str(keys_file), "--port", str(port), "--client-token-env", "KF_T",
+             "--log-level", "info"],
+            env={**os.environ, "KF_T": "caller-token"},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )  # fmt: skip
+        try:
+            wait_until_listening(port, proc)
+            url = f"http://127.0.0.1:{port}"
+            with httpx.Client(base_url=url, headers={"x-api-key": "caller-token"}) as http:
+                resp = http.post(
+                    "/v1/messages", json={"model": "m", "max_tokens": 5, "messages": []}
+                )
+                assert resp.status_code == 200
+                assert resp.json()["content"][0]["text"] == "Hello from mock"
+                keys = http.get("/_keyfailover/keys").json()["keys"]
+            assert [(k["label"], k["state"]) for k in keys] == [
+                ("first", "temporary"),
+                ("second", "valid"),
+            ]
+            assert [r.credential for r in up.requests] == [KEY_A, KEY_B]
+            assert httpx.get(url + "/v1/models").status_code == 401
+        finally:
+            proc.send_signal(signal.SIGINT)
+            _, err = proc.communicate(timeout=15)
+        assert "first sk-a...aaaa" in err, err
+        assert "POST /v1/messages -> 200 (attempts=2, key=second)" in err
+        assert KEY_A not in err
+        assert KEY_B not in err
+
+
+def test_mock_upstream_command(tmp_path: Path):
+    scenario = tmp_path / "scenario.json"
+    revoked = {"status": 401, "error": {"type": "authentication_error", "message": "no"}}
+    scenario.write_text(json.dumps({"replies": {"bad-key": revoked}}))
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "keyfailover", "mock-upstream", "--port", str(port),
+         "--scenario", str(scenario)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )  # fmt: skip
+    try:
+        wait_until_listening(port, proc)
+        url = f"http://127.0.0.1:{port}"
+        assert httpx.get(url + "/v1/models", headers={"x-api-key": "bad-key"}).status_code == 401
+        assert httpx.get(url + "/v1/models", headers={"x-api-key": "good"}).status_code == 200
+    finally:
+        proc.terminate()
+        out, _ = proc.communicate(timeout=15)
+    assert proc.returncode == 0
+    assert f"mock upstream listening on {url}" in out
+
+
+def test_mock_upstream_bad_scenario(tmp_path: Path):
+    missing = run_cli("mock-upstream", "--port", "0", "--scenario", str(tmp_path / "nope.json"))
+    assert missing.returncode == 2
+    assert "scenario file" in missing.stderr
+    assert "not found" in missing.stderr
+
+
+def test_demo_runs_and_exits_zero():
+    started = time.monotonic()
+    result = run_cli("demo", "--pace", "0.05", timeout=60)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert time.monotonic() - started < 30
+    out = result.stdout
+    assert "20 requests through the anthropic SDK" in out
+    assert "pool exhausted: answered 429 with Retry-After:" in out
+    assert "failed requests    0" in out
+    assert "sk-ant-demo" not in out
+
+
+def test_module_and_help():
+    result = run_cli("--help")
+    assert result.returncode == 0
+    for command in ("serve", "mock-upstream", "demo"):
+        assert command in result.stdout
