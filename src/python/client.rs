@@ -9,7 +9,10 @@ use bytes::Bytes;
 use pyo3::exceptions::{PyStopAsyncIteration, PyStopIteration, PyTypeError};
 use pyo3::prelude::*;
 use pyo3::types::{PyByteArray, PyBytes, PyDict, PyString};
-use pyo3_async_runtimes::tokio::{future_into_py, get_runtime};
+use pyo3::IntoPyObjectExt;
+use pyo3_async_runtimes::tokio::get_runtime;
+
+use super::bridge::{self, Failure};
 
 use super::errors::class;
 use super::pool::{positive_seconds, PyKeyPool};
@@ -125,9 +128,8 @@ impl PyFailoverClient {
             body: extract_body(body)?,
         };
         let client = self.client.clone();
-        future_into_py(py, async move {
-            let response = client.request(request).await?;
-            Ok(PyResponse::from(response))
+        bridge::spawn(py, async move {
+            Ok(PyResponse::from(client.request(request).await?))
         })
     }
 
@@ -296,7 +298,7 @@ response_methods!(PyResponse, {
     /// The rest of the body.
     fn read<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
         let body = self.0.body.clone();
-        future_into_py(py, async move { Ok(Chunk(vec![body.read_all().await?])) })
+        bridge::spawn(py, async move { Ok(Chunk(vec![body.read_all().await?])) })
     }
 
     fn __aiter__(slf: Py<Self>) -> Py<Self> {
@@ -315,10 +317,10 @@ response_methods!(PyResponse, {
             }
             Some(Ok(None)) => Err(PyStopAsyncIteration::new_err(())),
             Some(Err(err)) => Err(err.into()),
-            None => future_into_py(py, async move {
+            None => bridge::spawn(py, async move {
                 match body.next_batch().await? {
                     Some(chunks) => Ok(Chunk(chunks)),
-                    None => Err(PyStopAsyncIteration::new_err(())),
+                    None => Err(Failure::StopAsyncIteration),
                 }
             }),
         }
@@ -327,12 +329,12 @@ response_methods!(PyResponse, {
     /// Closes the response and its upstream connection at once.
     fn aclose<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
         self.0.body.close();
-        future_into_py(py, async { Ok(()) })
+        Ready(py.None()).into_bound_py_any(py)
     }
 
     fn __aenter__<'py>(slf: Bound<'py, Self>) -> PyResult<Bound<'py, PyAny>> {
-        let this = slf.clone().unbind();
-        future_into_py(slf.py(), async move { Ok(this) })
+        let py = slf.py();
+        Ready(slf.into_any().unbind()).into_bound_py_any(py)
     }
 
     #[pyo3(signature = (*_args))]

@@ -1,5 +1,6 @@
 //! The PyO3 bindings: one thin file per exposed type, no decisions here.
 
+mod bridge;
 mod client;
 mod errors;
 mod pool;

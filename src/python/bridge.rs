@@ -1,0 +1,197 @@
+//! Awaitables for Rust futures, completed without tokio threads ever taking
+//! the GIL.
+//!
+//! A Rust future runs on the one tokio runtime (pyo3-async-runtimes'). When
+//! it finishes, its outcome goes into a queue belonging to the asyncio loop
+//! that awaits it, and one byte on a socket pair wakes the loop, which has the
+//! socket registered with `add_reader`. The loop thread then converts the
+//! outcomes to Python objects and sets the futures' results.
+//!
+//! So a tokio thread never calls into Python: no GIL handoff per completion,
+//! completions are batched, and nothing touches the interpreter while it
+//! finalizes (calling into Python from a foreign thread at exit is what
+//! crashes interpreters). Dropping an awaited result happens in the loop
+//! thread, so it closes what it holds at once.
+
+use std::future::Future;
+use std::io::{ErrorKind, Read, Write};
+use std::os::fd::AsRawFd;
+use std::os::unix::net::UnixStream;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+
+use pyo3::exceptions::PyStopAsyncIteration;
+use pyo3::prelude::*;
+use pyo3::sync::PyOnceLock;
+use pyo3::types::PyCFunction;
+use pyo3::IntoPyObjectExt;
+use tokio::task::AbortHandle;
+
+/// Turns a finished future's output into the awaitable's result, in the
+/// loop thread.
+type Outcome = Box<dyn FnOnce(Python<'_>) -> PyResult<Py<PyAny>> + Send>;
+
+struct Completion {
+    future: Py<PyAny>,
+    outcome: Outcome,
+}
+
+/// The completion queue of one asyncio loop.
+struct Inbox {
+    queue: Mutex<Vec<Completion>>,
+    /// True while a wake-up byte is pending: one byte per batch is enough.
+    signalled: AtomicBool,
+    writer: UnixStream,
+    reader: UnixStream,
+}
+
+impl Inbox {
+    fn new() -> std::io::Result<Self> {
+        let (reader, writer) = UnixStream::pair()?;
+        reader.set_nonblocking(true)?;
+        writer.set_nonblocking(true)?;
+        Ok(Self {
+            queue: Mutex::new(Vec::new()),
+            signalled: AtomicBool::new(false),
+            writer,
+            reader,
+        })
+    }
+
+    /// Called from tokio threads: no Python here.
+    fn push(&self, completion: Completion) {
+        self.queue
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(completion);
+        if !self.signalled.swap(true, Ordering::AcqRel) {
+            // A full socket buffer means a wake-up is already pending.
+            let _ = (&self.writer).write(&[1]);
+        }
+    }
+
+    fn take(&self) -> Vec<Completion> {
+        // Clear the flag before taking the queue, so a completion pushed
+        // after the take signals again.
+        self.signalled.store(false, Ordering::Release);
+        let mut buf = [0u8; 64];
+        loop {
+            match (&self.reader).read(&mut buf) {
+                Ok(n) if n > 0 => continue,
+                Err(e) if e.kind() == ErrorKind::Interrupted => continue,
+                _ => break,
+            }
+        }
+        std::mem::take(&mut *self.queue.lock().unwrap_or_else(|e| e.into_inner()))
+    }
+}
+
+/// Registered with the loop's `add_reader`: completes the queued futures.
+#[pyclass(frozen)]
+struct Drain(Arc<Inbox>);
+
+#[pymethods]
+impl Drain {
+    fn __call__(&self, py: Python<'_>) {
+        for Completion { future, outcome } in self.0.take() {
+            let future = future.bind(py);
+            let cancelled = future
+                .call_method0(pyo3::intern!(py, "cancelled"))
+                .and_then(|c| c.is_truthy())
+                .unwrap_or(true);
+            if cancelled {
+                continue;
+            }
+            let _ = match outcome(py) {
+                Ok(value) => future.call_method1(pyo3::intern!(py, "set_result"), (value,)),
+                Err(err) => {
+                    future.call_method1(pyo3::intern!(py, "set_exception"), (err.into_value(py),))
+                }
+            };
+        }
+    }
+}
+
+/// The inbox of `event_loop`, created and registered on first use.
+fn inbox_for(event_loop: &Bound<'_, PyAny>) -> PyResult<Arc<Inbox>> {
+    static INBOXES: PyOnceLock<Py<PyAny>> = PyOnceLock::new();
+    let py = event_loop.py();
+    let inboxes = INBOXES
+        .get_or_try_init(py, || -> PyResult<Py<PyAny>> {
+            Ok(py
+                .import("weakref")?
+                .getattr("WeakKeyDictionary")?
+                .call0()?
+                .unbind())
+        })?
+        .bind(py);
+    if let Ok(drain) = inboxes.call_method1("get", (event_loop,))?.cast::<Drain>() {
+        return Ok(drain.get().0.clone());
+    }
+    let inbox = Arc::new(Inbox::new()?);
+    let drain = Bound::new(py, Drain(inbox.clone()))?;
+    event_loop.call_method1("add_reader", (inbox.reader.as_raw_fd(), &drain))?;
+    inboxes.set_item(event_loop, drain)?;
+    Ok(inbox)
+}
+
+/// Runs `fut` on the tokio runtime and returns an asyncio future of the
+/// running loop for its result, converted to Python in the loop thread.
+/// Cancelling the asyncio future aborts the task, which drops `fut`.
+pub(crate) fn spawn<'py, F, T>(py: Python<'py>, fut: F) -> PyResult<Bound<'py, PyAny>>
+where
+    F: Future<Output = Result<T, Failure>> + Send + 'static,
+    T: for<'a> IntoPyObject<'a> + Send + 'static,
+{
+    static GET_RUNNING_LOOP: PyOnceLock<Py<PyAny>> = PyOnceLock::new();
+    let get_running_loop = GET_RUNNING_LOOP.get_or_try_init(py, || -> PyResult<Py<PyAny>> {
+        Ok(py.import("asyncio")?.getattr("get_running_loop")?.unbind())
+    })?;
+    let event_loop = get_running_loop.bind(py).call0()?;
+    let inbox = inbox_for(&event_loop)?;
+    let future = event_loop.call_method0(pyo3::intern!(py, "create_future"))?;
+    let target = future.clone().unbind();
+    let task = pyo3_async_runtimes::tokio::get_runtime().spawn(async move {
+        let output = fut.await;
+        inbox.push(Completion {
+            future: target,
+            outcome: Box::new(move |py| match output {
+                Ok(value) => value.into_py_any(py),
+                Err(failure) => Err(failure.into_pyerr()),
+            }),
+        });
+    });
+    let abort: AbortHandle = task.abort_handle();
+    let on_done = PyCFunction::new_closure(py, None, None, move |args, _kwargs| -> PyResult<()> {
+        let future = args.get_item(0)?;
+        if future.call_method0("cancelled")?.is_truthy()? {
+            abort.abort();
+        }
+        Ok(())
+    })?;
+    future.call_method1(pyo3::intern!(py, "add_done_callback"), (on_done,))?;
+    Ok(future)
+}
+
+/// Why an awaitable failed, decided in a tokio thread and turned into a
+/// Python exception in the loop thread.
+pub(crate) enum Failure {
+    Core(crate::error::Error),
+    /// The end of an async iteration.
+    StopAsyncIteration,
+}
+
+impl From<crate::error::Error> for Failure {
+    fn from(err: crate::error::Error) -> Self {
+        Failure::Core(err)
+    }
+}
+
+impl Failure {
+    fn into_pyerr(self) -> PyErr {
+        match self {
+            Failure::Core(err) => err.into(),
+            Failure::StopAsyncIteration => PyStopAsyncIteration::new_err(()),
+        }
+    }
+}
