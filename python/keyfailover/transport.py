@@ -1,0 +1,382 @@
+"""httpx2 and httpx transports that send every request through a `FailoverClient`.
+
+Plug keyfailover under the official SDKs (anthropic 2.x and openai 3.x are built
+on httpx2) or under any httpx2/httpx client:
+
+    import anthropic, httpx2, keyfailover as kf
+    from keyfailover.transport import AsyncFailoverTransport
+
+    client = kf.FailoverClient(kf.KeyPool([...]), base_url="https://api.anthropic.com")
+    sdk = anthropic.AsyncAnthropic(
+        api_key="unused", http_client=httpx2.AsyncClient(transport=AsyncFailoverTransport(client))
+    )
+
+The transport is thin: it forwards the request's method, path and query, headers
+and body to the `FailoverClient` (which picks the keys and fails over) and
+streams the response back unbuffered. The host of the URL the SDK builds is
+ignored: requests go to the FailoverClient's `base_url`, with the request's
+path kept whole (so for OpenAI give ``base_url="https://api.openai.com"`` and
+let the SDK's ``/v1`` arrive in the path). The caller's own `x-api-key` and
+`Authorization` headers are dropped, so the SDK's `api_key` never reaches
+upstream and the pool's keys are always used.
+
+A transport answers in the flavour of the request it is given: an
+`httpx2.Request` gets an `httpx2.Response`, an `httpx.Request` an
+`httpx.Response`. Neither package is required to import this module, and it
+never imports `httpx` itself while `httpx2` is available (so
+`httpx2.alias_httpx()` may still be called afterwards). The transports
+subclass httpx2's base transports when httpx2 is installed, else httpx's; they
+never carry httpx classes alongside httpx2 ones, because the SDKs reject any
+object with an `httpx` class in its MRO.
+
+Each response's ``extensions["keyfailover"]`` holds ``{"attempts", "key_label",
+"exhausted"}`` of the failover behind it. Request timeouts set on the httpx
+client do not apply: the `FailoverClient`'s own `timeout` and
+`connect_timeout` do.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Awaitable, Iterable, Sequence
+from dataclasses import dataclass
+from types import ModuleType
+from typing import TYPE_CHECKING, Any, Protocol, cast, overload
+
+from keyfailover._native import UpstreamError
+
+if TYPE_CHECKING:
+    import httpx
+    import httpx2
+
+    # For type checkers the transports are transports of both flavours, as
+    # they are to httpx2's and httpx's clients (which check no base class).
+    # At run time they subclass one flavour only: see _transport_base_classes.
+    class _AsyncTransportBase(httpx2.AsyncBaseTransport, httpx.AsyncBaseTransport):  # type: ignore[misc]
+        pass
+
+    class _TransportBase(httpx2.BaseTransport, httpx.BaseTransport):  # type: ignore[misc]
+        pass
+
+
+__all__ = ["AsyncFailoverTransport", "FailoverTransport"]
+
+
+# --------------------------------------------------------------------------
+# What the transports need of a FailoverClient and its responses
+# --------------------------------------------------------------------------
+
+_RawHeaders = list[tuple[bytes, bytes]]
+
+
+class _NativeResponse(Protocol):
+    @property
+    def status(self) -> int: ...
+    @property
+    def headers(self) -> Sequence[tuple[str, str]]: ...
+    @property
+    def attempts(self) -> int: ...
+    @property
+    def key_label(self) -> str | None: ...
+    @property
+    def exhausted(self) -> bool: ...
+
+
+class _NativeAsyncResponse(_NativeResponse, Protocol):
+    def __anext__(self) -> Awaitable[bytes]: ...
+    def aclose(self) -> Awaitable[None]: ...
+
+
+class _NativeSyncResponse(_NativeResponse, Protocol):
+    def __next__(self) -> bytes: ...
+    def close(self) -> None: ...
+
+
+class _AsyncClient(Protocol):
+    def request(
+        self,
+        method: str,
+        path: str,
+        *,
+        headers: _RawHeaders | None = None,
+        body: bytes | None = None,
+    ) -> Awaitable[_NativeAsyncResponse]: ...
+
+
+class _SyncClient(Protocol):
+    def request_sync(
+        self,
+        method: str,
+        path: str,
+        *,
+        headers: _RawHeaders | None = None,
+        body: bytes | None = None,
+    ) -> _NativeSyncResponse: ...
+
+
+# --------------------------------------------------------------------------
+# Request and response conversion
+# --------------------------------------------------------------------------
+
+# Never forwarded: the caller's credentials (the pool's keys replace them), the
+# headers the FailoverClient sets itself, and hop-by-hop headers.
+_DROPPED = frozenset(
+    {
+        b"x-api-key",
+        b"authorization",
+        b"host",
+        b"content-length",
+        b"connection",
+        b"keep-alive",
+        b"proxy-authenticate",
+        b"proxy-authorization",
+        b"proxy-connection",
+        b"te",
+        b"trailer",
+        b"trailers",
+        b"transfer-encoding",
+        b"upgrade",
+    }
+)
+
+
+def _forwarded_headers(raw: Iterable[tuple[bytes, bytes]]) -> _RawHeaders:
+    """The request headers to send upstream, as raw (name, value) bytes."""
+    pairs = list(raw)
+    dropped = set(_DROPPED)
+    for name, value in pairs:
+        if name.lower() == b"connection":  # headers it names are hop-by-hop too
+            dropped.update(token.strip().lower() for token in value.split(b","))
+    return [(name, value) for name, value in pairs if name.lower() not in dropped]
+
+
+def _target(raw_path: bytes) -> str:
+    """The request's path and query, still percent-encoded."""
+    return raw_path.decode("ascii") or "/"
+
+
+def _response_headers(response: _NativeResponse) -> _RawHeaders:
+    # The client decoded header bytes as Latin-1: encode back losslessly
+    # (httpx would reject a non-ASCII str value).
+    return [(n.encode("latin-1"), v.encode("latin-1")) for n, v in response.headers]
+
+
+def _extensions(response: _NativeResponse) -> dict[str, Any]:
+    return {
+        "keyfailover": {
+            "attempts": response.attempts,
+            "key_label": response.key_label,
+            "exhausted": response.exhausted,
+        }
+    }
+
+
+class _AsyncStream:
+    """The body of a keyfailover `Response` as an httpx(2) async byte stream.
+
+    Combined at run time with the flavour's `AsyncByteStream` (see `_Flavour`).
+    """
+
+    def __init__(self, response: _NativeAsyncResponse, error: type[Exception]) -> None:
+        self._response = response
+        self._error = error
+
+    def __aiter__(self) -> _AsyncStream:
+        return self
+
+    async def __anext__(self) -> bytes:
+        try:
+            return await self._response.__anext__()
+        except UpstreamError as exc:
+            raise self._error(str(exc)) from exc
+
+    async def aclose(self) -> None:
+        """Close the response, dropping the upstream connection if still open."""
+        await self._response.aclose()
+
+
+class _SyncStream:
+    """The body of a keyfailover `SyncResponse` as an httpx(2) sync byte stream."""
+
+    def __init__(self, response: _NativeSyncResponse, error: type[Exception]) -> None:
+        self._response = response
+        self._error = error
+
+    def __iter__(self) -> _SyncStream:
+        return self
+
+    def __next__(self) -> bytes:
+        try:
+            return self._response.__next__()
+        except UpstreamError as exc:
+            raise self._error(str(exc)) from exc
+
+    def close(self) -> None:
+        """Close the response, dropping the upstream connection if still open."""
+        self._response.close()
+
+
+@dataclass(frozen=True)
+class _Flavour:
+    """What a transport needs of httpx2 or httpx to answer in that flavour."""
+
+    module: ModuleType
+    async_stream: type[_AsyncStream]
+    sync_stream: type[_SyncStream]
+
+    @classmethod
+    def of(cls, module: ModuleType) -> _Flavour:
+        def subclass(mixin: type, base: type) -> type:
+            # The flavour's own stream base class: its clients assert isinstance.
+            name = mixin.__name__.lstrip("_")
+            return type(name, (mixin, base), {"__module__": __name__, "__qualname__": name})
+
+        return cls(
+            module,
+            cast("type[_AsyncStream]", subclass(_AsyncStream, module.AsyncByteStream)),
+            cast("type[_SyncStream]", subclass(_SyncStream, module.SyncByteStream)),
+        )
+
+    def response(self, native: _NativeResponse, stream: object, request: object) -> Any:
+        return self.module.Response(
+            native.status,
+            headers=_response_headers(native),
+            stream=stream,
+            request=request,
+            extensions=_extensions(native),
+        )
+
+    def async_response(self, native: _NativeAsyncResponse, request: object) -> Any:
+        stream = self.async_stream(native, self.module.RemoteProtocolError)
+        return self.response(native, stream, request)
+
+    def sync_response(self, native: _NativeSyncResponse, request: object) -> Any:
+        stream = self.sync_stream(native, self.module.RemoteProtocolError)
+        return self.response(native, stream, request)
+
+
+_FLAVOURS: dict[str, _Flavour] = {}
+
+
+def _flavour(request: object) -> _Flavour:
+    """The flavour (httpx2 or httpx) of `request`, found without importing either."""
+    for klass in type(request).__mro__:
+        package = klass.__module__.partition(".")[0]
+        module = sys.modules.get(package)
+        if package in ("httpx2", "httpx") and module is not None:
+            break
+    else:
+        raise TypeError(
+            f"expected an httpx2.Request or httpx.Request, got {type(request).__qualname__}"
+        )
+    flavour = _FLAVOURS.get(module.__name__)
+    if flavour is None:
+        flavour = _FLAVOURS.setdefault(module.__name__, _Flavour.of(module))
+    return flavour
+
+
+# --------------------------------------------------------------------------
+# The transports
+# --------------------------------------------------------------------------
+
+
+def _transport_base_classes() -> tuple[type, type]:
+    """httpx2's (async, sync) base transports, else httpx's, else `object`."""
+    try:
+        import httpx2
+    except ImportError:
+        try:
+            import httpx
+        except ImportError:
+            return object, object
+        return httpx.AsyncBaseTransport, httpx.BaseTransport
+    return httpx2.AsyncBaseTransport, httpx2.BaseTransport
+
+
+if not TYPE_CHECKING:
+    _AsyncTransportBase, _TransportBase = _transport_base_classes()
+
+
+class AsyncFailoverTransport(_AsyncTransportBase):
+    """An async httpx2/httpx transport that sends each request through a `FailoverClient`.
+
+    Usage with the Anthropic SDK (the OpenAI SDK likewise)::
+
+        anthropic.AsyncAnthropic(api_key="unused", http_client=httpx2.AsyncClient(transport=AsyncFailoverTransport(client)))
+
+    `client` is a `keyfailover.FailoverClient`; its `base_url` replaces the
+    scheme and host of every request URL, whose path and query are kept. The
+    caller's `x-api-key`/`Authorization` headers are dropped so the pool's keys
+    are always used. Response bodies stream through; closing the response
+    drops the upstream connection. A non-SSE body that breaks midway raises the
+    flavour's `RemoteProtocolError`. Closing the transport leaves `client`
+    open (it may be shared).
+    """  # noqa: E501
+
+    def __init__(self, client: _AsyncClient) -> None:
+        self.client = client
+
+    @overload
+    async def handle_async_request(self, request: httpx2.Request) -> httpx2.Response: ...
+    @overload
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response: ...
+    async def handle_async_request(
+        self, request: httpx2.Request | httpx.Request
+    ) -> httpx2.Response | httpx.Response:
+        """Send `request` through the FailoverClient; the body streams unread."""
+        flavour = _flavour(request)
+        body = await request.aread()
+        native = await self.client.request(
+            request.method,
+            _target(request.url.raw_path),
+            headers=_forwarded_headers(request.headers.raw),
+            body=body,
+        )
+        try:
+            return cast("httpx2.Response | httpx.Response", flavour.async_response(native, request))
+        except BaseException:
+            await native.aclose()
+            raise
+
+    def __repr__(self) -> str:
+        return f"AsyncFailoverTransport({self.client!r})"
+
+
+class FailoverTransport(_TransportBase):
+    """A sync httpx2/httpx transport that sends each request through a `FailoverClient`.
+
+    Usage with the Anthropic SDK (the OpenAI SDK likewise)::
+
+        anthropic.Anthropic(api_key="unused", http_client=httpx2.Client(transport=FailoverTransport(client)))
+
+    The blocking twin of `AsyncFailoverTransport` (it calls
+    `client.request_sync`, which releases the GIL while it waits); see there.
+    """  # noqa: E501
+
+    def __init__(self, client: _SyncClient) -> None:
+        self.client = client
+
+    @overload
+    def handle_request(self, request: httpx2.Request) -> httpx2.Response: ...
+    @overload
+    def handle_request(self, request: httpx.Request) -> httpx.Response: ...
+    def handle_request(
+        self, request: httpx2.Request | httpx.Request
+    ) -> httpx2.Response | httpx.Response:
+        """Send `request` through the FailoverClient; the body streams unread."""
+        flavour = _flavour(request)
+        body = request.read()
+        native = self.client.request_sync(
+            request.method,
+            _target(request.url.raw_path),
+            headers=_forwarded_headers(request.headers.raw),
+            body=body,
+        )
+        try:
+            return cast("httpx2.Response | httpx.Response", flavour.sync_response(native, request))
+        except BaseException:
+            native.close()
+            raise
+
+    def __repr__(self) -> str:
+        return f"FailoverTransport({self.client!r})"
