@@ -18,6 +18,7 @@ import json
 import logging
 from collections.abc import Awaitable, Callable, Iterable, MutableMapping
 from typing import Any
+from urllib.parse import unquote
 
 from keyfailover._native import ConfigError, FailoverClient, Response, error_response
 
@@ -31,21 +32,6 @@ Send = Callable[[Message], Awaitable[None]]
 log = logging.getLogger("keyfailover.proxy")
 
 ADMIN_PREFIX = "/_keyfailover/"
-# Headers that describe one connection, never forwarded either way.
-HOP_BY_HOP = frozenset(
-    {
-        "connection",
-        "keep-alive",
-        "proxy-authenticate",
-        "proxy-authorization",
-        "proxy-connection",
-        "te",
-        "trailer",
-        "trailers",
-        "transfer-encoding",
-        "upgrade",
-    }
-)
 CREDENTIAL_HEADERS = frozenset({"x-api-key", "authorization"})
 
 
@@ -155,13 +141,9 @@ class FailoverProxy:
             return
 
         byok = self.allow_byok and credential is not None and not authorized
-        forwarded = [
-            (name, value)
-            for name, value in headers
-            if name not in HOP_BY_HOP
-            and name != "host"
-            and (byok or name not in CREDENTIAL_HEADERS)
-        ]
+        # Which credential goes upstream is the proxy's call; every other
+        # header rule (hop-by-hop, Host, Connection options) is the client's.
+        forwarded = [(n, v) for n, v in headers if byok or n not in CREDENTIAL_HEADERS]
         try:
             body = await self._read_body(headers, receive)
         except _BodyTooLarge:
@@ -174,11 +156,39 @@ class FailoverProxy:
         except _ClientGone:
             return
 
+        # From here on the client may go away at any time: before the response
+        # head (the upstream request is dropped) or while the body streams.
+        client_gone = asyncio.ensure_future(_wait_for_disconnect(receive))
         try:
-            response = await self.client.request(method, target, headers=forwarded, body=body)
+            await self._forward(method, target, forwarded, body, byok, client_gone, send)
+        finally:
+            client_gone.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await client_gone
+
+    async def _forward(
+        self,
+        method: str,
+        target: str,
+        headers: list[tuple[str, str]],
+        body: bytes,
+        byok: bool,
+        client_gone: asyncio.Future[None],
+        send: Send,
+    ) -> None:
+        try:
+            request = asyncio.ensure_future(
+                self.client.request(method, target, headers=headers, body=body)
+            )
+            await asyncio.wait((request, client_gone), return_when=asyncio.FIRST_COMPLETED)
+            if not request.done():  # the client went away first: drop the upstream request
+                request.cancel()
+                return
+            response = request.result()
         except ConfigError as exc:  # a method, path or header upstream cannot take
             await self._error(send, "invalid_request_error", str(exc))
             return
+        path = target.partition("?")[0]
         log.info(
             "%s %s -> %d (attempts=%d, key=%s%s)",
             method,
@@ -188,7 +198,7 @@ class FailoverProxy:
             response.key_label or ("byok" if byok else "-"),
             ", pool exhausted" if response.exhausted else "",
         )
-        await self._relay(response, receive, send)
+        await self._relay(response, client_gone, send)
 
     async def _read_body(self, headers: list[tuple[str, str]], receive: Receive) -> bytes:
         for name, value in headers:
@@ -209,15 +219,16 @@ class FailoverProxy:
             if not message.get("more_body", False):
                 return b"".join(chunks)
 
-    async def _relay(self, response: Response, receive: Receive, send: Send) -> None:
+    async def _relay(
+        self, response: Response, client_gone: asyncio.Future[None], send: Send
+    ) -> None:
         """Streams `response` out; a client that goes away closes it at once."""
 
-        async def watch_disconnect() -> None:
-            while (await receive())["type"] != "http.disconnect":
-                pass
+        async def close_when_client_gone() -> None:
+            await asyncio.wait((client_gone,))
             await response.aclose()
 
-        watcher = asyncio.ensure_future(watch_disconnect())
+        watcher = asyncio.ensure_future(close_when_client_gone())
         try:
             await send(
                 {
@@ -226,7 +237,6 @@ class FailoverProxy:
                     "headers": [
                         (name.encode("latin-1"), value.encode("latin-1"))
                         for name, value in response.headers
-                        if name not in HOP_BY_HOP
                     ],
                 }
             )
@@ -258,13 +268,25 @@ class FailoverProxy:
         await _send_body(send, status, body)
 
 
+async def _wait_for_disconnect(receive: Receive) -> None:
+    while (await receive())["type"] != "http.disconnect":
+        pass
+
+
 def _target(scope: Scope) -> str:
     """The path below the mount (raw, as the caller encoded it) plus the query."""
     root: str = scope.get("root_path", "")
     raw: bytes | None = scope.get("raw_path")
     path = raw.decode("latin-1") if raw else scope["path"]
+    root = root.rstrip("/")
     if root and path.startswith(root):
         path = path[len(root) :]
+    elif root:
+        # raw_path is percent-encoded, root_path is not: match the mount segment by segment.
+        parts = path.split("/")
+        depth = root.count("/") + 1
+        if unquote("/".join(parts[:depth])) == root:
+            path = "/" + "/".join(parts[depth:])
     if not path.startswith("/"):
         path = "/" + path
     query: bytes = scope.get("query_string", b"")
