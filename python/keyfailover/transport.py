@@ -38,12 +38,12 @@ client do not apply: the `FailoverClient`'s own `timeout` and
 from __future__ import annotations
 
 import sys
-from collections.abc import Awaitable, Iterable, Sequence
+from collections.abc import Iterable
 from dataclasses import dataclass
 from types import ModuleType
-from typing import TYPE_CHECKING, Any, Protocol, cast, overload
+from typing import TYPE_CHECKING, Any, cast, overload
 
-from keyfailover._native import UpstreamError
+from keyfailover._native import FailoverClient, Response, SyncResponse, UpstreamError
 
 if TYPE_CHECKING:
     import httpx
@@ -63,91 +63,18 @@ __all__ = ["AsyncFailoverTransport", "FailoverTransport"]
 
 
 # --------------------------------------------------------------------------
-# What the transports need of a FailoverClient and its responses
-# --------------------------------------------------------------------------
-
-_RawHeaders = list[tuple[bytes, bytes]]
-
-
-class _NativeResponse(Protocol):
-    @property
-    def status(self) -> int: ...
-    @property
-    def headers(self) -> Sequence[tuple[str, str]]: ...
-    @property
-    def attempts(self) -> int: ...
-    @property
-    def key_label(self) -> str | None: ...
-    @property
-    def exhausted(self) -> bool: ...
-
-
-class _NativeAsyncResponse(_NativeResponse, Protocol):
-    def __anext__(self) -> Awaitable[bytes]: ...
-    def aclose(self) -> Awaitable[None]: ...
-
-
-class _NativeSyncResponse(_NativeResponse, Protocol):
-    def __next__(self) -> bytes: ...
-    def close(self) -> None: ...
-
-
-class _AsyncClient(Protocol):
-    def request(
-        self,
-        method: str,
-        path: str,
-        *,
-        headers: _RawHeaders | None = None,
-        body: bytes | None = None,
-    ) -> Awaitable[_NativeAsyncResponse]: ...
-
-
-class _SyncClient(Protocol):
-    def request_sync(
-        self,
-        method: str,
-        path: str,
-        *,
-        headers: _RawHeaders | None = None,
-        body: bytes | None = None,
-    ) -> _NativeSyncResponse: ...
-
-
-# --------------------------------------------------------------------------
 # Request and response conversion
 # --------------------------------------------------------------------------
 
-# Never forwarded: the caller's credentials (the pool's keys replace them), the
-# headers the FailoverClient sets itself, and hop-by-hop headers.
-_DROPPED = frozenset(
-    {
-        b"x-api-key",
-        b"authorization",
-        b"host",
-        b"content-length",
-        b"connection",
-        b"keep-alive",
-        b"proxy-authenticate",
-        b"proxy-authorization",
-        b"proxy-connection",
-        b"te",
-        b"trailer",
-        b"trailers",
-        b"transfer-encoding",
-        b"upgrade",
-    }
-)
+_RawHeaders = list[tuple[bytes, bytes]]
+# The caller's credentials: the pool's keys replace them. Every other header
+# rule (hop-by-hop, Host, Content-Length) is the FailoverClient's.
+_CREDENTIALS = frozenset({b"x-api-key", b"authorization"})
 
 
 def _forwarded_headers(raw: Iterable[tuple[bytes, bytes]]) -> _RawHeaders:
     """The request headers to send upstream, as raw (name, value) bytes."""
-    pairs = list(raw)
-    dropped = set(_DROPPED)
-    for name, value in pairs:
-        if name.lower() == b"connection":  # headers it names are hop-by-hop too
-            dropped.update(token.strip().lower() for token in value.split(b","))
-    return [(name, value) for name, value in pairs if name.lower() not in dropped]
+    return [(name, value) for name, value in raw if name.lower() not in _CREDENTIALS]
 
 
 def _target(raw_path: bytes) -> str:
@@ -155,13 +82,13 @@ def _target(raw_path: bytes) -> str:
     return raw_path.decode("ascii") or "/"
 
 
-def _response_headers(response: _NativeResponse) -> _RawHeaders:
+def _response_headers(response: Response | SyncResponse) -> _RawHeaders:
     # The client decoded header bytes as Latin-1: encode back losslessly
     # (httpx would reject a non-ASCII str value).
     return [(n.encode("latin-1"), v.encode("latin-1")) for n, v in response.headers]
 
 
-def _extensions(response: _NativeResponse) -> dict[str, Any]:
+def _extensions(response: Response | SyncResponse) -> dict[str, Any]:
     return {
         "keyfailover": {
             "attempts": response.attempts,
@@ -177,7 +104,7 @@ class _AsyncStream:
     Combined at run time with the flavour's `AsyncByteStream` (see `_Flavour`).
     """
 
-    def __init__(self, response: _NativeAsyncResponse, error: type[Exception]) -> None:
+    def __init__(self, response: Response, error: type[Exception]) -> None:
         self._response = response
         self._error = error
 
@@ -198,7 +125,7 @@ class _AsyncStream:
 class _SyncStream:
     """The body of a keyfailover `SyncResponse` as an httpx(2) sync byte stream."""
 
-    def __init__(self, response: _NativeSyncResponse, error: type[Exception]) -> None:
+    def __init__(self, response: SyncResponse, error: type[Exception]) -> None:
         self._response = response
         self._error = error
 
@@ -237,7 +164,7 @@ class _Flavour:
             cast("type[_SyncStream]", subclass(_SyncStream, module.SyncByteStream)),
         )
 
-    def response(self, native: _NativeResponse, stream: object, request: object) -> Any:
+    def response(self, native: Response | SyncResponse, stream: object, request: object) -> Any:
         return self.module.Response(
             native.status,
             headers=_response_headers(native),
@@ -246,11 +173,11 @@ class _Flavour:
             extensions=_extensions(native),
         )
 
-    def async_response(self, native: _NativeAsyncResponse, request: object) -> Any:
+    def async_response(self, native: Response, request: object) -> Any:
         stream = self.async_stream(native, self.module.RemoteProtocolError)
         return self.response(native, stream, request)
 
-    def sync_response(self, native: _NativeSyncResponse, request: object) -> Any:
+    def sync_response(self, native: SyncResponse, request: object) -> Any:
         stream = self.sync_stream(native, self.module.RemoteProtocolError)
         return self.response(native, stream, request)
 
@@ -313,7 +240,7 @@ class AsyncFailoverTransport(_AsyncTransportBase):
     open (it may be shared).
     """  # noqa: E501
 
-    def __init__(self, client: _AsyncClient) -> None:
+    def __init__(self, client: FailoverClient) -> None:
         self.client = client
 
     @overload
@@ -353,7 +280,7 @@ class FailoverTransport(_TransportBase):
     `client.request_sync`, which releases the GIL while it waits); see there.
     """  # noqa: E501
 
-    def __init__(self, client: _SyncClient) -> None:
+    def __init__(self, client: FailoverClient) -> None:
         self.client = client
 
     @overload
