@@ -759,6 +759,23 @@ def test_concurrent_requests_fail_over_independently(up: MockUpstream) -> None:
     assert seen(up).count("key-1") == 8
 
 
+@pytest.mark.parametrize("stream", [False, True], ids=["blocking", "streaming"])
+def test_every_concurrent_request_completes(up: MockUpstream, stream: bool) -> None:
+    # Many awaitables finishing at once: none may be lost between the tokio
+    # threads that finish them and the event loop that awaits them.
+    client, _ = make_client(up, ANTHROPIC, 1)
+
+    async def rounds() -> list[int]:
+        statuses = []
+        for _ in range(20):
+            calls = (call(client, ANTHROPIC, stream=stream) for _ in range(16))
+            results = await asyncio.wait_for(asyncio.gather(*calls), timeout=10)
+            statuses += [resp.status for resp, body in results if body]
+        return statuses
+
+    assert run(rounds()) == [200] * 320
+
+
 # --------------------------------------------------------------------------
 # What goes upstream
 # --------------------------------------------------------------------------

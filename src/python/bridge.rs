@@ -64,16 +64,18 @@ impl Inbox {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .push(completion);
-        if !self.signalled.swap(true, Ordering::AcqRel) {
+        if !self.signalled.swap(true, Ordering::SeqCst) {
             // A full socket buffer means a wake-up is already pending.
             let _ = (&self.writer).write(&[1]);
         }
     }
 
     fn take(&self) -> Vec<Completion> {
-        // Clear the flag before taking the queue, so a completion pushed
-        // after the take signals again.
-        self.signalled.store(false, Ordering::Release);
+        // Order matters. Consume the wake-up bytes first, then clear the flag,
+        // then take the queue: a push that sets the flag after it was cleared
+        // writes a byte that is still unread, so it is never lost; clearing
+        // the flag before reading could swallow that byte and leave the flag
+        // set with nobody to drain.
         let mut buf = [0u8; 64];
         loop {
             match (&self.reader).read(&mut buf) {
@@ -82,6 +84,7 @@ impl Inbox {
                 _ => break,
             }
         }
+        self.signalled.store(false, Ordering::SeqCst);
         std::mem::take(&mut *self.queue.lock().unwrap_or_else(|e| e.into_inner()))
     }
 }
