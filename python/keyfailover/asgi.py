@@ -156,49 +156,38 @@ class FailoverProxy:
         except _ClientGone:
             return
 
-        # From here on the client may go away at any time: before the response
-        # head (the upstream request is dropped) or while the body streams.
-        client_gone = asyncio.ensure_future(_wait_for_disconnect(receive))
         try:
-            await self._forward(method, target, forwarded, body, byok, client_gone, send)
-        finally:
-            client_gone.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await client_gone
-
-    async def _forward(
-        self,
-        method: str,
-        target: str,
-        headers: list[tuple[str, str]],
-        body: bytes,
-        byok: bool,
-        client_gone: asyncio.Future[None],
-        send: Send,
-    ) -> None:
-        try:
-            request = asyncio.ensure_future(
-                self.client.request(method, target, headers=headers, body=body)
-            )
-            await asyncio.wait((request, client_gone), return_when=asyncio.FIRST_COMPLETED)
-            if not request.done():  # the client went away first: drop the upstream request
-                request.cancel()
-                return
-            response = request.result()
+            upstream = self.client.request(method, target, headers=forwarded, body=body)
         except ConfigError as exc:  # a method, path or header upstream cannot take
             await self._error(send, "invalid_request_error", str(exc))
             return
-        path = target.partition("?")[0]
-        log.info(
-            "%s %s -> %d (attempts=%d, key=%s%s)",
-            method,
-            path,
-            response.status,
-            response.attempts,
-            response.key_label or ("byok" if byok else "-"),
-            ", pool exhausted" if response.exhausted else "",
-        )
-        await self._relay(response, client_gone, send)
+        # From here on the client may go away at any time: before the response
+        # head (the upstream request is dropped) or while the body streams.
+        watcher = asyncio.ensure_future(_close_on_disconnect(receive, upstream))
+        try:
+            try:
+                response = await upstream
+            except asyncio.CancelledError:
+                if watcher.done():
+                    return  # the client left before the response head
+                raise
+            except ConfigError as exc:
+                await self._error(send, "invalid_request_error", str(exc))
+                return
+            log.info(
+                "%s %s -> %d (attempts=%d, key=%s%s)",
+                method,
+                path,
+                response.status,
+                response.attempts,
+                response.key_label or ("byok" if byok else "-"),
+                ", pool exhausted" if response.exhausted else "",
+            )
+            await self._relay(response, send)
+        finally:
+            watcher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await watcher
 
     async def _read_body(self, headers: list[tuple[str, str]], receive: Receive) -> bytes:
         for name, value in headers:
@@ -219,16 +208,8 @@ class FailoverProxy:
             if not message.get("more_body", False):
                 return b"".join(chunks)
 
-    async def _relay(
-        self, response: Response, client_gone: asyncio.Future[None], send: Send
-    ) -> None:
-        """Streams `response` out; a client that goes away closes it at once."""
-
-        async def close_when_client_gone() -> None:
-            await asyncio.wait((client_gone,))
-            await response.aclose()
-
-        watcher = asyncio.ensure_future(close_when_client_gone())
+    async def _relay(self, response: Response, send: Send) -> None:
+        """Streams `response` out (a client disconnect closes it, ending the loop)."""
         try:
             await send(
                 {
@@ -249,9 +230,6 @@ class FailoverProxy:
         except OSError:
             pass  # the client went away while we were sending
         finally:
-            watcher.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await watcher
             await response.aclose()
 
     async def _admin(self, method: str, path: str, send: Send) -> None:
@@ -268,9 +246,14 @@ class FailoverProxy:
         await _send_body(send, status, body)
 
 
-async def _wait_for_disconnect(receive: Receive) -> None:
+async def _close_on_disconnect(receive: Receive, upstream: asyncio.Future[Response]) -> None:
+    """Once the client disconnects: drop the upstream request, or close its response."""
     while (await receive())["type"] != "http.disconnect":
         pass
+    if not upstream.done():
+        upstream.cancel()
+    elif not upstream.cancelled() and upstream.exception() is None:
+        await upstream.result().aclose()
 
 
 def _target(scope: Scope) -> str:
