@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import gc
 import ipaddress
 import logging
 import os
@@ -132,6 +133,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
         len(pool),
         ", ".join(f"{k['label']} {k['hint']}" for k in pool.snapshot()),
     )
+    # Everything made so far lives as long as the server: keep it out of the
+    # cyclic collector's full passes, which otherwise set the p99 latency.
+    gc.freeze()
     uvicorn.run(proxy, host=args.host, port=args.port, log_level=args.log_level)
     return 0
 
