@@ -1,7 +1,7 @@
 # One entry point for building, testing and benchmarking.
 #   make test    creates .venv, installs build/test deps, builds the extension,
 #                runs the linters, `cargo test` and pytest.
-#   make bench   runs the benchmarks.
+#   make bench   runs the side-by-side benchmark suite (benches/run.py, ~4 minutes).
 
 PYTHON ?= python3
 VENV ?= .venv
@@ -42,16 +42,17 @@ test-python: build
 bench-smoke: build
 	$(CARGO) bench --quiet --bench pool -- --smoke
 	$(PY) benches/bench_pool.py --smoke
-	$(PY) benches/bench_client.py --smoke
-	$(PY) benches/bench_mock_upstream.py --smoke
+	timeout 300 $(PY) benches/bench_client.py --smoke
+	timeout 300 $(PY) benches/bench_mock_upstream.py --smoke
+	timeout 600 $(PY) benches/run.py --smoke
 
 test: lint test-rust test-python bench-smoke
 
+# The side-by-side suite (installs wrk and nginx with apt-get when missing);
+# writes benches/results/latest.md and the plots.
 bench: build
-	$(CARGO) bench --quiet --bench pool
-	$(PY) benches/bench_pool.py
-	$(PY) benches/bench_client.py
-	$(PY) benches/bench_mock_upstream.py
+	$(VENV)/bin/maturin develop --release --extras test,dev,bench --quiet
+	$(PY) benches/run.py
 
 fmt:
 	$(CARGO) fmt --all
