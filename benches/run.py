@@ -31,6 +31,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import gc
 import json
 import math
 import os
@@ -483,6 +484,9 @@ def asgi_app() -> Any:
             from pure_python_proxy import create_app
 
             app.mount(prefix, create_app(base_url, keys, client_tokens=[TOKEN]))
+    # As the README recommends (and `keyfailover serve` does), for every setup alike:
+    # objects that live as long as the server stay out of full collections.
+    gc.freeze()
     return app
 
 
