@@ -80,6 +80,20 @@ fn extract_body(body: Option<&Bound<'_, PyAny>>) -> PyResult<Bytes> {
     }
 }
 
+fn build_request(
+    method: String,
+    path: String,
+    headers: Option<&Bound<'_, PyAny>>,
+    body: Option<&Bound<'_, PyAny>>,
+) -> PyResult<Request> {
+    Ok(Request {
+        method,
+        path,
+        headers: extract_headers(headers)?,
+        body: extract_body(body)?,
+    })
+}
+
 /// Sends requests upstream through a key pool, failing over across its keys.
 #[pyclass(name = "FailoverClient", module = "keyfailover", frozen)]
 pub struct PyFailoverClient {
@@ -121,12 +135,7 @@ impl PyFailoverClient {
         headers: Option<&Bound<'py, PyAny>>,
         body: Option<&Bound<'py, PyAny>>,
     ) -> PyResult<Bound<'py, PyAny>> {
-        let request = Request {
-            method,
-            path,
-            headers: extract_headers(headers)?,
-            body: extract_body(body)?,
-        };
+        let request = build_request(method, path, headers, body)?;
         let client = self.client.clone();
         bridge::spawn(py, async move {
             Ok(PyResponse::from(client.request(request).await?))
@@ -144,12 +153,7 @@ impl PyFailoverClient {
         headers: Option<&Bound<'_, PyAny>>,
         body: Option<&Bound<'_, PyAny>>,
     ) -> PyResult<PySyncResponse> {
-        let request = Request {
-            method,
-            path,
-            headers: extract_headers(headers)?,
-            body: extract_body(body)?,
-        };
+        let request = build_request(method, path, headers, body)?;
         let client = self.client.clone();
         let response = py.detach(|| get_runtime().block_on(client.request(request)))?;
         Ok(PySyncResponse(Meta::from(response)))
