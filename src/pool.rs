@@ -315,10 +315,6 @@ impl Walker {
         }
         Err(self.pool.exhaustion())
     }
-
-    pub fn pool(&self) -> &KeyPool {
-        &self.pool
-    }
 }
 
 /// A handle to one key of a pool.

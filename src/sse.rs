@@ -144,7 +144,8 @@ impl Framer {
     }
 
     /// True when nothing is held: what was relayed ended on an event boundary.
-    pub fn at_boundary(&self) -> bool {
+    #[cfg(test)]
+    fn at_boundary(&self) -> bool {
         self.held.is_empty()
     }
 
