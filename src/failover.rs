@@ -553,10 +553,54 @@ fn response_headers(headers: &HeaderMap, sse: bool) -> Vec<(String, String)> {
         .collect()
 }
 
+/// The caller's own credential (BYOK), as found among the request headers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CallerCredential<'a> {
+    /// "x-api-key" or "authorization".
+    pub header: &'static str,
+    /// The header's value as sent.
+    pub value: &'a [u8],
+}
+
+impl<'a> CallerCredential<'a> {
+    /// The key or token itself, without the `Bearer` scheme.
+    pub fn token(&self) -> &'a [u8] {
+        match self.header {
+            "authorization" => self.value[7..].trim_ascii(),
+            _ => self.value.trim_ascii(),
+        }
+    }
+}
+
+/// The caller's credential among request headers: a non-blank `x-api-key`
+/// first, else an `Authorization: Bearer` token. The one rule for it: the
+/// client sends such a request once with that credential (BYOK), and the
+/// proxy checks it against its client tokens.
+pub fn caller_credential<'a, I>(headers: I) -> Option<CallerCredential<'a>>
+where
+    I: IntoIterator<Item = (&'a str, &'a [u8])>,
+{
+    let mut bearer = None;
+    for (name, value) in headers {
+        if name.eq_ignore_ascii_case("x-api-key") && !value.trim_ascii().is_empty() {
+            return Some(CallerCredential {
+                header: "x-api-key",
+                value,
+            });
+        }
+        if bearer.is_none() && name.eq_ignore_ascii_case("authorization") && is_bearer(value) {
+            bearer = Some(CallerCredential {
+                header: "authorization",
+                value,
+            });
+        }
+    }
+    bearer
+}
+
 type Credential = (HeaderName, HeaderValue);
 
-/// The headers sent upstream, and the caller's own credential (BYOK) if any:
-/// `x-api-key` first, else `Authorization: Bearer`.
+/// The headers sent upstream, and the caller's own credential (BYOK) if any.
 fn forwarded_headers(headers: &[(String, Vec<u8>)]) -> Result<(HeaderMap, Option<Credential>)> {
     let nominated = connection_options(
         headers
@@ -565,28 +609,14 @@ fn forwarded_headers(headers: &[(String, Vec<u8>)]) -> Result<(HeaderMap, Option
             .map(|(_, value)| value.as_slice()),
     );
     let mut map = HeaderMap::with_capacity(headers.len() + 2);
-    let mut api_key = None;
-    let mut bearer = None;
     for (name, value) in headers {
         let header_name = HeaderName::from_bytes(name.as_bytes())
             .map_err(|_| Error::Config(format!("invalid header name {name:?}")))?;
-        let mut header_value = HeaderValue::from_bytes(value)
+        let header_value = HeaderValue::from_bytes(value)
             .map_err(|_| Error::Config(format!("invalid value for header {name:?}")))?;
-        match header_name.as_str() {
-            "x-api-key" if api_key.is_none() && !value.trim_ascii().is_empty() => {
-                header_value.set_sensitive(true);
-                api_key = Some((header_name, header_value));
-            }
-            "authorization" if bearer.is_none() && is_bearer(value) => {
-                header_value.set_sensitive(true);
-                bearer = Some((header_name, header_value));
-            }
-            n if is_hop_by_hop(n)
-                || NOT_FORWARDED.contains(&n)
-                || nominated.iter().any(|o| o == n) => {}
-            _ => {
-                map.append(header_name, header_value);
-            }
+        let n = header_name.as_str();
+        if !(is_hop_by_hop(n) || NOT_FORWARDED.contains(&n) || nominated.iter().any(|o| o == n)) {
+            map.append(header_name, header_value);
         }
     }
     // Plain bytes upstream: error bodies and streams must be readable as sent.
@@ -594,7 +624,16 @@ fn forwarded_headers(headers: &[(String, Vec<u8>)]) -> Result<(HeaderMap, Option
         reqwest::header::ACCEPT_ENCODING,
         HeaderValue::from_static("identity"),
     );
-    Ok((map, api_key.or(bearer)))
+    let byok = caller_credential(headers.iter().map(|(n, v)| (n.as_str(), v.as_slice())))
+        .map(|credential| -> Result<Credential> {
+            let mut value = HeaderValue::from_bytes(credential.value).map_err(|_| {
+                Error::Config(format!("invalid value for header {:?}", credential.header))
+            })?;
+            value.set_sensitive(true);
+            Ok((HeaderName::from_static(credential.header), value))
+        })
+        .transpose()?;
+    Ok((map, byok))
 }
 
 fn is_bearer(value: &[u8]) -> bool {
@@ -832,5 +871,38 @@ impl ResponseBody {
 impl Drop for ResponseBody {
     fn drop(&mut self) {
         self.close();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn found(headers: &[(&str, &str)]) -> Option<(&'static str, String)> {
+        caller_credential(headers.iter().map(|(n, v)| (*n, v.as_bytes())))
+            .map(|c| (c.header, String::from_utf8(c.token().to_vec()).unwrap()))
+    }
+
+    #[test]
+    fn caller_credential_rule() {
+        assert_eq!(found(&[]), None);
+        assert_eq!(
+            found(&[("x-api-key", " sk-1 ")]),
+            Some(("x-api-key", "sk-1".into()))
+        );
+        assert_eq!(
+            found(&[("Authorization", "bearer tok ")]),
+            Some(("authorization", "tok".into()))
+        );
+        assert_eq!(
+            found(&[("authorization", "Bearer tok"), ("X-Api-Key", "sk-1")]),
+            Some(("x-api-key", "sk-1".into())),
+            "x-api-key takes priority"
+        );
+        assert_eq!(
+            found(&[("authorization", "Basic dXNlcg=="), ("x-api-key", "  ")]),
+            None
+        );
+        assert_eq!(found(&[("authorization", "Bearer  ")]), None);
     }
 }

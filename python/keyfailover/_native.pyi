@@ -20,6 +20,7 @@ __all__ = [
     "UpstreamError",
     "Walker",
     "__version__",
+    "caller_credential",
     "error_response",
     "mark_key_on_response",
     "parse_retry_after",
@@ -108,6 +109,10 @@ class KeyPool:
     def health(self) -> dict[str, str | dict[str, int]]: ...
 
 def parse_retry_after(headers: _Headers, *, now: float | None = None) -> float | None: ...
+def caller_credential(headers: _Headers) -> str | None:
+    """The caller's own key: a non-blank `x-api-key`, else an `Authorization:
+    Bearer` token (the rule the client applies for BYOK)."""
+
 def mark_key_on_response(
     key: Key,
     status: int,

@@ -20,7 +20,13 @@ from collections.abc import Awaitable, Callable, Iterable, MutableMapping
 from typing import Any
 from urllib.parse import unquote
 
-from keyfailover._native import ConfigError, FailoverClient, Response, error_response
+from keyfailover._native import (
+    ConfigError,
+    FailoverClient,
+    Response,
+    caller_credential,
+    error_response,
+)
 
 __all__ = ["FailoverProxy"]
 
@@ -41,19 +47,6 @@ class _BodyTooLarge(Exception):
 
 class _ClientGone(Exception):
     pass
-
-
-def _credential(headers: Iterable[tuple[str, str]]) -> str | None:
-    """The caller's credential: `x-api-key`, else an `Authorization: Bearer` token."""
-    bearer = None
-    for name, value in headers:
-        if name == "x-api-key" and value.strip():
-            return value.strip()
-        if name == "authorization" and bearer is None:
-            scheme, _, token = value.partition(" ")
-            if scheme.lower() == "bearer" and token.strip():
-                bearer = token.strip()
-    return bearer
 
 
 class FailoverProxy:
@@ -124,7 +117,7 @@ class FailoverProxy:
         method: str = scope["method"]
         target = _target(scope)
         headers = [(k.decode("latin-1").lower(), v.decode("latin-1")) for k, v in scope["headers"]]
-        credential = _credential(headers)
+        credential = caller_credential(headers)
         authorized = self._is_client_token(credential)
 
         if self._tokens is not None and not authorized and not (self.allow_byok and credential):

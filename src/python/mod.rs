@@ -24,5 +24,6 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(client::error_response, m)?)?;
     m.add_function(wrap_pyfunction!(rules::parse_retry_after, m)?)?;
     m.add_function(wrap_pyfunction!(rules::mark_key_on_response, m)?)?;
+    m.add_function(wrap_pyfunction!(rules::caller_credential, m)?)?;
     Ok(())
 }

@@ -7,6 +7,7 @@ use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyString};
 
 use super::pool::PyKey;
+use crate::failover;
 use crate::retry_after::{self, unix_time};
 use crate::verdict;
 
@@ -88,4 +89,14 @@ pub fn mark_key_on_response(
         body.as_deref(),
         SystemTime::now(),
     ))
+}
+
+/// The caller's own credential among request headers: a non-blank
+/// `x-api-key`, else an `Authorization: Bearer` token; None when neither.
+/// The same rule the client uses to decide on BYOK.
+#[pyfunction]
+pub fn caller_credential(headers: &Bound<'_, PyAny>) -> PyResult<Option<String>> {
+    let headers = extract_headers(Some(headers))?;
+    Ok(failover::caller_credential(borrowed(&headers))
+        .map(|credential| String::from_utf8_lossy(credential.token()).into_owned()))
 }
