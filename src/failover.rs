@@ -1,155 +1,101 @@
-//! The failover engine: sends a request upstream with a key from the pool and
-//! fails over to the next key on key-specific failures, before anything has
-//! reached the caller. Bodies stream through without buffering.
+//! The failover client's attempt loop: send a request upstream with a key
+//! from the pool, judge the answer, and fail over to the next key on a
+//! key-specific failure, all before anything reaches the caller.
+//!
+//! The rules live elsewhere: which headers go where in `headers`, where the
+//! request goes in `target`, what an answer means for its key in `verdict`,
+//! how a body is relayed in `body`.
 
 use std::collections::VecDeque;
-use std::error::Error as _;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
+use arc_swap::ArcSwap;
 use bytes::{Bytes, BytesMut};
-use futures_util::FutureExt;
-use reqwest::header::{HeaderMap, HeaderName, HeaderValue, CONNECTION, CONTENT_TYPE};
+use reqwest::header::{HeaderMap, HeaderName, HeaderValue, CONTENT_TYPE};
 use reqwest::Method;
-use tokio::sync::mpsc;
-use tokio::task::AbortHandle;
 use tokio_util::sync::CancellationToken;
 
-use crate::error::{Error, Exhaustion, Result};
+use crate::body::{describe, scrub_value, ResponseBody, Scrubber, Stream};
+use crate::error::{Error, ErrorKind, Exhaustion, Result};
+use crate::headers::{self, CallerCredential};
 use crate::pool::KeyPool;
-use crate::provider::{ErrorKind, Provider};
+use crate::provider::Provider;
 use crate::retry_after::parse_retry_after;
-use crate::sse::{first_event, FirstEvent, Framer};
-use crate::verdict::{self, Reason, Verdict};
+use crate::sse::{first_event_data, Framer};
+use crate::stats::{bump, Stats, StatsSnapshot};
+use crate::target::BaseUrl;
+use crate::verdict::{self, Verdict};
 
-/// How much of a 429 body is read to tell a quota error from a rate limit.
+/// How much of an error body is read, at most, to judge it.
 const ERROR_BODY_LIMIT: usize = 64 * 1024;
+/// How long, at most, reading that much may take: a slow error body must not
+/// hold up failover for the whole request timeout. What arrived by then is
+/// judged (usually: not enough to be a quota error, so a rate limit).
+const ERROR_BODY_DEADLINE: Duration = Duration::from_secs(1);
 /// How much of a stream is read, at most, looking for its first event.
 const PEEK_LIMIT: usize = 64 * 1024;
-
-/// Headers that describe one connection, never forwarded either way.
-const HOP_BY_HOP: [&str; 10] = [
-    "connection",
-    "keep-alive",
-    "proxy-authenticate",
-    "proxy-authorization",
-    "proxy-connection",
-    "te",
-    "trailer",
-    "trailers",
-    "transfer-encoding",
-    "upgrade",
-];
-
-/// Request headers the client replaces or that reqwest sets itself.
-const NOT_FORWARDED: [&str; 5] = [
-    "host",
-    "content-length",
-    "accept-encoding",
-    "x-api-key",
-    "authorization",
-];
-
-pub fn is_hop_by_hop(name: &str) -> bool {
-    HOP_BY_HOP.iter().any(|h| name.eq_ignore_ascii_case(h))
-}
 
 /// Settings of a [`FailoverClient`].
 #[derive(Debug, Clone)]
 pub struct ClientOptions {
     pub base_url: String,
     pub provider: Provider,
-    /// How long to wait for a response head (and, for streams, the first event).
+    /// How long to wait for a response head (and, for streams, the first
+    /// event), and for each chunk of a body.
     pub timeout: Duration,
     pub connect_timeout: Duration,
 }
 
-/// One request as the caller gives it. `path` includes any query string.
-#[derive(Debug, Clone, Default)]
+/// Whose key a request is sent with.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub enum Credential {
+    /// The pool's, with failover.
+    #[default]
+    Pool,
+    /// The caller's own (BYOK): sent once, in the header it came in; the
+    /// pool is not touched.
+    Caller(CallerCredential),
+}
+
+/// One request as the caller gives it.
+#[derive(Debug, Clone)]
 pub struct Request {
-    pub method: String,
-    pub path: String,
-    pub headers: Vec<(String, Vec<u8>)>,
+    pub method: Method,
+    /// Path and query, as the caller encoded them.
+    pub target: String,
+    /// The caller's headers; the client applies the forwarding rules
+    /// (credentials, hop-by-hop and the like never go upstream).
+    pub headers: HeaderMap,
     pub body: Bytes,
+    pub credential: Credential,
 }
 
-/// Counters since the client was created.
-#[derive(Debug, Default)]
-pub struct Stats {
-    requests: AtomicU64,
-    attempts: AtomicU64,
-    byok: AtomicU64,
-    rate_limited: AtomicU64,
-    quota_exhausted: AtomicU64,
-    revoked: AtomicU64,
-    exhausted_transient: AtomicU64,
-    exhausted_permanent: AtomicU64,
-    upstream_errors: AtomicU64,
-}
-
-/// A copy of [`Stats`] at one moment.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct StatsSnapshot {
-    pub requests: u64,
-    pub attempts: u64,
-    pub byok: u64,
-    /// Failovers by reason.
-    pub rate_limited: u64,
-    pub quota_exhausted: u64,
-    pub revoked: u64,
-    /// Requests answered with a synthesized 429 or 502 for an exhausted pool.
-    pub exhausted_transient: u64,
-    pub exhausted_permanent: u64,
-    /// Requests answered with 502/504 because upstream could not be reached.
-    pub upstream_errors: u64,
-}
-
-fn bump(counter: &AtomicU64) {
-    counter.fetch_add(1, Ordering::Relaxed);
-}
-
-impl Stats {
-    fn failover(&self, reason: Reason) {
-        bump(match reason {
-            Reason::RateLimited => &self.rate_limited,
-            Reason::QuotaExhausted => &self.quota_exhausted,
-            Reason::Revoked => &self.revoked,
-        });
+impl Request {
+    pub fn new(
+        method: &str,
+        target: impl Into<String>,
+        headers: HeaderMap,
+        body: Bytes,
+    ) -> Result<Self> {
+        let method = Method::from_bytes(method.as_bytes())
+            .map_err(|_| Error::BadRequest(format!("invalid HTTP method {:?}", method)))?;
+        Ok(Self {
+            method,
+            target: target.into(),
+            headers,
+            body,
+            credential: Credential::Pool,
+        })
     }
-
-    pub fn snapshot(&self) -> StatsSnapshot {
-        let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
-        StatsSnapshot {
-            requests: get(&self.requests),
-            attempts: get(&self.attempts),
-            byok: get(&self.byok),
-            rate_limited: get(&self.rate_limited),
-            quota_exhausted: get(&self.quota_exhausted),
-            revoked: get(&self.revoked),
-            exhausted_transient: get(&self.exhausted_transient),
-            exhausted_permanent: get(&self.exhausted_permanent),
-            upstream_errors: get(&self.upstream_errors),
-        }
-    }
-}
-
-/// Sends requests through a key pool with failover.
-#[derive(Debug)]
-pub struct FailoverClient {
-    pool: KeyPool,
-    http: reqwest::Client,
-    base_url: String,
-    provider: Provider,
-    timeout: Duration,
-    stats: Stats,
 }
 
 /// A response: upstream's, or one the client synthesized.
 #[derive(Debug)]
 pub struct Response {
     pub status: u16,
-    /// Lower-case names, hop-by-hop headers removed; values decoded as Latin-1.
-    pub headers: Vec<(String, String)>,
+    /// Hop-by-hop headers removed; values as upstream sent them.
+    pub headers: HeaderMap,
     /// Upstream attempts made.
     pub attempts: u32,
     /// The pool key behind the final attempt; None for BYOK or no attempt.
@@ -159,26 +105,74 @@ pub struct Response {
     pub body: ResponseBody,
 }
 
-/// Why an attempt produced no upstream response.
+impl Response {
+    /// An error response of keyfailover's own, in the provider's envelope.
+    pub fn error(provider: Provider, kind: ErrorKind, message: &str) -> Self {
+        Self::json(kind.status(), provider.error_body(kind, message))
+    }
+
+    /// A JSON response of keyfailover's own.
+    pub fn json(status: u16, body: impl Into<Bytes>) -> Self {
+        let body = body.into();
+        let mut headers = HeaderMap::with_capacity(2);
+        headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+        headers.insert(
+            reqwest::header::CONTENT_LENGTH,
+            HeaderValue::from(body.len()),
+        );
+        Self {
+            status,
+            headers,
+            attempts: 0,
+            key_label: None,
+            exhausted: false,
+            body: ResponseBody::full(body),
+        }
+    }
+}
+
+/// Why an attempt produced no upstream answer that can be relayed.
 enum SendFailure {
     Timeout,
     Connect(String),
+    /// A status the caller's server could not send (outside 200..=599).
+    BadStatus(u16),
+}
+
+/// The reqwest client of this process (see [`FailoverClient::http`]).
+struct Http {
+    generation: u64,
+    client: reqwest::Client,
+}
+
+/// Sends requests through a key pool with failover.
+pub struct FailoverClient {
+    pool: KeyPool,
+    http: ArcSwap<Http>,
+    base_url: BaseUrl,
+    provider: Provider,
+    timeout: Duration,
+    connect_timeout: Duration,
+    stats: Stats,
+    shutdown: CancellationToken,
+}
+
+impl std::fmt::Debug for FailoverClient {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FailoverClient")
+            .field("base_url", &self.base_url.as_str())
+            .field("provider", &self.provider)
+            .field("keys", &self.pool.len())
+            .finish()
+    }
 }
 
 impl FailoverClient {
     pub fn new(pool: KeyPool, options: ClientOptions) -> Result<Self> {
-        let url = reqwest::Url::parse(&options.base_url).map_err(|e| {
-            Error::Config(format!("base_url {:?} is not a URL: {e}", options.base_url))
+        let base_url = BaseUrl::parse(&options.base_url).map_err(|e| match e {
+            Error::Config(message) => Error::Config(pool.redact(&message).into_owned()),
+            other => other,
         })?;
-        if !matches!(url.scheme(), "http" | "https")
-            || url.query().is_some()
-            || url.fragment().is_some()
-        {
-            return Err(Error::Config(format!(
-                "base_url {:?} must be an http or https URL without query or fragment",
-                options.base_url
-            )));
-        }
         for (name, d) in [
             ("timeout", options.timeout),
             ("connect_timeout", options.connect_timeout),
@@ -187,20 +181,16 @@ impl FailoverClient {
                 return Err(Error::Config(format!("{name} must be positive")));
             }
         }
-        let http = reqwest::Client::builder()
-            .connect_timeout(options.connect_timeout)
-            .read_timeout(options.timeout)
-            .tcp_nodelay(true)
-            .redirect(reqwest::redirect::Policy::none())
-            .build()
-            .map_err(|e| Error::Config(format!("cannot build the HTTP client: {e}")))?;
+        let http = build_http(options.timeout, options.connect_timeout)?;
         Ok(Self {
             pool,
-            http,
-            base_url: options.base_url.trim_end_matches('/').to_owned(),
+            http: ArcSwap::from_pointee(http),
+            base_url,
             provider: options.provider,
             timeout: options.timeout,
+            connect_timeout: options.connect_timeout,
             stats: Stats::default(),
+            shutdown: CancellationToken::new(),
         })
     }
 
@@ -213,172 +203,83 @@ impl FailoverClient {
     }
 
     pub fn base_url(&self) -> &str {
-        &self.base_url
+        self.base_url.as_str()
+    }
+
+    pub fn timeout(&self) -> Duration {
+        self.timeout
     }
 
     pub fn stats(&self) -> StatsSnapshot {
         self.stats.snapshot()
     }
 
+    /// Ends every request in flight and refuses new ones: a request still
+    /// waiting for its response head gets 503, a stream ends with an error
+    /// event, any other body breaks. For a server's shutdown after its grace
+    /// period.
+    pub fn shutdown(&self) {
+        self.shutdown.cancel();
+    }
+
+    pub fn is_shut_down(&self) -> bool {
+        self.shutdown.is_cancelled()
+    }
+
+    /// The HTTP client of this process: rebuilt after a fork, since the
+    /// parent's connections (and the runtime that served them) are not the
+    /// child's to use.
+    fn http(&self) -> Result<reqwest::Client> {
+        let generation = crate::fork::generation();
+        let http = self.http.load();
+        if http.generation == generation {
+            return Ok(http.client.clone());
+        }
+        let fresh = Arc::new(build_http(self.timeout, self.connect_timeout)?);
+        let client = fresh.client.clone();
+        self.http.store(fresh);
+        Ok(client)
+    }
+
     /// Sends `request`, failing over across the pool's keys.
     ///
-    /// Errors only for a malformed request (bad method, path or header); every
-    /// upstream problem becomes a response in the provider's error envelope.
+    /// Errors only for a request that cannot be sent (bad method or path);
+    /// every upstream problem becomes a response in the provider's envelope.
     pub async fn request(&self, request: Request) -> Result<Response> {
-        let method = Method::from_bytes(request.method.as_bytes())
-            .map_err(|_| Error::Config(format!("invalid HTTP method {:?}", request.method)))?;
-        if !request.path.starts_with('/') {
-            return Err(Error::Config(format!(
-                "path {:?} must start with '/'",
-                request.path
-            )));
+        if matches!(request.method.as_str(), "CONNECT" | "TRACE" | "TRACK") {
+            return Err(Error::MethodNotAllowed(request.method.to_string()));
         }
-        let url = format!("{}{}", self.base_url, request.path);
-        let (headers, byok) = forwarded_headers(&request.headers)?;
+        let url = self.base_url.join(&request.target).map_err(|e| match e {
+            Error::BadRequest(message) => {
+                Error::BadRequest(self.pool.redact(&message).into_owned())
+            }
+            other => other,
+        })?;
+        let http = self.http()?;
+        let headers = headers::forwarded(&request.headers);
         bump(&self.stats.requests);
-
-        if let Some((name, value)) = byok {
-            bump(&self.stats.byok);
-            let mut headers = headers;
-            headers.insert(name, value);
-            return Ok(
-                match self.send(&method, &url, headers, request.body).await {
-                    Ok(resp) => self.relay(resp, 1, None, VecDeque::new(), None),
-                    Err(failure) => self.send_failure(failure, 1, None),
-                },
-            );
+        if self.shutdown.is_cancelled() {
+            return Ok(self.shutting_down());
         }
-
-        let mut walker = self.pool.walker();
-        let mut attempts = 0;
-        let mut last_label = None;
-        loop {
-            let key = match walker.next_key() {
-                Ok(key) => key,
-                Err(exhaustion) => return Ok(self.exhausted(exhaustion, attempts, last_label)),
-            };
-            attempts += 1;
-            last_label = Some(key.label().to_owned());
-            let mut attempt_headers = headers.clone();
-            let (auth_name, auth_value) = self.provider.auth_header(key.value());
-            let mut auth_value = HeaderValue::from_str(&auth_value).map_err(|_| {
-                Error::Config(format!("{} cannot be sent in a header", key.label()))
-            })?;
-            auth_value.set_sensitive(true);
-            attempt_headers.insert(HeaderName::from_static(auth_name), auth_value);
-
-            let resp = match self
-                .send(&method, &url, attempt_headers, request.body.clone())
-                .await
-            {
-                Ok(resp) => resp,
-                Err(failure) => return Ok(self.send_failure(failure, attempts, last_label)),
-            };
-            match self.judge(resp).await {
-                Judged::Failover(verdict) => {
-                    if let Some(reason) = verdict.reason() {
-                        self.stats.failover(reason);
-                    }
-                    verdict.apply(&key);
-                }
-                Judged::Return(resp, pending, framer) => {
-                    return Ok(self.relay(resp, attempts, last_label, pending, framer))
-                }
-                Judged::Failed(failure) => {
-                    return Ok(self.send_failure(failure, attempts, last_label))
-                }
-            }
-        }
-    }
-
-    async fn send(
-        &self,
-        method: &Method,
-        url: &str,
-        headers: HeaderMap,
-        body: Bytes,
-    ) -> Result<reqwest::Response, SendFailure> {
-        bump(&self.stats.attempts);
-        let send = self
-            .http
-            .request(method.clone(), url)
-            .headers(headers)
-            .body(body)
-            .send();
-        match tokio::time::timeout(self.timeout, send).await {
-            Err(_) => Err(SendFailure::Timeout),
-            // A connect (or TLS handshake) timeout is a failure to connect.
-            Ok(Err(e)) if e.is_timeout() && !e.is_connect() => Err(SendFailure::Timeout),
-            Ok(Err(e)) => Err(SendFailure::Connect(describe(&e))),
-            Ok(Ok(resp)) => Ok(resp),
-        }
-    }
-
-    /// Decides whether a response head (and, where needed, a bit of its body
-    /// or the stream's first event) is a key-specific failure.
-    async fn judge(&self, mut resp: reqwest::Response) -> Judged {
-        let status = resp.status().as_u16();
-        let body = if verdict::needs_body(status) {
-            Some(read_prefix(&mut resp, ERROR_BODY_LIMIT, self.timeout).await)
-        } else {
-            None
+        let attempt = Attempt {
+            client: self,
+            http: &http,
+            method: &request.method,
+            url: &url,
+            body: &request.body,
         };
-        let verdict = verdict::classify(
-            status,
-            header_pairs(resp.headers()),
-            body.as_deref(),
-            SystemTime::now(),
-        );
-        if verdict.is_key_specific() {
-            return Judged::Failover(verdict);
-        }
-        if body.is_some() || !(resp.status().is_success() && is_event_stream(resp.headers())) {
-            return Judged::Return(resp, body.into_iter().collect(), None);
-        }
-        match tokio::time::timeout(self.timeout, peek_first_event(&mut resp)).await {
-            Err(_) => Judged::Failed(SendFailure::Timeout),
-            // The read timeout (also `self.timeout`) may fire first.
-            Ok(Err(e)) if e.is_timeout() => Judged::Failed(SendFailure::Timeout),
-            Ok(Err(e)) => Judged::Failed(SendFailure::Connect(format!(
-                "the stream broke before its first event: {}",
-                describe(&e)
-            ))),
-            // A stream's rate-limit event carries no Retry-After of its own:
-            // the response head's applies, if it has one.
-            Ok(Ok(Peeked::KeyFailure(Verdict::RateLimited(None)))) => {
-                Judged::Failover(Verdict::RateLimited(parse_retry_after(
-                    header_pairs(resp.headers()),
-                    SystemTime::now(),
-                )))
-            }
-            Ok(Ok(Peeked::KeyFailure(verdict))) => Judged::Failover(verdict),
-            Ok(Ok(Peeked::Relay(chunks, framer))) => Judged::Return(resp, chunks, Some(framer)),
+        tokio::select! {
+            response = attempt.run(headers, request.credential) => Ok(response),
+            _ = self.shutdown.cancelled() => Ok(self.shutting_down()),
         }
     }
 
-    fn relay(
-        &self,
-        resp: reqwest::Response,
-        attempts: u32,
-        key_label: Option<String>,
-        pending: VecDeque<Bytes>,
-        framer: Option<Framer>,
-    ) -> Response {
-        let sse =
-            is_event_stream(resp.headers()).then(|| (framer.unwrap_or_default(), self.provider));
-        Response {
-            status: resp.status().as_u16(),
-            headers: response_headers(resp.headers(), sse.is_some()),
-            attempts,
-            key_label,
-            exhausted: false,
-            body: ResponseBody::stream(Stream {
-                resp,
-                pending,
-                sse,
-                done: false,
-            }),
-        }
+    fn shutting_down(&self) -> Response {
+        Response::error(
+            self.provider,
+            ErrorKind::Unavailable,
+            "the server is shutting down",
+        )
     }
 
     fn exhausted(
@@ -387,30 +288,22 @@ impl FailoverClient {
         attempts: u32,
         key_label: Option<String>,
     ) -> Response {
-        let (kind, message, retry_after) = match exhaustion {
-            Exhaustion::Transient { retry_after } => {
-                bump(&self.stats.exhausted_transient);
-                (
-                    ErrorKind::RateLimit,
-                    "all configured keys are rate-limited",
-                    Some(ceil_secs(retry_after)),
-                )
-            }
-            Exhaustion::Permanent => {
-                bump(&self.stats.exhausted_permanent);
-                (
-                    ErrorKind::Api,
-                    "all configured keys failed authentication",
-                    None,
-                )
-            }
-        };
-        let mut response = self.synthesize(kind, message, attempts, key_label);
-        if let Some(secs) = retry_after.filter(|s| *s > 0) {
+        bump(match exhaustion {
+            Exhaustion::Transient { .. } => &self.stats.exhausted_transient,
+            Exhaustion::Permanent => &self.stats.exhausted_permanent,
+        });
+        let mut response = Response::error(
+            self.provider,
+            ErrorKind::of_exhaustion(exhaustion),
+            exhaustion.message(),
+        );
+        if let Some(secs) = exhaustion.retry_after_header() {
             response
                 .headers
-                .push(("retry-after".into(), secs.to_string()));
+                .insert(reqwest::header::RETRY_AFTER, HeaderValue::from(secs));
         }
+        response.attempts = attempts;
+        response.key_label = key_label;
         response.exhausted = true;
         response
     }
@@ -422,50 +315,237 @@ impl FailoverClient {
         key_label: Option<String>,
     ) -> Response {
         bump(&self.stats.upstream_errors);
-        match failure {
-            SendFailure::Timeout => {
-                let message = format!(
+        let (kind, message) = match failure {
+            SendFailure::Timeout => (
+                ErrorKind::Timeout,
+                format!(
                     "upstream did not answer within {} s",
                     self.timeout.as_secs_f64()
-                );
-                self.synthesize(ErrorKind::Timeout, &message, attempts, key_label)
-            }
+                ),
+            ),
             SendFailure::Connect(cause) => {
-                let message = format!("upstream request failed: {cause}");
-                self.synthesize(ErrorKind::Api, &message, attempts, key_label)
+                (ErrorKind::Api, format!("upstream request failed: {cause}"))
             }
-        }
+            SendFailure::BadStatus(status) => (
+                ErrorKind::Api,
+                format!("upstream answered with status {status}, which cannot be relayed"),
+            ),
+        };
+        let mut response = Response::error(self.provider, kind, &message);
+        response.attempts = attempts;
+        response.key_label = key_label;
+        response
     }
 
-    /// An error response of the client's own, in the provider's envelope.
-    pub fn synthesize(
+    /// Relays upstream's response, starting with what was already read of it.
+    fn relay(
         &self,
-        kind: ErrorKind,
-        message: &str,
+        resp: reqwest::Response,
         attempts: u32,
         key_label: Option<String>,
+        pending: VecDeque<Bytes>,
+        framer: Option<Framer>,
     ) -> Response {
+        let status = resp.status().as_u16();
+        let stream = headers::is_event_stream(resp.headers());
+        let mut relayed = headers::relayed(resp.headers(), stream);
+        for value in relayed.values_mut() {
+            if let Some(clean) = scrub_value(value.as_bytes(), self.pool.secrets()) {
+                *value = HeaderValue::from_bytes(&clean).unwrap_or(HeaderValue::from_static(""));
+            }
+        }
+        // Error bodies are small and may echo the key that was sent.
+        let scrubber = if (200..300).contains(&status) {
+            None
+        } else {
+            Scrubber::new(self.pool.secrets())
+        };
         Response {
-            status: kind.status(),
-            headers: vec![("content-type".into(), "application/json".into())],
+            status,
+            headers: relayed,
             attempts,
             key_label,
             exhausted: false,
-            body: ResponseBody::full(Bytes::from(self.provider.error_body(kind, message))),
+            body: ResponseBody::stream(Stream {
+                resp,
+                pending,
+                sse: stream.then(|| (framer.unwrap_or_default(), self.provider)),
+                scrubber,
+                shutdown: self.shutdown.clone(),
+                done: false,
+            }),
         }
     }
 }
 
+fn build_http(timeout: Duration, connect_timeout: Duration) -> Result<Http> {
+    let client = reqwest::Client::builder()
+        .connect_timeout(connect_timeout)
+        .read_timeout(timeout)
+        .tcp_nodelay(true)
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .map_err(|e| Error::Config(format!("cannot build the HTTP client: {e}")))?;
+    Ok(Http {
+        generation: crate::fork::generation(),
+        client,
+    })
+}
+
+/// One request's attempts.
+struct Attempt<'a> {
+    client: &'a FailoverClient,
+    http: &'a reqwest::Client,
+    method: &'a Method,
+    url: &'a str,
+    body: &'a Bytes,
+}
+
+/// What an upstream answer comes to.
 enum Judged {
+    /// A key-specific failure: mark the key and try the next.
     Failover(Verdict),
     /// Relay this response, starting with what was already read of it.
     Return(reqwest::Response, VecDeque<Bytes>, Option<Framer>),
     Failed(SendFailure),
 }
 
-enum Peeked {
-    KeyFailure(Verdict),
-    Relay(VecDeque<Bytes>, Framer),
+impl Attempt<'_> {
+    async fn run(&self, headers: HeaderMap, credential: Credential) -> Response {
+        let client = self.client;
+        if let Credential::Caller(caller) = credential {
+            bump(&client.stats.byok);
+            let mut headers = headers;
+            let mut value = caller.value;
+            value.set_sensitive(true);
+            headers.insert(caller.header, value);
+            return match self.send(headers).await {
+                Ok(resp) => client.relay(resp, 1, None, VecDeque::new(), None),
+                Err(failure) => client.send_failure(failure, 1, None),
+            };
+        }
+        let mut walker = client.pool.walker();
+        let mut attempts = 0;
+        let mut last_label = None;
+        loop {
+            let key = match walker.next_key() {
+                Ok(key) => key,
+                Err(exhaustion) => return client.exhausted(exhaustion, attempts, last_label),
+            };
+            attempts += 1;
+            last_label = Some(key.label().to_owned());
+            let mut attempt_headers = headers.clone();
+            let (name, value) = client.provider.auth_header(key.value());
+            // Keys are validated as visible ASCII when the pool is built.
+            let mut value = HeaderValue::from_str(&value).expect("keys are visible ASCII");
+            value.set_sensitive(true);
+            attempt_headers.insert(HeaderName::from_static(name), value);
+
+            let resp = match self.send(attempt_headers).await {
+                Ok(resp) => resp,
+                Err(failure) => return client.send_failure(failure, attempts, last_label),
+            };
+            match self.judge(resp).await {
+                Judged::Failover(verdict) => {
+                    if let Some(reason) = verdict.reason() {
+                        client.stats.failover(reason);
+                    }
+                    verdict.apply(&key);
+                }
+                Judged::Return(resp, pending, framer) => {
+                    return client.relay(resp, attempts, last_label, pending, framer)
+                }
+                Judged::Failed(failure) => {
+                    return client.send_failure(failure, attempts, last_label)
+                }
+            }
+        }
+    }
+
+    async fn send(&self, headers: HeaderMap) -> Result<reqwest::Response, SendFailure> {
+        let client = self.client;
+        bump(&client.stats.attempts);
+        let send = self
+            .http
+            .request(self.method.clone(), self.url)
+            .headers(headers)
+            .body(self.body.clone())
+            .send();
+        match tokio::time::timeout(client.timeout, send).await {
+            Err(_) => Err(SendFailure::Timeout),
+            // A connect (or TLS handshake) timeout is a failure to connect.
+            Ok(Err(e)) if e.is_timeout() && !e.is_connect() => Err(SendFailure::Timeout),
+            Ok(Err(e)) => Err(SendFailure::Connect(describe(&e))),
+            Ok(Ok(resp)) => Ok(resp),
+        }
+    }
+
+    /// Decides whether a response head (and, where needed, a bit of its body
+    /// or the stream's first event) is a key-specific failure. Retry-After is
+    /// parsed once, on the paths that need it.
+    async fn judge(&self, mut resp: reqwest::Response) -> Judged {
+        let status = resp.status().as_u16();
+        if !(200..=599).contains(&status) {
+            return Judged::Failed(SendFailure::BadStatus(status));
+        }
+        let retry_after = |resp: &reqwest::Response| {
+            parse_retry_after(
+                resp.headers()
+                    .iter()
+                    .map(|(n, v)| (n.as_str(), v.as_bytes())),
+                SystemTime::now(),
+            )
+        };
+        if verdict::needs_body(status) {
+            let deadline = self.client.timeout.min(ERROR_BODY_DEADLINE);
+            let body = read_prefix(&mut resp, ERROR_BODY_LIMIT, deadline).await;
+            let verdict = verdict::classify_head(status, retry_after(&resp), Some(&body));
+            return if verdict.is_key_specific() {
+                Judged::Failover(verdict)
+            } else {
+                Judged::Return(resp, VecDeque::from([body]), None)
+            };
+        }
+        let verdict = verdict::classify_head(status, None, None);
+        if verdict.is_key_specific() {
+            return Judged::Failover(verdict);
+        }
+        if !(resp.status().is_success() && headers::is_event_stream(resp.headers())) {
+            return Judged::Return(resp, VecDeque::new(), None);
+        }
+        let timeout = self.client.timeout;
+        match tokio::time::timeout(timeout, peek_first_event(&mut resp)).await {
+            Err(_) => Judged::Failed(SendFailure::Timeout),
+            // The read timeout (also `timeout`) may fire first.
+            Ok(Err(e)) if e.is_timeout() => Judged::Failed(SendFailure::Timeout),
+            Ok(Err(e)) => Judged::Failed(SendFailure::Connect(format!(
+                "the stream broke before its first event: {}",
+                describe(&e)
+            ))),
+            Ok(Ok(Peeked {
+                data: Some(data),
+                chunks,
+                framer,
+            })) => match verdict::first_event_verdict(&data, retry_after(&resp)) {
+                Verdict::NotKeySpecific => Judged::Return(resp, chunks, Some(framer)),
+                verdict => Judged::Failover(verdict),
+            },
+            Ok(Ok(Peeked {
+                data: None,
+                chunks,
+                framer,
+            })) => Judged::Return(resp, chunks, Some(framer)),
+        }
+    }
+}
+
+/// What was read of a stream while looking for its first event.
+struct Peeked {
+    /// The first event's data; None when the stream ended (or passed
+    /// PEEK_LIMIT) first.
+    data: Option<Vec<u8>>,
+    chunks: VecDeque<Bytes>,
+    framer: Framer,
 }
 
 /// Reads a stream until its first event with fields, keeping what was read.
@@ -476,24 +556,30 @@ async fn peek_first_event(resp: &mut reqwest::Response) -> Result<Peeked, reqwes
     while let Some(chunk) = resp.chunk().await? {
         seen += chunk.len();
         if let Some(events) = framer.push(chunk) {
-            match first_event(&events) {
-                FirstEvent::KeyFailure(verdict) => return Ok(Peeked::KeyFailure(verdict)),
-                FirstEvent::Relay => {
-                    chunks.push_back(events);
-                    return Ok(Peeked::Relay(chunks, framer));
-                }
-                FirstEvent::Pending => chunks.push_back(events),
+            let data = first_event_data(&events);
+            chunks.push_back(events);
+            if data.is_some() {
+                return Ok(Peeked {
+                    data,
+                    chunks,
+                    framer,
+                });
             }
         }
         if seen > PEEK_LIMIT {
             break;
         }
     }
-    Ok(Peeked::Relay(chunks, framer))
+    Ok(Peeked {
+        data: None,
+        chunks,
+        framer,
+    })
 }
 
-/// Up to `limit` bytes of the body; whatever arrived if it breaks or stalls.
-async fn read_prefix(resp: &mut reqwest::Response, limit: usize, timeout: Duration) -> Bytes {
+/// Up to `limit` bytes of the body; whatever arrived if it breaks or stalls
+/// past `deadline`.
+async fn read_prefix(resp: &mut reqwest::Response, limit: usize, deadline: Duration) -> Bytes {
     let mut buf = BytesMut::new();
     let read = async {
         while buf.len() < limit {
@@ -503,406 +589,6 @@ async fn read_prefix(resp: &mut reqwest::Response, limit: usize, timeout: Durati
             }
         }
     };
-    let _ = tokio::time::timeout(timeout, read).await;
+    let _ = tokio::time::timeout(deadline, read).await;
     buf.freeze()
-}
-
-fn header_pairs(headers: &HeaderMap) -> impl Iterator<Item = (&str, &[u8])> {
-    headers.iter().map(|(n, v)| (n.as_str(), v.as_bytes()))
-}
-
-fn ceil_secs(d: Duration) -> u64 {
-    d.as_secs() + u64::from(d.subsec_nanos() > 0)
-}
-
-fn is_event_stream(headers: &HeaderMap) -> bool {
-    headers
-        .get(CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| {
-            v.trim_start()
-                .to_ascii_lowercase()
-                .starts_with("text/event-stream")
-        })
-}
-
-fn latin1(bytes: &[u8]) -> String {
-    bytes.iter().map(|&b| char::from(b)).collect()
-}
-
-/// The header names that `Connection` header values nominate as hop-by-hop
-/// (RFC 9110, section 7.6.1), lower-case.
-fn connection_options<'a>(values: impl Iterator<Item = &'a [u8]>) -> Vec<String> {
-    values
-        .flat_map(|value| value.split(|&b| b == b','))
-        .filter_map(|option| std::str::from_utf8(option.trim_ascii()).ok())
-        .filter(|option| !option.is_empty())
-        .map(str::to_ascii_lowercase)
-        .collect()
-}
-
-fn response_headers(headers: &HeaderMap, sse: bool) -> Vec<(String, String)> {
-    let nominated = connection_options(headers.get_all(CONNECTION).iter().map(|v| v.as_bytes()));
-    headers
-        .iter()
-        .filter(|(name, _)| !is_hop_by_hop(name.as_str()))
-        .filter(|(name, _)| !nominated.iter().any(|n| n == name.as_str()))
-        // A stream may end with an error event of ours: its length is not upstream's.
-        .filter(|(name, _)| !(sse && name.as_str() == "content-length"))
-        .map(|(name, value)| (name.as_str().to_owned(), latin1(value.as_bytes())))
-        .collect()
-}
-
-/// The caller's own credential (BYOK), as found among the request headers.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct CallerCredential<'a> {
-    /// "x-api-key" or "authorization".
-    pub header: &'static str,
-    /// The header's value as sent.
-    pub value: &'a [u8],
-}
-
-impl<'a> CallerCredential<'a> {
-    /// The key or token itself, without the `Bearer` scheme.
-    pub fn token(&self) -> &'a [u8] {
-        match self.header {
-            "authorization" => self.value[7..].trim_ascii(),
-            _ => self.value.trim_ascii(),
-        }
-    }
-}
-
-/// The caller's credential among request headers: a non-blank `x-api-key`
-/// first, else an `Authorization: Bearer` token. The one rule for it: the
-/// client sends such a request once with that credential (BYOK), and the
-/// proxy checks it against its client tokens.
-pub fn caller_credential<'a, I>(headers: I) -> Option<CallerCredential<'a>>
-where
-    I: IntoIterator<Item = (&'a str, &'a [u8])>,
-{
-    let mut bearer = None;
-    for (name, value) in headers {
-        if name.eq_ignore_ascii_case("x-api-key") && !value.trim_ascii().is_empty() {
-            return Some(CallerCredential {
-                header: "x-api-key",
-                value,
-            });
-        }
-        if bearer.is_none() && name.eq_ignore_ascii_case("authorization") && is_bearer(value) {
-            bearer = Some(CallerCredential {
-                header: "authorization",
-                value,
-            });
-        }
-    }
-    bearer
-}
-
-type Credential = (HeaderName, HeaderValue);
-
-/// The headers sent upstream, and the caller's own credential (BYOK) if any.
-fn forwarded_headers(headers: &[(String, Vec<u8>)]) -> Result<(HeaderMap, Option<Credential>)> {
-    let nominated = connection_options(
-        headers
-            .iter()
-            .filter(|(name, _)| name.eq_ignore_ascii_case("connection"))
-            .map(|(_, value)| value.as_slice()),
-    );
-    let mut map = HeaderMap::with_capacity(headers.len() + 2);
-    for (name, value) in headers {
-        let header_name = HeaderName::from_bytes(name.as_bytes())
-            .map_err(|_| Error::Config(format!("invalid header name {name:?}")))?;
-        let header_value = HeaderValue::from_bytes(value)
-            .map_err(|_| Error::Config(format!("invalid value for header {name:?}")))?;
-        let n = header_name.as_str();
-        if !(is_hop_by_hop(n) || NOT_FORWARDED.contains(&n) || nominated.iter().any(|o| o == n)) {
-            map.append(header_name, header_value);
-        }
-    }
-    // Plain bytes upstream: error bodies and streams must be readable as sent.
-    map.insert(
-        reqwest::header::ACCEPT_ENCODING,
-        HeaderValue::from_static("identity"),
-    );
-    let byok = caller_credential(headers.iter().map(|(n, v)| (n.as_str(), v.as_slice())))
-        .map(|credential| -> Result<Credential> {
-            let mut value = HeaderValue::from_bytes(credential.value).map_err(|_| {
-                Error::Config(format!("invalid value for header {:?}", credential.header))
-            })?;
-            value.set_sensitive(true);
-            Ok((HeaderName::from_static(credential.header), value))
-        })
-        .transpose()?;
-    Ok((map, byok))
-}
-
-fn is_bearer(value: &[u8]) -> bool {
-    value.len() > 7
-        && value[..7].eq_ignore_ascii_case(b"bearer ")
-        && !value[7..].trim_ascii().is_empty()
-}
-
-/// A readable description of a transport error and its causes, without URL.
-fn describe(err: &reqwest::Error) -> String {
-    let mut parts: Vec<String> = Vec::new();
-    let mut source: Option<&dyn std::error::Error> = err.source();
-    let top = if err.is_connect() {
-        "could not connect to upstream"
-    } else if err.is_body() || err.is_decode() {
-        "the response body broke"
-    } else {
-        "the connection failed"
-    };
-    parts.push(top.to_owned());
-    while let Some(cause) = source {
-        let text = cause.to_string();
-        if !parts.iter().any(|p| p.contains(&text)) {
-            parts.push(text);
-        }
-        source = cause.source();
-    }
-    parts.join(": ")
-}
-
-/// Chunks of a body in arrival order, handed over together.
-pub type Chunks = Vec<Bytes>;
-
-/// How many bytes of already-received chunks one batch gathers, at most.
-pub const BATCH_LIMIT: usize = 256 * 1024;
-
-/// How many chunks the pump reads ahead of the caller.
-const READ_AHEAD: usize = 64;
-
-/// An upstream body being read by its pump task.
-#[derive(Debug)]
-struct Stream {
-    resp: reqwest::Response,
-    pending: VecDeque<Bytes>,
-    /// For `text/event-stream`: relay whole events and end a broken stream
-    /// with an error event in this provider's shape.
-    sse: Option<(Framer, Provider)>,
-    done: bool,
-}
-
-impl Stream {
-    async fn next_chunk(&mut self) -> Result<Option<Bytes>> {
-        if let Some(chunk) = self.pending.pop_front() {
-            return Ok(Some(chunk));
-        }
-        while !self.done {
-            match (self.resp.chunk().await, &mut self.sse) {
-                (Ok(Some(chunk)), None) => return Ok(Some(chunk)),
-                (Ok(Some(chunk)), Some((framer, _))) => {
-                    if let Some(events) = framer.push(chunk) {
-                        return Ok(Some(events));
-                    }
-                }
-                (Ok(None), framer) => {
-                    self.done = true;
-                    let tail = framer
-                        .as_mut()
-                        .map(|(f, _)| f.take_held())
-                        .unwrap_or_default();
-                    return Ok((!tail.is_empty()).then_some(tail));
-                }
-                (Err(e), None) => {
-                    self.done = true;
-                    return Err(Error::Upstream(describe(&e)));
-                }
-                (Err(e), Some((_, provider))) => {
-                    // The partial event held back was never relayed: drop it.
-                    self.done = true;
-                    let message = format!("upstream stream broke: {}", describe(&e));
-                    return Ok(Some(Bytes::from(
-                        provider.sse_error_event(ErrorKind::Api, &message),
-                    )));
-                }
-            }
-        }
-        Ok(None)
-    }
-
-    /// Reads the body into `tx` as fast as upstream sends it (up to
-    /// READ_AHEAD chunks ahead), so the caller finds chunks waiting instead
-    /// of waiting for each one; stops when the caller goes away.
-    async fn pump(mut self, tx: mpsc::Sender<Result<Bytes>>) {
-        loop {
-            let item = match self.next_chunk().await {
-                Ok(Some(chunk)) => Ok(chunk),
-                Ok(None) => return,
-                Err(err) => Err(err),
-            };
-            let last = item.is_err();
-            if tx.send(item).await.is_err() || last {
-                return;
-            }
-        }
-    }
-}
-
-/// A response body: synthesized bytes, or an upstream stream read by a pump
-/// task. Safe to share between tasks; `close()` (or dropping the body) drops
-/// the upstream connection at once, even while a task waits for a chunk.
-#[derive(Debug)]
-pub struct ResponseBody {
-    source: tokio::sync::Mutex<Source>,
-    closed: CancellationToken,
-    pump: Option<AbortHandle>,
-}
-
-#[derive(Debug)]
-enum Source {
-    Full(Bytes),
-    Channel {
-        rx: mpsc::Receiver<Result<Bytes>>,
-        /// An error met while gathering a batch, raised after the batch.
-        deferred: Option<Error>,
-    },
-    Done,
-}
-
-impl ResponseBody {
-    pub fn full(bytes: Bytes) -> Self {
-        Self {
-            source: tokio::sync::Mutex::new(Source::Full(bytes)),
-            closed: CancellationToken::new(),
-            pump: None,
-        }
-    }
-
-    /// Starts the pump task; call within the tokio runtime.
-    fn stream(stream: Stream) -> Self {
-        let (tx, rx) = mpsc::channel(READ_AHEAD);
-        let pump = tokio::spawn(stream.pump(tx)).abort_handle();
-        Self {
-            source: tokio::sync::Mutex::new(Source::Channel { rx, deferred: None }),
-            closed: CancellationToken::new(),
-            pump: Some(pump),
-        }
-    }
-
-    /// The next chunks, as they arrive, with any others already received
-    /// (up to about BATCH_LIMIT bytes); None at the end or once closed.
-    /// A non-SSE body that breaks raises [`Error::Upstream`] after the chunks
-    /// received before the break; an SSE body that breaks yields one final
-    /// error event instead.
-    pub async fn next_batch(&self) -> Result<Option<Chunks>> {
-        let mut source = tokio::select! {
-            biased;
-            _ = self.closed.cancelled() => return Ok(None),
-            source = self.source.lock() => source,
-        };
-        let (rx, deferred) = match &mut *source {
-            Source::Done => return Ok(None),
-            Source::Full(bytes) => {
-                let bytes = std::mem::take(bytes);
-                *source = Source::Done;
-                return Ok((!bytes.is_empty()).then(|| vec![bytes]));
-            }
-            Source::Channel { rx, deferred } => (rx, deferred),
-        };
-        if let Some(err) = deferred.take() {
-            *source = Source::Done;
-            return Err(err);
-        }
-        let first = tokio::select! {
-            biased;
-            _ = self.closed.cancelled() => None,
-            item = rx.recv() => item,
-        };
-        let first = match first {
-            Some(Ok(chunk)) => chunk,
-            Some(Err(err)) => {
-                *source = Source::Done;
-                return Err(err);
-            }
-            None => {
-                *source = Source::Done;
-                return Ok(None);
-            }
-        };
-        let mut size = first.len();
-        let mut batch = vec![first];
-        while size < BATCH_LIMIT {
-            match rx.try_recv() {
-                Ok(Ok(chunk)) => {
-                    size += chunk.len();
-                    batch.push(chunk);
-                }
-                Ok(Err(err)) => {
-                    *deferred = Some(err);
-                    break;
-                }
-                Err(_) => break,
-            }
-        }
-        Ok(Some(batch))
-    }
-
-    /// `next_batch` when it can answer without waiting; None when it would wait.
-    pub fn try_next_batch(&self) -> Option<Result<Option<Chunks>>> {
-        self.next_batch().now_or_never()
-    }
-
-    /// The rest of the body.
-    pub async fn read_all(&self) -> Result<Bytes> {
-        let mut out = BytesMut::new();
-        while let Some(batch) = self.next_batch().await? {
-            for chunk in batch {
-                out.extend_from_slice(&chunk);
-            }
-        }
-        Ok(out.freeze())
-    }
-
-    /// Closes the body and its upstream connection at once.
-    pub fn close(&self) {
-        self.closed.cancel();
-        if let Some(pump) = &self.pump {
-            pump.abort();
-        }
-    }
-
-    pub fn is_closed(&self) -> bool {
-        self.closed.is_cancelled()
-    }
-}
-
-impl Drop for ResponseBody {
-    fn drop(&mut self) {
-        self.close();
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn found(headers: &[(&str, &str)]) -> Option<(&'static str, String)> {
-        caller_credential(headers.iter().map(|(n, v)| (*n, v.as_bytes())))
-            .map(|c| (c.header, String::from_utf8(c.token().to_vec()).unwrap()))
-    }
-
-    #[test]
-    fn caller_credential_rule() {
-        assert_eq!(found(&[]), None);
-        assert_eq!(
-            found(&[("x-api-key", " sk-1 ")]),
-            Some(("x-api-key", "sk-1".into()))
-        );
-        assert_eq!(
-            found(&[("Authorization", "bearer tok ")]),
-            Some(("authorization", "tok".into()))
-        );
-        assert_eq!(
-            found(&[("authorization", "Bearer tok"), ("X-Api-Key", "sk-1")]),
-            Some(("x-api-key", "sk-1".into())),
-            "x-api-key takes priority"
-        );
-        assert_eq!(
-            found(&[("authorization", "Basic dXNlcg=="), ("x-api-key", "  ")]),
-            None
-        );
-        assert_eq!(found(&[("authorization", "Bearer  ")]), None);
-    }
 }

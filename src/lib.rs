@@ -5,16 +5,22 @@
 //! key verdict. The PyO3 bindings live in `python/` behind the `python`
 //! feature, which maturin enables.
 
+pub mod body;
 pub mod clock;
 pub mod error;
 pub mod failover;
+pub mod fork;
+pub mod gateway;
+pub mod headers;
 pub mod pool;
 pub mod provider;
 pub mod retry_after;
 pub mod sse;
+pub mod stats;
+pub mod target;
 pub mod verdict;
 
 #[cfg(feature = "python")]
 mod python;
 
-pub use error::{Error, Exhaustion};
+pub use error::{Error, ErrorKind, Exhaustion};

@@ -55,7 +55,40 @@ pub struct Health {
     pub permanent: usize,
 }
 
+/// One key as operators see it: no secret, only the hint.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeySnapshot {
+    pub label: String,
+    pub hint: String,
+    pub state: KeyState,
+    pub cooldown_remaining: Duration,
+}
+
+impl KeySnapshot {
+    /// The shape of `pool.snapshot()` entries and `/_keyfailover/keys`.
+    pub fn to_json(&self) -> serde_json::Value {
+        serde_json::json!({
+            "label": self.label,
+            "hint": self.hint,
+            "state": self.state.as_str(),
+            "cooldown_remaining": self.cooldown_remaining.as_secs_f64(),
+        })
+    }
+}
+
 impl Health {
+    /// The shape of `pool.health()` and `/_keyfailover/health`.
+    pub fn to_json(&self) -> serde_json::Value {
+        serde_json::json!({
+            "status": self.status(),
+            "keys": {
+                "valid": self.valid,
+                "temporary": self.temporary,
+                "permanent": self.permanent,
+            },
+        })
+    }
+
     pub fn status(&self) -> &'static str {
         if self.temporary == 0 && self.permanent == 0 {
             "ok"
@@ -88,6 +121,11 @@ impl Default for Cooldowns {
     }
 }
 
+/// The longest cooldown an upstream's own hint (Retry-After, a rate-limit
+/// reset) can set when no `max_cooldown` is configured: one day. A hint of
+/// years is a broken or hostile upstream, not a plan.
+pub const UPSTREAM_CEILING: Duration = Duration::from_secs(24 * 3600);
+
 impl Cooldowns {
     fn validate(&self) -> Result<()> {
         let positive = |name: &str, d: Duration| {
@@ -101,8 +139,26 @@ impl Cooldowns {
         positive("quota_cooldown", self.quota)?;
         if let Some(max) = self.max {
             positive("max_cooldown", max)?;
+            for (name, d) in [
+                ("default_cooldown", self.default),
+                ("quota_cooldown", self.quota),
+            ] {
+                if max < d {
+                    return Err(Error::Config(format!(
+                        "max_cooldown ({} s) is shorter than {name} ({} s)",
+                        max.as_secs_f64(),
+                        d.as_secs_f64()
+                    )));
+                }
+            }
         }
         Ok(())
+    }
+
+    /// The ceiling for cooldowns an upstream asks for: `max`, else
+    /// [`UPSTREAM_CEILING`].
+    pub fn upstream_ceiling(&self) -> Duration {
+        self.max.unwrap_or(UPSTREAM_CEILING)
     }
 }
 
@@ -208,6 +264,7 @@ impl KeyPool {
         Walker {
             pool: self.clone(),
             pos: 0,
+            skipped: Vec::new(),
         }
     }
 
@@ -218,7 +275,27 @@ impl KeyPool {
             .iter()
             .position(|s| s.label == label)
             .map(|index| self.key_at(index))
-            .ok_or_else(|| Error::UnknownLabel(label.to_owned()))
+            .ok_or_else(|| Error::UnknownLabel(self.redact(label).into_owned()))
+    }
+
+    /// `text` with every key of the pool replaced by its hint: for messages
+    /// that echo what a caller passed, which may be a key in the wrong place.
+    pub fn redact<'a>(&self, text: &'a str) -> std::borrow::Cow<'a, str> {
+        let mut out = std::borrow::Cow::Borrowed(text);
+        for slot in self.inner.slots.iter() {
+            if out.contains(slot.value.as_str()) {
+                out = std::borrow::Cow::Owned(out.replace(slot.value.as_str(), &slot.hint));
+            }
+        }
+        out
+    }
+
+    /// Every key's value with its hint, for scrubbing keys out of text.
+    pub fn secrets(&self) -> impl Iterator<Item = (&str, &str)> + '_ {
+        self.inner
+            .slots
+            .iter()
+            .map(|s| (s.value.as_str(), s.hint.as_str()))
     }
 
     /// Every key, in configured order.
@@ -234,6 +311,19 @@ impl KeyPool {
             .slots
             .iter()
             .map(|s| status_of(s.word.load(Ordering::Acquire), now))
+            .collect()
+    }
+
+    /// Every key with its state, in configured order.
+    pub fn snapshot(&self) -> Vec<KeySnapshot> {
+        self.keys()
+            .zip(self.statuses())
+            .map(|(key, status)| KeySnapshot {
+                label: key.label().to_owned(),
+                hint: key.hint().to_owned(),
+                state: status.state,
+                cooldown_remaining: status.cooldown_remaining,
+            })
             .collect()
     }
 
@@ -297,14 +387,20 @@ impl KeyPool {
 
 /// A key-specific cursor through the pool for one request. Read-only: it
 /// never changes any key's state, so concurrent requests never interfere.
+///
+/// It offers each key at most once: first every available key in order,
+/// then any key it skipped as unavailable that has since recovered (a short
+/// cooldown may end while the walk is still going).
 #[derive(Debug, Clone)]
 pub struct Walker {
     pool: KeyPool,
     pos: usize,
+    /// Keys passed over as unavailable, in order; empty on the usual path.
+    skipped: Vec<usize>,
 }
 
 impl Walker {
-    /// The next available key after the walker's position.
+    /// The next available key the walker has not offered yet.
     pub fn next_key(&mut self) -> Result<Key, Exhaustion> {
         while self.pos < self.pool.len() {
             let index = self.pos;
@@ -312,6 +408,11 @@ impl Walker {
             if self.pool.is_available(index) {
                 return Ok(self.pool.key_at(index));
             }
+            self.skipped.push(index);
+        }
+        if let Some(i) = self.skipped.iter().position(|&k| self.pool.is_available(k)) {
+            let index = self.skipped.remove(i);
+            return Ok(self.pool.key_at(index));
         }
         Err(self.pool.exhaustion())
     }
@@ -783,8 +884,9 @@ mod tests {
     fn max_cooldown_clamps() {
         let clock = ManualClock::new(Duration::ZERO);
         let cooldowns = Cooldowns {
+            default: S(10),
             max: Some(S(30)),
-            ..Cooldowns::default()
+            quota: S(30),
         };
         let pool = KeyPool::from_keys(["a"], cooldowns, Some(clock as Arc<dyn Clock>)).unwrap();
         let key = pool.key("key-0").unwrap();
@@ -792,6 +894,75 @@ mod tests {
         assert_eq!(key.status().cooldown_remaining, S(30));
         key.mark_temporary(None);
         assert_eq!(key.status().cooldown_remaining, S(30));
+    }
+
+    #[test]
+    fn max_cooldown_below_the_others_is_rejected() {
+        let d = Cooldowns::default();
+        let message = config_error(
+            vec![("a", "sk-1")],
+            Cooldowns {
+                max: Some(S(30)),
+                ..d
+            },
+        );
+        assert_eq!(
+            message,
+            "max_cooldown (30 s) is shorter than default_cooldown (60 s)"
+        );
+        let message = config_error(
+            vec![("a", "sk-1")],
+            Cooldowns {
+                default: S(10),
+                max: Some(S(30)),
+                quota: S(3600),
+            },
+        );
+        assert!(message.contains("quota_cooldown (3600 s)"), "{message}");
+    }
+
+    #[test]
+    fn a_key_that_recovers_during_the_walk_is_offered_before_giving_up() {
+        let (pool, clock) = pool_with(&["a", "b"]);
+        mark(&pool, "key-0", Some(Duration::from_millis(50)));
+        let mut walker = pool.walker();
+        assert_eq!(walker.next_key().unwrap().label(), "key-1");
+        // key-1 answers its own 429 after 150 ms; key-0 has recovered by then.
+        clock.advance(Duration::from_millis(150));
+        mark(&pool, "key-1", Some(S(60)));
+        assert_eq!(walker.next_key().unwrap().label(), "key-0");
+        mark(&pool, "key-0", Some(S(30)));
+        assert_eq!(
+            walker.next_key().unwrap_err(),
+            Exhaustion::Transient { retry_after: S(30) }
+        );
+    }
+
+    #[test]
+    fn each_key_is_offered_at_most_once_per_walk() {
+        let (pool, clock) = pool_with(&["a", "b", "c"]);
+        mark(&pool, "key-0", Some(S(1)));
+        let mut walker = pool.walker();
+        let mut seen = vec![walker.next_key().unwrap().label().to_owned()];
+        clock.advance(S(2));
+        while let Ok(key) = walker.next_key() {
+            seen.push(key.label().to_owned());
+        }
+        assert_eq!(seen, ["key-1", "key-2", "key-0"]);
+    }
+
+    #[test]
+    fn messages_that_echo_input_mask_the_pools_keys() {
+        let secret = "sk-ant-api03-abcdefghijklmnop-wxyz";
+        let (pool, _) = pool_with(&[secret]);
+        let err = pool.key(secret).unwrap_err().to_string();
+        assert!(!err.contains(secret), "{err}");
+        assert!(err.contains("sk-a...wxyz"), "{err}");
+        assert_eq!(
+            pool.redact(&format!("https://up/{secret}/x")),
+            "https://up/sk-a...wxyz/x"
+        );
+        assert_eq!(pool.redact("nothing"), "nothing");
     }
 
     #[test]

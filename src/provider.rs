@@ -6,7 +6,7 @@ use std::str::FromStr;
 
 use serde_json::json;
 
-use crate::error::Error;
+use crate::error::{Error, ErrorKind};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Provider {
@@ -33,74 +33,6 @@ impl FromStr for Provider {
 impl fmt::Display for Provider {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(self.as_str())
-    }
-}
-
-/// The errors keyfailover itself answers with.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum ErrorKind {
-    /// Every key is cooling down (429).
-    RateLimit,
-    /// Upstream unreachable, every key failed authentication, a broken stream (502).
-    Api,
-    /// No response head in time (504).
-    Timeout,
-    /// The caller's own credential was refused (401).
-    Authentication,
-    /// The request body is too large (413).
-    RequestTooLarge,
-    /// Anything else wrong with the request (400).
-    InvalidRequest,
-}
-
-impl ErrorKind {
-    /// The HTTP status keyfailover answers with.
-    pub fn status(self) -> u16 {
-        match self {
-            ErrorKind::RateLimit => 429,
-            ErrorKind::Api => 502,
-            ErrorKind::Timeout => 504,
-            ErrorKind::Authentication => 401,
-            ErrorKind::RequestTooLarge => 413,
-            ErrorKind::InvalidRequest => 400,
-        }
-    }
-
-    /// The error `type` (Anthropic's names; used for OpenAI too).
-    pub fn type_name(self) -> &'static str {
-        match self {
-            ErrorKind::RateLimit => "rate_limit_error",
-            ErrorKind::Api => "api_error",
-            ErrorKind::Timeout => "timeout_error",
-            ErrorKind::Authentication => "authentication_error",
-            ErrorKind::RequestTooLarge => "request_too_large",
-            ErrorKind::InvalidRequest => "invalid_request_error",
-        }
-    }
-
-    /// The OpenAI-style `code`.
-    fn code(self) -> &'static str {
-        match self {
-            ErrorKind::RateLimit => "rate_limit_exceeded",
-            ErrorKind::Api => "upstream_error",
-            ErrorKind::Timeout => "upstream_timeout",
-            ErrorKind::Authentication => "invalid_api_key",
-            ErrorKind::RequestTooLarge => "request_too_large",
-            ErrorKind::InvalidRequest => "invalid_request",
-        }
-    }
-
-    pub fn from_type_name(name: &str) -> Option<Self> {
-        [
-            ErrorKind::RateLimit,
-            ErrorKind::Api,
-            ErrorKind::Timeout,
-            ErrorKind::Authentication,
-            ErrorKind::RequestTooLarge,
-            ErrorKind::InvalidRequest,
-        ]
-        .into_iter()
-        .find(|k| k.type_name() == name)
     }
 }
 
@@ -196,10 +128,6 @@ mod tests {
     fn names() {
         assert_eq!("openai".parse::<Provider>().unwrap(), Provider::OpenAi);
         assert!("azure".parse::<Provider>().is_err());
-        assert_eq!(
-            ErrorKind::from_type_name("timeout_error"),
-            Some(ErrorKind::Timeout)
-        );
         assert_eq!(
             Provider::OpenAi.auth_header("k"),
             ("authorization", "Bearer k".into())

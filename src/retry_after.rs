@@ -4,8 +4,11 @@
 //! in the past falls through to the next:
 //! 1. `retry-after-ms`: milliseconds, fractions allowed (OpenAI);
 //! 2. `Retry-After` as delay-seconds, fractions allowed (as the SDKs accept);
-//! 3. `Retry-After` as an HTTP-date (IMF-fixdate, RFC 850 or asctime), when in
-//!    the future.
+//! 3. `Retry-After` as an HTTP-date (IMF-fixdate, RFC 850 or asctime); a date
+//!    that is now or in the past means "retry now": [`RETRY_NOW`].
+//!
+//! Values are taken as given, however large; the pool clamps them (see
+//! `pool::UPSTREAM_CEILING`).
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -52,10 +55,20 @@ fn positive_number(raw: &[u8]) -> Option<f64> {
     (n.is_finite() && n > 0.0).then_some(n)
 }
 
+/// The cooldown for a Retry-After date that has already passed: the
+/// smallest keyfailover gives, so the key is tried again by the next
+/// request but not hammered by this one.
+pub const RETRY_NOW: Duration = Duration::from_secs(1);
+
 fn http_date_delay(raw: &[u8], now: SystemTime) -> Option<Duration> {
     let text = std::str::from_utf8(raw).ok()?.trim();
     let when = httpdate::parse_http_date(text).ok()?;
-    when.duration_since(now).ok().filter(|d| !d.is_zero())
+    Some(
+        when.duration_since(now)
+            .ok()
+            .filter(|d| !d.is_zero())
+            .unwrap_or(RETRY_NOW),
+    )
 }
 
 /// `SystemTime` from unix seconds, clamped to the epoch for negative input.
@@ -170,14 +183,19 @@ mod tests {
                 ms(10_000),
             ),
             (
-                "date_in_the_past",
+                "date_in_the_past_means_retry_now",
                 &[("Retry-After", "Sun, 06 Nov 1994 08:49:00 GMT")],
-                None,
+                Some(RETRY_NOW),
             ),
             (
-                "date_now",
+                "date_now_means_retry_now",
                 &[("Retry-After", "Sun, 06 Nov 1994 08:49:37 GMT")],
-                None,
+                Some(RETRY_NOW),
+            ),
+            (
+                "far_future_date_taken_as_given",
+                &[("Retry-After", "Fri, 31 Dec 9999 23:59:59 GMT")],
+                Some(Duration::from_secs(253_402_300_799 - NOW)),
             ),
             (
                 "ms_zero_then_date",

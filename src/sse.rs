@@ -8,8 +8,6 @@ use std::ops::Range;
 
 use bytes::{Bytes, BytesMut};
 
-use crate::verdict::{error_body_verdict, Verdict};
-
 /// A held partial event larger than this is relayed anyway: the stream is
 /// evidently not framed as SSE, and memory stays bounded.
 const MAX_HELD: usize = 1 << 20;
@@ -89,29 +87,14 @@ pub fn parse_event(block: &[u8]) -> Event {
     event
 }
 
-/// What the first event of a stream says about the key.
-#[derive(Debug, PartialEq, Eq)]
-pub enum FirstEvent {
-    /// No event with fields yet: keep reading.
-    Pending,
-    /// A key-specific error event: mark the key and fail over.
-    KeyFailure(Verdict),
-    /// Anything else: relay the stream.
-    Relay,
-}
-
-/// Classifies the first event with fields among the complete events of `buf`.
-pub fn first_event(buf: &[u8]) -> FirstEvent {
-    for block in events(buf) {
-        let event = parse_event(&buf[block]);
-        if event.has_fields {
-            return match error_body_verdict(&event.data) {
-                Some(verdict) => FirstEvent::KeyFailure(verdict),
-                None => FirstEvent::Relay,
-            };
-        }
-    }
-    FirstEvent::Pending
+/// The first event with fields among the complete events of `buf`: its
+/// `data`, or None when no such event is complete yet. (What that event
+/// means for the key is `verdict::first_event_verdict`'s call.)
+pub fn first_event_data(buf: &[u8]) -> Option<Vec<u8>> {
+    events(buf)
+        .map(|block| parse_event(&buf[block]))
+        .find(|event| event.has_fields)
+        .map(|event| event.data)
 }
 
 /// Cuts a byte stream into runs of whole events. Chunks that end on an event
@@ -193,26 +176,20 @@ mod tests {
     }
 
     #[test]
-    fn first_event_classification() {
-        let anthropic_429 = b"event: error\ndata: {\"type\":\"error\",\"error\":{\"type\":\"rate_limit_error\",\"message\":\"x\"}}\n\n";
+    fn first_event_with_fields() {
+        let anthropic_429 = b"event: error\ndata: {\"type\":\"error\"}\n\n";
         assert_eq!(
-            first_event(anthropic_429),
-            FirstEvent::KeyFailure(Verdict::RateLimited(None))
-        );
-        let openai_quota = b": keepalive\n\ndata: {\"error\":{\"message\":\"x\",\"type\":\"insufficient_quota\",\"code\":null}}\n\n";
-        assert_eq!(
-            first_event(openai_quota),
-            FirstEvent::KeyFailure(Verdict::QuotaExhausted)
-        );
-        let overloaded = b"event: error\ndata: {\"type\":\"error\",\"error\":{\"type\":\"overloaded_error\",\"message\":\"x\"}}\n\n";
-        assert_eq!(first_event(overloaded), FirstEvent::Relay);
-        assert_eq!(
-            first_event(b"event: message_start\ndata: {\"type\":\"message_start\"}\n\n"),
-            FirstEvent::Relay
+            first_event_data(anthropic_429).as_deref(),
+            Some(&b"{\"type\":\"error\"}"[..])
         );
         assert_eq!(
-            first_event(b": ping\n\nevent: message_start\ndata: {\"ty"),
-            FirstEvent::Pending
+            first_event_data(b": keepalive\n\ndata: x\n\n").as_deref(),
+            Some(&b"x"[..]),
+            "comment blocks are skipped"
+        );
+        assert_eq!(
+            first_event_data(b": ping\n\nevent: message_start\ndata: {\"ty"),
+            None
         );
     }
 

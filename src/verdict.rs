@@ -59,10 +59,15 @@ impl Verdict {
     }
 
     /// Marks `key` accordingly; returns whether the verdict is key-specific.
+    /// A cooldown the upstream asked for is clamped to the pool's
+    /// [`upstream_ceiling`](crate::pool::Cooldowns::upstream_ceiling).
     pub fn apply(self, key: &Key) -> bool {
         match self {
             Verdict::NotKeySpecific => return false,
-            Verdict::RateLimited(cooldown) => key.mark_temporary(cooldown),
+            Verdict::RateLimited(cooldown) => {
+                let ceiling = key.pool().cooldowns().upstream_ceiling();
+                key.mark_temporary(cooldown.map(|d| d.min(ceiling)))
+            }
             Verdict::QuotaExhausted => key.mark_temporary(Some(key.pool().cooldowns().quota)),
             Verdict::Revoked => key.mark_permanent(),
         };
@@ -81,13 +86,30 @@ pub fn classify<'a, I>(status: u16, headers: I, body: Option<&[u8]>, now: System
 where
     I: IntoIterator<Item = (&'a str, &'a [u8])>,
 {
+    classify_head(status, parse_retry_after(headers, now), body)
+}
+
+/// [`classify`] with the head's Retry-After already parsed (the failover
+/// client parses it once per response).
+pub fn classify_head(status: u16, retry_after: Option<Duration>, body: Option<&[u8]>) -> Verdict {
     match status {
         429 if body.and_then(error_body_verdict) == Some(Verdict::QuotaExhausted) => {
             Verdict::QuotaExhausted
         }
-        429 => Verdict::RateLimited(parse_retry_after(headers, now)),
+        429 => Verdict::RateLimited(retry_after),
         401..=403 => Verdict::Revoked,
         _ => Verdict::NotKeySpecific,
+    }
+}
+
+/// The verdict for a 2xx stream whose first event (its `data`) is an error:
+/// providers report some key failures that way after answering 200. A
+/// rate-limit event carries no Retry-After of its own, so the head's applies.
+pub fn first_event_verdict(data: &[u8], head_retry_after: Option<Duration>) -> Verdict {
+    match error_body_verdict(data) {
+        Some(Verdict::RateLimited(None)) => Verdict::RateLimited(head_retry_after),
+        Some(verdict) => verdict,
+        None => Verdict::NotKeySpecific,
     }
 }
 
@@ -318,6 +340,66 @@ mod tests {
         for (body, expected) in cases {
             assert_eq!(error_body_verdict(body.as_bytes()), expected, "{body}");
         }
+    }
+
+    #[test]
+    fn absurd_cooldowns_are_clamped_to_a_day_or_max_cooldown() {
+        for value in [
+            "99999999999999999999",
+            "1e300",
+            "Fri, 31 Dec 9999 23:59:59 GMT",
+        ] {
+            let (key, _) = fresh_key();
+            assert!(mark(&key, 429, &[("retry-after", value)], None));
+            assert_eq!(
+                key.status().cooldown_remaining,
+                crate::pool::UPSTREAM_CEILING,
+                "{value}"
+            );
+        }
+        let pool = KeyPool::from_keys(
+            ["k"],
+            Cooldowns {
+                max: Some(Duration::from_secs(7200)),
+                ..Cooldowns::default()
+            },
+            Some(ManualClock::new(Duration::ZERO) as Arc<dyn Clock>),
+        )
+        .unwrap();
+        let key = pool.key("key-0").unwrap();
+        assert!(mark(&key, 429, &[("retry-after", "1e300")], None));
+        assert_eq!(key.status().cooldown_remaining, Duration::from_secs(7200));
+    }
+
+    #[test]
+    fn a_past_retry_after_date_means_retry_soon_not_the_default() {
+        let (key, clock) = fresh_key();
+        let past = "Thu, 01 Jan 1970 00:00:00 GMT";
+        assert!(mark(&key, 429, &[("retry-after", past)], None));
+        assert_eq!(
+            key.status().cooldown_remaining,
+            crate::retry_after::RETRY_NOW
+        );
+        clock.advance(crate::retry_after::RETRY_NOW);
+        assert_eq!(key.state(), KeyState::Valid);
+    }
+
+    #[test]
+    fn first_stream_event_rule() {
+        let rate = br#"{"type":"error","error":{"type":"rate_limit_error","message":"x"}}"#;
+        let secs = Some(Duration::from_secs(9));
+        assert_eq!(
+            first_event_verdict(rate, secs),
+            Verdict::RateLimited(secs),
+            "the head's Retry-After applies"
+        );
+        assert_eq!(first_event_verdict(rate, None), Verdict::RateLimited(None));
+        let quota = br#"{"error":{"message":"x","type":"insufficient_quota","code":null}}"#;
+        assert_eq!(first_event_verdict(quota, secs), Verdict::QuotaExhausted);
+        assert_eq!(
+            first_event_verdict(br#"{"type":"message_start"}"#, secs),
+            Verdict::NotKeySpecific
+        );
     }
 
     #[test]

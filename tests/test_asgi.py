@@ -425,7 +425,7 @@ def test_admin_is_guarded_by_client_tokens(up, serve):
         assert_envelope("anthropic", response, 401, "authentication_error")
     assert health.json()["status"] == "ok"
     assert len(keys.json()["keys"]) == 2
-    assert_envelope("anthropic", unknown, 400, "invalid_request_error")
+    assert_envelope("anthropic", unknown, 405, "invalid_request_error")
     assert up.requests == []
 
 

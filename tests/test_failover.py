@@ -192,12 +192,14 @@ async def call(
     stream: bool = False,
     headers: dict[str, str] | None = None,
     body: bytes | None = None,
+    credential: str | None = None,
 ) -> tuple[kf.Response, bytes]:
     resp = await client.request(
         "POST",
         api.path,
         headers={"content-type": "application/json", **(headers or {})},
         body=api.body(stream) if body is None else body,
+        credential=credential,
     )
     return resp, await resp.read()
 
@@ -492,8 +494,8 @@ def test_exhausted_pool_is_answered_without_upstream_call(
     check_envelope(api, body, "api_error", AUTH_FAILED)
 
 
-def test_retry_after_omitted_when_a_key_recovered_during_the_request(up: MockUpstream) -> None:
-    """A transient exhaustion with nothing left to wait for has no retry-after."""
+def test_exhaustion_always_has_retry_after_of_at_least_one(up: MockUpstream) -> None:
+    """A key that recovered after this walk tried it is no promise: Retry-After: 1."""
     client, pool = make_client(up, ANTHROPIC, 2)
     up.set_reply(KEYS[0], ANTHROPIC.error(429, "rate_limit_error", "5"))
     slow_429 = dataclasses.replace(ANTHROPIC.error(429, "rate_limit_error", "5"), stall=0.3)
@@ -502,41 +504,45 @@ def test_retry_after_omitted_when_a_key_recovered_during_the_request(up: MockUps
     async def scenario() -> tuple[kf.Response, bytes]:
         task = asyncio.ensure_future(call(client, ANTHROPIC))
         assert await up.wait_for_async(lambda u: len(u.requests) == 2)
-        pool.key("key-0").reset()  # key-0 is valid again, but this walker has passed it
+        pool.key("key-0").reset()  # key-0 is valid again, but this walker has tried it
         return await task
 
     resp, body = run(scenario())
     assert (resp.status, resp.exhausted) == (429, True)
-    assert header(resp, "retry-after") is None
+    assert header(resp, "retry-after") == "1"
     check_envelope(ANTHROPIC, body, "rate_limit_error", RATE_LIMITED)
+
+
+def test_a_key_whose_cooldown_ends_during_the_walk_is_tried_before_giving_up(
+    up: MockUpstream,
+) -> None:
+    """key-0 cooled for 50 ms, key-1 answers its own 429 after 150 ms: key-0 serves."""
+    pool = kf.KeyPool(KEYS[:2])  # the real clock
+    client = kf.FailoverClient(pool, base_url=up.url)
+    pool.key("key-0").mark_temporary(0.05)
+    up.set_reply(KEYS[1], dataclasses.replace(ANTHROPIC.error(429, "rate_limit_error"), stall=0.15))
+    resp, body = run(call(client, ANTHROPIC))
+    assert (resp.status, resp.key_label, resp.attempts) == (200, "key-0", 2)
+    assert seen(up) == ["key-1", "key-0"]
+    ANTHROPIC.check_success(body, stream=False)
 
 
 # --------------------------------------------------------------------------
 # BYOK
 # --------------------------------------------------------------------------
 
-BYOK_HEADERS = {
-    "x_api_key": ({"x-api-key": BYOK}, "x-api-key"),
-    "bearer": ({"authorization": f"Bearer {BYOK}"}, "authorization"),
-    "x_api_key_wins": (
-        {"authorization": "Bearer sk-other-bearer-token-zzzz", "x-api-key": BYOK},
-        "x-api-key",
-    ),
-}
-
 
 @pytest.mark.parametrize("stream", [False, True], ids=["blocking", "streaming"])
 @pytest.mark.parametrize("api", APIS, ids=str)
-@pytest.mark.parametrize("style", list(BYOK_HEADERS))
 def test_byok_is_one_attempt_and_leaves_the_pool_alone(
-    up: MockUpstream, api: Api, stream: bool, style: str
+    up: MockUpstream, api: Api, stream: bool
 ) -> None:
-    headers, sent_in = BYOK_HEADERS[style]
     client, pool = make_client(up, api, 2)
     reply = api.error(429, api.rate_limit_type, "5")
     up.set_reply(BYOK, reply)
+    stray = {"x-api-key": "sk-stray-header-key-0000", "authorization": "Bearer sk-stray-0000"}
 
-    resp, body = run(call(client, api, stream=stream, headers=headers))
+    resp, body = run(call(client, api, stream=stream, headers=stray, credential=BYOK))
 
     assert resp.status == 429
     assert header(resp, "retry-after") == "5", "upstream's retry-after passed through"
@@ -544,8 +550,9 @@ def test_byok_is_one_attempt_and_leaves_the_pool_alone(
     assert (resp.attempts, resp.key_label, resp.exhausted) == (1, None, False)
     assert seen(up) == [BYOK]
     sent = up.requests[0]
+    sent_in = "x-api-key" if api.provider == "anthropic" else "authorization"
     expected = BYOK if sent_in == "x-api-key" else f"Bearer {BYOK}"
-    assert sent.header(sent_in) == expected
+    assert sent.header(sent_in) == expected, "in the provider's auth header"
     other = "authorization" if sent_in == "x-api-key" else "x-api-key"
     assert sent.header(other) is None, "only the chosen credential goes upstream"
     assert states(pool) == ["valid", "valid"]
@@ -568,9 +575,7 @@ def test_byok_success_and_auth_failure_relayed(up: MockUpstream, status: int) ->
     client, pool = make_client(up, OPENAI, 1)
     if status != 200:
         up.set_reply(BYOK, OPENAI.error(401, "invalid_api_key"))
-    resp = client.request_sync(
-        "POST", OPENAI.path, headers=[("Authorization", f"bearer {BYOK}")], body=OPENAI.body()
-    )
+    resp = client.request_sync("POST", OPENAI.path, body=OPENAI.body(), credential=BYOK)
     assert (resp.status, resp.attempts, resp.key_label) == (status, 1, None)
     body = resp.read()
     if status == 200:
@@ -588,17 +593,31 @@ def test_byok_success_and_auth_failure_relayed(up: MockUpstream, status: int) ->
         {"x-api-key": "   "},
         {"authorization": "Basic dXNlcjpwYXNz"},
         {"authorization": "Bearer "},
+        {"x-api-key": "sk-callers-own-0000"},
+        {"authorization": "Bearer sk-callers-own-0000"},
+        {"api-key": "azure-0000", "x-goog-api-key": "gemini-0000"},
     ],
-    ids=["empty_x_api_key", "blank_x_api_key", "basic_auth", "empty_bearer"],
+    ids=[
+        "empty_x_api_key",
+        "blank_x_api_key",
+        "basic_auth",
+        "empty_bearer",
+        "x_api_key",
+        "bearer",
+        "other_providers",
+    ],
 )
-def test_headers_that_are_not_a_credential_use_the_pool(
+def test_credential_headers_are_never_forwarded_without_credential(
     up: MockUpstream, headers: dict[str, str]
 ) -> None:
     client, _ = make_client(up, ANTHROPIC, 1)
     resp, _ = run(call(client, ANTHROPIC, headers=headers))
     assert (resp.status, resp.key_label) == (200, "key-0")
     assert seen(up) == ["key-0"]
-    assert ANTHROPIC.sent_key(up.requests[0].headers) == KEYS[0]
+    sent = up.requests[0]
+    assert ANTHROPIC.sent_key(sent.headers) == KEYS[0]
+    for name in ("authorization", "api-key", "x-goog-api-key"):
+        assert sent.header(name) is None, name
     assert client.stats()["byok"] == 0
 
 
@@ -917,11 +936,11 @@ def test_headers_named_by_connection_removed_from_the_response() -> None:
         ("GET", "/v1/models", {"x-api-key": f"{BYOK}\n"}, "x-api-key"),
     ],
 )
-def test_malformed_requests_raise_config_error_without_secrets(
+def test_malformed_requests_raise_invalid_request_error_without_secrets(
     up: MockUpstream, method: str, path: str, headers: dict[str, str] | None, match: str
 ) -> None:
     client, _ = make_client(up, ANTHROPIC, 1)
-    with pytest.raises(kf.ConfigError, match=match) as excinfo:
+    with pytest.raises(kf.InvalidRequestError, match=match) as excinfo:
         client.request_sync(method, path, headers=headers)
     assert BYOK not in str(excinfo.value)
     assert up.requests == []
@@ -1084,7 +1103,7 @@ def test_stats_count_every_outcome(up: MockUpstream) -> None:
 
     assert run(call(client, ANTHROPIC))[0].status == 429  # 3 attempts, transient exhaustion
     assert run(call(client, ANTHROPIC))[0].status == 429  # 0 attempts
-    assert run(call(client, ANTHROPIC, headers={"x-api-key": BYOK}))[0].status == 200
+    assert run(call(client, ANTHROPIC, credential=BYOK))[0].status == 200
     pool.key("key-0").reset()
     up.enqueue(Reply(reset_before_head=True))
     assert run(call(client, ANTHROPIC))[0].status == 502
@@ -1131,7 +1150,7 @@ def test_secrets_never_in_anything_the_client_produces(up: MockUpstream) -> None
         with pytest.raises(kf.UpstreamError) as excinfo:
             client.request_sync("POST", api.path, body=api.body()).read()
         texts.extend([str(excinfo.value), repr(excinfo.value)])
-        collect(*run(call(client, api, headers={"x-api-key": BYOK})))
+        collect(*run(call(client, api, credential=BYOK)))
         texts.extend([repr(pool), repr(pool.snapshot()), repr(pool.walker())])
         texts.extend(repr(pool.key(f"key-{i}")) for i in range(3))
         down, _ = make_client(f"http://127.0.0.1:{free_port()}", api, 1)

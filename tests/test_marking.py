@@ -89,7 +89,7 @@ def test_garbage_body_falls_back_to_headers(make_pool):
 
 
 def test_cooldowns_are_clamped_by_max_cooldown(make_pool):
-    key = make_pool(1, max_cooldown=30).key("key-0")
+    key = make_pool(1, default_cooldown=10, max_cooldown=30, quota_cooldown=30).key("key-0")
     mark_key_on_response(key, 429, {"retry-after": "3600"})
     assert key.cooldown_remaining == pytest.approx(30)
 
@@ -99,6 +99,21 @@ def test_permanent_key_stays_permanent(make_pool):
     mark_key_on_response(key, 403)
     assert mark_key_on_response(key, 429, {"retry-after": "1"}) is True
     assert key.state == KeyState.PERMANENT
+
+
+@pytest.mark.parametrize(
+    "retry_after", ["99999999999999999999", "1e300", "Fri, 31 Dec 9999 23:59:59 GMT"]
+)
+def test_absurd_cooldowns_are_clamped_to_one_day(make_pool, retry_after):
+    key = make_pool(1).key("key-0")
+    mark_key_on_response(key, 429, {"retry-after": retry_after})
+    assert key.cooldown_remaining == pytest.approx(86400)
+
+
+def test_a_retry_after_date_in_the_past_means_retry_soon(make_pool):
+    key = make_pool(1).key("key-0")
+    mark_key_on_response(key, 429, {"retry-after": "Thu, 01 Jan 1970 00:00:00 GMT"})
+    assert key.cooldown_remaining == pytest.approx(1.0)
 
 
 def test_bad_arguments(make_pool):

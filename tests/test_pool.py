@@ -69,14 +69,40 @@ def test_duplicate_labels_are_rejected():
         kf.KeyPool(Items())
 
 
-def test_non_string_keys_are_a_type_error():
-    with pytest.raises(TypeError, match="keys must be str, not int"):
-        kf.KeyPool([FAKE_KEYS[0], 42])
+@pytest.mark.parametrize(
+    ("keys", "match"),
+    [
+        ([FAKE_KEYS[0], 42], "keys must be str, not int"),
+        ([None], "keys must be str, not NoneType"),
+        ({"a": b"sk-bytes"}, "keys must be str, not bytes"),
+        ({1: FAKE_KEYS[0]}, "labels must be str, not int"),
+        (42, "not int"),
+        ("sk-one-string", "not a single string"),
+    ],
+)
+def test_bad_keys_are_config_errors(keys, match):
+    with pytest.raises(kf.ConfigError, match=match):
+        kf.KeyPool(keys)
 
 
-def test_unknown_label_is_a_key_error(make_pool):
-    with pytest.raises(KeyError):
+def test_max_cooldown_below_the_other_cooldowns_is_rejected():
+    with pytest.raises(kf.ConfigError, match="shorter than default_cooldown"):
+        kf.KeyPool(FAKE_KEYS[:1], max_cooldown=30)
+    with pytest.raises(kf.ConfigError, match="shorter than quota_cooldown"):
+        kf.KeyPool(FAKE_KEYS[:1], max_cooldown=120)
+
+
+def test_unknown_label_is_a_key_error_that_never_echoes_a_key(make_pool):
+    with pytest.raises(KeyError) as excinfo:
         make_pool().key("key-9")
+    assert isinstance(excinfo.value, kf.UnknownKeyError)
+    assert isinstance(excinfo.value, kf.KeyfailoverError)
+    assert str(excinfo.value) == 'no key labelled "key-9"'
+    with pytest.raises(kf.UnknownKeyError) as excinfo:
+        make_pool().key(FAKE_KEYS[1])  # a key passed where a label belongs
+    assert FAKE_KEYS[1] not in str(excinfo.value)
+    assert FAKE_KEYS[1] not in repr(excinfo.value)
+    assert kf.KeyPool(FAKE_KEYS[:2]).key("key-1").hint in str(excinfo.value)
 
 
 def s(*labels):
@@ -171,7 +197,7 @@ def test_walker_never_changes_state_and_walkers_are_independent(make_pool):
 
 
 def test_mark_temporary_semantics(make_pool, clock):
-    pool = make_pool(1, max_cooldown=120)
+    pool = make_pool(1, max_cooldown=120, quota_cooldown=120)
     key = pool.key("key-0")
     assert key.mark_temporary(60) is True
     assert key.state == KeyState.TEMPORARY

@@ -7,6 +7,7 @@ The key pool, Retry-After parsing and the marking rules live in the Rust core
 from keyfailover._native import (
     ConfigError,
     FailoverClient,
+    InvalidRequestError,
     Key,
     KeyfailoverError,
     KeyPool,
@@ -17,6 +18,7 @@ from keyfailover._native import (
     Response,
     SyncResponse,
     TransientExhaustion,
+    UnknownKeyError,
     UpstreamError,
     Walker,
     __version__,
@@ -29,6 +31,7 @@ from keyfailover._native import (
 __all__ = [
     "ConfigError",
     "FailoverClient",
+    "InvalidRequestError",
     "Key",
     "KeyPool",
     "KeyState",
@@ -39,6 +42,7 @@ __all__ = [
     "Response",
     "SyncResponse",
     "TransientExhaustion",
+    "UnknownKeyError",
     "UpstreamError",
     "Walker",
     "__version__",

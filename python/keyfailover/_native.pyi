@@ -2,11 +2,25 @@
 
 import asyncio
 from collections.abc import Awaitable, Iterable, Mapping, Sequence
-from typing import ClassVar, Final, final
+from typing import ClassVar, Final, final, overload
+
+from keyfailover._errors import (
+    ConfigError,
+    InvalidRequestError,
+    KeyfailoverError,
+    PermanentExhaustion,
+    PoolExhausted,
+    TransientExhaustion,
+    UnknownKeyError,
+    UpstreamError,
+)
 
 __all__ = [
     "ConfigError",
     "FailoverClient",
+    "Forward",
+    "Gateway",
+    "InvalidRequestError",
     "Key",
     "KeyPool",
     "KeyState",
@@ -17,10 +31,10 @@ __all__ = [
     "Response",
     "SyncResponse",
     "TransientExhaustion",
+    "UnknownKeyError",
     "UpstreamError",
     "Walker",
     "__version__",
-    "caller_credential",
     "error_response",
     "mark_key_on_response",
     "parse_retry_after",
@@ -30,25 +44,6 @@ __all__ = [
 __version__: Final[str]
 
 _Headers = Mapping[str, str] | Mapping[bytes, bytes] | Iterable[tuple[str | bytes, str | bytes]]
-
-class KeyfailoverError(Exception):
-    """Base of every exception keyfailover raises."""
-
-class ConfigError(KeyfailoverError, ValueError):
-    """Invalid configuration or argument."""
-
-class PoolExhausted(KeyfailoverError):
-    """No key of the pool can take the request."""
-
-class TransientExhaustion(PoolExhausted):
-    retry_after: float
-    def __init__(self, retry_after: float, message: str | None = None) -> None: ...
-
-class PermanentExhaustion(PoolExhausted):
-    def __init__(self, message: str = ...) -> None: ...
-
-class UpstreamError(KeyfailoverError):
-    """The upstream connection broke after the response had started."""
 
 @final
 class KeyState:
@@ -109,10 +104,6 @@ class KeyPool:
     def health(self) -> dict[str, str | dict[str, int]]: ...
 
 def parse_retry_after(headers: _Headers, *, now: float | None = None) -> float | None: ...
-def caller_credential(headers: _Headers) -> str | None:
-    """The caller's own key: a non-blank `x-api-key`, else an `Authorization:
-    Bearer` token (the rule the client applies for BYOK)."""
-
 def mark_key_on_response(
     key: Key,
     status: int,
@@ -140,6 +131,7 @@ class FailoverClient:
         *,
         headers: _Headers | None = None,
         body: _Body = None,
+        credential: str | None = None,
     ) -> asyncio.Future[Response]:
         """Sends a request; the future resolves to the response head (after any
         failover). It is an asyncio Future, not a coroutine: schedule it with
@@ -151,6 +143,7 @@ class FailoverClient:
         *,
         headers: _Headers | None = None,
         body: _Body = None,
+        credential: str | None = None,
     ) -> SyncResponse: ...
     @property
     def pool(self) -> KeyPool: ...
@@ -158,7 +151,11 @@ class FailoverClient:
     def provider(self) -> str: ...
     @property
     def base_url(self) -> str: ...
+    @property
+    def timeout(self) -> float: ...
     def stats(self) -> dict[str, int]: ...
+    def shutdown(self) -> None:
+        """Ends every request in flight and refuses new ones (503)."""
 
 @final
 class Response:
@@ -166,6 +163,8 @@ class Response:
     def status(self) -> int: ...
     @property
     def headers(self) -> list[tuple[str, str]]: ...
+    @property
+    def raw_headers(self) -> list[tuple[bytes, bytes]]: ...
     @property
     def attempts(self) -> int: ...
     @property
@@ -188,6 +187,8 @@ class SyncResponse:
     @property
     def headers(self) -> list[tuple[str, str]]: ...
     @property
+    def raw_headers(self) -> list[tuple[bytes, bytes]]: ...
+    @property
     def attempts(self) -> int: ...
     @property
     def key_label(self) -> str | None: ...
@@ -205,4 +206,38 @@ class SyncResponse:
 def error_response(
     error_type: str, message: str, *, provider: str = "anthropic"
 ) -> tuple[int, bytes]: ...
-def sse_error_event(error: KeyfailoverError, *, provider: str = "anthropic") -> bytes: ...
+@overload
+def sse_error_event(error: str, message: str, *, provider: str = "anthropic") -> bytes: ...
+@overload
+def sse_error_event(
+    error: KeyfailoverError, message: None = None, *, provider: str = "anthropic"
+) -> bytes: ...
+
+@final
+class Forward:
+    @property
+    def byok(self) -> bool: ...
+    def send(self, body: bytes) -> asyncio.Future[Response]: ...
+
+@final
+class Gateway:
+    def __new__(
+        cls,
+        client: FailoverClient,
+        *,
+        client_tokens: Iterable[str] | None = None,
+        allow_byok: bool = False,
+        max_body_bytes: int = ...,
+        admin: bool = True,
+    ) -> Gateway: ...
+    def begin(self, method: str, target: str | bytes, headers: _Headers) -> Response | Forward: ...
+    def too_large(self) -> Response: ...
+    def shutdown(self) -> None: ...
+    @property
+    def client(self) -> FailoverClient: ...
+    @property
+    def max_body_bytes(self) -> int: ...
+    @property
+    def allow_byok(self) -> bool: ...
+    @property
+    def has_client_tokens(self) -> bool: ...

@@ -15,10 +15,11 @@ The transport is thin: it forwards the request's method, path and query, headers
 and body to the `FailoverClient` (which picks the keys and fails over) and
 streams the response back unbuffered. The host of the URL the SDK builds is
 ignored: requests go to the FailoverClient's `base_url`, with the request's
-path kept whole (so for OpenAI give ``base_url="https://api.openai.com"`` and
-let the SDK's ``/v1`` arrive in the path). The caller's own `x-api-key` and
-`Authorization` headers are dropped, so the SDK's `api_key` never reaches
-upstream and the pool's keys are always used.
+path kept whole (``base_url="https://api.openai.com"`` and
+``"https://api.openai.com/v1"`` both work: a ``/v1`` is never doubled). The
+FailoverClient drops the caller's own credential headers (`x-api-key`,
+`Authorization`, ...), so the SDK's `api_key` never reaches upstream and the
+pool's keys are always used.
 
 A transport answers in the flavour of the request it is given: an
 `httpx2.Request` gets an `httpx2.Response`, an `httpx.Request` an
@@ -38,7 +39,6 @@ client do not apply: the `FailoverClient`'s own `timeout` and
 from __future__ import annotations
 
 import sys
-from collections.abc import Iterable
 from dataclasses import dataclass
 from types import ModuleType
 from typing import TYPE_CHECKING, Any, cast, overload
@@ -66,26 +66,10 @@ __all__ = ["AsyncFailoverTransport", "FailoverTransport"]
 # Request and response conversion
 # --------------------------------------------------------------------------
 
-_RawHeaders = list[tuple[bytes, bytes]]
-# The caller's credentials: the pool's keys replace them. Every other header
-# rule (hop-by-hop, Host, Content-Length) is the FailoverClient's.
-_CREDENTIALS = frozenset({b"x-api-key", b"authorization"})
-
-
-def _forwarded_headers(raw: Iterable[tuple[bytes, bytes]]) -> _RawHeaders:
-    """The request headers to send upstream, as raw (name, value) bytes."""
-    return [(name, value) for name, value in raw if name.lower() not in _CREDENTIALS]
-
 
 def _target(raw_path: bytes) -> str:
     """The request's path and query, still percent-encoded."""
     return raw_path.decode("ascii") or "/"
-
-
-def _response_headers(response: Response | SyncResponse) -> _RawHeaders:
-    # The client decoded header bytes as Latin-1: encode back losslessly
-    # (httpx would reject a non-ASCII str value).
-    return [(n.encode("latin-1"), v.encode("latin-1")) for n, v in response.headers]
 
 
 def _extensions(response: Response | SyncResponse) -> dict[str, Any]:
@@ -167,7 +151,7 @@ class _Flavour:
     def response(self, native: Response | SyncResponse, stream: object, request: object) -> Any:
         return self.module.Response(
             native.status,
-            headers=_response_headers(native),
+            headers=native.raw_headers,
             stream=stream,
             request=request,
             extensions=_extensions(native),
@@ -256,7 +240,7 @@ class AsyncFailoverTransport(_AsyncTransportBase):
         native = await self.client.request(
             request.method,
             _target(request.url.raw_path),
-            headers=_forwarded_headers(request.headers.raw),
+            headers=request.headers.raw,
             body=body,
         )
         try:
@@ -296,7 +280,7 @@ class FailoverTransport(_TransportBase):
         native = self.client.request_sync(
             request.method,
             _target(request.url.raw_path),
-            headers=_forwarded_headers(request.headers.raw),
+            headers=request.headers.raw,
             body=body,
         )
         try:

@@ -1,26 +1,38 @@
-//! Awaitables for Rust futures, completed without tokio threads ever taking
-//! the GIL.
+//! Awaitables for Rust futures, completed by the asyncio loop itself.
 //!
-//! A Rust future runs on the one tokio runtime (pyo3-async-runtimes'). When
-//! it finishes, its outcome goes into a queue belonging to the asyncio loop
+//! A Rust future runs on the one tokio runtime (see `runtime.rs`). When it
+//! finishes, its outcome goes into a queue belonging to the asyncio loop
 //! that awaits it, and one byte on a socket pair wakes the loop, which has the
 //! socket registered with `add_reader`. The loop thread then converts the
 //! outcomes to Python objects and sets the futures' results.
 //!
-//! So a tokio thread never calls into Python: no GIL handoff per completion,
-//! completions are batched, and nothing touches the interpreter while it
-//! finalizes (calling into Python from a foreign thread at exit is what
-//! crashes interpreters). Dropping an awaited result happens in the loop
-//! thread, so it closes what it holds at once.
+//! So tokio threads never *call* into Python: no GIL handoff per completion,
+//! completions are batched, and no foreign thread runs Python code while the
+//! interpreter finalizes (what crashes interpreters at exit). They do hold
+//! Python references: a task aborted because its asyncio future was
+//! cancelled drops its `Py<PyAny>` (the future) on a tokio thread, which
+//! pyo3 defers to the next time a thread holds the GIL; nothing runs there.
+//!
+//! Each outcome is converted on its own: a panic while converting one fails
+//! that future and leaves the rest of the batch alone. A panic in the Rust
+//! future itself is caught and delivered as a `KeyfailoverError`, so the
+//! awaiting coroutine never hangs. A result that completes after its future
+//! was cancelled is dropped in the loop thread, so whatever it holds (an
+//! upstream response) closes at once.
+//!
+//! Needs a loop with `add_reader` (the default selector loop, uvloop):
+//! Unix only, as `pyproject.toml` declares.
 
 use std::future::Future;
 use std::io::{ErrorKind, Read, Write};
 use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixStream;
+use std::panic::AssertUnwindSafe;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
-use pyo3::exceptions::PyStopAsyncIteration;
+use futures_util::FutureExt;
+use pyo3::exceptions::{PyNotImplementedError, PyStopAsyncIteration};
 use pyo3::prelude::*;
 use pyo3::sync::PyOnceLock;
 use pyo3::types::PyCFunction;
@@ -103,9 +115,14 @@ impl Drain {
                 .and_then(|c| c.is_truthy())
                 .unwrap_or(true);
             if cancelled {
+                // `outcome` is dropped here, in the loop thread.
                 continue;
             }
-            let _ = match outcome(py) {
+            let result = std::panic::catch_unwind(AssertUnwindSafe(|| outcome(py)))
+                .unwrap_or_else(|panic| Err(panicked(py, panic)));
+            // Only an InvalidStateError can fail these, and the future was
+            // checked just above in this same thread.
+            let _ = match result {
                 Ok(value) => future.call_method1(pyo3::intern!(py, "set_result"), (value,)),
                 Err(err) => {
                     future.call_method1(pyo3::intern!(py, "set_exception"), (err.into_value(py),))
@@ -116,8 +133,9 @@ impl Drain {
 }
 
 /// The inbox of `event_loop`, created and registered on first use.
+static INBOXES: PyOnceLock<Py<PyAny>> = PyOnceLock::new();
+
 fn inbox_for(event_loop: &Bound<'_, PyAny>) -> PyResult<Arc<Inbox>> {
-    static INBOXES: PyOnceLock<Py<PyAny>> = PyOnceLock::new();
     let py = event_loop.py();
     let inboxes = INBOXES
         .get_or_try_init(py, || -> PyResult<Py<PyAny>> {
@@ -133,9 +151,46 @@ fn inbox_for(event_loop: &Bound<'_, PyAny>) -> PyResult<Arc<Inbox>> {
     }
     let inbox = Arc::new(Inbox::new()?);
     let drain = Bound::new(py, Drain(inbox.clone()))?;
-    event_loop.call_method1("add_reader", (inbox.reader.as_raw_fd(), &drain))?;
+    match event_loop.call_method1("add_reader", (inbox.reader.as_raw_fd(), &drain)) {
+        Err(err) if err.is_instance_of::<PyNotImplementedError>(py) => {
+            return Err(super::errors::internal(
+                py,
+                format!(
+                    "keyfailover needs an asyncio event loop with add_reader (the default \
+                     selector loop or uvloop), not {}",
+                    event_loop.get_type().name()?
+                ),
+            ))
+        }
+        other => other?,
+    };
     inboxes.set_item(event_loop, drain)?;
     Ok(inbox)
+}
+
+/// Forgets the inboxes a forked child inherited: their sockets are shared
+/// with the parent, whose tokio threads write to them.
+pub(crate) fn after_fork(py: Python<'_>) -> PyResult<()> {
+    let Some(inboxes) = INBOXES.get(py) else {
+        return Ok(());
+    };
+    let inboxes = inboxes.bind(py);
+    for item in inboxes.call_method0("items")?.try_iter()? {
+        let (event_loop, drain): (Bound<'_, PyAny>, Bound<'_, Drain>) = item?.extract()?;
+        let _ = event_loop.call_method1("remove_reader", (drain.get().0.reader.as_raw_fd(),));
+    }
+    inboxes.call_method0("clear")?;
+    Ok(())
+}
+
+/// A panic's payload as a Python exception.
+fn panicked(py: Python<'_>, panic: Box<dyn std::any::Any + Send>) -> PyErr {
+    let message = panic
+        .downcast_ref::<&str>()
+        .map(|s| (*s).to_owned())
+        .or_else(|| panic.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "unknown panic".into());
+    super::errors::internal(py, format!("keyfailover internal error (a bug): {message}"))
 }
 
 /// Runs `fut` on the tokio runtime and returns an asyncio future of the
@@ -154,13 +209,14 @@ where
     let inbox = inbox_for(&event_loop)?;
     let future = event_loop.call_method0(pyo3::intern!(py, "create_future"))?;
     let target = future.clone().unbind();
-    let task = pyo3_async_runtimes::tokio::get_runtime().spawn(async move {
-        let output = fut.await;
+    let task = super::runtime::runtime().spawn(async move {
+        let output = AssertUnwindSafe(fut).catch_unwind().await;
         inbox.push(Completion {
             future: target,
             outcome: Box::new(move |py| match output {
-                Ok(value) => value.into_py_any(py),
-                Err(failure) => Err(failure.into_pyerr()),
+                Ok(Ok(value)) => value.into_py_any(py),
+                Ok(Err(failure)) => Err(failure.into_pyerr()),
+                Err(panic) => Err(panicked(py, panic)),
             }),
         });
     });

@@ -8,18 +8,20 @@ use std::time::Duration;
 use bytes::Bytes;
 use pyo3::exceptions::{PyStopAsyncIteration, PyStopIteration, PyTypeError};
 use pyo3::prelude::*;
-use pyo3::types::{PyByteArray, PyBytes, PyDict, PyString};
+use pyo3::types::{PyByteArray, PyBytes, PyDict, PyList, PyString, PyTuple};
 use pyo3::IntoPyObjectExt;
-use pyo3_async_runtimes::tokio::get_runtime;
+use reqwest::header::{HeaderMap, HeaderName, HeaderValue};
 
 use super::bridge::{self, Failure};
-
 use super::errors::class;
 use super::pool::{positive_seconds, PyKeyPool};
 use super::rules::extract_headers;
-use crate::error::{Error, Exhaustion};
-use crate::failover::{Chunks, ClientOptions, FailoverClient, Request, Response, ResponseBody};
-use crate::provider::{ErrorKind, Provider};
+use super::runtime::block_on;
+use crate::body::{Chunks, ResponseBody};
+use crate::error::{Error, ErrorKind, Exhaustion};
+use crate::failover::{ClientOptions, Credential, FailoverClient, Request, Response};
+use crate::headers::CallerCredential;
+use crate::provider::Provider;
 
 /// Chunks handed to Python as one `bytes`: the one copy between the socket
 /// and the caller.
@@ -81,23 +83,31 @@ fn extract_body(body: Option<&Bound<'_, PyAny>>) -> PyResult<Bytes> {
 }
 
 fn build_request(
-    method: String,
-    path: String,
+    client: &FailoverClient,
+    method: &str,
+    path: &str,
     headers: Option<&Bound<'_, PyAny>>,
     body: Option<&Bound<'_, PyAny>>,
+    credential: Option<&str>,
 ) -> PyResult<Request> {
-    Ok(Request {
-        method,
-        path,
-        headers: extract_headers(headers)?,
-        body: extract_body(body)?,
-    })
+    let mut request = Request::new(method, path, extract_headers(headers)?, extract_body(body)?)?;
+    if let Some(credential) = credential {
+        let (name, value) = client.provider().auth_header(credential);
+        let value = HeaderValue::from_str(&value).map_err(|_| {
+            Error::BadRequest("the credential holds bytes a header cannot carry".into())
+        })?;
+        request.credential = Credential::Caller(CallerCredential {
+            header: HeaderName::from_static(name),
+            value,
+        });
+    }
+    Ok(request)
 }
 
 /// Sends requests upstream through a key pool, failing over across its keys.
 #[pyclass(name = "FailoverClient", module = "keyfailover", frozen)]
 pub struct PyFailoverClient {
-    client: Arc<FailoverClient>,
+    pub(crate) client: Arc<FailoverClient>,
     pool: Py<PyKeyPool>,
 }
 
@@ -126,16 +136,19 @@ impl PyFailoverClient {
     }
 
     /// Sends a request; awaits the response head (after any failover).
-    #[pyo3(signature = (method, path, *, headers = None, body = None))]
+    /// `credential`: the caller's own key (BYOK), sent once in the
+    /// provider's auth header; None (the default) uses the pool.
+    #[pyo3(signature = (method, path, *, headers = None, body = None, credential = None))]
     fn request<'py>(
         &self,
         py: Python<'py>,
-        method: String,
-        path: String,
+        method: &str,
+        path: &str,
         headers: Option<&Bound<'py, PyAny>>,
         body: Option<&Bound<'py, PyAny>>,
+        credential: Option<&str>,
     ) -> PyResult<Bound<'py, PyAny>> {
-        let request = build_request(method, path, headers, body)?;
+        let request = build_request(&self.client, method, path, headers, body, credential)?;
         let client = self.client.clone();
         bridge::spawn(py, async move {
             Ok(PyResponse::from(client.request(request).await?))
@@ -143,20 +156,28 @@ impl PyFailoverClient {
     }
 
     /// The blocking twin of `request`, for sync code: the GIL is released
-    /// while the request runs on the same runtime.
-    #[pyo3(signature = (method, path, *, headers = None, body = None))]
+    /// while the request runs on the same runtime; Ctrl-C interrupts it.
+    #[pyo3(signature = (method, path, *, headers = None, body = None, credential = None))]
     fn request_sync(
         &self,
         py: Python<'_>,
-        method: String,
-        path: String,
+        method: &str,
+        path: &str,
         headers: Option<&Bound<'_, PyAny>>,
         body: Option<&Bound<'_, PyAny>>,
+        credential: Option<&str>,
     ) -> PyResult<PySyncResponse> {
-        let request = build_request(method, path, headers, body)?;
+        let request = build_request(&self.client, method, path, headers, body, credential)?;
         let client = self.client.clone();
-        let response = py.detach(|| get_runtime().block_on(client.request(request)))?;
+        let response = block_on(py, async move { client.request(request).await })??;
         Ok(PySyncResponse(Meta::from(response)))
+    }
+
+    /// Ends every request in flight and refuses new ones (503): for a
+    /// server's shutdown once its grace period is over. Streams end with an
+    /// SSE error event.
+    fn shutdown(&self) {
+        self.client.shutdown();
     }
 
     #[getter]
@@ -195,6 +216,11 @@ impl PyFailoverClient {
         Ok(out)
     }
 
+    #[getter]
+    fn timeout(&self) -> f64 {
+        self.client.timeout().as_secs_f64()
+    }
+
     fn __repr__(&self) -> String {
         format!(
             "FailoverClient(base_url={:?}, provider={:?}, keys={})",
@@ -208,7 +234,7 @@ impl PyFailoverClient {
 /// What both response classes share: the head and the body handle.
 struct Meta {
     status: u16,
-    headers: Vec<(String, String)>,
+    headers: HeaderMap,
     attempts: u32,
     key_label: Option<String>,
     exhausted: bool,
@@ -254,10 +280,20 @@ macro_rules! response_methods {
                 self.0.status
             }
 
-            /// (name, value) pairs; names lower-case, hop-by-hop headers removed.
+            /// (name, value) pairs; names lower-case, hop-by-hop headers
+            /// removed, values decoded as Latin-1 (so no byte is lost).
             #[getter]
-            fn headers(&self) -> Vec<(String, String)> {
-                self.0.headers.clone()
+            fn headers<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyList>> {
+                headers_list(py, &self.0.headers, |py, value| {
+                    let text: String = value.iter().map(|&b| char::from(b)).collect();
+                    PyString::new(py, &text).into_any()
+                })
+            }
+
+            /// The same pairs as bytes, exactly as upstream sent them.
+            #[getter]
+            fn raw_headers<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyList>> {
+                headers_list(py, &self.0.headers, |py, value| PyBytes::new(py, value).into_any())
             }
 
             #[getter]
@@ -281,6 +317,27 @@ macro_rules! response_methods {
             }
         }
     };
+}
+
+/// (name, value) tuples, the name as `str` and bytes, the value as `value` makes it.
+fn headers_list<'py>(
+    py: Python<'py>,
+    headers: &HeaderMap,
+    value: impl Fn(Python<'py>, &[u8]) -> Bound<'py, PyAny>,
+) -> PyResult<Bound<'py, PyList>> {
+    PyList::new(
+        py,
+        headers.iter().map(|(n, v)| {
+            PyTuple::new(
+                py,
+                [
+                    PyString::new(py, n.as_str()).into_any(),
+                    value(py, v.as_bytes()),
+                ],
+            )
+            .expect("a tuple of two")
+        }),
+    )
 }
 
 /// A response to `FailoverClient.request`: read it, or iterate it with
@@ -359,7 +416,7 @@ response_methods!(PySyncResponse, {
     /// The rest of the body (blocking; the GIL is released).
     fn read<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyBytes>> {
         let body = self.0.body.clone();
-        let bytes = py.detach(|| get_runtime().block_on(body.read_all()))?;
+        let bytes = block_on(py, async move { body.read_all().await })??;
         Ok(PyBytes::new(py, &bytes))
     }
 
@@ -369,7 +426,7 @@ response_methods!(PySyncResponse, {
 
     fn __next__<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyBytes>> {
         let body = self.0.body.clone();
-        match py.detach(|| get_runtime().block_on(body.next_batch()))? {
+        match block_on(py, async move { body.next_batch().await })?? {
             Some(chunks) => Chunk(chunks).into_pyobject(py),
             None => Err(PyStopIteration::new_err(())),
         }
@@ -393,26 +450,41 @@ response_methods!(PySyncResponse, {
     }
 });
 
-/// The core error a Python exception stands for, for `sse_error_event`.
-fn core_error(error: &Bound<'_, PyAny>) -> PyResult<Error> {
+/// The answer a Python exception stands for, for `sse_error_event`.
+fn exception_answer(error: &Bound<'_, PyAny>) -> PyResult<(ErrorKind, String)> {
     let py = error.py();
     let message = || -> PyResult<String> { Ok(error.str()?.to_str()?.to_owned()) };
-    if error.is_instance(&class(py, "TransientExhaustion")?)? {
+    let err = if error.is_instance(&class(py, "TransientExhaustion")?)? {
         let retry_after: f64 = error.getattr("retry_after")?.extract()?;
         let retry_after =
             Duration::try_from_secs_f64(retry_after.max(0.0)).unwrap_or(Duration::ZERO);
-        Ok(Exhaustion::Transient { retry_after }.into())
+        Exhaustion::Transient { retry_after }.into()
     } else if error.is_instance(&class(py, "PermanentExhaustion")?)? {
-        Ok(Exhaustion::Permanent.into())
-    } else if error.is_instance(&class(py, "ConfigError")?)? {
-        Ok(Error::Config(message()?))
+        Exhaustion::Permanent.into()
+    } else if error.is_instance(&class(py, "ConfigError")?)?
+        || error.is_instance(&class(py, "InvalidRequestError")?)?
+    {
+        Error::BadRequest(message()?)
     } else if error.is_instance(&class(py, "KeyfailoverError")?)? {
-        Ok(Error::Upstream(message()?))
+        Error::Upstream(message()?)
     } else {
-        Err(PyTypeError::new_err(
-            "sse_error_event takes a KeyfailoverError",
+        return Err(PyTypeError::new_err(format!(
+            "sse_error_event takes an error type and a message, or a KeyfailoverError; got {}",
+            error.get_type().name()?
+        )));
+    };
+    Ok(err.answer())
+}
+
+fn error_kind(error_type: &str) -> PyResult<ErrorKind> {
+    ErrorKind::from_type_name(error_type).ok_or_else(|| {
+        let known: Vec<&str> = ErrorKind::ALL.iter().map(|k| k.type_name()).collect();
+        Error::Config(format!(
+            "unknown error type {error_type:?}: expected one of {}",
+            known.join(", ")
         ))
-    }
+        .into()
+    })
 }
 
 /// An error response of keyfailover's own: (status, JSON body in the
@@ -426,23 +498,38 @@ pub fn error_response<'py>(
     provider: &str,
 ) -> PyResult<(u16, Bound<'py, PyBytes>)> {
     let provider: Provider = provider.parse()?;
-    let kind = ErrorKind::from_type_name(error_type)
-        .ok_or_else(|| Error::Config(format!("unknown error type {error_type:?}")))?;
+    let kind = error_kind(error_type)?;
     Ok((
         kind.status(),
         PyBytes::new(py, &provider.error_body(kind, message)),
     ))
 }
 
-/// One SSE error event, in the provider's shape, for `error`.
+/// One SSE error event in the provider's shape: for an error type and
+/// message (as `error_response`), or for a `KeyfailoverError` (such as the
+/// `TransientExhaustion` of a second upstream call in a chained stream).
 #[pyfunction]
-#[pyo3(signature = (error, *, provider = "anthropic"))]
+#[pyo3(signature = (error, message = None, *, provider = "anthropic"))]
 pub fn sse_error_event<'py>(
     py: Python<'py>,
     error: &Bound<'py, PyAny>,
+    message: Option<&str>,
     provider: &str,
 ) -> PyResult<Bound<'py, PyBytes>> {
     let provider: Provider = provider.parse()?;
-    let (kind, message) = core_error(error)?.answer();
+    let (kind, message) = match (error.cast::<PyString>(), message) {
+        (Ok(error_type), Some(message)) => (error_kind(error_type.to_str()?)?, message.to_owned()),
+        (Ok(_), None) => {
+            return Err(PyTypeError::new_err(
+                "sse_error_event(error_type, message): the message is missing",
+            ))
+        }
+        (Err(_), None) => exception_answer(error)?,
+        (Err(_), Some(_)) => {
+            return Err(PyTypeError::new_err(
+                "sse_error_event takes a message only with an error type (a str)",
+            ))
+        }
+    };
     Ok(PyBytes::new(py, &provider.sse_error_event(kind, &message)))
 }

@@ -3,10 +3,14 @@
 mod bridge;
 mod client;
 mod errors;
+mod gateway;
+mod json;
 mod pool;
 mod rules;
+mod runtime;
 
 use pyo3::prelude::*;
+use pyo3::types::IntoPyDict;
 
 #[pymodule(gil_used = false)]
 fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
@@ -24,6 +28,24 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(client::error_response, m)?)?;
     m.add_function(wrap_pyfunction!(rules::parse_retry_after, m)?)?;
     m.add_function(wrap_pyfunction!(rules::mark_key_on_response, m)?)?;
-    m.add_function(wrap_pyfunction!(rules::caller_credential, m)?)?;
+    m.add_class::<gateway::PyGateway>()?;
+    m.add_class::<gateway::PyForward>()?;
+    // A FailoverClient used before os.fork() must work in the child: the
+    // runtime and connections are rebuilt there on first use.
+    m.py().import("os")?.call_method(
+        "register_at_fork",
+        (),
+        Some(
+            &[("after_in_child", wrap_pyfunction!(after_fork_in_child, m)?)]
+                .into_py_dict(m.py())?,
+        ),
+    )?;
     Ok(())
+}
+
+/// Called by `os.register_at_fork` in a forked child.
+#[pyfunction(name = "_after_fork_in_child")]
+fn after_fork_in_child(py: Python<'_>) -> PyResult<()> {
+    crate::fork::forked();
+    bridge::after_fork(py)
 }

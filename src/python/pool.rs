@@ -3,9 +3,10 @@
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use pyo3::exceptions::PyTypeError;
 use pyo3::prelude::*;
-use pyo3::types::{PyBytes, PyDict, PyString};
+use pyo3::types::{PyBytes, PyString};
+
+use super::json::to_py;
 
 use crate::clock::{Clock, ManualClock};
 use crate::error::Error;
@@ -109,10 +110,10 @@ pub struct PyKeyPool {
 }
 
 fn key_string(item: &Bound<'_, PyAny>, what: &str) -> PyResult<String> {
-    item.cast::<PyString>()
-        .map_err(|_| PyTypeError::new_err(format!("{what} must be str, not {}", type_name(item))))?
-        .to_str()
-        .map(str::to_owned)
+    let text = item
+        .cast::<PyString>()
+        .map_err(|_| Error::Config(format!("{what} must be str, not {}", type_name(item))))?;
+    Ok(text.to_str()?.to_owned())
 }
 
 fn type_name(obj: &Bound<'_, PyAny>) -> String {
@@ -140,7 +141,13 @@ fn labelled_keys(keys: &Bound<'_, PyAny>) -> PyResult<Vec<(String, String)>> {
             })
             .collect();
     }
-    keys.try_iter()?
+    let items = keys.try_iter().map_err(|_| {
+        Error::Config(format!(
+            "keys must be a sequence of key strings or a mapping of label to key, not {}",
+            type_name(keys)
+        ))
+    })?;
+    items
         .enumerate()
         .map(|(i, item)| Ok((format!("key-{i}"), key_string(&item?, "keys")?)))
         .collect()
@@ -197,35 +204,17 @@ impl PyKeyPool {
     }
 
     /// One dict per key, in order: label, hint, state, cooldown_remaining.
-    fn snapshot<'py>(&self, py: Python<'py>) -> PyResult<Vec<Bound<'py, PyDict>>> {
+    fn snapshot<'py>(&self, py: Python<'py>) -> PyResult<Vec<Bound<'py, PyAny>>> {
         self.pool
-            .keys()
-            .zip(self.pool.statuses())
-            .map(|(key, status)| {
-                let entry = PyDict::new(py);
-                entry.set_item("label", key.label())?;
-                entry.set_item("hint", key.hint())?;
-                entry.set_item("state", status.state.as_str())?;
-                entry.set_item(
-                    "cooldown_remaining",
-                    status.cooldown_remaining.as_secs_f64(),
-                )?;
-                Ok(entry)
-            })
+            .snapshot()
+            .iter()
+            .map(|key| to_py(py, &key.to_json()))
             .collect()
     }
 
     /// {"status": "ok" | "degraded" | "exhausted", "keys": {"valid": n, "temporary": n, "permanent": n}}
-    fn health<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
-        let health = self.pool.health();
-        let keys = PyDict::new(py);
-        keys.set_item("valid", health.valid)?;
-        keys.set_item("temporary", health.temporary)?;
-        keys.set_item("permanent", health.permanent)?;
-        let out = PyDict::new(py);
-        out.set_item("status", health.status())?;
-        out.set_item("keys", keys)?;
-        Ok(out)
+    fn health<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
+        to_py(py, &self.pool.health().to_json())
     }
 
     fn __repr__(&self) -> String {

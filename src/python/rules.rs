@@ -6,8 +6,10 @@ use pyo3::exceptions::PyTypeError;
 use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyString};
 
+use reqwest::header::HeaderMap;
+
 use super::pool::PyKey;
-use crate::failover;
+use crate::headers;
 use crate::retry_after::{self, unix_time};
 use crate::verdict;
 
@@ -24,10 +26,11 @@ fn header_part(obj: &Bound<'_, PyAny>) -> PyResult<Vec<u8>> {
     }
 }
 
-/// Headers from a mapping or an iterable of (name, value) pairs; None is empty.
-pub(crate) fn extract_headers(
+/// (name, value) byte pairs from a mapping or an iterable of pairs, each
+/// `str` (encoded as UTF-8) or `bytes` (taken as they are); None is empty.
+pub(crate) fn extract_pairs(
     headers: Option<&Bound<'_, PyAny>>,
-) -> PyResult<Vec<(String, Vec<u8>)>> {
+) -> PyResult<Vec<(Vec<u8>, Vec<u8>)>> {
     let Some(headers) = headers.filter(|h| !h.is_none()) else {
         return Ok(Vec::new());
     };
@@ -45,14 +48,22 @@ pub(crate) fn extract_headers(
                         "headers must be a mapping or an iterable of (name, value) pairs",
                     )
                 })?;
-            let name = String::from_utf8_lossy(&header_part(&name)?).into_owned();
-            Ok((name, header_part(&value)?))
+            Ok((header_part(&name)?, header_part(&value)?))
         })
         .collect()
 }
 
-pub(crate) fn borrowed(headers: &[(String, Vec<u8>)]) -> impl Iterator<Item = (&str, &[u8])> {
-    headers.iter().map(|(n, v)| (n.as_str(), v.as_slice()))
+/// Headers for a request: as [`extract_pairs`], validated as HTTP headers.
+pub(crate) fn extract_headers(headers: Option<&Bound<'_, PyAny>>) -> PyResult<HeaderMap> {
+    Ok(headers::header_map(extract_pairs(headers)?)?)
+}
+
+/// Pairs for the rules, which take any bytes (names decoded leniently).
+fn pairs(headers: &[(Vec<u8>, Vec<u8>)]) -> Vec<(String, &[u8])> {
+    headers
+        .iter()
+        .map(|(n, v)| (String::from_utf8_lossy(n).into_owned(), v.as_slice()))
+        .collect()
 }
 
 fn now_or_wall_clock(now: Option<f64>) -> SystemTime {
@@ -63,11 +74,13 @@ fn now_or_wall_clock(now: Option<f64>) -> SystemTime {
 #[pyfunction]
 #[pyo3(signature = (headers, *, now = None))]
 pub fn parse_retry_after(headers: &Bound<'_, PyAny>, now: Option<f64>) -> PyResult<Option<f64>> {
-    let headers = extract_headers(Some(headers))?;
-    Ok(
-        retry_after::parse_retry_after(borrowed(&headers), now_or_wall_clock(now))
-            .map(|d| d.as_secs_f64()),
+    let headers = extract_pairs(Some(headers))?;
+    let pairs = pairs(&headers);
+    Ok(retry_after::parse_retry_after(
+        pairs.iter().map(|(n, v)| (n.as_str(), *v)),
+        now_or_wall_clock(now),
     )
+    .map(|d| d.as_secs_f64()))
 }
 
 /// Marks `key` from an upstream response; True when the failure is
@@ -80,23 +93,14 @@ pub fn mark_key_on_response(
     headers: Option<&Bound<'_, PyAny>>,
     body: Option<&Bound<'_, PyAny>>,
 ) -> PyResult<bool> {
-    let headers = extract_headers(headers)?;
+    let headers = extract_pairs(headers)?;
+    let pairs = pairs(&headers);
     let body = body.filter(|b| !b.is_none()).map(header_part).transpose()?;
     Ok(verdict::mark_key_on_response(
         &key.key,
         status,
-        borrowed(&headers),
+        pairs.iter().map(|(n, v)| (n.as_str(), *v)),
         body.as_deref(),
         SystemTime::now(),
     ))
-}
-
-/// The caller's own credential among request headers: a non-blank
-/// `x-api-key`, else an `Authorization: Bearer` token; None when neither.
-/// The same rule the client uses to decide on BYOK.
-#[pyfunction]
-pub fn caller_credential(headers: &Bound<'_, PyAny>) -> PyResult<Option<String>> {
-    let headers = extract_headers(Some(headers))?;
-    Ok(failover::caller_credential(borrowed(&headers))
-        .map(|credential| String::from_utf8_lossy(credential.token()).into_owned()))
 }

@@ -1,0 +1,442 @@
+//! Response bodies: an upstream body read ahead by a pump task and handed to
+//! the caller in batches, or bytes keyfailover made itself.
+//!
+//! On the way, a body is kept honest: a server-sent event stream is relayed
+//! in whole events and one that breaks (or ends mid-event) gets a final error
+//! event in the provider's shape, never a silent end; any other body that
+//! breaks raises [`Error::Upstream`], so a server aborts the connection
+//! rather than present a truncated body as complete; and an error body that
+//! echoes one of the pool's keys has it replaced by the key's hint.
+
+use std::collections::VecDeque;
+
+use bytes::{Bytes, BytesMut};
+use futures_util::FutureExt;
+use tokio::sync::mpsc;
+use tokio::task::AbortHandle;
+use tokio_util::sync::CancellationToken;
+
+use crate::error::{Error, ErrorKind, Result};
+use crate::provider::Provider;
+use crate::sse::Framer;
+
+/// Chunks of a body in arrival order, handed over together.
+pub type Chunks = Vec<Bytes>;
+
+/// How many bytes of already-received chunks one batch gathers, at most.
+pub const BATCH_LIMIT: usize = 256 * 1024;
+
+/// How many chunks the pump reads ahead of the caller.
+const READ_AHEAD: usize = 64;
+
+/// Why an upstream body ended early, worded for the error event or error.
+const SHUTTING_DOWN: &str = "the server is shutting down";
+
+/// An upstream body as the pump reads it.
+#[derive(Debug)]
+pub(crate) struct Stream {
+    pub resp: reqwest::Response,
+    /// Bytes already read from `resp` (while judging it), relayed first.
+    pub pending: VecDeque<Bytes>,
+    /// For `text/event-stream`: relay whole events and end a broken stream
+    /// with an error event in this provider's shape.
+    pub sse: Option<(Framer, Provider)>,
+    /// For error (non-2xx) bodies: replaces the pool's keys by their hints.
+    pub scrubber: Option<Scrubber>,
+    /// Cancelled when the client shuts down: the body ends with an error.
+    pub shutdown: CancellationToken,
+    pub done: bool,
+}
+
+impl Stream {
+    async fn next_chunk(&mut self) -> Result<Option<Bytes>> {
+        loop {
+            let chunk = match self.next_raw().await? {
+                Some(chunk) => chunk,
+                None => return Ok(self.scrubber.as_mut().and_then(Scrubber::finish)),
+            };
+            match &mut self.scrubber {
+                None => return Ok(Some(chunk)),
+                Some(scrubber) => {
+                    if let Some(clean) = scrubber.push(&chunk) {
+                        return Ok(Some(clean));
+                    }
+                }
+            }
+        }
+    }
+
+    async fn next_raw(&mut self) -> Result<Option<Bytes>> {
+        if let Some(chunk) = self.pending.pop_front() {
+            return Ok(Some(chunk));
+        }
+        while !self.done {
+            let read = tokio::select! {
+                biased;
+                _ = self.shutdown.cancelled() => Err(None),
+                read = self.resp.chunk() => read.map_err(Some),
+            };
+            match (read, &mut self.sse) {
+                (Ok(Some(chunk)), None) => return Ok(Some(chunk)),
+                (Ok(Some(chunk)), Some((framer, _))) => {
+                    if let Some(events) = framer.push(chunk) {
+                        return Ok(Some(events));
+                    }
+                }
+                (Ok(None), None) => self.done = true,
+                (Ok(None), Some((framer, provider))) => {
+                    self.done = true;
+                    // Whatever partial event is held was never relayed: a
+                    // stream that ends inside an event broke.
+                    let held = framer.take_held();
+                    if !held.trim_ascii().is_empty() {
+                        return Ok(Some(error_event(
+                            *provider,
+                            "upstream stream ended in the middle of an event",
+                        )));
+                    }
+                }
+                (Err(cause), sse) => {
+                    self.done = true;
+                    let message = match &cause {
+                        Some(e) => format!("upstream stream broke: {}", describe(e)),
+                        None => SHUTTING_DOWN.to_owned(),
+                    };
+                    return match sse {
+                        Some((_, provider)) => Ok(Some(error_event(*provider, &message))),
+                        None => Err(Error::Upstream(match cause {
+                            Some(e) => describe(&e),
+                            None => message,
+                        })),
+                    };
+                }
+            }
+        }
+        Ok(None)
+    }
+
+    /// Reads the body into `tx` as fast as upstream sends it (up to
+    /// READ_AHEAD chunks ahead), so the caller finds chunks waiting instead
+    /// of waiting for each one; stops when the caller goes away.
+    async fn pump(mut self, tx: mpsc::Sender<Result<Bytes>>) {
+        loop {
+            let item = match self.next_chunk().await {
+                Ok(Some(chunk)) => Ok(chunk),
+                Ok(None) => return,
+                Err(err) => Err(err),
+            };
+            let last = item.is_err();
+            if tx.send(item).await.is_err() || last {
+                return;
+            }
+        }
+    }
+}
+
+fn error_event(provider: Provider, message: &str) -> Bytes {
+    Bytes::from(provider.sse_error_event(ErrorKind::Api, message))
+}
+
+/// A readable description of a transport error and its causes, without URL.
+pub(crate) fn describe(err: &reqwest::Error) -> String {
+    use std::error::Error as _;
+    let mut parts: Vec<String> = Vec::new();
+    let top = if err.is_connect() {
+        "could not connect to upstream"
+    } else if err.is_timeout() {
+        "upstream went silent for longer than the timeout"
+    } else if err.is_body() || err.is_decode() {
+        "the response body broke"
+    } else {
+        "the connection failed"
+    };
+    parts.push(top.to_owned());
+    let mut source = err.source();
+    while let Some(cause) = source {
+        let text = cause.to_string();
+        if !parts.iter().any(|p| p.contains(&text)) {
+            parts.push(text);
+        }
+        source = cause.source();
+    }
+    parts.join(": ")
+}
+
+/// Replaces secrets in a byte stream by their hints, also where a secret is
+/// split across chunks: the last `longest - 1` bytes are held back until the
+/// next chunk (or the end) shows whether they start a secret.
+#[derive(Debug)]
+pub(crate) struct Scrubber {
+    secrets: Vec<(Vec<u8>, Vec<u8>)>,
+    keep: usize,
+    held: Vec<u8>,
+}
+
+impl Scrubber {
+    /// None when there is nothing to scrub for.
+    pub fn new<'a>(secrets: impl IntoIterator<Item = (&'a str, &'a str)>) -> Option<Self> {
+        let secrets: Vec<(Vec<u8>, Vec<u8>)> = secrets
+            .into_iter()
+            .filter(|(value, _)| !value.is_empty())
+            .map(|(v, h)| (v.as_bytes().to_vec(), h.as_bytes().to_vec()))
+            .collect();
+        let longest = secrets.iter().map(|(v, _)| v.len()).max()?;
+        Some(Self {
+            secrets,
+            keep: longest - 1,
+            held: Vec::new(),
+        })
+    }
+
+    /// Adds a chunk; returns the scrubbed bytes that are safe to send now.
+    pub fn push(&mut self, chunk: &[u8]) -> Option<Bytes> {
+        self.held.extend_from_slice(chunk);
+        self.replace_all();
+        let safe = self.held.len().saturating_sub(self.keep);
+        (safe > 0).then(|| Bytes::from(self.held.drain(..safe).collect::<Vec<u8>>()))
+    }
+
+    /// The rest, at the end of the body.
+    pub fn finish(&mut self) -> Option<Bytes> {
+        self.replace_all();
+        (!self.held.is_empty()).then(|| Bytes::from(std::mem::take(&mut self.held)))
+    }
+
+    fn replace_all(&mut self) {
+        for (secret, hint) in &self.secrets {
+            if let Some(replaced) = replace(&self.held, secret, hint) {
+                self.held = replaced;
+            }
+        }
+    }
+}
+
+/// `haystack` with every `needle` replaced, or None when there is none.
+fn replace(haystack: &[u8], needle: &[u8], with: &[u8]) -> Option<Vec<u8>> {
+    let first = find(haystack, needle, 0)?;
+    let mut out = Vec::with_capacity(haystack.len());
+    let mut at = 0;
+    let mut next = Some(first);
+    while let Some(i) = next {
+        out.extend_from_slice(&haystack[at..i]);
+        out.extend_from_slice(with);
+        at = i + needle.len();
+        next = find(haystack, needle, at);
+    }
+    out.extend_from_slice(&haystack[at..]);
+    Some(out)
+}
+
+fn find(haystack: &[u8], needle: &[u8], from: usize) -> Option<usize> {
+    haystack
+        .get(from..)?
+        .windows(needle.len())
+        .position(|w| w == needle)
+        .map(|i| i + from)
+}
+
+/// `value` with the pool's secrets replaced, if it holds any (for headers).
+pub(crate) fn scrub_value<'a>(
+    value: &[u8],
+    secrets: impl IntoIterator<Item = (&'a str, &'a str)>,
+) -> Option<Vec<u8>> {
+    let mut out: Option<Vec<u8>> = None;
+    for (secret, hint) in secrets {
+        if secret.is_empty() || value.len() < secret.len() {
+            continue;
+        }
+        let current = out.as_deref().unwrap_or(value);
+        if let Some(replaced) = replace(current, secret.as_bytes(), hint.as_bytes()) {
+            out = Some(replaced);
+        }
+    }
+    out
+}
+
+/// A response body: synthesized bytes, or an upstream stream read by a pump
+/// task. Safe to share between tasks; `close()` (or dropping the body) drops
+/// the upstream connection at once, even while a task waits for a chunk.
+#[derive(Debug)]
+pub struct ResponseBody {
+    source: tokio::sync::Mutex<Source>,
+    closed: CancellationToken,
+    pump: Option<AbortHandle>,
+}
+
+#[derive(Debug)]
+enum Source {
+    Full(Bytes),
+    Channel {
+        rx: mpsc::Receiver<Result<Bytes>>,
+        /// An error met while gathering a batch, raised after the batch.
+        deferred: Option<Error>,
+    },
+    Done,
+}
+
+impl ResponseBody {
+    pub fn full(bytes: impl Into<Bytes>) -> Self {
+        Self {
+            source: tokio::sync::Mutex::new(Source::Full(bytes.into())),
+            closed: CancellationToken::new(),
+            pump: None,
+        }
+    }
+
+    /// Starts the pump task; call within the tokio runtime.
+    pub(crate) fn stream(stream: Stream) -> Self {
+        let (tx, rx) = mpsc::channel(READ_AHEAD);
+        let pump = tokio::spawn(stream.pump(tx)).abort_handle();
+        Self {
+            source: tokio::sync::Mutex::new(Source::Channel { rx, deferred: None }),
+            closed: CancellationToken::new(),
+            pump: Some(pump),
+        }
+    }
+
+    /// The next chunks, as they arrive, with any others already received
+    /// (up to about BATCH_LIMIT bytes); None at the end or once closed.
+    /// A non-SSE body that breaks raises [`Error::Upstream`] after the chunks
+    /// received before the break; an SSE body that breaks yields one final
+    /// error event instead.
+    pub async fn next_batch(&self) -> Result<Option<Chunks>> {
+        let mut source = tokio::select! {
+            biased;
+            _ = self.closed.cancelled() => return Ok(None),
+            source = self.source.lock() => source,
+        };
+        let (rx, deferred) = match &mut *source {
+            Source::Done => return Ok(None),
+            Source::Full(bytes) => {
+                let bytes = std::mem::take(bytes);
+                *source = Source::Done;
+                return Ok((!bytes.is_empty()).then(|| vec![bytes]));
+            }
+            Source::Channel { rx, deferred } => (rx, deferred),
+        };
+        if let Some(err) = deferred.take() {
+            *source = Source::Done;
+            return Err(err);
+        }
+        let first = tokio::select! {
+            biased;
+            _ = self.closed.cancelled() => None,
+            item = rx.recv() => item,
+        };
+        let first = match first {
+            Some(Ok(chunk)) => chunk,
+            Some(Err(err)) => {
+                *source = Source::Done;
+                return Err(err);
+            }
+            None => {
+                *source = Source::Done;
+                return Ok(None);
+            }
+        };
+        let mut size = first.len();
+        let mut batch = vec![first];
+        while size < BATCH_LIMIT {
+            match rx.try_recv() {
+                Ok(Ok(chunk)) => {
+                    size += chunk.len();
+                    batch.push(chunk);
+                }
+                Ok(Err(err)) => {
+                    *deferred = Some(err);
+                    break;
+                }
+                Err(_) => break,
+            }
+        }
+        Ok(Some(batch))
+    }
+
+    /// `next_batch` when it can answer without waiting; None when it would wait.
+    pub fn try_next_batch(&self) -> Option<Result<Option<Chunks>>> {
+        self.next_batch().now_or_never()
+    }
+
+    /// The rest of the body.
+    pub async fn read_all(&self) -> Result<Bytes> {
+        let mut out = BytesMut::new();
+        while let Some(batch) = self.next_batch().await? {
+            for chunk in batch {
+                out.extend_from_slice(&chunk);
+            }
+        }
+        Ok(out.freeze())
+    }
+
+    /// Closes the body and its upstream connection at once.
+    pub fn close(&self) {
+        self.closed.cancel();
+        if let Some(pump) = &self.pump {
+            pump.abort();
+        }
+    }
+
+    pub fn is_closed(&self) -> bool {
+        self.closed.is_cancelled()
+    }
+}
+
+impl Drop for ResponseBody {
+    fn drop(&mut self) {
+        self.close();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const KEY: &str = "sk-ant-api03-secret-value-0001";
+    const HINT: &str = "sk-a...0001";
+
+    fn scrub_in_pieces(body: &[u8], cut: &[usize]) -> Vec<u8> {
+        let mut scrubber = Scrubber::new([(KEY, HINT), ("short-k", "...")]).unwrap();
+        let mut out = Vec::new();
+        let mut at = 0;
+        for &c in cut.iter().chain([&body.len()]) {
+            if let Some(b) = scrubber.push(&body[at..c]) {
+                out.extend_from_slice(&b);
+            }
+            at = c;
+        }
+        if let Some(b) = scrubber.finish() {
+            out.extend_from_slice(&b);
+        }
+        out
+    }
+
+    #[test]
+    fn scrubs_keys_split_across_chunks() {
+        let body = format!(r#"{{"error":{{"message":"bad key {KEY}, also {KEY} and short-k"}}}}"#);
+        let expected =
+            format!(r#"{{"error":{{"message":"bad key {HINT}, also {HINT} and ..."}}}}"#);
+        for cut in 0..body.len() {
+            assert_eq!(
+                scrub_in_pieces(body.as_bytes(), &[cut]),
+                expected.as_bytes(),
+                "cut at {cut}"
+            );
+        }
+        let every_byte: Vec<usize> = (1..body.len()).collect();
+        assert_eq!(
+            scrub_in_pieces(body.as_bytes(), &every_byte),
+            expected.as_bytes()
+        );
+        assert_eq!(scrub_in_pieces(b"nothing here", &[3]), b"nothing here");
+    }
+
+    #[test]
+    fn scrubs_header_values() {
+        let secrets = [(KEY, HINT)];
+        assert_eq!(scrub_value(b"plain", secrets), None);
+        assert_eq!(
+            scrub_value(format!("key={KEY}").as_bytes(), secrets).unwrap(),
+            format!("key={HINT}").as_bytes()
+        );
+    }
+}

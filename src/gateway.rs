@@ -1,0 +1,418 @@
+//! The proxy's policy, for every front end (the ASGI app, the native server):
+//! who may use the pool (client tokens, compared in constant time), whose
+//! key a request goes with (BYOK), what is refused before any upstream call
+//! (methods, upgrades, paths, bodies over the limit), and the admin
+//! endpoints. A front end only translates: it calls [`Gateway::begin`] with
+//! the request head, reads the body up to [`Forward::body_limit`], and
+//! relays the [`Response`] it gets back.
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use reqwest::header::{HeaderMap, CONTENT_LENGTH};
+
+use crate::error::{Error, ErrorKind, Result};
+use crate::failover::{Credential, FailoverClient, Request, Response};
+use crate::headers::{caller_credential, upgrade_requested};
+use crate::target::normalize_target;
+
+/// Where the admin endpoints live, below the proxy's mount.
+pub const ADMIN_PREFIX: &str = "/_keyfailover/";
+
+/// Settings of a [`Gateway`].
+#[derive(Debug, Clone)]
+pub struct GatewayOptions {
+    /// Tokens callers must present (as `x-api-key`, `api-key`,
+    /// `x-goog-api-key` or `Authorization: Bearer`). None: the host app
+    /// authenticates callers itself.
+    pub client_tokens: Option<Vec<String>>,
+    /// A caller credential that is not a client token is sent upstream once
+    /// as the caller's own key, instead of being refused (with tokens) or
+    /// stripped (without).
+    pub allow_byok: bool,
+    /// Larger request bodies get 413 before any upstream call.
+    pub max_body_bytes: u64,
+    /// Serve the admin endpoints below [`ADMIN_PREFIX`].
+    pub admin: bool,
+}
+
+impl Default for GatewayOptions {
+    fn default() -> Self {
+        Self {
+            client_tokens: None,
+            allow_byok: false,
+            max_body_bytes: 32 * 1024 * 1024,
+            admin: true,
+        }
+    }
+}
+
+/// The proxy policy in front of one failover client.
+#[derive(Debug)]
+pub struct Gateway {
+    client: Arc<FailoverClient>,
+    tokens: Option<Vec<Vec<u8>>>,
+    allow_byok: bool,
+    max_body_bytes: u64,
+    admin: bool,
+}
+
+/// What to do with a request, decided from its head.
+#[derive(Debug)]
+pub enum Step {
+    /// Answer with this; nothing goes upstream.
+    Respond(Response),
+    /// Read the body (at most `body_limit` bytes), then [`Gateway::forward`].
+    Forward(Forward),
+}
+
+/// A request accepted for forwarding, waiting for its body.
+#[derive(Debug)]
+pub struct Forward {
+    request: Request,
+    byok: bool,
+}
+
+impl Forward {
+    /// True when the request goes with the caller's own key.
+    pub fn byok(&self) -> bool {
+        self.byok
+    }
+
+    pub fn method(&self) -> &str {
+        self.request.method.as_str()
+    }
+}
+
+impl Gateway {
+    pub fn new(client: Arc<FailoverClient>, options: GatewayOptions) -> Result<Self> {
+        let tokens = match options.client_tokens {
+            None => None,
+            Some(tokens) if tokens.is_empty() => {
+                return Err(Error::Config(
+                    "client_tokens is empty: give at least one token, or None to leave \
+                     authentication to the host app"
+                        .into(),
+                ))
+            }
+            Some(tokens) => {
+                if tokens.iter().any(|t| t.trim().is_empty()) {
+                    return Err(Error::Config("client tokens must not be blank".into()));
+                }
+                if let Some(t) = tokens
+                    .iter()
+                    .find(|t| client.pool().secrets().any(|(k, _)| k == t.as_str()))
+                {
+                    return Err(Error::Config(format!(
+                        "client token {} is one of the pool's keys",
+                        client.pool().redact(t)
+                    )));
+                }
+                Some(tokens.into_iter().map(String::into_bytes).collect())
+            }
+        };
+        Ok(Self {
+            client,
+            tokens,
+            allow_byok: options.allow_byok,
+            max_body_bytes: options.max_body_bytes,
+            admin: options.admin,
+        })
+    }
+
+    pub fn client(&self) -> &Arc<FailoverClient> {
+        &self.client
+    }
+
+    pub fn max_body_bytes(&self) -> u64 {
+        self.max_body_bytes
+    }
+
+    pub fn has_client_tokens(&self) -> bool {
+        self.tokens.is_some()
+    }
+
+    pub fn allow_byok(&self) -> bool {
+        self.allow_byok
+    }
+
+    /// Decides what to do with a request from its head: `target` is the
+    /// path below the mount with its query, as the caller encoded it.
+    pub fn begin(&self, method: &str, target: &str, headers: HeaderMap) -> Step {
+        let credential = caller_credential(&headers);
+        let authorized = credential
+            .as_ref()
+            .is_some_and(|c| self.is_client_token(c.token()));
+        if self.tokens.is_some() && !authorized && !(self.allow_byok && credential.is_some()) {
+            return self.refuse(ErrorKind::Authentication, "invalid or missing client token");
+        }
+        let path = target.split('?').next().unwrap_or(target);
+        if self.admin && path.starts_with(ADMIN_PREFIX) {
+            if self.tokens.is_some() && !authorized {
+                return self.refuse(
+                    ErrorKind::Authentication,
+                    "admin endpoints need a client token",
+                );
+            }
+            return Step::Respond(self.admin(method, path));
+        }
+        if let Some(protocol) = upgrade_requested(&headers) {
+            return self.refuse(
+                ErrorKind::InvalidRequest,
+                &format!("protocol upgrades ({protocol}) cannot be proxied"),
+            );
+        }
+        if let Some(length) = content_length(&headers) {
+            if length > self.max_body_bytes {
+                return Step::Respond(self.too_large());
+            }
+        }
+        let byok = self.allow_byok && credential.is_some() && !authorized;
+        let mut request = match normalize_target(target)
+            .and_then(|_| Request::new(method, target, headers, Bytes::new()))
+        {
+            Ok(request) => request,
+            Err(err) => return Step::Respond(self.error_response(&err)),
+        };
+        if matches!(request.method.as_str(), "CONNECT" | "TRACE" | "TRACK") {
+            let err = Error::MethodNotAllowed(request.method.to_string());
+            return Step::Respond(self.error_response(&err));
+        }
+        if let (true, Some(credential)) = (byok, credential) {
+            request.credential = Credential::Caller(credential);
+        }
+        Step::Forward(Forward { request, byok })
+    }
+
+    /// The answer for a body over the limit.
+    pub fn too_large(&self) -> Response {
+        self.answer(
+            ErrorKind::RequestTooLarge,
+            &format!(
+                "request body exceeds the limit of {} bytes",
+                self.max_body_bytes
+            ),
+        )
+    }
+
+    /// Sends an accepted request with its body.
+    pub async fn forward(&self, forward: Forward, body: Bytes) -> Response {
+        let mut request = forward.request;
+        request.body = body;
+        match self.client.request(request).await {
+            Ok(response) => response,
+            Err(err) => self.error_response(&err),
+        }
+    }
+
+    /// An error answer of keyfailover's own, in the provider's envelope.
+    pub fn answer(&self, kind: ErrorKind, message: &str) -> Response {
+        Response::error(self.client.provider(), kind, message)
+    }
+
+    fn error_response(&self, err: &Error) -> Response {
+        let (kind, message) = err.answer();
+        self.answer(kind, &message)
+    }
+
+    fn refuse(&self, kind: ErrorKind, message: &str) -> Step {
+        Step::Respond(self.answer(kind, message))
+    }
+
+    /// Whether `given` is one of the client tokens. Every token is compared
+    /// in full, so timing tells neither which one nor how much matched.
+    fn is_client_token(&self, given: &[u8]) -> bool {
+        let Some(tokens) = &self.tokens else {
+            return false;
+        };
+        tokens
+            .iter()
+            .fold(false, |found, token| found | constant_time_eq(given, token))
+    }
+
+    fn admin(&self, method: &str, path: &str) -> Response {
+        let pool = self.client.pool();
+        let endpoint = &path[ADMIN_PREFIX.len()..];
+        let body = match endpoint {
+            "health" => pool.health().to_json(),
+            "keys" => serde_json::json!({"keys": pool.snapshot()
+                .iter()
+                .map(|k| k.to_json())
+                .collect::<Vec<_>>()}),
+            _ => {
+                let shown = pool.redact(path);
+                return self.answer(ErrorKind::NotFound, &format!("no admin endpoint {shown}"));
+            }
+        };
+        if method != "GET" && method != "HEAD" {
+            return self.answer(
+                ErrorKind::MethodNotAllowed,
+                &format!("{path} answers GET only"),
+            );
+        }
+        Response::json(200, body.to_string())
+    }
+}
+
+fn content_length(headers: &HeaderMap) -> Option<u64> {
+    headers
+        .get(CONTENT_LENGTH)
+        .and_then(|v| std::str::from_utf8(v.as_bytes()).ok())
+        .and_then(|v| v.trim().parse().ok())
+}
+
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    if a.len() != b.len() {
+        return false;
+    }
+    let diff = a
+        .iter()
+        .zip(b)
+        .fold(0u8, |acc, (x, y)| acc | std::hint::black_box(x ^ y));
+    diff == 0
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::failover::ClientOptions;
+    use crate::headers::header_map;
+    use crate::pool::{Cooldowns, KeyPool};
+    use crate::provider::Provider;
+    use std::time::Duration;
+
+    const KEY: &str = "sk-ant-api03-pool-key-0000000001";
+
+    fn gateway(options: GatewayOptions) -> Result<Gateway> {
+        let pool = KeyPool::from_keys([KEY], Cooldowns::default(), None)?;
+        let client = FailoverClient::new(
+            pool,
+            ClientOptions {
+                base_url: "http://127.0.0.1:9/prefix".into(),
+                provider: Provider::Anthropic,
+                timeout: Duration::from_secs(1),
+                connect_timeout: Duration::from_secs(1),
+            },
+        )?;
+        Gateway::new(Arc::new(client), options)
+    }
+
+    fn with_tokens(byok: bool) -> Gateway {
+        gateway(GatewayOptions {
+            client_tokens: Some(vec!["team-token".into()]),
+            allow_byok: byok,
+            ..GatewayOptions::default()
+        })
+        .unwrap()
+    }
+
+    fn head(pairs: &[(&str, &str)]) -> HeaderMap {
+        header_map(pairs.iter().map(|(n, v)| (n.as_bytes(), v.as_bytes()))).unwrap()
+    }
+
+    fn status(step: &Step) -> Option<u16> {
+        match step {
+            Step::Respond(r) => Some(r.status),
+            Step::Forward(_) => None,
+        }
+    }
+
+    #[test]
+    fn client_tokens_and_byok() {
+        let strict = with_tokens(false);
+        let post = |g: &Gateway, h: &[(&str, &str)]| g.begin("POST", "/v1/messages", head(h));
+        assert_eq!(status(&post(&strict, &[("x-api-key", "team-token")])), None);
+        assert_eq!(
+            status(&post(&strict, &[("authorization", "Bearer team-token")])),
+            None
+        );
+        assert_eq!(status(&post(&strict, &[("x-api-key", "t")])), Some(401));
+        assert_eq!(
+            status(&post(&strict, &[("x-api-key", "team-token-x")])),
+            Some(401)
+        );
+        assert_eq!(status(&post(&strict, &[])), Some(401));
+
+        let open = with_tokens(true);
+        match post(&open, &[("x-api-key", "sk-callers-own")]) {
+            Step::Forward(f) => assert!(f.byok()),
+            other => panic!("{other:?}"),
+        }
+        match post(&open, &[("x-api-key", "team-token")]) {
+            Step::Forward(f) => assert!(!f.byok()),
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(status(&post(&open, &[])), Some(401));
+    }
+
+    #[test]
+    #[allow(clippy::type_complexity)]
+    fn refused_before_any_upstream_call() {
+        let g = gateway(GatewayOptions {
+            max_body_bytes: 10,
+            ..GatewayOptions::default()
+        })
+        .unwrap();
+        let cases: &[(&str, &str, &[(&str, &str)], u16)] = &[
+            ("CONNECT", "/x", &[], 405),
+            ("TRACE", "/x", &[], 405),
+            (
+                "GET",
+                "/ws",
+                &[("upgrade", "websocket"), ("connection", "upgrade")],
+                400,
+            ),
+            ("GET", "/../admin", &[], 400),
+            ("GET", "/%2e%2e/admin", &[], 400),
+            ("POST", "/v1/messages", &[("content-length", "11")], 413),
+            ("GE T", "/x", &[], 400),
+            ("GET", "/_keyfailover/nope", &[], 404),
+            ("POST", "/_keyfailover/health", &[], 405),
+            ("GET", "/_keyfailover/health", &[], 200),
+        ];
+        for (method, target, headers, expected) in cases {
+            assert_eq!(
+                status(&g.begin(method, target, head(headers))),
+                Some(*expected),
+                "{method} {target}"
+            );
+        }
+        assert_eq!(
+            status(&g.begin("GET", "/v1/models", head(&[("upgrade", "h2c")]))),
+            None
+        );
+        assert_eq!(
+            status(&g.begin("POST", "/v1/x", head(&[("content-length", "10")]))),
+            None
+        );
+        assert_eq!(g.too_large().status, 413);
+    }
+
+    #[test]
+    fn bad_token_lists_are_config_errors() {
+        for (tokens, expected) in [
+            (vec![], "empty"),
+            (vec!["  ".to_owned()], "blank"),
+            (vec![KEY.to_owned()], "one of the pool's keys"),
+        ] {
+            let err = gateway(GatewayOptions {
+                client_tokens: Some(tokens),
+                ..GatewayOptions::default()
+            })
+            .unwrap_err();
+            let message = err.to_string();
+            assert!(
+                matches!(err, Error::Config(_)) && message.contains(expected),
+                "{message}"
+            );
+            assert!(!message.contains(KEY));
+        }
+    }
+
+    #[test]
+    fn constant_time_comparison() {
+        assert!(constant_time_eq(b"abc", b"abc"));
+        assert!(!constant_time_eq(b"abc", b"abd"));
+        assert!(!constant_time_eq(b"abc", b"ab"));
+    }
+}

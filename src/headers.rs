@@ -1,0 +1,295 @@
+//! Header rules, both ways: which request headers go upstream, whose
+//! credential a request carries, which response headers come back.
+//!
+//! Headers stay bytes (`http::HeaderMap`) from the front end to upstream and
+//! back: a value is never decoded and re-encoded on the way.
+
+use reqwest::header::{HeaderMap, HeaderName, HeaderValue, ACCEPT_ENCODING, CONNECTION};
+
+use crate::error::{Error, Result};
+
+/// Headers that describe one connection, never forwarded either way.
+const HOP_BY_HOP: [&str; 10] = [
+    "connection",
+    "keep-alive",
+    "proxy-authenticate",
+    "proxy-authorization",
+    "proxy-connection",
+    "te",
+    "trailer",
+    "trailers",
+    "transfer-encoding",
+    "upgrade",
+];
+
+/// The headers that carry an API key, for every provider keyfailover speaks:
+/// never forwarded from a caller except as that caller's own key (BYOK).
+pub const CREDENTIAL_HEADERS: [&str; 4] =
+    ["x-api-key", "api-key", "x-goog-api-key", "authorization"];
+
+/// Request headers the client sets itself (or reqwest does).
+const SET_BY_CLIENT: [&str; 3] = ["host", "content-length", "accept-encoding"];
+
+pub fn is_hop_by_hop(name: &str) -> bool {
+    HOP_BY_HOP.iter().any(|h| name.eq_ignore_ascii_case(h))
+}
+
+/// The header names that `Connection` header values nominate as hop-by-hop
+/// (RFC 9110, section 7.6.1), lower-case.
+fn connection_options(headers: &HeaderMap) -> Vec<String> {
+    headers
+        .get_all(CONNECTION)
+        .iter()
+        .flat_map(|value| value.as_bytes().split(|&b| b == b','))
+        .filter_map(|option| std::str::from_utf8(option.trim_ascii()).ok())
+        .filter(|option| !option.is_empty())
+        .map(str::to_ascii_lowercase)
+        .collect()
+}
+
+/// A header map from (name, value) byte pairs, as front ends receive them;
+/// names are lower-cased, values kept byte for byte.
+pub fn header_map<N, V>(pairs: impl IntoIterator<Item = (N, V)>) -> Result<HeaderMap>
+where
+    N: AsRef<[u8]>,
+    V: AsRef<[u8]>,
+{
+    let pairs = pairs.into_iter();
+    let mut map = HeaderMap::with_capacity(pairs.size_hint().0);
+    for (name, value) in pairs {
+        let (name, value) = (name.as_ref(), value.as_ref());
+        let header_name = HeaderName::from_bytes(name).map_err(|_| {
+            Error::BadRequest(format!(
+                "invalid header name {:?}",
+                String::from_utf8_lossy(name)
+            ))
+        })?;
+        let header_value = HeaderValue::from_bytes(value).map_err(|_| {
+            Error::BadRequest(format!(
+                "invalid value for header {:?}",
+                header_name.as_str()
+            ))
+        })?;
+        map.append(header_name, header_value);
+    }
+    Ok(map)
+}
+
+/// The headers sent upstream for a caller's headers: hop-by-hop headers, the
+/// ones the `Connection` header nominates, the caller's credentials and the
+/// ones the client sets itself are dropped; `Accept-Encoding: identity` is
+/// added, so error bodies and streams can be read as sent.
+pub fn forwarded(headers: &HeaderMap) -> HeaderMap {
+    let nominated = connection_options(headers);
+    let mut map = HeaderMap::with_capacity(headers.len() + 2);
+    for (name, value) in headers {
+        let n = name.as_str();
+        let dropped = is_hop_by_hop(n)
+            || CREDENTIAL_HEADERS.contains(&n)
+            || SET_BY_CLIENT.contains(&n)
+            || nominated.iter().any(|o| o == n);
+        if !dropped {
+            map.append(name.clone(), value.clone());
+        }
+    }
+    map.insert(ACCEPT_ENCODING, HeaderValue::from_static("identity"));
+    map
+}
+
+/// The response headers relayed to the caller: hop-by-hop and nominated
+/// headers removed, and for a stream (which may end with an error event of
+/// keyfailover's) `Content-Length`.
+pub fn relayed(headers: &HeaderMap, stream: bool) -> HeaderMap {
+    let nominated = connection_options(headers);
+    let mut map = HeaderMap::with_capacity(headers.len());
+    for (name, value) in headers {
+        let n = name.as_str();
+        if !(is_hop_by_hop(n)
+            || nominated.iter().any(|o| o == n)
+            || (stream && n == "content-length"))
+        {
+            map.append(name.clone(), value.clone());
+        }
+    }
+    map
+}
+
+/// True when the response is a server-sent event stream.
+pub fn is_event_stream(headers: &HeaderMap) -> bool {
+    headers
+        .get(reqwest::header::CONTENT_TYPE)
+        .map(|v| v.as_bytes().trim_ascii_start())
+        .is_some_and(|v| v.len() >= 17 && v[..17].eq_ignore_ascii_case(b"text/event-stream"))
+}
+
+/// The protocol a request asks to switch to with `Upgrade`, other than
+/// `h2c` (which a server may ignore); such requests cannot be proxied.
+pub fn upgrade_requested(headers: &HeaderMap) -> Option<String> {
+    headers
+        .get_all(reqwest::header::UPGRADE)
+        .iter()
+        .flat_map(|v| v.as_bytes().split(|&b| b == b','))
+        .map(|p| String::from_utf8_lossy(p.trim_ascii()).into_owned())
+        .find(|p| !p.is_empty() && !p.eq_ignore_ascii_case("h2c"))
+}
+
+/// A caller's own credential, found among its request headers.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CallerCredential {
+    /// The header it came in (one of [`CREDENTIAL_HEADERS`]).
+    pub header: HeaderName,
+    /// The header's value as sent.
+    pub value: HeaderValue,
+}
+
+impl CallerCredential {
+    /// The key or token itself, without the `Bearer` scheme.
+    pub fn token(&self) -> &[u8] {
+        let value = self.value.as_bytes();
+        match self.header.as_str() {
+            "authorization" => value[7..].trim_ascii(),
+            _ => value.trim_ascii(),
+        }
+    }
+}
+
+/// The caller's credential among request headers: the first non-blank
+/// `x-api-key`, `api-key` or `x-goog-api-key` (in that order), else an
+/// `Authorization: Bearer` token. The one rule for it: the proxy checks it
+/// against its client tokens, and sends it once as the caller's own key when
+/// BYOK is allowed.
+pub fn caller_credential(headers: &HeaderMap) -> Option<CallerCredential> {
+    for name in &CREDENTIAL_HEADERS[..3] {
+        if let Some(value) = headers
+            .get_all(*name)
+            .iter()
+            .find(|v| !v.as_bytes().trim_ascii().is_empty())
+        {
+            return Some(CallerCredential {
+                header: HeaderName::from_static(name),
+                value: value.clone(),
+            });
+        }
+    }
+    headers
+        .get_all(reqwest::header::AUTHORIZATION)
+        .iter()
+        .find(|v| is_bearer(v.as_bytes()))
+        .map(|value| CallerCredential {
+            header: reqwest::header::AUTHORIZATION,
+            value: value.clone(),
+        })
+}
+
+fn is_bearer(value: &[u8]) -> bool {
+    value.len() > 7
+        && value[..7].eq_ignore_ascii_case(b"bearer ")
+        && !value[7..].trim_ascii().is_empty()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn map(pairs: &[(&str, &[u8])]) -> HeaderMap {
+        header_map(pairs.iter().map(|(n, v)| (n.as_bytes(), *v))).unwrap()
+    }
+
+    fn found(pairs: &[(&str, &str)]) -> Option<(String, String)> {
+        let headers = map(&pairs
+            .iter()
+            .map(|(n, v)| (*n, v.as_bytes()))
+            .collect::<Vec<_>>());
+        caller_credential(&headers).map(|c| {
+            (
+                c.header.as_str().to_owned(),
+                String::from_utf8(c.token().to_vec()).unwrap(),
+            )
+        })
+    }
+
+    #[test]
+    fn caller_credential_rule() {
+        assert_eq!(found(&[]), None);
+        assert_eq!(
+            found(&[("x-api-key", " sk-1 ")]),
+            Some(("x-api-key".into(), "sk-1".into()))
+        );
+        assert_eq!(
+            found(&[("Authorization", "bearer tok ")]),
+            Some(("authorization".into(), "tok".into()))
+        );
+        assert_eq!(
+            found(&[("authorization", "Bearer tok"), ("X-Api-Key", "sk-1")]),
+            Some(("x-api-key".into(), "sk-1".into())),
+            "x-api-key takes priority"
+        );
+        assert_eq!(
+            found(&[("x-goog-api-key", "g"), ("api-key", "az")]),
+            Some(("api-key".into(), "az".into()))
+        );
+        assert_eq!(
+            found(&[("authorization", "Basic dXNlcg=="), ("x-api-key", "  ")]),
+            None
+        );
+        assert_eq!(found(&[("authorization", "Bearer  ")]), None);
+    }
+
+    #[test]
+    fn forwarding_drops_connection_headers_and_credentials_and_keeps_bytes() {
+        let headers = map(&[
+            ("Connection", b"keep-alive, X-Trace"),
+            ("x-trace", b"1"),
+            ("x-api-key", b"sk-caller"),
+            ("authorization", b"Bearer tok"),
+            ("x-goog-api-key", b"g"),
+            ("host", b"proxy"),
+            ("content-length", b"2"),
+            ("accept-encoding", b"gzip"),
+            ("te", b"trailers"),
+            ("x-foo", b"caf\xe9"),
+            ("anthropic-version", b"2023-06-01"),
+        ]);
+        let out = forwarded(&headers);
+        let names: Vec<&str> = out.keys().map(|n| n.as_str()).collect();
+        assert_eq!(names, ["x-foo", "anthropic-version", "accept-encoding"]);
+        assert_eq!(out["x-foo"].as_bytes(), b"caf\xe9", "bytes unchanged");
+        assert_eq!(out["accept-encoding"], "identity");
+    }
+
+    #[test]
+    fn relayed_headers() {
+        let headers = map(&[
+            ("connection", b"close, x-hop"),
+            ("x-hop", b"1"),
+            ("transfer-encoding", b"chunked"),
+            ("content-length", b"10"),
+            ("content-type", b"text/event-stream; charset=utf-8"),
+        ]);
+        assert!(is_event_stream(&headers));
+        let names = |m: HeaderMap| m.keys().map(|n| n.as_str().to_owned()).collect::<Vec<_>>();
+        assert_eq!(names(relayed(&headers, true)), ["content-type"]);
+        assert_eq!(
+            names(relayed(&headers, false)),
+            ["content-length", "content-type"]
+        );
+    }
+
+    #[test]
+    fn upgrades() {
+        assert_eq!(upgrade_requested(&map(&[("upgrade", b"h2c")])), None);
+        assert_eq!(
+            upgrade_requested(&map(&[("upgrade", b"websocket")])).as_deref(),
+            Some("websocket")
+        );
+        assert_eq!(upgrade_requested(&map(&[])), None);
+    }
+
+    #[test]
+    fn bad_header_bytes_are_bad_requests() {
+        let bad_name = header_map([(&b"x y"[..], &b"1"[..])]).unwrap_err();
+        assert!(matches!(bad_name, Error::BadRequest(m) if m.contains("header name")));
+        let bad_value = header_map([(&b"x"[..], &b"a\nb"[..])]).unwrap_err();
+        assert!(matches!(bad_value, Error::BadRequest(m) if m.contains("\"x\"")));
+    }
+}

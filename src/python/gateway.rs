@@ -1,0 +1,196 @@
+//! Bindings for the proxy policy: `Gateway` and `Forward`, which
+//! `keyfailover.asgi.FailoverProxy` drives.
+
+use std::sync::{Arc, Mutex};
+
+use bytes::Bytes;
+use pyo3::prelude::*;
+use pyo3::types::{PyBytes, PyString};
+use pyo3::IntoPyObjectExt;
+
+use super::bridge;
+use super::client::{PyFailoverClient, PyResponse};
+use super::rules::extract_headers;
+use crate::error::Error;
+use crate::gateway::{Forward, Gateway, GatewayOptions, Step};
+
+/// The proxy's policy in front of a `FailoverClient`: client tokens, BYOK,
+/// body limit, refused methods and paths, admin endpoints.
+#[pyclass(name = "Gateway", module = "keyfailover", frozen)]
+pub struct PyGateway {
+    gateway: Arc<Gateway>,
+    client: Py<PyFailoverClient>,
+}
+
+fn token_list(tokens: Option<&Bound<'_, PyAny>>) -> PyResult<Option<Vec<String>>> {
+    let Some(tokens) = tokens.filter(|t| !t.is_none()) else {
+        return Ok(None);
+    };
+    if tokens.is_instance_of::<PyString>() || tokens.is_instance_of::<PyBytes>() {
+        return Err(Error::Config(
+            "client_tokens must be a list of tokens, not a single string \
+             (a string would make each of its characters a token)"
+                .into(),
+        )
+        .into());
+    }
+    let items = tokens
+        .try_iter()
+        .map_err(|_| Error::Config("client_tokens must be a list of strings".into()))?;
+    items
+        .map(|item| {
+            let item = item?;
+            match item.cast::<PyString>() {
+                Ok(s) => Ok(s.to_str()?.to_owned()),
+                Err(_) => Err(Error::Config(format!(
+                    "client tokens must be str, not {}",
+                    item.get_type().name()?
+                ))
+                .into()),
+            }
+        })
+        .collect::<PyResult<Vec<String>>>()
+        .map(Some)
+}
+
+#[pymethods]
+impl PyGateway {
+    #[new]
+    #[pyo3(signature = (client, *, client_tokens = None, allow_byok = false, max_body_bytes = 32 * 1024 * 1024, admin = true))]
+    fn new(
+        client: &Bound<'_, PyAny>,
+        client_tokens: Option<&Bound<'_, PyAny>>,
+        allow_byok: bool,
+        max_body_bytes: i64,
+        admin: bool,
+    ) -> PyResult<Self> {
+        let client = client.cast::<PyFailoverClient>().map_err(|_| {
+            let given = client
+                .get_type()
+                .name()
+                .map(|n| n.to_string())
+                .unwrap_or_default();
+            let hint = if given == "KeyPool" {
+                ": wrap the pool, FailoverClient(pool, base_url=...)"
+            } else {
+                ""
+            };
+            Error::Config(format!("a FailoverClient is needed, not {given}{hint}"))
+        })?;
+        let max_body_bytes = u64::try_from(max_body_bytes)
+            .map_err(|_| Error::Config("max_body_bytes must not be negative".into()))?;
+        let options = GatewayOptions {
+            client_tokens: token_list(client_tokens)?,
+            allow_byok,
+            max_body_bytes,
+            admin,
+        };
+        let gateway = Gateway::new(client.get().client.clone(), options)?;
+        Ok(Self {
+            gateway: Arc::new(gateway),
+            client: client.clone().unbind(),
+        })
+    }
+
+    /// Decides from a request head: a `Response` to send as it is, or a
+    /// `Forward` that wants the body. `target` is the path below the mount
+    /// with its query, as the caller encoded it; `headers` are (name, value)
+    /// pairs as bytes (or str).
+    fn begin<'py>(
+        &self,
+        py: Python<'py>,
+        method: &str,
+        target: &Bound<'py, PyAny>,
+        headers: &Bound<'py, PyAny>,
+    ) -> PyResult<Bound<'py, PyAny>> {
+        let target = match target.cast::<PyBytes>() {
+            Ok(raw) => raw.as_bytes().iter().map(|&b| char::from(b)).collect(),
+            Err(_) => target.extract::<String>()?,
+        };
+        let headers = match extract_headers(Some(headers)) {
+            Ok(headers) => headers,
+            Err(err) => {
+                let message = err.value(py).str()?.to_string();
+                let answer = self
+                    .gateway
+                    .answer(crate::error::ErrorKind::InvalidRequest, &message);
+                return PyResponse::from(answer).into_bound_py_any(py);
+            }
+        };
+        match self.gateway.begin(method, &target, headers) {
+            Step::Respond(response) => PyResponse::from(response).into_bound_py_any(py),
+            Step::Forward(forward) => PyForward {
+                gateway: self.gateway.clone(),
+                byok: forward.byok(),
+                forward: Mutex::new(Some(forward)),
+            }
+            .into_bound_py_any(py),
+        }
+    }
+
+    /// The answer for a request body over `max_body_bytes`.
+    fn too_large(&self) -> PyResponse {
+        PyResponse::from(self.gateway.too_large())
+    }
+
+    /// Ends every request in flight (see `FailoverClient.shutdown`).
+    fn shutdown(&self) {
+        self.gateway.client().shutdown();
+    }
+
+    #[getter]
+    fn client(&self, py: Python<'_>) -> Py<PyFailoverClient> {
+        self.client.clone_ref(py)
+    }
+
+    #[getter]
+    fn max_body_bytes(&self) -> u64 {
+        self.gateway.max_body_bytes()
+    }
+
+    #[getter]
+    fn allow_byok(&self) -> bool {
+        self.gateway.allow_byok()
+    }
+
+    #[getter]
+    fn has_client_tokens(&self) -> bool {
+        self.gateway.has_client_tokens()
+    }
+}
+
+/// A request the gateway accepted, waiting for its body.
+#[pyclass(name = "Forward", module = "keyfailover", frozen)]
+pub struct PyForward {
+    gateway: Arc<Gateway>,
+    byok: bool,
+    forward: Mutex<Option<Forward>>,
+}
+
+#[pymethods]
+impl PyForward {
+    /// True when the request goes with the caller's own key.
+    #[getter]
+    fn byok(&self) -> bool {
+        self.byok
+    }
+
+    /// Sends the request with `body`; awaits the response head. Once only.
+    fn send<'py>(
+        &self,
+        py: Python<'py>,
+        body: &Bound<'py, PyBytes>,
+    ) -> PyResult<Bound<'py, PyAny>> {
+        let forward = self
+            .forward
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take()
+            .ok_or_else(|| Error::BadRequest("this request was already sent".into()))?;
+        let body = Bytes::copy_from_slice(body.as_bytes());
+        let gateway = self.gateway.clone();
+        bridge::spawn(py, async move {
+            Ok(PyResponse::from(gateway.forward(forward, body).await))
+        })
+    }
+}

@@ -1,0 +1,222 @@
+//! Where a request goes: the upstream base URL, and a caller's request
+//! target (path and query) joined to it without ever leaving it.
+
+use std::borrow::Cow;
+
+use crate::error::{Error, Result};
+
+/// An upstream base URL: http or https, no credentials, query or fragment.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BaseUrl {
+    /// Without a trailing slash.
+    url: String,
+    /// When the path ends in `/v1`: the URL without it. Request paths that
+    /// start with `/v1` themselves (as the SDKs' do) are joined to this, so
+    /// `https://api.openai.com/v1` and `https://api.openai.com` both work.
+    without_v1: Option<String>,
+}
+
+impl BaseUrl {
+    pub fn parse(raw: &str) -> Result<Self> {
+        let shown = masked_url(raw);
+        let url = reqwest::Url::parse(raw)
+            .map_err(|e| Error::Config(format!("base_url {shown:?} is not a URL: {e}")))?;
+        if !url.username().is_empty() || url.password().is_some() {
+            // Refused rather than masked: the pool's keys are the credentials
+            // keyfailover sends, and a URL's userinfo would leak into every
+            // place a URL is printed.
+            return Err(Error::Config(format!(
+                "base_url {shown:?} must not contain credentials (user:password@): \
+                 keyfailover sends the pool's keys"
+            )));
+        }
+        if !matches!(url.scheme(), "http" | "https")
+            || url.query().is_some()
+            || url.fragment().is_some()
+        {
+            return Err(Error::Config(format!(
+                "base_url {shown:?} must be an http or https URL without query or fragment"
+            )));
+        }
+        let url = raw.trim_end_matches('/').to_owned();
+        let without_v1 = url.strip_suffix("/v1").map(str::to_owned);
+        Ok(Self { url, without_v1 })
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.url
+    }
+
+    /// The upstream URL for a request target (`/path?query`): dot segments
+    /// resolved, and refused when they would climb out of the base URL.
+    pub fn join(&self, target: &str) -> Result<String> {
+        let target = normalize_target(target)?;
+        let path = target.split('?').next().unwrap_or("");
+        let base = match &self.without_v1 {
+            Some(without) if path == "/v1" || path.starts_with("/v1/") => without,
+            _ => &self.url,
+        };
+        Ok(format!("{base}{target}"))
+    }
+}
+
+/// `raw` with any userinfo replaced by `***`, for messages.
+fn masked_url(raw: &str) -> Cow<'_, str> {
+    let Some(scheme_end) = raw.find("://") else {
+        return Cow::Borrowed(raw);
+    };
+    let rest = &raw[scheme_end + 3..];
+    let authority_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+    match rest[..authority_end].rfind('@') {
+        Some(at) => Cow::Owned(format!("{}***@{}", &raw[..scheme_end + 3], &rest[at + 1..])),
+        None => Cow::Borrowed(raw),
+    }
+}
+
+/// A request target with its dot segments (`.`, `..`, also percent-encoded)
+/// resolved. Errors for a target that does not start with `/`, holds bytes a
+/// request line cannot carry (controls, spaces, backslashes, non-ASCII), or
+/// whose `..` segments would climb above its root.
+pub fn normalize_target(target: &str) -> Result<Cow<'_, str>> {
+    if !target.starts_with('/') {
+        return Err(Error::BadRequest(format!(
+            "path {:?} must start with '/'",
+            truncated(target)
+        )));
+    }
+    if let Some(bad) = target
+        .bytes()
+        .find(|&b| !b.is_ascii_graphic() || b == b'\\' || b == b'#')
+    {
+        return Err(Error::BadRequest(format!(
+            "path {:?} holds a character a request target cannot carry ({:?})",
+            truncated(target),
+            char::from(bad)
+        )));
+    }
+    let (path, query) = match target.find('?') {
+        Some(i) => target.split_at(i),
+        None => (target, ""),
+    };
+    let segments: Vec<&str> = path[1..].split('/').collect();
+    if !segments.iter().any(|s| dot_segment(s).is_some()) {
+        return Ok(Cow::Borrowed(target));
+    }
+    let mut out: Vec<&str> = Vec::with_capacity(segments.len());
+    let last = segments.len() - 1;
+    for (i, segment) in segments.iter().enumerate() {
+        match dot_segment(segment) {
+            Some(DotSegment::Current) => {}
+            Some(DotSegment::Parent) => {
+                if out.pop().is_none() {
+                    return Err(Error::BadRequest(format!(
+                        "path {:?} leaves the upstream base URL",
+                        truncated(target)
+                    )));
+                }
+            }
+            None => out.push(segment),
+        }
+        // "/a/." and "/a/b/.." keep their trailing slash.
+        if i == last && dot_segment(segment).is_some() {
+            out.push("");
+        }
+    }
+    Ok(Cow::Owned(format!("/{}{query}", out.join("/"))))
+}
+
+enum DotSegment {
+    Current,
+    Parent,
+}
+
+fn dot_segment(segment: &str) -> Option<DotSegment> {
+    let decoded = segment.replace("%2e", ".").replace("%2E", ".");
+    match decoded.as_str() {
+        "." => Some(DotSegment::Current),
+        ".." => Some(DotSegment::Parent),
+        _ => None,
+    }
+}
+
+fn truncated(text: &str) -> &str {
+    match text.char_indices().nth(200) {
+        Some((i, _)) => &text[..i],
+        None => text,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn join(base: &str, target: &str) -> Result<String> {
+        BaseUrl::parse(base)?.join(target)
+    }
+
+    #[test]
+    fn targets_never_leave_the_base_url() {
+        let base = "http://up/prefix";
+        assert_eq!(
+            join(base, "/v1/messages").unwrap(),
+            "http://up/prefix/v1/messages"
+        );
+        assert_eq!(
+            join(base, "/a/../b?x=/../").unwrap(),
+            "http://up/prefix/b?x=/../"
+        );
+        assert_eq!(join(base, "/a/./b/.").unwrap(), "http://up/prefix/a/b/");
+        assert_eq!(join(base, "/a/%2E%2e/b").unwrap(), "http://up/prefix/b");
+        for escape in ["/../admin", "/%2e%2e/admin", "/a/../../admin", "/.%2E/x"] {
+            let err = join(base, escape).unwrap_err();
+            assert!(
+                matches!(&err, Error::BadRequest(m) if m.contains("leaves")),
+                "{escape}: {err:?}"
+            );
+        }
+        for bad in ["/a\\..\\b", "/a b", "/a\tb", "/caf\u{e9}", "/x#frag", "x"] {
+            assert!(
+                matches!(join(base, bad), Err(Error::BadRequest(_))),
+                "{bad}"
+            );
+        }
+        assert_eq!(join(base, "/..a/b..").unwrap(), "http://up/prefix/..a/b..");
+    }
+
+    #[test]
+    fn a_trailing_v1_is_not_doubled() {
+        let base = "https://api.openai.com/v1/";
+        assert_eq!(
+            join(base, "/v1/chat/completions").unwrap(),
+            "https://api.openai.com/v1/chat/completions"
+        );
+        assert_eq!(
+            join(base, "/models").unwrap(),
+            "https://api.openai.com/v1/models"
+        );
+        assert_eq!(
+            join(base, "/v1?x=1").unwrap(),
+            "https://api.openai.com/v1?x=1"
+        );
+        assert_eq!(
+            join("https://x/v10", "/v1/m").unwrap(),
+            "https://x/v10/v1/m"
+        );
+    }
+
+    #[test]
+    fn base_urls() {
+        assert!(BaseUrl::parse("https://api.anthropic.com").is_ok());
+        for bad in ["ftp://x", "http://x/?q=1", "http://x/#f", "not a url"] {
+            assert!(
+                matches!(BaseUrl::parse(bad), Err(Error::Config(_))),
+                "{bad}"
+            );
+        }
+        let err = BaseUrl::parse("https://user:hunter2@up.example/p").unwrap_err();
+        let message = err.to_string();
+        assert!(message.contains("credentials"), "{message}");
+        assert!(message.contains("https://***@up.example/p"), "{message}");
+        assert!(!message.contains("hunter2"), "{message}");
+    }
+}
