@@ -60,7 +60,9 @@ class Plan:
     drift_requests: int
     sdk_duration: float
     paced_rate: float  # requests/s in all, for the latency below saturation
+    client_requests: int  # bare FailoverClient vs httpx2: requests each way, in three runs
     sdk_concurrency: int = 16
+    client_concurrency: int = 32
 
 
 FULL = Plan(
@@ -75,6 +77,7 @@ FULL = Plan(
     drift_requests=100_000,
     sdk_duration=3.0,
     paced_rate=500,
+    client_requests=20_000,
 )
 SMOKE = Plan(
     duration=0.5,
@@ -88,6 +91,7 @@ SMOKE = Plan(
     drift_requests=300,
     sdk_duration=0.3,
     paced_rate=100,
+    client_requests=200,
     sdk_concurrency=4,
 )
 

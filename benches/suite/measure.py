@@ -300,6 +300,28 @@ def sdk(bench: Bench) -> dict[str, Any]:
     return out
 
 
+def client(bench: Bench) -> dict[str, Any]:
+    """The bare FailoverClient vs httpx2.AsyncClient, straight to the upstream (`_client`)."""
+    plan = bench.plan
+    spec = {
+        "upstream": bench.fast.url,
+        "requests": plan.client_requests,
+        "concurrency": plan.client_concurrency,
+        "sse_rounds": plan.sse_rounds,
+        "rounds": plan.failover_rounds,
+    }
+    out: dict[str, Any] = run_role("_client", spec, cpus=SERVER_CPU, timeout=300)
+    rps, one = out["blocking"], out["sequential"]
+    log(
+        f"  c={plan.client_concurrency}: httpx2 {rps['httpx2']:,.0f} req/s, FailoverClient "
+        f"{rps['keyfailover']:,.0f} req/s ({rps['keyfailover'] / rps['httpx2']:.2f}x); one at a "
+        f"time: {one['httpx2'] * 1e3:.3f} ms, {one['keyfailover'] * 1e3:.3f} ms, "
+        f"{one['keyfailover_failover'] * 1e3:.3f} ms with a failover"
+    )
+    out["concurrency"] = plan.client_concurrency
+    return out
+
+
 def core(bench: Bench) -> dict[str, Any]:
     """walker.next()+mark ns/op in Rust (cargo bench) and from Python (bench_pool.py)."""
     smoke, notes = bench.smoke, bench.notes

@@ -38,6 +38,7 @@ MEASUREMENTS: list[Measurement] = [
     Measurement("drift", "drift", measure.drift, None),
     Measurement("streams", "memory", measure.streams, report.memory_section),
     Measurement("sdk", "sdk", measure.sdk, report.sdk_section),
+    Measurement("client", "client", measure.client, report.client_section),
     Measurement("core", "core", measure.core, report.core_section, needs_setups=False),
 ]
 
@@ -46,5 +47,6 @@ ROLES: dict[str, Callable[[dict[str, Any]], Any]] = {
     "_loadgen": lambda spec: asyncio.run(load.loadgen(spec)),
     "_hold": lambda spec: asyncio.run(load.hold(spec)),
     "_sdk": lambda spec: asyncio.run(inprocess.sdk_role(spec)),
+    "_client": lambda spec: asyncio.run(inprocess.client_role(spec)),
     "_mock": procs.mock_role,
 }

@@ -341,6 +341,54 @@ def sdk_section(r: dict[str, Any]) -> list[str]:
     return out
 
 
+def client_section(r: dict[str, Any]) -> list[str]:
+    """In-process: the bare FailoverClient against httpx2.AsyncClient."""
+    client = r.get("client")
+    if not client:
+        return []
+    plan = r["plan"]
+    rps, sse, one = client["blocking"], client["sse"], client["sequential"]
+    rows = [
+        (f"small blocking requests, c={client['concurrency']}: req/s", rps, "{:,.0f}", 1),
+        (f"{SSE_EVENTS:,}-event SSE stream: first byte ms", _pick(sse, "ttfb"), "{:.2f}", 1e3),
+        (f"{SSE_EVENTS:,}-event SSE stream: total ms", _pick(sse, "total"), "{:.2f}", 1e3),
+        ("one request at a time: ms", one, "{:.3f}", 1e3),
+    ]
+    out = [
+        "",
+        "## In-process: the bare FailoverClient",
+        "",
+        "`FailoverClient` vs `httpx2.AsyncClient` (pooled connections), both sending straight "
+        "to the upstream, in one process on one core: small blocking requests "
+        f"{client['concurrency']} at a time (best of three alternating runs of "
+        f"{client['requests']:,}); the {SSE_EVENTS:,}-event SSE stream one at a time, "
+        f"alternating (medians of {plan['sse_rounds']}; first byte: the first body bytes); "
+        f"requests one after another (medians of {plan['failover_rounds']}).",
+        "",
+        "| measure | httpx2.AsyncClient | FailoverClient | FailoverClient / httpx2 |",
+        "| --- | ---: | ---: | ---: |",
+    ]
+    for name, pair, fmt, scale in rows:
+        hx, kf = pair["httpx2"], pair["keyfailover"]
+        out.append(
+            f"| {name} | {fmt.format(hx * scale)} | {fmt.format(kf * scale)} | {kf / hx:.2f}x |"
+        )
+    added = one["keyfailover_failover"] - one["keyfailover"]
+    out += [
+        "",
+        "For times, a ratio below 1 means FailoverClient is faster. One failover: a request "
+        "whose first key answers 429 (`retry-after-ms: 1`; the key is reset before each "
+        "request) before the second answers 200 takes "
+        f"{one['keyfailover_failover'] * 1e3:.3f} ms against {one['keyfailover'] * 1e3:.3f} ms "
+        f"when the first key succeeds: {added * 1e3:+.3f} ms, one upstream round trip included.",
+    ]
+    return out
+
+
+def _pick(rows: dict[str, dict[str, float]], field: str) -> dict[str, float]:
+    return {name: row[field] for name, row in rows.items()}
+
+
 def core_section(r: dict[str, Any]) -> list[str]:
     """The key pool core, in Rust and from Python."""
     out: list[str] = []
