@@ -42,8 +42,6 @@ test-python: build
 bench-smoke: build
 	$(CARGO) bench --quiet --bench pool -- --smoke
 	$(PY) benches/bench_pool.py --smoke
-	timeout 300 $(PY) benches/bench_client.py --smoke
-	timeout 300 $(PY) benches/bench_mock_upstream.py --smoke
 	timeout 600 $(PY) benches/run.py --smoke
 
 test: lint test-rust test-python bench-smoke

@@ -1,0 +1,488 @@
+"""The report: the goals, the markdown (a header, each measurement's section, the
+notes) and the plots.
+
+Each measurement's section is a function `(results) -> list[str]` named in
+`registry.MEASUREMENTS`; it reads its own key of the results (and any other
+it compares with) and returns its lines, starting with a blank one, or none
+when there is nothing to show.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from typing import Any
+
+from .config import PCTS, RESULTS, SLOW_DELAY, SSE_EVENTS
+
+
+def ms(seconds: float) -> str:
+    return f"{seconds * 1e3:.2f}"
+
+
+def mb(size: float) -> str:
+    return f"{size / 2**20:.1f} MB"
+
+
+def verdict(ok: bool | None) -> str:
+    return {True: "**pass**", False: "**FAIL**", None: "n/a"}[ok]
+
+
+def check_goals(r: dict[str, Any], smoke: bool) -> list[tuple[str, str, bool | None]]:
+    """(goal, measured figure, pass/fail/n-a) for each goal of the brief."""
+    goals: list[tuple[str, str, bool | None]] = []
+    blocking, labels = r["blocking"], r["labels"]
+    kf, py, direct = (
+        blocking.get("kf-uvicorn", {}),
+        blocking.get("py-uvicorn", {}),
+        blocking["direct"],
+    )
+    if "16" in kf:
+        added50 = kf["16"]["p"]["50"] - direct["16"]["p"]["50"]
+        added99 = kf["16"]["p"]["99"] - direct["16"]["p"]["99"]
+        goals.append(
+            (
+                "FailoverProxy + uvicorn adds <= 1 ms p50 and <= 3 ms p99 over direct, c=16 "
+                "(closed loop, saturated)",
+                f"+{added50:.2f} ms p50, +{added99:.2f} ms p99",
+                added50 <= 1 and added99 <= 3,
+            )
+        )
+    paced = r.get("paced") or {}
+    if "kf-uvicorn" in paced and "direct" in paced:
+        kf_p, base = paced["kf-uvicorn"]["p"], paced["direct"]["p"]
+        added50, added99 = kf_p["50"] - base["50"], kf_p["99"] - base["99"]
+        goals.append(
+            (
+                "the same, 16 connections at a fixed "
+                f"{r['plan']['paced_rate']:,.0f} req/s (below saturation)",
+                f"+{added50:.2f} ms p50, +{added99:.2f} ms p99",
+                added50 <= 1 and added99 <= 3,
+            )
+        )
+    for c in ("16", "64"):
+        if c in kf and c in py:
+            ratio = kf[c]["rps"] / py[c]["rps"]
+            goals.append(
+                (
+                    f"FailoverProxy throughput >= 2x pure Python at c={c}",
+                    f"{ratio:.2f}x ({kf[c]['rps']:.0f} vs {py[c]['rps']:.0f} req/s)",
+                    ratio >= 2,
+                )
+            )
+        else:
+            goals.append((f"FailoverProxy throughput >= 2x pure Python at c={c}", "not run", None))
+    errors = {c: v["errors"] for c, v in kf.items()}
+    goals.append(
+        (
+            f"{labels.get('kf-uvicorn', 'FailoverProxy')}: no errors at any concurrency",
+            ", ".join(f"c={c}: {n}" for c, n in errors.items()),
+            all(n == 0 for n in errors.values()),
+        )
+    )
+    sdk = r.get("sdk") or {}
+    for kind in ("blocking", "stream"):
+        if f"default/{kind}" in sdk:
+            ratio = sdk[f"keyfailover/{kind}"] / sdk[f"default/{kind}"]
+            goals.append(
+                (
+                    "In-process AsyncFailoverTransport >= httpx2 default "
+                    f"({kind}, c={r['plan']['sdk_concurrency']})",
+                    f"{ratio:.2f}x",
+                    ratio >= 1,
+                )
+            )
+    memory = (r.get("memory") or {}).get("kf-uvicorn")
+    if memory:
+        goals.append(
+            (
+                f"{memory['n']} concurrent streams: proxy RSS < 100 MB",
+                mb(memory["streams"]),
+                memory["streams"] < 100 * 2**20,
+            )
+        )
+    drift = r.get("drift")
+    if drift:
+        goals.append(
+            (
+                f"RSS drift over {drift['requests']:,} requests < 5%",
+                f"{drift['drift']:+.2%} ({mb(drift['first'])} -> {mb(drift['last'])})",
+                abs(drift["drift"]) < 0.05,
+            )
+        )
+    if smoke:  # tiny counts: the figures show the suite works, not how fast anything is
+        return [(goal, figure, None) for goal, figure, _ in goals]
+    return goals
+
+
+# --------------------------------------------------------------------------
+# Markdown
+# --------------------------------------------------------------------------
+
+
+def render(
+    r: dict[str, Any], smoke: bool, sections: Iterable[Callable[[dict[str, Any]], list[str]]]
+) -> str:
+    """results/latest.md (or smoke.md): the header and goals, `sections` in order, the tail."""
+    out = header(r, smoke)
+    for section in sections:
+        out += section(r)
+    return "\n".join(out + tail(r)) + "\n"
+
+
+def header(r: dict[str, Any], smoke: bool) -> list[str]:
+    """The title, the setups, the load and upstream, the goals."""
+    labels: dict[str, str] = r["labels"]
+    out = [
+        "# keyfailover benchmarks"
+        + (" (smoke run: tiny counts, figures not meaningful)" if smoke else ""),
+        "",
+        f"Generated by `python benches/run.py{' --smoke' if smoke else ''}` on {r['env']['date']} "
+        f"in {r['env']['wall']:.0f} s. {r['env']['machine']}",
+        "",
+        "Read the ratios: every setup ran in the same run against the same upstream, with the "
+        "same load, but absolute times on a shared machine move from run to run.",
+        "",
+        "## Setups",
+        "",
+        "| setup | how |",
+        "| --- | --- |",
+    ]
+    out += [f"| {labels[key]} | {note} |" for key, note in r["setup_notes"].items()]
+    out += ["", f"Load: {r['env']['load']}. Upstream: {r['env']['upstream']}.", ""]
+
+    out += ["## Goals", "", "| goal | measured | result |", "| --- | --- | --- |"]
+    out += [f"| {goal} | {figure} | {verdict(ok)} |" for goal, figure, ok in check_goals(r, smoke)]
+    return out
+
+
+def blocking_section(r: dict[str, Any]) -> list[str]:
+    """Small blocking requests: one row per setup and concurrency."""
+    labels: dict[str, str] = r["labels"]
+    out: list[str] = []
+    blocking = r["blocking"]
+    direct = blocking["direct"]
+    out += [
+        "",
+        "## Small blocking requests",
+        "",
+        "POST /v1/messages (small JSON reply), closed loop: each connection sends its next "
+        "request when the last reply is complete. Latency under this load includes queueing "
+        "(p50 is about concurrency / throughput); the c=1 rows are the unloaded per-request cost.",
+        "",
+        "| setup | conc. | req/s | x direct | x pure Python | p50 ms | p99 ms "
+        "| added p50 | added p99 | errors |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for c in r["plan"]["concurrencies"]:
+        for key, rows in blocking.items():
+            row = rows.get(str(c))
+            if row is None:
+                continue
+            py = blocking.get("py-uvicorn", {}).get(str(c))
+            base = direct[str(c)]
+            p50, p99 = row["p"]["50"], row["p"]["99"]
+            cells = [
+                labels[key],
+                str(c),
+                f"{row['rps']:,.0f}",
+                f"{row['rps'] / base['rps']:.2f}",
+                f"{row['rps'] / py['rps']:.2f}" if py else "-",
+                f"{p50:.2f}",
+                f"{p99:.2f}",
+                f"{p50 - base['p']['50']:+.2f}",
+                f"{p99 - base['p']['99']:+.2f}",
+                str(row["errors"]),
+            ]
+            out.append("| " + " | ".join(cells) + " |")
+    return out
+
+
+def paced_section(r: dict[str, Any]) -> list[str]:
+    """Latency below saturation."""
+    labels: dict[str, str] = r["labels"]
+    out: list[str] = []
+    paced = r.get("paced") or {}
+    if "direct" in paced:
+        base = paced["direct"]
+        out += [
+            "",
+            f"## Latency below saturation: {r['plan']['paced_rate']:,.0f} requests/s",
+            "",
+            "The same requests at a fixed pace (open loop) over 16 connections, latency counted "
+            "from each request's scheduled time: the cost of one request through a proxy that is "
+            "busy but not saturated. Python client (wrk cannot pace).",
+            "",
+            "| setup | req/s | p50 ms | p90 ms | p99 ms | added p50 | added p99 | errors |",
+            "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        ]
+        for key, row in paced.items():
+            p50, p99 = row["p"]["50"], row["p"]["99"]
+            out.append(
+                f"| {labels[key]} | {row['rps']:,.0f} | {p50:.2f} | {row['p']['90']:.2f} "
+                f"| {p99:.2f} | {p50 - base['p']['50']:+.2f} | {p99 - base['p']['99']:+.2f} "
+                f"| {row['errors']} |"
+            )
+    return out
+
+
+def sse_section(r: dict[str, Any]) -> list[str]:
+    """The 1,000-event SSE stream."""
+    labels: dict[str, str] = r["labels"]
+    out: list[str] = []
+    sse = r.get("sse") or {}
+    if "direct" in sse:
+        base = sse["direct"]
+        out += [
+            "",
+            f"## {SSE_EVENTS:,}-event SSE stream",
+            "",
+            "One stream at a time over a keep-alive connection; medians of "
+            f"{r['plan']['sse_rounds']} streams. First byte: the first response byte.",
+            "",
+            "| setup | first byte ms | total ms | added first byte | added total |",
+            "| --- | ---: | ---: | ---: | ---: |",
+        ]
+        for key, row in sse.items():
+            out.append(
+                f"| {labels[key]} | {ms(row['ttfb'])} | {ms(row['total'])} "
+                f"| {(row['ttfb'] - base['ttfb']) * 1e3:+.2f} "
+                f"| {(row['total'] - base['total']) * 1e3:+.2f} |"
+            )
+    return out
+
+
+def failover_section(r: dict[str, Any]) -> list[str]:
+    """One failover."""
+    labels: dict[str, str] = r["labels"]
+    out: list[str] = []
+    failover = r.get("failover") or {}
+    if "direct" in failover:
+        rtt = failover["direct"]["plain"]
+        out += [
+            "",
+            "## One failover",
+            "",
+            "Sequential requests (medians): one whose only key answers at once, and one whose "
+            "first key answers 429 (`retry-after-ms: 1`) before the second answers 200. The "
+            f"extra upstream round trip costs about {ms(rtt)} ms (a request sent directly).",
+            "",
+            "| setup | first key OK ms | first key 429 ms | added by failover | "
+            "added / upstream round trip | upstream calls per request | not 200 |",
+            "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+        ]
+        for key, row in failover.items():
+            if key == "direct":
+                continue
+            added = row["failover"] - row["plain"]
+            out.append(
+                f"| {labels[key]} | {ms(row['plain'])} | {ms(row['failover'])} "
+                f"| {added * 1e3:+.3f} ms | {added / rtt:.2f}x | {row['upstream_calls']:.2f} "
+                f"| {row['errors']} |"
+            )
+    return out
+
+
+def memory_section(r: dict[str, Any]) -> list[str]:
+    """Memory: the streams held open, then the RSS drift (measured first)."""
+    labels: dict[str, str] = r["labels"]
+    out: list[str] = []
+    memory = r.get("memory") or {}
+    if memory:
+        n = next(iter(memory.values()))["n"]
+        out += [
+            "",
+            "## Memory",
+            "",
+            f"RSS of the proxy's process tree while {n:,} streams are held open (the upstream "
+            f"sends one event every {SLOW_DELAY} s), and after they are closed.",
+            "",
+            f"| setup | idle | with {n:,} streams | per stream | after closing |",
+            "| --- | ---: | ---: | ---: | ---: |",
+        ]
+        for key, row in memory.items():
+            per = (row["streams"] - row["idle"]) / row["n"] / 1024
+            out.append(
+                f"| {labels[key]} | {mb(row['idle'])} | {mb(row['streams'])} | {per:.1f} KB "
+                f"| {mb(row['after'])} |"
+            )
+    drift = r.get("drift")
+    if drift:
+        out += [
+            "",
+            f"RSS drift of {labels[drift['setup']]}: {drift['requests']:,} requests at c=16 after "
+            f"a warm-up of {r['plan']['drift_warmup']:,}: {mb(drift['first'])} -> "
+            f"{mb(drift['last'])} ({drift['drift']:+.2%}), peak {mb(drift['max'])}, "
+            f"errors {drift['errors']}.",
+        ]
+    return out
+
+
+def sdk_section(r: dict[str, Any]) -> list[str]:
+    """In-process: the anthropic SDK."""
+    out: list[str] = []
+    sdk = r.get("sdk") or {}
+    if sdk:
+        out += [
+            "",
+            "## In-process: the anthropic SDK",
+            "",
+            f"`AsyncAnthropic` with its default httpx2 transport vs with `AsyncFailoverTransport`, "
+            f"{r['plan']['sdk_concurrency']} concurrent calls, in one process on one core "
+            "(best of two alternating runs).",
+            "",
+            "| call | default httpx2 calls/s | AsyncFailoverTransport calls/s | ratio |",
+            "| --- | ---: | ---: | ---: |",
+        ]
+        for kind in ("blocking", "stream"):
+            default, kf = sdk[f"default/{kind}"], sdk[f"keyfailover/{kind}"]
+            out.append(
+                f"| messages.create ({kind}) | {default:,.0f} | {kf:,.0f} | {kf / default:.2f} |"
+            )
+    return out
+
+
+def client_section(r: dict[str, Any]) -> list[str]:
+    """In-process: the bare FailoverClient against httpx2.AsyncClient."""
+    client = r.get("client")
+    if not client:
+        return []
+    plan = r["plan"]
+    rps, sse, one = client["blocking"], client["sse"], client["sequential"]
+    rows = [
+        (f"small blocking requests, c={client['concurrency']}: req/s", rps, "{:,.0f}", 1),
+        (f"{SSE_EVENTS:,}-event SSE stream: first byte ms", _pick(sse, "ttfb"), "{:.2f}", 1e3),
+        (f"{SSE_EVENTS:,}-event SSE stream: total ms", _pick(sse, "total"), "{:.2f}", 1e3),
+        ("one request at a time: ms", one, "{:.3f}", 1e3),
+    ]
+    out = [
+        "",
+        "## In-process: the bare FailoverClient",
+        "",
+        "`FailoverClient` vs `httpx2.AsyncClient` (pooled connections), both sending straight "
+        "to the upstream, in one process on one core: small blocking requests "
+        f"{client['concurrency']} at a time (best of three alternating runs of "
+        f"{client['requests']:,}); the {SSE_EVENTS:,}-event SSE stream one at a time, "
+        f"alternating (medians of {plan['sse_rounds']}; first byte: the first body bytes); "
+        f"requests one after another (medians of {plan['failover_rounds']}).",
+        "",
+        "| measure | httpx2.AsyncClient | FailoverClient | FailoverClient / httpx2 |",
+        "| --- | ---: | ---: | ---: |",
+    ]
+    for name, pair, fmt, scale in rows:
+        hx, kf = pair["httpx2"], pair["keyfailover"]
+        out.append(
+            f"| {name} | {fmt.format(hx * scale)} | {fmt.format(kf * scale)} | {kf / hx:.2f}x |"
+        )
+    added = one["keyfailover_failover"] - one["keyfailover"]
+    out += [
+        "",
+        "For times, a ratio below 1 means FailoverClient is faster. One failover: a request "
+        "whose first key answers 429 (`retry-after-ms: 1`; the key is reset before each "
+        "request) before the second answers 200 takes "
+        f"{one['keyfailover_failover'] * 1e3:.3f} ms against {one['keyfailover'] * 1e3:.3f} ms "
+        f"when the first key succeeds: {added * 1e3:+.3f} ms, one upstream round trip included.",
+    ]
+    return out
+
+
+def _pick(rows: dict[str, dict[str, float]], field: str) -> dict[str, float]:
+    return {name: row[field] for name, row in rows.items()}
+
+
+def core_section(r: dict[str, Any]) -> list[str]:
+    """The key pool core, in Rust and from Python."""
+    out: list[str] = []
+    core = r.get("core") or {}
+    if core:
+        out += ["", "## Key pool core", "", "| where | operation | ns/op |", "| --- | --- | ---: |"]
+        for where, rows in (("Rust", core.get("rust", [])), ("Python", core.get("python", []))):
+            out += [f"| {where} | `{name}` | {ns:.1f} |" for name, ns in rows]
+        if core.get("build_seconds", 0) >= 1:
+            out += [
+                "",
+                f"(`cargo bench` built the benchmark in {core['build_seconds']:.0f} s first.)",
+            ]
+    return out
+
+
+def tail(r: dict[str, Any]) -> list[str]:
+    """The upstream choice, the notes, the time per section."""
+    out: list[str] = []
+    probe = r.get("probe") or {}
+    if probe:
+        out += ["", "## Upstream choice", "", "| upstream | req/s at c=16 |", "| --- | ---: |"]
+        out += [f"| {name} | {rps:,.0f} |" for name, rps in probe.items()]
+    if r["notes"]:
+        out += ["", "## Notes", ""] + [f"- {note}" for note in r["notes"]]
+    out += ["", "## Time per section", "", "| section | seconds |", "| --- | ---: |"]
+    out += [f"| {name} | {seconds:.1f} |" for name, seconds in r["timings"].items()]
+    return out
+
+
+# --------------------------------------------------------------------------
+# Plots
+# --------------------------------------------------------------------------
+
+
+def plot(r: dict[str, Any], prefix: str) -> list[str]:
+    """The PNGs; their file names (none when matplotlib is missing)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        r["notes"].append("matplotlib is not installed (`pip install .[bench]`): no plots.")
+        return []
+    labels, blocking = r["labels"], r["blocking"]
+    files = []
+
+    fig, ax = plt.subplots(figsize=(9, 4.5))
+    for key, rows in blocking.items():
+        cs = sorted(int(c) for c in rows)
+        ax.plot(cs, [rows[str(c)]["rps"] for c in cs], marker="o", label=labels[key])
+    ax.set(xscale="log", yscale="log", xlabel="concurrent connections", ylabel="requests / s")
+    ax.set_xticks(r["plan"]["concurrencies"], [str(c) for c in r["plan"]["concurrencies"]])
+    ax.set_title("Small blocking requests: throughput vs concurrency")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1))
+    files.append(f"{prefix}throughput.png")
+    fig.tight_layout()
+    fig.savefig(RESULTS / files[-1], dpi=110)
+    plt.close(fig)
+
+    concurrencies = r["plan"]["concurrencies"]
+    fig, axes = plt.subplots(1, len(concurrencies), figsize=(5 * len(concurrencies), 4.5))
+    for ax, c in zip(list(axes) if len(concurrencies) > 1 else [axes], concurrencies, strict=True):
+        for key, rows in blocking.items():
+            row = rows.get(str(c))
+            if row is None:
+                continue
+            pcts = [p for p in PCTS if p < 100]
+            nines = [1 / (1 - p / 100) for p in pcts]
+            ax.plot(nines, [row["p"][str(p)] for p in pcts], marker=".", label=labels[key])
+        ax.set(xscale="log", yscale="log", xlabel="percentile", ylabel="latency (ms)")
+        ticks = [2, 10, 100, 1000]
+        ax.set_xticks(ticks, ["50", "90", "99", "99.9"])
+        ax.set_title(f"Latency distribution, c={c}")
+        ax.grid(True, which="both", alpha=0.3)
+    (list(axes) if len(concurrencies) > 1 else [axes])[0].legend(fontsize=8)
+    files.append(f"{prefix}latency.png")
+    fig.tight_layout()
+    fig.savefig(RESULTS / files[-1], dpi=110)
+    plt.close(fig)
+
+    drift = r.get("drift")
+    if drift and drift["samples"]:
+        fig, ax = plt.subplots(figsize=(7, 4))
+        xs = [0] + [n for n, _ in drift["samples"]] + [drift["requests"]]
+        ys = [drift["first"]] + [rss for _, rss in drift["samples"]] + [drift["last"]]
+        ax.plot(xs, [y / 2**20 for y in ys], marker=".")
+        ax.set(xlabel="requests after warm-up (approx.)", ylabel="RSS (MB)", ylim=(0, None))
+        ax.set_title(f"RSS of {labels[drift['setup']]} under load")
+        ax.grid(True, alpha=0.3)
+        files.append(f"{prefix}rss_drift.png")
+        fig.tight_layout()
+        fig.savefig(RESULTS / files[-1], dpi=110)
+        plt.close(fig)
+    return files
