@@ -1,0 +1,348 @@
+//! The attempt loop end to end against a scripted upstream on loopback:
+//! failover, exhaustion, broken and odd answers, shutdown.
+
+mod support;
+
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use keyfailover::failover::{ClientOptions, FailoverClient, Request, Response};
+use keyfailover::pool::{Cooldowns, KeyPool, KeyState};
+use keyfailover::provider::Provider;
+use reqwest::header::HeaderMap;
+use support::{anthropic_error, json, response, sse_head, Seen, Step, Upstream, OK_BODY};
+
+const KEYS: [&str; 3] = [
+    "sk-ant-test-0-xxxxxxxxxxxxxxxxxxxxxxxx0000",
+    "sk-ant-test-1-xxxxxxxxxxxxxxxxxxxxxxxx0001",
+    "sk-ant-test-2-xxxxxxxxxxxxxxxxxxxxxxxx0002",
+];
+
+fn make_client(upstream: &Upstream, keys: usize, timeout: Duration) -> FailoverClient {
+    let pool =
+        KeyPool::from_keys(KEYS[..keys].iter().copied(), Cooldowns::default(), None).unwrap();
+    FailoverClient::new(
+        pool,
+        ClientOptions {
+            base_url: upstream.url.clone(),
+            provider: Provider::Anthropic,
+            timeout,
+            connect_timeout: Duration::from_secs(2),
+        },
+    )
+    .unwrap()
+}
+
+async fn send(client: &FailoverClient) -> (Response, Result<Bytes, keyfailover::Error>) {
+    let request = Request::new(
+        "POST",
+        "/v1/messages",
+        HeaderMap::new(),
+        Bytes::from_static(b"{}"),
+    )
+    .unwrap();
+    let response = client.request(request).await.unwrap();
+    let body = response.body.read_all().await;
+    (response, body)
+}
+
+fn key_index(seen: &Seen) -> usize {
+    KEYS.iter()
+        .position(|k| Some(*k) == seen.key.as_deref())
+        .unwrap()
+}
+
+fn state(client: &FailoverClient, label: &str) -> KeyState {
+    client.pool().key(label).unwrap().state()
+}
+
+fn text(body: &Result<Bytes, keyfailover::Error>) -> String {
+    String::from_utf8_lossy(body.as_ref().unwrap()).into_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_429_then_200_fails_over_and_cools_the_key() {
+    let up = Upstream::start(|seen| match key_index(seen) {
+        0 => anthropic_error(429, "rate_limit_error", &[("retry-after", "5")]),
+        _ => json(200, OK_BODY),
+    })
+    .await;
+    let client = make_client(&up, 2, Duration::from_secs(5));
+    let (resp, body) = send(&client).await;
+    assert_eq!((resp.status, resp.attempts), (200, 2));
+    assert_eq!(resp.key_label.as_deref(), Some("key-1"));
+    assert_eq!(text(&body), OK_BODY);
+    let status = client.pool().key("key-0").unwrap().status();
+    assert_eq!(status.state, KeyState::Temporary);
+    assert!(status.cooldown_remaining > Duration::from_secs(4));
+    // The next request goes straight to key-1.
+    let _ = send(&client).await;
+    assert_eq!(up.keys(), [KEYS[0], KEYS[1], KEYS[1]]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_401_then_200_retires_the_key() {
+    let up = Upstream::start(|seen| match key_index(seen) {
+        0 => anthropic_error(401, "authentication_error", &[]),
+        _ => json(200, OK_BODY),
+    })
+    .await;
+    let client = make_client(&up, 2, Duration::from_secs(5));
+    let (resp, _) = send(&client).await;
+    assert_eq!((resp.status, resp.attempts), (200, 2));
+    assert_eq!(state(&client, "key-0"), KeyState::Permanent);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn exhaustion_both_ways() {
+    let up = Upstream::start(|seen| match key_index(seen) {
+        0 => anthropic_error(429, "rate_limit_error", &[("retry-after", "7")]),
+        _ => anthropic_error(429, "rate_limit_error", &[("retry-after", "3")]),
+    })
+    .await;
+    let client = make_client(&up, 2, Duration::from_secs(5));
+    let (resp, body) = send(&client).await;
+    assert_eq!((resp.status, resp.attempts, resp.exhausted), (429, 2, true));
+    assert_eq!(resp.headers["retry-after"], "3", "the shortest cooldown");
+    assert!(text(&body).contains("all configured keys are rate-limited"));
+
+    let up = Upstream::start(|_| anthropic_error(403, "permission_error", &[])).await;
+    let client = make_client(&up, 2, Duration::from_secs(5));
+    let (resp, body) = send(&client).await;
+    assert_eq!((resp.status, resp.exhausted), (502, true));
+    assert!(resp.headers.get("retry-after").is_none());
+    assert!(text(&body).contains("all configured keys failed authentication"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_broken_before_its_first_event_is_a_502_and_marks_nothing() {
+    let up = Upstream::start(|_| {
+        vec![
+            Step::Send(
+                b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n5\r\ndata:"
+                    .to_vec(),
+            ),
+            Step::Close,
+        ]
+    })
+    .await;
+    let client = make_client(&up, 2, Duration::from_secs(5));
+    let (resp, body) = send(&client).await;
+    assert_eq!((resp.status, resp.attempts), (502, 1));
+    assert!(
+        text(&body).contains("the stream broke before its first event"),
+        "{}",
+        text(&body)
+    );
+    assert_eq!(state(&client, "key-0"), KeyState::Valid);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rate_limit_as_the_first_event_fails_over() {
+    let up = Upstream::start(|seen| match key_index(seen) {
+        0 => {
+            let mut bytes = sse_head();
+            bytes.extend_from_slice(
+                b"event: error\ndata: {\"type\":\"error\",\"error\":{\"type\":\"rate_limit_error\",\"message\":\"x\"}}\n\n",
+            );
+            vec![Step::Send(bytes), Step::Close]
+        }
+        _ => {
+            let mut bytes = sse_head();
+            bytes.extend_from_slice(b"event: message_start\ndata: {}\n\nevent: message_stop\ndata: {}\n\n");
+            vec![Step::Send(bytes), Step::Close]
+        }
+    })
+    .await;
+    let client = make_client(&up, 2, Duration::from_secs(5));
+    let (resp, body) = send(&client).await;
+    assert_eq!((resp.status, resp.attempts), (200, 2));
+    assert!(text(&body).ends_with("event: message_stop\ndata: {}\n\n"));
+    assert_eq!(state(&client, "key-0"), KeyState::Temporary);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_broken_after_its_first_event_ends_with_an_error_event() {
+    let up = Upstream::start(|_| {
+        vec![
+            Step::Send(
+                b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n1f\r\nevent: message_start\ndata: {}\n\n\r\n"
+                    .to_vec(),
+            ),
+            Step::Sleep(Duration::from_millis(50)),
+            Step::Close,
+        ]
+    })
+    .await;
+    let client = make_client(&up, 1, Duration::from_secs(5));
+    let (resp, body) = send(&client).await;
+    assert_eq!(resp.status, 200);
+    let body = text(&body);
+    assert!(
+        body.starts_with("event: message_start\ndata: {}\n\nevent: error\ndata: {"),
+        "{body}"
+    );
+    assert!(body.contains("upstream stream broke"), "{body}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_close_delimited_stream_ending_mid_event_ends_with_an_error_event() {
+    let up = Upstream::start(|_| {
+        let mut bytes = sse_head();
+        bytes.extend_from_slice(
+            b"event: message_start\ndata: {}\n\nevent: content_block_delta\ndata: {\"par",
+        );
+        vec![Step::Send(bytes), Step::Close]
+    })
+    .await;
+    let client = make_client(&up, 1, Duration::from_secs(5));
+    let (resp, body) = send(&client).await;
+    assert_eq!(resp.status, 200);
+    let body = text(&body);
+    assert!(
+        body.starts_with("event: message_start\ndata: {}\n\nevent: error\n"),
+        "the partial event is dropped, an error event ends the stream: {body}"
+    );
+    assert!(body.contains("ended in the middle of an event"));
+    assert!(!body.contains("\"par"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn statuses_a_server_cannot_send_become_502() {
+    for head in [
+        "HTTP/1.1 999 Weird\r\ncontent-length: 0\r\n\r\n",
+        "HTTP/1.1 101 Switching Protocols\r\nupgrade: websocket\r\nconnection: upgrade\r\n\r\n",
+    ] {
+        let head = head.to_owned();
+        let up = Upstream::start(move |_| vec![Step::Send(head.clone().into_bytes()), Step::Close])
+            .await;
+        let client = make_client(&up, 2, Duration::from_secs(5));
+        let (resp, body) = send(&client).await;
+        assert_eq!(resp.status, 502, "{}", text(&body));
+        assert_eq!(state(&client, "key-0"), KeyState::Valid);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_429_body_does_not_hold_failover_for_the_request_timeout() {
+    let up = Upstream::start(|seen| match key_index(seen) {
+        0 => {
+            let mut steps = vec![Step::Send(
+                b"HTTP/1.1 429 Too Many Requests\r\ncontent-length: 60\r\nretry-after: 5\r\n\r\n{"
+                    .to_vec(),
+            )];
+            for _ in 0..59 {
+                steps.push(Step::Sleep(Duration::from_millis(500)));
+                steps.push(Step::Send(b" ".to_vec()));
+            }
+            steps
+        }
+        _ => json(200, OK_BODY),
+    })
+    .await;
+    let client = make_client(&up, 2, Duration::from_secs(10));
+    let started = Instant::now();
+    let (resp, _) = send(&client).await;
+    assert_eq!((resp.status, resp.attempts), (200, 2));
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "{:?}",
+        started.elapsed()
+    );
+    assert_eq!(state(&client, "key-0"), KeyState::Temporary);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_key_echoed_by_an_error_body_is_scrubbed_even_split_across_chunks() {
+    let up = Upstream::start(|seen| {
+        let key = seen.key.clone().unwrap();
+        let (a, b) = key.split_at(10);
+        let head = b"HTTP/1.1 400 Bad Request\r\ncontent-type: application/json\r\ntransfer-encoding: chunked\r\n\r\n";
+        let first = format!("{{\"error\":\"bad key {a}");
+        let second = format!("{b}\"}}");
+        let chunk = |s: &str| format!("{:x}\r\n{s}\r\n", s.len()).into_bytes();
+        vec![
+            Step::Send(head.to_vec()),
+            Step::Send(chunk(&first)),
+            Step::Sleep(Duration::from_millis(30)),
+            Step::Send(chunk(&second)),
+            Step::Send(b"0\r\n\r\n".to_vec()),
+        ]
+    })
+    .await;
+    let client = make_client(&up, 1, Duration::from_secs(5));
+    let (resp, body) = send(&client).await;
+    assert_eq!(resp.status, 400);
+    let body = text(&body);
+    assert!(!body.contains(KEYS[0]), "{body}");
+    assert_eq!(body, "{\"error\":\"bad key sk-a...0000\"}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_ends_waiting_requests_and_streams_with_errors() {
+    let up = Upstream::start(|seen| {
+        if seen.path.contains("stream") {
+            let mut bytes = sse_head();
+            bytes.extend_from_slice(b"event: message_start\ndata: {}\n\n");
+            vec![Step::Send(bytes), Step::Sleep(Duration::from_secs(30))]
+        } else {
+            vec![Step::Sleep(Duration::from_secs(30))]
+        }
+    })
+    .await;
+    let client = std::sync::Arc::new(make_client(&up, 1, Duration::from_secs(60)));
+    let stream = client
+        .request(Request::new("POST", "/stream", HeaderMap::new(), Bytes::new()).unwrap())
+        .await
+        .unwrap();
+    let waiting = tokio::spawn({
+        let client = client.clone();
+        async move {
+            client
+                .request(Request::new("POST", "/wait", HeaderMap::new(), Bytes::new()).unwrap())
+                .await
+                .unwrap()
+        }
+    });
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let started = Instant::now();
+    client.shutdown();
+    let waited = waiting.await.unwrap();
+    assert_eq!(waited.status, 503);
+    let body = stream.body.read_all().await.unwrap();
+    let body = String::from_utf8_lossy(&body);
+    assert!(
+        body.starts_with("event: message_start\ndata: {}\n\nevent: error\n"),
+        "{body}"
+    );
+    assert!(body.contains("shutting down"));
+    assert!(started.elapsed() < Duration::from_secs(1));
+    let refused = client
+        .request(Request::new("GET", "/x", HeaderMap::new(), Bytes::new()).unwrap())
+        .await
+        .unwrap();
+    assert_eq!(refused.status, 503);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upstream_refusing_connections_is_a_502_and_marks_nothing() {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    drop(listener);
+    let pool = KeyPool::from_keys(KEYS[..2].iter().copied(), Cooldowns::default(), None).unwrap();
+    let client = FailoverClient::new(
+        pool,
+        ClientOptions {
+            base_url: url,
+            provider: Provider::OpenAi,
+            timeout: Duration::from_secs(2),
+            connect_timeout: Duration::from_secs(2),
+        },
+    )
+    .unwrap();
+    let (resp, body) = send(&client).await;
+    assert_eq!((resp.status, resp.attempts), (502, 1));
+    assert!(text(&body).contains("could not connect"), "{}", text(&body));
+    assert_eq!(state(&client, "key-0"), KeyState::Valid);
+    let _ = response(200, &[], b"");
+}
