@@ -12,6 +12,7 @@ pub mod failover;
 pub mod fork;
 pub mod gateway;
 pub mod headers;
+pub mod keyfile;
 pub mod pool;
 pub mod provider;
 pub mod retry_after;

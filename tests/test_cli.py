@@ -119,10 +119,15 @@ def test_serve_without_uvicorn_says_what_to_install(monkeypatch, capsys):
 def test_serve_allows_non_loopback_when_told(monkeypatch):
     started = {}
     monkeypatch.setenv("KF_TEST_KEYS", KEY_A)
-    monkeypatch.setattr("uvicorn.run", lambda app, **kw: started.update(kw, app=app))
-    args = serve_args("--keys-env", "KF_TEST_KEYS", "--host", "0.0.0.0", "--allow-unauthenticated")
+    monkeypatch.setattr(
+        cli, "run_uvicorn", lambda _, proxy, sock, args: started.update(app=proxy, sock=sock)
+    )
+    args = serve_args(
+        "--keys-env", "KF_TEST_KEYS", "--host", "0.0.0.0", "--allow-unauthenticated", "--port", "0"
+    )
     assert cli.main(args) == 0
-    assert (started["host"], started["port"]) == ("0.0.0.0", 8787)
+    with started["sock"]:
+        assert started["sock"].getsockname()[0] == "0.0.0.0"
     assert "no client tokens" in repr(started["app"])
 
 

@@ -37,6 +37,7 @@ __all__ = [
     "__version__",
     "error_response",
     "mark_key_on_response",
+    "parse_keys",
     "parse_retry_after",
     "sse_error_event",
 ]
@@ -104,6 +105,11 @@ class KeyPool:
     def health(self) -> dict[str, str | dict[str, int]]: ...
 
 def parse_retry_after(headers: _Headers, *, now: float | None = None) -> float | None: ...
+def parse_keys(
+    text: str, *, source: str = "keys", separators: str = "\n"
+) -> list[str] | dict[str, str]:
+    """Keys from a keys file's text: every key labelled (`label=key`) or none."""
+
 def mark_key_on_response(
     key: Key,
     status: int,

@@ -14,48 +14,47 @@ import ipaddress
 import logging
 import os
 import re
+import resource
 import signal
+import socket
 import sys
 import threading
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, NoReturn
 
+from keyfailover import __version__
 from keyfailover._native import ConfigError, FailoverClient, KeyPool
+from keyfailover._native import parse_keys as _parse_keys
+
+if TYPE_CHECKING:
+    from keyfailover.asgi import FailoverProxy
 
 DEFAULT_UPSTREAMS = {
     "anthropic": "https://api.anthropic.com",
     "openai": "https://api.openai.com",
 }
 SERVER_EXTRA = 'uvicorn is not installed: pip install "keyfailover[server]"'
-_LABELLED = re.compile(r"^([A-Za-z0-9_.-]+)=(.*[^=].*)$")
+log = logging.getLogger("keyfailover")
 
 
 class CliError(Exception):
     """A usage problem, reported as one line and exit status 2."""
 
 
-def parse_keys(text: str, *, source: str, separators: str = "\n") -> list[str] | dict[str, str]:
-    """Keys from `text`: one per line (or per `separators`), optionally `label=key`.
+class RunError(Exception):
+    """A failure at run time (a port in use, ...), reported as one line and exit status 1."""
 
-    Blank lines and lines starting with `#` are skipped. Either every key is
-    labelled or none is.
+
+def parse_keys(text: str, *, source: str, separators: str = "\n") -> list[str] | dict[str, str]:
+    """Keys from `text`: one per line (or per `separators`), every one `label=key` or none.
+
+    Blank lines and lines starting with `#` are skipped.
     """
-    entries = [e.strip() for e in re.split(f"[{re.escape(separators)}]", text)]
-    entries = [e for e in entries if e and not e.startswith("#")]
-    if not entries:
-        raise CliError(f"{source} holds no keys")
-    matches = [_LABELLED.match(e) for e in entries]
-    labelled = [m for m in matches if m is not None]
-    if len(labelled) < len(entries):
-        return entries  # bare keys (a key may itself contain '=')
-    keys: dict[str, str] = {}
-    for match in labelled:
-        label, key = match.group(1), match.group(2).strip()
-        if label in keys:
-            raise CliError(f"{source}: duplicate label {label!r}")
-        keys[label] = key
-    return keys
+    try:
+        return _parse_keys(text, source=source, separators=separators)
+    except ConfigError as exc:
+        raise CliError(str(exc)) from None
 
 
 def load_keys(args: argparse.Namespace) -> list[str] | dict[str, str]:
@@ -103,10 +102,40 @@ def _require_uvicorn() -> Any:
     return uvicorn
 
 
-def cmd_serve(args: argparse.Namespace) -> int:
+def plural(n: int, word: str) -> str:
+    return f"{n} {word}" if n == 1 else f"{n} {word}s"
+
+
+def listen(host: str, port: int) -> socket.socket:
+    """A listening socket, or a RunError that says why not."""
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+        family, kind, proto, _, address = infos[0]
+        sock = socket.socket(family, kind, proto)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind(address)
+            sock.listen(2048)
+        except OSError:
+            sock.close()
+            raise
+    except OSError as exc:
+        raise RunError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+    sock.set_inheritable(True)
+    return sock
+
+
+def raise_open_files_limit() -> None:
+    """Allow as many connections as the hard limit does (the soft limit is often 1024)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
+def build_proxy(args: argparse.Namespace) -> FailoverProxy:
     from keyfailover.asgi import FailoverProxy
 
-    uvicorn = _require_uvicorn()
     tokens = load_tokens(args.client_token_env)
     if tokens is None and not is_loopback(args.host) and not args.allow_unauthenticated:
         raise CliError(
@@ -116,28 +145,72 @@ def cmd_serve(args: argparse.Namespace) -> int:
     try:
         pool = KeyPool(load_keys(args))
         client = FailoverClient(
-            pool, base_url=args.upstream or DEFAULT_UPSTREAMS[args.provider], provider=args.provider
+            pool,
+            base_url=args.upstream or DEFAULT_UPSTREAMS[args.provider],
+            provider=args.provider,
+            timeout=args.timeout,
+            connect_timeout=args.connect_timeout,
         )
-        proxy = FailoverProxy(
+        return FailoverProxy(
             client,
             client_tokens=tokens,
             allow_byok=args.allow_byok,
             max_body_bytes=args.max_body_bytes,
         )
-    except (ConfigError, ValueError) as exc:
+    except ConfigError as exc:
         raise CliError(str(exc)) from None
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    uvicorn = _require_uvicorn()
+    proxy = build_proxy(args)
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
-    logging.getLogger("keyfailover").info(
-        "forwarding to %s with %d keys (%s)",
-        client.base_url,
-        len(pool),
+    pool = proxy.client.pool
+    log.info(
+        "forwarding to %s with %s (%s)",
+        proxy.client.base_url,
+        plural(len(pool), "key"),
         ", ".join(f"{k['label']} {k['hint']}" for k in pool.snapshot()),
     )
+    sock = listen(args.host, args.port)
+    raise_open_files_limit()
+    run_uvicorn(uvicorn, proxy, sock, args)
+    return 0
+
+
+def run_uvicorn(uvicorn: Any, proxy: FailoverProxy, sock: socket.socket, args: Any) -> None:
+    """Serves `proxy` on `sock` until SIGINT/SIGTERM, then shuts down gracefully.
+
+    On a signal uvicorn stops accepting and waits for open requests; `--grace`
+    seconds later the proxy ends those still running with a proper error (503,
+    or an SSE error event for streams), so the process exits within about
+    `--grace` seconds and no caller gets an empty reply.
+    """
+
+    class GracefulServer(uvicorn.Server):  # type: ignore[misc]
+        timer: threading.Timer | None = None
+
+        def handle_exit(self, sig: int, frame: Any) -> None:
+            if self.timer is None:
+                log.info("shutting down: in-flight requests have %g s to finish", args.grace)
+                self.timer = threading.Timer(args.grace, proxy.shutdown)
+                self.timer.daemon = True
+                self.timer.start()
+            super().handle_exit(sig, frame)
+
+    config = uvicorn.Config(
+        proxy,
+        log_level=args.log_level,
+        timeout_keep_alive=args.timeout_keep_alive,
+        limit_concurrency=args.limit_concurrency,
+        # A backstop only: past --grace the proxy itself ends what is in flight.
+        timeout_graceful_shutdown=args.grace + 5,
+    )
+    server = GracefulServer(config)
     # Everything made so far lives as long as the server: keep it out of the
     # cyclic collector's full passes, which otherwise set the p99 latency.
     gc.freeze()
-    uvicorn.run(proxy, host=args.host, port=args.port, log_level=args.log_level)
-    return 0
+    server.run(sockets=[sock])
 
 
 def cmd_mock_upstream(args: argparse.Namespace) -> int:
@@ -153,10 +226,16 @@ def cmd_mock_upstream(args: argparse.Namespace) -> int:
             raise CliError(f"bad scenario {args.scenario!r}: {exc}") from None
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    with upstream:
+    try:
+        upstream.start()
+    except OSError as exc:
+        raise RunError(f"cannot listen on {args.host}:{args.port}: {exc.strerror or exc}") from None
+    try:
         print(f"mock upstream listening on {upstream.url} (Ctrl-C to stop)", flush=True)
         with contextlib.suppress(KeyboardInterrupt):
             stop.wait()
+    finally:
+        upstream.stop()
     return 0
 
 
@@ -166,11 +245,44 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return run_demo(requests=args.requests, pace=args.pace)
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, with errors as one line (and exit status 2)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def port(text: str) -> int:
+    value = int(text) if text.isdigit() else -1
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a port (0 to 65535)")
+    return value
+
+
+def seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not (value > 0 and value != float("inf")):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive number of seconds")
+    return value
+
+
+def count(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive whole number")
+    return int(text)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="keyfailover", description="API-key failover for the Anthropic and OpenAI APIs."
     )
-    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    parser.add_argument("--version", action="version", version=f"keyfailover {__version__}")
+    commands = parser.add_subparsers(
+        dest="command", required=True, metavar="COMMAND", parser_class=_Parser
+    )
 
     serve = commands.add_parser("serve", help="run the failover proxy")
     serve.add_argument("--provider", choices=sorted(DEFAULT_UPSTREAMS), default="anthropic")
@@ -179,7 +291,7 @@ def build_parser() -> argparse.ArgumentParser:
     keys.add_argument("--keys-file", metavar="FILE", help="one key per line, optionally label=key")
     keys.add_argument("--keys-env", metavar="VAR", help="comma- or newline-separated keys")
     serve.add_argument("--host", default="127.0.0.1")
-    serve.add_argument("--port", type=int, default=8787)
+    serve.add_argument("--port", type=port, default=8787)
     serve.add_argument("--client-token-env", metavar="VAR", help="tokens callers must present")
     serve.add_argument("--allow-byok", action="store_true", help="forward callers' own keys")
     serve.add_argument(
@@ -189,6 +301,41 @@ def build_parser() -> argparse.ArgumentParser:
     )
     serve.add_argument("--max-body-bytes", type=int, default=32 * 1024 * 1024, metavar="N")
     serve.add_argument(
+        "--timeout",
+        type=seconds,
+        default=600.0,
+        metavar="S",
+        help="wait for an upstream response head, and for each chunk of a body (default 600)",
+    )
+    serve.add_argument(
+        "--connect-timeout",
+        type=seconds,
+        default=10.0,
+        metavar="S",
+        help="connect to upstream (default 10)",
+    )
+    serve.add_argument(
+        "--grace",
+        type=seconds,
+        default=10.0,
+        metavar="S",
+        help="on SIGTERM/SIGINT, let in-flight requests finish for this long (default 10)",
+    )
+    serve.add_argument(
+        "--timeout-keep-alive",
+        type=seconds,
+        default=5.0,
+        metavar="S",
+        help="close idle keep-alive connections after this long (default 5)",
+    )
+    serve.add_argument(
+        "--limit-concurrency",
+        type=count,
+        default=10_000,
+        metavar="N",
+        help="answer 503 beyond this many connections and requests at once (default 10000)",
+    )
+    serve.add_argument(
         "--log-level",
         choices=["critical", "error", "warning", "info", "debug"],
         default="info",
@@ -197,12 +344,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     mock = commands.add_parser("mock-upstream", help="run the mock upstream for manual testing")
     mock.add_argument("--host", default="127.0.0.1")
-    mock.add_argument("--port", type=int, default=9000)
+    mock.add_argument("--port", type=port, default=9000)
     mock.add_argument("--scenario", metavar="FILE", help="JSON: replies per key, reply queue")
     mock.set_defaults(run=cmd_mock_upstream)
 
     demo = commands.add_parser("demo", help="see failover at work, on loopback, no real keys")
-    demo.add_argument("--requests", type=int, default=20, help="requests to send (default 20)")
+    demo.add_argument("--requests", type=count, default=20, help="requests to send (default 20)")
     demo.add_argument("--pace", type=float, default=0.15, help="seconds between requests")
     demo.set_defaults(run=cmd_demo)
     return parser
@@ -216,6 +363,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except CliError as exc:
         print(f"keyfailover {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    except RunError as exc:
+        print(f"keyfailover {args.command}: error: {exc}", file=sys.stderr)
+        return 1
     return result
 
 

@@ -28,6 +28,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(client::error_response, m)?)?;
     m.add_function(wrap_pyfunction!(rules::parse_retry_after, m)?)?;
     m.add_function(wrap_pyfunction!(rules::mark_key_on_response, m)?)?;
+    m.add_function(wrap_pyfunction!(rules::parse_keys, m)?)?;
     m.add_class::<gateway::PyGateway>()?;
     m.add_class::<gateway::PyForward>()?;
     // A FailoverClient used before os.fork() must work in the child: the

@@ -4,12 +4,13 @@ use std::time::SystemTime;
 
 use pyo3::exceptions::PyTypeError;
 use pyo3::prelude::*;
-use pyo3::types::{PyBytes, PyString};
+use pyo3::types::{IntoPyDict, PyBytes, PyList, PyString};
 
 use reqwest::header::HeaderMap;
 
 use super::pool::PyKey;
 use crate::headers;
+use crate::keyfile;
 use crate::retry_after::{self, unix_time};
 use crate::verdict;
 
@@ -103,4 +104,21 @@ pub fn mark_key_on_response(
         body.as_deref(),
         SystemTime::now(),
     ))
+}
+
+/// Keys from the text of a keys file (or `--keys-env`): a list of bare keys
+/// or a dict label -> key; `ConfigError` naming the line for bad input.
+#[pyfunction]
+#[pyo3(signature = (text, *, source = "keys", separators = "\n"))]
+pub fn parse_keys<'py>(
+    py: Python<'py>,
+    text: &str,
+    source: &str,
+    separators: &str,
+) -> PyResult<Bound<'py, PyAny>> {
+    let separators: Vec<char> = separators.chars().collect();
+    Ok(match keyfile::parse(text, source, &separators)? {
+        keyfile::Keys::Bare(keys) => PyList::new(py, keys)?.into_any(),
+        keyfile::Keys::Labelled(pairs) => pairs.into_py_dict(py)?.into_any(),
+    })
 }
