@@ -38,12 +38,16 @@ wrk.headers["anthropic-version"] = "2023-06-01"
 
 
 def load_testing_module() -> ModuleType:
-    """keyfailover.testing, or the file itself when the package is not built yet."""
+    """keyfailover.testing, or its source package itself when keyfailover is not built yet."""
     try:
         import keyfailover.testing as testing
     except ImportError:
-        path = ROOT / "python" / "keyfailover" / "testing.py"
-        spec = importlib.util.spec_from_file_location("keyfailover_testing", path)
+        package = ROOT / "python" / "keyfailover" / "testing"
+        spec = importlib.util.spec_from_file_location(
+            "keyfailover_testing",
+            package / "__init__.py",
+            submodule_search_locations=[str(package)],
+        )
         assert spec is not None
         assert spec.loader is not None
         testing = importlib.util.module_from_spec(spec)
