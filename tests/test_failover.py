@@ -14,11 +14,23 @@ import json
 import socket
 import threading
 import time
-from collections.abc import Coroutine, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import Any
 
 import pytest
+from conftest import (
+    AUTH_FAILED,
+    FAKE_KEYS,
+    LABEL,
+    RATE_LIMITED,
+    free_port,
+    header,
+    make_client,
+    run,
+    seen,
+    states,
+)
 
 import keyfailover as kf
 from keyfailover.testing import (
@@ -28,19 +40,8 @@ from keyfailover.testing import (
     openai_chat_completion,
 )
 
-T = TypeVar("T")
-
-# Long, distinct fake keys: a leak of any of them is easy to spot.
-KEYS = [f"sk-test-pool-key-{i}-{'q' * 20}-{i:04d}" for i in range(3)]
+KEYS = FAKE_KEYS[:3]
 BYOK = "sk-user-own-byok-key-0123456789abcdef"
-LABEL = {key: f"key-{i}" for i, key in enumerate(KEYS)}
-
-RATE_LIMITED = "all configured keys are rate-limited"
-AUTH_FAILED = "all configured keys failed authentication"
-
-
-def run(coro: Coroutine[Any, Any, T]) -> T:
-    return asyncio.run(coro)
 
 
 @dataclass(frozen=True)
@@ -121,25 +122,6 @@ def check_envelope(api: Api, body: bytes, type_: str, message: str | None = None
     return str(payload["error"]["message"])
 
 
-def header(resp: kf.Response | kf.SyncResponse, name: str) -> str | None:
-    return next((value for key, value in resp.headers if key == name), None)
-
-
-def states(pool: kf.KeyPool) -> list[str]:
-    return [state.value for state in pool.states()]
-
-
-def seen(up: MockUpstream) -> list[str]:
-    """The pool labels (or the raw credential, e.g. BYOK) upstream saw, in order."""
-    return [LABEL.get(r.credential or "", r.credential or "") for r in up.requests]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @contextlib.contextmanager
 def raw_server(payload: bytes) -> Iterator[int]:
     """A one-shot TCP server: reads a request head (or a TLS hello), answers `payload`, closes."""
@@ -164,25 +146,6 @@ def raw_server(payload: bytes) -> Iterator[int]:
     finally:
         thread.join(10)
         server.close()
-
-
-@pytest.fixture
-def up() -> Iterator[MockUpstream]:
-    with MockUpstream() as upstream:
-        yield upstream
-
-
-@pytest.fixture
-def clock() -> kf.ManualClock:
-    return kf.ManualClock()
-
-
-def make_client(
-    up: MockUpstream | str, api: Api, n: int = 2, clock: kf.ManualClock | None = None, **kw: Any
-) -> tuple[kf.FailoverClient, kf.KeyPool]:
-    pool = kf.KeyPool(KEYS[:n], clock=clock or kf.ManualClock())
-    base_url = up if isinstance(up, str) else up.url
-    return kf.FailoverClient(pool, base_url=base_url, provider=api.provider, **kw), pool
 
 
 async def call(
@@ -321,7 +284,7 @@ FAILOVER_CASES = [
 @pytest.mark.parametrize("api", APIS, ids=str)
 @pytest.mark.parametrize("case", FAILOVER_CASES, ids=lambda c: c.name)
 def test_failover_table(up: MockUpstream, api: Api, stream: bool, case: Case) -> None:
-    client, pool = make_client(up, api, case.keys)
+    client, pool = make_client(up, api.provider, case.keys)
     upstream_bodies = {}
     for index, (status, kind, retry_after) in case.replies.items():
         type_ = {"rate_limit": api.rate_limit_type, "auth": api.auth_type}.get(kind, kind)
@@ -376,7 +339,7 @@ def test_failover_table(up: MockUpstream, api: Api, stream: bool, case: Case) ->
 @pytest.mark.parametrize("api", APIS, ids=str)
 def test_sync_failover_table_subset(up: MockUpstream, api: Api) -> None:
     """request_sync fails over and exhausts exactly as request does."""
-    client, pool = make_client(up, api, 3)
+    client, pool = make_client(up, api.provider, 3)
     up.set_reply(KEYS[0], api.error(429, api.rate_limit_type, "5"))
     up.set_reply(KEYS[1], api.error(401, api.auth_type))
 
@@ -448,7 +411,7 @@ QUOTA_BODIES = {
 def test_cooldown_of_a_rate_limited_key(
     up: MockUpstream, clock: kf.ManualClock, reply: Reply, cooldown: float, reason: str
 ) -> None:
-    client, pool = make_client(up, ANTHROPIC, 2, clock)
+    client, pool = make_client(up, ANTHROPIC.provider, 2, clock=clock)
     up.set_reply(KEYS[0], reply)
 
     resp, _ = run(call(client, ANTHROPIC))
@@ -470,7 +433,7 @@ def test_cooldown_of_a_rate_limited_key(
 def test_exhausted_pool_is_answered_without_upstream_call(
     up: MockUpstream, clock: kf.ManualClock, api: Api
 ) -> None:
-    client, pool = make_client(up, api, 3, clock)
+    client, pool = make_client(up, api.provider, 3, clock=clock)
     for key, retry_after in zip(KEYS, ["5", "3", "10"], strict=True):
         up.set_reply(key, api.error(429, api.rate_limit_type, retry_after))
     assert header(run(call(client, api))[0], "retry-after") == "3"
@@ -494,7 +457,7 @@ def test_exhausted_pool_is_answered_without_upstream_call(
 
 def test_retry_after_omitted_when_a_key_recovered_during_the_request(up: MockUpstream) -> None:
     """A transient exhaustion with nothing left to wait for has no retry-after."""
-    client, pool = make_client(up, ANTHROPIC, 2)
+    client, pool = make_client(up, ANTHROPIC.provider, 2)
     up.set_reply(KEYS[0], ANTHROPIC.error(429, "rate_limit_error", "5"))
     slow_429 = dataclasses.replace(ANTHROPIC.error(429, "rate_limit_error", "5"), stall=0.3)
     up.set_reply(KEYS[1], slow_429)
@@ -532,7 +495,7 @@ def test_byok_is_one_attempt_and_leaves_the_pool_alone(
     up: MockUpstream, api: Api, stream: bool, style: str
 ) -> None:
     headers, sent_in = BYOK_HEADERS[style]
-    client, pool = make_client(up, api, 2)
+    client, pool = make_client(up, api.provider, 2)
     reply = api.error(429, api.rate_limit_type, "5")
     up.set_reply(BYOK, reply)
 
@@ -565,7 +528,7 @@ def test_byok_is_one_attempt_and_leaves_the_pool_alone(
 
 @pytest.mark.parametrize("status", [200, 401])
 def test_byok_success_and_auth_failure_relayed(up: MockUpstream, status: int) -> None:
-    client, pool = make_client(up, OPENAI, 1)
+    client, pool = make_client(up, OPENAI.provider, 1)
     if status != 200:
         up.set_reply(BYOK, OPENAI.error(401, "invalid_api_key"))
     resp = client.request_sync(
@@ -594,7 +557,7 @@ def test_byok_success_and_auth_failure_relayed(up: MockUpstream, status: int) ->
 def test_headers_that_are_not_a_credential_use_the_pool(
     up: MockUpstream, headers: dict[str, str]
 ) -> None:
-    client, _ = make_client(up, ANTHROPIC, 1)
+    client, _ = make_client(up, ANTHROPIC.provider, 1)
     resp, _ = run(call(client, ANTHROPIC, headers=headers))
     assert (resp.status, resp.key_label) == (200, "key-0")
     assert seen(up) == ["key-0"]
@@ -609,7 +572,7 @@ def test_headers_that_are_not_a_credential_use_the_pool(
 
 @pytest.mark.parametrize("api", APIS, ids=str)
 def test_pool_state_kept_across_requests(up: MockUpstream, clock: kf.ManualClock, api: Api) -> None:
-    client, pool = make_client(up, api, 2, clock)
+    client, pool = make_client(up, api.provider, 2, clock=clock)
     up.set_reply(KEYS[0], api.error(429, api.rate_limit_type, "5"))
 
     labels = [run(call(client, api))[0].key_label for _ in range(2)]
@@ -724,7 +687,7 @@ def test_agentic_continuation(
     final_states: list[str],
 ) -> None:
     """Each turn of a tool loop is its own request with its own walker."""
-    client, pool = make_client(up, api, 2)
+    client, pool = make_client(up, api.provider, 2)
     up.enqueue(tool_turn(api))
     up.enqueue(*(api.error(s, api.rate_limit_type, ra) for s, ra in continuation_replies))
 
@@ -747,7 +710,7 @@ def test_agentic_continuation(
 
 
 def test_concurrent_requests_fail_over_independently(up: MockUpstream) -> None:
-    client, pool = make_client(up, ANTHROPIC, 2)
+    client, pool = make_client(up, ANTHROPIC.provider, 2)
     up.set_reply(KEYS[0], dataclasses.replace(ANTHROPIC.error(429, "rate_limit_error"), stall=0.1))
 
     async def many() -> list[tuple[kf.Response, bytes]]:
@@ -763,7 +726,7 @@ def test_concurrent_requests_fail_over_independently(up: MockUpstream) -> None:
 def test_every_concurrent_request_completes(up: MockUpstream, stream: bool) -> None:
     # Many awaitables finishing at once: none may be lost between the tokio
     # threads that finish them and the event loop that awaits them.
-    client, _ = make_client(up, ANTHROPIC, 1)
+    client, _ = make_client(up, ANTHROPIC.provider, 1)
 
     async def rounds() -> list[int]:
         statuses = []
@@ -791,7 +754,7 @@ def test_every_concurrent_request_completes(up: MockUpstream, stream: bool) -> N
     ids=["bytes_100k", "bytearray", "str"],
 )
 def test_body_resent_byte_for_byte(up: MockUpstream, body: bytes | bytearray | str) -> None:
-    client, _ = make_client(up, ANTHROPIC, 3)
+    client, _ = make_client(up, ANTHROPIC.provider, 3)
     up.set_reply(KEYS[0], ANTHROPIC.error(429, "rate_limit_error", "5"))
     up.set_reply(KEYS[1], ANTHROPIC.error(401, "authentication_error"))
     up.set_reply(KEYS[2], Reply.json({"ok": True}))
@@ -804,7 +767,7 @@ def test_body_resent_byte_for_byte(up: MockUpstream, body: bytes | bytearray | s
 
 
 def test_path_and_query_forwarded_on_every_attempt(up: MockUpstream) -> None:
-    client, _ = make_client(up, OPENAI, 2)
+    client, _ = make_client(up, OPENAI.provider, 2)
     up.set_reply(KEYS[0], OPENAI.error(429, "rate_limit_exceeded"))
     resp = client.request_sync("GET", "/v1/models?limit=5&after_id=a%2Fb&flag")
     assert resp.status == 200
@@ -814,7 +777,7 @@ def test_path_and_query_forwarded_on_every_attempt(up: MockUpstream) -> None:
 
 
 def test_base_url_path_prefix_is_kept(up: MockUpstream) -> None:
-    client, _ = make_client(up.url + "/proxy/", ANTHROPIC, 1)
+    client, _ = make_client(up.url + "/proxy/", ANTHROPIC.provider, 1)
     resp = client.request_sync("GET", "/v1/models?x=1")
     assert resp.status == 404  # the mock has no such route: relayed as is
     assert (up.requests[0].path, up.requests[0].query) == ("/proxy/v1/models", "x=1")
@@ -822,7 +785,7 @@ def test_base_url_path_prefix_is_kept(up: MockUpstream) -> None:
 
 @pytest.mark.parametrize("api", APIS, ids=str)
 def test_pool_key_goes_in_the_provider_header(up: MockUpstream, api: Api) -> None:
-    client, _ = make_client(up, api, 1)
+    client, _ = make_client(up, api.provider, 1)
     run(call(client, api, headers={"anthropic-version": "2023-06-01", "X-Trace": "t-1"}))
     sent = up.requests[0]
     assert api.sent_key(sent.headers) == KEYS[0]
@@ -845,7 +808,7 @@ HOP_BY_HOP = {
 
 
 def test_hop_by_hop_request_headers_not_forwarded(up: MockUpstream) -> None:
-    client, _ = make_client(up, ANTHROPIC, 2)
+    client, _ = make_client(up, ANTHROPIC.provider, 2)
     up.set_reply(KEYS[0], ANTHROPIC.error(429, "rate_limit_error"))
     headers = [
         ("Connection", "keep-alive, X-Hop-Secret"),
@@ -871,7 +834,7 @@ def test_hop_by_hop_request_headers_not_forwarded(up: MockUpstream) -> None:
 
 
 def test_hop_by_hop_response_headers_removed(up: MockUpstream) -> None:
-    client, _ = make_client(up, ANTHROPIC, 1)
+    client, _ = make_client(up, ANTHROPIC.provider, 1)
     up.enqueue(
         Reply(
             headers=[
@@ -897,7 +860,7 @@ def test_headers_named_by_connection_removed_from_the_response() -> None:
         b"x-hop: private\r\nx-kept: yes\r\ncontent-length: 2\r\n\r\n{}"
     )
     with raw_server(payload) as port:
-        client, _ = make_client(f"http://127.0.0.1:{port}", ANTHROPIC, 1)
+        client, _ = make_client(f"http://127.0.0.1:{port}", ANTHROPIC.provider, 1)
         resp = client.request_sync("GET", "/v1/models")
         assert resp.status == 200
         assert resp.headers == [
@@ -920,7 +883,7 @@ def test_headers_named_by_connection_removed_from_the_response() -> None:
 def test_malformed_requests_raise_config_error_without_secrets(
     up: MockUpstream, method: str, path: str, headers: dict[str, str] | None, match: str
 ) -> None:
-    client, _ = make_client(up, ANTHROPIC, 1)
+    client, _ = make_client(up, ANTHROPIC.provider, 1)
     with pytest.raises(kf.ConfigError, match=match) as excinfo:
         client.request_sync(method, path, headers=headers)
     assert BYOK not in str(excinfo.value)
@@ -949,7 +912,7 @@ def assert_upstream_failure(
 
 @pytest.mark.parametrize("api", APIS, ids=str)
 def test_connection_refused_is_502_naming_the_cause(api: Api) -> None:
-    client, pool = make_client(f"http://127.0.0.1:{free_port()}", api, 2)
+    client, pool = make_client(f"http://127.0.0.1:{free_port()}", api.provider, 2)
     resp, body = run(call(client, api, stream=True))
     assert_upstream_failure(api, resp, body, 502, "connect", "refused")
     assert resp.attempts == 1, "no failover: the next key would not fare better"
@@ -958,7 +921,9 @@ def test_connection_refused_is_502_naming_the_cause(api: Api) -> None:
 
 
 def test_dns_failure_is_502_naming_the_cause() -> None:
-    client, pool = make_client("http://keyfailover-test.invalid", ANTHROPIC, 1, connect_timeout=5)
+    client, pool = make_client(
+        "http://keyfailover-test.invalid", ANTHROPIC.provider, 1, connect_timeout=5
+    )
     resp, body = run(call(client, ANTHROPIC))
     assert_upstream_failure(ANTHROPIC, resp, body, 502, "dns")
     assert states(pool) == ["valid"]
@@ -966,7 +931,7 @@ def test_dns_failure_is_502_naming_the_cause() -> None:
 
 def test_tls_failure_is_502_naming_the_cause() -> None:
     with raw_server(b"HTTP/1.1 400 Bad Request\r\n\r\n") as port:
-        client, pool = make_client(f"https://127.0.0.1:{port}", OPENAI, 1)
+        client, pool = make_client(f"https://127.0.0.1:{port}", OPENAI.provider, 1)
         resp, body = run(call(client, OPENAI))
     assert_upstream_failure(OPENAI, resp, body, 502, "connect", "corrupt message")
     assert states(pool) == ["valid"]
@@ -982,7 +947,7 @@ def test_connect_timeout_is_502_not_504() -> None:
             filler.setblocking(False)
             filler.connect_ex(("127.0.0.1", port))
         client, pool = make_client(
-            f"http://127.0.0.1:{port}", ANTHROPIC, 1, connect_timeout=0.2, timeout=30
+            f"http://127.0.0.1:{port}", ANTHROPIC.provider, 1, connect_timeout=0.2, timeout=30
         )
         start = time.monotonic()
         resp, body = run(call(client, ANTHROPIC))
@@ -994,7 +959,7 @@ def test_connect_timeout_is_502_not_504() -> None:
 
 @pytest.mark.parametrize("api", APIS, ids=str)
 def test_reset_before_head_is_502(up: MockUpstream, api: Api) -> None:
-    client, pool = make_client(up, api, 2)
+    client, pool = make_client(up, api.provider, 2)
     up.enqueue(Reply(reset_before_head=True))
     resp, body = run(call(client, api))
     assert_upstream_failure(api, resp, body, 502, "reset")
@@ -1004,7 +969,7 @@ def test_reset_before_head_is_502(up: MockUpstream, api: Api) -> None:
 
 @pytest.mark.parametrize("api", APIS, ids=str)
 def test_no_head_within_timeout_is_504_quickly(up: MockUpstream, api: Api) -> None:
-    client, pool = make_client(up, api, 2, timeout=0.3)
+    client, pool = make_client(up, api.provider, 2, timeout=0.3)
     up.enqueue(Reply(stall=10))
     start = time.monotonic()
     resp, body = run(call(client, api))
@@ -1022,7 +987,7 @@ def broken_json_reply() -> Reply:
 
 
 def test_json_body_broken_after_head_raises_upstream_error(up: MockUpstream) -> None:
-    client, pool = make_client(up, ANTHROPIC, 1)
+    client, pool = make_client(up, ANTHROPIC.provider, 1)
     up.enqueue(broken_json_reply(), broken_json_reply())
 
     async def scenario() -> None:
@@ -1045,7 +1010,7 @@ def test_json_body_broken_after_head_raises_upstream_error(up: MockUpstream) -> 
 
 
 def test_json_body_broken_after_head_raises_upstream_error_sync(up: MockUpstream) -> None:
-    client, _ = make_client(up, ANTHROPIC, 1)
+    client, _ = make_client(up, ANTHROPIC.provider, 1)
     up.enqueue(broken_json_reply(), broken_json_reply())
     resp = client.request_sync("POST", "/v1/messages", body=ANTHROPIC.body())
     with pytest.raises(kf.UpstreamError):
@@ -1061,7 +1026,7 @@ def test_json_body_broken_after_head_raises_upstream_error_sync(up: MockUpstream
 
 
 def test_response_reading_styles(up: MockUpstream) -> None:
-    client, _ = make_client(up, ANTHROPIC, 1)
+    client, _ = make_client(up, ANTHROPIC.provider, 1)
     up.enqueue(Reply(headers={"content-type": "application/json"}, body=[b'{"a":', b"1}"]))
 
     async def scenario() -> None:
@@ -1077,7 +1042,7 @@ def test_response_reading_styles(up: MockUpstream) -> None:
 
 
 def test_stats_count_every_outcome(up: MockUpstream) -> None:
-    client, pool = make_client(up, ANTHROPIC, 3)
+    client, pool = make_client(up, ANTHROPIC.provider, 3)
     up.set_reply(KEYS[0], ANTHROPIC.error(429, "rate_limit_error", "5"))
     up.set_reply(KEYS[1], Reply.json(QUOTA_BODIES["anthropic_spend_limit"], status=429))
     up.set_reply(KEYS[2], ANTHROPIC.error(401, "authentication_error"))
@@ -1112,7 +1077,7 @@ def test_secrets_never_in_anything_the_client_produces(up: MockUpstream) -> None
         texts.extend([repr(resp), repr(resp.headers), body.decode("latin-1")])
 
     for api in APIS:
-        client, pool = make_client(up, api, 3)
+        client, pool = make_client(up, api.provider, 3)
         texts.append(repr(client))
         up.set_reply(KEYS[0], api.error(429, api.rate_limit_type, "5"))
         up.set_reply(KEYS[1], api.error(401, api.auth_type))
@@ -1134,7 +1099,7 @@ def test_secrets_never_in_anything_the_client_produces(up: MockUpstream) -> None
         collect(*run(call(client, api, headers={"x-api-key": BYOK})))
         texts.extend([repr(pool), repr(pool.snapshot()), repr(pool.walker())])
         texts.extend(repr(pool.key(f"key-{i}")) for i in range(3))
-        down, _ = make_client(f"http://127.0.0.1:{free_port()}", api, 1)
+        down, _ = make_client(f"http://127.0.0.1:{free_port()}", api.provider, 1)
         collect(*run(call(down, api)))
         up.clear()
 

@@ -18,6 +18,7 @@ import httpx
 import openai
 import pytest
 from anthropic.types import MessageParam
+from conftest import FAKE_KEYS, run
 from openai.types.chat import ChatCompletionMessageParam
 
 from keyfailover.testing import (
@@ -30,17 +31,9 @@ from keyfailover.testing import (
     openai_stream_chunks,
 )
 
-ANTHROPIC_KEY = "sk-ant-test-key-0"
-OTHER_KEY = "sk-ant-test-key-1"
-OPENAI_KEY = "sk-openai-test-key"
+ANTHROPIC_KEY, OTHER_KEY, OPENAI_KEY = FAKE_KEYS[:3]
 MESSAGES: list[MessageParam] = [{"role": "user", "content": "Hi"}]
 CHAT: list[ChatCompletionMessageParam] = [{"role": "user", "content": "Hi"}]
-
-
-@pytest.fixture
-def up() -> Iterator[MockUpstream]:
-    with MockUpstream() as upstream:
-        yield upstream
 
 
 @pytest.fixture
@@ -614,7 +607,7 @@ def test_async_clients_are_served_without_blocking_their_loop(up: MockUpstream) 
             assert not slow.done()  # the others did not wait behind it
             return [(await slow).status_code] + [r.status_code for r in fast]
 
-    assert asyncio.run(main()) == [200] + [404] * 20
+    assert run(main()) == [200] + [404] * 20
 
 
 def test_threads_with_their_own_credentials(up: MockUpstream) -> None:
