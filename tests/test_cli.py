@@ -187,6 +187,15 @@ def test_mock_upstream_bad_scenario(tmp_path: Path):
     assert "scenario file" in missing.stderr
     assert "not found" in missing.stderr
 
+    scenario = tmp_path / "x.json"
+    scenario.write_text(json.dumps({"replies": {"sk-x": {"error": {"type": "api_error"}}}}))
+    bad = run_cli("mock-upstream", "--port", "0", "--scenario", str(scenario))
+    assert bad.returncode == 2
+    assert bad.stderr.strip().splitlines() == [
+        f"keyfailover mock-upstream: error: bad scenario {str(scenario)!r}: "
+        'replies["sk-x"].error.message: required for an error reply'
+    ]
+
 
 def test_demo_runs_and_exits_zero():
     started = time.monotonic()

@@ -11,7 +11,7 @@ import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 import anthropic
 import httpx
@@ -551,15 +551,188 @@ def test_load_scenario(up: MockUpstream, tmp_path: Path, from_file: bool) -> Non
         assert dead.json()["error"]["code"] == "invalid_api_key"
 
 
+def test_the_scenario_example_in_the_docs_loads(up: MockUpstream) -> None:
+    doc = (Path(__file__).resolve().parent.parent / "docs" / "mock-upstream.md").read_text()
+    [example] = re.findall(r"```json\n(.*?)```", doc, re.DOTALL)
+    up.load_scenario(json.loads(example))
+    with httpx.Client(base_url=up.url) as http:
+        assert http.get("/x").json() == {"first": True}
+
+
 def test_scenario_errors_are_reported() -> None:
-    with pytest.raises(ValueError, match="unknown reply keys"):
+    with pytest.raises(ValueError, match="unknown field"):
         Reply.from_dict({"jsn": {}})
     with pytest.raises(ValueError, match="only one of"):
         Reply.from_dict({"json": {}, "body": "x"})
-    with pytest.raises(ValueError, match="unknown scenario keys"):
+    with pytest.raises(ValueError, match="unknown field"):
         MockUpstream().load_scenario({"reply": {}})
     with pytest.raises(ValueError, match="negative"):
         Reply(stall=-1)
+
+
+KNOWN_REPLY_FIELDS = (
+    "body, break_after, chunk_delay, error, headers, json, reset_before_head, sse, stall, status"
+)
+
+# scenario -> the whole error message
+BAD_SCENARIOS = {
+    "error_without_message": (
+        {"replies": {"sk-x": {"error": {"type": "rate_limit_error"}, "status": 429}}},
+        'replies["sk-x"].error.message: required for an error reply',
+    ),
+    "error_without_type_long_credential_masked": (
+        {"replies": {FAKE_KEYS[0]: {"error": {"message": "slow down"}}}},
+        'replies["sk-a...0000"].error.type: required for an error reply',
+    ),
+    "error_message_not_a_string": (
+        {"queue": [{"error": {"type": "api_error", "message": ["a"]}}]},
+        "queue[0].error.message: expected a string, got a list",
+    ),
+    "error_not_an_object": (
+        {"queue": [{"error": "boom"}]},
+        'queue[0].error: expected an object, got "boom"',
+    ),
+    "error_unknown_field": (
+        {"queue": [{"error": {"type": "t", "message": "m", "code": 1}}]},
+        "queue[0].error.code: unknown field; expected one of type, message, provider",
+    ),
+    "error_unknown_provider": (
+        {"queue": [{"error": {"type": "t", "message": "m", "provider": "azure"}}]},
+        'queue[0].error.provider: expected one of anthropic, openai, got "azure"',
+    ),
+    "status_as_string": (
+        {"queue": [{"status": "429"}]},
+        'queue[0].status: expected an HTTP status (100-999), got "429"',
+    ),
+    "status_out_of_range": (
+        {"queue": [{"json": {}, "status": 1000}]},
+        "queue[0].status: expected an HTTP status (100-999), got 1000",
+    ),
+    "status_bool": (
+        {"queue": [{"status": True}]},
+        "queue[0].status: expected an HTTP status (100-999), got true",
+    ),
+    "unknown_reply_field": (
+        {"queue": [{}, {"jsn": {}}]},
+        f"queue[1].jsn: unknown field; expected one of {KNOWN_REPLY_FIELDS}",
+    ),
+    "two_kinds": (
+        {"queue": [{"json": {}, "body": "x"}]},
+        "queue[0]: takes only one of json, error, sse, body; got json and body",
+    ),
+    "header_value_not_a_string": (
+        {"queue": [{"headers": {"retry-after": 5}}]},
+        'queue[0].headers["retry-after"]: expected a header value: a string without CR, LF '
+        "or NUL, got 5",
+    ),
+    "header_value_with_newline": (
+        {"queue": [{"headers": [["x-a", "1\r\nx-b: 2"]]}]},
+        "queue[0].headers[0]: expected a header value: a string without CR, LF or NUL, "
+        'got "1\\r\\nx-b: 2"',
+    ),
+    "header_name_with_space": (
+        {"queue": [{"headers": {"bad name": "x"}}]},
+        'queue[0].headers["bad name"]: expected a header name (letters, digits and '
+        '!#$%&\'*+-.^_`|~), got "bad name"',
+    ),
+    "header_pair_too_short": (
+        {"queue": [{"headers": [["x-a"]]}]},
+        "queue[0].headers[0]: expected a [name, value] pair, got a list",
+    ),
+    "headers_not_a_container": (
+        {"queue": [{"headers": "x-a: 1"}]},
+        'queue[0].headers: expected an object or a list of [name, value] pairs, got "x-a: 1"',
+    ),
+    "negative_stall": (
+        {"queue": [{"stall": -1}]},
+        "queue[0].stall: expected a number of seconds (0 or more), got -1",
+    ),
+    "chunk_delay_as_string": (
+        {"queue": [{"chunk_delay": "0.1"}]},
+        'queue[0].chunk_delay: expected a number of seconds, got "0.1"',
+    ),
+    "fractional_break_after": (
+        {"queue": [{"break_after": 1.5}]},
+        "queue[0].break_after: expected a whole number (0 or more), got 1.5",
+    ),
+    "reset_before_head_not_a_bool": (
+        {"queue": [{"reset_before_head": "yes"}]},
+        'queue[0].reset_before_head: expected true or false, got "yes"',
+    ),
+    "body_chunk_not_a_string": (
+        {"queue": [{"body": ["a", 1]}]},
+        "queue[0].body[1]: expected a string, got 1",
+    ),
+    "sse_not_a_list": (
+        {"queue": [{"sse": "data: x"}]},
+        'queue[0].sse: expected a list of events, got "data: x"',
+    ),
+    "sse_pair_of_three": (
+        {"queue": [{"sse": ["[DONE]", ["ping", {}, 1]]}]},
+        "queue[0].sse[1]: expected [event, data]: 2 items, got 3",
+    ),
+    "sse_event_name_not_a_string": (
+        {"queue": [{"sse": [[5, {}]]}]},
+        "queue[0].sse[0][0]: expected an event name or null, got 5",
+    ),
+    "null_in_queue": ({"queue": [None]}, "queue[0]: expected an object, got null"),
+    "queue_not_a_list": ({"queue": {}}, "queue: expected a list of replies, got an object"),
+    "replies_not_an_object": ({"replies": []}, "replies: expected an object, got a list"),
+    "empty_credential": (
+        {"replies": {"": {}}},
+        'replies[""]: a credential must be a non-empty string',
+    ),
+    "unknown_scenario_field": (
+        {"reply": {}},
+        'reply: unknown field; a scenario has "replies" and "queue"',
+    ),
+}
+
+
+@pytest.mark.parametrize(("scenario", "message"), BAD_SCENARIOS.values(), ids=BAD_SCENARIOS)
+def test_bad_scenarios_are_reported_naming_the_field(
+    up: MockUpstream, tmp_path: Path, scenario: dict[str, Any], message: str
+) -> None:
+    exactly = f"^{re.escape(message)}$"
+    with pytest.raises(ValueError, match=exactly):
+        up.load_scenario(scenario)
+    path = tmp_path / "scenario.json"
+    path.write_text(json.dumps(scenario))
+    with pytest.raises(ValueError, match=exactly):
+        up.load_scenario(path)
+    assert FAKE_KEYS[0] not in message
+
+
+def test_a_bad_scenario_changes_nothing(up: MockUpstream, http: httpx.Client) -> None:
+    up.set_reply("sk-kept", Reply.json({"kept": True}))
+    bad = {
+        "replies": {"sk-kept": None, "sk-new": {"json": {}}},
+        "queue": [{"json": {"first": True}}, {"status": 0}],
+    }
+    with pytest.raises(ValueError, match=r"^queue\[1\]\.status: "):
+        up.load_scenario(bad)
+    assert http.get("/x").status_code == 404, "nothing was queued"
+    assert http.get("/x", headers={"x-api-key": "sk-kept"}).json() == {"kept": True}
+    assert http.get("/x", headers={"x-api-key": "sk-new"}).status_code == 404
+
+
+def test_reply_from_dict_errors_name_the_field() -> None:
+    with pytest.raises(ValueError, match=r"^reply\.error\.message: required for an error reply$"):
+        Reply.from_dict({"error": {"type": "rate_limit_error"}})
+    with pytest.raises(ValueError, match=r"^reply: expected an object, got a list$"):
+        Reply.from_dict([])  # type: ignore[arg-type]
+
+
+def test_scenario_file_that_is_not_json_or_not_an_object(up: MockUpstream, tmp_path: Path) -> None:
+    path = tmp_path / "scenario.json"
+    path.write_text('{"queue": [}')
+    with pytest.raises(ValueError, match=r"^not valid JSON: Expecting value: line 1 column 12"):
+        up.load_scenario(path)
+    path.write_text("[]")
+    with pytest.raises(ValueError, match=r"^scenario: expected an object, got a list$"):
+        up.load_scenario(path)
+    with pytest.raises(FileNotFoundError):
+        up.load_scenario(tmp_path / "missing.json")
 
 
 # ----------------------------------------------------------------- lifecycle and concurrency

@@ -33,10 +33,11 @@ The server treats the client's end of input (FIN) as the client going away:
 it stops whatever reply is in flight and marks it `disconnected`. A client
 that half-closes its socket after sending a request gets no response.
 
-Modules: `bodies` (API-shaped response bodies), `replies` (`Reply`), `log`
-(`RecordedRequest`), `routes` (default replies), `http11` (request parsing and
-response rendering), `server` (`MockUpstream`), `asgi_server` (`serve_asgi`)
-and `plugin` (the pytest fixture).
+Modules: `bodies` (API-shaped response bodies), `replies` (`Reply`),
+`scenario` (scenario files, validated), `log` (`RecordedRequest`), `routes`
+(default replies), `http11` (request parsing and response rendering), `server`
+(`MockUpstream`), `asgi_server` (`serve_asgi`) and `plugin` (the pytest fixture).
+Scenario files and faults are documented in docs/mock-upstream.md.
 """
 
 from __future__ import annotations

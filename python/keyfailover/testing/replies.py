@@ -127,55 +127,14 @@ class Reply:
 
     @classmethod
     def from_dict(cls, spec: Mapping[str, Any]) -> Reply:
-        """A reply from a JSON-like dict.
+        """A reply from a JSON-like dict, as in a scenario file (docs/mock-upstream.md).
 
         Keys: the dataclass fields (a str body is UTF-8 encoded; a list body
         is a list of str chunks), plus at most one of ``"json": <value>``,
         ``"error": {"type", "message", "provider"?}`` (status defaults to
-        500) and ``"sse": [[event, data] | data, ...]``.
+        500) and ``"sse": [[event, data] | data, ...]``. Raises ValueError
+        naming the field when `spec` is not a valid reply.
         """
-        unknown = set(spec) - _REPLY_KEYS
-        if unknown:
-            raise ValueError(f"unknown reply keys: {sorted(unknown)}")
-        kinds = [key for key in ("json", "error", "sse", "body") if key in spec]
-        if len(kinds) > 1:
-            raise ValueError(f"a reply takes only one of json/error/sse/body, got {kinds}")
-        if "json" in spec:
-            reply = cls.json(spec["json"])
-        elif "error" in spec:
-            err = spec["error"]
-            reply = cls.error(
-                spec.get("status", 500),
-                err["type"],
-                err["message"],
-                provider=err.get("provider", "anthropic"),
-            )
-        elif "sse" in spec:
-            reply = cls.sse(
-                [tuple(item) if isinstance(item, list) else item for item in spec["sse"]]
-            )
-        else:
-            reply = cls()
-        fields: dict[str, Any] = {
-            "status": reply.status,
-            "headers": _with_defaults(dict(_header_pairs(reply.headers)), spec.get("headers")),
-            "body": reply.body,
-        }
-        for key in ("status", "body", "reset_before_head", "stall", "chunk_delay", "break_after"):
-            if key in spec:
-                fields[key] = spec[key]
-        return cls(**fields)
+        from .scenario import reply_from_spec
 
-
-_REPLY_KEYS = {
-    "status",
-    "headers",
-    "body",
-    "reset_before_head",
-    "stall",
-    "chunk_delay",
-    "break_after",
-    "json",
-    "error",
-    "sse",
-}
+        return reply_from_spec(spec)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 import socket
 import struct
@@ -12,13 +11,13 @@ import time
 from collections import deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, cast
 
 from .http11 import _asks_to_close, _render, _RequestParser
 from .log import RecordedRequest, _credential
 from .replies import Reply
 from .routes import _default_reply
+from .scenario import parse_scenario
 
 _MAX_PIPELINE = 64
 
@@ -319,19 +318,12 @@ class MockUpstream:
         """Apply ``{"replies": {credential: reply dict | null}, "queue": [reply dict, ...]}``.
 
         `scenario` is the dict itself or the path of a JSON file holding it;
-        reply dicts are as for `Reply.from_dict`.
+        reply dicts are as for `Reply.from_dict` (the format is in
+        docs/mock-upstream.md). The whole scenario is checked before any of it
+        is applied: a mistake raises ValueError naming the field, such as
+        ``queue[0].status: expected an HTTP status (100-999), got 1000``.
         """
-        data: Mapping[str, Any] = (
-            scenario if isinstance(scenario, Mapping) else json.loads(Path(scenario).read_text())
-        )
-        unknown = set(data) - {"replies", "queue"}
-        if unknown:
-            raise ValueError(f"unknown scenario keys: {sorted(unknown)}")
-        replies = {
-            credential: None if spec is None else Reply.from_dict(spec)
-            for credential, spec in data.get("replies", {}).items()
-        }
-        queue = [Reply.from_dict(spec) for spec in data.get("queue", [])]
+        replies, queue = parse_scenario(scenario)
         for credential, reply in replies.items():
             self.set_reply(credential, reply)
         self.enqueue(*queue)
