@@ -35,9 +35,10 @@ that half-closes its socket after sending a request gets no response.
 
 Modules: `bodies` (API-shaped response bodies), `replies` (`Reply`),
 `scenario` (scenario files, validated), `log` (`RecordedRequest`), `routes`
-(default replies), `http11` (request parsing and response rendering), `server`
-(`MockUpstream`), `asgi_server` (`serve_asgi`) and `plugin` (the pytest fixture).
-Scenario files and faults are documented in docs/mock-upstream.md.
+(default replies), `http11` (request parsing), `wire` (a reply as bytes on the
+wire, faults included), `server` (`MockUpstream`), `asgi_server` (`serve_asgi`)
+and `plugin` (the pytest fixture). Scenario files and faults are documented in
+docs/mock-upstream.md.
 """
 
 from __future__ import annotations

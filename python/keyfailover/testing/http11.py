@@ -1,12 +1,9 @@
-"""HTTP/1.1 on the wire: an incremental request parser and the response renderer."""
+"""HTTP/1.1 requests on the wire: an incremental parser (responses are in `wire`)."""
 
 from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from http import HTTPStatus
-
-from .replies import HeadersLike, Reply, _header_pairs
 
 _MAX_HEAD = 64 * 1024
 _TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
@@ -171,46 +168,3 @@ class _RequestParser:
                 self._chunks += buf[: self._chunk_left]
                 del buf[: self._chunk_left + 2]
                 self._chunk_left = None
-
-
-# --------------------------------------------------------------------------
-# Response writing
-# --------------------------------------------------------------------------
-
-_REASONS = {status.value: status.phrase for status in HTTPStatus} | {529: "Overloaded"}
-_SERVER_HEADERS = {"content-length", "transfer-encoding", "connection"}
-
-
-def _render(reply: Reply, head_only: bool, keep_alive: bool) -> tuple[bytes, list[bytes]]:
-    """The response head and the body pieces to write (separately when delayed)."""
-    status = reply.status
-    headers = _header_pairs(reply.headers)
-    no_body = head_only or status < 200 or status in (204, 304)
-    if isinstance(reply.body, bytes):
-        body = reply.body
-        framing = "" if status < 200 or status == 204 else f"content-length: {len(body)}\r\n"
-        if reply.break_after is not None:
-            body = body[: min(reply.break_after, max(len(body) - 1, 0))]
-        pieces = [body]
-    else:
-        framing = "transfer-encoding: chunked\r\n"
-        chunks = reply.body if reply.break_after is None else reply.body[: reply.break_after]
-        pieces = [b"%x\r\n%s\r\n" % (len(chunk), chunk) if chunk else b"" for chunk in chunks]
-        if reply.break_after is None:
-            pieces[-1:] = [(pieces[-1] if pieces else b"") + b"0\r\n\r\n"]
-    lines = [f"HTTP/1.1 {status} {_REASONS.get(status, '')}\r\n"]
-    lines += [
-        f"{name}: {value}\r\n" for name, value in headers if name.lower() not in _SERVER_HEADERS
-    ]
-    lines.append(framing)
-    if not keep_alive:
-        lines.append("connection: close\r\n")
-    lines.append("\r\n")
-    return "".join(lines).encode(), [] if no_body else pieces
-
-
-def _asks_to_close(headers: HeadersLike) -> bool:
-    return any(
-        name.lower() == "connection" and "close" in value.lower()
-        for name, value in _header_pairs(headers)
-    )

@@ -17,11 +17,11 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-from .replies import Reply, _header_pairs
+from .replies import FRAMINGS, Reply, _header_pairs
 
 _SCENARIO_KEYS = ("replies", "queue")
 # What a reply dict says it is: at most one of these.
-_KINDS = ("json", "error", "sse", "body")
+_KINDS = ("json", "error", "sse", "body", "raw")
 _ERROR_KEYS = ("type", "message", "provider")
 _PROVIDERS = ("anthropic", "openai")
 _TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
@@ -176,6 +176,12 @@ def _error_reply(value: object, status: int, path: str) -> Reply:
     return Reply.error(status, fields["type"], fields["message"], provider=provider)
 
 
+def _framing(value: object, path: str) -> str:
+    if value not in FRAMINGS:
+        raise _fail(path, f"expected one of {', '.join(FRAMINGS)}", value)
+    return str(value)
+
+
 # The Reply fields a reply dict may set directly, each with its check.
 _FIELDS: dict[str, Callable[[object, str], Any]] = {
     "status": _status,
@@ -185,8 +191,17 @@ _FIELDS: dict[str, Callable[[object, str], Any]] = {
     "stall": _seconds,
     "chunk_delay": _seconds,
     "break_after": _optional_count,
+    "framing": _framing,
+    "break_after_bytes": _optional_count,
+    "bad_chunk_at": _optional_count,
+    "stall_body": _seconds,
+    "stall_body_after": _count,
+    "trickle": _seconds,
+    "close": _flag,
 }
 _REPLY_KEYS = frozenset(_FIELDS) | frozenset(_KINDS)
+# What a raw reply may have besides "raw": the rest is sent as it is.
+_RAW_KEYS = ("raw", "stall", "reset_before_head", "trickle", "close")
 
 
 def reply_from_spec(value: object, path: str = "reply") -> Reply:
@@ -200,6 +215,13 @@ def reply_from_spec(value: object, path: str = "reply") -> Reply:
     fields = {
         key: check(spec[key], _at(path, key)) for key, check in _FIELDS.items() if key in spec
     }
+    if "raw" in spec:
+        for key in spec:
+            if key not in _RAW_KEYS:
+                raise _fail(_at(path, key), "not used by a raw reply, which is sent as it is")
+        fields["raw_data"] = _string(spec["raw"], _at(path, "raw")).encode()
+        fields.setdefault("close", True)
+        return _reply(fields, path)
     if "json" in spec:
         reply = Reply.json(spec["json"])
     elif "error" in spec:
@@ -215,7 +237,14 @@ def reply_from_spec(value: object, path: str = "reply") -> Reply:
     fields["headers"] = headers
     fields.setdefault("status", reply.status)
     fields.setdefault("body", reply.body)
-    return Reply(**fields)
+    return _reply(fields, path)
+
+
+def _reply(fields: dict[str, Any], path: str) -> Reply:
+    try:
+        return Reply(**fields)
+    except ValueError as exc:  # options that do not go together
+        raise _fail(path, str(exc)) from None
 
 
 def parse_scenario(

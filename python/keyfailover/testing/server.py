@@ -9,15 +9,16 @@ import struct
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Coroutine, Mapping
 from dataclasses import dataclass
 from typing import Any, cast
 
-from .http11 import _asks_to_close, _render, _RequestParser
+from .http11 import _RequestParser
 from .log import RecordedRequest, _credential
 from .replies import Reply
 from .routes import _default_reply
 from .scenario import parse_scenario
+from .wire import Plan, plan
 
 _MAX_PIPELINE = 64
 
@@ -113,41 +114,47 @@ class _Connection(asyncio.Protocol):
             self._transport.resume_reading()
 
     def _start_reply(self, work: _Work, request: RecordedRequest, reply: Reply) -> None:
-        if reply.stall > 0 or reply.chunk_delay > 0:
-            self._task = asyncio.get_running_loop().create_task(
-                self._reply_slowly(work, request, reply)
-            )
-            self._task.add_done_callback(self._on_slow_reply_done)
+        if reply.stall > 0:
+            self._reply_later(self._reply_slowly(request, reply, work))
         elif reply.reset_before_head:
             self.reset()
         else:
-            keep_alive = self._keeps_alive(work, reply)
-            head, pieces = _render(reply, work.head_only, keep_alive)
-            # Mark before writing: the client may read the reply and look at once.
-            request.completed = reply.break_after is None
-            self._transport.write(head + b"".join(pieces))
-            if not keep_alive:
-                self.close()
+            writes = plan(reply, work.head_only, work.keep_alive)
+            if writes.immediate:
+                self._send_now(request, writes)
+            else:
+                self._reply_later(self._send_slowly(request, writes))
 
-    async def _reply_slowly(self, work: _Work, request: RecordedRequest, reply: Reply) -> None:
-        if reply.stall > 0:
-            await asyncio.sleep(reply.stall)
+    def _reply_later(self, coro: Coroutine[Any, Any, None]) -> None:
+        self._task = asyncio.get_running_loop().create_task(coro)
+        self._task.add_done_callback(self._on_slow_reply_done)
+
+    def _send_now(self, request: RecordedRequest, writes: Plan) -> None:
+        # Mark before writing: the client may read the reply and look at once.
+        request.completed = writes.complete
+        self._transport.write(b"".join(data for _, data in writes.writes))
+        if not writes.keep_alive:
+            self.close()
+
+    async def _reply_slowly(self, request: RecordedRequest, reply: Reply, work: _Work) -> None:
+        await asyncio.sleep(reply.stall)
         if reply.reset_before_head:
             self.reset()
             return
-        keep_alive = self._keeps_alive(work, reply)
-        head, pieces = _render(reply, work.head_only, keep_alive)
-        writes = [head + pieces[0], *pieces[1:]] if pieces else [head]
-        for index, data in enumerate(writes):
-            if index and reply.chunk_delay > 0:
-                await asyncio.sleep(reply.chunk_delay)
-            if index == len(writes) - 1:
-                request.completed = reply.break_after is None
+        await self._send_slowly(request, plan(reply, work.head_only, work.keep_alive))
+
+    async def _send_slowly(self, request: RecordedRequest, writes: Plan) -> None:
+        last = len(writes.writes) - 1
+        for index, (wait, data) in enumerate(writes.writes):
+            if wait > 0:
+                await asyncio.sleep(wait)
+            if index == last:
+                request.completed = writes.complete
             self._transport.write(data)
             if self._writing_paused:
                 self._drain_waiter = asyncio.get_running_loop().create_future()
                 await self._drain_waiter
-        if not keep_alive:
+        if not writes.keep_alive:
             self.close()
 
     def _on_slow_reply_done(self, task: asyncio.Task[None]) -> None:
@@ -161,14 +168,9 @@ class _Connection(asyncio.Protocol):
             raise error
         self._process()
 
-    @staticmethod
-    def _keeps_alive(work: _Work, reply: Reply) -> bool:
-        return work.keep_alive and reply.break_after is None and not _asks_to_close(reply.headers)
-
     def _send_bad_request(self, message: str) -> None:
         reply = Reply.error(400, "invalid_request_error", f"malformed HTTP request: {message}")
-        head, pieces = _render(reply, head_only=False, keep_alive=False)
-        self._transport.write(head + b"".join(pieces))
+        self._transport.write(b"".join(data for _, data in plan(reply, False, False).writes))
         self.close()
 
     def close(self, abort: bool = False) -> None:
