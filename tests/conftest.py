@@ -1,9 +1,80 @@
+"""Shared fixtures and helpers.
+
+The `mock_upstream` fixture comes from the package's own pytest plugin
+(keyfailover.testing.plugin, entry point ``pytest11``); `up` is a short alias of
+it. Test modules import the plain helpers from here: ``from conftest import ...``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from collections.abc import Callable, Coroutine
+from typing import Any, TypeVar
+
 import pytest
 
 import keyfailover as kf
+from keyfailover.testing import MockUpstream
 
-# Realistic-looking fake keys: long enough to be masked as "sk-a...wxyz".
-FAKE_KEYS = [f"sk-ant-test-{i}-{'x' * 24}{i:04d}" for i in range(8)]
+T = TypeVar("T")
+
+# Realistic-looking fake keys: long enough to be masked as "sk-a...0000", varied
+# enough that any 8 characters of one are worth looking for in a leak check.
+FAKE_KEYS = [f"sk-ant-fake-{i}Q7vZpL2mX9rT4wK8nB3yH6jD{i:04d}" for i in range(8)]
+# The pool's default label of each key.
+LABEL = {key: f"key-{i}" for i, key in enumerate(FAKE_KEYS)}
+
+RATE_LIMITED = "all configured keys are rate-limited"
+AUTH_FAILED = "all configured keys failed authentication"
+
+
+def run(coro: Coroutine[Any, Any, T]) -> T:
+    """Runs a coroutine to completion on a new event loop (the tests use no pytest-asyncio)."""
+    return asyncio.run(coro)
+
+
+def make_client(
+    upstream: MockUpstream | str,
+    provider: str = "anthropic",
+    n: int = 2,
+    *,
+    clock: kf.ManualClock | None = None,
+    **options: Any,
+) -> tuple[kf.FailoverClient, kf.KeyPool]:
+    """A FailoverClient for `upstream` (a MockUpstream or a base URL) over the first `n`
+    fake keys, labelled key-0, key-1, ..., on a ManualClock (`clock`, else a new one);
+    `options` go to FailoverClient. Returns the client and its pool."""
+    pool = kf.KeyPool(FAKE_KEYS[:n], clock=clock or kf.ManualClock())
+    base_url = upstream if isinstance(upstream, str) else upstream.url
+    return kf.FailoverClient(pool, base_url=base_url, provider=provider, **options), pool
+
+
+def header(resp: kf.Response | kf.SyncResponse, name: str) -> str | None:
+    """The first value of response header `name` (names are lowercase)."""
+    return next((value for key, value in resp.headers if key == name), None)
+
+
+def states(pool: kf.KeyPool) -> list[str]:
+    return [state.value for state in pool.states()]
+
+
+def seen(up: MockUpstream) -> list[str]:
+    """The pool labels (or the raw credential, e.g. BYOK) upstream saw, in order."""
+    return [LABEL.get(r.credential or "", r.credential or "") for r in up.requests]
+
+
+def free_port() -> int:
+    """A loopback port with nothing listening on it (for "connection refused")."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture
+def up(mock_upstream: MockUpstream) -> MockUpstream:
+    """The plugin's `mock_upstream` fixture, under a short name."""
+    return mock_upstream
 
 
 @pytest.fixture
@@ -12,8 +83,8 @@ def clock() -> kf.ManualClock:
 
 
 @pytest.fixture
-def make_pool(clock: kf.ManualClock):
-    def make(n: int = 3, **kwargs) -> kf.KeyPool:
+def make_pool(clock: kf.ManualClock) -> Callable[..., kf.KeyPool]:
+    def make(n: int = 3, **kwargs: Any) -> kf.KeyPool:
         return kf.KeyPool(FAKE_KEYS[:n], clock=clock, **kwargs)
 
     return make

@@ -20,11 +20,12 @@ import httpx
 import openai
 import pytest
 import uvicorn
+from conftest import FAKE_KEYS, make_client, run
 from fastapi import FastAPI
 from starlette.applications import Starlette
 from starlette.routing import Mount
 
-from keyfailover import FailoverClient, KeyPool, ManualClock, UpstreamError
+from keyfailover import KeyPool, UpstreamError
 from keyfailover.asgi import FailoverProxy
 from keyfailover.testing import (
     MockUpstream,
@@ -35,7 +36,7 @@ from keyfailover.testing import (
     serve_asgi,
 )
 
-KEYS = [f"sk-ant-api03-{i}Q7vZpL2mX9rT4wK8nB3yH6jD{i:04d}" for i in range(2)]
+KEYS = FAKE_KEYS[:2]
 TOKEN, OTHER_TOKEN = "kf-team-token-alpha", "kf-team-token-beta"
 USER_KEY = "sk-caller-own-key-5f3c2a1b"
 MESSAGE: dict[str, Any] = {
@@ -56,13 +57,7 @@ class Proxy:
 
 
 def make_proxy(up: MockUpstream, provider: str = "anthropic", **options: Any) -> FailoverProxy:
-    pool = KeyPool(KEYS, clock=ManualClock())
-    return FailoverProxy(FailoverClient(pool, base_url=up.url, provider=provider), **options)
-
-
-@pytest.fixture
-def up(mock_upstream: MockUpstream) -> MockUpstream:
-    return mock_upstream
+    return FailoverProxy(make_client(up, provider)[0], **options)
 
 
 class Switch:
@@ -747,16 +742,14 @@ def http_scope(path: str, headers: list[tuple[bytes, bytes]]) -> dict[str, Any]:
 def test_lifespan_startup_and_shutdown(up):
     sent: list[Any] = []
     inbox = [{"type": "lifespan.startup"}, {"type": "lifespan.shutdown"}]
-    asyncio.run(
-        drive(make_proxy(up), {"type": "lifespan", "asgi": {"version": "3.0"}}, inbox, sent)
-    )
+    run(drive(make_proxy(up), {"type": "lifespan", "asgi": {"version": "3.0"}}, inbox, sent))
     assert sent == [{"type": "lifespan.startup.complete"}, {"type": "lifespan.shutdown.complete"}]
 
 
 def test_websocket_scope_is_closed(up):
     scope = {"type": "websocket", "path": "/v1/messages", "headers": [], "query_string": b""}
     sent: list[Any] = []
-    asyncio.run(drive(make_proxy(up), scope, [{"type": "websocket.connect"}], sent))
+    run(drive(make_proxy(up), scope, [{"type": "websocket.connect"}], sent))
     assert [m["type"] for m in sent] == ["websocket.close"]
     assert up.requests == []
 
@@ -765,7 +758,7 @@ def test_header_upstream_cannot_take_is_400_in_the_envelope(up):
     scope = http_scope("/v1/chat/completions", [(b"bad header", b"x")])
     sent: list[Any] = []
     inbox = [{"type": "http.request", "body": json.dumps(CHAT).encode()}]
-    asyncio.run(drive(make_proxy(up, "openai"), scope, inbox, sent))
+    run(drive(make_proxy(up, "openai"), scope, inbox, sent))
     assert sent[0]["status"] == 400
     error = json.loads(sent[1]["body"])["error"]
     assert error["type"] == "invalid_request_error"
@@ -779,7 +772,7 @@ def test_upstream_error_in_a_json_body_starts_no_second_response(up):
     sent: list[Any] = []
     inbox = [{"type": "http.request", "body": json.dumps(MESSAGE).encode()}]
     with pytest.raises(UpstreamError):  # the server then aborts the connection
-        asyncio.run(drive(make_proxy(up), scope, inbox, sent))
+        run(drive(make_proxy(up), scope, inbox, sent))
     assert [m["type"] for m in sent].count("http.response.start") == 1
     assert sent[0]["status"] == 200
     assert all(m["more_body"] for m in sent[1:])  # never ended as if complete

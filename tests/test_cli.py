@@ -13,12 +13,12 @@ from pathlib import Path
 
 import httpx
 import pytest
+from conftest import FAKE_KEYS, free_port
 
 from keyfailover import cli
 from keyfailover.testing import MockUpstream, Reply
 
-KEY_A = "sk-ant-cli-a-" + "a" * 24
-KEY_B = "sk-ant-cli-b-" + "b" * 24
+KEY_A, KEY_B = FAKE_KEYS[:2]
 
 
 def run_cli(*args: str, env: dict[str, str] | None = None, timeout: float = 60):
@@ -29,12 +29,6 @@ def run_cli(*args: str, env: dict[str, str] | None = None, timeout: float = 60):
         timeout=timeout,
         env={**os.environ, **(env or {})},
     )
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def wait_until_listening(port: int, proc: subprocess.Popen[str], timeout: float = 15) -> None:
@@ -131,46 +125,41 @@ def test_serve_allows_non_loopback_when_told(monkeypatch):
     assert "no client tokens" in repr(started["app"])
 
 
-def test_serve_proxies_with_failover(tmp_path: Path):
+def test_serve_proxies_with_failover(tmp_path: Path, up: MockUpstream):
     keys_file = tmp_path / "keys.txt"
     keys_file.write_text(f"first={KEY_A}\nsecond={KEY_B}\n")
     port = free_port()
-    with MockUpstream() as up:
-        up.set_reply(
-            KEY_A, Reply.error(429, "rate_limit_error", "slow", headers={"retry-after": "9"})
-        )
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "keyfailover", "serve", "--upstream", up.url,
-             "--keys-file", str(keys_file), "--port", str(port), "--client-token-env", "KF_T",
-             "--log-level", "info"],
-            env={**os.environ, "KF_T": "caller-token"},
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )  # fmt: skip
-        try:
-            wait_until_listening(port, proc)
-            url = f"http://127.0.0.1:{port}"
-            with httpx.Client(base_url=url, headers={"x-api-key": "caller-token"}) as http:
-                resp = http.post(
-                    "/v1/messages", json={"model": "m", "max_tokens": 5, "messages": []}
-                )
-                assert resp.status_code == 200
-                assert resp.json()["content"][0]["text"] == "Hello from mock"
-                keys = http.get("/_keyfailover/keys").json()["keys"]
-            assert [(k["label"], k["state"]) for k in keys] == [
-                ("first", "temporary"),
-                ("second", "valid"),
-            ]
-            assert [r.credential for r in up.requests] == [KEY_A, KEY_B]
-            assert httpx.get(url + "/v1/models").status_code == 401
-        finally:
-            proc.send_signal(signal.SIGINT)
-            _, err = proc.communicate(timeout=15)
-        assert "first sk-a...aaaa" in err, err
-        assert "POST /v1/messages -> 200 (attempts=2, key=second)" in err
-        assert KEY_A not in err
-        assert KEY_B not in err
+    up.set_reply(KEY_A, Reply.error(429, "rate_limit_error", "slow", headers={"retry-after": "9"}))
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "keyfailover", "serve", "--upstream", up.url,
+         "--keys-file", str(keys_file), "--port", str(port), "--client-token-env", "KF_T",
+         "--log-level", "info"],
+        env={**os.environ, "KF_T": "caller-token"},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )  # fmt: skip
+    try:
+        wait_until_listening(port, proc)
+        url = f"http://127.0.0.1:{port}"
+        with httpx.Client(base_url=url, headers={"x-api-key": "caller-token"}) as http:
+            resp = http.post("/v1/messages", json={"model": "m", "max_tokens": 5, "messages": []})
+            assert resp.status_code == 200
+            assert resp.json()["content"][0]["text"] == "Hello from mock"
+            keys = http.get("/_keyfailover/keys").json()["keys"]
+        assert [(k["label"], k["state"]) for k in keys] == [
+            ("first", "temporary"),
+            ("second", "valid"),
+        ]
+        assert [r.credential for r in up.requests] == [KEY_A, KEY_B]
+        assert httpx.get(url + "/v1/models").status_code == 401
+    finally:
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=15)
+    assert "first sk-a...0000" in err, err
+    assert "POST /v1/messages -> 200 (attempts=2, key=second)" in err
+    assert KEY_A not in err
+    assert KEY_B not in err
 
 
 def test_mock_upstream_command(tmp_path: Path):
@@ -202,6 +191,15 @@ def test_mock_upstream_bad_scenario(tmp_path: Path):
     assert missing.returncode == 2
     assert "scenario file" in missing.stderr
     assert "not found" in missing.stderr
+
+    scenario = tmp_path / "x.json"
+    scenario.write_text(json.dumps({"replies": {"sk-x": {"error": {"type": "api_error"}}}}))
+    bad = run_cli("mock-upstream", "--port", "0", "--scenario", str(scenario))
+    assert bad.returncode == 2
+    assert bad.stderr.strip().splitlines() == [
+        f"keyfailover mock-upstream: error: bad scenario {str(scenario)!r}: "
+        'replies["sk-x"].error.message: required for an error reply'
+    ]
 
 
 def test_demo_runs_and_exits_zero():

@@ -14,11 +14,23 @@ import json
 import socket
 import threading
 import time
-from collections.abc import Coroutine, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import Any
 
 import pytest
+from conftest import (
+    AUTH_FAILED,
+    FAKE_KEYS,
+    LABEL,
+    RATE_LIMITED,
+    free_port,
+    header,
+    make_client,
+    run,
+    seen,
+    states,
+)
 
 import keyfailover as kf
 from keyfailover.testing import (
@@ -28,19 +40,8 @@ from keyfailover.testing import (
     openai_chat_completion,
 )
 
-T = TypeVar("T")
-
-# Long, distinct fake keys: a leak of any of them is easy to spot.
-KEYS = [f"sk-test-pool-key-{i}-{'q' * 20}-{i:04d}" for i in range(3)]
+KEYS = FAKE_KEYS[:3]
 BYOK = "sk-user-own-byok-key-0123456789abcdef"
-LABEL = {key: f"key-{i}" for i, key in enumerate(KEYS)}
-
-RATE_LIMITED = "all configured keys are rate-limited"
-AUTH_FAILED = "all configured keys failed authentication"
-
-
-def run(coro: Coroutine[Any, Any, T]) -> T:
-    return asyncio.run(coro)
 
 
 @dataclass(frozen=True)
@@ -121,25 +122,6 @@ def check_envelope(api: Api, body: bytes, type_: str, message: str | None = None
     return str(payload["error"]["message"])
 
 
-def header(resp: kf.Response | kf.SyncResponse, name: str) -> str | None:
-    return next((value for key, value in resp.headers if key == name), None)
-
-
-def states(pool: kf.KeyPool) -> list[str]:
-    return [state.value for state in pool.states()]
-
-
-def seen(up: MockUpstream) -> list[str]:
-    """The pool labels (or the raw credential, e.g. BYOK) upstream saw, in order."""
-    return [LABEL.get(r.credential or "", r.credential or "") for r in up.requests]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @contextlib.contextmanager
 def raw_server(payload: bytes) -> Iterator[int]:
     """A one-shot TCP server: reads a request head (or a TLS hello), answers `payload`, closes."""
@@ -164,25 +146,6 @@ def raw_server(payload: bytes) -> Iterator[int]:
     finally:
         thread.join(10)
         server.close()
-
-
-@pytest.fixture
-def up() -> Iterator[MockUpstream]:
-    with MockUpstream() as upstream:
-        yield upstream
-
-
-@pytest.fixture
-def clock() -> kf.ManualClock:
-    return kf.ManualClock()
-
-
-def make_client(
-    up: MockUpstream | str, api: Api, n: int = 2, clock: kf.ManualClock | None = None, **kw: Any
-) -> tuple[kf.FailoverClient, kf.KeyPool]:
-    pool = kf.KeyPool(KEYS[:n], clock=clock or kf.ManualClock())
-    base_url = up if isinstance(up, str) else up.url
-    return kf.FailoverClient(pool, base_url=base_url, provider=api.provider, **kw), pool
 
 
 async def call(
@@ -323,7 +286,7 @@ FAILOVER_CASES = [
 @pytest.mark.parametrize("api", APIS, ids=str)
 @pytest.mark.parametrize("case", FAILOVER_CASES, ids=lambda c: c.name)
 def test_failover_table(up: MockUpstream, api: Api, stream: bool, case: Case) -> None:
-    client, pool = make_client(up, api, case.keys)
+    client, pool = make_client(up, api.provider, case.keys)
     upstream_bodies = {}
     for index, (status, kind, retry_after) in case.replies.items():
         type_ = {"rate_limit": api.rate_limit_type, "auth": api.auth_type}.get(kind, kind)
@@ -378,7 +341,7 @@ def test_failover_table(up: MockUpstream, api: Api, stream: bool, case: Case) ->
 @pytest.mark.parametrize("api", APIS, ids=str)
 def test_sync_failover_table_subset(up: MockUpstream, api: Api) -> None:
     """request_sync fails over and exhausts exactly as request does."""
-    client, pool = make_client(up, api, 3)
+    client, pool = make_client(up, api.provider, 3)
     up.set_reply(KEYS[0], api.error(429, api.rate_limit_type, "5"))
     up.set_reply(KEYS[1], api.error(401, api.auth_type))
 
@@ -450,7 +413,7 @@ QUOTA_BODIES = {
 def test_cooldown_of_a_rate_limited_key(
     up: MockUpstream, clock: kf.ManualClock, reply: Reply, cooldown: float, reason: str
 ) -> None:
-    client, pool = make_client(up, ANTHROPIC, 2, clock)
+    client, pool = make_client(up, ANTHROPIC.provider, 2, clock=clock)
     up.set_reply(KEYS[0], reply)
 
     resp, _ = run(call(client, ANTHROPIC))
@@ -472,7 +435,7 @@ def test_cooldown_of_a_rate_limited_key(
 def test_exhausted_pool_is_answered_without_upstream_call(
     up: MockUpstream, clock: kf.ManualClock, api: Api
 ) -> None:
-    client, pool = make_client(up, api, 3, clock)
+    client, pool = make_client(up, api.provider, 3, clock=clock)
     for key, retry_after in zip(KEYS, ["5", "3", "10"], strict=True):
         up.set_reply(key, api.error(429, api.rate_limit_type, retry_after))
     assert header(run(call(client, api))[0], "retry-after") == "3"
@@ -496,7 +459,7 @@ def test_exhausted_pool_is_answered_without_upstream_call(
 
 def test_exhaustion_always_has_retry_after_of_at_least_one(up: MockUpstream) -> None:
     """A key that recovered after this walk tried it is no promise: Retry-After: 1."""
-    client, pool = make_client(up, ANTHROPIC, 2)
+    client, pool = make_client(up, ANTHROPIC.provider, 2)
     up.set_reply(KEYS[0], ANTHROPIC.error(429, "rate_limit_error", "5"))
     slow_429 = dataclasses.replace(ANTHROPIC.error(429, "rate_limit_error", "5"), stall=0.3)
     up.set_reply(KEYS[1], slow_429)
@@ -537,7 +500,7 @@ def test_a_key_whose_cooldown_ends_during_the_walk_is_tried_before_giving_up(
 def test_byok_is_one_attempt_and_leaves_the_pool_alone(
     up: MockUpstream, api: Api, stream: bool
 ) -> None:
-    client, pool = make_client(up, api, 2)
+    client, pool = make_client(up, api.provider, 2)
     reply = api.error(429, api.rate_limit_type, "5")
     up.set_reply(BYOK, reply)
     stray = {"x-api-key": "sk-stray-header-key-0000", "authorization": "Bearer sk-stray-0000"}
@@ -572,7 +535,7 @@ def test_byok_is_one_attempt_and_leaves_the_pool_alone(
 
 @pytest.mark.parametrize("status", [200, 401])
 def test_byok_success_and_auth_failure_relayed(up: MockUpstream, status: int) -> None:
-    client, pool = make_client(up, OPENAI, 1)
+    client, pool = make_client(up, OPENAI.provider, 1)
     if status != 200:
         up.set_reply(BYOK, OPENAI.error(401, "invalid_api_key"))
     resp = client.request_sync("POST", OPENAI.path, body=OPENAI.body(), credential=BYOK)
@@ -610,7 +573,7 @@ def test_byok_success_and_auth_failure_relayed(up: MockUpstream, status: int) ->
 def test_credential_headers_are_never_forwarded_without_credential(
     up: MockUpstream, headers: dict[str, str]
 ) -> None:
-    client, _ = make_client(up, ANTHROPIC, 1)
+    client, _ = make_client(up, ANTHROPIC.provider, 1)
     resp, _ = run(call(client, ANTHROPIC, headers=headers))
     assert (resp.status, resp.key_label) == (200, "key-0")
     assert seen(up) == ["key-0"]
@@ -628,7 +591,7 @@ def test_credential_headers_are_never_forwarded_without_credential(
 
 @pytest.mark.parametrize("api", APIS, ids=str)
 def test_pool_state_kept_across_requests(up: MockUpstream, clock: kf.ManualClock, api: Api) -> None:
-    client, pool = make_client(up, api, 2, clock)
+    client, pool = make_client(up, api.provider, 2, clock=clock)
     up.set_reply(KEYS[0], api.error(429, api.rate_limit_type, "5"))
 
     labels = [run(call(client, api))[0].key_label for _ in range(2)]
@@ -743,7 +706,7 @@ def test_agentic_continuation(
     final_states: list[str],
 ) -> None:
     """Each turn of a tool loop is its own request with its own walker."""
-    client, pool = make_client(up, api, 2)
+    client, pool = make_client(up, api.provider, 2)
     up.enqueue(tool_turn(api))
     up.enqueue(*(api.error(s, api.rate_limit_type, ra) for s, ra in continuation_replies))
 
@@ -766,7 +729,7 @@ def test_agentic_continuation(
 
 
 def test_concurrent_requests_fail_over_independently(up: MockUpstream) -> None:
-    client, pool = make_client(up, ANTHROPIC, 2)
+    client, pool = make_client(up, ANTHROPIC.provider, 2)
     up.set_reply(KEYS[0], dataclasses.replace(ANTHROPIC.error(429, "rate_limit_error"), stall=0.1))
 
     async def many() -> list[tuple[kf.Response, bytes]]:
@@ -782,7 +745,7 @@ def test_concurrent_requests_fail_over_independently(up: MockUpstream) -> None:
 def test_every_concurrent_request_completes(up: MockUpstream, stream: bool) -> None:
     # Many awaitables finishing at once: none may be lost between the tokio
     # threads that finish them and the event loop that awaits them.
-    client, _ = make_client(up, ANTHROPIC, 1)
+    client, _ = make_client(up, ANTHROPIC.provider, 1)
 
     async def rounds() -> list[int]:
         statuses = []
@@ -810,7 +773,7 @@ def test_every_concurrent_request_completes(up: MockUpstream, stream: bool) -> N
     ids=["bytes_100k", "bytearray", "str"],
 )
 def test_body_resent_byte_for_byte(up: MockUpstream, body: bytes | bytearray | str) -> None:
-    client, _ = make_client(up, ANTHROPIC, 3)
+    client, _ = make_client(up, ANTHROPIC.provider, 3)
     up.set_reply(KEYS[0], ANTHROPIC.error(429, "rate_limit_error", "5"))
     up.set_reply(KEYS[1], ANTHROPIC.error(401, "authentication_error"))
     up.set_reply(KEYS[2], Reply.json({"ok": True}))
@@ -823,7 +786,7 @@ def test_body_resent_byte_for_byte(up: MockUpstream, body: bytes | bytearray | s
 
 
 def test_path_and_query_forwarded_on_every_attempt(up: MockUpstream) -> None:
-    client, _ = make_client(up, OPENAI, 2)
+    client, _ = make_client(up, OPENAI.provider, 2)
     up.set_reply(KEYS[0], OPENAI.error(429, "rate_limit_exceeded"))
     resp = client.request_sync("GET", "/v1/models?limit=5&after_id=a%2Fb&flag")
     assert resp.status == 200
@@ -833,7 +796,7 @@ def test_path_and_query_forwarded_on_every_attempt(up: MockUpstream) -> None:
 
 
 def test_base_url_path_prefix_is_kept(up: MockUpstream) -> None:
-    client, _ = make_client(up.url + "/proxy/", ANTHROPIC, 1)
+    client, _ = make_client(up.url + "/proxy/", ANTHROPIC.provider, 1)
     resp = client.request_sync("GET", "/v1/models?x=1")
     assert resp.status == 404  # the mock has no such route: relayed as is
     assert (up.requests[0].path, up.requests[0].query) == ("/proxy/v1/models", "x=1")
@@ -841,7 +804,7 @@ def test_base_url_path_prefix_is_kept(up: MockUpstream) -> None:
 
 @pytest.mark.parametrize("api", APIS, ids=str)
 def test_pool_key_goes_in_the_provider_header(up: MockUpstream, api: Api) -> None:
-    client, _ = make_client(up, api, 1)
+    client, _ = make_client(up, api.provider, 1)
     run(call(client, api, headers={"anthropic-version": "2023-06-01", "X-Trace": "t-1"}))
     sent = up.requests[0]
     assert api.sent_key(sent.headers) == KEYS[0]
@@ -864,7 +827,7 @@ HOP_BY_HOP = {
 
 
 def test_hop_by_hop_request_headers_not_forwarded(up: MockUpstream) -> None:
-    client, _ = make_client(up, ANTHROPIC, 2)
+    client, _ = make_client(up, ANTHROPIC.provider, 2)
     up.set_reply(KEYS[0], ANTHROPIC.error(429, "rate_limit_error"))
     headers = [
         ("Connection", "keep-alive, X-Hop-Secret"),
@@ -890,7 +853,7 @@ def test_hop_by_hop_request_headers_not_forwarded(up: MockUpstream) -> None:
 
 
 def test_hop_by_hop_response_headers_removed(up: MockUpstream) -> None:
-    client, _ = make_client(up, ANTHROPIC, 1)
+    client, _ = make_client(up, ANTHROPIC.provider, 1)
     up.enqueue(
         Reply(
             headers=[
@@ -916,7 +879,7 @@ def test_headers_named_by_connection_removed_from_the_response() -> None:
         b"x-hop: private\r\nx-kept: yes\r\ncontent-length: 2\r\n\r\n{}"
     )
     with raw_server(payload) as port:
-        client, _ = make_client(f"http://127.0.0.1:{port}", ANTHROPIC, 1)
+        client, _ = make_client(f"http://127.0.0.1:{port}", ANTHROPIC.provider, 1)
         resp = client.request_sync("GET", "/v1/models")
         assert resp.status == 200
         assert resp.headers == [
@@ -939,7 +902,7 @@ def test_headers_named_by_connection_removed_from_the_response() -> None:
 def test_malformed_requests_raise_invalid_request_error_without_secrets(
     up: MockUpstream, method: str, path: str, headers: dict[str, str] | None, match: str
 ) -> None:
-    client, _ = make_client(up, ANTHROPIC, 1)
+    client, _ = make_client(up, ANTHROPIC.provider, 1)
     with pytest.raises(kf.InvalidRequestError, match=match) as excinfo:
         client.request_sync(method, path, headers=headers)
     assert BYOK not in str(excinfo.value)
@@ -968,7 +931,7 @@ def assert_upstream_failure(
 
 @pytest.mark.parametrize("api", APIS, ids=str)
 def test_connection_refused_is_502_naming_the_cause(api: Api) -> None:
-    client, pool = make_client(f"http://127.0.0.1:{free_port()}", api, 2)
+    client, pool = make_client(f"http://127.0.0.1:{free_port()}", api.provider, 2)
     resp, body = run(call(client, api, stream=True))
     assert_upstream_failure(api, resp, body, 502, "connect", "refused")
     assert resp.attempts == 1, "no failover: the next key would not fare better"
@@ -977,7 +940,9 @@ def test_connection_refused_is_502_naming_the_cause(api: Api) -> None:
 
 
 def test_dns_failure_is_502_naming_the_cause() -> None:
-    client, pool = make_client("http://keyfailover-test.invalid", ANTHROPIC, 1, connect_timeout=5)
+    client, pool = make_client(
+        "http://keyfailover-test.invalid", ANTHROPIC.provider, 1, connect_timeout=5
+    )
     resp, body = run(call(client, ANTHROPIC))
     assert_upstream_failure(ANTHROPIC, resp, body, 502, "dns")
     assert states(pool) == ["valid"]
@@ -985,7 +950,7 @@ def test_dns_failure_is_502_naming_the_cause() -> None:
 
 def test_tls_failure_is_502_naming_the_cause() -> None:
     with raw_server(b"HTTP/1.1 400 Bad Request\r\n\r\n") as port:
-        client, pool = make_client(f"https://127.0.0.1:{port}", OPENAI, 1)
+        client, pool = make_client(f"https://127.0.0.1:{port}", OPENAI.provider, 1)
         resp, body = run(call(client, OPENAI))
     assert_upstream_failure(OPENAI, resp, body, 502, "connect", "corrupt message")
     assert states(pool) == ["valid"]
@@ -1001,7 +966,7 @@ def test_connect_timeout_is_502_not_504() -> None:
             filler.setblocking(False)
             filler.connect_ex(("127.0.0.1", port))
         client, pool = make_client(
-            f"http://127.0.0.1:{port}", ANTHROPIC, 1, connect_timeout=0.2, timeout=30
+            f"http://127.0.0.1:{port}", ANTHROPIC.provider, 1, connect_timeout=0.2, timeout=30
         )
         start = time.monotonic()
         resp, body = run(call(client, ANTHROPIC))
@@ -1013,7 +978,7 @@ def test_connect_timeout_is_502_not_504() -> None:
 
 @pytest.mark.parametrize("api", APIS, ids=str)
 def test_reset_before_head_is_502(up: MockUpstream, api: Api) -> None:
-    client, pool = make_client(up, api, 2)
+    client, pool = make_client(up, api.provider, 2)
     up.enqueue(Reply(reset_before_head=True))
     resp, body = run(call(client, api))
     assert_upstream_failure(api, resp, body, 502, "reset")
@@ -1023,7 +988,7 @@ def test_reset_before_head_is_502(up: MockUpstream, api: Api) -> None:
 
 @pytest.mark.parametrize("api", APIS, ids=str)
 def test_no_head_within_timeout_is_504_quickly(up: MockUpstream, api: Api) -> None:
-    client, pool = make_client(up, api, 2, timeout=0.3)
+    client, pool = make_client(up, api.provider, 2, timeout=0.3)
     up.enqueue(Reply(stall=10))
     start = time.monotonic()
     resp, body = run(call(client, api))
@@ -1041,7 +1006,7 @@ def broken_json_reply() -> Reply:
 
 
 def test_json_body_broken_after_head_raises_upstream_error(up: MockUpstream) -> None:
-    client, pool = make_client(up, ANTHROPIC, 1)
+    client, pool = make_client(up, ANTHROPIC.provider, 1)
     up.enqueue(broken_json_reply(), broken_json_reply())
 
     async def scenario() -> None:
@@ -1064,7 +1029,7 @@ def test_json_body_broken_after_head_raises_upstream_error(up: MockUpstream) -> 
 
 
 def test_json_body_broken_after_head_raises_upstream_error_sync(up: MockUpstream) -> None:
-    client, _ = make_client(up, ANTHROPIC, 1)
+    client, _ = make_client(up, ANTHROPIC.provider, 1)
     up.enqueue(broken_json_reply(), broken_json_reply())
     resp = client.request_sync("POST", "/v1/messages", body=ANTHROPIC.body())
     with pytest.raises(kf.UpstreamError):
@@ -1080,7 +1045,7 @@ def test_json_body_broken_after_head_raises_upstream_error_sync(up: MockUpstream
 
 
 def test_response_reading_styles(up: MockUpstream) -> None:
-    client, _ = make_client(up, ANTHROPIC, 1)
+    client, _ = make_client(up, ANTHROPIC.provider, 1)
     up.enqueue(Reply(headers={"content-type": "application/json"}, body=[b'{"a":', b"1}"]))
 
     async def scenario() -> None:
@@ -1096,7 +1061,7 @@ def test_response_reading_styles(up: MockUpstream) -> None:
 
 
 def test_stats_count_every_outcome(up: MockUpstream) -> None:
-    client, pool = make_client(up, ANTHROPIC, 3)
+    client, pool = make_client(up, ANTHROPIC.provider, 3)
     up.set_reply(KEYS[0], ANTHROPIC.error(429, "rate_limit_error", "5"))
     up.set_reply(KEYS[1], Reply.json(QUOTA_BODIES["anthropic_spend_limit"], status=429))
     up.set_reply(KEYS[2], ANTHROPIC.error(401, "authentication_error"))
@@ -1131,7 +1096,7 @@ def test_secrets_never_in_anything_the_client_produces(up: MockUpstream) -> None
         texts.extend([repr(resp), repr(resp.headers), body.decode("latin-1")])
 
     for api in APIS:
-        client, pool = make_client(up, api, 3)
+        client, pool = make_client(up, api.provider, 3)
         texts.append(repr(client))
         up.set_reply(KEYS[0], api.error(429, api.rate_limit_type, "5"))
         up.set_reply(KEYS[1], api.error(401, api.auth_type))
@@ -1153,7 +1118,7 @@ def test_secrets_never_in_anything_the_client_produces(up: MockUpstream) -> None
         collect(*run(call(client, api, credential=BYOK)))
         texts.extend([repr(pool), repr(pool.snapshot()), repr(pool.walker())])
         texts.extend(repr(pool.key(f"key-{i}")) for i in range(3))
-        down, _ = make_client(f"http://127.0.0.1:{free_port()}", api, 1)
+        down, _ = make_client(f"http://127.0.0.1:{free_port()}", api.provider, 1)
         collect(*run(call(down, api)))
         up.clear()
 

@@ -10,43 +10,29 @@ from __future__ import annotations
 import asyncio
 import gc
 import json
-import socket
 import time
-from collections.abc import Coroutine, Iterator
-from typing import Any, TypeVar
+from typing import Any
 
 import pytest
+from conftest import (
+    AUTH_FAILED,
+    FAKE_KEYS,
+    RATE_LIMITED,
+    free_port,
+    header,
+    make_client,
+    run,
+    seen,
+    states,
+)
 
 import keyfailover as kf
 from keyfailover.testing import MockUpstream, Reply, anthropic_stream_events, openai_stream_chunks
 
-T = TypeVar("T")
-
-KEYS = [f"sk-test-stream-key-{i}-{'z' * 20}-{i:04d}" for i in range(2)]
-LABEL = {key: f"key-{i}" for i, key in enumerate(KEYS)}
+KEYS = FAKE_KEYS[:2]
 PROVIDERS = ["anthropic", "openai"]
 PATH = {"anthropic": "/v1/messages", "openai": "/v1/chat/completions"}
-RATE_LIMITED = "all configured keys are rate-limited"
-AUTH_FAILED = "all configured keys failed authentication"
 SSE = {"content-type": "text/event-stream"}
-
-
-def run(coro: Coroutine[Any, Any, T]) -> T:
-    return asyncio.run(coro)
-
-
-@pytest.fixture
-def up() -> Iterator[MockUpstream]:
-    with MockUpstream() as upstream:
-        yield upstream
-
-
-def make_client(
-    up: MockUpstream | str, provider: str, n: int = 2, **kw: Any
-) -> tuple[kf.FailoverClient, kf.KeyPool]:
-    pool = kf.KeyPool(KEYS[:n], clock=kf.ManualClock())
-    base_url = up if isinstance(up, str) else up.url
-    return kf.FailoverClient(pool, base_url=base_url, provider=provider, **kw), pool
 
 
 def stream_body(provider: str) -> bytes:
@@ -80,18 +66,6 @@ def envelope(provider: str, type_: str, message: str = "upstream says no") -> di
 def error_event(provider: str, data: dict[str, Any]) -> Any:
     """An SSE error event item for Reply.sse, in the provider's style."""
     return ("error", data) if provider == "anthropic" else data
-
-
-def header(resp: kf.Response | kf.SyncResponse, name: str) -> str | None:
-    return next((value for key, value in resp.headers if key == name), None)
-
-
-def states(pool: kf.KeyPool) -> list[str]:
-    return [state.value for state in pool.states()]
-
-
-def seen(up: MockUpstream) -> list[str]:
-    return [LABEL.get(r.credential or "", "?") for r in up.requests]
 
 
 def check_error_event(provider: str, event: bytes, type_: str = "api_error") -> str:
@@ -292,12 +266,6 @@ def test_stream_is_relayed_as_it_arrives(up: MockUpstream) -> None:
 # --------------------------------------------------------------------------
 
 
-def closed_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 PRE_STREAM = [
     # name, reply for key-0 (None: upstream unreachable), status, error type, exhausted, state
     ("stalled_before_first_event", Reply(headers=SSE, body=[b"", b"data: {}\n\n"], chunk_delay=5),
@@ -325,7 +293,7 @@ PRE_STREAM = [
 def test_pre_stream_errors_are_plain_http(
     up: MockUpstream, reply: Reply | None, status: int, type_: str, exhausted: bool, state: str
 ) -> None:
-    base_url = up.url if reply is not None else f"http://127.0.0.1:{closed_port()}"
+    base_url = up.url if reply is not None else f"http://127.0.0.1:{free_port()}"
     client, pool = make_client(base_url, "anthropic", 1, timeout=0.3)
     if reply is not None:
         up.set_reply(KEYS[0], reply)

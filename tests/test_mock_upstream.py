@@ -11,13 +11,14 @@ import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 import anthropic
 import httpx
 import openai
 import pytest
 from anthropic.types import MessageParam
+from conftest import FAKE_KEYS, run
 from openai.types.chat import ChatCompletionMessageParam
 
 from keyfailover.testing import (
@@ -30,17 +31,9 @@ from keyfailover.testing import (
     openai_stream_chunks,
 )
 
-ANTHROPIC_KEY = "sk-ant-test-key-0"
-OTHER_KEY = "sk-ant-test-key-1"
-OPENAI_KEY = "sk-openai-test-key"
+ANTHROPIC_KEY, OTHER_KEY, OPENAI_KEY = FAKE_KEYS[:3]
 MESSAGES: list[MessageParam] = [{"role": "user", "content": "Hi"}]
 CHAT: list[ChatCompletionMessageParam] = [{"role": "user", "content": "Hi"}]
-
-
-@pytest.fixture
-def up() -> Iterator[MockUpstream]:
-    with MockUpstream() as upstream:
-        yield upstream
 
 
 @pytest.fixture
@@ -506,6 +499,281 @@ def test_stall_delays_the_head(up: MockUpstream, http: httpx.Client) -> None:
     assert time.monotonic() - started >= 0.25
 
 
+# ----------------------------------------------------------------- faults: the bytes on the wire
+
+
+def exchange(up: MockUpstream, request: bytes | None = None) -> list[tuple[float, bytes]]:
+    """Sends `request` (a GET by default) on a new connection and reads until the server
+    closes it: the pieces received, each with its arrival time after the request."""
+    with connect(up) as sock:
+        sock.sendall(get() if request is None else request)
+        start = time.monotonic()
+        pieces = []
+        while data := sock.recv(65536):
+            pieces.append((time.monotonic() - start, data))
+    return pieces
+
+
+def received(up: MockUpstream, request: bytes | None = None) -> bytes:
+    return b"".join(data for _, data in exchange(up, request))
+
+
+CLOSE = "Connection: close\r\n"  # for a reply that would keep the connection open
+
+
+def test_close_delimited_body(up: MockUpstream, http: httpx.Client) -> None:
+    up.enqueue(Reply(headers={"content-type": "text/plain"}, body=b"hello", framing="close"))
+    assert received(up) == (
+        b"HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\nconnection: close\r\n\r\nhello"
+    )
+    assert up.requests[0].completed
+
+    up.enqueue(Reply(body=[b"one ", b"two"], framing="close", chunk_delay=0.01))
+    response = http.get("/x")
+    assert "content-length" not in response.headers
+    assert "transfer-encoding" not in response.headers
+    assert response.content == b"one two"  # the client takes the close as the end
+
+
+def test_close_delimited_sse_stream_whole_and_cut_mid_event(
+    up: MockUpstream, http: httpx.Client
+) -> None:
+    events = [("ping", {"i": i}) for i in range(3)]
+    whole = Reply.sse(events, framing="close")
+    stream = b"".join(whole.body)
+    head = (
+        b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ncache-control: no-cache\r\n"
+        b"connection: close\r\n\r\n"
+    )
+    up.enqueue(whole)
+    assert received(up) == head + stream
+    assert up.requests[-1].completed
+
+    first_event = whole.body[0]
+    assert isinstance(first_event, bytes)
+    cut = len(first_event) + 13  # inside the second event
+    up.enqueue(Reply.sse(events, framing="close", break_after_bytes=cut))
+    assert received(up) == head + stream[:cut]
+    assert stream[:cut].endswith(b"event: ping\nd")
+    assert not up.requests[-1].completed
+
+    up.enqueue(Reply.sse(events, framing="close", break_after_bytes=cut))
+    with http.stream("GET", "/stream") as response:
+        assert b"".join(response.iter_raw()) == stream[:cut]  # nothing tells it was cut
+
+
+def test_content_length_body_closed_mid_body(up: MockUpstream, http: httpx.Client) -> None:
+    up.enqueue(Reply.json({"text": "x" * 40}, break_after_bytes=10))
+    data = received(up)
+    head, _, body = data.partition(b"\r\n\r\n")
+    assert b"content-length: 51\r\n" in head + b"\r\n"
+    assert b"connection: close" in head
+    assert body == b'{"text":"x'
+    assert not up.requests[0].completed
+
+    up.enqueue(Reply.json({"text": "x" * 40}, break_after_bytes=10))
+    with pytest.raises(httpx.RemoteProtocolError):
+        http.get("/x")
+
+
+def test_chunked_body_closed_before_the_terminating_chunk(up: MockUpstream) -> None:
+    chunked = b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\nconnection: close\r\n\r\n"
+    up.enqueue(
+        Reply(body=[b"ab", b"cd"], break_after=2),  # whole chunks, no last chunk
+        Reply(body=[b"ab", b"cd"], break_after_bytes=4),  # the same, by content bytes
+        Reply(body=[b"ab", b"cd"], break_after_bytes=3),  # inside the second chunk
+    )
+    assert received(up) == chunked + b"2\r\nab\r\n2\r\ncd\r\n"
+    assert received(up) == chunked + b"2\r\nab\r\n2\r\ncd"
+    assert received(up) == chunked + b"2\r\nab\r\n2\r\nc"
+    assert not any(r.completed for r in up.requests)
+
+
+def test_json_body_chunked_and_list_body_with_length(up: MockUpstream) -> None:
+    up.enqueue(
+        Reply.json({"a": 1}, framing="chunked", headers={"connection": "close"}),
+        Reply(body=[b"ab", b"cd"], framing="length", chunk_delay=0.2, headers=[("x-n", "1")]),
+    )
+    assert received(up) == (
+        b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ntransfer-encoding: chunked\r\n"
+        b'connection: close\r\n\r\n7\r\n{"a":1}\r\n0\r\n\r\n'
+    )
+    pieces = exchange(up, get(extra=CLOSE))
+    assert b"".join(data for _, data in pieces) == (
+        b"HTTP/1.1 200 OK\r\nx-n: 1\r\ncontent-length: 4\r\nconnection: close\r\n\r\nabcd"
+    )
+    assert pieces[0][1].endswith(b"\r\n\r\nab")  # "cd" came 0.2 s later
+    assert pieces[-1][0] >= 0.15
+    assert all(r.completed for r in up.requests)
+
+
+def test_broken_chunk_size_line(up: MockUpstream, http: httpx.Client) -> None:
+    up.enqueue(Reply(body=[b"ab", b"cd", b"ef"], bad_chunk_at=1))
+    assert received(up) == (
+        b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\nconnection: close\r\n\r\n"
+        b"2\r\nab\r\nzz\r\ncd\r\n"
+    )
+    assert not up.requests[0].completed
+    up.enqueue(Reply(body=[b"x"], bad_chunk_at=0))
+    with pytest.raises(httpx.RemoteProtocolError):
+        http.get("/x")
+
+
+@pytest.mark.parametrize("after", [0, 4])
+def test_stall_body_sends_the_head_then_waits(up: MockUpstream, after: int) -> None:
+    up.enqueue(Reply(body=b"0123456789", stall_body=0.3, stall_body_after=after))
+    pieces = exchange(up, get(extra=CLOSE))
+    head = b"HTTP/1.1 200 OK\r\ncontent-length: 10\r\nconnection: close\r\n\r\n"
+    assert b"".join(data for _, data in pieces) == head + b"0123456789"
+    assert pieces[0][1] == head + b"0123456789"[:after]
+    assert pieces[-1][0] >= 0.25
+    assert up.requests[0].completed
+
+
+def test_stall_body_inside_a_chunk(up: MockUpstream) -> None:
+    up.enqueue(Reply(body=[b"abc", b"def"], stall_body=0.3, stall_body_after=4))
+    pieces = exchange(up, get(extra=CLOSE))
+    assert pieces[0][1].endswith(b"\r\n\r\n3\r\nabc\r\n3\r\nd")
+    assert pieces[-1][0] >= 0.25
+    assert b"".join(data for _, data in pieces).endswith(b"3\r\nd" + b"ef\r\n0\r\n\r\n")
+
+
+def test_client_leaving_during_stall_body_is_noticed(up: MockUpstream, http: httpx.Client) -> None:
+    up.enqueue(Reply.json({"late": True}, stall_body=30))
+    with pytest.raises(httpx.ReadTimeout):
+        http.get("/x", timeout=0.3)
+    assert up.wait_for(lambda u: u.requests[0].disconnected, timeout=2)
+    assert not up.requests[0].completed
+
+
+def test_trickle_sends_the_head_at_once_and_the_body_byte_by_byte(up: MockUpstream) -> None:
+    up.enqueue(Reply(status=429, headers={"retry-after": "5"}, body=b"slow!", trickle=0.1))
+    pieces = exchange(up, get(extra=CLOSE))
+    head = (
+        b"HTTP/1.1 429 Too Many Requests\r\nretry-after: 5\r\ncontent-length: 5\r\n"
+        b"connection: close\r\n\r\n"
+    )
+    assert b"".join(data for _, data in pieces) == head + b"slow!"
+    assert pieces[0] == (pytest.approx(0, abs=0.09), head), "the head at once"
+    # Body byte k leaves k * 0.1 s after the head: never faster than that, whatever the
+    # client's own delays (which can only merge bytes into fewer, later reads).
+    received_so_far = 0
+    for at, data in pieces[1:]:
+        received_so_far += len(data)
+        assert received_so_far <= at / 0.1 + 0.05, pieces
+    assert len(pieces) >= 4, pieces
+    assert pieces[-1][0] >= 0.45
+    assert up.requests[0].completed
+
+
+RAW_REPLIES = {
+    "garbage": b"\x00\xff\xfenot HTTP at all\r\n\r\n",
+    "odd_status_line": b"HTTP/1.1 999 Weird\r\ncontent-length: 2\r\n\r\nok",
+    "101_without_upgrade": b"HTTP/1.1 101 Switching Protocols\r\nupgrade: h2c\r\n\r\n",
+    "huge_headers": b"HTTP/1.1 200 OK\r\n"
+    + b"".join(b"x-h%d: %s\r\n" % (i, b"v" * 1000) for i in range(200))
+    + b"content-length: 0\r\n\r\n",
+    "redirect": b"HTTP/1.1 307 Temporary Redirect\r\nlocation: http://127.0.0.1:9/v1/messages\r\n"
+    b"content-length: 0\r\n\r\n",
+}
+
+
+@pytest.mark.parametrize("data", RAW_REPLIES.values(), ids=RAW_REPLIES)
+def test_raw_reply_sends_exactly_its_bytes_and_closes(up: MockUpstream, data: bytes) -> None:
+    up.enqueue(Reply.raw(data))
+    assert received(up) == data
+    assert up.requests[0].completed
+
+
+def test_raw_reply_can_keep_the_connection_open(up: MockUpstream) -> None:
+    up.enqueue(Reply.raw(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nhi", close=False))
+    with connect(up) as sock, sock.makefile("rb") as stream:
+        sock.sendall(get())
+        assert read_response(stream) == (200, {"content-length": "2"}, b"hi")
+        sock.sendall(get())
+        assert read_response(stream)[0] == 200  # the default reply, same connection
+    assert len(up.requests) == 2
+
+
+def test_close_closes_without_saying_so(up: MockUpstream) -> None:
+    up.enqueue(Reply(body=b"bye", close=True))
+    assert received(up) == b"HTTP/1.1 200 OK\r\ncontent-length: 3\r\n\r\nbye"
+    assert up.requests[0].completed
+    assert not up.requests[0].disconnected
+
+
+def test_new_faults_from_a_scenario(up: MockUpstream) -> None:
+    up.load_scenario(
+        {
+            "queue": [
+                {"raw": "HTTP/1.1 999 Weird\r\n\r\n"},
+                {"body": "abc", "framing": "close"},
+                {"sse": [{"i": 1}, {"i": 2}], "framing": "close", "break_after_bytes": 19},
+                {"body": ["ab", "cd"], "bad_chunk_at": 1},
+                {"status": 429, "body": "no", "trickle": 0.01, "stall_body": 0.01, "close": True},
+            ]
+        }
+    )
+    assert received(up) == b"HTTP/1.1 999 Weird\r\n\r\n"
+    assert received(up).endswith(b"connection: close\r\n\r\nabc")
+    assert received(up).endswith(b'connection: close\r\n\r\ndata: {"i":1}\n\ndata')
+    assert received(up).endswith(b"\r\n\r\n2\r\nab\r\nzz\r\ncd\r\n")
+    assert received(up) == b"HTTP/1.1 429 Too Many Requests\r\ncontent-length: 2\r\n\r\nno"
+
+
+BAD_FAULTS = {
+    "framing_unknown": (
+        {"queue": [{"body": "x", "framing": "gzip"}]},
+        'queue[0].framing: expected one of length, chunked, close, got "gzip"',
+    ),
+    "bad_chunk_at_of_a_length_body": (
+        {"queue": [{"body": "x", "bad_chunk_at": 0}]},
+        "queue[0]: bad_chunk_at needs a chunked body",
+    ),
+    "bad_chunk_at_past_the_chunks": (
+        {"queue": [{"body": ["a", "b"], "bad_chunk_at": 2}]},
+        "queue[0]: bad_chunk_at: the body has only 2 chunks",
+    ),
+    "stall_body_after_past_the_end": (
+        {"queue": [{"body": "abc", "stall_body": 1, "stall_body_after": 4}]},
+        "queue[0]: stall_body_after is past the end of the body",
+    ),
+    "raw_with_headers": (
+        {"queue": [{"raw": "x", "headers": {"a": "b"}}]},
+        "queue[0].headers: not used by a raw reply, which is sent as it is",
+    ),
+    "raw_not_a_string": ({"queue": [{"raw": 5}]}, "queue[0].raw: expected a string, got 5"),
+    "trickle_negative": (
+        {"queue": [{"trickle": -0.5}]},
+        "queue[0].trickle: expected a number of seconds (0 or more), got -0.5",
+    ),
+    "close_not_a_bool": (
+        {"queue": [{"close": 1}]},
+        "queue[0].close: expected true or false, got 1",
+    ),
+}
+
+
+@pytest.mark.parametrize(("scenario", "message"), BAD_FAULTS.values(), ids=BAD_FAULTS)
+def test_bad_fault_options_in_scenarios(
+    up: MockUpstream, scenario: dict[str, Any], message: str
+) -> None:
+    with pytest.raises(ValueError, match=f"^{re.escape(message)}$"):
+        up.load_scenario(scenario)
+
+
+def test_fault_options_are_checked_in_python_too() -> None:
+    with pytest.raises(ValueError, match="framing must be one of"):
+        Reply(framing="gzip")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="bad_chunk_at needs a chunked body"):
+        Reply(body=b"x", bad_chunk_at=0)
+    with pytest.raises(ValueError, match="trickle must not be negative"):
+        Reply(trickle=-1)
+    with pytest.raises(ValueError, match="a raw reply takes no status, body"):
+        Reply(status=500, body=b"x", raw_data=b"HTTP/1.1 200 OK\r\n\r\n")
+    assert Reply.raw("é").raw_data == "é".encode()
+
+
 # ----------------------------------------------------------------- scenarios
 
 
@@ -558,15 +826,190 @@ def test_load_scenario(up: MockUpstream, tmp_path: Path, from_file: bool) -> Non
         assert dead.json()["error"]["code"] == "invalid_api_key"
 
 
+def test_the_scenario_example_in_the_docs_loads(up: MockUpstream) -> None:
+    doc = (Path(__file__).resolve().parent.parent / "docs" / "mock-upstream.md").read_text()
+    [example] = re.findall(r"```json\n(.*?)```", doc, re.DOTALL)
+    up.load_scenario(json.loads(example))
+    with httpx.Client(base_url=up.url) as http:
+        assert http.get("/x").json() == {"first": True}
+
+
 def test_scenario_errors_are_reported() -> None:
-    with pytest.raises(ValueError, match="unknown reply keys"):
+    with pytest.raises(ValueError, match="unknown field"):
         Reply.from_dict({"jsn": {}})
     with pytest.raises(ValueError, match="only one of"):
         Reply.from_dict({"json": {}, "body": "x"})
-    with pytest.raises(ValueError, match="unknown scenario keys"):
+    with pytest.raises(ValueError, match="unknown field"):
         MockUpstream().load_scenario({"reply": {}})
     with pytest.raises(ValueError, match="negative"):
         Reply(stall=-1)
+
+
+KNOWN_REPLY_FIELDS = (
+    "bad_chunk_at, body, break_after, break_after_bytes, chunk_delay, close, error, framing, "
+    "headers, json, raw, reset_before_head, sse, stall, stall_body, stall_body_after, status, "
+    "trickle"
+)
+
+# scenario -> the whole error message
+BAD_SCENARIOS = {
+    "error_without_message": (
+        {"replies": {"sk-x": {"error": {"type": "rate_limit_error"}, "status": 429}}},
+        'replies["sk-x"].error.message: required for an error reply',
+    ),
+    "error_without_type_long_credential_masked": (
+        {"replies": {FAKE_KEYS[0]: {"error": {"message": "slow down"}}}},
+        'replies["sk-a...0000"].error.type: required for an error reply',
+    ),
+    "error_message_not_a_string": (
+        {"queue": [{"error": {"type": "api_error", "message": ["a"]}}]},
+        "queue[0].error.message: expected a string, got a list",
+    ),
+    "error_not_an_object": (
+        {"queue": [{"error": "boom"}]},
+        'queue[0].error: expected an object, got "boom"',
+    ),
+    "error_unknown_field": (
+        {"queue": [{"error": {"type": "t", "message": "m", "code": 1}}]},
+        "queue[0].error.code: unknown field; expected one of type, message, provider",
+    ),
+    "error_unknown_provider": (
+        {"queue": [{"error": {"type": "t", "message": "m", "provider": "azure"}}]},
+        'queue[0].error.provider: expected one of anthropic, openai, got "azure"',
+    ),
+    "status_as_string": (
+        {"queue": [{"status": "429"}]},
+        'queue[0].status: expected an HTTP status (100-999), got "429"',
+    ),
+    "status_out_of_range": (
+        {"queue": [{"json": {}, "status": 1000}]},
+        "queue[0].status: expected an HTTP status (100-999), got 1000",
+    ),
+    "status_bool": (
+        {"queue": [{"status": True}]},
+        "queue[0].status: expected an HTTP status (100-999), got true",
+    ),
+    "unknown_reply_field": (
+        {"queue": [{}, {"jsn": {}}]},
+        f"queue[1].jsn: unknown field; expected one of {KNOWN_REPLY_FIELDS}",
+    ),
+    "two_kinds": (
+        {"queue": [{"json": {}, "body": "x"}]},
+        "queue[0]: takes only one of json, error, sse, body, raw; got json and body",
+    ),
+    "header_value_not_a_string": (
+        {"queue": [{"headers": {"retry-after": 5}}]},
+        'queue[0].headers["retry-after"]: expected a header value: a string without CR, LF '
+        "or NUL, got 5",
+    ),
+    "header_value_with_newline": (
+        {"queue": [{"headers": [["x-a", "1\r\nx-b: 2"]]}]},
+        "queue[0].headers[0]: expected a header value: a string without CR, LF or NUL, "
+        'got "1\\r\\nx-b: 2"',
+    ),
+    "header_name_with_space": (
+        {"queue": [{"headers": {"bad name": "x"}}]},
+        'queue[0].headers["bad name"]: expected a header name (letters, digits and '
+        '!#$%&\'*+-.^_`|~), got "bad name"',
+    ),
+    "header_pair_too_short": (
+        {"queue": [{"headers": [["x-a"]]}]},
+        "queue[0].headers[0]: expected a [name, value] pair, got a list",
+    ),
+    "headers_not_a_container": (
+        {"queue": [{"headers": "x-a: 1"}]},
+        'queue[0].headers: expected an object or a list of [name, value] pairs, got "x-a: 1"',
+    ),
+    "negative_stall": (
+        {"queue": [{"stall": -1}]},
+        "queue[0].stall: expected a number of seconds (0 or more), got -1",
+    ),
+    "chunk_delay_as_string": (
+        {"queue": [{"chunk_delay": "0.1"}]},
+        'queue[0].chunk_delay: expected a number of seconds, got "0.1"',
+    ),
+    "fractional_break_after": (
+        {"queue": [{"break_after": 1.5}]},
+        "queue[0].break_after: expected a whole number (0 or more), got 1.5",
+    ),
+    "reset_before_head_not_a_bool": (
+        {"queue": [{"reset_before_head": "yes"}]},
+        'queue[0].reset_before_head: expected true or false, got "yes"',
+    ),
+    "body_chunk_not_a_string": (
+        {"queue": [{"body": ["a", 1]}]},
+        "queue[0].body[1]: expected a string, got 1",
+    ),
+    "sse_not_a_list": (
+        {"queue": [{"sse": "data: x"}]},
+        'queue[0].sse: expected a list of events, got "data: x"',
+    ),
+    "sse_pair_of_three": (
+        {"queue": [{"sse": ["[DONE]", ["ping", {}, 1]]}]},
+        "queue[0].sse[1]: expected [event, data]: 2 items, got 3",
+    ),
+    "sse_event_name_not_a_string": (
+        {"queue": [{"sse": [[5, {}]]}]},
+        "queue[0].sse[0][0]: expected an event name or null, got 5",
+    ),
+    "null_in_queue": ({"queue": [None]}, "queue[0]: expected an object, got null"),
+    "queue_not_a_list": ({"queue": {}}, "queue: expected a list of replies, got an object"),
+    "replies_not_an_object": ({"replies": []}, "replies: expected an object, got a list"),
+    "empty_credential": (
+        {"replies": {"": {}}},
+        'replies[""]: a credential must be a non-empty string',
+    ),
+    "unknown_scenario_field": (
+        {"reply": {}},
+        'reply: unknown field; a scenario has "replies" and "queue"',
+    ),
+}
+
+
+@pytest.mark.parametrize(("scenario", "message"), BAD_SCENARIOS.values(), ids=BAD_SCENARIOS)
+def test_bad_scenarios_are_reported_naming_the_field(
+    up: MockUpstream, tmp_path: Path, scenario: dict[str, Any], message: str
+) -> None:
+    exactly = f"^{re.escape(message)}$"
+    with pytest.raises(ValueError, match=exactly):
+        up.load_scenario(scenario)
+    path = tmp_path / "scenario.json"
+    path.write_text(json.dumps(scenario))
+    with pytest.raises(ValueError, match=exactly):
+        up.load_scenario(path)
+    assert FAKE_KEYS[0] not in message
+
+
+def test_a_bad_scenario_changes_nothing(up: MockUpstream, http: httpx.Client) -> None:
+    up.set_reply("sk-kept", Reply.json({"kept": True}))
+    bad = {
+        "replies": {"sk-kept": None, "sk-new": {"json": {}}},
+        "queue": [{"json": {"first": True}}, {"status": 0}],
+    }
+    with pytest.raises(ValueError, match=r"^queue\[1\]\.status: "):
+        up.load_scenario(bad)
+    assert http.get("/x").status_code == 404, "nothing was queued"
+    assert http.get("/x", headers={"x-api-key": "sk-kept"}).json() == {"kept": True}
+    assert http.get("/x", headers={"x-api-key": "sk-new"}).status_code == 404
+
+
+def test_reply_from_dict_errors_name_the_field() -> None:
+    with pytest.raises(ValueError, match=r"^reply\.error\.message: required for an error reply$"):
+        Reply.from_dict({"error": {"type": "rate_limit_error"}})
+    with pytest.raises(ValueError, match=r"^reply: expected an object, got a list$"):
+        Reply.from_dict([])  # type: ignore[arg-type]
+
+
+def test_scenario_file_that_is_not_json_or_not_an_object(up: MockUpstream, tmp_path: Path) -> None:
+    path = tmp_path / "scenario.json"
+    path.write_text('{"queue": [}')
+    with pytest.raises(ValueError, match=r"^not valid JSON: Expecting value: line 1 column 12"):
+        up.load_scenario(path)
+    path.write_text("[]")
+    with pytest.raises(ValueError, match=r"^scenario: expected an object, got a list$"):
+        up.load_scenario(path)
+    with pytest.raises(FileNotFoundError):
+        up.load_scenario(tmp_path / "missing.json")
 
 
 # ----------------------------------------------------------------- lifecycle and concurrency
@@ -614,7 +1057,7 @@ def test_async_clients_are_served_without_blocking_their_loop(up: MockUpstream) 
             assert not slow.done()  # the others did not wait behind it
             return [(await slow).status_code] + [r.status_code for r in fast]
 
-    assert asyncio.run(main()) == [200] + [404] * 20
+    assert run(main()) == [200] + [404] * 20
 
 
 def test_threads_with_their_own_credentials(up: MockUpstream) -> None:

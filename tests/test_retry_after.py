@@ -1,4 +1,5 @@
-"""Retry-After parsing: the seed's table, HTTP-dates, and arbitrary input."""
+"""Retry-After parsing through the binding: each rule once, header forms, `now`, and
+arbitrary input."""
 
 import email.utils
 
@@ -11,37 +12,28 @@ from keyfailover import parse_retry_after
 NOW = 784111777.0  # Sun, 06 Nov 1994 08:49:37 GMT
 
 
+# The full table (the seed's, all three date formats, whitespace, zero and negative values)
+# is header_table in src/retry_after.rs; here, one case of each rule through the binding.
 @pytest.mark.parametrize(
     ("headers", "expected"),
     [
         ({}, None),
-        ({"retry-after-ms": "2500"}, 2.5),
-        ({"retry-after-ms": " 1500 "}, 1.5),
-        ({"retry-after-ms": "-100"}, None),
-        ({"retry-after-ms": "12.5"}, 0.0125),
         ({"Retry-After": "60"}, 60.0),
-        ({"Retry-After": " 30 "}, 30.0),
         ({"Retry-After": "1.5"}, 1.5),
-        ({"Retry-After": "0"}, None),
-        ({"Retry-After": "-5"}, None),
-        ({"Retry-After": "soon"}, None),
-        ({"Retry-After": "inf"}, None),
+        ({"retry-after-ms": "2500"}, 2.5),
+        ({"retry-after-ms": "12.5"}, 0.0125),
         ({"retry-after-ms": "1500", "Retry-After": "30"}, 1.5),
         ({"retry-after-ms": "invalid", "Retry-After": "10"}, 10.0),
-        ({"retry-after-ms": "0", "Retry-After": "5"}, 5.0),
-        ({"retry-after-ms": "0", "Retry-After": "0"}, None),
         ({"RETRY-AFTER": "7"}, 7.0),
+        ({"Retry-After": "0"}, None),
+        ({"Retry-After": "soon"}, None),
         ({"Retry-After": "Sun, 06 Nov 1994 08:50:07 GMT"}, 30.0),
-        ({"Retry-After": "Sunday, 06-Nov-94 08:50:37 GMT"}, 60.0),
-        ({"Retry-After": "Sun Nov  6 08:51:37 1994"}, 120.0),
-        ({"Retry-After": " Sun, 06 Nov 1994 08:49:47 GMT  "}, 10.0),
         ({"Retry-After": "Sun, 06 Nov 1994 08:49:00 GMT"}, 1.0),
-        ({"Retry-After": "Sun, 06 Nov 1994 08:49:37 GMT"}, 1.0),
         ({"retry-after-ms": "nope", "Retry-After": "Sun, 06 Nov 1994 08:49:38 GMT"}, 1.0),
     ],
     ids=lambda v: repr(v) if isinstance(v, dict) else None,
 )
-def test_retry_after_table(headers, expected):
+def test_retry_after_rules(headers, expected):
     got = parse_retry_after(headers, now=NOW)
     assert got == (pytest.approx(expected) if expected is not None else None)
 

@@ -11,9 +11,9 @@ import json
 import subprocess
 import sys
 import textwrap
-from collections.abc import AsyncIterator, Coroutine, Iterator
+from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager, contextmanager
-from typing import Any, TypeVar
+from typing import Any
 from urllib.parse import parse_qs
 
 import anthropic
@@ -22,6 +22,7 @@ import httpx2
 import openai
 import pytest
 from anthropic.types import MessageParam
+from conftest import FAKE_KEYS, make_client, run
 from openai.types.chat import ChatCompletionMessageParam
 
 import keyfailover as kf
@@ -35,7 +36,7 @@ from keyfailover.testing import (
 )
 from keyfailover.transport import AsyncFailoverTransport, FailoverTransport
 
-KEYS = [f"sk-ant-transport-{i}-{'x' * 24}{i:04d}" for i in range(2)]
+KEYS = FAKE_KEYS[:2]
 SDK_KEY = "sk-sdk-own-key-that-must-never-leak"
 MODEL = "claude-test"
 MESSAGES: list[MessageParam] = [{"role": "user", "content": "Hi"}]
@@ -44,31 +45,20 @@ CHAT: list[ChatCompletionMessageParam] = [{"role": "user", "content": "Hi"}]
 LONG_TEXT = " ".join(f"word{i}" for i in range(300))
 CHUNK_DELAY = 0.05
 
-T = TypeVar("T")
 
-
-def run(coro: Coroutine[Any, Any, T]) -> T:
-    return asyncio.run(coro)
+@pytest.fixture
+def claude_client(up: MockUpstream) -> kf.FailoverClient:
+    return make_client(up, "anthropic")[0]
 
 
 @pytest.fixture
-def up() -> Iterator[MockUpstream]:
-    with MockUpstream() as upstream:
-        yield upstream
-
-
-@pytest.fixture
-def pool() -> kf.KeyPool:
-    return kf.KeyPool(KEYS)
-
-
-@pytest.fixture
-def claude_client(up: MockUpstream, pool: kf.KeyPool) -> kf.FailoverClient:
-    return kf.FailoverClient(pool, base_url=up.url, provider="anthropic")
+def pool(claude_client: kf.FailoverClient) -> kf.KeyPool:
+    return claude_client.pool
 
 
 @pytest.fixture
 def gpt_client(up: MockUpstream, pool: kf.KeyPool) -> kf.FailoverClient:
+    """An OpenAI-flavoured client on the same pool as `claude_client`."""
     return kf.FailoverClient(pool, base_url=up.url, provider="openai")
 
 
@@ -330,7 +320,7 @@ def test_anthropic_sync_exhaustion_errors(
         sdk.messages.create(model=MODEL, max_tokens=16, messages=MESSAGES)
     assert excinfo.value.response.headers["retry-after"] == "3"
 
-    revoked = kf.FailoverClient(kf.KeyPool(KEYS), base_url=up.url)
+    revoked, _ = make_client(up)
     revoke_everywhere(up, "anthropic")
     with sync_claude(revoked) as sdk, pytest.raises(anthropic.InternalServerError) as err:
         sdk.messages.create(model=MODEL, max_tokens=16, messages=MESSAGES)
