@@ -15,6 +15,7 @@ import httpx
 import pytest
 from conftest import FAKE_KEYS, free_port
 
+import keyfailover as kf
 from keyfailover import cli
 from keyfailover.testing import MockUpstream, Reply
 
@@ -81,6 +82,20 @@ ARGUMENT_ERRORS = [
     ),
     (keys_env(KEY_A, "--client-token-env", "KF_UNSET"), "environment variable KF_UNSET is not set"),
     (keys_env(KEY_A, "--upstream", "ftp://x"), "must be an http or https URL"),
+]
+
+
+ARGUMENT_ERRORS += [
+    ((serve_args("--keys-env", "K", "--port", "99999"), {"K": KEY_A}), "is not a port"),
+    ((serve_args("--keys-env", "K", "--timeout", "0"), {"K": KEY_A}), "positive number"),
+    (
+        (serve_args("--keys-env", "K", "--limit-concurrency", "-3"), {"K": KEY_A}),
+        "positive whole number",
+    ),
+    (
+        keys_env(f"a={KEY_A},{KEY_B}"),
+        "environment variable KF_TEST_KEYS, entry 2: a bare key among labelled ones",
+    ),
 ]
 
 
@@ -219,3 +234,119 @@ def test_module_and_help():
     assert result.returncode == 0
     for command in ("serve", "mock-upstream", "demo"):
         assert command in result.stdout
+
+
+def test_a_keys_file_mixing_labelled_and_bare_keys_names_the_line(tmp_path: Path):
+    keys_file = tmp_path / "keys.txt"
+    keys_file.write_text(f"# team\na={KEY_A}\n{KEY_B}\n")
+    result = run_cli(*serve_args("--keys-file", str(keys_file)))
+    assert result.returncode == 2
+    assert f"keys file '{keys_file}', line 3: a bare key among labelled ones" in result.stderr
+    assert KEY_A not in result.stderr
+    assert KEY_B not in result.stderr
+
+
+def test_version():
+    result = run_cli("--version")
+    assert result.returncode == 0
+    assert result.stdout.strip() == f"keyfailover {kf.__version__}"
+
+
+def test_a_port_in_use_is_one_line_and_exit_status_1():
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = str(taken.getsockname()[1])
+        mock = run_cli("mock-upstream", "--port", port)
+        serve = run_cli(*serve_args("--keys-env", "K", "--port", port), env={"K": KEY_A})
+    for result, command in [(mock, "mock-upstream"), (serve, "serve")]:
+        assert result.returncode == 1, result.stderr
+        lines = [line for line in result.stderr.splitlines() if "error" in line]
+        assert lines == [f"keyfailover {command}: error: cannot listen on 127.0.0.1:{port}: "
+                         "Address already in use"], result.stderr  # fmt: skip
+        assert "Traceback" not in result.stderr
+
+
+def start_serve(up: MockUpstream, *extra: str) -> tuple[subprocess.Popen[str], str]:
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "keyfailover", "serve", "--upstream", up.url,
+         "--keys-env", "K", "--port", str(port), *extra],
+        env={**os.environ, "K": KEY_A},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )  # fmt: skip
+    wait_until_listening(port, proc)
+    return proc, f"http://127.0.0.1:{port}"
+
+
+def test_serve_logs_one_key_in_the_singular(up: MockUpstream):
+    proc, _ = start_serve(up)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=15)
+    assert "with 1 key (" in err, err
+
+
+def test_sigterm_ends_in_flight_requests_with_proper_errors_after_the_grace_period(
+    up: MockUpstream,
+):
+    """A request waiting on a stalled upstream gets 503, a stalled stream an error
+    event, and the process exits 0 soon after --grace."""
+    import threading
+
+    up.enqueue(Reply(stall=30))
+    events = [("message_start", {"type": "message_start"}), ("message_stop", {})]
+    up.enqueue(Reply.sse(events, chunk_delay=30))
+    proc, url = start_serve(up, "--grace", "1")
+    results: dict[str, httpx.Response] = {}
+
+    def call(name: str, stream: bool) -> None:
+        body = {"model": "m", "max_tokens": 5, "messages": [], "stream": stream}
+        results[name] = httpx.post(url + "/v1/messages", json=body, timeout=30)
+
+    threads = [
+        threading.Thread(target=call, args=("waiting", False)),
+        threading.Thread(target=call, args=("stream", True)),
+    ]
+    threads[0].start()
+    assert up.wait_for(lambda u: len(u.requests) == 1)
+    threads[1].start()
+    assert up.wait_for(lambda u: len(u.requests) == 2)
+    time.sleep(0.3)
+    sent = time.monotonic()
+    proc.send_signal(signal.SIGTERM)
+    for thread in threads:
+        thread.join(15)
+    proc.communicate(timeout=15)
+    elapsed = time.monotonic() - sent
+    assert proc.returncode == 0
+    assert elapsed < 5, elapsed
+    assert results["waiting"].status_code == 503
+    assert results["waiting"].json()["error"]["message"] == "the server is shutting down"
+    stream = results["stream"]
+    assert stream.status_code == 200
+    assert stream.text.startswith("event: message_start")
+    assert stream.text.rstrip().splitlines()[-2:][0] == "event: error"
+    assert "shutting down" in stream.text
+
+
+def test_slow_request_heads_do_not_starve_other_requests(up: MockUpstream):
+    proc, url = start_serve(up)
+    port = int(url.rsplit(":", 1)[1])
+    slow = []
+    try:
+        for _ in range(300):
+            sock = socket.create_connection(("127.0.0.1", port))
+            sock.sendall(b"POST /v1/messages HTTP/1.1\r\nhost: x\r\ncontent-le")
+            slow.append(sock)
+        started = time.monotonic()
+        for _ in range(20):
+            response = httpx.post(url + "/v1/messages", json={"model": "m", "messages": []})
+            assert response.status_code == 200
+        assert time.monotonic() - started < 5
+    finally:
+        for sock in slow:
+            sock.close()
+        proc.send_signal(signal.SIGINT)
+        proc.communicate(timeout=15)

@@ -106,6 +106,11 @@ def plural(n: int, word: str) -> str:
     return f"{n} {word}" if n == 1 else f"{n} {word}s"
 
 
+def os_error(exc: OSError) -> str:
+    """What went wrong, in the system's words ("Address already in use")."""
+    return os.strerror(exc.errno) if exc.errno else str(exc)
+
+
 def listen(host: str, port: int) -> socket.socket:
     """A listening socket, or a RunError that says why not."""
     try:
@@ -120,7 +125,7 @@ def listen(host: str, port: int) -> socket.socket:
             sock.close()
             raise
     except OSError as exc:
-        raise RunError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+        raise RunError(f"cannot listen on {host}:{port}: {os_error(exc)}") from None
     sock.set_inheritable(True)
     return sock
 
@@ -197,6 +202,9 @@ def run_uvicorn(uvicorn: Any, proxy: FailoverProxy, sock: socket.socket, args: A
                 self.timer.daemon = True
                 self.timer.start()
             super().handle_exit(sig, frame)
+            # uvicorn re-raises the signal once it has stopped, so the process would
+            # die of it; a graceful shutdown is a clean exit (status 0).
+            self._captured_signals.clear()
 
     config = uvicorn.Config(
         proxy,
@@ -229,7 +237,7 @@ def cmd_mock_upstream(args: argparse.Namespace) -> int:
     try:
         upstream.start()
     except OSError as exc:
-        raise RunError(f"cannot listen on {args.host}:{args.port}: {exc.strerror or exc}") from None
+        raise RunError(f"cannot listen on {args.host}:{args.port}: {os_error(exc)}") from None
     try:
         print(f"mock upstream listening on {upstream.url} (Ctrl-C to stop)", flush=True)
         with contextlib.suppress(KeyboardInterrupt):
