@@ -8,6 +8,9 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 CARGO ?= cargo
 export VIRTUAL_ENV := $(abspath $(VENV))
+# pip (also as maturin runs it) reports only problems.
+export PIP_QUIET := 1
+export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
 .PHONY: all venv build test test-rust test-python lint fmt bench bench-smoke clean
 
@@ -15,8 +18,8 @@ all: test
 
 $(VENV)/.ready: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet "maturin>=1.9,<2"
+	$(PY) -m pip install --upgrade pip
+	$(PY) -m pip install "maturin>=1.9,<2"
 	touch $@
 
 venv: $(VENV)/.ready
@@ -26,6 +29,7 @@ build: venv
 	$(VENV)/bin/maturin develop --release --extras test,dev --quiet
 
 lint: build
+	$(PY) .ci/check_rust_version.py
 	$(CARGO) fmt --all --check
 	$(CARGO) clippy --all-targets --all-features --quiet -- -D warnings
 	$(VENV)/bin/ruff check python tests benches examples
