@@ -1,42 +1,58 @@
-//! Clocks for cooldowns: a monotonic one for real use and a manual one for tests.
+//! Clocks for cooldowns: the system's monotonic clock for real use and a
+//! manual one for tests.
 //!
-//! Time is a count of nanoseconds since the clock's own origin. The pool only
-//! ever compares and subtracts these values, so the origin does not matter.
+//! Time is a count of nanoseconds. The pool only ever compares and subtracts
+//! these values. The real clock reads `CLOCK_MONOTONIC` itself (what
+//! `Instant` reads too), so its readings mean the same in every process of a
+//! host: a cooldown deadline written to shared memory by one process is read
+//! correctly by another.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 /// A source of monotonic time.
 pub trait Clock: Send + Sync + 'static {
     /// Nanoseconds since the clock's origin; never goes backwards.
     fn now_nanos(&self) -> u64;
-}
 
-/// The default clock: `Instant`, so wall-clock jumps never touch a cooldown.
-#[derive(Debug)]
-pub struct MonotonicClock {
-    origin: Instant,
-}
-
-impl MonotonicClock {
-    pub fn new() -> Self {
-        Self {
-            origin: Instant::now(),
-        }
+    /// True for the real clock, whose readings other processes share.
+    fn is_system(&self) -> bool {
+        false
     }
 }
 
-impl Default for MonotonicClock {
-    fn default() -> Self {
-        Self::new()
+/// The system's monotonic clock, in nanoseconds since boot (never zero).
+pub fn monotonic_nanos() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: a valid timespec; CLOCK_MONOTONIC always exists.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    let nanos = u64::try_from(ts.tv_sec).unwrap_or(0) * 1_000_000_000
+        + u64::try_from(ts.tv_nsec).unwrap_or(0);
+    nanos.max(1)
+}
+
+/// The default clock: the system's monotonic clock, so wall-clock jumps
+/// never touch a cooldown.
+#[derive(Debug, Default)]
+pub struct MonotonicClock;
+
+impl MonotonicClock {
+    pub fn new() -> Self {
+        Self
     }
 }
 
 impl Clock for MonotonicClock {
     fn now_nanos(&self) -> u64 {
-        // Saturates after ~584 years of uptime.
-        u64::try_from(self.origin.elapsed().as_nanos()).unwrap_or(u64::MAX)
+        monotonic_nanos()
+    }
+
+    fn is_system(&self) -> bool {
+        true
     }
 }
 

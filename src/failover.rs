@@ -349,8 +349,9 @@ impl FailoverClient {
         let status = resp.status().as_u16();
         let stream = headers::is_event_stream(resp.headers());
         let mut relayed = headers::relayed(resp.headers(), stream);
+        let keys = self.pool.key_set();
         for value in relayed.values_mut() {
-            if let Some(clean) = scrub_value(value.as_bytes(), self.pool.secrets()) {
+            if let Some(clean) = scrub_value(value.as_bytes(), keys.secrets()) {
                 *value = HeaderValue::from_bytes(&clean).unwrap_or(HeaderValue::from_static(""));
             }
         }
@@ -358,7 +359,7 @@ impl FailoverClient {
         let scrubber = if (200..300).contains(&status) {
             None
         } else {
-            Scrubber::new(self.pool.secrets())
+            Scrubber::new(keys.secrets())
         };
         Response {
             status,

@@ -99,10 +99,13 @@ impl Gateway {
                 if tokens.iter().any(|t| t.trim().is_empty()) {
                     return Err(Error::Config("client tokens must not be blank".into()));
                 }
-                if let Some(t) = tokens
-                    .iter()
-                    .find(|t| client.pool().secrets().any(|(k, _)| k == t.as_str()))
-                {
+                if let Some(t) = tokens.iter().find(|t| {
+                    client
+                        .pool()
+                        .key_set()
+                        .secrets()
+                        .any(|(k, _)| k == t.as_str())
+                }) {
                     return Err(Error::Config(format!(
                         "client token {} is one of the pool's keys",
                         client.pool().redact(t)

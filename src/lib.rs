@@ -8,6 +8,7 @@
 pub mod body;
 pub mod clock;
 pub mod error;
+pub mod events;
 pub mod failover;
 pub mod fork;
 pub mod gateway;
@@ -17,6 +18,7 @@ pub mod pool;
 pub mod provider;
 pub mod retry_after;
 pub mod sse;
+pub mod state;
 pub mod stats;
 pub mod target;
 pub mod verdict;

@@ -45,6 +45,7 @@ impl Stats {
             Reason::RateLimited => &self.rate_limited,
             Reason::QuotaExhausted => &self.quota_exhausted,
             Reason::Revoked => &self.revoked,
+            Reason::Reset | Reason::Manual => return,
         });
     }
 

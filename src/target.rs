@@ -61,7 +61,7 @@ impl BaseUrl {
 }
 
 /// `raw` with any userinfo replaced by `***`, for messages.
-fn masked_url(raw: &str) -> Cow<'_, str> {
+pub(crate) fn masked_url(raw: &str) -> Cow<'_, str> {
     let Some(scheme_end) = raw.find("://") else {
         return Cow::Borrowed(raw);
     };

@@ -1,9 +1,9 @@
 //! The marking rules: what an upstream response says about the key behind it.
 
-use std::fmt;
 use std::time::{Duration, SystemTime};
 
 use crate::pool::Key;
+pub use crate::pool::Reason;
 use crate::retry_after::parse_retry_after;
 
 /// What a response means for the key that was used.
@@ -17,30 +17,6 @@ pub enum Verdict {
     QuotaExhausted,
     /// Unauthorized, forbidden or out of billing: retire the key.
     Revoked,
-}
-
-/// Why a key was failed over; the labels used in stats and logs.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum Reason {
-    RateLimited,
-    QuotaExhausted,
-    Revoked,
-}
-
-impl Reason {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Reason::RateLimited => "rate_limited",
-            Reason::QuotaExhausted => "quota_exhausted",
-            Reason::Revoked => "revoked",
-        }
-    }
-}
-
-impl fmt::Display for Reason {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
-    }
 }
 
 impl Verdict {
@@ -66,10 +42,12 @@ impl Verdict {
             Verdict::NotKeySpecific => return false,
             Verdict::RateLimited(cooldown) => {
                 let ceiling = key.pool().cooldowns().upstream_ceiling();
-                key.mark_temporary(cooldown.map(|d| d.min(ceiling)))
+                key.cool(cooldown.map(|d| d.min(ceiling)), Reason::RateLimited)
             }
-            Verdict::QuotaExhausted => key.mark_temporary(Some(key.pool().cooldowns().quota)),
-            Verdict::Revoked => key.mark_permanent(),
+            Verdict::QuotaExhausted => {
+                key.cool(Some(key.pool().cooldowns().quota), Reason::QuotaExhausted)
+            }
+            Verdict::Revoked => key.retire(Reason::Revoked),
         };
         true
     }

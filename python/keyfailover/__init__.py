@@ -4,6 +4,7 @@ The key pool, Retry-After parsing and the marking rules live in the Rust core
 (`keyfailover._native`); this package re-exports them.
 """
 
+from keyfailover import _logging  # noqa: F401  (starts handing core log records to logging)
 from keyfailover._native import (
     ConfigError,
     FailoverClient,

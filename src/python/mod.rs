@@ -3,6 +3,7 @@
 mod bridge;
 mod client;
 mod errors;
+mod events;
 mod gateway;
 mod json;
 mod pool;
@@ -29,6 +30,8 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(rules::parse_retry_after, m)?)?;
     m.add_function(wrap_pyfunction!(rules::mark_key_on_response, m)?)?;
     m.add_function(wrap_pyfunction!(rules::parse_keys, m)?)?;
+    m.add_function(wrap_pyfunction!(events::_events_fd, m)?)?;
+    m.add_function(wrap_pyfunction!(events::_take_records, m)?)?;
     m.add_class::<gateway::PyGateway>()?;
     m.add_class::<gateway::PyForward>()?;
     // A FailoverClient used before os.fork() must work in the child: the
@@ -48,5 +51,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
 #[pyfunction(name = "_after_fork_in_child")]
 fn after_fork_in_child(py: Python<'_>) -> PyResult<()> {
     crate::fork::forked();
+    events::after_fork();
+    crate::state::redis::restart_after_fork(|| runtime::runtime().handle().clone());
     bridge::after_fork(py)
 }

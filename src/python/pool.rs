@@ -8,9 +8,11 @@ use pyo3::types::{PyBytes, PyString};
 
 use super::json::to_py;
 
+use super::runtime::runtime;
 use crate::clock::{Clock, ManualClock};
 use crate::error::Error;
-use crate::pool::{Cooldowns, Key, KeyPool, KeyState, Walker};
+use crate::pool::{Cooldowns, Key, KeyPool, KeyState, PoolOptions, Walker};
+use crate::state::StateSpec;
 
 /// A duration argument in seconds that must be positive and finite.
 pub(crate) fn positive_seconds(name: &str, seconds: f64) -> Result<Duration, Error> {
@@ -156,13 +158,17 @@ fn labelled_keys(keys: &Bound<'_, PyAny>) -> PyResult<Vec<(String, String)>> {
 #[pymethods]
 impl PyKeyPool {
     #[new]
-    #[pyo3(signature = (keys, *, default_cooldown = 60.0, max_cooldown = None, quota_cooldown = 3600.0, clock = None))]
+    #[pyo3(signature = (keys, *, default_cooldown = 60.0, max_cooldown = None, quota_cooldown = 3600.0, clock = None, state = None, namespace = "default"))]
+    #[allow(clippy::too_many_arguments)]
     fn new(
+        py: Python<'_>,
         keys: &Bound<'_, PyAny>,
         default_cooldown: f64,
         max_cooldown: Option<f64>,
         quota_cooldown: f64,
         clock: Option<PyRef<'_, PyManualClock>>,
+        state: Option<&str>,
+        namespace: &str,
     ) -> PyResult<Self> {
         let cooldowns = Cooldowns {
             default: positive_seconds("default_cooldown", default_cooldown)?,
@@ -171,9 +177,31 @@ impl PyKeyPool {
                 .transpose()?,
             quota: positive_seconds("quota_cooldown", quota_cooldown)?,
         };
-        let clock = clock.map(|c| c.clock.clone() as Arc<dyn Clock>);
-        let pool = KeyPool::new(labelled_keys(keys)?, cooldowns, clock)?;
+        let options = PoolOptions {
+            cooldowns,
+            clock: clock.map(|c| c.clock.clone() as Arc<dyn Clock>),
+            state: Some(StateSpec::parse(state, namespace)?),
+            runtime: Some(runtime().handle().clone()),
+        };
+        let keys = labelled_keys(keys)?;
+        let pool = py.detach(|| KeyPool::build(keys, options))?;
         Ok(Self { pool })
+    }
+
+    /// Where key states live: "local", "shm" or "redis".
+    #[getter]
+    fn state_backend(&self) -> &'static str {
+        self.pool.state_backend()
+    }
+
+    #[getter]
+    fn namespace(&self) -> &str {
+        self.pool.namespace()
+    }
+
+    /// How sharing goes: {"backend", "connected", "last_error", "pending"}.
+    fn sync_status<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
+        to_py(py, &self.pool.sync_status().to_json())
     }
 
     fn __len__(&self) -> usize {
@@ -220,11 +248,15 @@ impl PyKeyPool {
     fn __repr__(&self) -> String {
         let keys: Vec<String> = self
             .pool
-            .keys()
-            .zip(self.pool.statuses())
-            .map(|(k, s)| format!("{} {}", k.label(), s.state.as_str()))
+            .snapshot()
+            .iter()
+            .map(|k| format!("{} {}", k.label, k.state.as_str()))
             .collect();
-        format!("KeyPool([{}])", keys.join(", "))
+        let backend = match self.pool.state_backend() {
+            "local" => String::new(),
+            other => format!(", state={other}"),
+        };
+        format!("KeyPool([{}]{backend})", keys.join(", "))
     }
 }
 

@@ -1,51 +1,30 @@
 //! The key pool: an ordered set of API keys, each valid, cooling down
 //! (temporary) or retired (permanent), walked once per request.
 //!
-//! Each key's whole state is one `AtomicU64`, so a state and its remaining
-//! cooldown are always read together (no torn reads) and marking is lock-free:
-//!
-//! * `0`: valid;
-//! * `u64::MAX`: permanent;
-//! * anything else: the clock reading (nanoseconds) at which the cooldown ends.
-//!   Once the clock reaches it the key is valid again, with no write needed.
+//! A key's state is one atomic word ([`cell`]); where that word lives (this
+//! process, shared memory, or this process following Redis) is the state
+//! backend's business (`crate::state`), never the pool's. The key list itself
+//! is swapped whole on reload, so a walker sees the old list or the new one.
+
+pub mod cell;
+mod key;
+mod walker;
 
 use std::fmt;
-use std::hash::{Hash, Hasher};
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::clock::{duration_to_nanos, Clock, MonotonicClock};
+use arc_swap::ArcSwap;
+
+use crate::clock::{Clock, MonotonicClock};
 use crate::error::{Error, Exhaustion, Result};
+use crate::state::{Backend, Fingerprint, StateSpec, SyncStatus};
 
-const VALID: u64 = 0;
-const PERMANENT: u64 = u64::MAX;
+pub use cell::{KeyState, KeyStatus};
+pub use key::{Key, Reason};
+pub use walker::Walker;
 
-/// The three states of a key.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum KeyState {
-    Valid,
-    Temporary,
-    Permanent,
-}
-
-impl KeyState {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            KeyState::Valid => "valid",
-            KeyState::Temporary => "temporary",
-            KeyState::Permanent => "permanent",
-        }
-    }
-}
-
-/// A key's state with its remaining cooldown (zero unless temporary), read at
-/// one instant.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct KeyStatus {
-    pub state: KeyState,
-    pub cooldown_remaining: Duration,
-}
+use cell::Cell;
 
 /// Key counts by state; see [`KeyPool::health`].
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -53,27 +32,6 @@ pub struct Health {
     pub valid: usize,
     pub temporary: usize,
     pub permanent: usize,
-}
-
-/// One key as operators see it: no secret, only the hint.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct KeySnapshot {
-    pub label: String,
-    pub hint: String,
-    pub state: KeyState,
-    pub cooldown_remaining: Duration,
-}
-
-impl KeySnapshot {
-    /// The shape of `pool.snapshot()` entries and `/_keyfailover/keys`.
-    pub fn to_json(&self) -> serde_json::Value {
-        serde_json::json!({
-            "label": self.label,
-            "hint": self.hint,
-            "state": self.state.as_str(),
-            "cooldown_remaining": self.cooldown_remaining.as_secs_f64(),
-        })
-    }
 }
 
 impl Health {
@@ -97,6 +55,27 @@ impl Health {
         } else {
             "exhausted"
         }
+    }
+}
+
+/// One key as operators see it: no secret, only the hint.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeySnapshot {
+    pub label: String,
+    pub hint: String,
+    pub state: KeyState,
+    pub cooldown_remaining: Duration,
+}
+
+impl KeySnapshot {
+    /// The shape of `pool.snapshot()` entries and `/_keyfailover/keys`.
+    pub fn to_json(&self) -> serde_json::Value {
+        serde_json::json!({
+            "label": self.label,
+            "hint": self.hint,
+            "state": self.state.as_str(),
+            "cooldown_remaining": self.cooldown_remaining.as_secs_f64(),
+        })
     }
 }
 
@@ -162,17 +141,56 @@ impl Cooldowns {
     }
 }
 
-struct Slot {
-    label: String,
-    value: String,
-    hint: String,
-    word: AtomicU64,
+/// How a pool is built, besides its keys.
+#[derive(Clone, Default)]
+pub struct PoolOptions {
+    pub cooldowns: Cooldowns,
+    /// The clock cooldowns run on; the system's monotonic clock by default.
+    /// A manual clock only works with local state.
+    pub clock: Option<Arc<dyn Clock>>,
+    pub state: Option<StateSpec>,
+    /// Where background work runs (a Redis backend's sync task).
+    pub runtime: Option<tokio::runtime::Handle>,
+}
+
+impl fmt::Debug for PoolOptions {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("PoolOptions")
+            .field("cooldowns", &self.cooldowns)
+            .field("state", &self.state)
+            .finish()
+    }
+}
+
+/// One key of the pool, with what goes with it.
+pub(crate) struct Slot {
+    pub label: String,
+    pub value: String,
+    pub hint: String,
+    pub fingerprint: Fingerprint,
+    pub cell: Arc<Cell>,
+}
+
+/// The pool's keys at one moment; replaced whole by a reload.
+pub(crate) struct KeySet {
+    pub slots: Box<[Arc<Slot>]>,
+}
+
+impl KeySet {
+    /// Every key's value with its hint, for scrubbing keys out of text.
+    pub fn secrets(&self) -> impl Iterator<Item = (&str, &str)> + '_ {
+        self.slots
+            .iter()
+            .map(|s| (s.value.as_str(), s.hint.as_str()))
+    }
 }
 
 struct Inner {
-    slots: Box<[Slot]>,
+    keys: ArcSwap<KeySet>,
     cooldowns: Cooldowns,
     clock: Arc<dyn Clock>,
+    namespace: String,
+    backend: Backend,
 }
 
 /// A pool of keys for one upstream provider. Cloning is cheap and shares state.
@@ -183,8 +201,9 @@ pub struct KeyPool {
 
 impl fmt::Debug for KeyPool {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let keys = self.inner.keys.load();
         f.debug_list()
-            .entries(self.inner.slots.iter().map(|s| (&s.label, &s.hint)))
+            .entries(keys.slots.iter().map(|s| (&s.label, &s.hint)))
             .finish()
     }
 }
@@ -207,74 +226,122 @@ impl KeyPool {
         Self::new(labelled, cooldowns, clock)
     }
 
-    /// Builds a pool from `(label, key)` pairs, keeping their order.
+    /// Builds a pool with local state from `(label, key)` pairs, keeping their order.
     pub fn new<I>(keys: I, cooldowns: Cooldowns, clock: Option<Arc<dyn Clock>>) -> Result<Self>
     where
         I: IntoIterator<Item = (String, String)>,
     {
-        cooldowns.validate()?;
-        let mut slots: Vec<Slot> = Vec::new();
-        for (label, value) in keys {
-            validate_label(&label)?;
-            validate_key(&label, &value)?;
-            for other in &slots {
-                if other.label == label {
-                    return Err(Error::Config(format!("duplicate label '{label}'")));
-                }
-                if other.value == value {
-                    return Err(Error::Config(format!(
-                        "{} and {} hold the same key",
-                        other.label, label
-                    )));
-                }
-            }
-            slots.push(Slot {
-                hint: mask(&value),
-                label,
-                value,
-                word: AtomicU64::new(VALID),
-            });
+        Self::build(
+            keys,
+            PoolOptions {
+                cooldowns,
+                clock,
+                ..PoolOptions::default()
+            },
+        )
+    }
+
+    /// Builds a pool from `(label, key)` pairs, keeping their order.
+    pub fn build<I>(keys: I, options: PoolOptions) -> Result<Self>
+    where
+        I: IntoIterator<Item = (String, String)>,
+    {
+        options.cooldowns.validate()?;
+        let keys = validated(keys)?;
+        let clock = options
+            .clock
+            .unwrap_or_else(|| Arc::new(MonotonicClock::new()));
+        let state = options.state.unwrap_or(StateSpec::Local);
+        if !state.is_local() && !clock.is_system() {
+            return Err(Error::Config(
+                "a pool with shared state runs on the system clock: a manual clock \
+                 only works with state=None"
+                    .into(),
+            ));
         }
-        if slots.is_empty() {
-            return Err(Error::Config("a key pool needs at least one key".into()));
-        }
+        let namespace = match &state {
+            StateSpec::Local => "default".to_owned(),
+            StateSpec::Shm { namespace } | StateSpec::Redis { namespace, .. } => namespace.clone(),
+        };
+        let backend = Backend::open(&state, options.runtime.as_ref())?;
+        let slots = keys
+            .into_iter()
+            .map(|(label, value)| {
+                let fingerprint = Fingerprint::of(&namespace, &value);
+                Ok(Arc::new(Slot {
+                    hint: mask(&value),
+                    cell: backend.cell(fingerprint)?,
+                    label,
+                    value,
+                    fingerprint,
+                }))
+            })
+            .collect::<Result<Vec<_>>>()?;
         Ok(Self {
             inner: Arc::new(Inner {
-                slots: slots.into_boxed_slice(),
-                cooldowns,
-                clock: clock.unwrap_or_else(|| Arc::new(MonotonicClock::new())),
+                keys: ArcSwap::from_pointee(KeySet {
+                    slots: slots.into_boxed_slice(),
+                }),
+                cooldowns: options.cooldowns,
+                clock,
+                namespace,
+                backend,
             }),
         })
     }
 
     pub fn len(&self) -> usize {
-        self.inner.slots.len()
+        self.inner.keys.load().slots.len()
     }
 
     pub fn is_empty(&self) -> bool {
-        self.inner.slots.is_empty()
+        self.len() == 0
     }
 
     pub fn cooldowns(&self) -> Cooldowns {
         self.inner.cooldowns
     }
 
+    pub fn namespace(&self) -> &str {
+        &self.inner.namespace
+    }
+
+    /// "local", "shm" or "redis".
+    pub fn state_backend(&self) -> &'static str {
+        self.inner.backend.name()
+    }
+
+    /// How the sharing of key states goes.
+    pub fn sync_status(&self) -> SyncStatus {
+        self.inner.backend.status()
+    }
+
+    pub(crate) fn backend(&self) -> &Backend {
+        &self.inner.backend
+    }
+
+    pub(crate) fn clock(&self) -> &dyn Clock {
+        &*self.inner.clock
+    }
+
+    pub(crate) fn key_set(&self) -> Arc<KeySet> {
+        self.inner.keys.load_full()
+    }
+
     /// A fresh walker for one request, starting before the first key.
     pub fn walker(&self) -> Walker {
-        Walker {
-            pool: self.clone(),
-            pos: 0,
-            skipped: Vec::new(),
-        }
+        Walker::new(self.clone(), self.key_set())
     }
 
     /// The key with this label.
     pub fn key(&self, label: &str) -> Result<Key> {
         self.inner
+            .keys
+            .load()
             .slots
             .iter()
-            .position(|s| s.label == label)
-            .map(|index| self.key_at(index))
+            .find(|s| s.label == label)
+            .map(|slot| Key::new(self.clone(), slot.clone()))
             .ok_or_else(|| Error::UnknownLabel(self.redact(label).into_owned()))
     }
 
@@ -282,7 +349,7 @@ impl KeyPool {
     /// that echo what a caller passed, which may be a key in the wrong place.
     pub fn redact<'a>(&self, text: &'a str) -> std::borrow::Cow<'a, str> {
         let mut out = std::borrow::Cow::Borrowed(text);
-        for slot in self.inner.slots.iter() {
+        for slot in self.inner.keys.load().slots.iter() {
             if out.contains(slot.value.as_str()) {
                 out = std::borrow::Cow::Owned(out.replace(slot.value.as_str(), &slot.hint));
             }
@@ -290,17 +357,13 @@ impl KeyPool {
         out
     }
 
-    /// Every key's value with its hint, for scrubbing keys out of text.
-    pub fn secrets(&self) -> impl Iterator<Item = (&str, &str)> + '_ {
-        self.inner
+    /// Every key, in configured order.
+    pub fn keys(&self) -> Vec<Key> {
+        self.key_set()
             .slots
             .iter()
-            .map(|s| (s.value.as_str(), s.hint.as_str()))
-    }
-
-    /// Every key, in configured order.
-    pub fn keys(&self) -> impl Iterator<Item = Key> + '_ {
-        (0..self.len()).map(|i| self.key_at(i))
+            .map(|slot| Key::new(self.clone(), slot.clone()))
+            .collect()
     }
 
     /// Each key's state and remaining cooldown, in configured order, all read
@@ -308,21 +371,30 @@ impl KeyPool {
     pub fn statuses(&self) -> Vec<KeyStatus> {
         let now = self.inner.clock.now_nanos();
         self.inner
+            .keys
+            .load()
             .slots
             .iter()
-            .map(|s| status_of(s.word.load(Ordering::Acquire), now))
+            .map(|s| s.cell.status(now))
             .collect()
     }
 
     /// Every key with its state, in configured order.
     pub fn snapshot(&self) -> Vec<KeySnapshot> {
-        self.keys()
-            .zip(self.statuses())
-            .map(|(key, status)| KeySnapshot {
-                label: key.label().to_owned(),
-                hint: key.hint().to_owned(),
-                state: status.state,
-                cooldown_remaining: status.cooldown_remaining,
+        let now = self.inner.clock.now_nanos();
+        self.inner
+            .keys
+            .load()
+            .slots
+            .iter()
+            .map(|slot| {
+                let status = slot.cell.status(now);
+                KeySnapshot {
+                    label: slot.label.clone(),
+                    hint: slot.hint.clone(),
+                    state: status.state,
+                    cooldown_remaining: status.cooldown_remaining,
+                }
             })
             .collect()
     }
@@ -346,202 +418,57 @@ impl KeyPool {
     /// otherwise transient with the smallest remaining cooldown (zero when
     /// some key is valid).
     pub fn exhaustion(&self) -> Exhaustion {
-        let now = self.inner.clock.now_nanos();
-        let mut soonest: Option<Duration> = None;
-        for slot in self.inner.slots.iter() {
-            let status = status_of(slot.word.load(Ordering::Acquire), now);
-            match status.state {
-                KeyState::Valid => {
-                    return Exhaustion::Transient {
-                        retry_after: Duration::ZERO,
-                    }
+        exhaustion_of(&self.statuses())
+    }
+}
+
+fn exhaustion_of(statuses: &[KeyStatus]) -> Exhaustion {
+    let mut soonest: Option<Duration> = None;
+    for status in statuses {
+        match status.state {
+            KeyState::Valid => {
+                return Exhaustion::Transient {
+                    retry_after: Duration::ZERO,
                 }
-                KeyState::Temporary => {
-                    let left = status.cooldown_remaining;
-                    soonest = Some(soonest.map_or(left, |s| s.min(left)));
-                }
-                KeyState::Permanent => {}
+            }
+            KeyState::Temporary => {
+                let left = status.cooldown_remaining;
+                soonest = Some(soonest.map_or(left, |s| s.min(left)));
+            }
+            KeyState::Permanent => {}
+        }
+    }
+    match soonest {
+        Some(retry_after) => Exhaustion::Transient { retry_after },
+        None => Exhaustion::Permanent,
+    }
+}
+
+/// Checks labels and keys: non-empty, no duplicates of either.
+fn validated<I>(keys: I) -> Result<Vec<(String, String)>>
+where
+    I: IntoIterator<Item = (String, String)>,
+{
+    let mut out: Vec<(String, String)> = Vec::new();
+    for (label, value) in keys {
+        validate_label(&label)?;
+        validate_key(&label, &value)?;
+        for (other_label, other_value) in &out {
+            if *other_label == label {
+                return Err(Error::Config(format!("duplicate label '{label}'")));
+            }
+            if *other_value == value {
+                return Err(Error::Config(format!(
+                    "{other_label} and {label} hold the same key"
+                )));
             }
         }
-        match soonest {
-            Some(retry_after) => Exhaustion::Transient { retry_after },
-            None => Exhaustion::Permanent,
-        }
+        out.push((label, value));
     }
-
-    fn key_at(&self, index: usize) -> Key {
-        Key {
-            pool: self.clone(),
-            index,
-        }
+    if out.is_empty() {
+        return Err(Error::Config("a key pool needs at least one key".into()));
     }
-
-    fn is_available(&self, index: usize) -> bool {
-        match self.inner.slots[index].word.load(Ordering::Acquire) {
-            VALID => true,
-            PERMANENT => false,
-            deadline => self.inner.clock.now_nanos() >= deadline,
-        }
-    }
-}
-
-/// A key-specific cursor through the pool for one request. Read-only: it
-/// never changes any key's state, so concurrent requests never interfere.
-///
-/// It offers each key at most once: first every available key in order,
-/// then any key it skipped as unavailable that has since recovered (a short
-/// cooldown may end while the walk is still going).
-#[derive(Debug, Clone)]
-pub struct Walker {
-    pool: KeyPool,
-    pos: usize,
-    /// Keys passed over as unavailable, in order; empty on the usual path.
-    skipped: Vec<usize>,
-}
-
-impl Walker {
-    /// The next available key the walker has not offered yet.
-    pub fn next_key(&mut self) -> Result<Key, Exhaustion> {
-        while self.pos < self.pool.len() {
-            let index = self.pos;
-            self.pos += 1;
-            if self.pool.is_available(index) {
-                return Ok(self.pool.key_at(index));
-            }
-            self.skipped.push(index);
-        }
-        if let Some(i) = self.skipped.iter().position(|&k| self.pool.is_available(k)) {
-            let index = self.skipped.remove(i);
-            return Ok(self.pool.key_at(index));
-        }
-        Err(self.pool.exhaustion())
-    }
-}
-
-/// A handle to one key of a pool.
-#[derive(Clone)]
-pub struct Key {
-    pool: KeyPool,
-    index: usize,
-}
-
-impl fmt::Debug for Key {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Key")
-            .field("label", &self.label())
-            .field("hint", &self.hint())
-            .finish()
-    }
-}
-
-/// Two handles are equal when they name the same key of the same pool.
-impl PartialEq for Key {
-    fn eq(&self, other: &Self) -> bool {
-        Arc::ptr_eq(&self.pool.inner, &other.pool.inner) && self.index == other.index
-    }
-}
-
-impl Eq for Key {}
-
-impl Hash for Key {
-    fn hash<H: Hasher>(&self, state: &mut H) {
-        Arc::as_ptr(&self.pool.inner).hash(state);
-        self.index.hash(state);
-    }
-}
-
-impl Key {
-    fn slot(&self) -> &Slot {
-        &self.pool.inner.slots[self.index]
-    }
-
-    pub fn label(&self) -> &str {
-        &self.slot().label
-    }
-
-    /// A masked form of the key, safe to log.
-    pub fn hint(&self) -> &str {
-        &self.slot().hint
-    }
-
-    /// The secret itself. Only for building the upstream request.
-    pub fn value(&self) -> &str {
-        &self.slot().value
-    }
-
-    pub fn pool(&self) -> &KeyPool {
-        &self.pool
-    }
-
-    pub fn status(&self) -> KeyStatus {
-        let word = self.slot().word.load(Ordering::Acquire);
-        let now = match word {
-            VALID | PERMANENT => 0,
-            _ => self.pool.inner.clock.now_nanos(),
-        };
-        status_of(word, now)
-    }
-
-    pub fn state(&self) -> KeyState {
-        self.status().state
-    }
-
-    /// Cools the key down. `None` or zero means the pool's default cooldown;
-    /// anything above the pool's maximum is clamped to it. An existing later
-    /// deadline is kept. Returns true only when this call moved the key from
-    /// valid to temporary; a permanent key stays permanent.
-    pub fn mark_temporary(&self, cooldown: Option<Duration>) -> bool {
-        let cooldowns = self.pool.inner.cooldowns;
-        let mut cooldown = cooldown
-            .filter(|d| !d.is_zero())
-            .unwrap_or(cooldowns.default);
-        if let Some(max) = cooldowns.max {
-            cooldown = cooldown.min(max);
-        }
-        let now = self.pool.inner.clock.now_nanos();
-        let deadline = now
-            .saturating_add(duration_to_nanos(cooldown).max(1))
-            .min(PERMANENT - 1);
-        let word = &self.slot().word;
-        let mut current = word.load(Ordering::Acquire);
-        loop {
-            if current == PERMANENT {
-                return false;
-            }
-            let was_valid = current <= now;
-            if !was_valid && current >= deadline {
-                return false;
-            }
-            match word.compare_exchange_weak(current, deadline, Ordering::AcqRel, Ordering::Acquire)
-            {
-                Ok(_) => return was_valid,
-                Err(actual) => current = actual,
-            }
-        }
-    }
-
-    /// Retires the key for good. Returns true only on the first transition.
-    pub fn mark_permanent(&self) -> bool {
-        self.slot().word.swap(PERMANENT, Ordering::AcqRel) != PERMANENT
-    }
-
-    /// Operator action: the key is valid again, whatever its state.
-    pub fn reset(&self) {
-        self.slot().word.store(VALID, Ordering::Release);
-    }
-}
-
-fn status_of(word: u64, now: u64) -> KeyStatus {
-    let (state, left) = match word {
-        VALID => (KeyState::Valid, 0),
-        PERMANENT => (KeyState::Permanent, 0),
-        deadline if deadline > now => (KeyState::Temporary, deadline - now),
-        _ => (KeyState::Valid, 0),
-    };
-    KeyStatus {
-        state,
-        cooldown_remaining: Duration::from_nanos(left),
-    }
+    Ok(out)
 }
 
 /// The masked form of a secret: first 4 and last 4 characters of keys of 16
@@ -1048,7 +975,7 @@ mod tests {
 
     #[test]
     fn exactly_one_thread_sees_each_transition() {
-        use std::sync::atomic::AtomicUsize;
+        use std::sync::atomic::{AtomicUsize, Ordering};
         let (pool, _) = pool_with(&["a"]);
         let key = pool.key("key-0").unwrap();
         let temporary = AtomicUsize::new(0);

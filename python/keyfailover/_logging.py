@@ -1,0 +1,55 @@
+"""Log records of the Rust core, handed to Python's `logging`.
+
+A daemon thread blocks in `os.read` on a socket the core writes a byte to
+when records wait; it takes them and logs each on its logger (`keyfailover.*`)
+with its fields as `extra`. Started on import; restarted in a forked child.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+
+from keyfailover import _native
+
+_lock = threading.Lock()
+_thread: threading.Thread | None = None
+
+
+def _drain(fd: int) -> None:
+    while True:
+        try:
+            if not os.read(fd, 4096):
+                return
+        except OSError:
+            return
+        flush()
+
+
+def flush() -> None:
+    """Logs every record queued so far (the drain thread does this by itself)."""
+    for logger, level, message, extra in _native._take_records():
+        logging.getLogger(logger).log(level, message, extra=extra)
+
+
+def start() -> None:
+    """Starts the drain thread of this process, if it is not running."""
+    global _thread
+    with _lock:
+        if _thread is not None and _thread.is_alive():
+            return
+        _thread = threading.Thread(
+            target=_drain, args=(_native._events_fd(),), name="keyfailover-logs", daemon=True
+        )
+        _thread.start()
+
+
+def _after_fork_in_child() -> None:
+    global _thread
+    _thread = None  # the parent's thread does not exist here
+    start()
+
+
+start()
+os.register_at_fork(after_in_child=_after_fork_in_child)

@@ -1,0 +1,589 @@
+//! Key states shared across hosts through Redis (or Valkey), 6.2 or later.
+//!
+//! Each process keeps working on its own memory: a walker never waits for
+//! Redis. A mark changes the local word at once and queues a transition; a
+//! background task on the tokio runtime applies queued transitions on the
+//! server with one Lua script (which keeps the later deadline, lets a
+//! permanent mark win, and ignores marks made before the key's last reset),
+//! and the script publishes the key's resulting state to every process. Each
+//! process also re-reads every key's state at a fixed interval and after each
+//! reconnect, so a lost message is repaired within that interval.
+//!
+//! Per key, Redis holds a hash `kf:{namespace}:k:{fingerprint}` with `r` (the
+//! last reset, Unix ms), `s` (0 valid, 1 temporary, 2 permanent) and `u` (the
+//! end of a cooldown, Unix ms); never a key or part of one. Deadlines cross
+//! processes as wall-clock time; each process turns them into readings of its
+//! own monotonic clock.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, Weak};
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use tokio::runtime::Handle;
+use tokio::sync::Notify;
+use tokio::task::AbortHandle;
+
+use super::{clocks, Fingerprint, SyncStatus};
+use crate::error::{Error, Result};
+use crate::events::{self, Field, Level, Record};
+use crate::pool::cell::{Cell, Marked, PERMANENT, VALID};
+
+/// Keeps the later deadline, permanent over temporary, and a reset over
+/// every mark made before it; publishes the result.
+const SCRIPT: &str = r#"
+local r = tonumber(redis.call('HGET', KEYS[1], 'r') or '0')
+local s = tonumber(redis.call('HGET', KEYS[1], 's') or '0')
+local u = tonumber(redis.call('HGET', KEYS[1], 'u') or '0')
+local at = tonumber(ARGV[2])
+if at < r then return 0 end
+if ARGV[1] == 'reset' then
+  if at == r and s == 0 then return 0 end
+  r = at; s = 0; u = 0
+elseif ARGV[1] == 'retire' then
+  if s == 2 then return 0 end
+  s = 2; u = 0
+else
+  local untl = tonumber(ARGV[3])
+  if s == 2 or (s == 1 and u >= untl) then return 0 end
+  s = 1; u = untl
+end
+redis.call('HSET', KEYS[1], 'r', r, 's', s, 'u', u)
+redis.call('PUBLISH', ARGV[4], ARGV[5] .. ' ' .. r .. ' ' .. s .. ' ' .. u)
+return 1
+"#;
+
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+const COMMAND_TIMEOUT: Duration = Duration::from_secs(2);
+const BACKOFF_MIN: Duration = Duration::from_millis(100);
+const BACKOFF_MAX: Duration = Duration::from_secs(5);
+
+/// A transition waiting to be written; later ones merge into it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+struct Pending {
+    /// A reset, at this wall-clock time (ms).
+    reset: Option<u64>,
+    /// A cooldown until this wall-clock time (ms), marked at `made`.
+    cooled: Option<(u64, u64)>,
+    /// Retired, at this time.
+    retired: Option<u64>,
+}
+
+#[derive(Debug, Default)]
+struct Status {
+    connected: bool,
+    last_error: Option<String>,
+    /// Whether the loss of the connection was logged (once per outage).
+    outage_logged: bool,
+}
+
+pub(crate) struct RedisSync {
+    client: redis::Client,
+    /// The URL with any password masked, for messages.
+    shown: String,
+    password: Option<String>,
+    prefix: String,
+    channel: String,
+    refresh: Duration,
+    cells: Mutex<HashMap<Fingerprint, Weak<Cell>>>,
+    pending: Mutex<HashMap<Fingerprint, Pending>>,
+    wake: Notify,
+    status: Mutex<Status>,
+    task: Mutex<Option<AbortHandle>>,
+}
+
+/// The pool's handle: dropping it stops the background task.
+pub(crate) struct RedisHandle(pub Arc<RedisSync>);
+
+impl Drop for RedisHandle {
+    fn drop(&mut self) {
+        if let Some(task) = self.0.task.lock().unwrap_or_else(|e| e.into_inner()).take() {
+            task.abort();
+        }
+    }
+}
+
+/// Every sync of this process, for restarting their tasks after a fork.
+static SYNCS: Mutex<Vec<Weak<RedisSync>>> = Mutex::new(Vec::new());
+
+/// Restarts every background task on `runtime`: in a forked child the
+/// parent's tasks (and threads) are gone.
+pub fn restart_after_fork(runtime: impl FnOnce() -> Handle) {
+    let syncs: Vec<Arc<RedisSync>> = {
+        let mut all = SYNCS.lock().unwrap_or_else(|e| e.into_inner());
+        all.retain(|s| s.strong_count() > 0);
+        all.iter().filter_map(Weak::upgrade).collect()
+    };
+    if syncs.is_empty() {
+        return;
+    }
+    let runtime = runtime();
+    for sync in syncs {
+        *sync.status.lock().unwrap_or_else(|e| e.into_inner()) = Status::default();
+        sync.start(&runtime);
+    }
+}
+
+fn mask_password(url: &str, password: Option<&str>) -> String {
+    match password.filter(|p| !p.is_empty()) {
+        Some(p) => url.replace(p, "***"),
+        None => url.to_owned(),
+    }
+}
+
+impl RedisSync {
+    pub fn new(url: &str, namespace: &str, refresh: Duration) -> Result<Arc<Self>> {
+        let password = reqwest::Url::parse(url)
+            .ok()
+            .and_then(|u| u.password().map(str::to_owned));
+        let shown = crate::target::masked_url(url).into_owned();
+        let client = redis::Client::open(url).map_err(|e| {
+            Error::Config(format!(
+                "state {shown:?} is not a usable Redis URL: {}",
+                mask_password(&e.to_string(), password.as_deref())
+            ))
+        })?;
+        let sync = Arc::new(Self {
+            client,
+            shown,
+            password,
+            prefix: format!("kf:{namespace}:k:"),
+            channel: format!("kf:{namespace}:events"),
+            refresh,
+            cells: Mutex::new(HashMap::new()),
+            pending: Mutex::new(HashMap::new()),
+            wake: Notify::new(),
+            status: Mutex::new(Status::default()),
+            task: Mutex::new(None),
+        });
+        SYNCS
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(Arc::downgrade(&sync));
+        Ok(sync)
+    }
+
+    /// Makes `cell` follow the shared state of the key with `fingerprint`.
+    pub fn register(&self, fingerprint: Fingerprint, cell: &Arc<Cell>) {
+        let mut cells = self.cells.lock().unwrap_or_else(|e| e.into_inner());
+        cells.retain(|_, c| c.strong_count() > 0);
+        cells.insert(fingerprint, Arc::downgrade(cell));
+        drop(cells);
+        self.wake.notify_one();
+    }
+
+    /// Starts (or restarts) the background task on `runtime`.
+    pub fn start(self: &Arc<Self>, runtime: &Handle) {
+        let task = runtime.spawn(run(Arc::downgrade(self))).abort_handle();
+        if let Some(old) = self
+            .task
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .replace(task)
+        {
+            old.abort();
+        }
+    }
+
+    pub fn status(&self) -> SyncStatus {
+        let status = self.status.lock().unwrap_or_else(|e| e.into_inner());
+        SyncStatus {
+            backend: "redis",
+            connected: status.connected,
+            last_error: status.last_error.clone(),
+            pending: self.pending.lock().unwrap_or_else(|e| e.into_inner()).len(),
+        }
+    }
+
+    fn queue(&self, fingerprint: Fingerprint, merge: impl FnOnce(&mut Pending)) {
+        merge(
+            self.pending
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .entry(fingerprint)
+                .or_default(),
+        );
+        self.wake.notify_one();
+    }
+
+    /// A local cooldown until `deadline` (monotonic ns), to share.
+    pub fn cooled(&self, fingerprint: Fingerprint, deadline: u64) {
+        let (now_wall, now_mono) = clocks();
+        let until = now_wall + deadline.saturating_sub(now_mono) / 1_000_000;
+        self.queue(fingerprint, |p| {
+            let (made, until) = match p.cooled {
+                Some((made, prior)) => (made.max(now_wall), prior.max(until)),
+                None => (now_wall, until),
+            };
+            p.cooled = Some((made, until));
+        });
+    }
+
+    pub fn retired(&self, fingerprint: Fingerprint) {
+        let now = clocks().0;
+        self.queue(fingerprint, |p| p.retired = Some(now));
+    }
+
+    /// A local reset at `at` (wall ms): earlier marks queued here are stale.
+    pub fn reset(&self, fingerprint: Fingerprint, at: u64) {
+        self.queue(fingerprint, |p| {
+            *p = Pending {
+                reset: Some(at),
+                ..Pending::default()
+            }
+        });
+    }
+
+    fn set_connected(&self, connected: bool, error: Option<String>) {
+        let mut status = self.status.lock().unwrap_or_else(|e| e.into_inner());
+        let was = status.connected;
+        status.connected = connected;
+        if let Some(error) = error {
+            let error = mask_password(&error, self.password.as_deref());
+            if !status.outage_logged {
+                status.outage_logged = true;
+                log(
+                    Level::Warning,
+                    format!(
+                        "lost the shared state at {}: {error}; working on local state until it is back",
+                        self.shown
+                    ),
+                    &self.shown,
+                );
+            }
+            status.last_error = Some(error);
+        } else if connected && !was {
+            if status.outage_logged {
+                log(
+                    Level::Warning,
+                    format!("the shared state at {} is back", self.shown),
+                    &self.shown,
+                );
+            }
+            status.outage_logged = false;
+        }
+    }
+
+    fn cells(&self) -> Vec<(Fingerprint, Arc<Cell>)> {
+        self.cells
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .filter_map(|(fp, cell)| Some((*fp, cell.upgrade()?)))
+            .collect()
+    }
+
+    fn cell(&self, fingerprint: &Fingerprint) -> Option<Arc<Cell>> {
+        self.cells
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(fingerprint)
+            .and_then(Weak::upgrade)
+    }
+}
+
+fn log(level: Level, message: String, url: &str) {
+    events::emit(Record {
+        logger: "keyfailover.state",
+        level,
+        message,
+        fields: vec![("backend", Field::from("redis")), ("url", Field::from(url))],
+    });
+}
+
+/// Applies a key's shared state (reset time, state, until) to a local cell.
+pub(crate) fn apply(cell: &Cell, reset_at: u64, state: u8, until: u64) {
+    use std::sync::atomic::Ordering;
+    let (now_wall, now_mono) = clocks();
+    let deadline = (until > now_wall).then(|| now_mono + (until - now_wall) * 1_000_000);
+    let local = cell.reset_at.fetch_max(reset_at, Ordering::AcqRel);
+    if reset_at > local {
+        // A reset this process had not seen: the shared state replaces ours.
+        let word = match (state, deadline) {
+            (2, _) => PERMANENT,
+            (1, Some(deadline)) => deadline,
+            _ => VALID,
+        };
+        cell.word.store(word, Ordering::Release);
+    } else if reset_at == local {
+        let _: Marked = match (state, deadline) {
+            (2, _) => cell.retire(),
+            (1, Some(deadline)) => cell.cool_until(deadline, now_mono),
+            _ => Marked::Unchanged,
+        };
+    }
+}
+
+/// The background task: connect, push, pull, listen; reconnect on error.
+async fn run(sync: Weak<RedisSync>) {
+    let mut backoff = BACKOFF_MIN;
+    loop {
+        let Some(this) = sync.upgrade() else { return };
+        let outcome = session(&this).await;
+        let error = match outcome {
+            Ok(()) => return,
+            Err(e) => e,
+        };
+        this.set_connected(false, Some(error));
+        drop(this);
+        tokio::time::sleep(backoff).await;
+        backoff = (backoff * 2).min(BACKOFF_MAX);
+    }
+}
+
+async fn with_timeout<T>(
+    what: &str,
+    future: impl std::future::Future<Output = redis::RedisResult<T>>,
+) -> std::result::Result<T, String> {
+    match tokio::time::timeout(COMMAND_TIMEOUT, future).await {
+        Ok(Ok(value)) => Ok(value),
+        Ok(Err(e)) => Err(format!("{what}: {e}")),
+        Err(_) => Err(format!(
+            "{what}: no answer within {} s",
+            COMMAND_TIMEOUT.as_secs()
+        )),
+    }
+}
+
+/// One connected session; returns an error when the connection is lost (or
+/// Ok when the pool is gone).
+async fn session(sync: &RedisSync) -> std::result::Result<(), String> {
+    let config = redis::AsyncConnectionConfig::new()
+        .set_connection_timeout(Some(CONNECT_TIMEOUT))
+        .set_response_timeout(Some(COMMAND_TIMEOUT));
+    let mut conn = with_timeout(
+        "connect",
+        sync.client
+            .get_multiplexed_async_connection_with_config(&config),
+    )
+    .await?;
+    let mut pubsub = with_timeout("subscribe", sync.client.get_async_pubsub()).await?;
+    with_timeout("subscribe", pubsub.subscribe(&sync.channel)).await?;
+    let mut messages = pubsub.into_on_message();
+    let sha: String = with_timeout(
+        "load the script",
+        redis::cmd("SCRIPT")
+            .arg("LOAD")
+            .arg(SCRIPT)
+            .query_async(&mut conn),
+    )
+    .await?;
+    sync.set_connected(true, None);
+    republish(sync);
+    let mut refresh = tokio::time::interval(sync.refresh);
+    loop {
+        push(sync, &mut conn, &sha).await?;
+        tokio::select! {
+            _ = sync.wake.notified() => {}
+            _ = refresh.tick() => pull(sync, &mut conn).await?,
+            message = messages.next() => match message {
+                Some(message) => receive(sync, &message),
+                None => return Err("the subscription connection closed".into()),
+            },
+        }
+    }
+}
+
+/// Queues every key's local state, so a Redis that restarted empty learns it
+/// again. Each goes with the last reset this process knows of, so it cannot
+/// undo a reset made elsewhere meanwhile.
+fn republish(sync: &RedisSync) {
+    use std::sync::atomic::Ordering;
+    let now = clocks().1;
+    for (fp, cell) in sync.cells() {
+        let known_reset = cell.reset_at.load(Ordering::Acquire);
+        match cell.word.load(Ordering::Acquire) {
+            VALID => {}
+            PERMANENT => sync.queue(fp, |p| {
+                p.retired.get_or_insert(known_reset);
+            }),
+            deadline if deadline > now => {
+                let until = clocks().0 + (deadline - now) / 1_000_000;
+                sync.queue(fp, |p| {
+                    let merged = p.cooled.map_or(until, |(_, u)| u.max(until));
+                    let made = p.cooled.map_or(known_reset, |(m, _)| m);
+                    p.cooled = Some((made, merged));
+                });
+            }
+            _ => {}
+        }
+    }
+}
+
+/// Writes every queued transition, in one pipeline; they stay queued if it
+/// fails.
+async fn push(
+    sync: &RedisSync,
+    conn: &mut redis::aio::MultiplexedConnection,
+    sha: &str,
+) -> std::result::Result<(), String> {
+    let batch: Vec<(Fingerprint, Pending)> = sync
+        .pending
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .iter()
+        .map(|(fp, p)| (*fp, *p))
+        .collect();
+    if batch.is_empty() {
+        return Ok(());
+    }
+    let mut pipe = redis::pipe();
+    for (fp, pending) in &batch {
+        let hex = fp.hex();
+        let key = format!("{}{hex}", sync.prefix);
+        let mut call = |op: &str, at: u64, until: u64| {
+            pipe.cmd("EVALSHA")
+                .arg(sha)
+                .arg(1)
+                .arg(&key)
+                .arg(op)
+                .arg(at)
+                .arg(until)
+                .arg(&sync.channel)
+                .arg(&hex)
+                .ignore();
+        };
+        if let Some(at) = pending.reset {
+            call("reset", at, 0);
+        }
+        if let Some((made, until)) = pending.cooled {
+            call("cool", made, until);
+        }
+        if let Some(at) = pending.retired {
+            call("retire", at, 0);
+        }
+    }
+    with_timeout("write transitions", pipe.query_async::<()>(conn)).await?;
+    let mut pending = sync.pending.lock().unwrap_or_else(|e| e.into_inner());
+    for (fp, written) in batch {
+        // A transition queued while the pipeline ran stays for the next push.
+        if pending.get(&fp) == Some(&written) {
+            pending.remove(&fp);
+        }
+    }
+    Ok(())
+}
+
+/// Re-reads every key's shared state.
+async fn pull(
+    sync: &RedisSync,
+    conn: &mut redis::aio::MultiplexedConnection,
+) -> std::result::Result<(), String> {
+    let cells = sync.cells();
+    if cells.is_empty() {
+        return Ok(());
+    }
+    let mut pipe = redis::pipe();
+    for (fp, _) in &cells {
+        pipe.cmd("HMGET")
+            .arg(format!("{}{}", sync.prefix, fp.hex()))
+            .arg("r")
+            .arg("s")
+            .arg("u");
+    }
+    let states: Vec<(Option<u64>, Option<u8>, Option<u64>)> =
+        with_timeout("read states", pipe.query_async(conn)).await?;
+    for ((_, cell), (r, s, u)) in cells.iter().zip(states) {
+        if let (Some(r), Some(s), Some(u)) = (r, s, u) {
+            apply(cell, r, s, u);
+        }
+    }
+    Ok(())
+}
+
+fn receive(sync: &RedisSync, message: &redis::Msg) {
+    let Ok(payload) = message.get_payload::<String>() else {
+        return;
+    };
+    let mut parts = payload.split(' ');
+    let (Some(fp), Some(r), Some(s), Some(u)) =
+        (parts.next(), parts.next(), parts.next(), parts.next())
+    else {
+        return;
+    };
+    let (Some(fp), Ok(r), Ok(s), Ok(u)) =
+        (Fingerprint::from_hex(fp), r.parse(), s.parse(), u.parse())
+    else {
+        return;
+    };
+    if let Some(cell) = sync.cell(&fp) {
+        apply(&cell, r, s, u);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::pool::cell::{KeyState, Word};
+    use std::sync::atomic::{AtomicU64, Ordering};
+
+    fn cell() -> Cell {
+        Cell::new(Word::Local(AtomicU64::new(VALID)))
+    }
+
+    #[test]
+    fn applying_shared_states_keeps_the_rules() {
+        let (wall, mono) = clocks();
+        let state = |c: &Cell| c.status(clocks().1).state;
+        // A cooldown elsewhere reaches this process.
+        let c = cell();
+        apply(&c, 0, 1, wall + 60_000);
+        assert_eq!(state(&c), KeyState::Temporary);
+        let left = c.word.load(Ordering::Acquire) - mono;
+        assert!(
+            left > 59_000_000_000 && left <= 60_000_000_000 + 10_000_000,
+            "{left}"
+        );
+        // An earlier deadline does not shorten it.
+        apply(&c, 0, 1, wall + 1_000);
+        assert!(c.word.load(Ordering::Acquire) - mono > 59_000_000_000);
+        // A newer reset replaces it; a stale mark (older reset) is ignored.
+        apply(&c, wall, 0, 0);
+        assert_eq!(state(&c), KeyState::Valid);
+        apply(&c, wall - 1, 2, 0);
+        assert_eq!(state(&c), KeyState::Valid, "made before the reset");
+        apply(&c, wall, 2, 0);
+        assert_eq!(state(&c), KeyState::Permanent);
+        // An expired cooldown is no cooldown.
+        let c = cell();
+        apply(&c, 0, 1, wall.saturating_sub(5));
+        assert_eq!(state(&c), KeyState::Valid);
+    }
+
+    #[test]
+    fn queued_transitions_merge() {
+        let sync = RedisSync::new("redis://127.0.0.1:1/0", "t", Duration::from_secs(1)).unwrap();
+        let fp = Fingerprint::of("t", "sk-value");
+        let mono = clocks().1;
+        sync.cooled(fp, mono + 5_000_000_000);
+        sync.cooled(fp, mono + 1_000_000_000);
+        let pending = sync.pending.lock().unwrap()[&fp];
+        let (_, until) = pending.cooled.unwrap();
+        assert!(until >= clocks().0 + 4_000, "the later deadline is kept");
+        sync.reset(fp, clocks().0);
+        let pending = sync.pending.lock().unwrap()[&fp];
+        assert_eq!(
+            pending.cooled, None,
+            "a reset drops what was queued before it"
+        );
+        assert!(pending.reset.is_some());
+        assert_eq!(sync.status().pending, 1);
+    }
+
+    #[test]
+    fn passwords_never_show() {
+        let err = RedisSync::new("redis://:hunter2@bad host/0", "t", Duration::from_secs(1))
+            .map(|_| ())
+            .unwrap_err()
+            .to_string();
+        assert!(!err.contains("hunter2"), "{err}");
+        let sync = RedisSync::new(
+            "redis://user:hunter2@127.0.0.1:1/0",
+            "t",
+            Duration::from_secs(1),
+        )
+        .unwrap();
+        assert!(!sync.shown.contains("hunter2"));
+        assert!(sync.shown.contains("***"));
+    }
+}

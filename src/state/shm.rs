@@ -1,0 +1,243 @@
+//! Key states shared by every process on one host: a memory-mapped file in
+//! `/dev/shm` (mode 0600), one per user and namespace, holding a table of
+//! slots found by key fingerprint. A key's state is the same single atomic
+//! word as in a private pool, only in shared memory, so marking costs the
+//! same; deadlines are readings of the system's monotonic clock, which every
+//! process of the host shares.
+//!
+//! Layout (version 1), all little-endian u64:
+//!
+//! ```text
+//! 0        magic "KFSTATE\x01", version, capacity, slot size   (header page)
+//! HEADER   slot 0: fingerprint (0 = free), state word, reserved...
+//!          slot 1 ...
+//! ```
+//!
+//! The file holds fingerprints and states only, never a key or part of one.
+
+use std::fs::{File, OpenOptions};
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
+use std::path::PathBuf;
+use std::ptr::NonNull;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use memmap2::MmapMut;
+use sha2::{Digest, Sha256};
+
+use crate::error::{Error, Result};
+
+const MAGIC: u64 = u64::from_le_bytes(*b"KFSTATE\x01");
+const VERSION: u64 = 1;
+/// Keys one namespace can hold.
+pub const CAPACITY: u64 = 1024;
+/// Room after the header fields, for counters shared by the whole host.
+const HEADER: usize = 64 * 1024;
+/// Bytes a key's slot takes: its fingerprint, its state word, and room for
+/// per-key counters.
+const SLOT: usize = 512;
+const SIZE: usize = HEADER + SLOT * CAPACITY as usize;
+
+/// One namespace's shared mapping.
+pub struct Region {
+    map: MmapMut,
+    path: PathBuf,
+}
+
+impl std::fmt::Debug for Region {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Region").field("path", &self.path).finish()
+    }
+}
+
+/// The file of `namespace`: in `/dev/shm` where it exists, else the
+/// temporary directory; named from the user and a hash of the namespace.
+pub fn path_for(namespace: &str) -> PathBuf {
+    let digest = Sha256::digest(format!("keyfailover-shm\0{namespace}").as_bytes());
+    let name: String = digest[..8].iter().map(|b| format!("{b:02x}")).collect();
+    // SAFETY: getuid cannot fail.
+    let uid = unsafe { libc::getuid() };
+    let dir = PathBuf::from("/dev/shm");
+    let dir = if dir.is_dir() {
+        dir
+    } else {
+        std::env::temp_dir()
+    };
+    dir.join(format!("keyfailover-{uid}-{name}"))
+}
+
+impl Region {
+    /// Opens (creating if needed) the region of `namespace`.
+    pub fn open(namespace: &str) -> Result<Self> {
+        let path = path_for(namespace);
+        let fail = |what: &str, e: std::io::Error| {
+            Error::Config(format!(
+                "shared state for namespace {namespace:?}: cannot {what} {}: {e}",
+                path.display()
+            ))
+        };
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .mode(0o600)
+            .open(&path)
+            .map_err(|e| fail("open", e))?;
+        let meta = file.metadata().map_err(|e| fail("read", e))?;
+        // SAFETY: getuid cannot fail.
+        if meta.uid() != unsafe { libc::getuid() } {
+            return Err(Error::Config(format!(
+                "shared state for namespace {namespace:?}: {} belongs to another user",
+                path.display()
+            )));
+        }
+        if meta.permissions().mode() & 0o077 != 0 {
+            file.set_permissions(std::fs::Permissions::from_mode(0o600))
+                .map_err(|e| fail("restrict", e))?;
+        }
+        let _lock = FileLock::exclusive(&file).map_err(|e| fail("lock", e))?;
+        let len = file.metadata().map_err(|e| fail("read", e))?.len();
+        let fresh = len == 0;
+        if fresh {
+            file.set_len(SIZE as u64).map_err(|e| fail("size", e))?;
+        } else if len != SIZE as u64 {
+            return Err(Error::Config(format!(
+                "shared state for namespace {namespace:?}: {} has an unexpected size \
+                 (another keyfailover version?); remove it when no process uses it",
+                path.display()
+            )));
+        }
+        // SAFETY: the file is ours (0600), sized above, and only ever accessed
+        // through atomics at aligned offsets.
+        let mut map = unsafe { MmapMut::map_mut(&file) }.map_err(|e| fail("map", e))?;
+        let header = |map: &MmapMut, i: usize| -> u64 {
+            u64::from_le_bytes(map[i * 8..i * 8 + 8].try_into().expect("8 bytes"))
+        };
+        if fresh {
+            for (i, value) in [MAGIC, VERSION, CAPACITY, SLOT as u64]
+                .into_iter()
+                .enumerate()
+            {
+                map[i * 8..i * 8 + 8].copy_from_slice(&value.to_le_bytes());
+            }
+            map.flush().map_err(|e| fail("write", e))?;
+        } else if header(&map, 0) != MAGIC
+            || header(&map, 1) != VERSION
+            || header(&map, 2) != CAPACITY
+            || header(&map, 3) != SLOT as u64
+        {
+            return Err(Error::Config(format!(
+                "shared state for namespace {namespace:?}: {} was written by another \
+                 keyfailover version; remove it when no process uses it",
+                path.display()
+            )));
+        }
+        Ok(Self { map, path })
+    }
+
+    pub fn path(&self) -> &std::path::Path {
+        &self.path
+    }
+
+    fn atomic(&self, offset: usize) -> &AtomicU64 {
+        debug_assert!(offset.is_multiple_of(8) && offset + 8 <= self.map.len());
+        // SAFETY: in bounds, 8-aligned (the mapping is page-aligned), and the
+        // memory is only accessed atomically.
+        unsafe { &*(self.map.as_ptr().add(offset) as *const AtomicU64) }
+    }
+
+    /// The state word of the key with this fingerprint (non-zero), claiming a
+    /// free slot for it on first use.
+    pub fn word(&self, fingerprint: u64) -> Result<NonNull<AtomicU64>> {
+        debug_assert_ne!(fingerprint, 0);
+        let start = fingerprint % CAPACITY;
+        for probe in 0..CAPACITY {
+            let slot = HEADER + ((start + probe) % CAPACITY) as usize * SLOT;
+            let owner = self.atomic(slot);
+            let found =
+                match owner.compare_exchange(0, fingerprint, Ordering::AcqRel, Ordering::Acquire) {
+                    Ok(_) => true,
+                    Err(current) => current == fingerprint,
+                };
+            if found {
+                return Ok(NonNull::from(self.atomic(slot + 8)));
+            }
+        }
+        Err(Error::Config(format!(
+            "shared state file {} is full ({CAPACITY} keys); use another namespace",
+            self.path.display()
+        )))
+    }
+}
+
+/// An advisory lock on a file while a region is created or checked.
+struct FileLock<'a>(&'a File);
+
+impl<'a> FileLock<'a> {
+    fn exclusive(file: &'a File) -> std::io::Result<Self> {
+        // SAFETY: a valid descriptor.
+        if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX) } != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(Self(file))
+    }
+}
+
+impl Drop for FileLock<'_> {
+    fn drop(&mut self) {
+        // SAFETY: a valid descriptor.
+        unsafe { libc::flock(self.0.as_raw_fd(), libc::LOCK_UN) };
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn namespace(test: &str) -> String {
+        format!("test-{test}-{}", std::process::id())
+    }
+
+    #[test]
+    fn two_mappings_of_a_namespace_share_words() {
+        let ns = namespace("share");
+        let a = Region::open(&ns).unwrap();
+        let b = Region::open(&ns).unwrap();
+        let wa = a.word(42).unwrap();
+        let wb = b.word(42).unwrap();
+        // SAFETY: test pointers into live mappings.
+        unsafe {
+            wa.as_ref().store(7, Ordering::Release);
+            assert_eq!(wb.as_ref().load(Ordering::Acquire), 7);
+        }
+        assert_ne!(a.word(43).unwrap(), a.word(42).unwrap());
+        let mode = std::fs::metadata(a.path()).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600);
+        std::fs::remove_file(a.path()).unwrap();
+    }
+
+    #[test]
+    fn colliding_fingerprints_probe_onwards_and_a_full_table_is_an_error() {
+        let ns = namespace("full");
+        let region = Region::open(&ns).unwrap();
+        let words: Vec<_> = (1..=CAPACITY)
+            .map(|i| region.word(i * CAPACITY).unwrap())
+            .collect();
+        let distinct: std::collections::HashSet<_> = words.iter().collect();
+        assert_eq!(distinct.len(), CAPACITY as usize);
+        assert_eq!(region.word(CAPACITY).unwrap(), words[0], "found again");
+        let err = region.word(12345).unwrap_err().to_string();
+        assert!(err.contains("full"), "{err}");
+        std::fs::remove_file(region.path()).unwrap();
+    }
+
+    #[test]
+    fn a_foreign_file_is_refused() {
+        let ns = namespace("foreign");
+        std::fs::write(path_for(&ns), b"not ours").unwrap();
+        let err = Region::open(&ns).unwrap_err().to_string();
+        assert!(err.contains("unexpected size"), "{err}");
+        std::fs::remove_file(path_for(&ns)).unwrap();
+    }
+}
