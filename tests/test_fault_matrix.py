@@ -203,6 +203,7 @@ UPSTREAM_FAULTS = [
     # ---- no usable response head: 502 or 504, nothing marked, no failover
     envelope("connection_refused", refused=True, cause="refused"),
     envelope("reset_before_head", Reply(reset_before_head=True), cause="reset"),
+    envelope("reset_before_head_openai", Reply(reset_before_head=True), provider="openai"),
     envelope("close_before_head", Reply.raw(b""), cause="closed"),
     envelope("garbage_instead_of_a_response", Reply.raw(b"\x00\xffnot HTTP at all\r\n\r\n")),
     timed_out("stall_before_head", STALLING_HEAD, cause=f"within {TIMEOUT:g} s"),
@@ -305,6 +306,13 @@ UPSTREAM_FAULTS = [
         dropped=(0,),
         timeout=10.0,
         within=2.5,
+    ),
+    whole(
+        "rate_limit_body_cut",  # a 429 is a 429, whole or not
+        Reply.error(429, "rate_limit_error", "slow down", break_after=10),
+        Reply.json({"ok": True}),
+        attempts=2,
+        keys=(("temporary", 60.0), ("valid", 0.0)),
     ),
     # ---- a fault after a failover marks nothing more
     envelope(
