@@ -41,6 +41,10 @@ pub(crate) struct Stream {
     /// For `text/event-stream`: relay whole events and end a broken stream
     /// with an error event in this provider's shape.
     pub sse: Option<(Framer, Provider)>,
+    /// For a stream whose end only a closed connection marks (HTTP/1 with
+    /// neither Content-Length nor chunked encoding): whether the last event
+    /// relayed was the provider's final one. Without it, the end is a break.
+    pub final_event_seen: Option<bool>,
     /// For error (non-2xx) bodies: replaces the pool's keys by their hints.
     pub scrubber: Option<Scrubber>,
     /// Cancelled when the client shuts down: the body ends with an error.
@@ -67,6 +71,18 @@ impl Stream {
     }
 
     async fn next_raw(&mut self) -> Result<Option<Bytes>> {
+        let chunk = self.next_read().await?;
+        if let (Some(events), Some(seen), Some((_, provider))) =
+            (&chunk, &mut self.final_event_seen, &self.sse)
+        {
+            if let Some(last) = crate::sse::events(events).last() {
+                *seen = provider.is_final_event(&crate::sse::parse_event(&events[last]));
+            }
+        }
+        Ok(chunk)
+    }
+
+    async fn next_read(&mut self) -> Result<Option<Bytes>> {
         if let Some(chunk) = self.pending.pop_front() {
             return Ok(Some(chunk));
         }
@@ -93,6 +109,12 @@ impl Stream {
                         return Ok(Some(error_event(
                             *provider,
                             "upstream stream ended in the middle of an event",
+                        )));
+                    }
+                    if self.final_event_seen == Some(false) {
+                        return Ok(Some(error_event(
+                            *provider,
+                            "upstream stream ended before its final event",
                         )));
                     }
                 }

@@ -348,19 +348,30 @@ impl FailoverClient {
     ) -> Response {
         let status = resp.status().as_u16();
         let stream = headers::is_event_stream(resp.headers());
-        let mut relayed = headers::relayed(resp.headers(), stream);
+        // Error bodies are small and may echo the key that was sent.
+        let scrub = !(200..300).contains(&status);
+        // A body keyfailover may rewrite (an error event added to a stream, a
+        // key scrubbed) no longer has upstream's length.
+        let mut relayed = headers::relayed(resp.headers(), stream || scrub);
         let keys = self.pool.key_set();
         for value in relayed.values_mut() {
             if let Some(clean) = scrub_value(value.as_bytes(), keys.secrets()) {
                 *value = HeaderValue::from_bytes(&clean).unwrap_or(HeaderValue::from_static(""));
             }
         }
-        // Error bodies are small and may echo the key that was sent.
-        let scrubber = if (200..300).contains(&status) {
-            None
-        } else {
+        let scrubber = if scrub {
             Scrubber::new(keys.secrets())
+        } else {
+            None
         };
+        let close_delimited = stream
+            && resp.version() <= reqwest::Version::HTTP_11
+            && !resp.headers().contains_key(reqwest::header::CONTENT_LENGTH)
+            && !resp
+                .headers()
+                .get_all(reqwest::header::TRANSFER_ENCODING)
+                .iter()
+                .any(|v| v.as_bytes().eq_ignore_ascii_case(b"chunked"));
         Response {
             status,
             headers: relayed,
@@ -372,6 +383,7 @@ impl FailoverClient {
                 pending,
                 sse: stream.then(|| (framer.unwrap_or_default(), self.provider)),
                 scrubber,
+                final_event_seen: close_delimited.then_some(false),
                 shutdown: self.shutdown.clone(),
                 done: false,
             }),

@@ -97,16 +97,17 @@ pub fn forwarded(headers: &HeaderMap) -> HeaderMap {
 }
 
 /// The response headers relayed to the caller: hop-by-hop and nominated
-/// headers removed, and for a stream (which may end with an error event of
-/// keyfailover's) `Content-Length`.
-pub fn relayed(headers: &HeaderMap, stream: bool) -> HeaderMap {
+/// headers removed, and `Content-Length` too when keyfailover may rewrite the
+/// body (a stream may end with an error event of its own, an error body may
+/// have a key scrubbed).
+pub fn relayed(headers: &HeaderMap, rewritten: bool) -> HeaderMap {
     let nominated = connection_options(headers);
     let mut map = HeaderMap::with_capacity(headers.len());
     for (name, value) in headers {
         let n = name.as_str();
         if !(is_hop_by_hop(n)
             || nominated.iter().any(|o| o == n)
-            || (stream && n == "content-length"))
+            || (rewritten && n == "content-length"))
         {
             map.append(name.clone(), value.clone());
         }

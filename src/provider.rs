@@ -74,6 +74,21 @@ impl Provider {
         self.error_value(kind, message).to_string().into_bytes()
     }
 
+    /// Whether `event` ends a stream of this provider: Anthropic's
+    /// `message_stop` (or an `error` event), OpenAI's `data: [DONE]` (or an
+    /// error object).
+    pub fn is_final_event(self, event: &crate::sse::Event) -> bool {
+        match self {
+            Provider::Anthropic => {
+                matches!(event.name.as_deref(), Some("message_stop") | Some("error"))
+            }
+            Provider::OpenAi => {
+                let data = event.data.trim_ascii();
+                data == b"[DONE]" || data.starts_with(b"{\"error\"")
+            }
+        }
+    }
+
     /// One SSE error event in the provider's shape.
     pub fn sse_error_event(self, kind: ErrorKind, message: &str) -> Vec<u8> {
         let data = self.error_value(kind, message);

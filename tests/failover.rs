@@ -344,5 +344,48 @@ async fn upstream_refusing_connections_is_a_502_and_marks_nothing() {
     assert_eq!((resp.status, resp.attempts), (502, 1));
     assert!(text(&body).contains("could not connect"), "{}", text(&body));
     assert_eq!(state(&client, "key-0"), KeyState::Valid);
-    let _ = response(200, &[], b"");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_close_delimited_stream_ending_without_its_final_event_ends_with_an_error_event() {
+    let up = Upstream::start(|seen| {
+        let mut bytes = sse_head();
+        bytes.extend_from_slice(b"event: message_start\ndata: {}\n\n");
+        if seen.path.contains("complete") {
+            bytes.extend_from_slice(b"event: message_stop\ndata: {}\n\n");
+        }
+        vec![Step::Send(bytes), Step::Close]
+    })
+    .await;
+    let client = make_client(&up, 1, Duration::from_secs(5));
+    let cut = client
+        .request(Request::new("POST", "/cut", HeaderMap::new(), Bytes::new()).unwrap())
+        .await
+        .unwrap();
+    let body = String::from_utf8_lossy(&cut.body.read_all().await.unwrap()).into_owned();
+    assert!(
+        body.starts_with("event: message_start\ndata: {}\n\nevent: error\n")
+            && body.contains("before its final event"),
+        "{body}"
+    );
+    let complete = client
+        .request(Request::new("POST", "/complete", HeaderMap::new(), Bytes::new()).unwrap())
+        .await
+        .unwrap();
+    let body = complete.body.read_all().await.unwrap();
+    assert!(body.ends_with(b"event: message_stop\ndata: {}\n\n"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_scrubbed_error_body_loses_its_content_length() {
+    let up = Upstream::start(|seen| {
+        let body = format!("{{\"error\":\"bad key {}\"}}", seen.key.clone().unwrap());
+        vec![Step::Send(response(400, &[], body.as_bytes()))]
+    })
+    .await;
+    let client = make_client(&up, 1, Duration::from_secs(5));
+    let (resp, body) = send(&client).await;
+    assert_eq!(resp.status, 400);
+    assert!(resp.headers.get("content-length").is_none());
+    assert_eq!(text(&body), "{\"error\":\"bad key sk-a...0000\"}");
 }
