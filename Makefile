@@ -12,7 +12,7 @@ export VIRTUAL_ENV := $(abspath $(VENV))
 export PIP_QUIET := 1
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: all venv build test test-rust test-python lint fmt bench bench-smoke clean
+.PHONY: all venv build deps test test-rust test-python lint fmt bench bench-smoke clean
 
 all: test
 
@@ -40,7 +40,11 @@ lint: build
 test-rust:
 	$(CARGO) test --quiet
 
-test-python: build
+# System packages the tests need (redis-server), installed when missing.
+deps:
+	./.ci/install-deps.sh
+
+test-python: build deps
 	$(PY) -m pytest
 
 bench-smoke: build

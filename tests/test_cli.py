@@ -16,7 +16,7 @@ import pytest
 from conftest import FAKE_KEYS, free_port
 
 import keyfailover as kf
-from keyfailover import cli
+from keyfailover import _serve, cli
 from keyfailover.testing import MockUpstream, Reply
 
 KEY_A, KEY_B = FAKE_KEYS[:2]
@@ -129,7 +129,7 @@ def test_serve_allows_non_loopback_when_told(monkeypatch):
     started = {}
     monkeypatch.setenv("KF_TEST_KEYS", KEY_A)
     monkeypatch.setattr(
-        cli, "run_uvicorn", lambda _, proxy, sock, args: started.update(app=proxy, sock=sock)
+        _serve, "run_uvicorn", lambda _, proxy, sock, args: started.update(app=proxy, sock=sock)
     )
     args = serve_args(
         "--keys-env", "KF_TEST_KEYS", "--host", "0.0.0.0", "--allow-unauthenticated", "--port", "0"
@@ -350,3 +350,34 @@ def test_slow_request_heads_do_not_starve_other_requests(up: MockUpstream):
             sock.close()
         proc.send_signal(signal.SIGINT)
         proc.communicate(timeout=15)
+
+
+def test_serve_with_workers_shares_key_state_and_stops_cleanly(up: MockUpstream):
+    """Two workers, shm chosen by themselves: key-0's 429 is seen upstream once."""
+    up.set_reply(KEY_A, Reply.error(429, "rate_limit_error", "x", headers={"retry-after": "60"}))
+    namespace = f"cli-workers-{os.getpid()}"
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "keyfailover", "serve", "--upstream", up.url, "--keys-env", "K",
+         "--port", str(port), "--workers", "2", "--namespace", namespace],
+        env={**os.environ, "K": f"{KEY_A},{KEY_B}"},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )  # fmt: skip
+    try:
+        wait_until_listening(port, proc)
+        for _ in range(12):
+            response = httpx.post(
+                f"http://127.0.0.1:{port}/v1/messages",
+                json={"model": "m", "max_tokens": 5, "messages": []},
+                headers={"connection": "close"},
+            )
+            assert response.status_code == 200
+        assert [r.credential for r in up.requests].count(KEY_A) == 1
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=30)
+    assert proc.returncode == 0, err
+    assert "2 workers: key states shared through shared memory" in err
+    assert "key states shm" in err

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import gc
 import ipaddress
 import logging
 import os
@@ -148,7 +147,7 @@ def build_proxy(args: argparse.Namespace) -> FailoverProxy:
             "set --client-token-env, or pass --allow-unauthenticated"
         )
     try:
-        pool = KeyPool(load_keys(args))
+        pool = KeyPool(load_keys(args), state=args.state, namespace=args.namespace)
         client = FailoverClient(
             pool,
             base_url=args.upstream or DEFAULT_UPSTREAMS[args.provider],
@@ -167,58 +166,33 @@ def build_proxy(args: argparse.Namespace) -> FailoverProxy:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    from keyfailover import _serve
+
     uvicorn = _require_uvicorn()
-    proxy = build_proxy(args)
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
+    if args.workers > 1 and args.state is None:
+        args.state = "shm"
+        log.info(
+            "%d workers: key states shared through shared memory (namespace %r); "
+            "pass --state to choose",
+            args.workers,
+            args.namespace,
+        )
+    proxy = build_proxy(args)
     pool = proxy.client.pool
     log.info(
-        "forwarding to %s with %s (%s)",
+        "forwarding to %s with %s (%s), key states %s",
         proxy.client.base_url,
         plural(len(pool), "key"),
         ", ".join(f"{k['label']} {k['hint']}" for k in pool.snapshot()),
+        pool.state_backend,
     )
     sock = listen(args.host, args.port)
     raise_open_files_limit()
-    run_uvicorn(uvicorn, proxy, sock, args)
-    return 0
-
-
-def run_uvicorn(uvicorn: Any, proxy: FailoverProxy, sock: socket.socket, args: Any) -> None:
-    """Serves `proxy` on `sock` until SIGINT/SIGTERM, then shuts down gracefully.
-
-    On a signal uvicorn stops accepting and waits for open requests; `--grace`
-    seconds later the proxy ends those still running with a proper error (503,
-    or an SSE error event for streams), so the process exits within about
-    `--grace` seconds and no caller gets an empty reply.
-    """
-
-    class GracefulServer(uvicorn.Server):  # type: ignore[misc]
-        timer: threading.Timer | None = None
-
-        def handle_exit(self, sig: int, frame: Any) -> None:
-            if self.timer is None:
-                log.info("shutting down: in-flight requests have %g s to finish", args.grace)
-                self.timer = threading.Timer(args.grace, proxy.shutdown)
-                self.timer.daemon = True
-                self.timer.start()
-            super().handle_exit(sig, frame)
-            # uvicorn re-raises the signal once it has stopped, so the process would
-            # die of it; a graceful shutdown is a clean exit (status 0).
-            self._captured_signals.clear()
-
-    config = uvicorn.Config(
-        proxy,
-        log_level=args.log_level,
-        timeout_keep_alive=args.timeout_keep_alive,
-        limit_concurrency=args.limit_concurrency,
-        # A backstop only: past --grace the proxy itself ends what is in flight.
-        timeout_graceful_shutdown=args.grace + 5,
-    )
-    server = GracefulServer(config)
-    # Everything made so far lives as long as the server: keep it out of the
-    # cyclic collector's full passes, which otherwise set the p99 latency.
-    gc.freeze()
-    server.run(sockets=[sock])
+    if args.workers == 1:
+        _serve.run_uvicorn(uvicorn, proxy, sock, args)
+        return 0
+    return _serve.supervise(args.workers, lambda: _serve.run_uvicorn(uvicorn, proxy, sock, args))
 
 
 def cmd_mock_upstream(args: argparse.Namespace) -> int:
@@ -342,6 +316,20 @@ def build_parser() -> argparse.ArgumentParser:
         default=10_000,
         metavar="N",
         help="answer 503 beyond this many connections and requests at once (default 10000)",
+    )
+    serve.add_argument(
+        "--state",
+        metavar="STATE",
+        help="share key states: shm (every process of this host) or a redis:// URL "
+        "(every host); default: this process only, or shm with --workers",
+    )
+    serve.add_argument(
+        "--namespace",
+        default="default",
+        help="pools with the same --state and namespace share their keys' states",
+    )
+    serve.add_argument(
+        "--workers", type=count, default=1, metavar="N", help="worker processes (default 1)"
     )
     serve.add_argument(
         "--log-level",

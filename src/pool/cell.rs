@@ -92,7 +92,7 @@ impl Marked {
 /// A key's state and what goes with it across reloads and processes.
 pub(crate) struct Cell {
     pub word: Word,
-    /// For shared state across hosts: the wall-clock time (Unix ms) of the
+    /// For shared state across hosts: the wall-clock time (Unix µs) of the
     /// last reset this process knows of. Marks made before it are stale.
     pub reset_at: AtomicU64,
 }

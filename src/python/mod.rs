@@ -30,6 +30,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(rules::parse_retry_after, m)?)?;
     m.add_function(wrap_pyfunction!(rules::mark_key_on_response, m)?)?;
     m.add_function(wrap_pyfunction!(rules::parse_keys, m)?)?;
+    m.add_function(wrap_pyfunction!(rules::_shm_path, m)?)?;
     m.add_function(wrap_pyfunction!(events::_events_fd, m)?)?;
     m.add_function(wrap_pyfunction!(events::_take_records, m)?)?;
     m.add_class::<gateway::PyGateway>()?;

@@ -122,3 +122,11 @@ pub fn parse_keys<'py>(
         keyfile::Keys::Labelled(pairs) => pairs.into_py_dict(py)?.into_any(),
     })
 }
+
+/// The shared-memory file of a namespace (for operators and tests).
+#[pyfunction]
+pub fn _shm_path(namespace: &str) -> String {
+    crate::state::shm::path_for(namespace)
+        .to_string_lossy()
+        .into_owned()
+}

@@ -130,11 +130,11 @@ impl SyncStatus {
     }
 }
 
-/// The wall clock (Unix ms) and the monotonic clock (ns), read together.
+/// The wall clock (Unix µs) and the monotonic clock (ns), read together.
 pub(crate) fn clocks() -> (u64, u64) {
     let wall = SystemTime::now()
         .duration_since(UNIX_EPOCH)
-        .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+        .map(|d| u64::try_from(d.as_micros()).unwrap_or(u64::MAX))
         .unwrap_or(0);
     (wall, monotonic_nanos())
 }

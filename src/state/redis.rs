@@ -10,8 +10,8 @@
 //! reconnect, so a lost message is repaired within that interval.
 //!
 //! Per key, Redis holds a hash `kf:{namespace}:k:{fingerprint}` with `r` (the
-//! last reset, Unix ms), `s` (0 valid, 1 temporary, 2 permanent) and `u` (the
-//! end of a cooldown, Unix ms); never a key or part of one. Deadlines cross
+//! last reset, Unix µs), `s` (0 valid, 1 temporary, 2 permanent) and `u` (the
+//! end of a cooldown, Unix µs); never a key or part of one. Deadlines cross
 //! processes as wall-clock time; each process turns them into readings of its
 //! own monotonic clock.
 
@@ -30,16 +30,18 @@ use crate::events::{self, Field, Level, Record};
 use crate::pool::cell::{Cell, Marked, PERMANENT, VALID};
 
 /// Keeps the later deadline, permanent over temporary, and a reset over
-/// every mark made before it; publishes the result.
+/// every mark made before it (or at the same microsecond); publishes the
+/// result. Times are Unix microseconds.
 const SCRIPT: &str = r#"
 local r = tonumber(redis.call('HGET', KEYS[1], 'r') or '0')
 local s = tonumber(redis.call('HGET', KEYS[1], 's') or '0')
 local u = tonumber(redis.call('HGET', KEYS[1], 'u') or '0')
 local at = tonumber(ARGV[2])
-if at < r then return 0 end
 if ARGV[1] == 'reset' then
-  if at == r and s == 0 then return 0 end
+  if at < r or (at == r and s == 0) then return 0 end
   r = at; s = 0; u = 0
+elseif at <= r then
+  return 0
 elseif ARGV[1] == 'retire' then
   if s == 2 then return 0 end
   s = 2; u = 0
@@ -48,8 +50,10 @@ else
   if s == 2 or (s == 1 and u >= untl) then return 0 end
   s = 1; u = untl
 end
-redis.call('HSET', KEYS[1], 'r', r, 's', s, 'u', u)
-redis.call('PUBLISH', ARGV[4], ARGV[5] .. ' ' .. r .. ' ' .. s .. ' ' .. u)
+-- Whole numbers: Lua would write 1.8e+15 for a time in microseconds.
+local state = string.format('%.0f %d %.0f', r, s, u)
+redis.call('HSET', KEYS[1], 'r', string.format('%.0f', r), 's', s, 'u', string.format('%.0f', u))
+redis.call('PUBLISH', ARGV[4], ARGV[5] .. ' ' .. state)
 return 1
 "#;
 
@@ -58,15 +62,41 @@ const COMMAND_TIMEOUT: Duration = Duration::from_secs(2);
 const BACKOFF_MIN: Duration = Duration::from_millis(100);
 const BACKOFF_MAX: Duration = Duration::from_secs(5);
 
-/// A transition waiting to be written; later ones merge into it.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+/// The transitions of one key waiting to be written; later ones merge in.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 struct Pending {
-    /// A reset, at this wall-clock time (ms).
+    /// A reset, at this wall-clock time (µs).
     reset: Option<u64>,
-    /// A cooldown until this wall-clock time (ms), marked at `made`.
-    cooled: Option<(u64, u64)>,
+    /// Cooldowns as (made, until), in wall-clock µs; none made earlier with
+    /// an earlier deadline than another (it would add nothing).
+    cooled: Vec<(u64, u64)>,
     /// Retired, at this time.
     retired: Option<u64>,
+}
+
+impl Pending {
+    fn cool(&mut self, made: u64, until: u64) {
+        if self.cooled.iter().any(|&(m, u)| m >= made && u >= until) {
+            return;
+        }
+        self.cooled.retain(|&(m, u)| !(made >= m && until >= u));
+        self.cooled.push((made, until));
+    }
+
+    /// Drops what was made at or before a reset at `at`: it is stale.
+    fn drop_before(&mut self, at: u64) {
+        self.cooled.retain(|&(made, _)| made > at);
+        if self.retired.is_some_and(|made| made <= at) {
+            self.retired = None;
+        }
+        if self.reset.is_some_and(|reset| reset <= at) {
+            self.reset = None;
+        }
+    }
+
+    fn is_empty(&self) -> bool {
+        self.reset.is_none() && self.cooled.is_empty() && self.retired.is_none()
+    }
 }
 
 #[derive(Debug, Default)]
@@ -82,6 +112,7 @@ pub(crate) struct RedisSync {
     /// The URL with any password masked, for messages.
     shown: String,
     password: Option<String>,
+    namespace: String,
     prefix: String,
     channel: String,
     refresh: Duration,
@@ -147,6 +178,7 @@ impl RedisSync {
             client,
             shown,
             password,
+            namespace: namespace.to_owned(),
             prefix: format!("kf:{namespace}:k:"),
             channel: format!("kf:{namespace}:events"),
             refresh,
@@ -209,14 +241,8 @@ impl RedisSync {
     /// A local cooldown until `deadline` (monotonic ns), to share.
     pub fn cooled(&self, fingerprint: Fingerprint, deadline: u64) {
         let (now_wall, now_mono) = clocks();
-        let until = now_wall + deadline.saturating_sub(now_mono) / 1_000_000;
-        self.queue(fingerprint, |p| {
-            let (made, until) = match p.cooled {
-                Some((made, prior)) => (made.max(now_wall), prior.max(until)),
-                None => (now_wall, until),
-            };
-            p.cooled = Some((made, until));
-        });
+        let until = now_wall + deadline.saturating_sub(now_mono) / 1_000;
+        self.queue(fingerprint, |p| p.cool(now_wall, until));
     }
 
     pub fn retired(&self, fingerprint: Fingerprint) {
@@ -224,14 +250,26 @@ impl RedisSync {
         self.queue(fingerprint, |p| p.retired = Some(now));
     }
 
-    /// A local reset at `at` (wall ms): earlier marks queued here are stale.
+    /// A local reset at `at` (wall µs): earlier marks queued here are stale.
     pub fn reset(&self, fingerprint: Fingerprint, at: u64) {
         self.queue(fingerprint, |p| {
-            *p = Pending {
-                reset: Some(at),
-                ..Pending::default()
-            }
+            p.drop_before(at);
+            p.reset = Some(at);
         });
+    }
+
+    /// Applies a key's shared state (reset time, state, until) to its cell; a
+    /// reset newer than what is queued here makes the queued marks stale.
+    fn apply(&self, fingerprint: &Fingerprint, cell: &Cell, reset_at: u64, state: u8, until: u64) {
+        if apply(cell, reset_at, state, until) {
+            let mut pending = self.pending.lock().unwrap_or_else(|e| e.into_inner());
+            if let Some(p) = pending.get_mut(fingerprint) {
+                p.drop_before(reset_at);
+                if p.is_empty() {
+                    pending.remove(fingerprint);
+                }
+            }
+        }
     }
 
     fn set_connected(&self, connected: bool, error: Option<String>) {
@@ -242,26 +280,36 @@ impl RedisSync {
             let error = mask_password(&error, self.password.as_deref());
             if !status.outage_logged {
                 status.outage_logged = true;
-                log(
-                    Level::Warning,
-                    format!(
-                        "lost the shared state at {}: {error}; working on local state until it is back",
-                        self.shown
-                    ),
-                    &self.shown,
-                );
+                self.log(format!(
+                    "lost the shared state of namespace {:?} at {}: {error}; \
+                     working on local state until it returns",
+                    self.namespace, self.shown
+                ));
             }
             status.last_error = Some(error);
         } else if connected && !was {
             if status.outage_logged {
-                log(
-                    Level::Warning,
-                    format!("the shared state at {} is back", self.shown),
-                    &self.shown,
-                );
+                self.log(format!(
+                    "the shared state of namespace {:?} at {} is back",
+                    self.namespace, self.shown
+                ));
             }
             status.outage_logged = false;
         }
+    }
+
+    /// A warning on `keyfailover.state` (connection lost, and back).
+    fn log(&self, message: String) {
+        events::emit(Record {
+            logger: "keyfailover.state",
+            level: Level::Warning,
+            message,
+            fields: vec![
+                ("backend", Field::from("redis")),
+                ("url", Field::from(self.shown.as_str())),
+                ("namespace", Field::from(self.namespace.as_str())),
+            ],
+        });
     }
 
     fn cells(&self) -> Vec<(Fingerprint, Arc<Cell>)> {
@@ -282,20 +330,12 @@ impl RedisSync {
     }
 }
 
-fn log(level: Level, message: String, url: &str) {
-    events::emit(Record {
-        logger: "keyfailover.state",
-        level,
-        message,
-        fields: vec![("backend", Field::from("redis")), ("url", Field::from(url))],
-    });
-}
-
-/// Applies a key's shared state (reset time, state, until) to a local cell.
-pub(crate) fn apply(cell: &Cell, reset_at: u64, state: u8, until: u64) {
+/// Applies a key's shared state (reset time, state, until) to a local cell;
+/// true when it brought a reset this process had not seen.
+pub(crate) fn apply(cell: &Cell, reset_at: u64, state: u8, until: u64) -> bool {
     use std::sync::atomic::Ordering;
     let (now_wall, now_mono) = clocks();
-    let deadline = (until > now_wall).then(|| now_mono + (until - now_wall) * 1_000_000);
+    let deadline = (until > now_wall).then(|| now_mono + (until - now_wall) * 1_000);
     let local = cell.reset_at.fetch_max(reset_at, Ordering::AcqRel);
     if reset_at > local {
         // A reset this process had not seen: the shared state replaces ours.
@@ -305,13 +345,16 @@ pub(crate) fn apply(cell: &Cell, reset_at: u64, state: u8, until: u64) {
             _ => VALID,
         };
         cell.word.store(word, Ordering::Release);
-    } else if reset_at == local {
+        return true;
+    }
+    if reset_at == local {
         let _: Marked = match (state, deadline) {
             (2, _) => cell.retire(),
             (1, Some(deadline)) => cell.cool_until(deadline, now_mono),
             _ => Marked::Unchanged,
         };
     }
+    false
 }
 
 /// The background task: connect, push, pull, listen; reconnect on error.
@@ -385,25 +428,21 @@ async fn session(sync: &RedisSync) -> std::result::Result<(), String> {
 }
 
 /// Queues every key's local state, so a Redis that restarted empty learns it
-/// again. Each goes with the last reset this process knows of, so it cannot
-/// undo a reset made elsewhere meanwhile.
+/// again. Each goes as made just after the last reset this process knows of,
+/// so it cannot undo a reset made elsewhere meanwhile.
 fn republish(sync: &RedisSync) {
     use std::sync::atomic::Ordering;
     let now = clocks().1;
     for (fp, cell) in sync.cells() {
-        let known_reset = cell.reset_at.load(Ordering::Acquire);
+        let known_reset = cell.reset_at.load(Ordering::Acquire) + 1;
         match cell.word.load(Ordering::Acquire) {
             VALID => {}
             PERMANENT => sync.queue(fp, |p| {
                 p.retired.get_or_insert(known_reset);
             }),
             deadline if deadline > now => {
-                let until = clocks().0 + (deadline - now) / 1_000_000;
-                sync.queue(fp, |p| {
-                    let merged = p.cooled.map_or(until, |(_, u)| u.max(until));
-                    let made = p.cooled.map_or(known_reset, |(m, _)| m);
-                    p.cooled = Some((made, merged));
-                });
+                let until = clocks().0 + (deadline - now) / 1_000;
+                sync.queue(fp, |p| p.cool(known_reset, until));
             }
             _ => {}
         }
@@ -422,7 +461,7 @@ async fn push(
         .lock()
         .unwrap_or_else(|e| e.into_inner())
         .iter()
-        .map(|(fp, p)| (*fp, *p))
+        .map(|(fp, p)| (*fp, p.clone()))
         .collect();
     if batch.is_empty() {
         return Ok(());
@@ -446,7 +485,7 @@ async fn push(
         if let Some(at) = pending.reset {
             call("reset", at, 0);
         }
-        if let Some((made, until)) = pending.cooled {
+        for &(made, until) in &pending.cooled {
             call("cool", made, until);
         }
         if let Some(at) = pending.retired {
@@ -483,9 +522,9 @@ async fn pull(
     }
     let states: Vec<(Option<u64>, Option<u8>, Option<u64>)> =
         with_timeout("read states", pipe.query_async(conn)).await?;
-    for ((_, cell), (r, s, u)) in cells.iter().zip(states) {
+    for ((fp, cell), (r, s, u)) in cells.iter().zip(states) {
         if let (Some(r), Some(s), Some(u)) = (r, s, u) {
-            apply(cell, r, s, u);
+            sync.apply(fp, cell, r, s, u);
         }
     }
     Ok(())
@@ -507,7 +546,7 @@ fn receive(sync: &RedisSync, message: &redis::Msg) {
         return;
     };
     if let Some(cell) = sync.cell(&fp) {
-        apply(&cell, r, s, u);
+        sync.apply(&fp, &cell, r, s, u);
     }
 }
 
@@ -527,7 +566,7 @@ mod tests {
         let state = |c: &Cell| c.status(clocks().1).state;
         // A cooldown elsewhere reaches this process.
         let c = cell();
-        apply(&c, 0, 1, wall + 60_000);
+        apply(&c, 0, 1, wall + 60_000_000);
         assert_eq!(state(&c), KeyState::Temporary);
         let left = c.word.load(Ordering::Acquire) - mono;
         assert!(
@@ -535,7 +574,7 @@ mod tests {
             "{left}"
         );
         // An earlier deadline does not shorten it.
-        apply(&c, 0, 1, wall + 1_000);
+        apply(&c, 0, 1, wall + 1_000_000);
         assert!(c.word.load(Ordering::Acquire) - mono > 59_000_000_000);
         // A newer reset replaces it; a stale mark (older reset) is ignored.
         apply(&c, wall, 0, 0);
@@ -556,18 +595,28 @@ mod tests {
         let fp = Fingerprint::of("t", "sk-value");
         let mono = clocks().1;
         sync.cooled(fp, mono + 5_000_000_000);
+        std::thread::sleep(Duration::from_millis(1));
         sync.cooled(fp, mono + 1_000_000_000);
-        let pending = sync.pending.lock().unwrap()[&fp];
-        let (_, until) = pending.cooled.unwrap();
-        assert!(until >= clocks().0 + 4_000, "the later deadline is kept");
-        sync.reset(fp, clocks().0);
-        let pending = sync.pending.lock().unwrap()[&fp];
+        let cooled = sync.pending.lock().unwrap()[&fp].cooled.clone();
         assert_eq!(
-            pending.cooled, None,
+            cooled.len(),
+            2,
+            "made later with an earlier deadline: both kept"
+        );
+        assert!(cooled[0].1 >= clocks().0 + 4_000_000);
+        sync.reset(fp, clocks().0);
+        let pending = sync.pending.lock().unwrap()[&fp].clone();
+        assert!(
+            pending.cooled.is_empty(),
             "a reset drops what was queued before it"
         );
         assert!(pending.reset.is_some());
         assert_eq!(sync.status().pending, 1);
+        // A newer reset from elsewhere makes queued marks stale too.
+        sync.cooled(fp, clocks().1 + 5_000_000_000);
+        let cell = cell();
+        sync.apply(&fp, &cell, clocks().0 + 1, 0, 0);
+        assert!(!sync.pending.lock().unwrap().contains_key(&fp));
     }
 
     #[test]

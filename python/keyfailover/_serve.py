@@ -1,0 +1,126 @@
+"""Running the proxy under uvicorn for `keyfailover serve`: one process, or
+several worker processes forked from one that holds the listening socket.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import logging
+import os
+import signal
+import socket
+import threading
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from keyfailover.asgi import FailoverProxy
+
+log = logging.getLogger("keyfailover")
+
+
+def run_uvicorn(uvicorn: Any, proxy: FailoverProxy, sock: socket.socket, args: Any) -> None:
+    """Serves `proxy` on `sock` until SIGINT/SIGTERM, then shuts down gracefully.
+
+    On a signal uvicorn stops accepting and waits for open requests; `--grace`
+    seconds later the proxy ends those still running with a proper error (503,
+    or an SSE error event for streams), so the process exits within about
+    `--grace` seconds and no caller gets an empty reply.
+    """
+
+    class GracefulServer(uvicorn.Server):  # type: ignore[misc]
+        timer: threading.Timer | None = None
+
+        def handle_exit(self, sig: int, frame: Any) -> None:
+            if self.timer is None:
+                log.info("shutting down: in-flight requests have %g s to finish", args.grace)
+                self.timer = threading.Timer(args.grace, proxy.shutdown)
+                self.timer.daemon = True
+                self.timer.start()
+            super().handle_exit(sig, frame)
+            # uvicorn re-raises the signal once it has stopped, so the process would
+            # die of it; a graceful shutdown is a clean exit (status 0).
+            self._captured_signals.clear()
+
+    config = uvicorn.Config(
+        proxy,
+        log_level=args.log_level,
+        timeout_keep_alive=args.timeout_keep_alive,
+        limit_concurrency=args.limit_concurrency,
+        # A backstop only: past --grace the proxy itself ends what is in flight.
+        timeout_graceful_shutdown=args.grace + 5,
+    )
+    server = GracefulServer(config)
+    # Everything made so far lives as long as the server: keep it out of the
+    # cyclic collector's full passes, which otherwise set the p99 latency.
+    gc.freeze()
+    server.run(sockets=[sock])
+
+
+def supervise(workers: int, serve: Callable[[], None]) -> int:
+    """Forks `workers` processes that each run `serve` on the inherited socket.
+
+    The FailoverClient built before the fork works in each child (its runtime and
+    connections are rebuilt there). SIGINT and SIGTERM here are passed on to the
+    workers as SIGTERM (they shut down gracefully); a worker that dies otherwise
+    is replaced, unless workers keep dying at once. Returns the exit status.
+    """
+    children: dict[int, float] = {}
+    stopping = threading.Event()
+
+    def spawn() -> None:
+        pid = os.fork()
+        if pid == 0:  # the worker
+            os.setpgid(0, 0)  # Ctrl-C reaches the supervisor only, which passes it on
+            signal.signal(signal.SIGINT, signal.SIG_DFL)
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            status = 0
+            try:
+                serve()
+            except BaseException:
+                log.exception("worker %d failed", os.getpid())
+                status = 1
+            finally:
+                logging.shutdown()
+                os._exit(status)
+        children[pid] = time.monotonic()
+
+    def stop(signum: int, _frame: Any) -> None:
+        if not stopping.is_set():
+            log.info("stopping %d workers", len(children))
+            stopping.set()
+        for pid in list(children):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGTERM)
+
+    signal.signal(signal.SIGINT, stop)
+    signal.signal(signal.SIGTERM, stop)
+    gc.freeze()
+    for _ in range(workers):
+        spawn()
+    quick_deaths, status = 0, 0
+    while children:
+        try:
+            pid, code = os.wait()
+        except ChildProcessError:
+            break
+        except InterruptedError:
+            continue
+        started = children.pop(pid, None)
+        if started is None:
+            continue
+        exit_status = os.waitstatus_to_exitcode(code)
+        if stopping.is_set():
+            status = status or (1 if exit_status != 0 else 0)
+            continue
+        log.warning("worker %d exited with status %d; starting another", pid, exit_status)
+        quick_deaths = quick_deaths + 1 if time.monotonic() - started < 2 else 0
+        if quick_deaths >= 3:
+            log.error("workers keep dying at start; giving up")
+            stop(signal.SIGTERM, None)
+            status = 1
+            continue
+        spawn()
+    return status

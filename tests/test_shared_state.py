@@ -1,0 +1,435 @@
+"""Key state shared across processes: through shared memory on one host and through a
+real Redis across hosts. Separate processes (tests/shared_worker.py) mark, retire and
+reset keys; the others must see it. Then Redis misbehaves: killed, paused, restarted
+empty, a message lost."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import random
+import subprocess
+import sys
+import textwrap
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from conftest import FAKE_KEYS, free_port
+from redis_server import RedisServer
+
+import keyfailover as kf
+from keyfailover.testing import MockUpstream, Reply
+
+HERE = Path(__file__).resolve().parent
+KEYS = FAKE_KEYS[:3]
+
+
+@pytest.fixture(scope="module")
+def redis_server() -> Iterator[RedisServer]:
+    server = RedisServer()
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def namespace() -> str:
+    return f"test-{uuid.uuid4().hex[:12]}"
+
+
+class Worker:
+    """A separate process holding a pool (see shared_worker.py)."""
+
+    def __init__(self, state: str, namespace: str, keys: list[str] = KEYS) -> None:
+        self.proc = subprocess.Popen(
+            [sys.executable, str(HERE / "shared_worker.py"), state, namespace, *keys],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        ready = self._read()
+        assert "ready" in ready, ready
+
+    def _read(self) -> dict[str, Any]:
+        assert self.proc.stdout is not None
+        line = self.proc.stdout.readline()
+        if not line:
+            raise AssertionError(
+                f"worker died: {self.proc.stderr.read() if self.proc.stderr else ''}"
+            )
+        return dict(json.loads(line))
+
+    def send(self, op: str, **args: Any) -> None:
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(json.dumps({"op": op, **args}) + "\n")
+        self.proc.stdin.flush()
+
+    def ask(self, op: str, **args: Any) -> Any:
+        self.send(op, **args)
+        return self._read()["answer"]
+
+    def answer(self) -> Any:
+        return self._read()["answer"]
+
+    def states(self) -> list[tuple[str, float]]:
+        return [(k["state"], k["cooldown_remaining"]) for k in self.ask("snapshot")]
+
+    def close(self) -> None:
+        try:
+            self.proc.communicate(timeout=10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.communicate()
+
+
+@pytest.fixture
+def workers(request, namespace, redis_server) -> Iterator[Any]:
+    started: list[Worker] = []
+
+    def start(n: int, backend: str, keys: list[str] = KEYS) -> list[Worker]:
+        state = redis_server.url if backend == "redis" else backend
+        new = [Worker(state, namespace, keys) for _ in range(n)]
+        started.extend(new)
+        return new
+
+    yield start
+    for worker in started:
+        worker.close()
+
+
+BACKENDS = ["shm", "redis"]
+
+
+def settle(condition, timeout: float = 2.0) -> bool:  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(0.01)
+    return bool(condition())
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("n", [2, 4])
+def test_a_cooldown_retirement_and_reset_reach_every_process(workers, backend, n):
+    group = workers(n, backend)
+    first, others = group[0], group[1:]
+    started = time.monotonic()
+    assert first.ask("cool", label="key-0", seconds=30) is True
+    for worker in others:
+        assert worker.ask("wait", label="key-0", state="temporary", timeout=2) is True
+    assert time.monotonic() - started < 0.5, "pushed, not found by the 1 s re-read"
+    for worker in others:
+        state, left = worker.states()[0]
+        assert state == "temporary"
+        assert 28 < left <= 30
+        assert worker.ask("walk") == ["key-1", "key-2"]
+    others[-1].ask("retire", label="key-1")
+    for worker in group:
+        assert worker.ask("wait", label="key-1", state="permanent", timeout=2) is True
+    others[0].ask("reset", label="key-0")
+    others[0].ask("reset", label="key-1")
+    for worker in group:
+        assert worker.ask("wait", label="key-0", state="valid", timeout=2) is True
+        assert worker.ask("wait", label="key-1", state="valid", timeout=2) is True
+        assert worker.ask("walk") == ["key-0", "key-1", "key-2"]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_concurrent_conflicting_marks_end_in_the_same_state_everywhere(workers, backend):
+    """100 rounds: both processes mark key-0 at once, with random cooldowns or a
+    retirement; each round ends in the same state everywhere (the later deadline, or
+    permanent), within a fraction of the 1 s re-read: by push, not by polling."""
+    group = workers(2, backend)
+    rng = random.Random(7)
+    for _ in range(100):
+        plans = [rng.choice(["cool", "cool", "cool", "retire"]) for _ in group]
+        seconds = [rng.uniform(5, 500) for _ in group]
+        started = time.monotonic()
+        for worker, op, s in zip(group, plans, seconds, strict=True):
+            if op == "cool":
+                worker.send("cool", label="key-0", seconds=s)
+            else:
+                worker.send("retire", label="key-0")
+        for worker in group:
+            worker.answer()
+        expected = "permanent" if "retire" in plans else "temporary"
+        longest = max([s for op, s in zip(plans, seconds, strict=True) if op == "cool"] or [0.0])
+
+        def agreed(expected: str = expected, longest: float = longest, t0: float = started) -> bool:
+            elapsed = time.monotonic() - t0
+            views = [w.states()[0] for w in group]
+            if expected == "permanent":
+                return all(state == "permanent" for state, _ in views)
+            return all(
+                state == "temporary" and longest - elapsed - 0.2 < left <= longest
+                for state, left in views
+            )
+
+        assert settle(agreed, timeout=0.5), (plans, seconds, [w.states()[0] for w in group])
+        group[0].ask("reset", label="key-0")
+        assert settle(lambda: all(w.states()[0][0] == "valid" for w in group), timeout=0.5)
+
+
+def test_a_mark_made_before_a_reset_does_not_undo_it(workers, redis_server):
+    """Redis paused: A's cooldown (made first) and B's reset (made later) queue up;
+    when Redis is back, the reset wins in both processes, whatever the order."""
+    a, b = workers(2, "redis")
+    b.ask("cool", label="key-0", seconds=60)
+    assert a.ask("wait", label="key-0", state="temporary", timeout=2)
+    redis_server.pause()
+    try:
+        a.ask("cool", label="key-0", seconds=600)  # made before the reset
+        time.sleep(0.05)
+        b.ask("reset", label="key-0")
+    finally:
+        redis_server.resume()
+    assert settle(lambda: [a.states()[0][0], b.states()[0][0]] == ["valid", "valid"], 8)
+    time.sleep(1.5)  # a refresh later, still valid: nothing stale came back
+    assert [a.states()[0][0], b.states()[0][0]] == ["valid", "valid"]
+
+
+def test_shm_processes_with_different_key_lists_share_the_common_keys(workers):
+    first = workers(1, "shm", KEYS[:2])[0]
+    second = workers(1, "shm", [KEYS[1], KEYS[2]])[0]  # key-0 here is KEYS[1]
+    first.ask("retire", label="key-1")
+    assert second.ask("wait", label="key-0", state="permanent", timeout=2) is True
+    assert second.states()[1] == ("valid", 0.0)
+
+
+def _pieces(key: str) -> set[str]:
+    return {key[i : i + 8] for i in range(len(key) - 7)}
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_no_key_or_piece_of_one_is_written_to_the_shared_state(workers, backend, redis_server,
+                                                               namespace):  # fmt: skip
+    group = workers(2, backend)
+    group[0].ask("cool", label="key-0", seconds=30)
+    group[1].ask("retire", label="key-1")
+    group[1].ask("reset", label="key-1")
+    group[0].ask("cool", label="key-2", seconds=5)
+    assert settle(lambda: group[1].states()[0][0] == "temporary")
+    if backend == "redis":
+        client = redis_server.client()
+        blobs = []
+        for name in client.scan_iter("*"):
+            blobs.append(name)
+            kind = client.type(name)
+            if kind == b"hash":
+                for field_, value in client.hgetall(name).items():
+                    blobs.extend([field_, value])
+        written = b"\n".join(blobs).decode("latin-1")
+        assert written, "something was written"
+    else:
+        from keyfailover._native import _shm_path
+
+        written = Path(_shm_path(namespace)).read_bytes().decode("latin-1")
+    for key in KEYS:
+        leaked = [piece for piece in _pieces(key) if piece in written]
+        assert leaked == [], f"pieces of a key in the {backend} state: {leaked}"
+
+
+def test_sync_status_and_configuration_errors(redis_server, namespace):
+    pool = kf.KeyPool(KEYS, state=redis_server.url, namespace=namespace)
+    assert pool.state_backend == "redis"
+    assert settle(lambda: pool.sync_status()["connected"] is True)
+    assert pool.sync_status() == {
+        "backend": "redis",
+        "connected": True,
+        "last_error": None,
+        "pending": 0,
+    }
+    assert kf.KeyPool(KEYS, state="shm", namespace=namespace).sync_status()["backend"] == "shm"
+    assert kf.KeyPool(KEYS).state_backend == "local"
+    with pytest.raises(kf.ConfigError, match="manual clock"):
+        kf.KeyPool(KEYS, state="shm", clock=kf.ManualClock())
+    with pytest.raises(kf.ConfigError, match="state must be"):
+        kf.KeyPool(KEYS, state="memcached://x")
+    with pytest.raises(kf.ConfigError, match="namespace"):
+        kf.KeyPool(KEYS, state="shm", namespace="has space")
+    with pytest.raises(kf.ConfigError) as excinfo:
+        kf.KeyPool(KEYS, state="redis://:hunter2@bad host:1/0")
+    assert "hunter2" not in str(excinfo.value)
+
+
+def test_redis_lost_and_back_is_logged_once_each_and_nothing_waits(redis_server, namespace,
+                                                                   caplog):  # fmt: skip
+    caplog.set_level(logging.INFO, logger="keyfailover.state")
+    pool = kf.KeyPool(KEYS, state=redis_server.url, namespace=namespace)
+    assert settle(lambda: pool.sync_status()["connected"])
+    redis_server.kill()
+    try:
+        assert settle(lambda: not pool.sync_status()["connected"], 5)
+        started = time.monotonic()
+        for i in range(200):  # marks while Redis is down: local at once, queued
+            pool.key(f"key-{i % 3}").mark_temporary(1 + i)
+            assert pool.key(f"key-{i % 3}").state == kf.KeyState.TEMPORARY
+        assert time.monotonic() - started < 0.5
+        status = pool.sync_status()
+        assert status["pending"] == 3
+        assert status["last_error"]
+        time.sleep(1.0)  # several reconnect attempts
+    finally:
+        redis_server.start()
+    assert settle(lambda: pool.sync_status()["connected"] and pool.sync_status()["pending"] == 0, 8)
+    kf._logging.flush()
+    messages = [  # this pool's: others of earlier tests may not be collected yet
+        r.getMessage()
+        for r in caplog.records
+        if r.name == "keyfailover.state" and getattr(r, "namespace", None) == namespace
+    ]
+    lost = [m for m in messages if m.startswith("lost the shared state")]
+    back = [m for m in messages if m.endswith("is back")]
+    assert (len(lost), len(back)) == (1, 1), messages
+    record = next(r for r in caplog.records if "lost the shared state" in r.getMessage())
+    assert record.levelno == logging.WARNING
+    assert record.backend == "redis"  # type: ignore[attr-defined]
+
+
+def test_redis_restarted_empty_gets_the_states_again(workers, redis_server, namespace):
+    (a,) = workers(1, "redis")
+    a.ask("cool", label="key-0", seconds=60)
+    a.ask("retire", label="key-1")
+    redis_server.kill()
+    redis_server.start()  # empty
+    client = redis_server.client()
+    assert settle(lambda: len(list(client.scan_iter(f"kf:{namespace}:k:*"))) == 2, 8)
+    (b,) = workers(1, "redis")  # started after the restart
+    assert b.ask("wait", label="key-0", state="temporary", timeout=3)
+    assert b.ask("wait", label="key-1", state="permanent", timeout=3)
+    assert 55 < b.states()[0][1] <= 60
+
+
+def test_a_lost_message_is_repaired_by_the_periodic_re_read(workers, redis_server, namespace):
+    group = workers(2, "redis")
+    client = redis_server.client()
+    group[0].ask("cool", label="key-2", seconds=1)  # creates key-2's record in Redis
+    assert settle(lambda: len(list(client.scan_iter(f"kf:{namespace}:k:*"))) == 1)
+    (name,) = list(client.scan_iter(f"kf:{namespace}:k:*"))
+    # Retire key-2 straight in Redis, as if the script's PUBLISH had been lost.
+    client.hset(name, mapping={"s": 2, "u": 0})
+    started = time.monotonic()
+    assert settle(lambda: all(w.states()[2][0] == "permanent" for w in group), 3)
+    assert time.monotonic() - started < 2.0  # within the 1 s re-read, plus slack
+
+
+def test_redis_paused_does_not_slow_requests(redis_server, namespace, mock_upstream):
+    pool = kf.KeyPool(KEYS, state=redis_server.url, namespace=namespace)
+    client = kf.FailoverClient(pool, base_url=mock_upstream.url, timeout=5)
+    assert settle(lambda: pool.sync_status()["connected"])
+
+    def timed(n: int) -> list[float]:
+        """Latencies of `n` requests, each with a mark queued for Redis (key-2 is never used)."""
+        times = []
+        for _ in range(n):
+            started = time.perf_counter()
+            pool.key("key-2").mark_temporary(0.001)
+            assert client.request_sync("POST", "/v1/messages", body=b"{}").status == 200
+            times.append(time.perf_counter() - started)
+        return sorted(times)
+
+    before = timed(100)
+    redis_server.pause()
+    try:
+        during = []
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline:
+            during.extend(timed(20))
+    finally:
+        redis_server.resume()
+    during.sort()
+    p50_before, p50_during = before[len(before) // 2], during[len(during) // 2]
+    assert p50_during < p50_before + 0.005, (p50_before, p50_during)
+    assert during[-1] < 0.5, "no request waited on the paused Redis"
+    assert settle(lambda: pool.sync_status()["connected"] and pool.sync_status()["pending"] == 0, 8)
+
+
+def test_redis_killed_under_load_fails_no_request_and_states_converge(
+    redis_server, namespace, mock_upstream
+):
+    pool = kf.KeyPool(KEYS, state=redis_server.url, namespace=namespace)
+    client = kf.FailoverClient(pool, base_url=mock_upstream.url, timeout=5)
+    assert settle(lambda: pool.sync_status()["connected"])
+    rng = random.Random(3)
+
+    async def one() -> int:
+        if rng.random() < 0.2:
+            mock_upstream.enqueue(Reply.error(429, "rate_limit_error", "x",
+                                              headers={"retry-after-ms": str(rng.randint(50, 500))}))  # fmt: skip
+        resp = await client.request("POST", "/v1/messages", body=b"{}")
+        await resp.read()
+        return resp.status
+
+    async def load() -> list[int]:
+        statuses: list[int] = []
+        for batch in range(30):
+            if batch == 10:
+                redis_server.kill()
+            if batch == 20:
+                redis_server.start()
+            statuses.extend(await asyncio.gather(*(one() for _ in range(100))))
+        return statuses
+
+    statuses = asyncio.run(load())
+    assert len(statuses) == 3000
+    assert set(statuses) <= {200, 429}, set(statuses)  # 429 only as an honest exhaustion
+    # Converge: a fresh process sees what this one sees, within 2 s.
+    pool.key("key-2").mark_temporary(120)
+    observer = kf.KeyPool(KEYS, state=redis_server.url, namespace=namespace)
+    assert settle(lambda: observer.key("key-2").state == kf.KeyState.TEMPORARY, 2.0)
+
+
+def test_two_uvicorn_workers_share_a_cooldown(mock_upstream, namespace, tmp_path):
+    """The reproduction: key-0 answers 429 with Retry-After: 60; 12 requests over
+    two workers send key-0 upstream once."""
+    mock_upstream.set_reply(KEYS[0], Reply.error(429, "rate_limit_error", "slow",
+                                                 headers={"retry-after": "60"}))  # fmt: skip
+    (tmp_path / "app.py").write_text(
+        textwrap.dedent(
+            f"""
+            from keyfailover import FailoverClient, KeyPool
+            from keyfailover.asgi import FailoverProxy
+
+            pool = KeyPool({KEYS!r}, state="shm", namespace={namespace!r})
+            app = FailoverProxy(FailoverClient(pool, base_url={mock_upstream.url!r}))
+            """
+        )
+    )
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "uvicorn", "app:app", "--workers", "2", "--port", str(port),
+         "--app-dir", str(tmp_path), "--log-level", "warning"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env={**os.environ, "PYTHONPATH": str(HERE)},
+    )  # fmt: skip
+    try:
+        url = f"http://127.0.0.1:{port}"
+        assert settle(lambda: _up(url), 20)
+        pids = set()
+        for _ in range(12):
+            with httpx.Client() as http:  # a new connection each time: both workers serve
+                response = http.post(url + "/v1/messages", json={"model": "m", "messages": []},
+                                     headers={"connection": "close"})  # fmt: skip
+            assert response.status_code == 200
+            pids.add(response.headers.get("x-served-by"))
+        seen_key0 = [r for r in mock_upstream.requests if r.credential == KEYS[0]]
+        assert len(seen_key0) == 1, len(seen_key0)
+    finally:
+        proc.terminate()
+        proc.communicate(timeout=20)
+
+
+def _up(url: str) -> bool:
+    try:
+        return httpx.get(url + "/_keyfailover/health", timeout=1).status_code == 200
+    except httpx.HTTPError:
+        return False
