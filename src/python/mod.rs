@@ -35,6 +35,16 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(events::_take_records, m)?)?;
     m.add_class::<gateway::PyGateway>()?;
     m.add_class::<gateway::PyForward>()?;
+    // The public names (the private helpers of keyfailover's own modules stay out).
+    let mut public: Vec<String> = m
+        .dict()
+        .keys()
+        .iter()
+        .filter_map(|k| k.extract::<String>().ok())
+        .filter(|k| !k.starts_with('_') || k == "__version__")
+        .collect();
+    public.sort();
+    m.add("__all__", public)?;
     // A FailoverClient used before os.fork() must work in the child: the
     // runtime and connections are rebuilt there on first use.
     m.py().import("os")?.call_method(
