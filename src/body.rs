@@ -16,7 +16,12 @@ use tokio::sync::mpsc;
 use tokio::task::AbortHandle;
 use tokio_util::sync::CancellationToken;
 
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
 use crate::error::{Error, ErrorKind, Result};
+use crate::metrics::Outcome;
+use crate::pool::KeyPool;
 use crate::provider::Provider;
 use crate::sse::Framer;
 
@@ -45,15 +50,29 @@ pub(crate) struct Stream {
     /// neither Content-Length nor chunked encoding): whether the last event
     /// relayed was the provider's final one. Without it, the end is a break.
     pub final_event_seen: Option<bool>,
+    /// Set when the body ended by breaking (an error, or an error event of ours).
+    pub broke: bool,
     /// For error (non-2xx) bodies: replaces the pool's keys by their hints.
     pub scrubber: Option<Scrubber>,
     /// Cancelled when the client shuts down: the body ends with an error.
     pub shutdown: CancellationToken,
+    /// Counts the request's outcome once the body is done with.
+    pub outcome: Option<Arc<OutcomeOnDrop>>,
     pub done: bool,
 }
 
 impl Stream {
     async fn next_chunk(&mut self) -> Result<Option<Bytes>> {
+        let chunk = self.next_clean().await;
+        if let (Some(outcome), true) = (&self.outcome, self.done) {
+            // The stream ended: by an error, or with an error event of ours.
+            let broken = chunk.is_err() || self.broke;
+            outcome.broken.fetch_or(broken, Ordering::Relaxed);
+        }
+        chunk
+    }
+
+    async fn next_clean(&mut self) -> Result<Option<Bytes>> {
         loop {
             let chunk = match self.next_raw().await? {
                 Some(chunk) => chunk,
@@ -106,12 +125,14 @@ impl Stream {
                     // stream that ends inside an event broke.
                     let held = framer.take_held();
                     if !held.trim_ascii().is_empty() {
+                        self.broke = true;
                         return Ok(Some(error_event(
                             *provider,
                             "upstream stream ended in the middle of an event",
                         )));
                     }
                     if self.final_event_seen == Some(false) {
+                        self.broke = true;
                         return Ok(Some(error_event(
                             *provider,
                             "upstream stream ended before its final event",
@@ -120,6 +141,7 @@ impl Stream {
                 }
                 (Err(cause), sse) => {
                     self.done = true;
+                    self.broke = true;
                     let message = match &cause {
                         Some(e) => format!("upstream stream broke: {}", describe(e)),
                         None => SHUTTING_DOWN.to_owned(),
@@ -144,14 +166,43 @@ impl Stream {
         loop {
             let item = match self.next_chunk().await {
                 Ok(Some(chunk)) => Ok(chunk),
-                Ok(None) => return,
+                Ok(None) => break,
                 Err(err) => Err(err),
             };
             let last = item.is_err();
             if tx.send(item).await.is_err() || last {
-                return;
+                break;
             }
         }
+        // The outcome is counted (with the stream) before the reader sees the
+        // end, so a scrape right after a body was read includes it.
+        drop(self);
+        drop(tx);
+    }
+}
+
+/// Counts a request's outcome when the last holder of its body lets go:
+/// `stream_broken` if the body broke, `ok` otherwise.
+pub(crate) struct OutcomeOnDrop {
+    pub pool: KeyPool,
+    pub broken: AtomicBool,
+}
+
+impl std::fmt::Debug for OutcomeOnDrop {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("OutcomeOnDrop").finish()
+    }
+}
+
+impl Drop for OutcomeOnDrop {
+    fn drop(&mut self) {
+        self.pool
+            .counters()
+            .outcome(if self.broken.load(Ordering::Relaxed) {
+                Outcome::StreamBroken
+            } else {
+                Outcome::Ok
+            });
     }
 }
 

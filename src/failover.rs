@@ -16,10 +16,15 @@ use reqwest::header::{HeaderMap, HeaderName, HeaderValue, CONTENT_TYPE};
 use reqwest::Method;
 use tokio_util::sync::CancellationToken;
 
-use crate::body::{describe, scrub_value, ResponseBody, Scrubber, Stream};
+use std::sync::atomic::AtomicBool;
+use std::time::Instant;
+
+use crate::body::{describe, scrub_value, OutcomeOnDrop, ResponseBody, Scrubber, Stream};
 use crate::error::{Error, ErrorKind, Exhaustion, Result};
+use crate::events::{self, Field, Level, Record};
 use crate::headers::{self, CallerCredential};
-use crate::pool::KeyPool;
+use crate::metrics::Outcome;
+use crate::pool::{Key, KeyPool, Reason};
 use crate::provider::Provider;
 use crate::retry_after::parse_retry_after;
 use crate::sse::{first_event_data, Framer};
@@ -45,6 +50,9 @@ pub struct ClientOptions {
     /// event), and for each chunk of a body.
     pub timeout: Duration,
     pub connect_timeout: Duration,
+    /// What logs and metrics call the pool (the `pool` label); the provider's
+    /// name when None.
+    pub name: Option<String>,
 }
 
 /// Whose key a request is sent with.
@@ -102,7 +110,24 @@ pub struct Response {
     pub key_label: Option<String>,
     /// True when the client synthesized a pool-exhaustion error.
     pub exhausted: bool,
+    /// Each upstream attempt behind the response, in order.
+    pub attempt_log: Vec<AttemptRecord>,
     pub body: ResponseBody,
+}
+
+/// One upstream attempt, for traces and debugging.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AttemptRecord {
+    /// The pool key's label; None for the caller's own key (BYOK).
+    pub key_label: Option<String>,
+    /// The response status; None when upstream could not be reached.
+    pub status: Option<u16>,
+    /// Why the request moved on to the next key, if it did.
+    pub reason: Option<Reason>,
+    /// When the attempt began (Unix time, nanoseconds).
+    pub started: u64,
+    /// Seconds from sending to the response head (or to the failure).
+    pub seconds: f64,
 }
 
 impl Response {
@@ -126,6 +151,7 @@ impl Response {
             attempts: 0,
             key_label: None,
             exhausted: false,
+            attempt_log: Vec::new(),
             body: ResponseBody::full(body),
         }
     }
@@ -151,6 +177,7 @@ pub struct FailoverClient {
     http: ArcSwap<Http>,
     base_url: BaseUrl,
     provider: Provider,
+    name: String,
     timeout: Duration,
     connect_timeout: Duration,
     stats: Stats,
@@ -182,11 +209,21 @@ impl FailoverClient {
             }
         }
         let http = build_http(options.timeout, options.connect_timeout)?;
+        let name = options
+            .name
+            .unwrap_or_else(|| options.provider.as_str().to_owned());
+        if name.is_empty() || name.chars().any(|c| c.is_control()) {
+            return Err(Error::Config(format!(
+                "name {name:?} must be a non-empty name"
+            )));
+        }
+        pool.adopt_name(&name);
         Ok(Self {
             pool,
             http: ArcSwap::from_pointee(http),
             base_url,
             provider: options.provider,
+            name,
             timeout: options.timeout,
             connect_timeout: options.connect_timeout,
             stats: Stats::default(),
@@ -208,6 +245,16 @@ impl FailoverClient {
 
     pub fn timeout(&self) -> Duration {
         self.timeout
+    }
+
+    /// The name of the client's pool in logs and metrics.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The Prometheus text exposition of the client's pool.
+    pub fn metrics(&self) -> String {
+        crate::metrics::exposition(&self.pool, &self.name)
     }
 
     pub fn stats(&self) -> StatsSnapshot {
@@ -282,16 +329,16 @@ impl FailoverClient {
         )
     }
 
-    fn exhausted(
-        &self,
-        exhaustion: Exhaustion,
-        attempts: u32,
-        key_label: Option<String>,
-    ) -> Response {
-        bump(match exhaustion {
-            Exhaustion::Transient { .. } => &self.stats.exhausted_transient,
-            Exhaustion::Permanent => &self.stats.exhausted_permanent,
-        });
+    fn exhausted(&self, exhaustion: Exhaustion) -> Response {
+        let (counter, outcome) = match exhaustion {
+            Exhaustion::Transient { .. } => (
+                &self.stats.exhausted_transient,
+                Outcome::ExhaustedRateLimited,
+            ),
+            Exhaustion::Permanent => (&self.stats.exhausted_permanent, Outcome::ExhaustedAuth),
+        };
+        bump(counter);
+        self.pool.counters().outcome(outcome);
         let mut response = Response::error(
             self.provider,
             ErrorKind::of_exhaustion(exhaustion),
@@ -302,49 +349,45 @@ impl FailoverClient {
                 .headers
                 .insert(reqwest::header::RETRY_AFTER, HeaderValue::from(secs));
         }
-        response.attempts = attempts;
-        response.key_label = key_label;
         response.exhausted = true;
         response
     }
 
-    fn send_failure(
-        &self,
-        failure: SendFailure,
-        attempts: u32,
-        key_label: Option<String>,
-    ) -> Response {
+    fn send_failure(&self, failure: &SendFailure, byok: bool) -> Response {
         bump(&self.stats.upstream_errors);
-        let (kind, message) = match failure {
+        let (kind, message, outcome) = match failure {
             SendFailure::Timeout => (
                 ErrorKind::Timeout,
                 format!(
                     "upstream did not answer within {} s",
                     self.timeout.as_secs_f64()
                 ),
+                Outcome::UpstreamTimeout,
             ),
-            SendFailure::Connect(cause) => {
-                (ErrorKind::Api, format!("upstream request failed: {cause}"))
-            }
+            SendFailure::Connect(cause) => (
+                ErrorKind::Api,
+                format!("upstream request failed: {cause}"),
+                Outcome::UpstreamUnreachable,
+            ),
             SendFailure::BadStatus(status) => (
                 ErrorKind::Api,
                 format!("upstream answered with status {status}, which cannot be relayed"),
+                Outcome::UpstreamUnreachable,
             ),
         };
-        let mut response = Response::error(self.provider, kind, &message);
-        response.attempts = attempts;
-        response.key_label = key_label;
-        response
+        self.pool
+            .counters()
+            .outcome(if byok { Outcome::Byok } else { outcome });
+        Response::error(self.provider, kind, &message)
     }
 
     /// Relays upstream's response, starting with what was already read of it.
     fn relay(
         &self,
         resp: reqwest::Response,
-        attempts: u32,
-        key_label: Option<String>,
         pending: VecDeque<Bytes>,
         framer: Option<Framer>,
+        byok: bool,
     ) -> Response {
         let status = resp.status().as_u16();
         let stream = headers::is_event_stream(resp.headers());
@@ -372,19 +415,31 @@ impl FailoverClient {
                 .get_all(reqwest::header::TRANSFER_ENCODING)
                 .iter()
                 .any(|v| v.as_bytes().eq_ignore_ascii_case(b"chunked"));
+        let outcome = if byok {
+            self.pool.counters().outcome(Outcome::Byok);
+            None
+        } else {
+            Some(Arc::new(OutcomeOnDrop {
+                pool: self.pool.clone(),
+                broken: AtomicBool::new(false),
+            }))
+        };
         Response {
             status,
             headers: relayed,
-            attempts,
-            key_label,
+            attempts: 0,
+            key_label: None,
             exhausted: false,
+            attempt_log: Vec::new(),
             body: ResponseBody::stream(Stream {
                 resp,
                 pending,
                 sse: stream.then(|| (framer.unwrap_or_default(), self.provider)),
-                scrubber,
                 final_event_seen: close_delimited.then_some(false),
+                broke: false,
+                scrubber,
                 shutdown: self.shutdown.clone(),
+                outcome,
                 done: false,
             }),
         }
@@ -425,27 +480,50 @@ enum Judged {
 
 impl Attempt<'_> {
     async fn run(&self, headers: HeaderMap, credential: Credential) -> Response {
+        let mut log = Vec::new();
+        let (mut response, key_label) = match credential {
+            Credential::Caller(caller) => (self.byok(headers, caller, &mut log).await, None),
+            Credential::Pool => self.walk(headers, &mut log).await,
+        };
+        response.attempts = u32::try_from(log.len()).unwrap_or(u32::MAX);
+        response.key_label = key_label;
+        response.attempt_log = log;
+        response
+    }
+
+    /// Sends once with the caller's own key; the pool is not touched.
+    async fn byok(
+        &self,
+        mut headers: HeaderMap,
+        caller: CallerCredential,
+        log: &mut Vec<AttemptRecord>,
+    ) -> Response {
         let client = self.client;
-        if let Credential::Caller(caller) = credential {
-            bump(&client.stats.byok);
-            let mut headers = headers;
-            let mut value = caller.value;
-            value.set_sensitive(true);
-            headers.insert(caller.header, value);
-            return match self.send(headers).await {
-                Ok(resp) => client.relay(resp, 1, None, VecDeque::new(), None),
-                Err(failure) => client.send_failure(failure, 1, None),
-            };
+        bump(&client.stats.byok);
+        let mut value = caller.value;
+        value.set_sensitive(true);
+        headers.insert(caller.header, value);
+        match self.send(headers, None, log).await {
+            Ok(resp) => client.relay(resp, VecDeque::new(), None, true),
+            Err(failure) => client.send_failure(&failure, true),
         }
+    }
+
+    /// Walks the pool: each available key until one is not a key-specific
+    /// failure, or none is left. Returns the response and the last key's label.
+    async fn walk(
+        &self,
+        headers: HeaderMap,
+        log: &mut Vec<AttemptRecord>,
+    ) -> (Response, Option<String>) {
+        let client = self.client;
         let mut walker = client.pool.walker();
-        let mut attempts = 0;
         let mut last_label = None;
-        loop {
+        let response = loop {
             let key = match walker.next_key() {
                 Ok(key) => key,
-                Err(exhaustion) => return client.exhausted(exhaustion, attempts, last_label),
+                Err(exhaustion) => break client.exhausted(exhaustion),
             };
-            attempts += 1;
             last_label = Some(key.label().to_owned());
             let mut attempt_headers = headers.clone();
             let (name, value) = client.provider.auth_header(key.value());
@@ -454,43 +532,76 @@ impl Attempt<'_> {
             value.set_sensitive(true);
             attempt_headers.insert(HeaderName::from_static(name), value);
 
-            let resp = match self.send(attempt_headers).await {
+            let resp = match self.send(attempt_headers, Some(&key), log).await {
                 Ok(resp) => resp,
-                Err(failure) => return client.send_failure(failure, attempts, last_label),
+                Err(failure) => break client.send_failure(&failure, false),
             };
+            let status = resp.status().as_u16();
             match self.judge(resp).await {
                 Judged::Failover(verdict) => {
                     if let Some(reason) = verdict.reason() {
                         client.stats.failover(reason);
+                        if let Some(attempt) = log.last_mut() {
+                            attempt.reason = Some(reason);
+                        }
+                        failover_record(client, &key, status, reason);
                     }
-                    verdict.apply(&key);
+                    verdict.apply(&key, Some(status));
                 }
                 Judged::Return(resp, pending, framer) => {
-                    return client.relay(resp, attempts, last_label, pending, framer)
+                    break client.relay(resp, pending, framer, false)
                 }
-                Judged::Failed(failure) => {
-                    return client.send_failure(failure, attempts, last_label)
-                }
+                Judged::Failed(failure) => break client.send_failure(&failure, false),
             }
-        }
+        };
+        client
+            .pool
+            .counters()
+            .attempts(u32::try_from(log.len()).unwrap_or(u32::MAX));
+        (response, last_label)
     }
 
-    async fn send(&self, headers: HeaderMap) -> Result<reqwest::Response, SendFailure> {
+    async fn send(
+        &self,
+        headers: HeaderMap,
+        key: Option<&Key>,
+        log: &mut Vec<AttemptRecord>,
+    ) -> Result<reqwest::Response, SendFailure> {
         let client = self.client;
         bump(&client.stats.attempts);
+        let started = Instant::now();
+        let started_wall = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX));
         let send = self
             .http
             .request(self.method.clone(), self.url)
             .headers(headers)
             .body(self.body.clone())
             .send();
-        match tokio::time::timeout(client.timeout, send).await {
+        let result = match tokio::time::timeout(client.timeout, send).await {
             Err(_) => Err(SendFailure::Timeout),
             // A connect (or TLS handshake) timeout is a failure to connect.
             Ok(Err(e)) if e.is_timeout() && !e.is_connect() => Err(SendFailure::Timeout),
             Ok(Err(e)) => Err(SendFailure::Connect(describe(&e))),
             Ok(Ok(resp)) => Ok(resp),
+        };
+        let took = started.elapsed();
+        let status = result.as_ref().ok().map(|r| r.status().as_u16());
+        if let Some(status) = status {
+            client.pool.counters().upstream_duration(took);
+            if let Some(key) = key {
+                key.counters().response(status);
+            }
         }
+        log.push(AttemptRecord {
+            key_label: key.map(|k| k.label().to_owned()),
+            status,
+            reason: None,
+            started: started_wall,
+            seconds: took.as_secs_f64(),
+        });
+        result
     }
 
     /// Decides whether a response head (and, where needed, a bit of its body
@@ -550,6 +661,27 @@ impl Attempt<'_> {
             })) => Judged::Return(resp, chunks, Some(framer)),
         }
     }
+}
+
+/// A DEBUG record on `keyfailover.client` for a failover.
+fn failover_record(client: &FailoverClient, key: &Key, status: u16, reason: Reason) {
+    events::emit(Record {
+        logger: "keyfailover.client",
+        level: Level::Debug,
+        message: format!(
+            "pool {}: key {} ({}) answered {status}: {reason}, trying the next key",
+            client.name,
+            key.label(),
+            key.hint()
+        ),
+        fields: vec![
+            ("pool", Field::from(client.name.as_str())),
+            ("key", Field::from(key.label())),
+            ("hint", Field::from(key.hint())),
+            ("status", Field::from(status)),
+            ("reason", Field::from(reason.as_str())),
+        ],
+    });
 }
 
 /// What was read of a stream while looking for its first event.

@@ -9,11 +9,12 @@
 use std::sync::Arc;
 
 use bytes::Bytes;
-use reqwest::header::{HeaderMap, CONTENT_LENGTH};
+use reqwest::header::{HeaderMap, HeaderValue, CONTENT_LENGTH, CONTENT_TYPE};
 
 use crate::error::{Error, ErrorKind, Result};
 use crate::failover::{Credential, FailoverClient, Request, Response};
 use crate::headers::{caller_credential, upgrade_requested};
+use crate::metrics::Outcome;
 use crate::target::normalize_target;
 
 /// Where the admin endpoints live, below the proxy's mount.
@@ -175,11 +176,10 @@ impl Gateway {
             .and_then(|_| Request::new(method, target, headers, Bytes::new()))
         {
             Ok(request) => request,
-            Err(err) => return Step::Respond(self.error_response(&err)),
+            Err(err) => return self.reject(&err),
         };
         if matches!(request.method.as_str(), "CONNECT" | "TRACE" | "TRACK") {
-            let err = Error::MethodNotAllowed(request.method.to_string());
-            return Step::Respond(self.error_response(&err));
+            return self.reject(&Error::MethodNotAllowed(request.method.to_string()));
         }
         if let (true, Some(credential)) = (byok, credential) {
             request.credential = Credential::Caller(credential);
@@ -187,8 +187,18 @@ impl Gateway {
         Step::Forward(Forward { request, byok })
     }
 
-    /// The answer for a body over the limit.
+    fn reject(&self, err: &Error) -> Step {
+        let (kind, message) = err.answer();
+        self.refuse(kind, &message)
+    }
+
+    /// The answer for a body over the limit (counted as a rejected request).
     pub fn too_large(&self) -> Response {
+        self.client.pool().counters().outcome(Outcome::Rejected);
+        self.too_large_answer()
+    }
+
+    fn too_large_answer(&self) -> Response {
         self.answer(
             ErrorKind::RequestTooLarge,
             &format!(
@@ -204,7 +214,10 @@ impl Gateway {
         request.body = body;
         match self.client.request(request).await {
             Ok(response) => response,
-            Err(err) => self.error_response(&err),
+            Err(err) => {
+                self.client.pool().counters().outcome(Outcome::Rejected);
+                self.error_response(&err)
+            }
         }
     }
 
@@ -218,7 +231,9 @@ impl Gateway {
         self.answer(kind, &message)
     }
 
+    /// An answer instead of forwarding: counted as a rejected request.
     fn refuse(&self, kind: ErrorKind, message: &str) -> Step {
+        self.client.pool().counters().outcome(Outcome::Rejected);
         Step::Respond(self.answer(kind, message))
     }
 
@@ -236,7 +251,16 @@ impl Gateway {
     fn admin(&self, method: &str, path: &str) -> Response {
         let pool = self.client.pool();
         let endpoint = &path[ADMIN_PREFIX.len()..];
+        if endpoint == "metrics" && matches!(method, "GET" | "HEAD") {
+            let mut response = Response::json(200, self.client.metrics());
+            response.headers.insert(
+                CONTENT_TYPE,
+                HeaderValue::from_static(crate::metrics::CONTENT_TYPE),
+            );
+            return response;
+        }
         let body = match endpoint {
+            "metrics" => serde_json::Value::Null,
             "health" => pool.health().to_json(),
             "keys" => serde_json::json!({"keys": pool.snapshot()
                 .iter()
@@ -295,6 +319,7 @@ mod tests {
                 provider: Provider::Anthropic,
                 timeout: Duration::from_secs(1),
                 connect_timeout: Duration::from_secs(1),
+                name: None,
             },
         )?;
         Gateway::new(Arc::new(client), options)

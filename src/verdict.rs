@@ -2,8 +2,8 @@
 
 use std::time::{Duration, SystemTime};
 
-use crate::pool::Key;
 pub use crate::pool::Reason;
+use crate::pool::{Cause, Key};
 use crate::retry_after::parse_retry_after;
 
 /// What a response means for the key that was used.
@@ -34,20 +34,27 @@ impl Verdict {
         }
     }
 
-    /// Marks `key` accordingly; returns whether the verdict is key-specific.
-    /// A cooldown the upstream asked for is clamped to the pool's
+    /// Marks `key` accordingly, for an answer with `status`; returns whether
+    /// the verdict is key-specific. A cooldown the upstream asked for is
+    /// clamped to the pool's
     /// [`upstream_ceiling`](crate::pool::Cooldowns::upstream_ceiling).
-    pub fn apply(self, key: &Key) -> bool {
+    pub fn apply(self, key: &Key, status: Option<u16>) -> bool {
+        let Some(reason) = self.reason() else {
+            return false;
+        };
+        let cause = Cause::new(reason, status);
         match self {
-            Verdict::NotKeySpecific => return false,
+            Verdict::NotKeySpecific => {}
             Verdict::RateLimited(cooldown) => {
                 let ceiling = key.pool().cooldowns().upstream_ceiling();
-                key.cool(cooldown.map(|d| d.min(ceiling)), Reason::RateLimited)
+                key.cool(cooldown.map(|d| d.min(ceiling)), cause);
             }
             Verdict::QuotaExhausted => {
-                key.cool(Some(key.pool().cooldowns().quota), Reason::QuotaExhausted)
+                key.cool(Some(key.pool().cooldowns().quota), cause);
             }
-            Verdict::Revoked => key.retire(Reason::Revoked),
+            Verdict::Revoked => {
+                key.retire(cause);
+            }
         };
         true
     }
@@ -103,7 +110,7 @@ pub fn mark_key_on_response<'a, I>(
 where
     I: IntoIterator<Item = (&'a str, &'a [u8])>,
 {
-    classify(status, headers, body, now).apply(key)
+    classify(status, headers, body, now).apply(key, Some(status))
 }
 
 /// The key-specific meaning of an error envelope (Anthropic or OpenAI), such

@@ -28,6 +28,7 @@ fn make_client(upstream: &Upstream, keys: usize, timeout: Duration) -> FailoverC
             provider: Provider::Anthropic,
             timeout,
             connect_timeout: Duration::from_secs(2),
+            name: None,
         },
     )
     .unwrap()
@@ -337,6 +338,7 @@ async fn upstream_refusing_connections_is_a_502_and_marks_nothing() {
             provider: Provider::OpenAi,
             timeout: Duration::from_secs(2),
             connect_timeout: Duration::from_secs(2),
+            name: None,
         },
     )
     .unwrap();

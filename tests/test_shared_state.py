@@ -25,7 +25,7 @@ from conftest import FAKE_KEYS, free_port
 from redis_server import RedisServer
 
 import keyfailover as kf
-from keyfailover.testing import MockUpstream, Reply
+from keyfailover.testing import Reply
 
 HERE = Path(__file__).resolve().parent
 KEYS = FAKE_KEYS[:3]
@@ -363,8 +363,8 @@ def test_redis_killed_under_load_fails_no_request_and_states_converge(
 
     async def one() -> int:
         if rng.random() < 0.2:
-            mock_upstream.enqueue(Reply.error(429, "rate_limit_error", "x",
-                                              headers={"retry-after-ms": str(rng.randint(50, 500))}))  # fmt: skip
+            cooldown = {"retry-after-ms": str(rng.randint(50, 500))}
+            mock_upstream.enqueue(Reply.error(429, "rate_limit_error", "x", headers=cooldown))
         resp = await client.request("POST", "/v1/messages", body=b"{}")
         await resp.read()
         return resp.status
@@ -414,13 +414,11 @@ def test_two_uvicorn_workers_share_a_cooldown(mock_upstream, namespace, tmp_path
     try:
         url = f"http://127.0.0.1:{port}"
         assert settle(lambda: _up(url), 20)
-        pids = set()
         for _ in range(12):
-            with httpx.Client() as http:  # a new connection each time: both workers serve
+            with httpx.Client(timeout=30) as http:  # a new connection each time
                 response = http.post(url + "/v1/messages", json={"model": "m", "messages": []},
                                      headers={"connection": "close"})  # fmt: skip
             assert response.status_code == 200
-            pids.add(response.headers.get("x-served-by"))
         seen_key0 = [r for r in mock_upstream.requests if r.credential == KEYS[0]]
         assert len(seen_key0) == 1, len(seen_key0)
     finally:

@@ -7,9 +7,12 @@ with its fields as `extra`. Started on import; restarted in a forked child.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import threading
+from datetime import datetime, timezone
+from typing import Any
 
 from keyfailover import _native
 
@@ -43,6 +46,31 @@ def start() -> None:
             target=_drain, args=(_native._events_fd(),), name="keyfailover-logs", daemon=True
         )
         _thread.start()
+
+
+# Attributes every LogRecord has; anything else on a record came as `extra`.
+_STANDARD = set(vars(logging.makeLogRecord({}))) | {"message", "asctime", "taskName"}
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per record: timestamp, level, logger, message, then the
+    record's `extra` fields (key, hint, reason, status, ... for keyfailover's)."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry: dict[str, Any] = {
+            "timestamp": datetime.fromtimestamp(record.created, timezone.utc).isoformat(),
+            "level": record.levelname,
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        for name, value in vars(record).items():
+            if name not in _STANDARD and not name.startswith("_"):
+                entry[name] = (
+                    value if isinstance(value, (str, int, float, bool, type(None))) else str(value)
+                )
+        if record.exc_info:
+            entry["exception"] = self.formatException(record.exc_info)
+        return json.dumps(entry)
 
 
 def _after_fork_in_child() -> None:

@@ -47,6 +47,7 @@ def run_uvicorn(uvicorn: Any, proxy: FailoverProxy, sock: socket.socket, args: A
     config = uvicorn.Config(
         proxy,
         log_level=args.log_level,
+        log_config=None,  # uvicorn's loggers go through the handler `serve` set up
         timeout_keep_alive=args.timeout_keep_alive,
         limit_concurrency=args.limit_concurrency,
         # A backstop only: past --grace the proxy itself ends what is in flight.

@@ -20,6 +20,7 @@ from collections.abc import Awaitable, Callable, Iterable, MutableMapping
 from typing import Any
 from urllib.parse import unquote
 
+from keyfailover import _tracing
 from keyfailover._native import FailoverClient, Gateway, Response
 
 __all__ = ["FailoverProxy"]
@@ -117,6 +118,12 @@ class FailoverProxy:
             return
         except _ClientGone:
             return
+        tracer = _tracing.tracer()
+        span = None
+        if tracer is not None:
+            span = _tracing.RequestSpan(
+                tracer, self.client, target, body, server=True, headers=scope["headers"]
+            )
         upstream = step.send(body)
         # From here on the client may go away at any time: before the response
         # head (the upstream request is dropped) or while the body streams.
@@ -128,17 +135,35 @@ class FailoverProxy:
                 if watcher.done():
                     return  # the client left before the response head
                 raise
-            log.info(
-                "%s %s -> %d (attempts=%d, key=%s%s)",
-                method,
-                target.partition("?")[0],
-                response.status,
-                response.attempts,
-                response.key_label or ("byok" if step.byok else "-"),
-                ", pool exhausted" if response.exhausted else "",
-            )
+            if span is not None:
+                span.attempts(response)
+            if log.isEnabledFor(logging.INFO):
+                path, key = target.partition("?")[0], response.key_label
+                log.info(
+                    "%s %s -> %d (attempts=%d, key=%s%s)",
+                    method,
+                    path,
+                    response.status,
+                    response.attempts,
+                    key or ("byok" if step.byok else "-"),
+                    ", pool exhausted" if response.exhausted else "",
+                    extra={
+                        "method": method,
+                        "path": path,
+                        "status": response.status,
+                        "attempts": response.attempts,
+                        "key": key,
+                        "pool": self.client.name,
+                    },
+                )
             await _relay(response, send)
+        except BaseException as error:
+            if span is not None:
+                span.fail(error)
+            raise
         finally:
+            if span is not None:
+                span.end()
             watcher.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await watcher

@@ -165,11 +165,23 @@ def build_proxy(args: argparse.Namespace) -> FailoverProxy:
         raise CliError(str(exc)) from None
 
 
+def configure_logging(level: str, style: str) -> None:
+    """Every record (keyfailover's and uvicorn's) to stderr, as text or one JSON object a line."""
+    from keyfailover._logging import JsonFormatter
+
+    handler = logging.StreamHandler()
+    if style == "json":
+        handler.setFormatter(JsonFormatter())
+    else:
+        handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+    logging.basicConfig(level=level.upper(), handlers=[handler], force=True)
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     from keyfailover import _serve
 
     uvicorn = _require_uvicorn()
-    logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
+    configure_logging(args.log_level, args.log_format)
     if args.workers > 1 and args.state is None:
         args.state = "shm"
         log.info(
@@ -335,6 +347,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--log-level",
         choices=["critical", "error", "warning", "info", "debug"],
         default="info",
+    )
+    serve.add_argument(
+        "--log-format",
+        choices=["text", "json"],
+        default="text",
+        help="json: one JSON object per line, with the records' fields",
     )
     serve.set_defaults(run=cmd_serve)
 

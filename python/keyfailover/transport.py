@@ -43,6 +43,7 @@ from dataclasses import dataclass
 from types import ModuleType
 from typing import TYPE_CHECKING, Any, cast, overload
 
+from keyfailover import _tracing
 from keyfailover._native import FailoverClient, Response, SyncResponse, UpstreamError
 
 if TYPE_CHECKING:
@@ -65,6 +66,13 @@ __all__ = ["AsyncFailoverTransport", "FailoverTransport"]
 # --------------------------------------------------------------------------
 # Request and response conversion
 # --------------------------------------------------------------------------
+
+
+def _span(client: FailoverClient, target: str, body: bytes) -> _tracing.RequestSpan | None:
+    """The request's span (kind CLIENT, ended at the response head), when tracing is on."""
+    tracer = _tracing.tracer()
+    return None if tracer is None else _tracing.RequestSpan(tracer, client, target, body,
+                                                            server=False)  # fmt: skip
 
 
 def _target(raw_path: bytes) -> str:
@@ -237,12 +245,21 @@ class AsyncFailoverTransport(_AsyncTransportBase):
         """Send `request` through the FailoverClient; the body streams unread."""
         flavour = _flavour(request)
         body = await request.aread()
-        native = await self.client.request(
-            request.method,
-            _target(request.url.raw_path),
-            headers=request.headers.raw,
-            body=body,
-        )
+        target = _target(request.url.raw_path)
+        span = _span(self.client, target, body)
+        try:
+            native = await self.client.request(
+                request.method, target, headers=request.headers.raw, body=body
+            )
+            if span is not None:
+                span.attempts(native)
+        except BaseException as error:
+            if span is not None:
+                span.fail(error)
+            raise
+        finally:
+            if span is not None:
+                span.end()
         try:
             return cast("httpx2.Response | httpx.Response", flavour.async_response(native, request))
         except BaseException:
@@ -277,12 +294,21 @@ class FailoverTransport(_TransportBase):
         """Send `request` through the FailoverClient; the body streams unread."""
         flavour = _flavour(request)
         body = request.read()
-        native = self.client.request_sync(
-            request.method,
-            _target(request.url.raw_path),
-            headers=request.headers.raw,
-            body=body,
-        )
+        target = _target(request.url.raw_path)
+        span = _span(self.client, target, body)
+        try:
+            native = self.client.request_sync(
+                request.method, target, headers=request.headers.raw, body=body
+            )
+            if span is not None:
+                span.attempts(native)
+        except BaseException as error:
+            if span is not None:
+                span.fail(error)
+            raise
+        finally:
+            if span is not None:
+                span.end()
         try:
             return cast("httpx2.Response | httpx.Response", flavour.sync_response(native, request))
         except BaseException:

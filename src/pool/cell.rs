@@ -16,6 +16,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::metrics::KeyCounters;
+
 pub(crate) const VALID: u64 = 0;
 pub(crate) const PERMANENT: u64 = u64::MAX;
 
@@ -95,13 +97,15 @@ pub(crate) struct Cell {
     /// For shared state across hosts: the wall-clock time (Unix µs) of the
     /// last reset this process knows of. Marks made before it are stale.
     pub reset_at: AtomicU64,
+    pub counters: KeyCounters,
 }
 
 impl Cell {
-    pub fn new(word: Word) -> Self {
+    pub fn new(word: Word, counters: KeyCounters) -> Self {
         Self {
             word,
             reset_at: AtomicU64::new(0),
+            counters,
         }
     }
 

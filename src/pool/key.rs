@@ -9,6 +9,8 @@ use std::time::Duration;
 use super::cell::Marked;
 use super::{KeyPool, KeyStatus, Slot};
 use crate::clock::duration_to_nanos;
+use crate::events::{self, Field, Level, Record};
+use crate::metrics::KeyCounters;
 use crate::state::clocks;
 
 /// Why a key was marked: the labels used in stats, logs and metrics.
@@ -106,17 +108,20 @@ impl Key {
         self.status().state
     }
 
+    pub(crate) fn counters(&self) -> &KeyCounters {
+        &self.slot.cell.counters
+    }
+
     /// Cools the key down. `None` or zero means the pool's default cooldown;
     /// anything above the pool's maximum is clamped to it. An existing later
     /// deadline is kept. Returns true only when this call moved the key from
     /// valid to temporary; a permanent key stays permanent.
     pub fn mark_temporary(&self, cooldown: Option<Duration>) -> bool {
-        self.cool(cooldown, Reason::Manual)
+        self.cool(cooldown, Cause::manual())
     }
 
-    /// [`mark_temporary`](Self::mark_temporary), for `reason`.
-    pub fn cool(&self, cooldown: Option<Duration>, reason: Reason) -> bool {
-        let _ = reason;
+    /// [`mark_temporary`](Self::mark_temporary), for `cause`.
+    pub fn cool(&self, cooldown: Option<Duration>, cause: Cause) -> bool {
         let cooldowns = self.pool.cooldowns();
         let mut cooldown = cooldown
             .filter(|d| !d.is_zero())
@@ -134,22 +139,25 @@ impl Key {
                 redis.cooled(self.slot.fingerprint, deadline);
             }
         }
+        if marked == Marked::Transition {
+            self.transition(cause, Some(cooldown));
+        }
         marked == Marked::Transition
     }
 
     /// Retires the key for good. Returns true only on the first transition.
     pub fn mark_permanent(&self) -> bool {
-        self.retire(Reason::Manual)
+        self.retire(Cause::manual())
     }
 
-    /// [`mark_permanent`](Self::mark_permanent), for `reason`.
-    pub fn retire(&self, reason: Reason) -> bool {
-        let _ = reason;
+    /// [`mark_permanent`](Self::mark_permanent), for `cause`.
+    pub fn retire(&self, cause: Cause) -> bool {
         let marked = self.slot.cell.retire();
         if marked.changed() {
             if let Some(redis) = self.pool.backend().redis() {
                 redis.retired(self.slot.fingerprint);
             }
+            self.transition(cause, None);
         }
         marked == Marked::Transition
     }
@@ -159,17 +167,83 @@ impl Key {
     /// arriving later) do not undo it.
     pub fn reset(&self) {
         let cell = &self.slot.cell;
-        if let Some(redis) = self.pool.backend().redis() {
+        let now = self.pool.clock().now_nanos();
+        let changed = if let Some(redis) = self.pool.backend().redis() {
             let wall = clocks().0;
             let at = cell
                 .reset_at
                 .fetch_max(wall, Ordering::AcqRel)
                 .max(wall)
                 .max(cell.reset_at.load(Ordering::Acquire));
-            cell.reset(self.pool.clock().now_nanos());
+            let changed = cell.reset(now);
             redis.reset(self.slot.fingerprint, at);
+            changed
         } else {
-            cell.reset(self.pool.clock().now_nanos());
+            cell.reset(now)
+        };
+        if changed {
+            self.transition(
+                Cause {
+                    reason: Reason::Reset,
+                    status: None,
+                },
+                None,
+            );
+        }
+    }
+
+    /// Counts and logs a change of state.
+    fn transition(&self, cause: Cause, cooldown: Option<Duration>) {
+        self.counters().transition(cause.reason);
+        let (level, what) = match (cause.reason, cooldown) {
+            (Reason::Reset, _) => (Level::Info, "is valid again".to_owned()),
+            (_, Some(d)) => (Level::Info, format!("cools down for {} s", d.as_secs_f64())),
+            (_, None) => (Level::Warning, "is retired".to_owned()),
+        };
+        let upstream = cause
+            .status
+            .map(|s| format!(" (upstream answered {s})"))
+            .unwrap_or_default();
+        let pool = self.pool.name();
+        events::emit(Record {
+            logger: "keyfailover.pool",
+            level,
+            message: format!(
+                "key {} ({}) of pool {pool} {what}: {}{upstream}",
+                self.label(),
+                self.hint(),
+                cause.reason
+            ),
+            fields: vec![
+                ("pool", Field::from(pool)),
+                ("key", Field::from(self.label())),
+                ("hint", Field::from(self.hint())),
+                ("reason", Field::from(cause.reason.as_str())),
+                ("cooldown", Field::from(cooldown.map(|d| d.as_secs_f64()))),
+                ("status", Field::from(cause.status)),
+            ],
+        });
+    }
+}
+
+/// What made a key change state.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Cause {
+    pub reason: Reason,
+    /// The upstream status behind it, if any.
+    pub status: Option<u16>,
+}
+
+impl Cause {
+    pub fn new(reason: Reason, status: Option<u16>) -> Self {
+        Self { reason, status }
+    }
+
+    /// Marked through the API, not by an upstream answer.
+    pub fn manual() -> Self {
+        Self {
+            reason: Reason::Manual,
+            status: None,
         }
     }
 }

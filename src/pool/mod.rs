@@ -21,7 +21,7 @@ use crate::error::{Error, Exhaustion, Result};
 use crate::state::{Backend, Fingerprint, StateSpec, SyncStatus};
 
 pub use cell::{KeyState, KeyStatus};
-pub use key::{Key, Reason};
+pub use key::{Cause, Key, Reason};
 pub use walker::Walker;
 
 use cell::Cell;
@@ -190,6 +190,10 @@ struct Inner {
     cooldowns: Cooldowns,
     clock: Arc<dyn Clock>,
     namespace: String,
+    /// What logs and metrics call the pool: set by the first client that
+    /// uses it (`FailoverClient(..., name=)`), "default" until then.
+    name: std::sync::OnceLock<String>,
+    counters: crate::metrics::PoolCounters,
     backend: Backend,
 }
 
@@ -285,6 +289,8 @@ impl KeyPool {
                 cooldowns: options.cooldowns,
                 clock,
                 namespace,
+                name: std::sync::OnceLock::new(),
+                counters: backend.pool_counters(),
                 backend,
             }),
         })
@@ -314,6 +320,20 @@ impl KeyPool {
     /// How the sharing of key states goes.
     pub fn sync_status(&self) -> SyncStatus {
         self.inner.backend.status()
+    }
+
+    /// The pool's name in logs and metrics.
+    pub fn name(&self) -> &str {
+        self.inner.name.get().map_or("default", String::as_str)
+    }
+
+    /// Names the pool, unless it already has a name.
+    pub fn adopt_name(&self, name: &str) {
+        let _ = self.inner.name.set(name.to_owned());
+    }
+
+    pub(crate) fn counters(&self) -> &crate::metrics::PoolCounters {
+        &self.inner.counters
     }
 
     pub(crate) fn backend(&self) -> &Backend {

@@ -19,7 +19,9 @@ use super::rules::extract_headers;
 use super::runtime::block_on;
 use crate::body::{Chunks, ResponseBody};
 use crate::error::{Error, ErrorKind, Exhaustion};
-use crate::failover::{ClientOptions, Credential, FailoverClient, Request, Response};
+use crate::failover::{
+    AttemptRecord, ClientOptions, Credential, FailoverClient, Request, Response,
+};
 use crate::headers::CallerCredential;
 use crate::provider::Provider;
 
@@ -114,19 +116,21 @@ pub struct PyFailoverClient {
 #[pymethods]
 impl PyFailoverClient {
     #[new]
-    #[pyo3(signature = (pool, *, base_url, provider = "anthropic", timeout = 600.0, connect_timeout = 10.0))]
+    #[pyo3(signature = (pool, *, base_url, provider = "anthropic", timeout = 600.0, connect_timeout = 10.0, name = None))]
     fn new(
         pool: Bound<'_, PyKeyPool>,
         base_url: String,
         provider: &str,
         timeout: f64,
         connect_timeout: f64,
+        name: Option<String>,
     ) -> PyResult<Self> {
         let options = ClientOptions {
             base_url,
             provider: provider.parse()?,
             timeout: positive_seconds("timeout", timeout)?,
             connect_timeout: positive_seconds("connect_timeout", connect_timeout)?,
+            name,
         };
         let client = FailoverClient::new(pool.get().pool.clone(), options)?;
         Ok(Self {
@@ -221,6 +225,18 @@ impl PyFailoverClient {
         self.client.timeout().as_secs_f64()
     }
 
+    /// The pool's name in logs and metrics (the `pool` label).
+    #[getter]
+    fn name(&self) -> &str {
+        self.client.name()
+    }
+
+    /// The pool's metrics in the Prometheus text exposition format.
+    fn metrics(&self, py: Python<'_>) -> String {
+        let client = self.client.clone();
+        py.detach(|| client.metrics())
+    }
+
     fn __repr__(&self) -> String {
         format!(
             "FailoverClient(base_url={:?}, provider={:?}, keys={})",
@@ -238,6 +254,7 @@ struct Meta {
     attempts: u32,
     key_label: Option<String>,
     exhausted: bool,
+    attempt_log: Vec<AttemptRecord>,
     body: Arc<ResponseBody>,
 }
 
@@ -249,6 +266,7 @@ impl From<Response> for Meta {
             attempts: r.attempts,
             key_label: r.key_label,
             exhausted: r.exhausted,
+            attempt_log: r.attempt_log,
             body: Arc::new(r.body),
         }
     }
@@ -311,12 +329,34 @@ macro_rules! response_methods {
                 self.0.exhausted
             }
 
+            /// Each upstream attempt: {"key", "status", "reason", "started", "seconds"}
+            /// (key label or None for BYOK; status None when unreachable; reason
+            /// for moving on, or None; start as Unix seconds; seconds to the head).
+            #[getter]
+            fn attempt_log<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyList>> {
+                attempt_log(py, &self.0.attempt_log)
+            }
+
             #[getter]
             fn closed(&self) -> bool {
                 self.0.body.is_closed()
             }
         }
     };
+}
+
+fn attempt_log<'py>(py: Python<'py>, log: &[AttemptRecord]) -> PyResult<Bound<'py, PyList>> {
+    let list = PyList::empty(py);
+    for attempt in log {
+        let entry = PyDict::new(py);
+        entry.set_item("key", attempt.key_label.as_deref())?;
+        entry.set_item("status", attempt.status)?;
+        entry.set_item("reason", attempt.reason.map(|r| r.as_str()))?;
+        entry.set_item("started", attempt.started as f64 / 1e9)?;
+        entry.set_item("seconds", attempt.seconds)?;
+        list.append(entry)?;
+    }
+    Ok(list)
 }
 
 /// (name, value) tuples, the name as `str` and bytes, the value as `value` makes it.

@@ -15,8 +15,11 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use sha2::{Digest, Sha256};
 use std::sync::atomic::AtomicU64;
 
+use std::ptr::NonNull;
+
 use crate::clock::monotonic_nanos;
 use crate::error::{Error, Result};
+use crate::metrics::{Block, KeyCounters, PoolCounters, KEY_COUNTERS, POOL_COUNTERS};
 use crate::pool::cell::{Cell, Word, VALID};
 
 /// How often a Redis-backed pool re-reads every key's state.
@@ -195,18 +198,49 @@ impl Backend {
     /// The cell of a key: a fresh local word, or the key's word in shared
     /// memory; Redis-backed cells start local and follow the shared state.
     pub fn cell(&self, fingerprint: Fingerprint) -> Result<Arc<Cell>> {
+        let local = || {
+            Cell::new(
+                Word::Local(AtomicU64::new(VALID)),
+                KeyCounters(Block::local(KEY_COUNTERS)),
+            )
+        };
         Ok(match self {
-            Backend::Local => Arc::new(Cell::new(Word::Local(AtomicU64::new(VALID)))),
-            Backend::Shm(region) => Arc::new(Cell::new(Word::Shared {
-                ptr: region.word(fingerprint.short())?,
-                _owner: region.clone(),
-            })),
+            Backend::Local => Arc::new(local()),
+            Backend::Shm(region) => {
+                let word = region.word(fingerprint.short())?;
+                // SAFETY: a slot's counters follow its word within the slot.
+                let counters = unsafe { NonNull::new_unchecked(word.as_ptr().add(1)) };
+                Arc::new(Cell::new(
+                    Word::Shared {
+                        ptr: word,
+                        _owner: region.clone(),
+                    },
+                    KeyCounters(Block::Shared {
+                        ptr: counters,
+                        len: KEY_COUNTERS.min(shm::KEY_ROOM),
+                        _owner: region.clone(),
+                    }),
+                ))
+            }
             Backend::Redis(handle) => {
-                let cell = Arc::new(Cell::new(Word::Local(AtomicU64::new(VALID))));
+                let cell = Arc::new(local());
                 handle.0.register(fingerprint, &cell);
                 cell
             }
         })
+    }
+
+    /// The pool-wide counters: shared by the host's processes with shm,
+    /// this process's own otherwise.
+    pub fn pool_counters(&self) -> PoolCounters {
+        match self {
+            Backend::Shm(region) => PoolCounters(Block::Shared {
+                ptr: region.pool_counters(),
+                len: POOL_COUNTERS.min(shm::POOL_ROOM),
+                _owner: region.clone(),
+            }),
+            _ => PoolCounters(Block::local(POOL_COUNTERS)),
+        }
     }
 
     pub fn status(&self) -> SyncStatus {

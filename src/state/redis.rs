@@ -557,7 +557,10 @@ mod tests {
     use std::sync::atomic::{AtomicU64, Ordering};
 
     fn cell() -> Cell {
-        Cell::new(Word::Local(AtomicU64::new(VALID)))
+        Cell::new(
+            Word::Local(AtomicU64::new(VALID)),
+            crate::metrics::KeyCounters(crate::metrics::Block::local(1)),
+        )
     }
 
     #[test]

@@ -8,8 +8,9 @@
 //! Layout (version 1), all little-endian u64:
 //!
 //! ```text
-//! 0        magic "KFSTATE\x01", version, capacity, slot size   (header page)
-//! HEADER   slot 0: fingerprint (0 = free), state word, reserved...
+//! 0        magic "KFSTATE\x01", version, capacity, slot size; at 64, the
+//!          counters of the namespace's pools (metrics)
+//! HEADER   slot 0: fingerprint (0 = free), state word, the key's counters
 //!          slot 1 ...
 //! ```
 //!
@@ -36,6 +37,10 @@ const HEADER: usize = 64 * 1024;
 /// Bytes a key's slot takes: its fingerprint, its state word, and room for
 /// per-key counters.
 const SLOT: usize = 512;
+/// Counters a key's slot has room for, after its fingerprint and state word.
+pub const KEY_ROOM: usize = SLOT / 8 - 2;
+/// Counters the header has room for, after its fields.
+pub const POOL_ROOM: usize = HEADER / 8 - 8;
 const SIZE: usize = HEADER + SLOT * CAPACITY as usize;
 
 /// One namespace's shared mapping.
@@ -147,8 +152,13 @@ impl Region {
         unsafe { &*(self.map.as_ptr().add(offset) as *const AtomicU64) }
     }
 
+    /// The counters of the namespace's pools: after the header fields.
+    pub fn pool_counters(&self) -> NonNull<AtomicU64> {
+        NonNull::from(self.atomic(8 * 8))
+    }
+
     /// The state word of the key with this fingerprint (non-zero), claiming a
-    /// free slot for it on first use.
+    /// free slot for it on first use; its counters follow it.
     pub fn word(&self, fingerprint: u64) -> Result<NonNull<AtomicU64>> {
         debug_assert_ne!(fingerprint, 0);
         let start = fingerprint % CAPACITY;

@@ -1,0 +1,392 @@
+//! Prometheus metrics: plain atomic counters on the request path (in this
+//! process, or in the shared-memory file so that every worker of a host
+//! counts into the same numbers), turned into the text exposition at scrape
+//! time by `prometheus-client`.
+
+use std::any::Any;
+use std::ptr::NonNull;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
+use prometheus_client::metrics::counter::ConstCounter;
+use prometheus_client::metrics::gauge::ConstGauge;
+use prometheus_client::metrics::MetricType;
+use prometheus_client::registry::Registry;
+
+use crate::pool::{KeyPool, KeyState, Reason};
+
+/// A run of counters: in this process, or in a shared mapping.
+pub(crate) enum Block {
+    Local(Box<[AtomicU64]>),
+    Shared {
+        ptr: NonNull<AtomicU64>,
+        len: usize,
+        _owner: Arc<dyn Any + Send + Sync>,
+    },
+}
+
+// SAFETY: a shared block is atomics in a mapping its owner keeps alive.
+unsafe impl Send for Block {}
+unsafe impl Sync for Block {}
+
+impl Block {
+    pub fn local(len: usize) -> Self {
+        Block::Local((0..len).map(|_| AtomicU64::new(0)).collect())
+    }
+
+    fn slots(&self) -> &[AtomicU64] {
+        match self {
+            Block::Local(slots) => slots,
+            // SAFETY: `len` atomics at `ptr`, alive as long as `_owner`.
+            Block::Shared { ptr, len, .. } => unsafe {
+                std::slice::from_raw_parts(ptr.as_ptr(), *len)
+            },
+        }
+    }
+
+    pub fn add(&self, index: usize, n: u64) {
+        if let Some(slot) = self.slots().get(index) {
+            slot.fetch_add(n, Ordering::Relaxed);
+        }
+    }
+
+    pub fn get(&self, index: usize) -> u64 {
+        self.slots()
+            .get(index)
+            .map_or(0, |slot| slot.load(Ordering::Relaxed))
+    }
+}
+
+/// Why keys changed state, in the order of their counters.
+pub const REASONS: [Reason; 5] = [
+    Reason::RateLimited,
+    Reason::QuotaExhausted,
+    Reason::Revoked,
+    Reason::Reset,
+    Reason::Manual,
+];
+/// Room kept for reasons to come (the layout is shared between processes).
+const REASON_SLOTS: usize = 8;
+/// The status codes counted one by one; any other counts as "other".
+pub const CODES: [u16; 24] = [
+    200, 201, 202, 204, 301, 302, 304, 307, 400, 401, 402, 403, 404, 405, 408, 409, 413, 422, 429,
+    500, 502, 503, 504, 529,
+];
+/// A key's counters: transitions by reason, then responses by code.
+pub const KEY_COUNTERS: usize = REASON_SLOTS + CODES.len() + 1;
+
+/// How a request ended, for `keyfailover_requests_total`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// Upstream answered and it was relayed (any status).
+    Ok,
+    ExhaustedRateLimited,
+    ExhaustedAuth,
+    UpstreamUnreachable,
+    UpstreamTimeout,
+    /// The body broke after the head was relayed.
+    StreamBroken,
+    /// Sent with the caller's own key.
+    Byok,
+    /// Refused by the proxy (client token, body too large, a refused method or path).
+    Rejected,
+}
+
+impl Outcome {
+    pub const ALL: [Outcome; 8] = [
+        Outcome::Ok,
+        Outcome::ExhaustedRateLimited,
+        Outcome::ExhaustedAuth,
+        Outcome::UpstreamUnreachable,
+        Outcome::UpstreamTimeout,
+        Outcome::StreamBroken,
+        Outcome::Byok,
+        Outcome::Rejected,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Outcome::Ok => "ok",
+            Outcome::ExhaustedRateLimited => "exhausted_rate_limited",
+            Outcome::ExhaustedAuth => "exhausted_auth",
+            Outcome::UpstreamUnreachable => "upstream_unreachable",
+            Outcome::UpstreamTimeout => "upstream_timeout",
+            Outcome::StreamBroken => "stream_broken",
+            Outcome::Byok => "byok",
+            Outcome::Rejected => "rejected",
+        }
+    }
+
+    fn index(self) -> usize {
+        Self::ALL.iter().position(|o| *o == self).unwrap_or(0)
+    }
+}
+
+/// Buckets of `keyfailover_request_attempts`: 1 to 8 attempts, then more.
+const ATTEMPT_BUCKETS: usize = 9;
+/// Upper bounds (seconds) of `keyfailover_upstream_duration_seconds`.
+pub const DURATION_BOUNDS: [f64; 14] = [
+    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0,
+];
+
+// A pool's counters: outcomes, then the attempts histogram (buckets, sum,
+// count), then the duration histogram (buckets with +Inf, sum in µs, count).
+const OUTCOMES: usize = 0;
+const ATTEMPTS: usize = OUTCOMES + 8;
+const ATTEMPTS_SUM: usize = ATTEMPTS + ATTEMPT_BUCKETS;
+const ATTEMPTS_COUNT: usize = ATTEMPTS_SUM + 1;
+const DURATION: usize = ATTEMPTS_COUNT + 1;
+const DURATION_SUM: usize = DURATION + DURATION_BOUNDS.len() + 1;
+const DURATION_COUNT: usize = DURATION_SUM + 1;
+/// A pool's counters in all.
+pub const POOL_COUNTERS: usize = DURATION_COUNT + 1;
+
+/// The counters of one key.
+pub(crate) struct KeyCounters(pub Block);
+
+impl KeyCounters {
+    pub fn transition(&self, reason: Reason) {
+        if let Some(i) = REASONS.iter().position(|r| *r == reason) {
+            self.0.add(i, 1);
+        }
+    }
+
+    pub fn response(&self, status: u16) {
+        let i = CODES
+            .iter()
+            .position(|c| *c == status)
+            .unwrap_or(CODES.len());
+        self.0.add(REASON_SLOTS + i, 1);
+    }
+}
+
+/// The counters of one pool.
+pub(crate) struct PoolCounters(pub Block);
+
+impl PoolCounters {
+    pub fn outcome(&self, outcome: Outcome) {
+        self.0.add(OUTCOMES + outcome.index(), 1);
+    }
+
+    pub fn attempts(&self, attempts: u32) {
+        let bucket = (attempts.max(1) as usize - 1).min(ATTEMPT_BUCKETS - 1);
+        self.0.add(ATTEMPTS + bucket, 1);
+        self.0.add(ATTEMPTS_SUM, u64::from(attempts));
+        self.0.add(ATTEMPTS_COUNT, 1);
+    }
+
+    pub fn upstream_duration(&self, took: Duration) {
+        let seconds = took.as_secs_f64();
+        let bucket = DURATION_BOUNDS
+            .iter()
+            .position(|b| seconds <= *b)
+            .unwrap_or(DURATION_BOUNDS.len());
+        self.0.add(DURATION + bucket, 1);
+        self.0.add(
+            DURATION_SUM,
+            u64::try_from(took.as_micros()).unwrap_or(u64::MAX),
+        );
+        self.0.add(DURATION_COUNT, 1);
+    }
+}
+
+/// The metric families of one pool, served under the name `pool`.
+#[derive(Debug)]
+struct PoolCollector {
+    pool: KeyPool,
+    name: String,
+}
+
+type Labels = Vec<(&'static str, String)>;
+
+fn family<M: EncodeMetric>(
+    encoder: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    kind: MetricType,
+    series: Vec<(Labels, M)>,
+) -> Result<(), std::fmt::Error> {
+    let mut metric = encoder.encode_descriptor(name, help, None, kind)?;
+    for (labels, value) in series {
+        value.encode(metric.encode_family(&labels)?)?;
+    }
+    Ok(())
+}
+
+impl Collector for PoolCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let pool_label = || vec![("pool", self.name.clone())];
+        let key_labels = |label: &str| vec![("pool", self.name.clone()), ("key", label.to_owned())];
+        let snapshot = self.pool.snapshot();
+        let health = self.pool.health();
+        let states = [
+            (KeyState::Valid, health.valid),
+            (KeyState::Temporary, health.temporary),
+            (KeyState::Permanent, health.permanent),
+        ];
+        family(
+            &mut encoder,
+            "keyfailover_keys",
+            "Keys of the pool in each state.",
+            MetricType::Gauge,
+            states
+                .iter()
+                .map(|(state, n)| {
+                    let mut labels = pool_label();
+                    labels.push(("state", state.as_str().to_owned()));
+                    (labels, ConstGauge::new(*n as i64))
+                })
+                .collect(),
+        )?;
+        family(
+            &mut encoder,
+            "keyfailover_key_state",
+            "1 for each key's current state, 0 for the others.",
+            MetricType::Gauge,
+            snapshot
+                .iter()
+                .flat_map(|key| {
+                    states.iter().map(move |(state, _)| {
+                        let mut labels = key_labels(&key.label);
+                        labels.push(("state", state.as_str().to_owned()));
+                        (labels, ConstGauge::new(i64::from(key.state == *state)))
+                    })
+                })
+                .collect(),
+        )?;
+        family(
+            &mut encoder,
+            "keyfailover_key_cooldown_seconds",
+            "Seconds until a cooling key is valid again (0 otherwise).",
+            MetricType::Gauge,
+            snapshot
+                .iter()
+                .map(|key| {
+                    (
+                        key_labels(&key.label),
+                        ConstGauge::new(key.cooldown_remaining.as_secs_f64()),
+                    )
+                })
+                .collect(),
+        )?;
+        let keys = self.pool.keys();
+        family(
+            &mut encoder,
+            "keyfailover_key_transitions",
+            "Key state changes, by reason.",
+            MetricType::Counter,
+            keys.iter()
+                .flat_map(|key| {
+                    let counters = key.counters();
+                    REASONS.iter().enumerate().map(move |(i, reason)| {
+                        let mut labels = key_labels(key.label());
+                        labels.push(("reason", reason.as_str().to_owned()));
+                        (labels, ConstCounter::new(counters.0.get(i)))
+                    })
+                })
+                .collect(),
+        )?;
+        family(
+            &mut encoder,
+            "keyfailover_upstream_responses",
+            "Upstream responses, by key and status code (\"other\": codes not counted one by one).",
+            MetricType::Counter,
+            keys.iter()
+                .flat_map(|key| {
+                    let counters = key.counters();
+                    let codes = CODES
+                        .iter()
+                        .map(|c| c.to_string())
+                        .chain(["other".to_owned()]);
+                    codes.enumerate().filter_map(move |(i, code)| {
+                        let n = counters.0.get(REASON_SLOTS + i);
+                        (n > 0).then(|| {
+                            let mut labels = key_labels(key.label());
+                            labels.push(("code", code));
+                            (labels, ConstCounter::new(n))
+                        })
+                    })
+                })
+                .collect(),
+        )?;
+        let counters = self.pool.counters();
+        family(
+            &mut encoder,
+            "keyfailover_requests",
+            "Requests, by how they ended.",
+            MetricType::Counter,
+            Outcome::ALL
+                .iter()
+                .map(|outcome| {
+                    let mut labels = pool_label();
+                    labels.push(("outcome", outcome.as_str().to_owned()));
+                    (
+                        labels,
+                        ConstCounter::new(counters.0.get(OUTCOMES + outcome.index())),
+                    )
+                })
+                .collect(),
+        )?;
+        let block = &counters.0;
+        // Per-bucket counts: the encoder makes them cumulative.
+        let buckets = |start: usize, bounds: &[f64]| -> Vec<(f64, u64)> {
+            bounds
+                .iter()
+                .copied()
+                .chain([f64::INFINITY])
+                .enumerate()
+                .map(|(i, bound)| (bound, block.get(start + i)))
+                .collect()
+        };
+        let attempt_bounds: Vec<f64> = (1..ATTEMPT_BUCKETS).map(|n| n as f64).collect();
+        let mut metric = encoder.encode_descriptor(
+            "keyfailover_request_attempts",
+            "Upstream attempts per request.",
+            None,
+            MetricType::Histogram,
+        )?;
+        metric
+            .encode_family(&pool_label())?
+            .encode_histogram::<Labels>(
+                block.get(ATTEMPTS_SUM) as f64,
+                block.get(ATTEMPTS_COUNT),
+                &buckets(ATTEMPTS, &attempt_bounds),
+                None,
+            )?;
+        let mut metric = encoder.encode_descriptor(
+            "keyfailover_upstream_duration_seconds",
+            "Time from sending an attempt to its response head.",
+            None,
+            MetricType::Histogram,
+        )?;
+        metric
+            .encode_family(&pool_label())?
+            .encode_histogram::<Labels>(
+                block.get(DURATION_SUM) as f64 / 1e6,
+                block.get(DURATION_COUNT),
+                &buckets(DURATION, &DURATION_BOUNDS),
+                None,
+            )?;
+        Ok(())
+    }
+}
+
+/// The Prometheus text exposition (format 0.0.4) of `pool`'s metrics, with
+/// `name` as the `pool` label.
+pub fn exposition(pool: &KeyPool, name: &str) -> String {
+    let mut registry = Registry::default();
+    registry.register_collector(Box::new(PoolCollector {
+        pool: pool.clone(),
+        name: name.to_owned(),
+    }));
+    let mut out = String::new();
+    // Writing into a String cannot fail.
+    let _ = prometheus_client::encoding::prometheus_text::encode(&mut out, &registry);
+    out
+}
+
+/// The content type of [`exposition`].
+pub const CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
