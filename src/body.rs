@@ -58,6 +58,8 @@ pub(crate) struct Stream {
     pub shutdown: CancellationToken,
     /// Counts the request's outcome once the body is done with.
     pub outcome: Option<Arc<OutcomeOnDrop>>,
+    /// Keeps the key counted as in use until the body is done with.
+    pub _in_flight: Option<crate::pool::InFlight>,
     pub done: bool,
 }
 

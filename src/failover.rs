@@ -24,7 +24,7 @@ use crate::error::{Error, ErrorKind, Exhaustion, Result};
 use crate::events::{self, Field, Level, Record};
 use crate::headers::{self, CallerCredential};
 use crate::metrics::Outcome;
-use crate::pool::{Key, KeyPool, Reason};
+use crate::pool::{InFlight, Key, KeyPool, Reason};
 use crate::provider::Provider;
 use crate::retry_after::parse_retry_after;
 use crate::sse::{first_event_data, Framer};
@@ -387,8 +387,10 @@ impl FailoverClient {
         resp: reqwest::Response,
         pending: VecDeque<Bytes>,
         framer: Option<Framer>,
-        byok: bool,
+        in_flight: Option<InFlight>,
     ) -> Response {
+        // Only a pool key's request counts as in flight; BYOK has none.
+        let byok = in_flight.is_none();
         let status = resp.status().as_u16();
         let stream = headers::is_event_stream(resp.headers());
         // Error bodies are small and may echo the key that was sent.
@@ -440,6 +442,7 @@ impl FailoverClient {
                 scrubber,
                 shutdown: self.shutdown.clone(),
                 outcome,
+                _in_flight: in_flight,
                 done: false,
             }),
         }
@@ -504,7 +507,7 @@ impl Attempt<'_> {
         value.set_sensitive(true);
         headers.insert(caller.header, value);
         match self.send(headers, None, log).await {
-            Ok(resp) => client.relay(resp, VecDeque::new(), None, true),
+            Ok(resp) => client.relay(resp, VecDeque::new(), None, None),
             Err(failure) => client.send_failure(&failure, true),
         }
     }
@@ -532,11 +535,13 @@ impl Attempt<'_> {
             value.set_sensitive(true);
             attempt_headers.insert(HeaderName::from_static(name), value);
 
+            let in_flight = key.in_flight();
             let resp = match self.send(attempt_headers, Some(&key), log).await {
                 Ok(resp) => resp,
                 Err(failure) => break client.send_failure(&failure, false),
             };
             let status = resp.status().as_u16();
+            key.observe(resp.headers(), status, SystemTime::now());
             match self.judge(resp).await {
                 Judged::Failover(verdict) => {
                     if let Some(reason) = verdict.reason() {
@@ -549,7 +554,7 @@ impl Attempt<'_> {
                     verdict.apply(&key, Some(status));
                 }
                 Judged::Return(resp, pending, framer) => {
-                    break client.relay(resp, pending, framer, false)
+                    break client.relay(resp, pending, framer, Some(in_flight))
                 }
                 Judged::Failed(failure) => break client.send_failure(&failure, false),
             }

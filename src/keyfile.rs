@@ -10,15 +10,52 @@
 //! A label is letters, digits, `_`, `.` and `-`. A key that itself contains
 //! `=` (some base64 keys end in `=`) is told apart by that: `abc==` is a bare
 //! key, `abc=def` a labelled one; label every key when in doubt.
+//!
+//! Settings of a key follow it on its line, separated by spaces:
+//! `group=NAME` (the organization or project whose limits it shares) and
+//! `base_url=URL` (its own endpoint):
+//!
+//! ```text
+//! east=sk-1 group=org-1 base_url=https://east.example.com
+//! ```
 
 use crate::error::{Error, Result};
+use crate::pool::KeySpec;
 
 /// Keys as a file gives them: all labelled, or all bare (labelled `key-0`,
-/// `key-1`, ... by the pool).
+/// `key-1`, ... by the pool), each with its settings.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Keys {
-    Bare(Vec<String>),
-    Labelled(Vec<(String, String)>),
+    Bare(Vec<Entry>),
+    Labelled(Vec<(String, Entry)>),
+}
+
+/// A key with the settings its line gives.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Entry {
+    pub value: String,
+    pub group: Option<String>,
+    pub base_url: Option<String>,
+}
+
+impl Keys {
+    /// The keys as pool specs, labelled as the pool would label them.
+    pub fn into_specs(self) -> Vec<KeySpec> {
+        let spec = |label: String, e: Entry| KeySpec {
+            label,
+            value: e.value,
+            group: e.group,
+            base_url: e.base_url,
+        };
+        match self {
+            Keys::Bare(entries) => entries
+                .into_iter()
+                .enumerate()
+                .map(|(i, e)| spec(format!("key-{i}"), e))
+                .collect(),
+            Keys::Labelled(entries) => entries.into_iter().map(|(l, e)| spec(l, e)).collect(),
+        }
+    }
 }
 
 /// Parses `text`, whose entries are separated by any of `separators`;
@@ -30,8 +67,8 @@ pub fn parse(text: &str, source: &str, separators: &[char]) -> Result<Keys> {
     } else {
         "entry"
     };
-    let mut bare: Vec<(usize, String)> = Vec::new();
-    let mut labelled: Vec<(usize, String, String)> = Vec::new();
+    let mut bare: Vec<(usize, Entry)> = Vec::new();
+    let mut labelled: Vec<(usize, String, Entry)> = Vec::new();
     for (i, entry) in text.split(|c| separators.contains(&c)).enumerate() {
         let n = i + 1;
         let entry = entry.trim();
@@ -39,19 +76,42 @@ pub fn parse(text: &str, source: &str, separators: &[char]) -> Result<Keys> {
             continue;
         }
         let at = |message: String| Error::Config(format!("{source}, {unit} {n}: {message}"));
-        if entry.contains(char::is_whitespace) {
-            return Err(at("a key holds no whitespace (one key per entry)".into()));
+        let mut words = entry.split_whitespace();
+        let first = words.next().unwrap_or_default();
+        let mut settings = Entry::default();
+        for word in words {
+            match word.split_once('=') {
+                Some(("group", value)) if !value.is_empty() => {
+                    settings.group = Some(value.to_owned())
+                }
+                Some(("base_url", value)) if !value.is_empty() => {
+                    settings.base_url = Some(value.to_owned())
+                }
+                Some((name @ ("group" | "base_url"), _)) => {
+                    return Err(at(format!("{name}= needs a value")))
+                }
+                _ => {
+                    return Err(at(format!(
+                        "unexpected {:?} after the key: settings are group=NAME and base_url=URL",
+                        truncated(word)
+                    )))
+                }
+            }
         }
-        match split_label(entry) {
+        match split_label(first) {
             Some((label, key)) => {
                 if let Some((m, ..)) = labelled.iter().find(|(_, l, _)| l == label) {
                     return Err(at(format!(
                         "duplicate label {label:?} (also on {unit} {m})"
                     )));
                 }
-                labelled.push((n, label.to_owned(), key.to_owned()));
+                settings.value = key.to_owned();
+                labelled.push((n, label.to_owned(), settings));
             }
-            None => bare.push((n, entry.to_owned())),
+            None => {
+                settings.value = first.to_owned();
+                bare.push((n, settings));
+            }
         }
         if let (Some((b, _)), Some((l, ..))) = (bare.first(), labelled.first()) {
             let (this, other, other_kind) = if n == *b {
@@ -67,10 +127,19 @@ pub fn parse(text: &str, source: &str, separators: &[char]) -> Result<Keys> {
     }
     match (bare.is_empty(), labelled.is_empty()) {
         (true, true) => Err(Error::Config(format!("{source} holds no keys"))),
-        (false, _) => Ok(Keys::Bare(bare.into_iter().map(|(_, k)| k).collect())),
+        (false, _) => Ok(Keys::Bare(bare.into_iter().map(|(_, e)| e).collect())),
         (_, false) => Ok(Keys::Labelled(
-            labelled.into_iter().map(|(_, l, k)| (l, k)).collect(),
+            labelled.into_iter().map(|(_, l, e)| (l, e)).collect(),
         )),
+    }
+}
+
+/// `text` cut short, for messages (a word after a key might be a key too).
+fn truncated(text: &str) -> String {
+    if text.chars().count() > 12 {
+        format!("{}...", text.chars().take(6).collect::<String>())
+    } else {
+        text.to_owned()
     }
 }
 
@@ -98,21 +167,39 @@ mod tests {
 
     #[test]
     fn formats() {
+        let e = |v: &str| Entry {
+            value: v.into(),
+            ..Entry::default()
+        };
         assert_eq!(
             lines(&format!("{A}\n{B}\n")).unwrap(),
-            Keys::Bare(vec![A.into(), B.into()])
+            Keys::Bare(vec![e(A), e(B)])
         );
         assert_eq!(
             lines(&format!("# team\n\nprod={A}\nbackup={B}\n")).unwrap(),
-            Keys::Labelled(vec![("prod".into(), A.into()), ("backup".into(), B.into())])
+            Keys::Labelled(vec![("prod".into(), e(A)), ("backup".into(), e(B))])
         );
         assert_eq!(
             lines("c2stYmFzZTY0a2V5==\nc2stb3RoZXI=\n").unwrap(),
-            Keys::Bare(vec!["c2stYmFzZTY0a2V5==".into(), "c2stb3RoZXI=".into()])
+            Keys::Bare(vec![e("c2stYmFzZTY0a2V5=="), e("c2stb3RoZXI=")])
         );
         assert_eq!(
             parse(&format!("{A}, {B}\n"), "x", &[',', '\n']).unwrap(),
-            Keys::Bare(vec![A.into(), B.into()])
+            Keys::Bare(vec![e(A), e(B)])
+        );
+        let with_settings = lines(&format!(
+            "east={A} group=org-1 base_url=https://east.example.com\nwest={B}  group=org-1\n"
+        ))
+        .unwrap();
+        let specs = with_settings.into_specs();
+        assert_eq!(specs[0].group.as_deref(), Some("org-1"));
+        assert_eq!(
+            specs[0].base_url.as_deref(),
+            Some("https://east.example.com")
+        );
+        assert_eq!(
+            (specs[1].label.as_str(), specs[1].base_url.as_deref()),
+            ("west", None)
         );
     }
 
@@ -133,7 +220,15 @@ mod tests {
             ),
             (
                 format!("{A} trailing\n"),
-                "keys file 'k.txt', line 1: a key holds no whitespace",
+                "keys file 'k.txt', line 1: unexpected \"trailing\" after the key",
+            ),
+            (
+                format!("{A} {B}\n"),
+                "keys file 'k.txt', line 1: unexpected \"sk-ant...\" after the key",
+            ),
+            (
+                format!("{A} group=\n"),
+                "keys file 'k.txt', line 1: group= needs a value",
             ),
             (
                 "# only comments\n\n".to_owned(),

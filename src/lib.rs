@@ -17,6 +17,7 @@ pub mod keyfile;
 pub mod metrics;
 pub mod pool;
 pub mod provider;
+pub mod ratelimit;
 pub mod retry_after;
 pub mod sse;
 pub mod state;

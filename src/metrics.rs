@@ -17,6 +17,7 @@ use prometheus_client::metrics::MetricType;
 use prometheus_client::registry::Registry;
 
 use crate::pool::{KeyPool, KeyState, Reason};
+use crate::ratelimit::{LimitKind, RateLimits};
 
 /// A run of counters: in this process, or in a shared mapping.
 pub(crate) enum Block {
@@ -53,6 +54,12 @@ impl Block {
         }
     }
 
+    pub fn set(&self, index: usize, value: u64) {
+        if let Some(slot) = self.slots().get(index) {
+            slot.store(value, Ordering::Relaxed);
+        }
+    }
+
     pub fn get(&self, index: usize) -> u64 {
         self.slots()
             .get(index)
@@ -61,12 +68,14 @@ impl Block {
 }
 
 /// Why keys changed state, in the order of their counters.
-pub const REASONS: [Reason; 5] = [
+pub const REASONS: [Reason; 7] = [
     Reason::RateLimited,
     Reason::QuotaExhausted,
     Reason::Revoked,
     Reason::Reset,
     Reason::Manual,
+    Reason::Depleted,
+    Reason::GroupRateLimited,
 ];
 /// Room kept for reasons to come (the layout is shared between processes).
 const REASON_SLOTS: usize = 8;
@@ -75,8 +84,12 @@ pub const CODES: [u16; 24] = [
     200, 201, 202, 204, 301, 302, 304, 307, 400, 401, 402, 403, 404, 405, 408, 409, 413, 422, 429,
     500, 502, 503, 504, 529,
 ];
-/// A key's counters: transitions by reason, then responses by code.
-pub const KEY_COUNTERS: usize = REASON_SLOTS + CODES.len() + 1;
+/// Where a key's latest rate-limit values are kept: per limit kind, the
+/// limit and what remains, each stored plus one (0: not heard of).
+const LIMITS: usize = REASON_SLOTS + CODES.len() + 1;
+/// A key's counters: transitions by reason, responses by code, then its
+/// latest rate-limit values (gauges, kept with them so workers share them).
+pub const KEY_COUNTERS: usize = LIMITS + 2 * LimitKind::ALL.len();
 
 /// How a request ended, for `keyfailover_requests_total`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -161,6 +174,38 @@ impl KeyCounters {
             .unwrap_or(CODES.len());
         self.0.add(REASON_SLOTS + i, 1);
     }
+
+    /// Keeps the latest values a response reported (a few stores; no lock).
+    pub fn observe(&self, limits: &RateLimits) {
+        for kind in LimitKind::ALL {
+            let limit = limits.get(kind);
+            if let Some(n) = limit.limit {
+                self.0.set(LIMITS + 2 * kind.index(), n.saturating_add(1));
+            }
+            if let Some(n) = limit.remaining {
+                self.0
+                    .set(LIMITS + 2 * kind.index() + 1, n.saturating_add(1));
+            }
+        }
+    }
+
+    /// The latest (limit, remaining) of a kind, where known.
+    pub fn limit(&self, kind: LimitKind) -> (Option<u64>, Option<u64>) {
+        let read = |i: usize| self.0.get(i).checked_sub(1);
+        (
+            read(LIMITS + 2 * kind.index()),
+            read(LIMITS + 2 * kind.index() + 1),
+        )
+    }
+
+    /// The share of the request limit left (1.0 when not heard of).
+    pub fn headroom(&self) -> f64 {
+        match self.limit(LimitKind::Requests) {
+            (Some(limit), Some(remaining)) if limit > 0 => remaining as f64 / limit as f64,
+            (None, Some(0)) => 0.0,
+            _ => 1.0,
+        }
+    }
 }
 
 /// The counters of one pool.
@@ -244,13 +289,14 @@ impl Collector for PoolCollector {
         family(
             &mut encoder,
             "keyfailover_key_state",
-            "1 for each key's current state, 0 for the others.",
+            "1 for each key's current state, 0 for the others (group: its group, if any).",
             MetricType::Gauge,
             snapshot
                 .iter()
                 .flat_map(|key| {
                     states.iter().map(move |(state, _)| {
                         let mut labels = key_labels(&key.label);
+                        labels.push(("group", key.group.clone().unwrap_or_default()));
                         labels.push(("state", state.as_str().to_owned()));
                         (labels, ConstGauge::new(i64::from(key.state == *state)))
                     })
@@ -273,6 +319,27 @@ impl Collector for PoolCollector {
                 .collect(),
         )?;
         let keys = self.pool.keys();
+        family(
+            &mut encoder,
+            "keyfailover_key_remaining",
+            "What each key has left of each limit, from the latest rate-limit headers.",
+            MetricType::Gauge,
+            keys.iter()
+                .flat_map(|key| {
+                    LimitKind::ALL.iter().filter_map(move |kind| {
+                        let (_, remaining) = key.counters().limit(*kind);
+                        remaining.map(|n| {
+                            let mut labels = key_labels(key.label());
+                            labels.push(("limit", kind.as_str().to_owned()));
+                            (
+                                labels,
+                                ConstGauge::new(i64::try_from(n).unwrap_or(i64::MAX)),
+                            )
+                        })
+                    })
+                })
+                .collect(),
+        )?;
         family(
             &mut encoder,
             "keyfailover_key_transitions",

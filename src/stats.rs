@@ -45,7 +45,7 @@ impl Stats {
             Reason::RateLimited => &self.rate_limited,
             Reason::QuotaExhausted => &self.quota_exhausted,
             Reason::Revoked => &self.revoked,
-            Reason::Reset | Reason::Manual => return,
+            Reason::Reset | Reason::Manual | Reason::Depleted | Reason::GroupRateLimited => return,
         });
     }
 

@@ -13,9 +13,12 @@ pub enum Verdict {
     NotKeySpecific,
     /// Rate-limited: cool down for the hinted time, or the pool's default.
     RateLimited(Option<Duration>),
-    /// The key's quota or spend cap is used up: the pool's quota cooldown.
+    /// The key's quota or credit is used up: the pool's quota cooldown.
     QuotaExhausted,
-    /// Unauthorized, forbidden or out of billing: retire the key.
+    /// A monthly spend limit is reached: cool down until it renews, at
+    /// 00:00 UTC on the 1st of the next month (clamped by `max_cooldown`).
+    SpendLimited,
+    /// Unauthorized or forbidden: retire the key.
     Revoked,
 }
 
@@ -29,7 +32,7 @@ impl Verdict {
         match self {
             Verdict::NotKeySpecific => None,
             Verdict::RateLimited(_) => Some(Reason::RateLimited),
-            Verdict::QuotaExhausted => Some(Reason::QuotaExhausted),
+            Verdict::QuotaExhausted | Verdict::SpendLimited => Some(Reason::QuotaExhausted),
             Verdict::Revoked => Some(Reason::Revoked),
         }
     }
@@ -52,6 +55,9 @@ impl Verdict {
             Verdict::QuotaExhausted => {
                 key.cool(Some(key.pool().cooldowns().quota), cause);
             }
+            Verdict::SpendLimited => {
+                key.cool(Some(until_next_month(SystemTime::now())), cause);
+            }
             Verdict::Revoked => {
                 key.retire(cause);
             }
@@ -61,9 +67,27 @@ impl Verdict {
 }
 
 /// Whether the verdict for this status depends on the error body, so that a
-/// caller reads (a bounded prefix of) it before classifying.
+/// caller reads (a bounded prefix of) it before classifying: a 429 may be a
+/// spent quota, a 400 a spent credit balance.
 pub fn needs_body(status: u16) -> bool {
-    status == 429
+    matches!(status, 400 | 429)
+}
+
+/// How long from `now` until 00:00 UTC on the 1st of the next month.
+pub fn until_next_month(now: SystemTime) -> Duration {
+    let secs = now
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    let (year, month, _) =
+        crate::ratelimit::civil_from_days(i64::try_from(secs / 86_400).unwrap_or(0));
+    let (year, month) = if month == 12 {
+        (year + 1, 1)
+    } else {
+        (year, month + 1)
+    };
+    let start =
+        u64::try_from(crate::ratelimit::days_from_civil(year, month, 1) * 86_400).unwrap_or(0);
+    Duration::from_secs(start.saturating_sub(secs).max(1))
 }
 
 /// The verdict for a response head (and, for 429, its error body).
@@ -77,12 +101,22 @@ where
 /// [`classify`] with the head's Retry-After already parsed (the failover
 /// client parses it once per response).
 pub fn classify_head(status: u16, retry_after: Option<Duration>, body: Option<&[u8]>) -> Verdict {
+    let body_says = body.and_then(error_body_verdict);
     match status {
-        429 if body.and_then(error_body_verdict) == Some(Verdict::QuotaExhausted) => {
-            Verdict::QuotaExhausted
-        }
-        429 => Verdict::RateLimited(retry_after),
-        401..=403 => Verdict::Revoked,
+        429 => match body_says {
+            Some(spent @ (Verdict::QuotaExhausted | Verdict::SpendLimited)) => spent,
+            _ => Verdict::RateLimited(retry_after),
+        },
+        // Anthropic: "Your credit balance is too low to access the Anthropic
+        // API" comes as 400 invalid_request_error; every other 400 is the
+        // caller's.
+        400 if body_says == Some(Verdict::QuotaExhausted) => Verdict::QuotaExhausted,
+        // 402 billing_error (Anthropic, docs.anthropic.com "Errors": "an issue
+        // with your billing or payment information") is fixed by paying, not
+        // by a new key: cooled for the quota cooldown, so the key comes back
+        // by itself once the account is in order.
+        402 => Verdict::QuotaExhausted,
+        401 | 403 => Verdict::Revoked,
         _ => Verdict::NotKeySpecific,
     }
 }
@@ -126,7 +160,24 @@ pub fn error_body_verdict(body: &[u8]) -> Option<Verdict> {
         .is_some_and(|c| c == "enforced_spend_limit_reached");
     let (kind, code) = (field("type"), field("code"));
     let is = |names: &[&str]| names.contains(&kind) || names.contains(&code);
-    if spend_cap || is(&["insufficient_quota"]) {
+    let message = field("message").to_ascii_lowercase();
+    if spend_cap {
+        // Anthropic: 429 rate_limit_error with this error_code when a monthly
+        // spend limit of the workspace or tier is reached.
+        Some(Verdict::SpendLimited)
+    } else if is(&[
+        // OpenAI (platform.openai.com "Error codes"): 429 insufficient_quota,
+        // "You exceeded your current quota, please check your plan and
+        // billing details"; the others name spent credit or budgets.
+        "insufficient_quota",
+        "billing_hard_limit_reached",
+        "credit_balance_exhausted",
+        "organization_spend_limit_exceeded",
+        "project_spend_limit_exceeded",
+        "billing_error",
+    ]) || (kind == "invalid_request_error"
+        && message.contains("credit balance is too low"))
+    {
         Some(Verdict::QuotaExhausted)
     } else if is(&["rate_limit_error", "rate_limit_exceeded"]) {
         Some(Verdict::RateLimited(None))
@@ -202,13 +253,15 @@ mod tests {
                 KeyState::Permanent,
                 None,
             ),
+            // The seed retires on 402; billing errors are fixed by paying,
+            // so keyfailover cools the key for the quota cooldown instead.
             (
-                "402_marks_permanent",
+                "402_cools_for_the_quota_cooldown",
                 402,
                 &[],
                 true,
-                KeyState::Permanent,
-                None,
+                KeyState::Temporary,
+                Some(3_600_000),
             ),
             (
                 "403_marks_permanent",
@@ -257,7 +310,9 @@ mod tests {
         let bodies = [
             r#"{"error":{"message":"You exceeded your current quota","type":"insufficient_quota","param":null,"code":"insufficient_quota"}}"#,
             r#"{"error":{"message":"quota","type":"requests","code":"insufficient_quota"}}"#,
-            r#"{"type":"error","error":{"type":"rate_limit_error","message":"spend cap","details":{"error_code":"enforced_spend_limit_reached"}}}"#,
+            r#"{"error":{"message":"x","type":"requests","code":"credit_balance_exhausted"}}"#,
+            r#"{"error":{"message":"x","type":"requests","code":"organization_spend_limit_exceeded"}}"#,
+            r#"{"error":{"message":"x","type":"requests","code":"project_spend_limit_exceeded"}}"#,
         ];
         for body in bodies {
             let (key, clock) = fresh_key();
@@ -270,6 +325,42 @@ mod tests {
             clock.advance(Duration::from_secs(3600));
             assert_eq!(key.state(), KeyState::Valid);
         }
+    }
+
+    #[test]
+    fn a_spend_limit_cools_until_the_first_of_next_month() {
+        let (key, _) = fresh_key();
+        let body = r#"{"type":"error","error":{"type":"rate_limit_error","message":"spend cap","details":{"error_code":"enforced_spend_limit_reached"}}}"#;
+        assert!(mark(&key, 429, &[("retry-after", "5")], Some(body)));
+        let expected = until_next_month(SystemTime::now());
+        let got = key.status().cooldown_remaining;
+        assert!(
+            expected.abs_diff(got) < Duration::from_secs(5),
+            "{got:?} vs {expected:?}"
+        );
+        // 2026-12-02T05:00:00Z -> 2027-01-01T00:00:00Z
+        let dec = UNIX_EPOCH + Duration::from_secs(1_796_187_600);
+        assert_eq!(
+            until_next_month(dec),
+            Duration::from_secs(1_798_761_600 - 1_796_187_600)
+        );
+        // 2024-02-29T23:59:59Z -> 2024-03-01T00:00:00Z
+        let leap = UNIX_EPOCH + Duration::from_secs(1_709_251_199);
+        assert_eq!(until_next_month(leap), Duration::from_secs(1));
+    }
+
+    #[test]
+    fn a_spent_credit_balance_is_a_quota_error_and_other_400s_are_the_callers() {
+        let (key, _) = fresh_key();
+        let credit = r#"{"type":"error","error":{"type":"invalid_request_error","message":"Your credit balance is too low to access the Anthropic API. Please go to Plans & Billing to upgrade or purchase credits."}}"#;
+        assert!(mark(&key, 400, &[], Some(credit)));
+        assert_eq!(key.status().cooldown_remaining, Duration::from_secs(3600));
+        let (key, _) = fresh_key();
+        let caller = r#"{"type":"error","error":{"type":"invalid_request_error","message":"messages: roles must alternate"}}"#;
+        assert!(!mark(&key, 400, &[], Some(caller)));
+        assert!(!mark(&key, 400, &[], None));
+        assert_eq!(key.state(), KeyState::Valid);
+        assert!(needs_body(400) && needs_body(429) && !needs_body(401));
     }
 
     #[test]

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import socket
 from collections.abc import Callable, Coroutine
+from datetime import datetime, timezone
 from typing import Any, TypeVar
 
 import pytest
@@ -27,6 +28,13 @@ LABEL = {key: f"key-{i}" for i, key in enumerate(FAKE_KEYS)}
 
 RATE_LIMITED = "all configured keys are rate-limited"
 AUTH_FAILED = "all configured keys failed authentication"
+
+
+def until_next_month() -> float:
+    """Seconds until 00:00 UTC on the 1st of next month: a spend limit's cooldown."""
+    now = datetime.now(timezone.utc)
+    first = datetime(now.year + (now.month == 12), now.month % 12 + 1, 1, tzinfo=timezone.utc)
+    return (first - now).total_seconds()
 
 
 def run(coro: Coroutine[Any, Any, T]) -> T:

@@ -30,6 +30,7 @@ from conftest import (
     run,
     seen,
     states,
+    until_next_month,
 )
 
 import keyfailover as kf
@@ -207,14 +208,15 @@ FAILOVER_CASES = [
         ["permanent", "valid"],
         stats={"revoked": 1},
     ),
+    # Billing errors are fixed by paying: the quota cooldown, not retirement.
     Case(
         "failover_after_402",
         2,
         {0: (402, "billing_error", None)},
         200,
         [0, 1],
-        ["permanent", "valid"],
-        stats={"revoked": 1},
+        ["temporary", "valid"],
+        stats={"quota_exhausted": 1},
     ),
     Case(
         "failover_after_403",
@@ -399,19 +401,27 @@ QUOTA_BODIES = {
         pytest.param(
             ANTHROPIC.error(429, "rate_limit_error"), 60.0, "rate_limited", id="default_cooldown"
         ),
-        *(
-            pytest.param(
-                Reply.json(body, status=429, headers={"retry-after": "5"}),
-                3600.0,
-                "quota_exhausted",
-                id=name,
-            )
-            for name, body in QUOTA_BODIES.items()
+        pytest.param(
+            Reply.json(
+                QUOTA_BODIES["openai_insufficient_quota"], status=429, headers={"retry-after": "5"}
+            ),
+            3600.0,
+            "quota_exhausted",
+            id="openai_insufficient_quota",
+        ),
+        # A monthly spend limit renews at 00:00 UTC on the 1st of the next month.
+        pytest.param(
+            Reply.json(
+                QUOTA_BODIES["anthropic_spend_limit"], status=429, headers={"retry-after": "5"}
+            ),
+            None,
+            "quota_exhausted",
+            id="anthropic_spend_limit",
         ),
     ],
 )
 def test_cooldown_of_a_rate_limited_key(
-    up: MockUpstream, clock: kf.ManualClock, reply: Reply, cooldown: float, reason: str
+    up: MockUpstream, clock: kf.ManualClock, reply: Reply, cooldown: float | None, reason: str
 ) -> None:
     client, pool = make_client(up, ANTHROPIC.provider, 2, clock=clock)
     up.set_reply(KEYS[0], reply)
@@ -420,6 +430,9 @@ def test_cooldown_of_a_rate_limited_key(
     assert (resp.status, resp.key_label) == (200, "key-1")
     key = pool.key("key-0")
     assert key.state == kf.KeyState.TEMPORARY
+    if cooldown is None:
+        assert key.cooldown_remaining == pytest.approx(until_next_month(), abs=5)
+        cooldown = key.cooldown_remaining
     assert key.cooldown_remaining == pytest.approx(cooldown)
     assert client.stats()[reason] == 1
 

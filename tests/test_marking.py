@@ -3,6 +3,7 @@
 import json
 
 import pytest
+from conftest import until_next_month
 
 from keyfailover import KeyState, mark_key_on_response
 
@@ -51,15 +52,20 @@ ANTHROPIC_SPEND_LIMIT = {
 }
 
 
-@pytest.mark.parametrize(
-    "raw",
-    [json.dumps(OPENAI_QUOTA), json.dumps(ANTHROPIC_SPEND_LIMIT).encode()],
-    ids=["openai_str", "anthropic_bytes"],
-)
-def test_quota_exhaustion_uses_quota_cooldown(make_pool, raw):
+def test_quota_exhaustion_uses_quota_cooldown(make_pool):
     key = make_pool(1, quota_cooldown=7200).key("key-0")
-    assert mark_key_on_response(key, 429, {"retry-after": "5"}, raw) is True
+    assert mark_key_on_response(key, 429, {"retry-after": "5"}, json.dumps(OPENAI_QUOTA)) is True
     assert key.cooldown_remaining == pytest.approx(7200)
+
+
+def test_a_spend_limit_cools_until_the_month_renews(make_pool):
+    key = make_pool(1, quota_cooldown=7200).key("key-0")
+    raw = json.dumps(ANTHROPIC_SPEND_LIMIT).encode()
+    assert mark_key_on_response(key, 429, {"retry-after": "5"}, raw) is True
+    assert key.cooldown_remaining == pytest.approx(until_next_month(), abs=5)
+    capped = make_pool(1, max_cooldown=86400).key("key-0")
+    mark_key_on_response(capped, 429, {}, raw)
+    assert capped.cooldown_remaining == pytest.approx(min(86400, until_next_month()), abs=5)
 
 
 def test_plain_rate_limit_body_keeps_retry_after(make_pool):

@@ -75,8 +75,9 @@ def test_metrics_after_scripted_failovers(up: MockUpstream) -> None:
     assert value(got, "keyfailover_keys", state="valid", **pool_) == 1
     assert value(got, "keyfailover_keys", state="temporary", **pool_) == 1
     assert value(got, "keyfailover_keys", state="permanent", **pool_) == 1
-    assert value(got, "keyfailover_key_state", key="key-1", state="permanent", **pool_) == 1
-    assert value(got, "keyfailover_key_state", key="key-1", state="valid", **pool_) == 0
+    state = "keyfailover_key_state"
+    assert value(got, state, key="key-1", group="", state="permanent", **pool_) == 1
+    assert value(got, state, key="key-1", group="", state="valid", **pool_) == 0
     assert 0 < value(got, "keyfailover_key_cooldown_seconds", key="key-2", **pool_) <= 5
     assert value(got, "keyfailover_key_cooldown_seconds", key="key-0", **pool_) == 0
     transitions = "keyfailover_key_transitions_total"

@@ -213,10 +213,14 @@ def test_snapshot_reports_state_and_cooldown(make_pool, clock):
     pool.key("key-0").mark_temporary(30)
     pool.key("key-2").mark_permanent()
     clock.advance(10)
+    extra = {"group": None, "remaining": {}, "limit": {}, "in_flight": 0}
     assert pool.snapshot() == [
-        {"label": "key-0", "hint": "sk-a...0000", "state": "temporary", "cooldown_remaining": 20.0},
-        {"label": "key-1", "hint": "sk-a...0001", "state": "valid", "cooldown_remaining": 0.0},
-        {"label": "key-2", "hint": "sk-a...0002", "state": "permanent", "cooldown_remaining": 0.0},
+        {"label": "key-0", "hint": "sk-a...0000", "state": "temporary", "cooldown_remaining": 20.0}
+        | extra,
+        {"label": "key-1", "hint": "sk-a...0001", "state": "valid", "cooldown_remaining": 0.0}
+        | extra,
+        {"label": "key-2", "hint": "sk-a...0002", "state": "permanent", "cooldown_remaining": 0.0}
+        | extra,
     ]
     assert pool.states() == [KeyState.TEMPORARY, KeyState.VALID, KeyState.PERMANENT]
 

@@ -2,7 +2,7 @@
 
 import asyncio
 from collections.abc import Awaitable, Iterable, Mapping, Sequence
-from typing import ClassVar, Final, final, overload
+from typing import Any, ClassVar, Final, final, overload
 
 from keyfailover._errors import (
     ConfigError,
@@ -66,12 +66,19 @@ class ManualClock:
 
 @final
 class Key:
+    def __new__(cls, value: str, *, group: str | None = None, base_url: str | None = None) -> Key:
+        """A key to build a pool with: `KeyPool({"a": Key("sk-...", group="org-1")})`."""
     @property
-    def label(self) -> str: ...
+    def label(self) -> str:
+        """The key's label in its pool (ConfigError for a Key not in a pool)."""
     @property
     def hint(self) -> str: ...
     @property
     def value(self) -> str: ...
+    @property
+    def group(self) -> str | None: ...
+    @property
+    def base_url(self) -> str | None: ...
     @property
     def state(self) -> KeyState: ...
     @property
@@ -90,7 +97,7 @@ class Walker:
 class KeyPool:
     def __new__(
         cls,
-        keys: Sequence[str] | Mapping[str, str],
+        keys: Sequence[str | Key] | Mapping[str, str | Key],
         *,
         default_cooldown: float = 60.0,
         max_cooldown: float | None = None,
@@ -98,7 +105,11 @@ class KeyPool:
         clock: ManualClock | None = None,
         state: str | None = None,
         namespace: str = "default",
+        strategy: str = "ordered",
     ) -> KeyPool: ...
+    @property
+    def strategy(self) -> str:
+        """Where each walk starts: "ordered", "round_robin", "least_loaded" or "headroom"."""
     @property
     def state_backend(self) -> str:
         """Where key states live: "local", "shm" or "redis"."""
@@ -110,13 +121,15 @@ class KeyPool:
     def states(self) -> list[KeyState]: ...
     def walker(self) -> Walker: ...
     def key(self, label: str) -> Key: ...
-    def snapshot(self) -> list[dict[str, str | float]]: ...
+    def snapshot(self) -> list[dict[str, Any]]:
+        """One dict per key: label, hint, state, cooldown_remaining, group,
+        remaining and limit (by limit kind), in_flight."""
     def health(self) -> dict[str, str | dict[str, int]]: ...
 
 def parse_retry_after(headers: _Headers, *, now: float | None = None) -> float | None: ...
 def parse_keys(
     text: str, *, source: str = "keys", separators: str = "\n"
-) -> list[str] | dict[str, str]:
+) -> list[str | Key] | dict[str, str | Key]:
     """Keys from a keys file's text: every key labelled (`label=key`) or none."""
 
 def mark_key_on_response(

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
 
 from keyfailover import __version__
-from keyfailover._native import ConfigError, FailoverClient, KeyPool
+from keyfailover._native import ConfigError, FailoverClient, Key, KeyPool
 from keyfailover._native import parse_keys as _parse_keys
 
 if TYPE_CHECKING:
@@ -45,7 +45,9 @@ class RunError(Exception):
     """A failure at run time (a port in use, ...), reported as one line and exit status 1."""
 
 
-def parse_keys(text: str, *, source: str, separators: str = "\n") -> list[str] | dict[str, str]:
+def parse_keys(
+    text: str, *, source: str, separators: str = "\n"
+) -> list[str | Key] | dict[str, str | Key]:
     """Keys from `text`: one per line (or per `separators`), every one `label=key` or none.
 
     Blank lines and lines starting with `#` are skipped.
@@ -56,7 +58,7 @@ def parse_keys(text: str, *, source: str, separators: str = "\n") -> list[str] |
         raise CliError(str(exc)) from None
 
 
-def load_keys(args: argparse.Namespace) -> list[str] | dict[str, str]:
+def load_keys(args: argparse.Namespace) -> list[str | Key] | dict[str, str | Key]:
     if args.keys_file:
         path = Path(args.keys_file)
         try:
@@ -147,7 +149,9 @@ def build_proxy(args: argparse.Namespace) -> FailoverProxy:
             "set --client-token-env, or pass --allow-unauthenticated"
         )
     try:
-        pool = KeyPool(load_keys(args), state=args.state, namespace=args.namespace)
+        pool = KeyPool(
+            load_keys(args), state=args.state, namespace=args.namespace, strategy=args.strategy
+        )
         client = FailoverClient(
             pool,
             base_url=args.upstream or DEFAULT_UPSTREAMS[args.provider],
@@ -342,6 +346,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     serve.add_argument(
         "--workers", type=count, default=1, metavar="N", help="worker processes (default 1)"
+    )
+    serve.add_argument(
+        "--strategy",
+        choices=["ordered", "round_robin", "least_loaded", "headroom"],
+        default="ordered",
+        help="which key each request tries first (default ordered)",
     )
     serve.add_argument(
         "--log-level",

@@ -12,7 +12,7 @@
 //! and permanent wins over temporary.
 
 use std::ptr::NonNull;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -98,6 +98,8 @@ pub(crate) struct Cell {
     /// last reset this process knows of. Marks made before it are stale.
     pub reset_at: AtomicU64,
     pub counters: KeyCounters,
+    /// Requests using the key right now (this process's).
+    in_flight: AtomicU32,
 }
 
 impl Cell {
@@ -106,7 +108,16 @@ impl Cell {
             word,
             reset_at: AtomicU64::new(0),
             counters,
+            in_flight: AtomicU32::new(0),
         }
+    }
+
+    pub fn in_flight(&self) -> u32 {
+        self.in_flight.load(Ordering::Relaxed)
+    }
+
+    pub fn headroom(&self) -> f64 {
+        self.counters.headroom()
     }
 
     pub fn status(&self, now: u64) -> KeyStatus {
@@ -172,5 +183,28 @@ pub(crate) fn status_of(word: u64, now: u64) -> KeyStatus {
     KeyStatus {
         state,
         cooldown_remaining: Duration::from_nanos(left),
+    }
+}
+
+/// A request using a key: counted in the key's in-flight count from the
+/// attempt's start to the end of its response body.
+pub struct InFlight(Arc<Cell>);
+
+impl InFlight {
+    pub(crate) fn new(cell: Arc<Cell>) -> Self {
+        cell.in_flight.fetch_add(1, Ordering::Relaxed);
+        Self(cell)
+    }
+}
+
+impl std::fmt::Debug for InFlight {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("InFlight")
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.in_flight.fetch_sub(1, Ordering::Relaxed);
     }
 }

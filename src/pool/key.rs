@@ -6,11 +6,14 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
-use super::cell::Marked;
+use std::time::SystemTime;
+
+use super::cell::{InFlight, Marked};
 use super::{KeyPool, KeyStatus, Slot};
 use crate::clock::duration_to_nanos;
 use crate::events::{self, Field, Level, Record};
 use crate::metrics::KeyCounters;
+use crate::ratelimit;
 use crate::state::clocks;
 
 /// Why a key was marked: the labels used in stats, logs and metrics.
@@ -26,6 +29,10 @@ pub enum Reason {
     Reset,
     /// Marked directly through the API (`key.mark_temporary()` and the like).
     Manual,
+    /// Its rate-limit headers said nothing is left until a reset.
+    Depleted,
+    /// Another key of its group was rate-limited: they share the limit.
+    GroupRateLimited,
 }
 
 impl Reason {
@@ -36,6 +43,8 @@ impl Reason {
             Reason::Revoked => "revoked",
             Reason::Reset => "reset",
             Reason::Manual => "manual",
+            Reason::Depleted => "depleted",
+            Reason::GroupRateLimited => "group_rate_limited",
         }
     }
 }
@@ -133,16 +142,85 @@ impl Key {
         let deadline = now
             .saturating_add(duration_to_nanos(cooldown).max(1))
             .min(super::cell::PERMANENT - 1);
-        let marked = self.slot.cell.cool_until(deadline, now);
+        let marked = self.cool_slot(&self.slot, deadline, now, cause, cooldown);
+        // Keys of one group share their limits: a rate limit on one is a rate
+        // limit on all (quota and revocation stay with the key).
+        if matches!(cause.reason, Reason::RateLimited | Reason::Depleted) {
+            if let Some(group) = self.slot.group() {
+                let keys = self.pool.key_set();
+                let group_cause = Cause::new(Reason::GroupRateLimited, cause.status);
+                for sibling in keys.slots.iter() {
+                    if !Arc::ptr_eq(sibling, &self.slot) && sibling.group() == Some(group) {
+                        self.cool_slot(sibling, deadline, now, group_cause, cooldown);
+                    }
+                }
+            }
+        }
+        marked == Marked::Transition
+    }
+
+    fn cool_slot(
+        &self,
+        slot: &Arc<Slot>,
+        deadline: u64,
+        now: u64,
+        cause: Cause,
+        cooldown: Duration,
+    ) -> Marked {
+        let marked = slot.cell.cool_until(deadline, now);
         if marked.changed() {
             if let Some(redis) = self.pool.backend().redis() {
-                redis.cooled(self.slot.fingerprint, deadline);
+                redis.cooled(slot.fingerprint, deadline);
             }
         }
         if marked == Marked::Transition {
-            self.transition(cause, Some(cooldown));
+            Key::new(self.pool.clone(), slot.clone()).transition(cause, Some(cooldown));
         }
-        marked == Marked::Transition
+        marked
+    }
+
+    /// The key's group: configured, else learned from upstream.
+    pub fn group(&self) -> Option<&str> {
+        self.slot.group()
+    }
+
+    /// The key's own endpoint, if it has one.
+    pub fn base_url(&self) -> Option<&crate::target::BaseUrl> {
+        self.slot.base_url.as_ref()
+    }
+
+    pub(crate) fn in_flight(&self) -> InFlight {
+        InFlight::new(self.slot.cell.clone())
+    }
+
+    /// What a response's headers tell about the key: its rate limits (kept,
+    /// and a used-up limit cools the key until it resets, reason `depleted`)
+    /// and the organization it belongs to (its group, unless configured).
+    pub fn observe(&self, headers: &reqwest::header::HeaderMap, status: u16, now: SystemTime) {
+        let pairs = || headers.iter().map(|(n, v)| (n.as_str(), v.as_bytes()));
+        let limits = ratelimit::parse(pairs(), now);
+        if !limits.is_empty() {
+            self.counters().observe(&limits);
+            // A 429 is the verdict's to mark (as rate-limited); this is for
+            // answers that went through but used the last of a limit.
+            if let (true, Some((_, reset))) = (status != 429, limits.depleted()) {
+                let ceiling = self.pool.cooldowns().upstream_ceiling();
+                self.cool(
+                    Some(reset.min(ceiling)),
+                    Cause::new(Reason::Depleted, Some(status)),
+                );
+            }
+        }
+        if self.slot.group.is_none() && self.slot.learned_group.get().is_none() {
+            let org = headers
+                .get("anthropic-organization-id")
+                .and_then(|v| std::str::from_utf8(v.as_bytes()).ok())
+                .map(str::trim)
+                .filter(|v| !v.is_empty() && v.len() <= 128);
+            if let Some(org) = org {
+                let _ = self.slot.learned_group.set(org.to_owned());
+            }
+        }
     }
 
     /// Retires the key for good. Returns true only on the first transition.

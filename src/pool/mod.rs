@@ -20,7 +20,7 @@ use crate::clock::{Clock, MonotonicClock};
 use crate::error::{Error, Exhaustion, Result};
 use crate::state::{Backend, Fingerprint, StateSpec, SyncStatus};
 
-pub use cell::{KeyState, KeyStatus};
+pub use cell::{InFlight, KeyState, KeyStatus};
 pub use key::{Cause, Key, Reason};
 pub use walker::Walker;
 
@@ -58,23 +58,50 @@ impl Health {
     }
 }
 
+/// A limit's latest values, as a key's rate-limit headers reported them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LimitSeen {
+    pub kind: crate::ratelimit::LimitKind,
+    pub limit: Option<u64>,
+    pub remaining: Option<u64>,
+}
+
 /// One key as operators see it: no secret, only the hint.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct KeySnapshot {
     pub label: String,
     pub hint: String,
     pub state: KeyState,
     pub cooldown_remaining: Duration,
+    pub group: Option<String>,
+    /// Each limit heard of.
+    pub limits: Vec<LimitSeen>,
+    pub in_flight: u32,
 }
 
 impl KeySnapshot {
     /// The shape of `pool.snapshot()` entries and `/_keyfailover/keys`.
     pub fn to_json(&self) -> serde_json::Value {
+        let by_kind = |pick: fn(&LimitSeen) -> Option<u64>| {
+            self.limits
+                .iter()
+                .filter_map(|l| {
+                    Some((
+                        l.kind.as_str().to_owned(),
+                        serde_json::Value::from(pick(l)?),
+                    ))
+                })
+                .collect::<serde_json::Map<_, _>>()
+        };
         serde_json::json!({
             "label": self.label,
             "hint": self.hint,
             "state": self.state.as_str(),
             "cooldown_remaining": self.cooldown_remaining.as_secs_f64(),
+            "group": self.group,
+            "remaining": by_kind(|l| l.remaining),
+            "limit": by_kind(|l| l.limit),
+            "in_flight": self.in_flight,
         })
     }
 }
@@ -141,10 +168,38 @@ impl Cooldowns {
     }
 }
 
+/// One key as configured: its label and value, and optionally the group
+/// (organization or project) whose limits it shares and its own endpoint.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeySpec {
+    pub label: String,
+    pub value: String,
+    pub group: Option<String>,
+    pub base_url: Option<String>,
+}
+
+impl KeySpec {
+    pub fn new(label: impl Into<String>, value: impl Into<String>) -> Self {
+        Self {
+            label: label.into(),
+            value: value.into(),
+            group: None,
+            base_url: None,
+        }
+    }
+}
+
+impl From<(String, String)> for KeySpec {
+    fn from((label, value): (String, String)) -> Self {
+        Self::new(label, value)
+    }
+}
+
 /// How a pool is built, besides its keys.
 #[derive(Clone, Default)]
 pub struct PoolOptions {
     pub cooldowns: Cooldowns,
+    pub strategy: Strategy,
     /// The clock cooldowns run on; the system's monotonic clock by default.
     /// A manual clock only works with local state.
     pub clock: Option<Arc<dyn Clock>>,
@@ -168,7 +223,22 @@ pub(crate) struct Slot {
     pub value: String,
     pub hint: String,
     pub fingerprint: Fingerprint,
+    /// The group configured for the key.
+    pub group: Option<String>,
+    /// The group learned from upstream's answers (`anthropic-organization-id`),
+    /// when none is configured.
+    pub learned_group: std::sync::OnceLock<String>,
+    pub base_url: Option<crate::target::BaseUrl>,
     pub cell: Arc<Cell>,
+}
+
+impl Slot {
+    /// The key's group: configured, else learned.
+    pub fn group(&self) -> Option<&str> {
+        self.group
+            .as_deref()
+            .or_else(|| self.learned_group.get().map(String::as_str))
+    }
 }
 
 /// The pool's keys at one moment; replaced whole by a reload.
@@ -188,6 +258,9 @@ impl KeySet {
 struct Inner {
     keys: ArcSwap<KeySet>,
     cooldowns: Cooldowns,
+    strategy: Strategy,
+    /// Where the next round-robin walk starts.
+    turn: std::sync::atomic::AtomicUsize,
     clock: Arc<dyn Clock>,
     namespace: String,
     /// What logs and metrics call the pool: set by the first client that
@@ -245,13 +318,14 @@ impl KeyPool {
         )
     }
 
-    /// Builds a pool from `(label, key)` pairs, keeping their order.
-    pub fn build<I>(keys: I, options: PoolOptions) -> Result<Self>
+    /// Builds a pool from its keys, keeping their order.
+    pub fn build<I, K>(keys: I, options: PoolOptions) -> Result<Self>
     where
-        I: IntoIterator<Item = (String, String)>,
+        I: IntoIterator<Item = K>,
+        K: Into<KeySpec>,
     {
         options.cooldowns.validate()?;
-        let keys = validated(keys)?;
+        let specs = validated(keys.into_iter().map(Into::into))?;
         let clock = options
             .clock
             .unwrap_or_else(|| Arc::new(MonotonicClock::new()));
@@ -268,25 +342,13 @@ impl KeyPool {
             StateSpec::Shm { namespace } | StateSpec::Redis { namespace, .. } => namespace.clone(),
         };
         let backend = Backend::open(&state, options.runtime.as_ref())?;
-        let slots = keys
-            .into_iter()
-            .map(|(label, value)| {
-                let fingerprint = Fingerprint::of(&namespace, &value);
-                Ok(Arc::new(Slot {
-                    hint: mask(&value),
-                    cell: backend.cell(fingerprint)?,
-                    label,
-                    value,
-                    fingerprint,
-                }))
-            })
-            .collect::<Result<Vec<_>>>()?;
+        let keys = key_set(specs, &namespace, &backend, None)?;
         Ok(Self {
             inner: Arc::new(Inner {
-                keys: ArcSwap::from_pointee(KeySet {
-                    slots: slots.into_boxed_slice(),
-                }),
+                keys: ArcSwap::from_pointee(keys),
                 cooldowns: options.cooldowns,
+                strategy: options.strategy,
+                turn: std::sync::atomic::AtomicUsize::new(0),
                 clock,
                 namespace,
                 name: std::sync::OnceLock::new(),
@@ -294,6 +356,43 @@ impl KeyPool {
                 backend,
             }),
         })
+    }
+
+    pub fn strategy(&self) -> Strategy {
+        self.inner.strategy
+    }
+
+    /// Where the next walk starts, by the pool's strategy.
+    pub(crate) fn start(&self, keys: &KeySet) -> usize {
+        let n = keys.slots.len();
+        match self.inner.strategy {
+            Strategy::Ordered => 0,
+            Strategy::RoundRobin => {
+                self.inner
+                    .turn
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+                    % n
+            }
+            Strategy::LeastLoaded | Strategy::Headroom => {
+                let now = self.inner.clock.now_nanos();
+                let headroom = self.inner.strategy == Strategy::Headroom;
+                keys.slots
+                    .iter()
+                    .enumerate()
+                    .filter(|(_, slot)| slot.cell.is_available(|| now))
+                    .min_by(|(i, a), (j, b)| {
+                        let by_headroom = if headroom {
+                            b.cell.headroom().total_cmp(&a.cell.headroom())
+                        } else {
+                            std::cmp::Ordering::Equal
+                        };
+                        by_headroom
+                            .then(a.cell.in_flight().cmp(&b.cell.in_flight()))
+                            .then(i.cmp(j))
+                    })
+                    .map_or(0, |(i, _)| i)
+            }
+        }
     }
 
     pub fn len(&self) -> usize {
@@ -414,6 +513,19 @@ impl KeyPool {
                     hint: slot.hint.clone(),
                     state: status.state,
                     cooldown_remaining: status.cooldown_remaining,
+                    group: slot.group().map(str::to_owned),
+                    limits: crate::ratelimit::LimitKind::ALL
+                        .iter()
+                        .filter_map(|&kind| match slot.cell.counters.limit(kind) {
+                            (None, None) => None,
+                            (limit, remaining) => Some(LimitSeen {
+                                kind,
+                                limit,
+                                remaining,
+                            }),
+                        })
+                        .collect(),
+                    in_flight: slot.cell.in_flight(),
                 }
             })
             .collect()
@@ -464,31 +576,132 @@ fn exhaustion_of(statuses: &[KeyStatus]) -> Exhaustion {
     }
 }
 
-/// Checks labels and keys: non-empty, no duplicates of either.
-fn validated<I>(keys: I) -> Result<Vec<(String, String)>>
-where
-    I: IntoIterator<Item = (String, String)>,
-{
-    let mut out: Vec<(String, String)> = Vec::new();
-    for (label, value) in keys {
-        validate_label(&label)?;
-        validate_key(&label, &value)?;
-        for (other_label, other_value) in &out {
-            if *other_label == label {
+/// Checks labels, keys and their settings: non-empty, no duplicates.
+fn validated(keys: impl IntoIterator<Item = KeySpec>) -> Result<Vec<KeySpec>> {
+    let mut out: Vec<KeySpec> = Vec::new();
+    for spec in keys {
+        let label = &spec.label;
+        validate_label(label)?;
+        validate_key(label, &spec.value)?;
+        if let Some(group) = &spec.group {
+            if group.trim().is_empty() || group.chars().any(char::is_control) {
+                return Err(Error::Config(format!("{label}: the group name is empty")));
+            }
+        }
+        for other in &out {
+            if other.label == *label {
                 return Err(Error::Config(format!("duplicate label '{label}'")));
             }
-            if *other_value == value {
+            if other.value == spec.value {
                 return Err(Error::Config(format!(
-                    "{other_label} and {label} hold the same key"
+                    "{} and {label} hold the same key",
+                    other.label
                 )));
             }
         }
-        out.push((label, value));
+        out.push(spec);
     }
     if out.is_empty() {
         return Err(Error::Config("a key pool needs at least one key".into()));
     }
     Ok(out)
+}
+
+/// The key set for `specs`: a key that `previous` holds (by value) keeps its
+/// cell, so its state and counters, whatever its label now.
+fn key_set(
+    specs: Vec<KeySpec>,
+    namespace: &str,
+    backend: &Backend,
+    previous: Option<&KeySet>,
+) -> Result<KeySet> {
+    let slots = specs
+        .into_iter()
+        .map(|spec| {
+            let kept = previous.and_then(|p| p.slots.iter().find(|s| s.value == spec.value));
+            let fingerprint = Fingerprint::of(namespace, &spec.value);
+            let cell = match kept {
+                Some(slot) => slot.cell.clone(),
+                None => backend.cell(fingerprint)?,
+            };
+            let base_url = spec
+                .base_url
+                .as_deref()
+                .map(|url| {
+                    crate::target::BaseUrl::parse(url).map_err(|e| {
+                        Error::Config(format!(
+                            "{}: {}",
+                            spec.label,
+                            mask_in(&e.to_string(), &spec.value)
+                        ))
+                    })
+                })
+                .transpose()?;
+            Ok(Arc::new(Slot {
+                hint: mask(&spec.value),
+                learned_group: std::sync::OnceLock::new(),
+                group: spec.group,
+                base_url,
+                cell,
+                label: spec.label,
+                value: spec.value,
+                fingerprint,
+            }))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    Ok(KeySet {
+        slots: slots.into_boxed_slice(),
+    })
+}
+
+fn mask_in(text: &str, secret: &str) -> String {
+    text.replace(secret, &mask(secret))
+}
+
+/// Where each walk starts; whatever the start, a walk visits each key at
+/// most once and skips the unavailable ones.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Strategy {
+    /// Every walk starts at the first key (the seed's behaviour).
+    #[default]
+    Ordered,
+    /// Each walk starts one key after the previous walk's start.
+    RoundRobin,
+    /// At the available key with the fewest requests in flight.
+    LeastLoaded,
+    /// At the available key with the largest share of its request limit left
+    /// (from the latest rate-limit headers; a key not heard from counts as
+    /// full), then the fewest in flight.
+    Headroom,
+}
+
+impl std::str::FromStr for Strategy {
+    type Err = Error;
+
+    fn from_str(s: &str) -> Result<Self> {
+        Ok(match s {
+            "ordered" => Strategy::Ordered,
+            "round_robin" => Strategy::RoundRobin,
+            "least_loaded" => Strategy::LeastLoaded,
+            "headroom" => Strategy::Headroom,
+            other => {
+                return Err(Error::Config(format!(
+                    "unknown strategy {other:?}: expected ordered, round_robin, least_loaded or headroom"
+                )))
+            }
+        })
+    }
+}
+
+impl Strategy {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Strategy::Ordered => "ordered",
+            Strategy::RoundRobin => "round_robin",
+            Strategy::LeastLoaded => "least_loaded",
+            Strategy::Headroom => "headroom",
+        }
+    }
 }
 
 /// The masked form of a secret: first 4 and last 4 characters of keys of 16
@@ -520,7 +733,7 @@ fn validate_label(label: &str) -> Result<()> {
     Ok(())
 }
 
-fn validate_key(label: &str, value: &str) -> Result<()> {
+pub(crate) fn validate_key(label: &str, value: &str) -> Result<()> {
     if value.trim().is_empty() {
         return Err(Error::Config(format!("{label}: the key is empty")));
     }
@@ -1014,5 +1227,188 @@ mod tests {
         });
         assert_eq!(temporary.load(Ordering::Relaxed), 1);
         assert_eq!(permanent.load(Ordering::Relaxed), 1);
+    }
+
+    fn pool_of(n: usize, strategy: Strategy, groups: &[Option<&str>]) -> KeyPool {
+        let specs = (0..n).map(|i| KeySpec {
+            group: groups.get(i).copied().flatten().map(str::to_owned),
+            ..KeySpec::new(format!("key-{i}"), format!("value-{i}-xxxxxxxx"))
+        });
+        KeyPool::build(
+            specs,
+            PoolOptions {
+                strategy,
+                ..PoolOptions::default()
+            },
+        )
+        .unwrap()
+    }
+
+    fn walk(pool: &KeyPool) -> Vec<String> {
+        let mut walker = pool.walker();
+        let mut labels = Vec::new();
+        while let Ok(key) = walker.next_key() {
+            labels.push(key.label().to_owned());
+        }
+        labels
+    }
+
+    #[test]
+    fn round_robin_starts_one_key_later_each_walk_even_under_concurrency() {
+        let pool = pool_of(4, Strategy::RoundRobin, &[]);
+        assert_eq!(walk(&pool), ["key-0", "key-1", "key-2", "key-3"]);
+        assert_eq!(walk(&pool), ["key-1", "key-2", "key-3", "key-0"]);
+        let starts = std::sync::Mutex::new(vec![0usize; 4]);
+        std::thread::scope(|scope| {
+            for _ in 0..8 {
+                scope.spawn(|| {
+                    for _ in 0..1000 {
+                        let labels = walk(&pool);
+                        let mut sorted = labels.clone();
+                        sorted.sort();
+                        assert_eq!(
+                            sorted,
+                            ["key-0", "key-1", "key-2", "key-3"],
+                            "each key once"
+                        );
+                        let first: usize = labels[0][4..].parse().unwrap();
+                        starts.lock().unwrap()[first] += 1;
+                    }
+                });
+            }
+        });
+        assert_eq!(*starts.lock().unwrap(), [2000, 2000, 2000, 2000]);
+    }
+
+    #[test]
+    fn least_loaded_starts_at_the_fewest_in_flight() {
+        let pool = pool_of(3, Strategy::LeastLoaded, &[]);
+        let busy0 = pool.key("key-0").unwrap().in_flight();
+        let _busy1 = pool.key("key-1").unwrap().in_flight();
+        let _busy1b = pool.key("key-1").unwrap().in_flight();
+        assert_eq!(walk(&pool), ["key-2", "key-0", "key-1"]);
+        let _busy2 = pool.key("key-2").unwrap().in_flight();
+        drop(busy0);
+        assert_eq!(walk(&pool)[0], "key-0");
+        pool.key("key-0").unwrap().mark_temporary(Some(S(60)));
+        assert_eq!(
+            walk(&pool),
+            ["key-2", "key-1"],
+            "an unavailable key is never the start"
+        );
+    }
+
+    #[test]
+    fn headroom_starts_at_the_largest_share_left() {
+        let pool = pool_of(3, Strategy::Headroom, &[]);
+        let headers = |limit: &str, remaining: &str| {
+            let mut map = reqwest::header::HeaderMap::new();
+            map.insert("x-ratelimit-limit-requests", limit.parse().unwrap());
+            map.insert("x-ratelimit-remaining-requests", remaining.parse().unwrap());
+            map
+        };
+        let now = std::time::SystemTime::now();
+        pool.key("key-0")
+            .unwrap()
+            .observe(&headers("100", "10"), 200, now);
+        pool.key("key-1")
+            .unwrap()
+            .observe(&headers("100", "60"), 200, now);
+        // key-2 not heard from yet: counted as full.
+        assert_eq!(walk(&pool)[0], "key-2");
+        pool.key("key-2")
+            .unwrap()
+            .observe(&headers("100", "30"), 200, now);
+        assert_eq!(walk(&pool), ["key-1", "key-2", "key-0"]);
+        let snapshot = pool.snapshot();
+        assert_eq!(snapshot[1].to_json()["remaining"]["requests"], 60);
+        assert_eq!(snapshot[1].to_json()["limit"]["requests"], 100);
+    }
+
+    #[test]
+    fn a_depleted_limit_cools_the_key_until_its_reset() {
+        let pool = pool_of(2, Strategy::Ordered, &[]);
+        let key = pool.key("key-0").unwrap();
+        let mut headers = reqwest::header::HeaderMap::new();
+        headers.insert("x-ratelimit-remaining-requests", "0".parse().unwrap());
+        headers.insert("x-ratelimit-reset-requests", "20s".parse().unwrap());
+        key.observe(&headers, 200, std::time::SystemTime::now());
+        let status = key.status();
+        assert_eq!(status.state, KeyState::Temporary);
+        assert!(status.cooldown_remaining > S(19) && status.cooldown_remaining <= S(20));
+        assert_eq!(
+            key.counters().limit(crate::ratelimit::LimitKind::Requests),
+            (None, Some(0))
+        );
+        // A 429 is the verdict's to mark: its headers only update the values.
+        let other = pool.key("key-1").unwrap();
+        other.observe(&headers, 429, std::time::SystemTime::now());
+        assert_eq!(other.state(), KeyState::Valid);
+    }
+
+    #[test]
+    fn a_rate_limit_cools_the_whole_group_and_nothing_else() {
+        let pool = pool_of(
+            4,
+            Strategy::Ordered,
+            &[Some("org-1"), Some("org-1"), Some("org-2"), None],
+        );
+        let cause = Cause::new(Reason::RateLimited, Some(429));
+        pool.key("key-0").unwrap().cool(Some(S(30)), cause);
+        let states: Vec<_> = pool.statuses().iter().map(|s| s.state).collect();
+        assert_eq!(
+            states,
+            [
+                KeyState::Temporary,
+                KeyState::Temporary,
+                KeyState::Valid,
+                KeyState::Valid
+            ]
+        );
+        let statuses = pool.statuses();
+        assert_eq!(
+            statuses[1].cooldown_remaining,
+            statuses[0].cooldown_remaining
+        );
+        // Quota and revocation stay with the key.
+        pool.key("key-2")
+            .unwrap()
+            .cool(Some(S(30)), Cause::new(Reason::QuotaExhausted, Some(429)));
+        assert_eq!(pool.statuses()[3].state, KeyState::Valid);
+        pool.key("key-1").unwrap().reset();
+        pool.key("key-0").unwrap().reset();
+        pool.key("key-0")
+            .unwrap()
+            .retire(Cause::new(Reason::Revoked, Some(401)));
+        assert_eq!(pool.statuses()[1].state, KeyState::Valid);
+    }
+
+    #[test]
+    fn a_group_is_learned_from_the_organization_header() {
+        let pool = pool_of(3, Strategy::Ordered, &[None, None, Some("configured")]);
+        let mut headers = reqwest::header::HeaderMap::new();
+        headers.insert("anthropic-organization-id", "org-abc".parse().unwrap());
+        let now = std::time::SystemTime::now();
+        for label in ["key-0", "key-1", "key-2"] {
+            pool.key(label).unwrap().observe(&headers, 200, now);
+        }
+        let groups: Vec<_> = pool.snapshot().into_iter().map(|k| k.group).collect();
+        assert_eq!(
+            groups,
+            [
+                Some("org-abc".into()),
+                Some("org-abc".into()),
+                Some("configured".into())
+            ]
+        );
+        pool.key("key-1")
+            .unwrap()
+            .cool(None, Cause::new(Reason::RateLimited, Some(429)));
+        assert_eq!(
+            pool.statuses()[0].state,
+            KeyState::Temporary,
+            "learned group shares it"
+        );
+        assert_eq!(pool.statuses()[2].state, KeyState::Valid);
     }
 }

@@ -10,13 +10,17 @@ use crate::error::Exhaustion;
 /// It walks the key list as it was when the walk began, even if the pool is
 /// reloaded meanwhile.
 ///
-/// It offers each key at most once: first every available key in order,
-/// then any key it skipped as unavailable that has since recovered (a short
-/// cooldown may end while the walk is still going).
+/// It offers each key at most once: first every available key in order from
+/// where the pool's strategy starts it (wrapping around), then any key it
+/// skipped as unavailable that has since recovered (a short cooldown may end
+/// while the walk is still going).
 #[derive(Clone)]
 pub struct Walker {
     pool: KeyPool,
     keys: Arc<KeySet>,
+    /// Where the walk began (the pool's strategy chose it).
+    start: usize,
+    /// How many keys the first pass has looked at.
     pos: usize,
     /// Keys passed over as unavailable, in order; empty on the usual path.
     skipped: Vec<usize>,
@@ -30,9 +34,11 @@ impl std::fmt::Debug for Walker {
 
 impl Walker {
     pub(crate) fn new(pool: KeyPool, keys: Arc<KeySet>) -> Self {
+        let start = pool.start(&keys);
         Self {
             pool,
             keys,
+            start,
             pos: 0,
             skipped: Vec::new(),
         }
@@ -50,8 +56,9 @@ impl Walker {
 
     /// The next available key the walker has not offered yet.
     pub fn next_key(&mut self) -> Result<Key, Exhaustion> {
-        while self.pos < self.keys.slots.len() {
-            let index = self.pos;
+        let n = self.keys.slots.len();
+        while self.pos < n {
+            let index = (self.start + self.pos) % n;
             self.pos += 1;
             if self.available(index) {
                 return Ok(self.key(index));

@@ -11,7 +11,9 @@ use super::json::to_py;
 use super::runtime::runtime;
 use crate::clock::{Clock, ManualClock};
 use crate::error::Error;
-use crate::pool::{Cooldowns, Key, KeyPool, KeyState, PoolOptions, Walker};
+use crate::pool::{
+    mask, validate_key, Cooldowns, Key, KeyPool, KeySpec, KeyState, PoolOptions, Walker,
+};
 use crate::state::StateSpec;
 
 /// A duration argument in seconds that must be positive and finite.
@@ -125,8 +127,35 @@ fn type_name(obj: &Bound<'_, PyAny>) -> String {
         .unwrap_or_else(|_| "?".into())
 }
 
-/// `(label, key)` pairs from a sequence of keys or a mapping label -> key.
-fn labelled_keys(keys: &Bound<'_, PyAny>) -> PyResult<Vec<(String, String)>> {
+/// A key given as a `str` or as a `Key(value, group=..., base_url=...)`.
+fn key_spec(label: String, item: &Bound<'_, PyAny>) -> PyResult<KeySpec> {
+    if let Ok(key) = item.cast::<PyKey>() {
+        let (value, group, base_url) = match &key.get().key {
+            KeyRef::Unbound {
+                value,
+                group,
+                base_url,
+                ..
+            } => (value.clone(), group.clone(), base_url.clone()),
+            KeyRef::Bound(key) => (
+                key.value().to_owned(),
+                key.group().map(str::to_owned),
+                key.base_url().map(|u| u.as_str().to_owned()),
+            ),
+        };
+        return Ok(KeySpec {
+            label,
+            value,
+            group,
+            base_url,
+        });
+    }
+    Ok(KeySpec::new(label, key_string(item, "keys")?))
+}
+
+/// Keys from a sequence of keys or a mapping label -> key; each key a `str`
+/// or a `Key(...)`.
+pub(crate) fn key_specs(keys: &Bound<'_, PyAny>) -> PyResult<Vec<KeySpec>> {
     if keys.is_instance_of::<PyString>() || keys.is_instance_of::<PyBytes>() {
         return Err(Error::Config(
             "keys must be a sequence of key strings or a mapping of label to key, not a single string".into(),
@@ -139,7 +168,7 @@ fn labelled_keys(keys: &Bound<'_, PyAny>) -> PyResult<Vec<(String, String)>> {
             .try_iter()?
             .map(|item| {
                 let (label, key): (Bound<'_, PyAny>, Bound<'_, PyAny>) = item?.extract()?;
-                Ok((key_string(&label, "labels")?, key_string(&key, "keys")?))
+                key_spec(key_string(&label, "labels")?, &key)
             })
             .collect();
     }
@@ -151,14 +180,14 @@ fn labelled_keys(keys: &Bound<'_, PyAny>) -> PyResult<Vec<(String, String)>> {
     })?;
     items
         .enumerate()
-        .map(|(i, item)| Ok((format!("key-{i}"), key_string(&item?, "keys")?)))
+        .map(|(i, item)| key_spec(format!("key-{i}"), &item?))
         .collect()
 }
 
 #[pymethods]
 impl PyKeyPool {
     #[new]
-    #[pyo3(signature = (keys, *, default_cooldown = 60.0, max_cooldown = None, quota_cooldown = 3600.0, clock = None, state = None, namespace = "default"))]
+    #[pyo3(signature = (keys, *, default_cooldown = 60.0, max_cooldown = None, quota_cooldown = 3600.0, clock = None, state = None, namespace = "default", strategy = "ordered"))]
     #[allow(clippy::too_many_arguments)]
     fn new(
         py: Python<'_>,
@@ -169,6 +198,7 @@ impl PyKeyPool {
         clock: Option<PyRef<'_, PyManualClock>>,
         state: Option<&str>,
         namespace: &str,
+        strategy: &str,
     ) -> PyResult<Self> {
         let cooldowns = Cooldowns {
             default: positive_seconds("default_cooldown", default_cooldown)?,
@@ -179,11 +209,12 @@ impl PyKeyPool {
         };
         let options = PoolOptions {
             cooldowns,
+            strategy: strategy.parse()?,
             clock: clock.map(|c| c.clock.clone() as Arc<dyn Clock>),
             state: Some(StateSpec::parse(state, namespace)?),
             runtime: Some(runtime().handle().clone()),
         };
-        let keys = labelled_keys(keys)?;
+        let keys = key_specs(keys)?;
         let pool = py.detach(|| KeyPool::build(keys, options))?;
         Ok(Self { pool })
     }
@@ -197,6 +228,12 @@ impl PyKeyPool {
     #[getter]
     fn namespace(&self) -> &str {
         self.pool.namespace()
+    }
+
+    /// Where each walk starts: "ordered", "round_robin", "least_loaded" or "headroom".
+    #[getter]
+    fn strategy(&self) -> &'static str {
+        self.pool.strategy().as_str()
     }
 
     /// How sharing goes: {"backend", "connected", "last_error", "pending"}.
@@ -227,11 +264,12 @@ impl PyKeyPool {
     /// The key with this label; `KeyError` if there is none.
     fn key(&self, label: &str) -> PyResult<PyKey> {
         Ok(PyKey {
-            key: self.pool.key(label)?,
+            key: KeyRef::Bound(self.pool.key(label)?),
         })
     }
 
-    /// One dict per key, in order: label, hint, state, cooldown_remaining.
+    /// One dict per key, in order: label, hint, state, cooldown_remaining,
+    /// group, remaining and limit (by limit kind, where known), in_flight.
     fn snapshot<'py>(&self, py: Python<'py>) -> PyResult<Vec<Bound<'py, PyAny>>> {
         self.pool
             .snapshot()
@@ -273,7 +311,9 @@ impl PyWalker {
     fn next(&self) -> PyResult<PyKey> {
         let mut walker = self.walker.lock().unwrap_or_else(|e| e.into_inner());
         let key = walker.next_key().map_err(Error::from)?;
-        Ok(PyKey { key })
+        Ok(PyKey {
+            key: KeyRef::Bound(key),
+        })
     }
 
     fn __repr__(&self) -> String {
@@ -281,65 +321,174 @@ impl PyWalker {
     }
 }
 
-/// One key of a pool. `.value` is the only accessor that reveals the secret.
+/// A key: one of a pool (from `pool.key(label)` or a walker), or a key
+/// given with its settings to build a pool, `Key(value, group=..., base_url=...)`.
+pub(crate) enum KeyRef {
+    Bound(Key),
+    Unbound {
+        value: String,
+        hint: String,
+        group: Option<String>,
+        base_url: Option<String>,
+    },
+}
+
+impl PartialEq for KeyRef {
+    fn eq(&self, other: &Self) -> bool {
+        match (self, other) {
+            (KeyRef::Bound(a), KeyRef::Bound(b)) => a == b,
+            (
+                KeyRef::Unbound {
+                    value: a,
+                    group: ga,
+                    base_url: ba,
+                    ..
+                },
+                KeyRef::Unbound {
+                    value: b,
+                    group: gb,
+                    base_url: bb,
+                    ..
+                },
+            ) => a == b && ga == gb && ba == bb,
+            _ => false,
+        }
+    }
+}
+
+impl Eq for KeyRef {}
+
+impl std::hash::Hash for KeyRef {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        match self {
+            KeyRef::Bound(key) => key.hash(state),
+            KeyRef::Unbound { value, .. } => value.hash(state),
+        }
+    }
+}
+
+/// One key. `.value` is the only accessor that reveals the secret.
 #[pyclass(name = "Key", module = "keyfailover", frozen, eq, hash)]
 #[derive(PartialEq, Eq, Hash)]
 pub struct PyKey {
-    pub(crate) key: Key,
+    pub(crate) key: KeyRef,
+}
+
+impl PyKey {
+    /// The pool key, for what only a key of a pool can do.
+    pub(crate) fn bound(&self) -> PyResult<&Key> {
+        match &self.key {
+            KeyRef::Bound(key) => Ok(key),
+            KeyRef::Unbound { .. } => Err(Error::Config(
+                "this Key is not in a pool: pass it to KeyPool, then use pool.key(label)".into(),
+            )
+            .into()),
+        }
+    }
 }
 
 #[pymethods]
 impl PyKey {
+    /// A key to build a pool with: `KeyPool({"a": Key("sk-...", group="org-1")})`.
+    #[new]
+    #[pyo3(signature = (value, *, group = None, base_url = None))]
+    fn new(value: String, group: Option<String>, base_url: Option<String>) -> PyResult<Self> {
+        validate_key("key", &value)?;
+        if let Some(url) = &base_url {
+            crate::target::BaseUrl::parse(url)
+                .map_err(|e| Error::Config(e.to_string().replace(&value, &mask(&value))))?;
+        }
+        Ok(Self {
+            key: KeyRef::Unbound {
+                hint: mask(&value),
+                value,
+                group,
+                base_url,
+            },
+        })
+    }
+
     #[getter]
-    fn label(&self) -> &str {
-        self.key.label()
+    fn label(&self) -> PyResult<&str> {
+        Ok(self.bound()?.label())
     }
 
     #[getter]
     fn hint(&self) -> &str {
-        self.key.hint()
+        match &self.key {
+            KeyRef::Bound(key) => key.hint(),
+            KeyRef::Unbound { hint, .. } => hint,
+        }
     }
 
     #[getter]
     fn value(&self) -> &str {
-        self.key.value()
+        match &self.key {
+            KeyRef::Bound(key) => key.value(),
+            KeyRef::Unbound { value, .. } => value,
+        }
+    }
+
+    /// The group (organization or project) whose limits the key shares:
+    /// configured, or learned from upstream; None when neither.
+    #[getter]
+    fn group(&self) -> Option<&str> {
+        match &self.key {
+            KeyRef::Bound(key) => key.group(),
+            KeyRef::Unbound { group, .. } => group.as_deref(),
+        }
+    }
+
+    /// The key's own endpoint, if it has one.
+    #[getter]
+    fn base_url(&self) -> Option<&str> {
+        match &self.key {
+            KeyRef::Bound(key) => key.base_url().map(|u| u.as_str()),
+            KeyRef::Unbound { base_url, .. } => base_url.as_deref(),
+        }
     }
 
     #[getter]
-    fn state(&self) -> PyKeyState {
-        self.key.state().into()
+    fn state(&self) -> PyResult<PyKeyState> {
+        Ok(self.bound()?.state().into())
     }
 
     #[getter]
-    fn cooldown_remaining(&self) -> f64 {
-        self.key.status().cooldown_remaining.as_secs_f64()
+    fn cooldown_remaining(&self) -> PyResult<f64> {
+        Ok(self.bound()?.status().cooldown_remaining.as_secs_f64())
     }
 
     /// Cools the key down; None, zero or negative means the pool's default.
     #[pyo3(signature = (cooldown = None))]
-    fn mark_temporary(&self, cooldown: Option<f64>) -> bool {
+    fn mark_temporary(&self, cooldown: Option<f64>) -> PyResult<bool> {
         let cooldown = match cooldown {
             Some(c) if c > 0.0 => Some(Duration::try_from_secs_f64(c).unwrap_or(Duration::MAX)),
             _ => None,
         };
-        self.key.mark_temporary(cooldown)
+        Ok(self.bound()?.mark_temporary(cooldown))
     }
 
-    fn mark_permanent(&self) -> bool {
-        self.key.mark_permanent()
+    fn mark_permanent(&self) -> PyResult<bool> {
+        Ok(self.bound()?.mark_permanent())
     }
 
-    fn reset(&self) {
-        self.key.reset()
+    fn reset(&self) -> PyResult<()> {
+        self.bound()?.reset();
+        Ok(())
     }
 
     fn __repr__(&self) -> String {
-        let status = self.key.status();
-        format!(
-            "Key(label={:?}, hint={:?}, state={})",
-            self.key.label(),
-            self.key.hint(),
-            status.state.as_str()
-        )
+        match &self.key {
+            KeyRef::Bound(key) => format!(
+                "Key(label={:?}, hint={:?}, state={})",
+                key.label(),
+                key.hint(),
+                key.status().state.as_str()
+            ),
+            KeyRef::Unbound { hint, group, .. } => match group {
+                Some(group) => format!("Key(hint={hint:?}, group={group:?})"),
+                None => format!("Key(hint={hint:?})"),
+            },
+        }
     }
 }

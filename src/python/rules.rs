@@ -4,11 +4,12 @@ use std::time::SystemTime;
 
 use pyo3::exceptions::PyTypeError;
 use pyo3::prelude::*;
-use pyo3::types::{IntoPyDict, PyBytes, PyList, PyString};
+use pyo3::types::{PyBytes, PyList, PyString};
+use pyo3::IntoPyObjectExt;
 
 use reqwest::header::HeaderMap;
 
-use super::pool::PyKey;
+use super::pool::{KeyRef, PyKey};
 use crate::headers;
 use crate::keyfile;
 use crate::retry_after::{self, unix_time};
@@ -98,7 +99,7 @@ pub fn mark_key_on_response(
     let pairs = pairs(&headers);
     let body = body.filter(|b| !b.is_none()).map(header_part).transpose()?;
     Ok(verdict::mark_key_on_response(
-        &key.key,
+        key.bound()?,
         status,
         pairs.iter().map(|(n, v)| (n.as_str(), *v)),
         body.as_deref(),
@@ -117,9 +118,36 @@ pub fn parse_keys<'py>(
     separators: &str,
 ) -> PyResult<Bound<'py, PyAny>> {
     let separators: Vec<char> = separators.chars().collect();
+    // A key with settings comes as a Key(value, group=..., base_url=...).
+    let entry = |py: Python<'py>, e: keyfile::Entry| -> PyResult<Bound<'py, PyAny>> {
+        if e.group.is_none() && e.base_url.is_none() {
+            return e.value.into_bound_py_any(py);
+        }
+        let key = PyKey {
+            key: KeyRef::Unbound {
+                hint: crate::pool::mask(&e.value),
+                value: e.value,
+                group: e.group,
+                base_url: e.base_url,
+            },
+        };
+        key.into_bound_py_any(py)
+    };
     Ok(match keyfile::parse(text, source, &separators)? {
-        keyfile::Keys::Bare(keys) => PyList::new(py, keys)?.into_any(),
-        keyfile::Keys::Labelled(pairs) => pairs.into_py_dict(py)?.into_any(),
+        keyfile::Keys::Bare(entries) => {
+            let list = PyList::empty(py);
+            for e in entries {
+                list.append(entry(py, e)?)?;
+            }
+            list.into_any()
+        }
+        keyfile::Keys::Labelled(pairs) => {
+            let dict = pyo3::types::PyDict::new(py);
+            for (label, e) in pairs {
+                dict.set_item(label, entry(py, e)?)?;
+            }
+            dict.into_any()
+        }
     })
 }
 
