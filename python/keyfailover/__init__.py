@@ -25,6 +25,7 @@ from keyfailover._native import (
     __version__,
     error_response,
     mark_key_on_response,
+    parse_keys,
     parse_retry_after,
     sse_error_event,
 )
@@ -49,6 +50,7 @@ __all__ = [
     "__version__",
     "error_response",
     "mark_key_on_response",
+    "parse_keys",
     "parse_retry_after",
     "sse_error_event",
 ]

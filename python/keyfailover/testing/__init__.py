@@ -25,6 +25,9 @@ order), else the reply set for the request's credential (`x-api-key`, else the
 The ``/v1`` prefix is optional, so the OpenAI SDK works with either
 ``base_url=up.url`` or ``base_url=up.url + "/v1"``.
 
+`MockUpstream(limits={credential: Limit(requests=60, window=60.0, group=None)})`
+gives keys rate limits that behave like the providers' (see `limits`).
+
 `MockUpstream.wait_for(predicate)` polls from sync code, `wait_for_async` from
 async code. The pytest plugin (`keyfailover.testing.plugin`, entry point
 ``pytest11``) provides the function-scoped fixture `mock_upstream`.
@@ -53,6 +56,7 @@ from .bodies import (
     openai_chat_completion,
     openai_stream_chunks,
 )
+from .limits import Limit
 from .log import RecordedRequest
 from .replies import HeadersLike, Reply
 from .server import MockUpstream
@@ -61,6 +65,7 @@ __all__ = [
     "DEFAULT_MODEL",
     "DEFAULT_TEXT",
     "HeadersLike",
+    "Limit",
     "MockUpstream",
     "RecordedRequest",
     "Reply",

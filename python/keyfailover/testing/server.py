@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Any, cast
 
 from .http11 import _RequestParser
+from .limits import Limit, RateLimiter
 from .log import RecordedRequest, _credential
 from .replies import Reply
 from .routes import _default_reply
@@ -201,8 +202,11 @@ class MockUpstream:
     All public methods are thread-safe.
     """
 
-    def __init__(self, host: str = "127.0.0.1", port: int = 0) -> None:
+    def __init__(
+        self, host: str = "127.0.0.1", port: int = 0, *, limits: dict[str, Limit] | None = None
+    ) -> None:
         self.host = host
+        self._limiter = RateLimiter(limits or {})
         self._requested_port = port
         self._port: int | None = None
         self._lock = threading.Lock()  # guards the three collections below
@@ -381,4 +385,5 @@ class MockUpstream:
             reply = (
                 self._replies.get(request.credential) if request.credential is not None else None
             )
-        return reply if reply is not None else _default_reply(request)
+        reply = reply if reply is not None else _default_reply(request)
+        return self._limiter.apply(request, reply) if self._limiter else reply
