@@ -358,6 +358,16 @@ impl ResponseBody {
         }
     }
 
+    /// A body fed by a task of keyfailover's own (the dashboard's event
+    /// stream); closing the body aborts the task.
+    pub(crate) fn from_channel(rx: mpsc::Receiver<Result<Bytes>>, task: AbortHandle) -> Self {
+        Self {
+            source: tokio::sync::Mutex::new(Source::Channel { rx, deferred: None }),
+            closed: CancellationToken::new(),
+            pump: Some(task),
+        }
+    }
+
     /// Starts the pump task; call within the tokio runtime.
     pub(crate) fn stream(stream: Stream) -> Self {
         let (tx, rx) = mpsc::channel(READ_AHEAD);

@@ -546,6 +546,7 @@ impl Attempt<'_> {
                 Judged::Failover(verdict) => {
                     if let Some(reason) = verdict.reason() {
                         client.stats.failover(reason);
+                        key.counters().failover();
                         if let Some(attempt) = log.last_mut() {
                             attempt.reason = Some(reason);
                         }

@@ -87,9 +87,14 @@ pub const CODES: [u16; 24] = [
 /// Where a key's latest rate-limit values are kept: per limit kind, the
 /// limit and what remains, each stored plus one (0: not heard of).
 const LIMITS: usize = REASON_SLOTS + CODES.len() + 1;
+/// A key's last error: its status and when (Unix ms).
+const LAST_ERROR: usize = LIMITS + 2 * LimitKind::ALL.len();
+/// Requests that failed over from a key.
+const FAILOVERS: usize = LAST_ERROR + 2;
 /// A key's counters: transitions by reason, responses by code, then its
-/// latest rate-limit values (gauges, kept with them so workers share them).
-pub const KEY_COUNTERS: usize = LIMITS + 2 * LimitKind::ALL.len();
+/// latest rate-limit values and last error (gauges, kept with them so that
+/// workers share them), then its failovers.
+pub const KEY_COUNTERS: usize = FAILOVERS + 1;
 
 /// How a request ended, for `keyfailover_requests_total`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -167,7 +172,50 @@ impl KeyCounters {
         }
     }
 
+    /// Every response a key got, for its counts and its last error.
     pub fn response(&self, status: u16) {
+        if status >= 400 {
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
+            self.0.set(LAST_ERROR, u64::from(status));
+            self.0.set(LAST_ERROR + 1, now);
+        }
+        self.count_response(status);
+    }
+
+    /// A request failed over from the key (it answered with a key-specific
+    /// failure).
+    pub fn failover(&self) {
+        self.0.add(FAILOVERS, 1);
+    }
+
+    pub fn failovers(&self) -> u64 {
+        self.0.get(FAILOVERS)
+    }
+
+    /// The status and time (Unix ms) of the key's last error answer.
+    pub fn last_error(&self) -> Option<(u16, u64)> {
+        let status = u16::try_from(self.0.get(LAST_ERROR))
+            .ok()
+            .filter(|s| *s != 0)?;
+        Some((status, self.0.get(LAST_ERROR + 1)))
+    }
+
+    /// Responses by code so far: (total, and the transitions by reason).
+    pub fn totals(&self) -> (u64, Vec<(Reason, u64)>) {
+        let responses = (0..=CODES.len())
+            .map(|i| self.0.get(REASON_SLOTS + i))
+            .sum();
+        let transitions = REASONS
+            .iter()
+            .enumerate()
+            .map(|(i, r)| (*r, self.0.get(i)))
+            .collect();
+        (responses, transitions)
+    }
+
+    fn count_response(&self, status: u16) {
         let i = CODES
             .iter()
             .position(|c| *c == status)
@@ -216,11 +264,24 @@ impl PoolCounters {
         self.0.add(OUTCOMES + outcome.index(), 1);
     }
 
+    /// Requests so far, by outcome.
+    pub fn outcomes(&self) -> Vec<(Outcome, u64)> {
+        Outcome::ALL
+            .iter()
+            .map(|o| (*o, self.0.get(OUTCOMES + o.index())))
+            .collect()
+    }
+
     pub fn attempts(&self, attempts: u32) {
         let bucket = (attempts.max(1) as usize - 1).min(ATTEMPT_BUCKETS - 1);
         self.0.add(ATTEMPTS + bucket, 1);
         self.0.add(ATTEMPTS_SUM, u64::from(attempts));
         self.0.add(ATTEMPTS_COUNT, 1);
+    }
+
+    /// Attempts made so far and the requests they were made for.
+    pub fn attempt_totals(&self) -> (u64, u64) {
+        (self.0.get(ATTEMPTS_SUM), self.0.get(ATTEMPTS_COUNT))
     }
 
     pub fn upstream_duration(&self, took: Duration) {

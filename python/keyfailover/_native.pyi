@@ -1,7 +1,7 @@
 """Type stubs for the Rust core (`keyfailover._native`)."""
 
 import asyncio
-from collections.abc import Awaitable, Iterable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from typing import Any, ClassVar, Final, final, overload
 
 from keyfailover._errors import (
@@ -115,6 +115,9 @@ class KeyPool:
         """Where key states live: "local", "shm" or "redis"."""
     @property
     def namespace(self) -> str: ...
+    def reload(self, keys: Sequence[str | Key] | Mapping[str, str | Key]) -> dict[str, Any]:
+        """Replaces the keys, keeping each unchanged key's state; returns what
+        changed: {"added", "removed", "relabelled", "keys", "summary"}."""
     def sync_status(self) -> dict[str, str | bool | int | None]:
         """{"backend", "connected", "last_error", "pending"}."""
     def __len__(self) -> int: ...
@@ -267,6 +270,8 @@ class Gateway:
         allow_byok: bool = False,
         max_body_bytes: int = ...,
         admin: bool = True,
+        admin_tokens: Iterable[str] | None = None,
+        reload: Callable[[], Sequence[str | Key] | Mapping[str, str | Key]] | None = None,
     ) -> Gateway: ...
     def begin(self, method: str, target: str | bytes, headers: _Headers) -> Response | Forward: ...
     def too_large(self) -> Response: ...

@@ -77,6 +77,7 @@ def supervise(workers: int, serve: Callable[[], None]) -> int:
             os.setpgid(0, 0)  # Ctrl-C reaches the supervisor only, which passes it on
             signal.signal(signal.SIGINT, signal.SIG_DFL)
             signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            signal.signal(signal.SIGHUP, signal.SIG_DFL)
             status = 0
             try:
                 serve()
@@ -96,8 +97,14 @@ def supervise(workers: int, serve: Callable[[], None]) -> int:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGTERM)
 
+    def reload(signum: int, _frame: Any) -> None:
+        for pid in list(children):  # each worker reloads its own keys
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGHUP)
+
     signal.signal(signal.SIGINT, stop)
     signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGHUP, reload)
     gc.freeze()
     for _ in range(workers):
         spawn()

@@ -16,12 +16,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Awaitable, Callable, Iterable, MutableMapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping, MutableMapping, Sequence
 from typing import Any
 from urllib.parse import unquote
 
 from keyfailover import _tracing
-from keyfailover._native import FailoverClient, Gateway, Response
+from keyfailover._native import FailoverClient, Gateway, Key, Response
 
 __all__ = ["FailoverProxy"]
 
@@ -31,6 +31,9 @@ Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 
 log = logging.getLogger("keyfailover.proxy")
+
+# What a reload callback returns: keys in the forms KeyPool takes.
+Keys = Sequence[str | Key] | Mapping[str, str | Key]
 
 
 class _BodyTooLarge(Exception):
@@ -51,7 +54,12 @@ class FailoverProxy:
       upstream as the caller's own key (one attempt, pool untouched) instead
       of being refused (with tokens) or stripped (without).
     - `max_body_bytes`: larger request bodies get 413 with no upstream call.
-    - `admin`: serve `GET /_keyfailover/health` and `/_keyfailover/keys`.
+    - `admin`: serve the admin endpoints below `/_keyfailover/` (health,
+      keys, metrics, probes, the dashboard, and the key actions).
+    - `admin_tokens`: tokens for the admin endpoints only. Admin actions need
+      a client or admin token: without either, they are refused.
+    - `reload`: a callable returning the keys (the forms `KeyPool` takes) for
+      `POST /_keyfailover/reload`; without it that endpoint does not exist.
 
     Bad arguments raise `ConfigError`.
     """
@@ -64,6 +72,8 @@ class FailoverProxy:
         allow_byok: bool = False,
         max_body_bytes: int = 32 * 1024 * 1024,
         admin: bool = True,
+        admin_tokens: Iterable[str] | None = None,
+        reload: Callable[[], Keys] | None = None,
     ) -> None:
         self.gateway = Gateway(
             client,
@@ -71,6 +81,8 @@ class FailoverProxy:
             allow_byok=allow_byok,
             max_body_bytes=max_body_bytes,
             admin=admin,
+            admin_tokens=admin_tokens,
+            reload=reload,
         )
         self.client = client
 

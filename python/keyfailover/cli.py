@@ -74,7 +74,7 @@ def load_keys(args: argparse.Namespace) -> list[str | Key] | dict[str, str | Key
     return parse_keys(value, source=f"environment variable {args.keys_env}", separators=",\n")
 
 
-def load_tokens(var: str | None) -> list[str] | None:
+def load_tokens(var: str | None, what: str = "client tokens") -> list[str] | None:
     if var is None:
         return None
     value = os.environ.get(var)
@@ -82,7 +82,7 @@ def load_tokens(var: str | None) -> list[str] | None:
         raise CliError(f"environment variable {var} is not set")
     tokens = [t.strip() for t in re.split(r"[,\n]", value) if t.strip()]
     if not tokens:
-        raise CliError(f"environment variable {var} holds no client tokens")
+        raise CliError(f"environment variable {var} holds no {what}")
     return tokens
 
 
@@ -140,6 +140,7 @@ def raise_open_files_limit() -> None:
 
 
 def build_proxy(args: argparse.Namespace) -> FailoverProxy:
+    """The proxy `serve` runs; with --keys-file, one that reloads it."""
     from keyfailover.asgi import FailoverProxy
 
     tokens = load_tokens(args.client_token_env)
@@ -152,6 +153,11 @@ def build_proxy(args: argparse.Namespace) -> FailoverProxy:
         pool = KeyPool(
             load_keys(args), state=args.state, namespace=args.namespace, strategy=args.strategy
         )
+        reloader = None
+        if args.keys_file:
+            from keyfailover._reload import KeysFileReloader
+
+            reloader = KeysFileReloader(args.keys_file, pool)
         client = FailoverClient(
             pool,
             base_url=args.upstream or DEFAULT_UPSTREAMS[args.provider],
@@ -159,12 +165,16 @@ def build_proxy(args: argparse.Namespace) -> FailoverProxy:
             timeout=args.timeout,
             connect_timeout=args.connect_timeout,
         )
-        return FailoverProxy(
+        proxy = FailoverProxy(
             client,
             client_tokens=tokens,
             allow_byok=args.allow_byok,
             max_body_bytes=args.max_body_bytes,
+            admin_tokens=load_tokens(args.admin_token_env, "admin tokens"),
+            reload=reloader.keys if reloader else None,
         )
+        proxy.reloader = reloader  # type: ignore[attr-defined]
+        return proxy
     except ConfigError as exc:
         raise CliError(str(exc)) from None
 
@@ -205,10 +215,18 @@ def cmd_serve(args: argparse.Namespace) -> int:
     )
     sock = listen(args.host, args.port)
     raise_open_files_limit()
-    if args.workers == 1:
+
+    def run() -> None:
+        reloader = getattr(proxy, "reloader", None)
+        if reloader is not None:  # in each worker: its own pool follows the file
+            reloader.on_sighup()
+            reloader.watch()
         _serve.run_uvicorn(uvicorn, proxy, sock, args)
+
+    if args.workers == 1:
+        run()
         return 0
-    return _serve.supervise(args.workers, lambda: _serve.run_uvicorn(uvicorn, proxy, sock, args))
+    return _serve.supervise(args.workers, run)
 
 
 def cmd_mock_upstream(args: argparse.Namespace) -> int:
@@ -291,6 +309,11 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=port, default=8787)
     serve.add_argument("--client-token-env", metavar="VAR", help="tokens callers must present")
+    serve.add_argument(
+        "--admin-token-env",
+        metavar="VAR",
+        help="tokens for the admin endpoints only (needed for admin actions without client tokens)",
+    )
     serve.add_argument("--allow-byok", action="store_true", help="forward callers' own keys")
     serve.add_argument(
         "--allow-unauthenticated",

@@ -58,6 +58,66 @@ impl Health {
     }
 }
 
+/// What a reload changed: keys added and removed (label, hint), labels that
+/// changed (old, new), and how many keys the pool has now.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ReloadReport {
+    pub added: Vec<(String, String)>,
+    pub removed: Vec<(String, String)>,
+    pub relabelled: Vec<(String, String)>,
+    pub kept: usize,
+}
+
+impl ReloadReport {
+    pub fn is_empty(&self) -> bool {
+        self.added.is_empty() && self.removed.is_empty() && self.relabelled.is_empty()
+    }
+
+    /// One line for the logs, by label and hint.
+    pub fn summary(&self) -> String {
+        if self.is_empty() {
+            return "no change".into();
+        }
+        let keys = |v: &[(String, String)]| {
+            v.iter()
+                .map(|(l, h)| format!("{l} ({h})"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        let mut parts = Vec::new();
+        if !self.added.is_empty() {
+            parts.push(format!("added {}", keys(&self.added)));
+        }
+        if !self.removed.is_empty() {
+            parts.push(format!("removed {}", keys(&self.removed)));
+        }
+        if !self.relabelled.is_empty() {
+            let moves: Vec<String> = self
+                .relabelled
+                .iter()
+                .map(|(a, b)| format!("{a} -> {b}"))
+                .collect();
+            parts.push(format!("relabelled {}", moves.join(", ")));
+        }
+        format!("{}; {} keys now", parts.join("; "), self.kept)
+    }
+
+    pub fn to_json(&self) -> serde_json::Value {
+        let keys = |v: &[(String, String)]| {
+            v.iter()
+                .map(|(l, h)| serde_json::json!({"label": l, "hint": h}))
+                .collect::<Vec<_>>()
+        };
+        serde_json::json!({
+            "added": keys(&self.added),
+            "removed": keys(&self.removed),
+            "relabelled": self.relabelled.iter().map(|(a, b)| serde_json::json!({"from": a, "to": b})).collect::<Vec<_>>(),
+            "keys": self.kept,
+            "summary": self.summary(),
+        })
+    }
+}
+
 /// A limit's latest values, as a key's rate-limit headers reported them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct LimitSeen {
@@ -496,6 +556,52 @@ impl KeyPool {
             .iter()
             .map(|s| s.cell.status(now))
             .collect()
+    }
+
+    /// Replaces the pool's keys (same forms as when it was built): a key whose
+    /// value is unchanged keeps its state and counters, whatever its label
+    /// now; new keys start valid; removed keys leave (requests using one
+    /// finish normally). All at once: a walker sees the old list or the new
+    /// one. Invalid input changes nothing.
+    pub fn reload<I, K>(&self, keys: I) -> Result<ReloadReport>
+    where
+        I: IntoIterator<Item = K>,
+        K: Into<KeySpec>,
+    {
+        let specs = validated(keys.into_iter().map(Into::into))?;
+        let old = self.key_set();
+        let new = key_set(
+            specs,
+            &self.inner.namespace,
+            &self.inner.backend,
+            Some(&old),
+        )?;
+        let describe = |s: &Slot| (s.label.clone(), s.hint.clone());
+        let report = ReloadReport {
+            added: new
+                .slots
+                .iter()
+                .filter(|n| !old.slots.iter().any(|o| o.value == n.value))
+                .map(|s| describe(s))
+                .collect(),
+            removed: old
+                .slots
+                .iter()
+                .filter(|o| !new.slots.iter().any(|n| n.value == o.value))
+                .map(|s| describe(s))
+                .collect(),
+            relabelled: new
+                .slots
+                .iter()
+                .filter_map(|n| {
+                    let o = old.slots.iter().find(|o| o.value == n.value)?;
+                    (o.label != n.label).then(|| (o.label.clone(), n.label.clone()))
+                })
+                .collect(),
+            kept: new.slots.len(),
+        };
+        self.inner.keys.store(Arc::new(new));
+        Ok(report)
     }
 
     /// Every key with its state, in configured order.
@@ -1410,5 +1516,91 @@ mod tests {
             "learned group shares it"
         );
         assert_eq!(pool.statuses()[2].state, KeyState::Valid);
+    }
+
+    #[test]
+    fn reload_keeps_state_by_value_and_changes_nothing_when_invalid() {
+        let pool = pool_of(3, Strategy::Ordered, &[]);
+        pool.key("key-0").unwrap().mark_temporary(Some(S(60)));
+        pool.key("key-1").unwrap().mark_permanent();
+        let report = pool
+            .reload([
+                KeySpec::new("renamed", "value-0-xxxxxxxx"),
+                KeySpec::new("key-1", "value-1-xxxxxxxx"),
+                KeySpec::new("fresh", "value-9-xxxxxxxx"),
+            ])
+            .unwrap();
+        assert_eq!(
+            report.relabelled,
+            [("key-0".to_owned(), "renamed".to_owned())]
+        );
+        assert_eq!(report.added.len(), 1);
+        assert_eq!(
+            report.removed,
+            [("key-2".to_owned(), mask("value-2-xxxxxxxx"))]
+        );
+        assert!(
+            report.summary().contains("added fresh"),
+            "{}",
+            report.summary()
+        );
+        let states: Vec<_> = pool
+            .snapshot()
+            .into_iter()
+            .map(|k| (k.label, k.state))
+            .collect();
+        assert_eq!(
+            states,
+            [
+                ("renamed".into(), KeyState::Temporary),
+                ("key-1".into(), KeyState::Permanent),
+                ("fresh".into(), KeyState::Valid)
+            ]
+        );
+        let before = pool.snapshot();
+        let err = pool
+            .reload([
+                KeySpec::new("a", "same-value-xx"),
+                KeySpec::new("b", "same-value-xx"),
+            ])
+            .unwrap_err();
+        assert!(matches!(err, Error::Config(_)));
+        assert!(pool.reload(Vec::<KeySpec>::new()).is_err());
+        assert_eq!(pool.snapshot().len(), before.len(), "nothing changed");
+    }
+
+    #[test]
+    fn a_walker_sees_the_old_list_or_the_new_one_never_a_mix() {
+        let pool = pool_of(4, Strategy::Ordered, &[]);
+        let old: Vec<String> = (0..4).map(|i| format!("key-{i}")).collect();
+        let new: Vec<String> = (0..3).map(|i| format!("new-{i}")).collect();
+        std::thread::scope(|scope| {
+            scope.spawn(|| {
+                for round in 0..500 {
+                    let specs: Vec<KeySpec> = if round % 2 == 0 {
+                        (0..3)
+                            .map(|i| {
+                                KeySpec::new(format!("new-{i}"), format!("other-{i}-xxxxxxxx"))
+                            })
+                            .collect()
+                    } else {
+                        (0..4)
+                            .map(|i| {
+                                KeySpec::new(format!("key-{i}"), format!("value-{i}-xxxxxxxx"))
+                            })
+                            .collect()
+                    };
+                    pool.reload(specs).unwrap();
+                }
+            });
+            for _ in 0..4 {
+                scope.spawn(|| {
+                    for _ in 0..2000 {
+                        let labels = walk(&pool);
+                        assert!(labels == old || labels == new, "{labels:?}");
+                    }
+                });
+            }
+        });
     }
 }

@@ -10,9 +10,11 @@ use pyo3::IntoPyObjectExt;
 
 use super::bridge;
 use super::client::{PyFailoverClient, PyResponse};
+use super::pool::key_specs;
 use super::rules::extract_headers;
+use super::runtime::runtime;
 use crate::error::Error;
-use crate::gateway::{Forward, Gateway, GatewayOptions, Step};
+use crate::gateway::{Forward, Gateway, GatewayOptions, ReloadHook, Step};
 
 /// The proxy's policy in front of a `FailoverClient`: client tokens, BYOK,
 /// body limit, refused methods and paths, admin endpoints.
@@ -22,28 +24,27 @@ pub struct PyGateway {
     client: Py<PyFailoverClient>,
 }
 
-fn token_list(tokens: Option<&Bound<'_, PyAny>>) -> PyResult<Option<Vec<String>>> {
+fn token_list(tokens: Option<&Bound<'_, PyAny>>, name: &str) -> PyResult<Option<Vec<String>>> {
     let Some(tokens) = tokens.filter(|t| !t.is_none()) else {
         return Ok(None);
     };
     if tokens.is_instance_of::<PyString>() || tokens.is_instance_of::<PyBytes>() {
-        return Err(Error::Config(
-            "client_tokens must be a list of tokens, not a single string \
+        return Err(Error::Config(format!(
+            "{name} must be a list of tokens, not a single string \
              (a string would make each of its characters a token)"
-                .into(),
-        )
+        ))
         .into());
     }
     let items = tokens
         .try_iter()
-        .map_err(|_| Error::Config("client_tokens must be a list of strings".into()))?;
+        .map_err(|_| Error::Config(format!("{name} must be a list of strings")))?;
     items
         .map(|item| {
             let item = item?;
             match item.cast::<PyString>() {
                 Ok(s) => Ok(s.to_str()?.to_owned()),
                 Err(_) => Err(Error::Config(format!(
-                    "client tokens must be str, not {}",
+                    "{name}: tokens must be str, not {}",
                     item.get_type().name()?
                 ))
                 .into()),
@@ -56,13 +57,16 @@ fn token_list(tokens: Option<&Bound<'_, PyAny>>) -> PyResult<Option<Vec<String>>
 #[pymethods]
 impl PyGateway {
     #[new]
-    #[pyo3(signature = (client, *, client_tokens = None, allow_byok = false, max_body_bytes = 32 * 1024 * 1024, admin = true))]
+    #[pyo3(signature = (client, *, client_tokens = None, allow_byok = false, max_body_bytes = 32 * 1024 * 1024, admin = true, admin_tokens = None, reload = None))]
+    #[allow(clippy::too_many_arguments)]
     fn new(
         client: &Bound<'_, PyAny>,
         client_tokens: Option<&Bound<'_, PyAny>>,
         allow_byok: bool,
         max_body_bytes: i64,
         admin: bool,
+        admin_tokens: Option<&Bound<'_, PyAny>>,
+        reload: Option<Py<PyAny>>,
     ) -> PyResult<Self> {
         let client = client.cast::<PyFailoverClient>().map_err(|_| {
             let given = client
@@ -79,11 +83,26 @@ impl PyGateway {
         })?;
         let max_body_bytes = u64::try_from(max_body_bytes)
             .map_err(|_| Error::Config("max_body_bytes must not be negative".into()))?;
+        let reload = reload.map(|callable| -> ReloadHook {
+            // Called by the gateway while it answers a request, on the thread
+            // that holds the GIL (the ASGI app's), so taking it is free.
+            Arc::new(move || {
+                Python::attach(|py| {
+                    let keys = callable.bind(py).call0().map_err(|e| {
+                        crate::Error::Config(format!("the reload callback raised {e}"))
+                    })?;
+                    key_specs(&keys).map_err(|e| crate::Error::Config(e.to_string()))
+                })
+            })
+        });
         let options = GatewayOptions {
-            client_tokens: token_list(client_tokens)?,
+            client_tokens: token_list(client_tokens, "client_tokens")?,
             allow_byok,
             max_body_bytes,
             admin,
+            admin_tokens: token_list(admin_tokens, "admin_tokens")?,
+            reload,
+            runtime: Some(Arc::new(|| runtime().handle().clone())),
         };
         let gateway = Gateway::new(client.get().client.clone(), options)?;
         Ok(Self {

@@ -236,6 +236,21 @@ impl PyKeyPool {
         self.pool.strategy().as_str()
     }
 
+    /// Replaces the keys (same forms as the constructor). Keys whose value is
+    /// unchanged keep their state and counters, whatever their label; new keys
+    /// start valid; removed keys leave. Atomic; invalid input raises
+    /// `ConfigError` and changes nothing. Returns what changed.
+    fn reload<'py>(
+        &self,
+        py: Python<'py>,
+        keys: &Bound<'py, PyAny>,
+    ) -> PyResult<Bound<'py, PyAny>> {
+        let specs = key_specs(keys)?;
+        let pool = self.pool.clone();
+        let report = py.detach(|| pool.reload(specs))?;
+        to_py(py, &report.to_json())
+    }
+
     /// How sharing goes: {"backend", "connected", "last_error", "pending"}.
     fn sync_status<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
         to_py(py, &self.pool.sync_status().to_json())

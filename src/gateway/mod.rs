@@ -6,10 +6,14 @@
 //! the request head, reads the body up to [`Forward::body_limit`], and
 //! relays the [`Response`] it gets back.
 
-use std::sync::Arc;
+mod admin;
+mod history;
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, Weak};
 
 use bytes::Bytes;
-use reqwest::header::{HeaderMap, HeaderValue, CONTENT_LENGTH, CONTENT_TYPE};
+use reqwest::header::{HeaderMap, CONTENT_LENGTH};
 
 use crate::error::{Error, ErrorKind, Result};
 use crate::failover::{Credential, FailoverClient, Request, Response};
@@ -21,7 +25,7 @@ use crate::target::normalize_target;
 pub const ADMIN_PREFIX: &str = "/_keyfailover/";
 
 /// Settings of a [`Gateway`].
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct GatewayOptions {
     /// Tokens callers must present (as `x-api-key`, `api-key`,
     /// `x-goog-api-key` or `Authorization: Bearer`). None: the host app
@@ -35,7 +39,23 @@ pub struct GatewayOptions {
     pub max_body_bytes: u64,
     /// Serve the admin endpoints below [`ADMIN_PREFIX`].
     pub admin: bool,
+    /// Tokens for the admin endpoints only (reads and actions), besides the
+    /// client tokens. Without client tokens, admin actions need one of these.
+    pub admin_tokens: Option<Vec<String>>,
+    /// Where `POST /_keyfailover/reload` gets the keys to reload the pool
+    /// with; without it that endpoint does not exist.
+    pub reload: Option<ReloadHook>,
+    /// Where the dashboard's sampler and event streams run: a function, as
+    /// the runtime of a forked worker is not its parent's. The current
+    /// runtime if None.
+    pub runtime: Option<RuntimeSource>,
 }
+
+/// Gives the runtime to spawn background work on.
+pub type RuntimeSource = Arc<dyn Fn() -> tokio::runtime::Handle + Send + Sync>;
+
+/// The keys to reload a pool with, from wherever the host keeps them.
+pub type ReloadHook = Arc<dyn Fn() -> Result<Vec<crate::pool::KeySpec>> + Send + Sync>;
 
 impl Default for GatewayOptions {
     fn default() -> Self {
@@ -44,18 +64,37 @@ impl Default for GatewayOptions {
             allow_byok: false,
             max_body_bytes: 32 * 1024 * 1024,
             admin: true,
+            admin_tokens: None,
+            reload: None,
+            runtime: None,
         }
     }
 }
 
 /// The proxy policy in front of one failover client.
-#[derive(Debug)]
 pub struct Gateway {
     client: Arc<FailoverClient>,
     tokens: Option<Vec<Vec<u8>>>,
+    admin_tokens: Option<Vec<Vec<u8>>>,
     allow_byok: bool,
     max_body_bytes: u64,
     admin: bool,
+    reload: Option<ReloadHook>,
+    runtime: Option<RuntimeSource>,
+    /// The dashboard's samples, and the fork generation whose sampler fills
+    /// them (none yet: `u64::MAX`).
+    history: Arc<Mutex<history::History>>,
+    sampler: AtomicU64,
+}
+
+impl std::fmt::Debug for Gateway {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Gateway")
+            .field("client", &self.client)
+            .field("client_tokens", &self.tokens.as_ref().map(Vec::len))
+            .field("allow_byok", &self.allow_byok)
+            .finish()
+    }
 }
 
 /// What to do with a request, decided from its head.
@@ -87,41 +126,68 @@ impl Forward {
 
 impl Gateway {
     pub fn new(client: Arc<FailoverClient>, options: GatewayOptions) -> Result<Self> {
-        let tokens = match options.client_tokens {
-            None => None,
-            Some(tokens) if tokens.is_empty() => {
-                return Err(Error::Config(
-                    "client_tokens is empty: give at least one token, or None to leave \
-                     authentication to the host app"
-                        .into(),
-                ))
-            }
-            Some(tokens) => {
-                if tokens.iter().any(|t| t.trim().is_empty()) {
-                    return Err(Error::Config("client tokens must not be blank".into()));
-                }
-                if let Some(t) = tokens.iter().find(|t| {
-                    client
-                        .pool()
-                        .key_set()
-                        .secrets()
-                        .any(|(k, _)| k == t.as_str())
-                }) {
-                    return Err(Error::Config(format!(
-                        "client token {} is one of the pool's keys",
-                        client.pool().redact(t)
-                    )));
-                }
-                Some(tokens.into_iter().map(String::into_bytes).collect())
-            }
-        };
+        let tokens = token_list(&client, "client_tokens", options.client_tokens)?;
+        let admin_tokens = token_list(&client, "admin_tokens", options.admin_tokens)?;
         Ok(Self {
             client,
             tokens,
+            admin_tokens,
             allow_byok: options.allow_byok,
             max_body_bytes: options.max_body_bytes,
             admin: options.admin,
+            reload: options.reload,
+            runtime: options.runtime,
+            history: Arc::default(),
+            sampler: AtomicU64::new(u64::MAX),
         })
+    }
+
+    fn runtime(&self) -> Option<tokio::runtime::Handle> {
+        match &self.runtime {
+            Some(source) => Some(source()),
+            None => tokio::runtime::Handle::try_current().ok(),
+        }
+    }
+
+    /// Starts the dashboard's sampler once per process (a forked worker
+    /// starts its own); it stops when the gateway is dropped. One atomic
+    /// load on the request path.
+    fn ensure_sampler(&self) {
+        let generation = crate::fork::generation();
+        let running = self.sampler.load(Ordering::Relaxed);
+        if !self.admin || running == generation {
+            return;
+        }
+        let Some(runtime) = self.runtime() else {
+            return;
+        };
+        if self
+            .sampler
+            .compare_exchange(running, generation, Ordering::AcqRel, Ordering::Relaxed)
+            .is_err()
+        {
+            return;
+        }
+        let history: Weak<Mutex<history::History>> = Arc::downgrade(&self.history);
+        let client = Arc::downgrade(&self.client);
+        runtime.spawn(async move {
+            let mut tick = tokio::time::interval(history::SAMPLE_EVERY);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tick.tick().await;
+                let (Some(history), Some(client)) = (history.upgrade(), client.upgrade()) else {
+                    return;
+                };
+                if crate::fork::generation() != generation {
+                    return;
+                }
+                let sample = history::Sample::read(&client, admin::unix_now());
+                history
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner)
+                    .push(sample);
+            }
+        });
     }
 
     pub fn client(&self) -> &Arc<FailoverClient> {
@@ -143,6 +209,13 @@ impl Gateway {
     /// Decides what to do with a request from its head: `target` is the
     /// path below the mount with its query, as the caller encoded it.
     pub fn begin(&self, method: &str, target: &str, headers: HeaderMap) -> Step {
+        self.ensure_sampler();
+        let path = target.split('?').next().unwrap_or(target);
+        if self.admin
+            && (path.starts_with(ADMIN_PREFIX) || path == &ADMIN_PREFIX[..ADMIN_PREFIX.len() - 1])
+        {
+            return Step::Respond(self.admin(method, path, &headers));
+        }
         let credential = caller_credential(&headers);
         let authorized = credential
             .as_ref()
@@ -150,16 +223,7 @@ impl Gateway {
         if self.tokens.is_some() && !authorized && !(self.allow_byok && credential.is_some()) {
             return self.refuse(ErrorKind::Authentication, "invalid or missing client token");
         }
-        let path = target.split('?').next().unwrap_or(target);
-        if self.admin && path.starts_with(ADMIN_PREFIX) {
-            if self.tokens.is_some() && !authorized {
-                return self.refuse(
-                    ErrorKind::Authentication,
-                    "admin endpoints need a client token",
-                );
-            }
-            return Step::Respond(self.admin(method, path));
-        }
+
         if let Some(protocol) = upgrade_requested(&headers) {
             return self.refuse(
                 ErrorKind::InvalidRequest,
@@ -247,38 +311,37 @@ impl Gateway {
             .iter()
             .fold(false, |found, token| found | constant_time_eq(given, token))
     }
+}
 
-    fn admin(&self, method: &str, path: &str) -> Response {
-        let pool = self.client.pool();
-        let endpoint = &path[ADMIN_PREFIX.len()..];
-        if endpoint == "metrics" && matches!(method, "GET" | "HEAD") {
-            let mut response = Response::json(200, self.client.metrics());
-            response.headers.insert(
-                CONTENT_TYPE,
-                HeaderValue::from_static(crate::metrics::CONTENT_TYPE),
-            );
-            return response;
-        }
-        let body = match endpoint {
-            "metrics" => serde_json::Value::Null,
-            "health" => pool.health().to_json(),
-            "keys" => serde_json::json!({"keys": pool.snapshot()
-                .iter()
-                .map(|k| k.to_json())
-                .collect::<Vec<_>>()}),
-            _ => {
-                let shown = pool.redact(path);
-                return self.answer(ErrorKind::NotFound, &format!("no admin endpoint {shown}"));
-            }
-        };
-        if method != "GET" && method != "HEAD" {
-            return self.answer(
-                ErrorKind::MethodNotAllowed,
-                &format!("{path} answers GET only"),
-            );
-        }
-        Response::json(200, body.to_string())
+/// A token list option, checked: None stays None; an empty list, a blank
+/// token, or a token that is one of the pool's keys is a ConfigError.
+fn token_list(
+    client: &FailoverClient,
+    name: &str,
+    tokens: Option<Vec<String>>,
+) -> Result<Option<Vec<Vec<u8>>>> {
+    let Some(tokens) = tokens else {
+        return Ok(None);
+    };
+    if tokens.is_empty() {
+        return Err(Error::Config(format!(
+            "{name} is empty: give at least one token, or None"
+        )));
     }
+    if tokens.iter().any(|t| t.trim().is_empty()) {
+        return Err(Error::Config(format!("{name}: tokens must not be blank")));
+    }
+    let keys = client.pool().key_set();
+    if let Some(t) = tokens
+        .iter()
+        .find(|t| keys.secrets().any(|(k, _)| k == t.as_str()))
+    {
+        return Err(Error::Config(format!(
+            "{name}: token {} is one of the pool's keys",
+            client.pool().redact(t)
+        )));
+    }
+    Ok(Some(tokens.into_iter().map(String::into_bytes).collect()))
 }
 
 fn content_length(headers: &HeaderMap) -> Option<u64> {
