@@ -114,6 +114,14 @@ pub fn parse(text: &str, source: &str, separators: &[char]) -> Result<Keys> {
             }
         }
         if let (Some((b, _)), Some((l, ..))) = (bare.first(), labelled.first()) {
+            // Among labelled keys, `name=` is a key left out (alone, it
+            // could be a base64 key with its padding).
+            if let Some(label) = first
+                .strip_suffix('=')
+                .filter(|l| n == *b && split_label(&format!("{l}=k")).is_some())
+            {
+                return Err(at(format!("{label}= has no key after the `=`")));
+            }
             let (this, other, other_kind) = if n == *b {
                 ("a bare key", l, "labelled")
             } else {
@@ -229,6 +237,10 @@ mod tests {
             (
                 format!("{A} group=\n"),
                 "keys file 'k.txt', line 1: group= needs a value",
+            ),
+            (
+                format!("a={A}\nb=\n"),
+                "keys file 'k.txt', line 2: b= has no key after the `=`",
             ),
             (
                 "# only comments\n\n".to_owned(),

@@ -22,6 +22,7 @@ class KeysFileReloader:
         self.interval = interval
         self._seen = self._stamp()
         self._stop = threading.Event()
+        self._hup = threading.Event()
         self._lock = threading.Lock()
 
     def keys(self) -> list[str | Key] | dict[str, str | Key]:
@@ -43,6 +44,13 @@ class KeysFileReloader:
                 return
             log.info("reloaded the keys (%s): %s", why, report["summary"])
 
+    def reload_if_changed(self) -> None:
+        """Reloads if the file changed since it was last read (a worker started
+        after an edit catches up this way)."""
+        stamp = self._stamp()
+        if stamp is not None and stamp != self._seen:
+            self.reload("the file changed")
+
     def _stamp(self) -> tuple[int, int, int] | None:
         try:
             st = self.path.stat()
@@ -51,21 +59,30 @@ class KeysFileReloader:
         return (st.st_mtime_ns, st.st_size, st.st_ino)
 
     def watch(self) -> None:
-        """Reloads when the file changes (checked every `interval` seconds), in a thread."""
+        """Reloads, in a thread, on SIGHUP (see `on_sighup`) and when the file
+        changes (checked every `interval` seconds)."""
 
         def loop() -> None:
-            while not self._stop.wait(self.interval):
-                if self._stamp() != self._seen and self._stamp() is not None:
-                    self.reload("the file changed")
+            while not self._stop.is_set():
+                hup = self._hup.wait(self.interval)
+                if self._stop.is_set():
+                    return
+                if hup:
+                    self._hup.clear()
+                    self.reload("SIGHUP")
+                else:
+                    self.reload_if_changed()
 
         threading.Thread(target=loop, name="keyfailover-keys-file", daemon=True).start()
 
     def stop(self) -> None:
         self._stop.set()
+        self._hup.set()
 
     def on_sighup(self) -> None:
-        """Reloads on SIGHUP."""
+        """Reloads on SIGHUP: the handler only wakes the watching thread, so a
+        signal never runs the reload inside whatever the main thread was doing."""
         import signal
 
         with contextlib.suppress(ValueError):  # not the main thread: no signals here
-            signal.signal(signal.SIGHUP, lambda *_: self.reload("SIGHUP"))
+            signal.signal(signal.SIGHUP, lambda *_: self._hup.set())

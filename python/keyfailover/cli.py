@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any, NoReturn
 from keyfailover import __version__
 from keyfailover._native import ConfigError, FailoverClient, Key, KeyPool
 from keyfailover._native import parse_keys as _parse_keys
+from keyfailover._reload import KeysFileReloader
 
 if TYPE_CHECKING:
     from keyfailover.asgi import FailoverProxy
@@ -139,8 +140,8 @@ def raise_open_files_limit() -> None:
             resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
-def build_proxy(args: argparse.Namespace) -> FailoverProxy:
-    """The proxy `serve` runs; with --keys-file, one that reloads it."""
+def build_proxy(args: argparse.Namespace) -> tuple[FailoverProxy, KeysFileReloader | None]:
+    """The proxy `serve` runs, and with --keys-file what reloads its keys."""
     from keyfailover.asgi import FailoverProxy
 
     tokens = load_tokens(args.client_token_env)
@@ -153,11 +154,7 @@ def build_proxy(args: argparse.Namespace) -> FailoverProxy:
         pool = KeyPool(
             load_keys(args), state=args.state, namespace=args.namespace, strategy=args.strategy
         )
-        reloader = None
-        if args.keys_file:
-            from keyfailover._reload import KeysFileReloader
-
-            reloader = KeysFileReloader(args.keys_file, pool)
+        reloader = KeysFileReloader(args.keys_file, pool) if args.keys_file else None
         client = FailoverClient(
             pool,
             base_url=args.upstream or DEFAULT_UPSTREAMS[args.provider],
@@ -173,8 +170,7 @@ def build_proxy(args: argparse.Namespace) -> FailoverProxy:
             admin_tokens=load_tokens(args.admin_token_env, "admin tokens"),
             reload=reloader.keys if reloader else None,
         )
-        proxy.reloader = reloader  # type: ignore[attr-defined]
-        return proxy
+        return proxy, reloader
     except ConfigError as exc:
         raise CliError(str(exc)) from None
 
@@ -204,7 +200,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             args.workers,
             args.namespace,
         )
-    proxy = build_proxy(args)
+    proxy, reloader = build_proxy(args)
     pool = proxy.client.pool
     log.info(
         "forwarding to %s with %s (%s), key states %s",
@@ -217,9 +213,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     raise_open_files_limit()
 
     def run() -> None:
-        reloader = getattr(proxy, "reloader", None)
         if reloader is not None:  # in each worker: its own pool follows the file
             reloader.on_sighup()
+            reloader.reload_if_changed()
             reloader.watch()
         _serve.run_uvicorn(uvicorn, proxy, sock, args)
 

@@ -99,7 +99,8 @@ impl ReloadReport {
                 .collect();
             parts.push(format!("relabelled {}", moves.join(", ")));
         }
-        format!("{}; {} keys now", parts.join("; "), self.kept)
+        let keys = if self.kept == 1 { "key" } else { "keys" };
+        format!("{}; {} {keys} now", parts.join("; "), self.kept)
     }
 
     pub fn to_json(&self) -> serde_json::Value {
