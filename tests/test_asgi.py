@@ -777,3 +777,30 @@ def test_upstream_error_in_a_json_body_starts_no_second_response(up):
     assert sent[0]["status"] == 200
     assert all(m["more_body"] for m in sent[1:])  # never ended as if complete
     assert b"".join(m["body"] for m in sent[1:]) == BROKEN_TEXT[:100].encode()
+
+
+@pytest.mark.parametrize("http", ["h11", "httptools"])
+def test_both_uvicorn_http_implementations_relay_blocking_and_streaming(up, http):
+    """httptools (what `uvicorn[standard]` brings) takes header names only as bytes."""
+    up.set_reply(
+        FAKE_KEYS[0], Reply.error(429, "rate_limit_error", "slow", headers={"retry-after": "30"})
+    )
+    with serve_asgi(make_proxy(up), http=http) as url:
+        blocking = httpx.post(url + "/v1/messages", json={"model": "m", "messages": []})
+        assert blocking.status_code == 200
+        assert blocking.headers["content-type"] == "application/json"
+        assert blocking.json()["type"] == "message"
+        body = {"model": "m", "messages": [], "stream": True}
+        with httpx.stream("POST", url + "/v1/messages", json=body) as streamed:
+            assert streamed.status_code == 200
+            assert streamed.headers["content-type"].startswith("text/event-stream")
+            assert "message_stop" in streamed.read().decode()
+
+
+def test_raw_header_names_and_values_are_bytes(up):
+    client, _ = make_client(up)
+    response = client.request_sync("POST", "/v1/messages", body=b"{}")
+    response.read()
+    assert response.raw_headers
+    assert all(isinstance(n, bytes) and isinstance(v, bytes) for n, v in response.raw_headers)
+    assert all(isinstance(n, str) and isinstance(v, str) for n, v in response.headers)

@@ -371,7 +371,7 @@ fn headers_list<'py>(
             PyTuple::new(
                 py,
                 [
-                    PyString::new(py, n.as_str()).into_any(),
+                    value(py, n.as_str().as_bytes()),
                     value(py, v.as_bytes()),
                 ],
             )

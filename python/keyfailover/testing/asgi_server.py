@@ -10,15 +10,21 @@ from typing import Any
 
 
 @contextlib.contextmanager
-def serve_asgi(app: Any, *, host: str = "127.0.0.1", port: int = 0) -> Iterator[str]:
+def serve_asgi(
+    app: Any, *, host: str = "127.0.0.1", port: int = 0, http: str = "auto"
+) -> Iterator[str]:
     """Runs an ASGI app under uvicorn in a background thread; yields its URL.
 
     For end-to-end tests of a `FailoverProxy` (or a FastAPI app mounting one)
     with a real HTTP server on loopback. Needs uvicorn (the `server` extra).
+    `http` picks uvicorn's HTTP implementation: "h11", "httptools", or "auto"
+    (httptools when installed).
     """
     import uvicorn
 
-    config = uvicorn.Config(app, host=host, port=port, log_level="warning", lifespan="auto")
+    config = uvicorn.Config(
+        app, host=host, port=port, log_level="warning", lifespan="auto", http=http
+    )
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, name="keyfailover-serve-asgi", daemon=True)
     thread.start()
