@@ -315,8 +315,24 @@ def mock_role(spec: dict[str, Any]) -> None:
 # The setups under test
 # --------------------------------------------------------------------------
 
-# The setups whose failure fails the run (see `cli.run`).
-MUST_PASS = frozenset({"kf-uvicorn", "kf-granian", "py-uvicorn"})
+# The setups whose failure fails the run (see `cli.run`): a workload failed, a non-2xx
+# answer, or (propagation) a mark another process never saw.
+MUST_PASS = frozenset(
+    {
+        "kf-uvicorn",
+        "kf-granian",
+        "py-uvicorn",
+        # shared.py: the state backends, the propagation, `serve --workers`
+        "kf-state-none",
+        "kf-state-shm",
+        "kf-state-redis",
+        "propagation-shm",
+        "propagation-redis",
+        "kf-serve-1-one-cpu",
+        "kf-serve-1",
+        "kf-serve-2",
+    }
+)
 
 
 @dataclass
