@@ -83,8 +83,8 @@ FULL = Plan(
     sdk_duration=3.0,
     paced_rate=500,
     client_requests=20_000,
-    shared_duration=3.0,
-    shared_rounds=3,
+    shared_duration=2.0,
+    shared_rounds=5,
     propagation_marks=200,
     workers_concurrencies=(16, 64),
 )

@@ -194,14 +194,15 @@ def alternate(
     what: str,
 ) -> dict[str, list[dict[str, Any]]]:
     """`plan.shared_rounds` runs of each setup, the order rotating each round (the first
-    run of each is a warm-up too); a setup that fails is noted and left out of later rounds."""
+    run of each is a warm-up too); a setup that fails is noted and left out of later rounds.
+    Each run's row says its round, so runs of one round can be compared with each other."""
     runs: dict[str, list[dict[str, Any]]] = {setup.key: [] for setup in setups}
     alive = list(setups)
     for i in range(bench.plan.shared_rounds):
         shift = i % len(alive) if alive else 0
         for setup in alive[shift:] + alive[:shift]:
             try:
-                runs[setup.key].append(run(setup, i == 0))
+                runs[setup.key].append({**run(setup, i == 0), "round": i})
             except (OSError, RuntimeError, subprocess.SubprocessError) as exc:
                 bench.notes.append(f"{setup.label}: {what} failed: {exc}")
                 bench.notes.failed.add(setup.key)
@@ -210,22 +211,37 @@ def alternate(
     return {key: rows for key, rows in runs.items() if rows}
 
 
-def summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
-    """Medians over the runs of one setup; errors and counts summed."""
-    out: dict[str, Any] = {
-        "rps": statistics.median(row["rps"] for row in rows),
-        "runs": [row["rps"] for row in rows],
-        "p50": statistics.median(row["p"]["50"] for row in rows),
-        "p99": statistics.median(row["p"]["99"] for row in rows),
-        "errors": sum(row["errors"] for row in rows),
-        "requests": sum(row["requests"] for row in rows),
-    }
-    for counter in ("upstream_calls", "scripts"):
-        if all(counter in row for row in rows) and out["requests"]:
-            out[f"{counter}_per_request"] = sum(row[counter] for row in rows) / out["requests"]
-    if all("worker_cpu" in row for row in rows):
-        totals = [sum(cpu) for cpu in zip(*(row["worker_cpu"] for row in rows), strict=True)]
-        out["worker_cpu_share"] = [t / sum(totals) for t in totals] if sum(totals) else []
+def summarize(runs: dict[str, list[dict[str, Any]]], base: str) -> dict[str, Any]:
+    """Per setup: medians over its runs, errors and counts summed, and against `base`:
+    the median of the ratios of runs in the same round (a slow drift of the machine's
+    speed cancels out of those) and the ratio of CPU time per request."""
+    out: dict[str, Any] = {}
+    base_rps = {row["round"]: row["rps"] for row in runs.get(base, [])}
+    for key, rows in runs.items():
+        requests = sum(row["requests"] for row in rows)
+        row_out: dict[str, Any] = {
+            "rps": statistics.median(row["rps"] for row in rows),
+            "runs": [row["rps"] for row in rows],
+            "p50": statistics.median(row["p"]["50"] for row in rows),
+            "p99": statistics.median(row["p"]["99"] for row in rows),
+            "errors": sum(row["errors"] for row in rows),
+            "requests": requests,
+        }
+        ratios = [row["rps"] / base_rps[row["round"]] for row in rows if row["round"] in base_rps]
+        if ratios:
+            row_out["ratios"] = ratios
+            row_out["ratio"] = statistics.median(ratios)
+        for counter in ("upstream_calls", "scripts", "cpu", "redis_cpu"):
+            if requests and all(counter in row for row in rows):
+                row_out[f"{counter}_per_request"] = sum(row[counter] for row in rows) / requests
+        if all("worker_cpu" in row for row in rows):
+            totals = [sum(cpu) for cpu in zip(*(row["worker_cpu"] for row in rows), strict=True)]
+            row_out["worker_cpu_share"] = [t / sum(totals) for t in totals] if sum(totals) else []
+        out[key] = row_out
+    base_cpu = out.get(base, {}).get("cpu_per_request")
+    for row_out in out.values():
+        if base_cpu and "cpu_per_request" in row_out:
+            row_out["cpu_ratio"] = row_out["cpu_per_request"] / base_cpu
     return out
 
 
@@ -283,22 +299,32 @@ def state_throughput(bench: Bench) -> dict[str, Any] | None:
             def run(setup: Setup, first: bool, route: str = route) -> dict[str, Any]:
                 if first:
                     gen.run(setup, route, 16, plan.warmup)
+                assert setup.proc is not None
+                with_redis = redis is not None and setup.key == "kf-state-redis"
                 upstream_before = fast.request_count()
-                scripts_before = redis.calls("evalsha") if redis else 0
+                cpu_before = cpu_seconds(setup.proc.pid)
+                if with_redis:
+                    assert redis is not None
+                    scripts_before = redis.calls("evalsha")
+                    redis_before = cpu_seconds(redis.proc.pid)
                 load = gen.run(setup, route, 16, plan.shared_duration)
                 row = load_dict(load)
+                row["cpu"] = cpu_seconds(setup.proc.pid) - cpu_before
                 row["upstream_calls"] = fast.request_count() - upstream_before
-                if redis and setup.key == "kf-state-redis":
+                if with_redis:
+                    assert redis is not None
                     row["scripts"] = redis.calls("evalsha") - scripts_before
+                    row["redis_cpu"] = cpu_seconds(redis.proc.pid) - redis_before
+                per = max(1, load.requests)
                 log(
                     f"  {route:8} {setup.label:30} {load.rps:8.0f} req/s  p50 {load.p(50):6.2f} "
                     f"ms  p99 {load.p(99):6.2f} ms  errors {load.errors}  upstream calls/request "
-                    f"{row['upstream_calls'] / max(1, load.requests):.2f}"
+                    f"{row['upstream_calls'] / per:.2f}  CPU {row['cpu'] / per * 1e6:.0f} µs/req"
                 )
                 return row
 
             runs = alternate(bench, setups, run, f"{route} at c=16")
-            results = {key: summary(rows) for key, rows in runs.items()}
+            results = summarize(runs, "kf-state-none")
             note_errors(bench, setups, results, f"{route} route at c=16")
             out["routes"][route] = results
         return out
@@ -615,24 +641,27 @@ def workers(bench: Bench) -> dict[str, Any] | None:
                 if first:
                     gen.run(setup, "json", connections, plan.warmup)
                 assert setup.proc is not None
-                pids = children(setup.proc.pid) if setup.key == "kf-serve-2" else []
+                workers = children(setup.proc.pid) if setup.key == "kf-serve-2" else []
+                pids = [setup.proc.pid, *workers]
                 cpu_before = [cpu_seconds(pid) for pid in pids]
                 load = gen.run(setup, "json", connections, plan.shared_duration)
                 row = load_dict(load)
-                if pids:
-                    row["worker_cpu"] = [
-                        cpu_seconds(pid) - before
-                        for pid, before in zip(pids, cpu_before, strict=True)
-                    ]
+                cpu = [
+                    cpu_seconds(pid) - before for pid, before in zip(pids, cpu_before, strict=True)
+                ]
+                row["cpu"] = sum(cpu)
+                if workers:
+                    row["worker_cpu"] = cpu[1:]
                 log(
                     f"  c={connections:<3} {setup.label:32} {load.rps:8.0f} req/s  "
                     f"p50 {load.p(50):6.2f} ms  p99 {load.p(99):6.2f} ms  errors {load.errors}"
-                    + (f"  worker CPU s {[round(s, 2) for s in row['worker_cpu']]}" if pids else "")
+                    + f"  CPU {row['cpu'] / max(1, load.requests) * 1e6:.0f} µs/request"
+                    + (f"  worker CPU s {[round(s, 2) for s in cpu[1:]]}" if workers else "")
                 )
                 return row
 
             runs = alternate(bench, setups, run, f"c={connections}")
-            results = {key: summary(rows) for key, rows in runs.items()}
+            results = summarize(runs, "kf-serve-1")
             note_errors(bench, setups, results, f"c={connections}")
             out["concurrencies"][str(connections)] = results
         return out
