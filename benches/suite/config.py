@@ -66,6 +66,7 @@ class Plan:
     shared_rounds: int  # alternating runs of each of those setups (the median is reported)
     propagation_marks: int  # marks (each followed by a reset) from one process to another
     workers_concurrencies: tuple[int, ...]  # for `serve --workers 2` vs `--workers 1`
+    mark_cost_transitions: int  # marks and resets, for the CPU time of a transition
     sdk_concurrency: int = 16
     client_concurrency: int = 32
 
@@ -87,6 +88,7 @@ FULL = Plan(
     shared_rounds=5,
     propagation_marks=200,
     workers_concurrencies=(16, 64),
+    mark_cost_transitions=4000,
 )
 SMOKE = Plan(
     duration=0.5,
@@ -105,6 +107,7 @@ SMOKE = Plan(
     shared_rounds=1,
     propagation_marks=10,
     workers_concurrencies=(16,),
+    mark_cost_transitions=100,
     sdk_concurrency=4,
 )
 

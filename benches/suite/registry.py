@@ -55,4 +55,5 @@ ROLES: dict[str, Callable[[dict[str, Any]], Any]] = {
     "_watch": shared.watch_role,
     "_mark": shared.mark_role,
     "_subscribe": shared.subscribe_role,
+    "_markcost": shared.mark_cost_role,
 }

@@ -539,6 +539,34 @@ def state_section(r: dict[str, Any]) -> list[str]:
         "the lowest), fails when the upper quartile is below it, and is inconclusive (n/a) "
         "when they straddle it: the machine's noise was larger than the 3% asked about.",
     ]
+    cost = state.get("mark_cost")
+    if cost and "none" in cost:
+        base = cost["none"]["cpu"]
+        n = cost["none"]["transitions"]
+        out += [
+            "",
+            f"What a transition costs: in one process on the proxies' CPU, {n:,} marks and "
+            "resets in turn, 0.5 ms apart (so each is written on its own, as in the proxy, where "
+            "a 1 ms cooldown separates a key's marks), until nothing is pending; the process's "
+            "CPU time (every thread) per transition. The pacing loop costs the same with every "
+            "backend: the difference to state=None is the backend's own.",
+            "",
+            "| state | CPU µs / transition | over state=None | transitions / failover request "
+            "| = µs / failover request | of state=None's CPU / request |",
+            "| --- | ---: | ---: | ---: | ---: | ---: |",
+        ]
+        failover = state["routes"].get("failover", {})
+        base_cpu = failover.get("kf-state-none", {}).get("cpu_per_request")
+        for name, row in cost.items():
+            extra = row["cpu"] - base
+            per = failover.get("kf-state-redis", {}).get("scripts_per_request")
+            cells = [name if name != "none" else "None", f"{row['cpu']:.1f}", f"{extra:+.1f}"]
+            if name == "redis" and per is not None:
+                cells += [f"{per:.2f}", f"{per * extra:+.1f}"]
+                cells.append(f"{per * extra / (base_cpu * 1e6):+.1%}" if base_cpu else "-")
+            else:
+                cells += ["", "", ""]
+            out.append("| " + " | ".join(cells) + " |")
     return out
 
 

@@ -52,7 +52,7 @@ from .config import (
 )
 from .load import percentile
 from .measure import Bench, load_dict
-from .procs import Processes, Setup, start_asgi
+from .procs import Processes, Setup, run_role, start_asgi
 from .wire import free_port, wait_ready
 
 # The throughput goal: a shared backend costs at most this fraction of state=None's req/s.
@@ -327,12 +327,71 @@ def state_throughput(bench: Bench) -> dict[str, Any] | None:
             results = summarize(runs, "kf-state-none")
             note_errors(bench, setups, results, f"{route} route at c=16")
             out["routes"][route] = results
-        return out
     finally:
         for setup in setups:
             if setup.proc is not None:
                 bench.procs.stop(setup.proc)
         remove_shm(ns)
+    try:
+        out["mark_cost"] = mark_cost(bench, {k: v for k, v in states.items() if v is not None})
+    except (OSError, RuntimeError, subprocess.SubprocessError) as exc:
+        bench.notes.append(f"The CPU cost of a mark was not measured: {exc}")
+    return out
+
+
+def mark_cost(bench: Bench, states: dict[str, str]) -> dict[str, Any]:
+    """CPU time per transition of each backend, in one process (the `_markcost` role)."""
+    ns = namespace("markcost")
+    spec = {
+        "states": states,
+        "namespace": ns,
+        "transitions": bench.plan.mark_cost_transitions,
+        "gap": 0.0005,
+    }
+    try:
+        out: dict[str, Any] = run_role("_markcost", spec, cpus=SERVER_CPU, timeout=300)
+    finally:
+        remove_shm(f"{ns}-shm")
+    base = out["none"]["cpu"]
+    log(
+        "  CPU per transition: "
+        + ", ".join(
+            f"{name} {row['cpu']:.1f} µs ({row['cpu'] - base:+.1f})" for name, row in out.items()
+        )
+    )
+    return out
+
+
+def mark_cost_role(spec: dict[str, Any]) -> dict[str, Any]:
+    """The `_markcost` role: for each backend, `transitions` marks and resets in turn, `gap` s
+    apart (so each is written on its own, as in the proxy, where a mark's cooldown keeps the
+    next one at least a millisecond away), until nothing is pending; this process's CPU time
+    (every thread: Python, tokio, the Redis task) per transition. The pacing loop costs the
+    same everywhere: the differences to `none` are the backends' own."""
+    out: dict[str, Any] = {}
+    n, gap = spec["transitions"], spec["gap"]
+    for name, state in spec["states"].items():
+        pool = _pool({"state": state or None, "namespace": f"{spec['namespace']}-{name}"})
+        key = pool.key(LABEL)
+        cpu, start = time.process_time(), time.monotonic()
+        for i in range(n):
+            if i % 2 == 0:
+                key.mark_temporary(60.0)
+            else:
+                key.reset()
+            time.sleep(gap)
+        deadline = time.monotonic() + 10
+        while pool.sync_status()["pending"]:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{name}: transitions still pending: {pool.sync_status()}")
+            time.sleep(0.001)
+        out[name] = {
+            "cpu": (time.process_time() - cpu) / n * 1e6,
+            "wall": (time.monotonic() - start) / n * 1e6,
+            "transitions": n,
+        }
+        del key, pool
+    return out
 
 
 # --------------------------------------------------------------------------
