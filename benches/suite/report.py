@@ -633,8 +633,9 @@ def workers_section(r: dict[str, Any]) -> list[str]:
         f"{plan['shared_duration']:g} s per setup, alternating.",
         "",
         "| conc. | setup | req/s | x --workers 1 (both CPUs) | runs x --workers 1 "
-        "| CPU µs / request | p50 ms | p99 ms | errors | worker CPU split |",
-        "| ---: | --- | ---: | ---: | --- | ---: | ---: | ---: | ---: | --- |",
+        "| CPU µs / request | p50 ms | p99 ms | errors | worker CPU split "
+        "| busier worker's share, each run |",
+        "| ---: | --- | ---: | ---: | --- | ---: | ---: | ---: | ---: | --- | --- |",
     ]
     for c, rows in workers["concurrencies"].items():
         for key, row in rows.items():
@@ -650,15 +651,18 @@ def workers_section(r: dict[str, Any]) -> list[str]:
                 f"{row['p99']:.2f}",
                 str(row["errors"]),
                 " / ".join(f"{share:.0%}" for share in split) if split else "",
+                ", ".join(f"{share:.0%}" for share in row.get("busier_worker_share", [])),
             ]
             out.append("| " + " | ".join(cells) + " |")
     out += [
         "",
         "x --workers 1: the median of the ratios of runs in the same round. CPU per request: "
         "the server's processes (supervisor and workers, all threads) over the requests "
-        "answered. Worker CPU split: each worker's share of the workers' CPU time; the workers "
-        "accept from one shared listening socket, so whichever is awake when connections "
-        "arrive takes them, and keep-alive connections stay where they landed.",
+        "answered. Worker CPU split: each worker's share of the workers' CPU time over all runs, "
+        "and the busier worker's share in each run (100%: the other served nothing). The "
+        "workers accept from one shared listening socket, so whichever is awake when the "
+        "load generator opens its connections (all at once) takes as many as it can, and "
+        "keep-alive connections stay where they landed.",
     ]
     return out
 

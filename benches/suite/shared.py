@@ -237,6 +237,9 @@ def summarize(runs: dict[str, list[dict[str, Any]]], base: str) -> dict[str, Any
         if all("worker_cpu" in row for row in rows):
             totals = [sum(cpu) for cpu in zip(*(row["worker_cpu"] for row in rows), strict=True)]
             row_out["worker_cpu_share"] = [t / sum(totals) for t in totals] if sum(totals) else []
+            row_out["busier_worker_share"] = [
+                max(cpu) / sum(cpu) if sum(cpu) else 0.0 for cpu in (r["worker_cpu"] for r in rows)
+            ]
         out[key] = row_out
     base_cpu = out.get(base, {}).get("cpu_per_request")
     for row_out in out.values():
