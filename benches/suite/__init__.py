@@ -15,7 +15,10 @@ What runs, all on 127.0.0.1:
   installs;
 - the load: wrk (installed with apt-get when missing) or, failing that and
   always with --smoke, a multiprocess Python client; the same concurrency
-  and duration for every setup.
+  and duration for every setup;
+- shared key state (`shared`): the FailoverProxy app with `state=None`,
+  `"shm"` and Redis (a redis-server of the run's own), marks passed from one
+  process to another, and `keyfailover serve --workers 2` against 1.
 
 The process under test is pinned to one CPU, the load generator and the
 upstreams to another (taskset), so every proxy gets one core whatever its
@@ -32,6 +35,7 @@ The modules, one job each:
 - `load`: the load generator (wrk or the Python client) and the stream holder;
 - `measure`: the measurements, each `(bench) -> dict`;
 - `inprocess`: the measurements that run inside one child process;
+- `shared`: shared key state (state backends, propagation, `serve --workers`);
 - `report`: the goals, the markdown sections and the plots;
 - `registry`: the list of measurements (with their sections) and the roles;
 - `cli`: the run itself and `main`.

@@ -17,11 +17,15 @@ from .config import HERE, LIMITED_KEY, OK_KEY, SLOW_KEY, SSE_KEY, TOKEN
 def asgi_app() -> Any:
     """The app every ASGI server runs: FastAPI with one proxy mount per route.
 
-    Environment: KFB_IMPL (keyfailover | python), KFB_FAST and KFB_SLOW (upstream URLs).
+    Environment: KFB_IMPL (keyfailover | python), KFB_FAST and KFB_SLOW (upstream URLs);
+    for keyfailover, KFB_STATE (unset or empty: None; "shm"; a Redis URL) and
+    KFB_NAMESPACE, the pools' `state` and `namespace`.
     """
     from fastapi import FastAPI
 
     impl, fast, slow = os.environ["KFB_IMPL"], os.environ["KFB_FAST"], os.environ["KFB_SLOW"]
+    state = os.environ.get("KFB_STATE") or None
+    namespace = os.environ.get("KFB_NAMESPACE", "default")
     mounts = [
         ("/anthropic", fast, [OK_KEY]),
         ("/failover", fast, [LIMITED_KEY, OK_KEY]),
@@ -34,7 +38,8 @@ def asgi_app() -> Any:
             from keyfailover import FailoverClient, KeyPool
             from keyfailover.asgi import FailoverProxy
 
-            client = FailoverClient(KeyPool(keys), base_url=base_url)
+            pool = KeyPool(keys, state=state, namespace=namespace)
+            client = FailoverClient(pool, base_url=base_url)
             app.mount(prefix, FailoverProxy(client, client_tokens=[TOKEN]))
         else:
             sys.path.insert(0, str(HERE))

@@ -151,5 +151,6 @@ def main() -> None:
     (RESULTS / f"{name}.json").write_text(json.dumps(r, indent=1, default=str))
     log(f"wrote {RESULTS / f'{name}.md'} in {r['env']['wall']:.0f} s")
     if r["broken"]:
-        log(f"FAILED: {', '.join(r['labels'][key] for key in r['broken'])} (see the notes)")
+        failed = ", ".join(r["labels"].get(key, key) for key in r["broken"])
+        log(f"FAILED: {failed} (see the notes)")
         sys.exit(1)

@@ -35,6 +35,7 @@ LIMITED_KEY = "sk-ant-bench-limited-000000000000000000"
 SSE_KEY = "sk-ant-bench-sse1000-000000000000000000"
 SSE_SHORT_KEY = "sk-ant-bench-sse-short-0000000000000000"
 SLOW_KEY = "sk-ant-bench-slow-0000000000000000000000"
+PROPAGATION_KEY = "sk-ant-bench-propagation-000000000000000"
 BODY = b'{"model":"mock-model","max_tokens":16,"messages":[{"role":"user","content":"hi"}]}'
 SSE_EVENTS = 1000
 SLOW_EVENTS, SLOW_DELAY = 120, 0.5  # a slow stream: one event every 0.5 s for a minute
@@ -61,6 +62,11 @@ class Plan:
     sdk_duration: float
     paced_rate: float  # requests/s in all, for the latency below saturation
     client_requests: int  # bare FailoverClient vs httpx2: requests each way, in three runs
+    shared_duration: float  # seconds per run of the state backends and `serve --workers`
+    shared_rounds: int  # alternating runs of each of those setups (the median is reported)
+    propagation_marks: int  # marks (each followed by a reset) from one process to another
+    workers_concurrencies: tuple[int, ...]  # for `serve --workers 2` vs `--workers 1`
+    mark_cost_transitions: int  # marks and resets, for the CPU time of a transition
     sdk_concurrency: int = 16
     client_concurrency: int = 32
 
@@ -78,6 +84,11 @@ FULL = Plan(
     sdk_duration=3.0,
     paced_rate=500,
     client_requests=20_000,
+    shared_duration=2.0,
+    shared_rounds=5,
+    propagation_marks=200,
+    workers_concurrencies=(16, 64),
+    mark_cost_transitions=4000,
 )
 SMOKE = Plan(
     duration=0.5,
@@ -92,6 +103,11 @@ SMOKE = Plan(
     sdk_duration=0.3,
     paced_rate=100,
     client_requests=200,
+    shared_duration=0.5,
+    shared_rounds=1,
+    propagation_marks=10,
+    workers_concurrencies=(16,),
+    mark_cost_transitions=100,
     sdk_concurrency=4,
 )
 

@@ -19,7 +19,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from .config import HERE, LOAD_CPU, ROOT, SCRIPT, SERVER_CPU, Plan, log, pinned
@@ -48,6 +48,8 @@ class Bench:
     fast: Upstream  # the upstream answering every request
     slow: Upstream  # MockUpstream, which can send slowly (the streams held open)
     notes: Notes
+    # What a measurement starts once for others to use too (the Redis server), by name.
+    shared: dict[str, Any] = field(default_factory=dict)
 
     def setup(self, key: str) -> Setup:
         return next(setup for setup in self.setups if setup.key == key)

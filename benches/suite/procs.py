@@ -315,8 +315,24 @@ def mock_role(spec: dict[str, Any]) -> None:
 # The setups under test
 # --------------------------------------------------------------------------
 
-# The setups whose failure fails the run (see `cli.run`).
-MUST_PASS = frozenset({"kf-uvicorn", "kf-granian", "py-uvicorn"})
+# The setups whose failure fails the run (see `cli.run`): a workload failed, a non-2xx
+# answer, or (propagation) a mark another process never saw.
+MUST_PASS = frozenset(
+    {
+        "kf-uvicorn",
+        "kf-granian",
+        "py-uvicorn",
+        # shared.py: the state backends, the propagation, `serve --workers`
+        "kf-state-none",
+        "kf-state-shm",
+        "kf-state-redis",
+        "propagation-shm",
+        "propagation-redis",
+        "kf-serve-1-one-cpu",
+        "kf-serve-1",
+        "kf-serve-2",
+    }
+)
 
 
 @dataclass
@@ -365,9 +381,21 @@ def uvicorn_options() -> tuple[str, str]:
     return loop, http
 
 
-def start_asgi(procs: Processes, impl: str, server: str, fast: Upstream, slow: Upstream) -> Setup:
+def start_asgi(
+    procs: Processes,
+    impl: str,
+    server: str,
+    fast: Upstream,
+    slow: Upstream,
+    *,
+    env: dict[str, str] | None = None,
+    key: str | None = None,
+    label: str | None = None,
+) -> Setup:
+    """`suite.app:asgi_app` under `server`, pinned to SERVER_CPU; `env` adds to the app's
+    environment (KFB_STATE, KFB_NAMESPACE), `key` and `label` name a variant."""
     port = free_port()
-    env = {"KFB_IMPL": impl, "KFB_FAST": fast.url, "KFB_SLOW": slow.url}
+    env = {"KFB_IMPL": impl, "KFB_FAST": fast.url, "KFB_SLOW": slow.url, **(env or {})}
     if server == "uvicorn":
         loop, http = uvicorn_options()
         args = [sys.executable, "-m", "uvicorn", "--factory", "suite.app:asgi_app"]
@@ -382,8 +410,9 @@ def start_asgi(procs: Processes, impl: str, server: str, fast: Upstream, slow: U
         args += ["--log-level", "warning", "--no-ws", "suite.app:asgi_app"]
         note = "granian asgi, 1 worker, 1 runtime thread"
     proc = procs.start(args, cpus=SERVER_CPU, env=env, cwd=str(HERE))
-    label = {"keyfailover": "FailoverProxy", "python": "pure Python"}[impl] + f" + {server}"
-    key = {"keyfailover": "kf", "python": "py"}[impl] + f"-{server}"
+    impl_name = {"keyfailover": "FailoverProxy", "python": "pure Python"}[impl]
+    label = label or f"{impl_name} + {server}"
+    key = key or {"keyfailover": "kf", "python": "py"}[impl] + f"-{server}"
     setup = Setup(key, label, port, proxy_targets(), proc, note)
     path, credential, _ = setup.targets["json"]
     wait_ready(port, path, credential, proc)

@@ -15,7 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from . import inprocess, load, measure, procs, report
+from . import inprocess, load, measure, procs, report, shared
 
 
 @dataclass(frozen=True)
@@ -39,6 +39,9 @@ MEASUREMENTS: list[Measurement] = [
     Measurement("streams", "memory", measure.streams, report.memory_section),
     Measurement("sdk", "sdk", measure.sdk, report.sdk_section),
     Measurement("client", "client", measure.client, report.client_section),
+    Measurement("state backends", "state", shared.state_throughput, report.state_section),
+    Measurement("propagation", "propagation", shared.propagation, report.propagation_section),
+    Measurement("serve --workers", "workers", shared.workers, report.workers_section),
     Measurement("core", "core", measure.core, report.core_section, needs_setups=False),
 ]
 
@@ -49,4 +52,8 @@ ROLES: dict[str, Callable[[dict[str, Any]], Any]] = {
     "_sdk": lambda spec: asyncio.run(inprocess.sdk_role(spec)),
     "_client": lambda spec: asyncio.run(inprocess.client_role(spec)),
     "_mock": procs.mock_role,
+    "_watch": shared.watch_role,
+    "_mark": shared.mark_role,
+    "_subscribe": shared.subscribe_role,
+    "_markcost": shared.mark_cost_role,
 }
