@@ -24,6 +24,7 @@ import httpx
 import pytest
 import uvicorn
 from conftest import FAKE_KEYS
+from fastapi import FastAPI
 from playwright.sync_api import (
     Browser,
     Dialog,
@@ -48,7 +49,7 @@ TOKEN = "dash-token-Zq81xv"
 ADMIN = "/_keyfailover/"
 MESSAGE = {"model": "claude-test", "max_tokens": 8, "messages": [{"role": "user", "content": "hi"}]}
 SCREENSHOT = Path(__file__).resolve().parent.parent / "docs" / "dashboard.png"
-# Quick: the page gets a state event every second.
+# Playwright's timeouts (ms); the page gets a state event every second.
 WAIT = 5000
 
 
@@ -125,8 +126,8 @@ def dashboard(
     up: MockUpstream, page: Page, n: int = 3, *, strategy: str = "ordered", **proxy: Any
 ) -> Iterator[tuple[str, kf.KeyPool]]:
     """A FailoverProxy over the first `n` fake keys (key-0, key-1, ...) on `up`,
-    served on loopback: yields its URL and the pool. The page leaves it before
-    it stops (uvicorn waits for open streams)."""
+    served on loopback: yields its URL and the pool. The page leaves before the
+    server stops, ending its event stream."""
     pool = kf.KeyPool(FAKE_KEYS[:n], strategy=strategy)
     client = kf.FailoverClient(pool, base_url=up.url)
     with serve(FailoverProxy(client, **proxy)) as url:
@@ -143,7 +144,8 @@ def send(url: str, n: int = 1) -> None:
 
 
 def sign_in(page: Page, url: str, token: str = TOKEN) -> None:
-    page.goto(url + ADMIN)
+    """Opens the dashboard at `url` (a proxy's URL, or the page's) and signs in."""
+    page.goto(url if "/_keyfailover" in url else url + ADMIN)
     page.get_by_label("Client or admin token").fill(token)
     page.get_by_role("button", name="Connect").click()
 
@@ -281,6 +283,33 @@ def test_reset_and_retire_after_confirmation(page: Page, up: MockUpstream) -> No
         expect_state(page, "key-1", "permanent", timeout=2500)
         assert pool.states()[1] == kf.KeyState.PERMANENT
         expect(page.get_by_role("button", name="Reload keys")).to_be_hidden()
+
+
+def test_reload_keys_below_a_mount(page: Page, up: MockUpstream) -> None:
+    # The page finds the admin endpoints next to it, wherever the proxy is
+    # mounted, with or without the trailing slash; an admin token acts too.
+    source = [FAKE_KEYS[:2]]
+    pool = kf.KeyPool(FAKE_KEYS[:2])
+    proxy = FailoverProxy(
+        kf.FailoverClient(pool, base_url=up.url),
+        client_tokens=["another-token"],
+        admin_tokens=[TOKEN],
+        reload=lambda: source[0],
+    )
+    app = FastAPI()
+    app.mount("/anthropic", proxy)
+    with serve(app) as url:
+        try:
+            sign_in(page, url + "/anthropic/_keyfailover")
+            expect(page.locator("tr[data-label]")).to_have_count(2)
+            source[0] = FAKE_KEYS[:3]
+            page.once("dialog", lambda dialog: dialog.accept())
+            page.get_by_role("button", name="Reload keys").click()
+            expect(page.locator("#notice")).to_contain_text("Reload done: added key-2")
+            expect(page.locator("tr[data-label]")).to_have_count(3)
+            expect_state(page, "key-2", "valid")
+        finally:
+            page.goto("about:blank")
 
 
 def test_a_wrong_token_shows_an_error_and_no_data(page: Page, up: MockUpstream) -> None:
