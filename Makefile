@@ -40,7 +40,7 @@ lint: build
 test-rust:
 	$(CARGO) test --quiet
 
-# System packages the tests need (redis-server), installed when missing.
+# System packages the tests need (redis-server, chromium), installed when missing.
 deps:
 	./.ci/install-deps.sh
 

@@ -1,10 +1,13 @@
 #!/usr/bin/env bash
 # Installs the system packages the test suite needs, when they are missing:
-# redis-server (the shared-state tests start their own on a free port).
+# redis-server (the shared-state tests start their own on a free port) and
+# chromium (the dashboard's browser tests drive it with Playwright, whose own
+# browser download needs more than the package registries).
 set -euo pipefail
 
 missing=()
 command -v redis-server >/dev/null 2>&1 || missing+=(redis-server)
+[ -x /usr/bin/chromium ] || missing+=(chromium)
 
 if [ ${#missing[@]} -eq 0 ]; then
   exit 0
