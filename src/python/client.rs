@@ -370,10 +370,7 @@ fn headers_list<'py>(
         headers.iter().map(|(n, v)| {
             PyTuple::new(
                 py,
-                [
-                    value(py, n.as_str().as_bytes()),
-                    value(py, v.as_bytes()),
-                ],
+                [value(py, n.as_str().as_bytes()), value(py, v.as_bytes())],
             )
             .expect("a tuple of two")
         }),
