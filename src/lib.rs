@@ -19,6 +19,7 @@ pub mod pool;
 pub mod provider;
 pub mod ratelimit;
 pub mod retry_after;
+pub mod server;
 pub mod sse;
 pub mod state;
 pub mod stats;

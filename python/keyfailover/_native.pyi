@@ -29,6 +29,7 @@ __all__ = [
     "PermanentExhaustion",
     "PoolExhausted",
     "Response",
+    "Server",
     "SyncResponse",
     "TransientExhaustion",
     "UnknownKeyError",
@@ -285,6 +286,29 @@ class Gateway:
     @property
     def has_client_tokens(self) -> bool: ...
 
+@final
+class Server:
+    """The native HTTP server: `routes` are (prefix, Gateway) pairs ("" takes
+    every path). `serve(fd)` blocks until `shutdown()` (or Ctrl-C) and the
+    drain after it, with the GIL released."""
+
+    def __new__(
+        cls,
+        routes: Sequence[tuple[str, Gateway]],
+        *,
+        header_timeout: float = 30.0,
+        max_connections: int = 10_000,
+        max_header_bytes: int = 65_536,
+        grace: float = 10.0,
+        http2: bool = True,
+        access_log: str | None = None,
+    ) -> Server: ...
+    def serve(self, fd: int) -> None: ...
+    def shutdown(self) -> None: ...
+    @property
+    def connections(self) -> int: ...
+
+def _set_worker_threads(threads: int) -> None: ...
 def _events_fd() -> int: ...
 def _take_records() -> list[tuple[str, int, str, dict[str, str | int | float | None]]]: ...
 def _shm_path(namespace: str) -> str: ...

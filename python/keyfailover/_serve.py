@@ -1,5 +1,6 @@
-"""Running the proxy under uvicorn for `keyfailover serve`: one process, or
-several worker processes forked from one that holds the listening socket.
+"""Running the proxy for `keyfailover serve`: on the core's native server or
+under uvicorn; in one process, or in several worker processes forked from one
+that holds the listening socket.
 """
 
 from __future__ import annotations
@@ -58,6 +59,40 @@ def run_uvicorn(uvicorn: Any, proxy: FailoverProxy, sock: socket.socket, args: A
     # cyclic collector's full passes, which otherwise set the p99 latency.
     gc.freeze()
     server.run(sockets=[sock])
+
+
+def run_native(proxy: FailoverProxy, sock: socket.socket, args: Any) -> None:
+    """Serves `proxy` on `sock` with the core's own HTTP server until SIGINT/SIGTERM,
+    then shuts down gracefully (the same contract as `run_uvicorn`).
+
+    Python is off the request path: the server runs on the core's threads with
+    the GIL released; this thread only waits, and runs the signal handlers.
+    """
+    from keyfailover._native import Server
+
+    access = logging.getLogger("keyfailover.proxy").isEnabledFor(logging.INFO)
+    server = Server(
+        [("", proxy.gateway)],
+        header_timeout=args.header_timeout,
+        max_connections=args.limit_concurrency,
+        grace=args.grace,
+        access_log=args.log_format if access else None,
+    )
+
+    def stop(signum: int, _frame: Any) -> None:
+        if not server_stopping.is_set():
+            server_stopping.set()
+            log.info("shutting down: in-flight requests have %g s to finish", args.grace)
+        server.shutdown()
+
+    server_stopping = threading.Event()
+    signal.signal(signal.SIGINT, stop)
+    signal.signal(signal.SIGTERM, stop)
+    host, port = sock.getsockname()[:2]
+    log.info("serving on http://%s:%d (native server, process %d)", host, port, os.getpid())
+    gc.freeze()
+    server.serve(sock.fileno())
+    log.info("stopped")
 
 
 def supervise(workers: int, serve: Callable[[], None]) -> int:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping, MutableMapping, Sequence
 from typing import Any
 from urllib.parse import unquote
@@ -117,11 +118,22 @@ class FailoverProxy:
                 return
 
     async def _http(self, scope: Scope, receive: Receive, send: Send) -> None:
+        started = time.perf_counter()
         method: str = scope["method"]
         target = _target(scope)
         step = self.gateway.begin(method, target, scope["headers"])
         if isinstance(step, Response):
-            await _relay(step, send)
+            # An answer of the gateway's own; the dashboard's event stream
+            # among them never ends by itself: stop it when the client leaves.
+            answered: asyncio.Future[Response] = asyncio.get_running_loop().create_future()
+            answered.set_result(step)
+            watcher = asyncio.ensure_future(_close_on_disconnect(receive, answered))
+            try:
+                await _relay(step, send)
+            finally:
+                watcher.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await watcher
             return
         try:
             body = await _read_body(receive, self.gateway.max_body_bytes)
@@ -150,14 +162,17 @@ class FailoverProxy:
             if span is not None:
                 span.attempts(response)
             if log.isEnabledFor(logging.INFO):
+                # The same line as the native server's access log.
                 path, key = target.partition("?")[0], response.key_label
+                took = (time.perf_counter() - started) * 1000
                 log.info(
-                    "%s %s -> %d (attempts=%d, key=%s%s)",
+                    "%s %s -> %d (attempts=%d, key=%s, %.1f ms%s)",
                     method,
                     path,
                     response.status,
                     response.attempts,
                     key or ("byok" if step.byok else "-"),
+                    took,
                     ", pool exhausted" if response.exhausted else "",
                     extra={
                         "method": method,
@@ -166,6 +181,7 @@ class FailoverProxy:
                         "attempts": response.attempts,
                         "key": key,
                         "pool": self.client.name,
+                        "duration_ms": round(took, 3),
                     },
                 )
             await _relay(response, send)

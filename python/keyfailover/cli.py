@@ -22,7 +22,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
 
-from keyfailover import __version__
+from keyfailover import __version__, _native
 from keyfailover._native import ConfigError, FailoverClient, Key, KeyPool
 from keyfailover._native import parse_keys as _parse_keys
 from keyfailover._reload import KeysFileReloader
@@ -190,7 +190,11 @@ def configure_logging(level: str, style: str) -> None:
 def cmd_serve(args: argparse.Namespace) -> int:
     from keyfailover import _serve
 
-    uvicorn = _require_uvicorn()
+    uvicorn = _require_uvicorn() if args.server == "uvicorn" else None
+    if args.threads is not None:
+        if args.server != "native":
+            raise CliError("--threads is for the native server")
+        _native._set_worker_threads(args.threads)
     configure_logging(args.log_level, args.log_format)
     if args.workers > 1 and args.state is None:
         args.state = "shm"
@@ -217,7 +221,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
             reloader.on_sighup()
             reloader.reload_if_changed()
             reloader.watch()
-        _serve.run_uvicorn(uvicorn, proxy, sock, args)
+        if uvicorn is None:
+            _serve.run_native(proxy, sock, args)
+        else:
+            _serve.run_uvicorn(uvicorn, proxy, sock, args)
 
     if args.workers == 1:
         run()
@@ -339,18 +346,40 @@ def build_parser() -> argparse.ArgumentParser:
         help="on SIGTERM/SIGINT, let in-flight requests finish for this long (default 10)",
     )
     serve.add_argument(
+        "--server",
+        choices=["native", "uvicorn"],
+        default="native",
+        help="native: the Rust server of the core (default); uvicorn: the ASGI app under "
+        "uvicorn (needs keyfailover[server]; has OpenTelemetry spans)",
+    )
+    serve.add_argument(
+        "--threads",
+        type=count,
+        metavar="N",
+        help="native server: threads serving requests (default: one per core)",
+    )
+    serve.add_argument(
+        "--header-timeout",
+        type=seconds,
+        default=30.0,
+        metavar="S",
+        help="native server: close a connection whose request head is not complete after "
+        "this long, or that is idle this long between requests (default 30)",
+    )
+    serve.add_argument(
         "--timeout-keep-alive",
         type=seconds,
         default=5.0,
         metavar="S",
-        help="close idle keep-alive connections after this long (default 5)",
+        help="uvicorn: close idle keep-alive connections after this long (default 5)",
     )
     serve.add_argument(
         "--limit-concurrency",
         type=count,
         default=10_000,
         metavar="N",
-        help="answer 503 beyond this many connections and requests at once (default 10000)",
+        help="answer 503 beyond this many connections (uvicorn: and requests) at once "
+        "(default 10000)",
     )
     serve.add_argument(
         "--state",
@@ -364,7 +393,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="pools with the same --state and namespace share their keys' states",
     )
     serve.add_argument(
-        "--workers", type=count, default=1, metavar="N", help="worker processes (default 1)"
+        "--workers",
+        type=count,
+        default=1,
+        metavar="N",
+        help="worker processes (default 1; the native server uses every core in one)",
     )
     serve.add_argument(
         "--strategy",

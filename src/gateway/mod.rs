@@ -13,7 +13,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 
 use bytes::Bytes;
-use reqwest::header::{HeaderMap, CONTENT_LENGTH};
+use reqwest::header::{HeaderMap, HeaderValue, CONNECTION, CONTENT_LENGTH};
 
 use crate::error::{Error, ErrorKind, Result};
 use crate::failover::{Credential, FailoverClient, Request, Response};
@@ -225,10 +225,17 @@ impl Gateway {
         }
 
         if let Some(protocol) = upgrade_requested(&headers) {
-            return self.refuse(
+            // The client may go on in the protocol it asked for: end the
+            // connection after the answer rather than read that as HTTP.
+            self.client.pool().counters().outcome(Outcome::Rejected);
+            let mut response = self.answer(
                 ErrorKind::InvalidRequest,
                 &format!("protocol upgrades ({protocol}) cannot be proxied"),
             );
+            response
+                .headers
+                .insert(CONNECTION, HeaderValue::from_static("close"));
+            return Step::Respond(response);
         }
         if let Some(length) = content_length(&headers) {
             if length > self.max_body_bytes {

@@ -20,7 +20,7 @@ use crate::gateway::{Forward, Gateway, GatewayOptions, ReloadHook, Step};
 /// body limit, refused methods and paths, admin endpoints.
 #[pyclass(name = "Gateway", module = "keyfailover", frozen)]
 pub struct PyGateway {
-    gateway: Arc<Gateway>,
+    pub(crate) gateway: Arc<Gateway>,
     client: Py<PyFailoverClient>,
 }
 
@@ -84,8 +84,10 @@ impl PyGateway {
         let max_body_bytes = u64::try_from(max_body_bytes)
             .map_err(|_| Error::Config("max_body_bytes must not be negative".into()))?;
         let reload = reload.map(|callable| -> ReloadHook {
-            // Called by the gateway while it answers a request, on the thread
-            // that holds the GIL (the ASGI app's), so taking it is free.
+            // Called by the gateway while it answers POST /reload: under the
+            // ASGI app on the thread that holds the GIL already; under the
+            // native server on a runtime thread, which takes the GIL for the
+            // time of reading the keys (an admin action, not the request path).
             Arc::new(move || {
                 Python::attach(|py| {
                     let keys = callable.bind(py).call0().map_err(|e| {

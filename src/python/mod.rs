@@ -9,6 +9,7 @@ mod json;
 mod pool;
 mod rules;
 mod runtime;
+mod server;
 
 use pyo3::prelude::*;
 use pyo3::types::IntoPyDict;
@@ -35,6 +36,8 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(events::_take_records, m)?)?;
     m.add_class::<gateway::PyGateway>()?;
     m.add_class::<gateway::PyForward>()?;
+    m.add_class::<server::PyServer>()?;
+    m.add_function(wrap_pyfunction!(runtime::set_worker_threads, m)?)?;
     // The public names (the private helpers of keyfailover's own modules stay out).
     let mut public: Vec<String> = m
         .dict()

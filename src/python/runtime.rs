@@ -6,7 +6,7 @@
 //! first use; the parent's is never touched again.
 
 use std::future::Future;
-use std::sync::atomic::{AtomicPtr, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicPtr, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Mutex;
 use std::time::Duration;
 
@@ -16,7 +16,45 @@ use tokio::runtime::Runtime;
 use crate::fork;
 
 /// How often a blocking call looks for signals (Ctrl-C) while it waits.
-const SIGNAL_CHECK: Duration = Duration::from_millis(50);
+pub(crate) const SIGNAL_CHECK: Duration = Duration::from_millis(50);
+
+/// Worker threads of the runtime (0: one per core, tokio's default).
+static THREADS: AtomicUsize = AtomicUsize::new(0);
+
+fn builder() -> tokio::runtime::Builder {
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    builder.enable_all();
+    match THREADS.load(Ordering::Acquire) {
+        0 => {}
+        n => {
+            builder.worker_threads(n);
+        }
+    }
+    builder
+}
+
+/// Sets the runtime's worker threads: before its first use in this process
+/// (and for the runtimes of processes forked from it).
+#[pyfunction(name = "_set_worker_threads")]
+pub(crate) fn set_worker_threads(threads: usize) -> PyResult<()> {
+    if threads == 0 {
+        return Err(crate::Error::Config("threads must be at least 1".into()).into());
+    }
+    THREADS.store(threads, Ordering::Release);
+    if fork::generation() == 0 {
+        let runtime = builder()
+            .build()
+            .map_err(|e| crate::Error::Config(format!("cannot start a tokio runtime: {e}")))?;
+        // Leaked: the runtime lives as long as the process.
+        if pyo3_async_runtimes::tokio::init_with_runtime(Box::leak(Box::new(runtime))).is_err() {
+            return Err(crate::Error::Config(
+                "the runtime has started already: set its threads before any request".into(),
+            )
+            .into());
+        }
+    }
+    Ok(())
+}
 
 /// The runtime of this process.
 pub(crate) fn runtime() -> &'static Runtime {
@@ -33,10 +71,7 @@ pub(crate) fn runtime() -> &'static Runtime {
     }
     let _guard = BUILD.lock().unwrap_or_else(|e| e.into_inner());
     if CHILD_GENERATION.load(Ordering::Acquire) != generation {
-        let runtime = tokio::runtime::Builder::new_multi_thread()
-            .enable_all()
-            .build()
-            .expect("cannot start a tokio runtime");
+        let runtime = builder().build().expect("cannot start a tokio runtime");
         // Leaked like the parent's: it lives as long as the process.
         CHILD.store(Box::into_raw(Box::new(runtime)), Ordering::Release);
         CHILD_GENERATION.store(generation, Ordering::Release);

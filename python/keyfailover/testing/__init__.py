@@ -39,9 +39,10 @@ that half-closes its socket after sending a request gets no response.
 Modules: `bodies` (API-shaped response bodies), `replies` (`Reply`),
 `scenario` (scenario files, validated), `log` (`RecordedRequest`), `routes`
 (default replies), `http11` (request parsing), `wire` (a reply as bytes on the
-wire, faults included), `server` (`MockUpstream`), `asgi_server` (`serve_asgi`)
-and `plugin` (the pytest fixture). Scenario files and faults are documented in
-docs/mock-upstream.md.
+wire, faults included), `server` (`MockUpstream`), `asgi_server`
+(`serve_asgi`), `native_server` (`serve_native`: the native server that
+`keyfailover serve` runs) and `plugin` (the pytest fixture). Scenario files
+and faults are documented in docs/mock-upstream.md.
 """
 
 from __future__ import annotations
@@ -58,6 +59,7 @@ from .bodies import (
 )
 from .limits import Limit
 from .log import RecordedRequest
+from .native_server import serve_native
 from .replies import HeadersLike, Reply
 from .server import MockUpstream
 
@@ -75,4 +77,5 @@ __all__ = [
     "openai_chat_completion",
     "openai_stream_chunks",
     "serve_asgi",
+    "serve_native",
 ]

@@ -1,0 +1,597 @@
+//! The native HTTP server of `keyfailover serve`: hyper (HTTP/1.1 with
+//! keep-alive and pipelining, HTTP/2 cleartext) on the one tokio runtime,
+//! in front of one or more [`Gateway`]s. It only translates: every decision
+//! (client tokens, BYOK, limits, admin endpoints, failover) is the gateway's,
+//! exactly as for the ASGI app.
+//!
+//! Bad input gets an answer, not a crash: a malformed request 400 and
+//! oversized headers 431 (both from hyper), a request head not complete
+//! within `header_timeout` a closed connection (slowloris; the same timer
+//! closes idle keep-alive connections), connections beyond
+//! `max_connections` a 503 and a close.
+//!
+//! Shutdown ([`Server::shutdown`]): stop accepting, let requests and streams
+//! in flight finish for `grace`, then end those left with a proper error
+//! (503, or an SSE error event for streams) and close.
+
+pub mod access_log;
+
+use std::borrow::Cow;
+use std::collections::VecDeque;
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::{Bytes, BytesMut};
+use futures_util::stream;
+use http_body_util::combinators::UnsyncBoxBody;
+use http_body_util::{BodyExt, StreamBody};
+use hyper::body::{Frame, Incoming};
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::body::ResponseBody;
+use crate::error::{Error, ErrorKind, Result};
+use crate::events::{self, Level, Record};
+use crate::failover::Response;
+use crate::gateway::{Gateway, Step};
+use access_log::{AccessLog, Entry};
+
+/// Once a connection is done, what the client still sends is read (and
+/// dropped) for this long and up to this much before the socket is closed:
+/// closing with unread data would reset the connection, and the client,
+/// still sending a body the server refused, would lose the answer.
+const LINGER: Duration = Duration::from_secs(2);
+const LINGER_BYTES: usize = 8 * 1024 * 1024;
+/// An unneeded request body is drained while its parts arrive at most this
+/// far apart.
+const DRAIN_PAUSE: Duration = Duration::from_millis(100);
+
+/// How long requests get after the grace period, once ended with an error,
+/// to reach their callers before the server stops waiting.
+const AFTER_GRACE: Duration = Duration::from_secs(5);
+
+/// Settings of a [`Server`].
+#[derive(Debug, Clone)]
+pub struct ServerOptions {
+    /// A request head must arrive within this (also: idle keep-alive
+    /// connections close after it).
+    pub header_timeout: Duration,
+    /// Connections served at once; more are answered 503 and closed.
+    pub max_connections: usize,
+    /// Request heads larger than this get 431 (at least 8 KiB).
+    pub max_header_bytes: usize,
+    /// On shutdown, how long requests in flight may take to finish.
+    pub grace: Duration,
+    /// Serve HTTP/2 cleartext (prior knowledge) besides HTTP/1.1.
+    pub http2: bool,
+    pub access_log: Option<AccessLog>,
+}
+
+impl Default for ServerOptions {
+    fn default() -> Self {
+        Self {
+            header_timeout: Duration::from_secs(30),
+            max_connections: 10_000,
+            max_header_bytes: 64 * 1024,
+            grace: Duration::from_secs(10),
+            http2: true,
+            access_log: None,
+        }
+    }
+}
+
+/// Requests whose path is `prefix` or below it go to `gateway`, with the
+/// prefix cut off; the empty prefix takes everything.
+pub struct Route {
+    pub prefix: String,
+    pub gateway: Arc<Gateway>,
+}
+
+pub type Body = UnsyncBoxBody<Bytes, Error>;
+
+pub struct Server {
+    /// Longest prefix first.
+    routes: Vec<Route>,
+    options: ServerOptions,
+    http: auto::Builder<TokioExecutor>,
+    stop: CancellationToken,
+    connections: Arc<Semaphore>,
+    /// The answer to a connection over the limit: 503, then close.
+    refusal: Bytes,
+}
+
+impl std::fmt::Debug for Server {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Server")
+            .field(
+                "routes",
+                &self.routes.iter().map(|r| &r.prefix).collect::<Vec<_>>(),
+            )
+            .field("options", &self.options)
+            .finish()
+    }
+}
+
+impl Server {
+    pub fn new(mut routes: Vec<Route>, options: ServerOptions) -> Result<Self> {
+        if routes.is_empty() {
+            return Err(Error::Config("a server needs at least one route".into()));
+        }
+        for route in &mut routes {
+            let prefix = route.prefix.trim_end_matches('/');
+            if !prefix.is_empty() && !prefix.starts_with('/') {
+                return Err(Error::Config(format!(
+                    "route {:?} must start with /",
+                    route.prefix
+                )));
+            }
+            route.prefix = prefix.to_owned();
+        }
+        routes.sort_by_key(|r| std::cmp::Reverse(r.prefix.len()));
+        if let Some(pair) = routes.windows(2).find(|w| w[0].prefix == w[1].prefix) {
+            return Err(Error::Config(format!(
+                "two routes at {:?}",
+                if pair[0].prefix.is_empty() {
+                    "/"
+                } else {
+                    &pair[0].prefix
+                }
+            )));
+        }
+        if options.max_connections == 0 {
+            return Err(Error::Config("max_connections must be at least 1".into()));
+        }
+        let mut http = auto::Builder::new(TokioExecutor::new());
+        http.http1()
+            .timer(TokioTimer::new())
+            .header_read_timeout(options.header_timeout)
+            .max_buf_size(options.max_header_bytes.max(8192));
+        // Not `pipeline_flush`: with it, hyper 1.x never sends the 400 or 431
+        // it writes for a request head that does not parse.
+        http.http2()
+            .timer(TokioTimer::new())
+            .max_header_list_size(u32::try_from(options.max_header_bytes).unwrap_or(u32::MAX));
+        if !options.http2 {
+            http = http.http1_only();
+        }
+        let refusal = refusal(&routes[0].gateway);
+        Ok(Self {
+            connections: Arc::new(Semaphore::new(options.max_connections)),
+            routes,
+            options,
+            http,
+            stop: CancellationToken::new(),
+            refusal,
+        })
+    }
+
+    /// Stops accepting and lets requests in flight finish (see the module).
+    pub fn shutdown(&self) {
+        self.stop.cancel();
+    }
+
+    pub fn is_shutting_down(&self) -> bool {
+        self.stop.is_cancelled()
+    }
+
+    /// Connections open now.
+    pub fn connections(&self) -> usize {
+        self.options.max_connections - self.connections.available_permits()
+    }
+
+    /// Serves `listener` until [`Server::shutdown`] and the drain after it.
+    /// Call within the runtime.
+    pub async fn run(self: Arc<Self>, listener: TcpListener) -> Result<()> {
+        let tracker = TaskTracker::new();
+        loop {
+            let accepted = tokio::select! {
+                biased;
+                _ = self.stop.cancelled() => break,
+                accepted = listener.accept() => accepted,
+            };
+            let stream = match accepted {
+                Ok((stream, _)) => stream,
+                Err(err) => {
+                    // Out of file descriptors and the like: wait rather than spin.
+                    if !is_per_connection(&err) {
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                    }
+                    continue;
+                }
+            };
+            let _ = stream.set_nodelay(true);
+            match self.connections.clone().try_acquire_owned() {
+                Ok(permit) => {
+                    let server = self.clone();
+                    tracker.spawn(async move {
+                        server.connection(stream).await;
+                        drop(permit);
+                    });
+                }
+                Err(_) => {
+                    let refusal = self.refusal.clone();
+                    tracker.spawn(refuse(stream, refusal));
+                }
+            }
+        }
+        drop(listener);
+        tracker.close();
+        if tokio::time::timeout(self.options.grace, tracker.wait())
+            .await
+            .is_err()
+        {
+            for route in &self.routes {
+                route.gateway.client().shutdown();
+            }
+            let _ = tokio::time::timeout(AFTER_GRACE, tracker.wait()).await;
+        }
+        Ok(())
+    }
+
+    async fn connection(self: &Arc<Self>, stream: TcpStream) {
+        let server = self.clone();
+        let service = service_fn(move |request| {
+            let server = server.clone();
+            async move { Ok::<_, Infallible>(server.handle(request).await) }
+        });
+        let conn = self
+            .http
+            .serve_connection(TokioIo::new(Lingering(Some(stream))), service);
+        let mut conn = std::pin::pin!(conn);
+        tokio::select! {
+            _ = conn.as_mut() => return,
+            _ = self.stop.cancelled() => {}
+        }
+        // Shutting down: finish the request in flight (if any), then close.
+        conn.as_mut().graceful_shutdown();
+        let _ = conn.await;
+    }
+
+    async fn handle(&self, request: hyper::Request<Incoming>) -> hyper::Response<Body> {
+        let started = Instant::now();
+        let (parts, body) = request.into_parts();
+        let target = parts.uri.path_and_query().map_or("/", |pq| pq.as_str());
+        let (route, target) = match self.route(target) {
+            Some(found) => found,
+            None => {
+                let gateway = &self.routes[self.routes.len() - 1].gateway;
+                let response = gateway.answer(ErrorKind::NotFound, "no route for this path");
+                return into_hyper(response, String::new(), None);
+            }
+        };
+        let gateway = &route.gateway;
+        let method = parts.method.as_str();
+        // A body left unread is held until the answer is sent (see `Out`).
+        let (response, byok, unread) = match gateway.begin(method, &target, parts.headers) {
+            Step::Respond(response) => {
+                let (response, unread) = unneeded(response, body).await;
+                (response, false, unread)
+            }
+            Step::Forward(forward) => {
+                let byok = forward.byok();
+                match read_body(body, gateway.max_body_bytes()).await {
+                    Ok(bytes) => (gateway.forward(forward, bytes).await, byok, None),
+                    Err(BodyError::TooLarge(rest)) => {
+                        let (response, unread) = unneeded(gateway.too_large(), rest).await;
+                        (response, byok, unread)
+                    }
+                    Err(BodyError::Broken) => (
+                        gateway.answer(
+                            ErrorKind::InvalidRequest,
+                            "the request body could not be read",
+                        ),
+                        byok,
+                        None,
+                    ),
+                }
+            }
+        };
+        if let Some(log) = &self.options.access_log {
+            log.log(&Entry {
+                method,
+                path: target.split('?').next().unwrap_or(&target),
+                status: response.status,
+                attempts: response.attempts,
+                key: response.key_label.as_deref(),
+                byok,
+                exhausted: response.exhausted,
+                pool: gateway.client().name(),
+                duration: started.elapsed(),
+            });
+        }
+        let path = target.split('?').next().unwrap_or(&target);
+        into_hyper(response, format!("{method} {path}"), unread)
+    }
+
+    /// The route for `target` and the target below its prefix.
+    fn route<'a>(&self, target: &'a str) -> Option<(&Route, Cow<'a, str>)> {
+        self.routes.iter().find_map(|route| {
+            let rest = target.strip_prefix(route.prefix.as_str())?;
+            match rest.as_bytes().first() {
+                None => Some((route, Cow::Borrowed("/"))),
+                Some(b'/') => Some((route, Cow::Borrowed(rest))),
+                Some(b'?') => Some((route, Cow::Owned(format!("/{rest}")))),
+                _ => None,
+            }
+        })
+    }
+}
+
+/// Accept errors that concern one connection only (it was reset before we
+/// took it): go on at once.
+fn is_per_connection(err: &std::io::Error) -> bool {
+    use std::io::ErrorKind::*;
+    matches!(
+        err.kind(),
+        ConnectionAborted | ConnectionReset | ConnectionRefused | Interrupted
+    )
+}
+
+fn refusal(gateway: &Gateway) -> Bytes {
+    let response = gateway.answer(
+        ErrorKind::Unavailable,
+        "too many connections: try again shortly",
+    );
+    let body = response
+        .body
+        .try_next_batch()
+        .and_then(|r| r.ok().flatten())
+        .map(|chunks| chunks.concat())
+        .unwrap_or_default();
+    let mut out = BytesMut::new();
+    out.extend_from_slice(
+        format!(
+            "HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\n\
+             content-length: {}\r\nretry-after: 1\r\nconnection: close\r\n\r\n",
+            body.len()
+        )
+        .as_bytes(),
+    );
+    out.extend_from_slice(&body);
+    out.freeze()
+}
+
+async fn refuse(mut stream: TcpStream, answer: Bytes) {
+    let _ = tokio::time::timeout(Duration::from_secs(1), async {
+        let _ = stream.write_all(&answer).await;
+        let _ = stream.shutdown().await;
+    })
+    .await;
+}
+
+enum BodyError {
+    /// Over the limit; the rest of the body is still on its way.
+    TooLarge(Incoming),
+    /// The client left, or sent a body that does not parse.
+    Broken,
+}
+
+async fn read_body(mut body: Incoming, limit: u64) -> std::result::Result<Bytes, BodyError> {
+    let mut first: Option<Bytes> = None;
+    let mut rest = BytesMut::new();
+    let mut size: u64 = 0;
+    while let Some(frame) = body.frame().await {
+        let frame = frame.map_err(|_| BodyError::Broken)?;
+        let Ok(data) = frame.into_data() else {
+            continue; // trailers
+        };
+        size += data.len() as u64;
+        if size > limit {
+            return Err(BodyError::TooLarge(body));
+        }
+        match &first {
+            None => first = Some(data),
+            Some(head) => {
+                if rest.is_empty() {
+                    rest.extend_from_slice(head);
+                }
+                rest.extend_from_slice(&data);
+            }
+        }
+    }
+    Ok(if rest.is_empty() {
+        first.unwrap_or_default()
+    } else {
+        rest.freeze()
+    })
+}
+
+/// Answers with `response` a request whose body it does not need. What of
+/// the body arrives promptly is read and dropped, so that a client still
+/// sending gets the answer and may keep its connection; a body that stalls
+/// or is too big to drain is left, and the connection closes after the
+/// answer (which says so). Returns what is left of the body, held until the
+/// answer is sent.
+async fn unneeded(mut response: Response, mut body: Incoming) -> (Response, Option<Incoming>) {
+    use hyper::body::Body as _;
+    let mut read = 0;
+    while !body.is_end_stream() && read <= LINGER_BYTES {
+        match tokio::time::timeout(DRAIN_PAUSE, body.frame()).await {
+            Ok(Some(Ok(frame))) => read += frame.data_ref().map_or(0, Bytes::len),
+            Ok(None) => return (response, None),
+            Ok(Some(Err(_))) | Err(_) => break,
+        }
+    }
+    if body.is_end_stream() {
+        return (response, None);
+    }
+    response.headers.insert(
+        hyper::header::CONNECTION,
+        hyper::header::HeaderValue::from_static("close"),
+    );
+    (response, Some(body))
+}
+
+/// `what` names the request in the warning logged if its body breaks.
+fn into_hyper(response: Response, what: String, unread: Option<Incoming>) -> hyper::Response<Body> {
+    let Response {
+        status,
+        headers,
+        body,
+        ..
+    } = response;
+    let out = Out {
+        body,
+        queue: VecDeque::new(),
+        failed: false,
+        what,
+        _unread: unread,
+    };
+    let mut response = hyper::Response::new(UnsyncBoxBody::new(StreamBody::new(stream::unfold(
+        out,
+        Out::next,
+    ))));
+    *response.status_mut() =
+        hyper::StatusCode::from_u16(status).unwrap_or(hyper::StatusCode::BAD_GATEWAY);
+    *response.headers_mut() = headers;
+    response
+}
+
+/// A response body as hyper sends it: the chunks as they arrive. A broken
+/// non-SSE body ends in an error, so the connection is aborted rather than
+/// the truncated body ended cleanly (and a warning says so); dropping it (the
+/// client left) closes the upstream stream.
+struct Out {
+    body: ResponseBody,
+    queue: VecDeque<Bytes>,
+    failed: bool,
+    what: String,
+    /// A request body the answer did not need: dropped with the answer, not
+    /// before, since hyper ends a connection without answering when a body
+    /// is dropped unread while its rest still arrives.
+    _unread: Option<Incoming>,
+}
+
+impl Out {
+    async fn next(mut self) -> Option<(std::result::Result<Frame<Bytes>, Error>, Self)> {
+        loop {
+            if let Some(chunk) = self.queue.pop_front() {
+                return Some((Ok(Frame::data(chunk)), self));
+            }
+            if self.failed {
+                return None;
+            }
+            match self.body.next_batch().await {
+                Ok(Some(batch)) => self.queue.extend(batch),
+                Ok(None) => return None,
+                Err(err) => {
+                    events::emit(Record {
+                        logger: "keyfailover.proxy",
+                        level: Level::Warning,
+                        message: format!(
+                            "{}: the response broke after its head was sent ({err}); \
+                             the connection is aborted",
+                            self.what
+                        ),
+                        fields: Vec::new(),
+                    });
+                    self.failed = true;
+                    return Some((Err(err), self));
+                }
+            }
+        }
+    }
+}
+
+/// A connection's socket, closed with a linger (see [`LINGER`]) when hyper
+/// is done with it.
+struct Lingering(Option<TcpStream>);
+
+impl Lingering {
+    fn stream(&mut self) -> Pin<&mut TcpStream> {
+        Pin::new(self.0.as_mut().expect("a socket until dropped"))
+    }
+}
+
+impl AsyncRead for Lingering {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        self.stream().poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for Lingering {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        self.stream().poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        self.stream().poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        true
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        self.stream().poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        self.stream().poll_shutdown(cx)
+    }
+}
+
+impl Drop for Lingering {
+    fn drop(&mut self) {
+        let (Some(mut stream), Ok(runtime)) =
+            (self.0.take(), tokio::runtime::Handle::try_current())
+        else {
+            return;
+        };
+        runtime.spawn(async move {
+            let _ = tokio::time::timeout(LINGER, async {
+                let _ = stream.shutdown().await;
+                let mut buf = vec![0u8; 16 * 1024];
+                let mut read = 0;
+                while read < LINGER_BYTES {
+                    match stream.read(&mut buf).await {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => read += n,
+                    }
+                }
+            })
+            .await;
+        });
+    }
+}
+
+/// A listening socket from its file descriptor (duplicated: the caller keeps
+/// its own), ready for the runtime.
+pub fn listener_from_fd(fd: i32) -> Result<std::net::TcpListener> {
+    use std::os::fd::FromRawFd;
+    // SAFETY: dup returns a new descriptor we own, or -1.
+    let own = unsafe { libc::dup(fd) };
+    if own < 0 {
+        return Err(Error::Config(format!(
+            "not a socket to listen on: {}",
+            std::io::Error::last_os_error()
+        )));
+    }
+    // SAFETY: `own` is a fresh descriptor no one else owns.
+    let listener = unsafe { std::net::TcpListener::from_raw_fd(own) };
+    listener
+        .set_nonblocking(true)
+        .map_err(|e| Error::Config(format!("cannot use the listening socket: {e}")))?;
+    Ok(listener)
+}
