@@ -34,6 +34,7 @@ from keyfailover.testing import (
     anthropic_stream_events,
     openai_stream_chunks,
     serve_asgi,
+    serve_native,
 )
 
 KEYS = FAKE_KEYS[:2]
@@ -81,16 +82,24 @@ def server() -> Iterator[tuple[str, Switch]]:
         yield url, switch
 
 
-@pytest.fixture
-def serve(up: MockUpstream, server: tuple[str, Switch]) -> Callable[..., Proxy]:
-    """Puts a new FailoverProxy (in front of `up`) behind the shared uvicorn server."""
+@pytest.fixture(params=["uvicorn", "native"])
+def serve(
+    request: pytest.FixtureRequest, up: MockUpstream, server: tuple[str, Switch]
+) -> Iterator[Callable[..., Proxy]]:
+    """Serves a new FailoverProxy (in front of `up`) on either front end: the ASGI app
+    behind the shared uvicorn server, or the native server `keyfailover serve` runs.
+    Every test using it runs against both, so they must answer alike."""
     url, switch = server
+    with contextlib.ExitStack() as stack:
 
-    def start(provider: str = "anthropic", **options: Any) -> Proxy:
-        switch.app = make_proxy(up, provider, **options)
-        return Proxy(url, switch.app, switch.app.client.pool)
+        def start(provider: str = "anthropic", **options: Any) -> Proxy:
+            app = make_proxy(up, provider, **options)
+            if request.param == "uvicorn":
+                switch.app = app
+                return Proxy(url, app, app.client.pool)
+            return Proxy(stack.enter_context(serve_native(app)), app, app.client.pool)
 
-    return start
+        yield start
 
 
 @contextlib.contextmanager
@@ -804,3 +813,16 @@ def test_raw_header_names_and_values_are_bytes(up):
     assert response.raw_headers
     assert all(isinstance(n, bytes) and isinstance(v, bytes) for n, v in response.raw_headers)
     assert all(isinstance(n, str) and isinstance(v, str) for n, v in response.headers)
+
+
+@pytest.mark.parametrize("front_end", ["uvicorn", "native"])
+def test_a_client_leaving_the_event_stream_ends_it(up, front_end):
+    """The dashboard's stream never ends by itself: a closed tab must end it, or
+    a graceful shutdown waits for it."""
+    serve = serve_asgi if front_end == "uvicorn" else serve_native
+    with serve(make_proxy(up)) as url:
+        with httpx.stream("GET", url + "/_keyfailover/events") as events:
+            assert next(events.iter_lines()) == "event: state"
+        time.sleep(0.3)
+        stopping = time.monotonic()
+    assert time.monotonic() - stopping < 3

@@ -3,7 +3,8 @@ misbehaves, through each front end:
 
 - ``async``: ``await client.request(...)``, then the body read chunk by chunk;
 - ``sync``: ``client.request_sync(...)``, then the same;
-- ``proxy``: ``FailoverProxy`` under uvicorn (``serve_asgi``), driven by httpx.
+- ``proxy``: ``FailoverProxy`` under uvicorn (``serve_asgi``) and on the native server
+  (``serve_native``), driven by httpx.
 
 Each row of UPSTREAM_FAULTS runs through all three front ends. What is checked is what a
 user would check: the status; that the body is whole, ends with the provider's SSE error
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import logging
 import socket
@@ -31,6 +33,7 @@ import pytest
 from conftest import FAKE_KEYS, free_port, make_client, run, states
 
 import keyfailover as kf
+from keyfailover import _logging
 from keyfailover.asgi import FailoverProxy
 from keyfailover.testing import (
     MockUpstream,
@@ -39,11 +42,12 @@ from keyfailover.testing import (
     anthropic_stream_events,
     openai_stream_chunks,
     serve_asgi,
+    serve_native,
 )
 
 KEYS = FAKE_KEYS[:2]
 HINTS = {key: kf.KeyPool([key]).key("key-0").hint for key in KEYS}
-FRONT_ENDS = ("async", "sync", "proxy")
+FRONT_ENDS = ("async", "sync", "proxy", "native")
 PATH = {"anthropic": "/v1/messages", "openai": "/v1/chat/completions"}
 
 TIMEOUT = 1.0  # the client's timeout in most rows: small, so that a hang shows
@@ -434,17 +438,33 @@ class Proxy:
 
 
 @pytest.fixture
-def proxy(up: MockUpstream, server: tuple[str, Switch]) -> Callable[..., Proxy]:
-    """Puts a new FailoverProxy in front of `up` (or `base_url`) behind the shared server."""
+def start_proxy(up: MockUpstream, server: tuple[str, Switch]) -> Iterator[Callable[..., Proxy]]:
+    """Serves a new FailoverProxy in front of `up` (or `base_url`) on `front_end`:
+    "uvicorn" (behind the shared uvicorn server) or "native" (the native server
+    `keyfailover serve` runs)."""
     url, switch = server
+    with contextlib.ExitStack() as stack:
 
-    def start(base_url: str | None = None, provider: str = "anthropic", **options: Any) -> Proxy:
-        timeout = options.pop("timeout", TIMEOUT)
-        client, pool = make_client(base_url or up, provider, timeout=timeout)
-        switch.app = FailoverProxy(client, **options)
-        return Proxy(url, switch.app, client, pool)
+        def start(
+            front_end: str, base_url: str | None = None, provider: str = "anthropic", **options: Any
+        ) -> Proxy:
+            timeout = options.pop("timeout", TIMEOUT)
+            client, pool = make_client(base_url or up, provider, timeout=timeout)
+            app = FailoverProxy(client, **options)
+            if front_end == "uvicorn":
+                switch.app = app
+                return Proxy(url, app, client, pool)
+            return Proxy(stack.enter_context(serve_native(app)), app, client, pool)
 
-    return start
+        yield start
+
+
+@pytest.fixture(params=["uvicorn", "native"])
+def proxy(
+    request: pytest.FixtureRequest, start_proxy: Callable[..., Proxy]
+) -> Callable[..., Proxy]:
+    """`start_proxy` on each front end in turn."""
+    return functools.partial(start_proxy, request.param)
 
 
 @pytest.fixture
@@ -525,7 +545,8 @@ def check_body(case: Case, front_end: str, out: Outcome) -> None:
     elif case.ends == BROKEN:
         # Never a clean end: the client raises; through the proxy, the HTTP client sees
         # the connection end before the body does.
-        expected = kf.UpstreamError if front_end != "proxy" else httpx.TransportError
+        through_proxy = front_end in ("proxy", "native")
+        expected = httpx.TransportError if through_proxy else kf.UpstreamError
         assert isinstance(out.error, expected), out.error
         assert sent.startswith(out.body), "what arrived is upstream's, unchanged"
         assert len(out.body) <= len(sent)
@@ -558,7 +579,7 @@ def params(cases: list[Case]) -> list[Any]:
 @pytest.mark.parametrize(("case", "front_end"), params(UPSTREAM_FAULTS))
 def test_upstream_fault(
     up: MockUpstream,
-    proxy: Callable[..., Proxy],
+    start_proxy: Callable[..., Proxy],
     logs: pytest.LogCaptureFixture,
     monkeypatch: pytest.MonkeyPatch,
     case: Case,
@@ -568,13 +589,16 @@ def test_upstream_fault(
     up.enqueue(*case.replies)
     if case.big_head_client:
         monkeypatch.setattr(httpcore.HTTP11Connection, "MAX_INCOMPLETE_EVENT_SIZE", 2**20)
-    if front_end == "proxy":
-        served = proxy(base_url, case.provider, timeout=case.timeout)
+    if front_end in ("proxy", "native"):
+        server = "uvicorn" if front_end == "proxy" else "native"
+        served = start_proxy(server, base_url, case.provider, timeout=case.timeout)
         client, pool = served.client, served.pool
         out = via_proxy(served.url, case)
         out.texts.append(repr(served.app))
         if case.ends == BROKEN:  # the server aborted the response, and said so
-            assert any(record.name == "uvicorn.error" for record in logs.records)
+            said = "uvicorn.error" if server == "uvicorn" else "keyfailover.proxy"
+            _logging.flush()
+            assert any(record.name == said for record in logs.records)
     else:
         client, pool = make_client(base_url, case.provider, timeout=case.timeout)
         out = (via_async if front_end == "async" else via_sync)(client, case)

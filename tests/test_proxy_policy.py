@@ -19,16 +19,18 @@ from conftest import FAKE_KEYS, make_client
 
 import keyfailover as kf
 from keyfailover.asgi import FailoverProxy
-from keyfailover.testing import MockUpstream, Reply, serve_asgi
+from keyfailover.testing import MockUpstream, Reply, serve_asgi, serve_native
 from keyfailover.transport import FailoverTransport
 
 TOKEN = "kf-team-token-alpha"
 
 
-@pytest.fixture
-def proxy_url(up: MockUpstream) -> Iterator[str]:
+@pytest.fixture(params=["uvicorn", "native"])
+def proxy_url(request: pytest.FixtureRequest, up: MockUpstream) -> Iterator[str]:
+    """A proxy in front of `up` on either front end."""
     client, _ = make_client(up.url + "/prefix", "anthropic", 2)
-    with serve_asgi(FailoverProxy(client, client_tokens=[TOKEN])) as url:
+    serve = serve_asgi if request.param == "uvicorn" else serve_native
+    with serve(FailoverProxy(client, client_tokens=[TOKEN])) as url:
         yield url
 
 

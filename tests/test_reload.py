@@ -360,7 +360,7 @@ def test_sighup_reloads_every_worker(tmp_path: Path, up: MockUpstream):
     serve = Serve(up, keys_file, "--workers", "2", "--namespace", namespace)
     try:
         deadline = time.monotonic() + 15
-        while sum("Application startup complete" in line for line in serve.lines) < 2:
+        while sum("serving on http" in line for line in serve.lines) < 2:
             assert time.monotonic() < deadline, serve.log()
             time.sleep(0.05)
         write_keeping_stamp(keys_file, f"b={B}\n")

@@ -125,14 +125,9 @@ def key_states(pool: KeyPool) -> str:
 
 def run_demo(requests: int = 20, pace: float = 0.15, out: Any = None) -> int:
     from keyfailover.asgi import FailoverProxy
-    from keyfailover.testing import MockUpstream, Reply, serve_asgi
+    from keyfailover.testing import MockUpstream, Reply, serve_native
 
     out = out or sys.stdout
-    try:
-        import uvicorn  # noqa: F401
-    except ImportError:
-        print('keyfailover demo: needs uvicorn: pip install "keyfailover[server]"', file=out)
-        return 2
     label_of = {value: label for label, value in KEYS.items()}
     started = time.monotonic()
     with MockUpstream() as upstream:
@@ -146,7 +141,7 @@ def run_demo(requests: int = 20, pace: float = 0.15, out: Any = None) -> int:
         pool = KeyPool(KEYS)
         client = FailoverClient(pool, base_url=upstream.url)
         token = "kf-demo-" + secrets.token_hex(8)
-        with serve_asgi(FailoverProxy(client, client_tokens=[token])) as url:
+        with serve_native(FailoverProxy(client, client_tokens=[token])) as url:
             try:
                 driver: Any = SdkDriver(url, token)
             except ImportError:
