@@ -96,8 +96,15 @@ impl Stream {
         if let (Some(events), Some(seen), Some((_, provider))) =
             (&chunk, &mut self.final_event_seen, &self.sse)
         {
-            if let Some(last) = crate::sse::events(events).last() {
-                *seen = provider.is_final_event(&crate::sse::parse_event(&events[last]));
+            // Once the final event has come, the stream is complete: a
+            // Gemini stream's last chunk is known only by its finishReason,
+            // and a trailing event (a ping, a usage-only chunk) after it
+            // does not make the end a break.
+            if !*seen {
+                *seen = crate::sse::events(events).any(|block| {
+                    let event = crate::sse::parse_event(&events[block]);
+                    event.has_fields && provider.is_final_event(&event)
+                });
             }
         }
         Ok(chunk)

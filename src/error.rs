@@ -187,6 +187,22 @@ impl ErrorKind {
         }
     }
 
+    /// The canonical status name of Google's error model (google.rpc.Code,
+    /// as the Gemini API puts it in `error.status`) for this answer.
+    pub fn google_status(self) -> &'static str {
+        match self {
+            ErrorKind::RateLimit => "RESOURCE_EXHAUSTED",
+            // 502: upstream unreachable, every key refused, a broken stream.
+            ErrorKind::Api | ErrorKind::Unavailable => "UNAVAILABLE",
+            ErrorKind::Timeout => "DEADLINE_EXCEEDED",
+            ErrorKind::Authentication => "UNAUTHENTICATED",
+            ErrorKind::Permission => "PERMISSION_DENIED",
+            ErrorKind::NotFound => "NOT_FOUND",
+            ErrorKind::MethodNotAllowed => "UNIMPLEMENTED",
+            ErrorKind::RequestTooLarge | ErrorKind::InvalidRequest => "INVALID_ARGUMENT",
+        }
+    }
+
     /// The kind for an error type name; where two kinds share a name, the
     /// first of [`ErrorKind::ALL`] (so "api_error" is 502, "invalid_request_error" 400).
     pub fn from_type_name(name: &str) -> Option<Self> {

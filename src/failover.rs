@@ -6,6 +6,7 @@
 //! request goes in `target`, what an answer means for its key in `verdict`,
 //! how a body is relayed in `body`.
 
+use std::borrow::Cow;
 use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
@@ -163,6 +164,8 @@ enum SendFailure {
     Connect(String),
     /// A status the caller's server could not send (outside 200..=599).
     BadStatus(u16),
+    /// A key's own endpoint answered 504: a gateway in front of it gave up.
+    GatewayTimeout,
 }
 
 /// The reqwest client of this process (see [`FailoverClient::http`]).
@@ -243,6 +246,17 @@ impl FailoverClient {
         self.base_url.as_str()
     }
 
+    /// The header a caller's own key (BYOK) goes in for a request to
+    /// `target` at the client's base URL (for Gemini it depends on the
+    /// endpoint: see [`Provider::auth_header_for`]).
+    pub fn caller_key_header(&self, target: &str, key: &str) -> (&'static str, String) {
+        let url = self
+            .base_url
+            .join(target)
+            .unwrap_or_else(|_| self.base_url.as_str().to_owned());
+        self.provider.auth_header_for(key, &url)
+    }
+
     pub fn timeout(&self) -> Duration {
         self.timeout
     }
@@ -296,7 +310,10 @@ impl FailoverClient {
         if matches!(request.method.as_str(), "CONNECT" | "TRACE" | "TRACK") {
             return Err(Error::MethodNotAllowed(request.method.to_string()));
         }
-        let url = self.base_url.join(&request.target).map_err(|e| match e {
+        // A Gemini key in the query string (`?key=`) is the caller's: it is
+        // never forwarded (nor logged), whoever's key the request goes with.
+        let target = self.provider.strip_credential_query(&request.target);
+        let url = self.base_url.join(&target).map_err(|e| match e {
             Error::BadRequest(message) => {
                 Error::BadRequest(self.pool.redact(&message).into_owned())
             }
@@ -312,6 +329,7 @@ impl FailoverClient {
             client: self,
             http: &http,
             method: &request.method,
+            target: &target,
             url: &url,
             body: &request.body,
         };
@@ -373,6 +391,11 @@ impl FailoverClient {
                 ErrorKind::Api,
                 format!("upstream answered with status {status}, which cannot be relayed"),
                 Outcome::UpstreamUnreachable,
+            ),
+            SendFailure::GatewayTimeout => (
+                ErrorKind::Timeout,
+                "upstream answered 504: a gateway in front of it timed out".to_owned(),
+                Outcome::UpstreamTimeout,
             ),
         };
         self.pool
@@ -468,6 +491,9 @@ struct Attempt<'a> {
     client: &'a FailoverClient,
     http: &'a reqwest::Client,
     method: &'a Method,
+    /// The caller's path and query (normalized, without credentials).
+    target: &'a str,
+    /// The target at the client's base URL.
     url: &'a str,
     body: &'a Bytes,
 }
@@ -506,7 +532,7 @@ impl Attempt<'_> {
         let mut value = caller.value;
         value.set_sensitive(true);
         headers.insert(caller.header, value);
-        match self.send(headers, None, log).await {
+        match self.send(headers, None, self.url, log).await {
             Ok(resp) => client.relay(resp, VecDeque::new(), None, None),
             Err(failure) => client.send_failure(&failure, true),
         }
@@ -514,6 +540,12 @@ impl Attempt<'_> {
 
     /// Walks the pool: each available key until one is not a key-specific
     /// failure, or none is left. Returns the response and the last key's label.
+    ///
+    /// A key with its own endpoint (`base_url`) is sent there; when that
+    /// endpoint cannot be reached, times out or answers 504, the key cools
+    /// down briefly (reason `unreachable`) and the next key is tried. When
+    /// every attempt of the walk ended that way, the answer is the last
+    /// failure (502 or 504), not the exhausted pool's 429.
     async fn walk(
         &self,
         headers: HeaderMap,
@@ -522,37 +554,52 @@ impl Attempt<'_> {
         let client = self.client;
         let mut walker = client.pool.walker();
         let mut last_label = None;
+        // The last unreachable endpoint's failure, and whether any attempt
+        // failed over for another reason.
+        let mut unreachable: Option<SendFailure> = None;
+        let mut other_failover = false;
         let response = loop {
             let key = match walker.next_key() {
                 Ok(key) => key,
-                Err(exhaustion) => break client.exhausted(exhaustion),
+                Err(exhaustion) => match unreachable.take() {
+                    Some(failure) if !other_failover => break client.send_failure(&failure, false),
+                    _ => break client.exhausted(exhaustion),
+                },
             };
             last_label = Some(key.label().to_owned());
+            let own_endpoint = key.base_url().is_some();
+            let url = match key.base_url().map(|base| base.join(self.target)) {
+                Some(Ok(url)) => Cow::Owned(url),
+                _ => Cow::Borrowed(self.url),
+            };
             let mut attempt_headers = headers.clone();
-            let (name, value) = client.provider.auth_header(key.value());
+            let (name, value) = client.provider.auth_header_for(key.value(), &url);
             // Keys are validated as visible ASCII when the pool is built.
             let mut value = HeaderValue::from_str(&value).expect("keys are visible ASCII");
             value.set_sensitive(true);
             attempt_headers.insert(HeaderName::from_static(name), value);
 
             let in_flight = key.in_flight();
-            let resp = match self.send(attempt_headers, Some(&key), log).await {
+            let resp = match self.send(attempt_headers, Some(&key), &url, log).await {
+                Ok(resp) if own_endpoint && resp.status().as_u16() == 504 => {
+                    self.fail_over(&key, Verdict::Unreachable, Some(504), log);
+                    unreachable = Some(SendFailure::GatewayTimeout);
+                    continue;
+                }
                 Ok(resp) => resp,
+                Err(failure @ (SendFailure::Connect(_) | SendFailure::Timeout)) if own_endpoint => {
+                    self.fail_over(&key, Verdict::Unreachable, None, log);
+                    unreachable = Some(failure);
+                    continue;
+                }
                 Err(failure) => break client.send_failure(&failure, false),
             };
             let status = resp.status().as_u16();
             key.observe(resp.headers(), status, SystemTime::now());
             match self.judge(resp).await {
                 Judged::Failover(verdict) => {
-                    if let Some(reason) = verdict.reason() {
-                        client.stats.failover(reason);
-                        key.counters().failover();
-                        if let Some(attempt) = log.last_mut() {
-                            attempt.reason = Some(reason);
-                        }
-                        failover_record(client, &key, status, reason);
-                    }
-                    verdict.apply(&key, Some(status));
+                    other_failover = true;
+                    self.fail_over(&key, verdict, Some(status), log);
                 }
                 Judged::Return(resp, pending, framer) => {
                     break client.relay(resp, pending, framer, Some(in_flight))
@@ -567,10 +614,31 @@ impl Attempt<'_> {
         (response, last_label)
     }
 
+    /// Counts, logs and applies a key-specific failure of the last attempt.
+    fn fail_over(
+        &self,
+        key: &Key,
+        verdict: Verdict,
+        status: Option<u16>,
+        log: &mut [AttemptRecord],
+    ) {
+        let client = self.client;
+        if let Some(reason) = verdict.reason() {
+            client.stats.failover(reason);
+            key.counters().failover();
+            if let Some(attempt) = log.last_mut() {
+                attempt.reason = Some(reason);
+            }
+            failover_record(client, key, status, reason);
+        }
+        verdict.apply(key, status);
+    }
+
     async fn send(
         &self,
         headers: HeaderMap,
         key: Option<&Key>,
+        url: &str,
         log: &mut Vec<AttemptRecord>,
     ) -> Result<reqwest::Response, SendFailure> {
         let client = self.client;
@@ -581,7 +649,7 @@ impl Attempt<'_> {
             .map_or(0, |d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX));
         let send = self
             .http
-            .request(self.method.clone(), self.url)
+            .request(self.method.clone(), url)
             .headers(headers)
             .body(self.body.clone())
             .send();
@@ -670,12 +738,16 @@ impl Attempt<'_> {
 }
 
 /// A DEBUG record on `keyfailover.client` for a failover.
-fn failover_record(client: &FailoverClient, key: &Key, status: u16, reason: Reason) {
+fn failover_record(client: &FailoverClient, key: &Key, status: Option<u16>, reason: Reason) {
+    let what = match status {
+        Some(status) => format!("answered {status}"),
+        None => "could not reach its endpoint".to_owned(),
+    };
     events::emit(Record {
         logger: "keyfailover.client",
         level: Level::Debug,
         message: format!(
-            "pool {}: key {} ({}) answered {status}: {reason}, trying the next key",
+            "pool {}: key {} ({}) {what}: {reason}, trying the next key",
             client.name,
             key.label(),
             key.hint()

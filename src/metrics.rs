@@ -68,7 +68,7 @@ impl Block {
 }
 
 /// Why keys changed state, in the order of their counters.
-pub const REASONS: [Reason; 7] = [
+pub const REASONS: [Reason; 8] = [
     Reason::RateLimited,
     Reason::QuotaExhausted,
     Reason::Revoked,
@@ -76,6 +76,7 @@ pub const REASONS: [Reason; 7] = [
     Reason::Manual,
     Reason::Depleted,
     Reason::GroupRateLimited,
+    Reason::Unreachable,
 ];
 /// Room kept for reasons to come (the layout is shared between processes).
 const REASON_SLOTS: usize = 8;

@@ -1,6 +1,7 @@
 //! What differs between providers: where the key goes, and the shape of the
 //! errors keyfailover creates itself (JSON bodies and SSE error events).
 
+use std::borrow::Cow;
 use std::fmt;
 use std::str::FromStr;
 
@@ -13,20 +14,44 @@ pub enum Provider {
     /// Keys in `x-api-key`; errors `{"type":"error","error":{"type","message"}}`.
     Anthropic,
     /// Keys in `Authorization: Bearer`; errors `{"error":{"message","type","param","code"}}`.
+    /// Also every OpenAI-compatible API (Groq, Mistral, DeepSeek, OpenRouter,
+    /// Together, ...) with its own `base_url`.
     OpenAi,
+    /// Google's Gemini API (generativelanguage.googleapis.com). Keys in
+    /// `x-goog-api-key` for the native API, and in `Authorization: Bearer`
+    /// for its OpenAI-compatible endpoint (`/v1beta/openai/...`): both as
+    /// ai.google.dev/gemini-api/docs/api-key and .../docs/openai show them.
+    /// Errors in Google's envelope `{"error":{"code","message","status"}}`
+    /// (ai.google.dev/gemini-api/docs/troubleshooting), which the
+    /// google-genai SDK turns into its `ClientError`/`ServerError`.
+    Gemini,
+    /// Azure OpenAI (`https://NAME.openai.azure.com`). Keys in `api-key`, the
+    /// header Azure's REST reference documents for key authentication, on
+    /// the deployments API (`/openai/deployments/{d}/...?api-version=`) and
+    /// on the v1 API (`/openai/v1/...`) alike; `Authorization: Bearer` is
+    /// for Entra ID tokens on the deployments API, so one header serves both
+    /// (learn.microsoft.com/azure/ai-foundry/openai/reference). Errors as
+    /// OpenAI's.
+    AzureOpenAi,
 }
 
 impl FromStr for Provider {
     type Err = Error;
 
     fn from_str(s: &str) -> Result<Self, Error> {
-        match s {
-            "anthropic" => Ok(Provider::Anthropic),
-            "openai" => Ok(Provider::OpenAi),
-            other => Err(Error::Config(format!(
-                "unknown provider {other:?}: expected \"anthropic\" or \"openai\""
-            ))),
-        }
+        Provider::ALL
+            .into_iter()
+            .find(|p| p.as_str() == s)
+            .ok_or_else(|| {
+                Error::Config(format!(
+                    "unknown provider {s:?}: expected one of {}",
+                    Provider::ALL
+                        .iter()
+                        .map(|p| format!("{:?}", p.as_str()))
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ))
+            })
     }
 }
 
@@ -36,19 +61,69 @@ impl fmt::Display for Provider {
     }
 }
 
+/// Whether a URL path is Gemini's OpenAI-compatible endpoint
+/// (`/v1beta/openai/chat/completions` and the like).
+fn is_openai_compatible(path: &str) -> bool {
+    path.split('/').any(|segment| segment == "openai")
+}
+
 impl Provider {
+    pub const ALL: [Provider; 4] = [
+        Provider::Anthropic,
+        Provider::OpenAi,
+        Provider::Gemini,
+        Provider::AzureOpenAi,
+    ];
+
     pub fn as_str(self) -> &'static str {
         match self {
             Provider::Anthropic => "anthropic",
             Provider::OpenAi => "openai",
+            Provider::Gemini => "gemini",
+            Provider::AzureOpenAi => "azure_openai",
         }
     }
 
-    /// The header that carries a key, and its value.
+    /// The header that carries a key, and its value, for the provider's
+    /// main API (for Gemini, the native one).
     pub fn auth_header(self, key: &str) -> (&'static str, String) {
         match self {
             Provider::Anthropic => ("x-api-key", key.to_owned()),
             Provider::OpenAi => ("authorization", format!("Bearer {key}")),
+            Provider::Gemini => ("x-goog-api-key", key.to_owned()),
+            Provider::AzureOpenAi => ("api-key", key.to_owned()),
+        }
+    }
+
+    /// The header that carries a key for a request to `url` (a full URL or
+    /// its path): Gemini's OpenAI-compatible endpoint takes a Bearer token,
+    /// its native API `x-goog-api-key`; the others have one header.
+    pub fn auth_header_for(self, key: &str, url: &str) -> (&'static str, String) {
+        let path = url
+            .find("://")
+            .map_or(url, |i| {
+                let rest = &url[i + 3..];
+                rest.find('/').map_or("", |j| &rest[j..])
+            })
+            .split('?')
+            .next()
+            .unwrap_or("");
+        match self {
+            Provider::Gemini if is_openai_compatible(path) => {
+                ("authorization", format!("Bearer {key}"))
+            }
+            _ => self.auth_header(key),
+        }
+    }
+
+    /// `target` (path and query) without the credentials a caller may put
+    /// in its query string: Gemini accepts a key as `?key=`, which
+    /// keyfailover never forwards (the pool's key goes in a header) and
+    /// never logs. Other providers take no key in the URL.
+    pub fn strip_credential_query(self, target: &str) -> Cow<'_, str> {
+        match self {
+            Provider::Gemini => crate::target::without_query_param(target, "key"),
+            _ => Cow::Borrowed(target),
         }
     }
 
@@ -58,12 +133,21 @@ impl Provider {
                 "type": "error",
                 "error": {"type": kind.type_name(), "message": message},
             }),
-            Provider::OpenAi => json!({
+            Provider::OpenAi | Provider::AzureOpenAi => json!({
                 "error": {
                     "message": message,
                     "type": kind.type_name(),
                     "param": null,
                     "code": kind.code(),
+                },
+            }),
+            // Google's error model (google.rpc.Status as JSON): the HTTP
+            // code, the message, and the canonical status name.
+            Provider::Gemini => json!({
+                "error": {
+                    "code": kind.status(),
+                    "message": message,
+                    "status": kind.google_status(),
                 },
             }),
         }
@@ -76,16 +160,21 @@ impl Provider {
 
     /// Whether `event` ends a stream of this provider: Anthropic's
     /// `message_stop` (or an `error` event), OpenAI's `data: [DONE]` (or an
-    /// error object).
+    /// error object). A Gemini stream has no terminal sentinel: its last
+    /// chunk is the one whose candidate carries a `finishReason` (or whose
+    /// `promptFeedback` has a `blockReason`: a blocked prompt gets that one
+    /// chunk); its OpenAI-compatible streams end with `[DONE]`.
     pub fn is_final_event(self, event: &crate::sse::Event) -> bool {
+        let data = event.data.trim_ascii();
+        let openai_final = || {
+            data == b"[DONE]" || data.starts_with(b"{\"error\"") || data.starts_with(b"[{\"error\"")
+        };
         match self {
             Provider::Anthropic => {
                 matches!(event.name.as_deref(), Some("message_stop") | Some("error"))
             }
-            Provider::OpenAi => {
-                let data = event.data.trim_ascii();
-                data == b"[DONE]" || data.starts_with(b"{\"error\"")
-            }
+            Provider::OpenAi | Provider::AzureOpenAi => openai_final(),
+            Provider::Gemini => openai_final() || gemini_final_chunk(data),
         }
     }
 
@@ -94,10 +183,37 @@ impl Provider {
         let data = self.error_value(kind, message);
         match self {
             Provider::Anthropic => format!("event: error\ndata: {data}\n\n"),
-            Provider::OpenAi => format!("data: {data}\n\n"),
+            Provider::OpenAi | Provider::AzureOpenAi | Provider::Gemini => {
+                format!("data: {data}\n\n")
+            }
         }
         .into_bytes()
     }
+}
+
+/// Whether a Gemini `GenerateContentResponse` chunk is the stream's last:
+/// a candidate with a `finishReason`, or a blocked prompt. Only chunks that
+/// mention either are parsed.
+fn gemini_final_chunk(data: &[u8]) -> bool {
+    let mentions = |needle: &[u8]| data.windows(needle.len()).any(|w| w == needle);
+    if !mentions(b"finishReason") && !mentions(b"blockReason") {
+        return false;
+    }
+    let Ok(value) = serde_json::from_slice::<serde_json::Value>(data) else {
+        return false;
+    };
+    let finished = value
+        .get("candidates")
+        .and_then(|c| c.as_array())
+        .is_some_and(|candidates| {
+            candidates
+                .iter()
+                .any(|c| c.get("finishReason").is_some_and(|r| !r.is_null()))
+        });
+    finished
+        || value
+            .pointer("/promptFeedback/blockReason")
+            .is_some_and(|r| !r.is_null())
 }
 
 #[cfg(test)]
@@ -142,10 +258,121 @@ mod tests {
     #[test]
     fn names() {
         assert_eq!("openai".parse::<Provider>().unwrap(), Provider::OpenAi);
-        assert!("azure".parse::<Provider>().is_err());
+        assert_eq!("gemini".parse::<Provider>().unwrap(), Provider::Gemini);
+        assert_eq!(
+            "azure_openai".parse::<Provider>().unwrap(),
+            Provider::AzureOpenAi
+        );
+        let err = "azure".parse::<Provider>().unwrap_err().to_string();
+        assert!(err.contains("\"azure_openai\""), "{err}");
+        for provider in Provider::ALL {
+            assert_eq!(provider.as_str().parse::<Provider>().unwrap(), provider);
+        }
         assert_eq!(
             Provider::OpenAi.auth_header("k"),
             ("authorization", "Bearer k".into())
+        );
+    }
+
+    #[test]
+    fn auth_headers_by_endpoint() {
+        let gemini = Provider::Gemini;
+        assert_eq!(
+            gemini.auth_header_for(
+                "k",
+                "https://generativelanguage.googleapis.com/v1beta/models/gemini-2.5-flash:generateContent"
+            ),
+            ("x-goog-api-key", "k".into())
+        );
+        assert_eq!(
+            gemini.auth_header_for(
+                "k",
+                "https://generativelanguage.googleapis.com/v1beta/openai/chat/completions"
+            ),
+            ("authorization", "Bearer k".into())
+        );
+        assert_eq!(
+            gemini.auth_header_for("k", "/v1beta/models/openai-like:generateContent?x=/openai/"),
+            ("x-goog-api-key", "k".into()),
+            "only a whole path segment, and never the query"
+        );
+        for url in [
+            "https://east.openai.azure.com/openai/deployments/gpt/chat/completions?api-version=2024-10-21",
+            "https://east.openai.azure.com/openai/v1/chat/completions",
+        ] {
+            assert_eq!(
+                Provider::AzureOpenAi.auth_header_for("k", url),
+                ("api-key", "k".into())
+            );
+        }
+    }
+
+    #[test]
+    fn gemini_envelopes_and_stream_ends() {
+        let body: serde_json::Value = serde_json::from_slice(
+            &Provider::Gemini
+                .error_body(ErrorKind::RateLimit, "all configured keys are rate-limited"),
+        )
+        .unwrap();
+        assert_eq!(
+            body,
+            json!({"error": {"code": 429, "message": "all configured keys are rate-limited", "status": "RESOURCE_EXHAUSTED"}})
+        );
+        let event =
+            String::from_utf8(Provider::Gemini.sse_error_event(ErrorKind::Api, "broke")).unwrap();
+        assert_eq!(
+            event,
+            "data: {\"error\":{\"code\":502,\"message\":\"broke\",\"status\":\"UNAVAILABLE\"}}\n\n"
+        );
+        let azure: serde_json::Value =
+            serde_json::from_slice(&Provider::AzureOpenAi.error_body(ErrorKind::Timeout, "slow"))
+                .unwrap();
+        assert_eq!(azure["error"]["code"], "upstream_timeout");
+
+        let final_of = |data: &str| {
+            Provider::Gemini.is_final_event(&crate::sse::Event {
+                name: None,
+                data: data.as_bytes().to_vec(),
+                has_fields: true,
+            })
+        };
+        assert!(final_of(
+            r#"{"candidates":[{"content":{"parts":[{"text":"."}],"role":"model"},"finishReason":"STOP","index":0}],"usageMetadata":{"promptTokenCount":3}}"#
+        ));
+        assert!(final_of(
+            r#"{"promptFeedback":{"blockReason":"SAFETY"},"usageMetadata":{"promptTokenCount":3}}"#
+        ));
+        assert!(final_of(
+            r#"{"error":{"code":500,"message":"x","status":"INTERNAL"}}"#
+        ));
+        assert!(final_of("[DONE]"), "the OpenAI-compatible endpoint");
+        assert!(!final_of(
+            r#"{"candidates":[{"content":{"parts":[{"text":"Hel"}],"role":"model"},"index":0}]}"#
+        ));
+        assert!(!final_of(
+            r#"{"candidates":[{"content":{"parts":[{"text":"the finishReason is"}]},"finishReason":null}]}"#
+        ));
+    }
+
+    #[test]
+    fn a_gemini_key_in_the_query_is_never_forwarded() {
+        let strip = |t: &'static str| Provider::Gemini.strip_credential_query(t).into_owned();
+        assert_eq!(
+            strip("/v1beta/models/m:streamGenerateContent?alt=sse&key=AIzaSy-callers-own"),
+            "/v1beta/models/m:streamGenerateContent?alt=sse"
+        );
+        assert_eq!(strip("/v1beta/models?key=AIza"), "/v1beta/models");
+        assert_eq!(
+            strip("/v1beta/models?key=a&pageSize=5&key=b&keyword=x"),
+            "/v1beta/models?pageSize=5&keyword=x"
+        );
+        assert_eq!(
+            strip("/v1beta/models?pageSize=5"),
+            "/v1beta/models?pageSize=5"
+        );
+        assert_eq!(
+            Provider::OpenAi.strip_credential_query("/v1/x?key=1"),
+            "/v1/x?key=1"
         );
     }
 }

@@ -7,9 +7,24 @@
 //!   `anthropic-ratelimit-{requests,tokens,input-tokens,output-tokens}-{limit,remaining,reset}`,
 //!   the reset an RFC 3339 time;
 //! * OpenAI and the APIs compatible with it (platform.openai.com, "Rate
-//!   limits", rate limits in headers; Groq, Together, OpenRouter and others
-//!   send the same): `x-ratelimit-{limit,remaining,reset}-{requests,tokens}`,
-//!   the reset a duration such as `6m0s`, `1s`, `20ms` or `1h2m3.5s`.
+//!   limits", rate limits in headers): `x-ratelimit-{limit,remaining,reset}-{requests,tokens}`,
+//!   the reset a duration such as `6m0s`, `1s`, `20ms` or `1h2m3.5s`. Groq
+//!   sends the same (console.groq.com/docs/rate-limits: the requests limit
+//!   is per day, the tokens limit per minute, `retry-after` on 429 only);
+//!   Azure OpenAI sends only the `remaining` ones.
+//!
+//! and the variants of OpenAI-compatible APIs, read into the same limits:
+//! * Mistral, token limits per minute, undocumented but sent on every answer
+//!   (seen in github.com/mistralai/client-ts/issues/169 and clients that read
+//!   them): `ratelimitbysize-{limit,remaining,reset}` (reset in seconds),
+//!   `x-ratelimitbysize-{limit,remaining}-minute`, and lately
+//!   `x-ratelimit-{limit,remaining}-tokens-minute` and
+//!   `x-ratelimit-{limit,remaining}-req-minute`; the `-month` ones are a
+//!   monthly budget, not a rate, and are left out;
+//! * Together (docs.together.ai/docs/rate-limits): `x-ratelimit-{limit,remaining,reset}`
+//!   for requests (reset in seconds) and `x-tokenlimit-{limit,remaining}`;
+//! * a bare-number reset is seconds from now, or a Unix time when it is one
+//!   (seconds, or milliseconds as OpenRouter's `X-RateLimit-Reset`).
 
 use std::time::{Duration, SystemTime};
 
@@ -125,22 +140,71 @@ where
                     _ => {}
                 }
             }
-        } else if let Some(rest) = strip_prefix_ignore_case(name, "x-ratelimit-") {
-            let (field, kind) = match rest.split_once('-') {
-                Some((field, "requests")) => (field, LimitKind::Requests),
-                Some((field, "tokens")) => (field, LimitKind::Tokens),
-                _ => continue,
-            };
+        } else if let Some((field, kind)) = compatible_field(name) {
             let limit = &mut out.limits[kind.index()];
             match field {
                 "limit" => limit.limit = value.parse().ok(),
                 "remaining" => limit.remaining = value.parse().ok(),
-                "reset" => limit.reset = go_duration(value).filter(|d| !d.is_zero()),
+                "reset" => limit.reset = reset_from_now(value, now),
                 _ => {}
             }
         }
     }
     out
+}
+
+/// The field (`limit`, `remaining`, `reset`) and kind of an OpenAI-style
+/// rate-limit header, in any of the variants the compatible APIs send.
+fn compatible_field(name: &str) -> Option<(&str, LimitKind)> {
+    if let Some(rest) = strip_prefix_ignore_case(name, "x-ratelimit-") {
+        // OpenAI, Groq, Azure; Mistral's -tokens-minute and -req-minute;
+        // Together's bare x-ratelimit-{limit,remaining,reset} (requests).
+        return match rest.split_once('-') {
+            None => Some((rest, LimitKind::Requests)),
+            Some((field, kind)) => match kind.to_ascii_lowercase().as_str() {
+                "requests" | "req-minute" => Some((field, LimitKind::Requests)),
+                "tokens" | "tokens-minute" => Some((field, LimitKind::Tokens)),
+                _ => None,
+            },
+        };
+    }
+    if let Some(rest) = strip_prefix_ignore_case(name, "ratelimitbysize-") {
+        return Some((rest, LimitKind::Tokens));
+    }
+    if let Some(rest) = strip_prefix_ignore_case(name, "x-ratelimitbysize-") {
+        let field = rest.strip_suffix("-minute")?;
+        return Some((field, LimitKind::Tokens));
+    }
+    if let Some(field) = strip_prefix_ignore_case(name, "x-tokenlimit-") {
+        return Some((field, LimitKind::Tokens));
+    }
+    None
+}
+
+/// How long until a reset given as a duration (`6m0s`), a number of
+/// seconds (`43`), or a Unix time in seconds or milliseconds; None when it
+/// is none of these, or not in the future.
+fn reset_from_now(value: &str, now: SystemTime) -> Option<Duration> {
+    if let Some(d) = go_duration(value) {
+        return Some(d).filter(|d| !d.is_zero());
+    }
+    let number: f64 = value
+        .parse()
+        .ok()
+        .filter(|n: &f64| n.is_finite() && *n > 0.0)?;
+    // Past 2001-09-09 as seconds: a Unix time; past that as milliseconds too.
+    let from_now = if number >= 1e11 {
+        crate::retry_after::unix_time(number / 1000.0)
+            .duration_since(now)
+            .ok()?
+    } else if number >= 1e9 {
+        crate::retry_after::unix_time(number)
+            .duration_since(now)
+            .ok()?
+    } else {
+        Duration::try_from_secs_f64(number).ok()?
+    };
+    Some(from_now).filter(|d| !d.is_zero())
 }
 
 fn strip_prefix_ignore_case<'a>(name: &'a str, prefix: &str) -> Option<&'a str> {
@@ -340,6 +404,100 @@ mod tests {
             limits.depleted(),
             Some((LimitKind::Tokens, Duration::from_secs(360)))
         );
+    }
+
+    #[test]
+    fn compatible_variants() {
+        // Groq (console.groq.com/docs/rate-limits): the OpenAI names.
+        let groq = parse_pairs(&[
+            ("x-ratelimit-limit-requests", "14400"),
+            ("x-ratelimit-remaining-requests", "14370"),
+            ("x-ratelimit-reset-requests", "2m59.56s"),
+            ("x-ratelimit-limit-tokens", "18000"),
+            ("x-ratelimit-remaining-tokens", "0"),
+            ("x-ratelimit-reset-tokens", "7.66s"),
+        ]);
+        assert_eq!(
+            groq.depleted(),
+            Some((LimitKind::Tokens, Duration::from_millis(7660)))
+        );
+        // Mistral: ratelimitbysize-* (tokens, reset in seconds), and the
+        // newer per-minute names.
+        let mistral = parse_pairs(&[
+            ("ratelimitbysize-limit", "500000"),
+            ("ratelimitbysize-remaining", "0"),
+            ("ratelimitbysize-reset", "43"),
+            ("ratelimitbysize-query-cost", "52"),
+            ("x-ratelimitbysize-limit-month", "1000000000"),
+        ]);
+        let tokens = mistral.get(LimitKind::Tokens);
+        assert_eq!((tokens.limit, tokens.remaining), (Some(500_000), Some(0)));
+        assert_eq!(
+            mistral.depleted(),
+            Some((LimitKind::Tokens, Duration::from_secs(43)))
+        );
+        let mistral = parse_pairs(&[
+            ("x-ratelimit-limit-tokens-minute", "5000000"),
+            ("x-ratelimit-remaining-tokens-minute", "4999911"),
+            ("x-ratelimit-tokens-query-cost", "52"),
+            ("x-ratelimit-limit-req-minute", "720"),
+            ("x-ratelimit-remaining-req-minute", "717"),
+            ("x-ratelimitbysize-remaining-minute", "4999911"),
+            ("x-ratelimit-remaining-tokens-month", "3"),
+        ]);
+        assert_eq!(
+            mistral.get(LimitKind::Requests).remaining,
+            Some(717),
+            "req-minute"
+        );
+        let tokens = mistral.get(LimitKind::Tokens);
+        assert_eq!(
+            (tokens.limit, tokens.remaining),
+            (Some(5_000_000), Some(4_999_911)),
+            "the monthly budget is not the per-minute limit"
+        );
+        // Together (docs.together.ai/docs/rate-limits).
+        let together = parse_pairs(&[
+            ("x-ratelimit-limit", "10"),
+            ("x-ratelimit-remaining", "0"),
+            ("x-ratelimit-reset", "2"),
+            ("x-tokenlimit-limit", "3000"),
+            ("x-tokenlimit-remaining", "2800"),
+        ]);
+        assert_eq!(
+            together.depleted(),
+            Some((LimitKind::Requests, Duration::from_secs(2)))
+        );
+        assert_eq!(together.get(LimitKind::Tokens).remaining, Some(2800));
+        // A reset as a Unix time, in seconds or milliseconds (OpenRouter).
+        let in_ms = parse_pairs(&[
+            ("x-ratelimit-remaining", "0"),
+            ("x-ratelimit-reset", &((NOW + 30) * 1000).to_string()),
+        ]);
+        assert_eq!(
+            in_ms.depleted(),
+            Some((LimitKind::Requests, Duration::from_secs(30)))
+        );
+        let in_secs = parse_pairs(&[
+            ("x-ratelimit-remaining", "0"),
+            ("x-ratelimit-reset", &(NOW + 5).to_string()),
+        ]);
+        assert_eq!(
+            in_secs.depleted(),
+            Some((LimitKind::Requests, Duration::from_secs(5)))
+        );
+        let past = parse_pairs(&[
+            ("x-ratelimit-remaining", "0"),
+            ("x-ratelimit-reset", &(NOW - 5).to_string()),
+        ]);
+        assert_eq!(past.depleted(), None);
+        // Azure: remaining only, no reset: nothing to cool for.
+        let azure = parse_pairs(&[
+            ("x-ratelimit-remaining-requests", "0"),
+            ("x-ratelimit-remaining-tokens", "0"),
+        ]);
+        assert_eq!(azure.get(LimitKind::Requests).remaining, Some(0));
+        assert_eq!(azure.depleted(), None);
     }
 
     #[test]

@@ -13,6 +13,7 @@ pub struct Stats {
     pub(crate) rate_limited: AtomicU64,
     pub(crate) quota_exhausted: AtomicU64,
     pub(crate) revoked: AtomicU64,
+    pub(crate) unreachable: AtomicU64,
     pub(crate) exhausted_transient: AtomicU64,
     pub(crate) exhausted_permanent: AtomicU64,
     pub(crate) upstream_errors: AtomicU64,
@@ -28,6 +29,8 @@ pub struct StatsSnapshot {
     pub rate_limited: u64,
     pub quota_exhausted: u64,
     pub revoked: u64,
+    /// Keys whose own endpoint could not be reached.
+    pub unreachable: u64,
     /// Requests answered with a synthesized 429 or 502 for an exhausted pool.
     pub exhausted_transient: u64,
     pub exhausted_permanent: u64,
@@ -45,6 +48,7 @@ impl Stats {
             Reason::RateLimited => &self.rate_limited,
             Reason::QuotaExhausted => &self.quota_exhausted,
             Reason::Revoked => &self.revoked,
+            Reason::Unreachable => &self.unreachable,
             Reason::Reset | Reason::Manual | Reason::Depleted | Reason::GroupRateLimited => return,
         });
     }
@@ -58,6 +62,7 @@ impl Stats {
             rate_limited: get(&self.rate_limited),
             quota_exhausted: get(&self.quota_exhausted),
             revoked: get(&self.revoked),
+            unreachable: get(&self.unreachable),
             exhausted_transient: get(&self.exhausted_transient),
             exhausted_permanent: get(&self.exhausted_permanent),
             upstream_errors: get(&self.upstream_errors),

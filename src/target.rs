@@ -81,7 +81,7 @@ pub fn normalize_target(target: &str) -> Result<Cow<'_, str>> {
     if !target.starts_with('/') {
         return Err(Error::BadRequest(format!(
             "path {:?} must start with '/'",
-            truncated(target)
+            shown(target)
         )));
     }
     if let Some(bad) = target
@@ -90,7 +90,7 @@ pub fn normalize_target(target: &str) -> Result<Cow<'_, str>> {
     {
         return Err(Error::BadRequest(format!(
             "path {:?} holds a character a request target cannot carry ({:?})",
-            truncated(target),
+            shown(target),
             char::from(bad)
         )));
     }
@@ -111,7 +111,7 @@ pub fn normalize_target(target: &str) -> Result<Cow<'_, str>> {
                 if out.pop().is_none() {
                     return Err(Error::BadRequest(format!(
                         "path {:?} leaves the upstream base URL",
-                        truncated(target)
+                        shown(target)
                     )));
                 }
             }
@@ -143,6 +143,55 @@ fn truncated(text: &str) -> &str {
     match text.char_indices().nth(200) {
         Some((i, _)) => &text[..i],
         None => text,
+    }
+}
+
+/// A request target as error messages show it: the value of any `key`
+/// query parameter (Gemini's way of passing an API key in the URL) masked,
+/// and at most 200 characters.
+fn shown(target: &str) -> String {
+    let masked = match target.split_once('?') {
+        Some((path, query)) if query.split('&').any(|p| is_param(p, "key")) => {
+            let query: Vec<String> = query
+                .split('&')
+                .map(|p| {
+                    if is_param(p, "key") {
+                        "key=***".to_owned()
+                    } else {
+                        p.to_owned()
+                    }
+                })
+                .collect();
+            format!("{path}?{}", query.join("&"))
+        }
+        _ => target.to_owned(),
+    };
+    truncated(&masked).to_owned()
+}
+
+/// Whether a query string pair (`name=value`) is the parameter `name`.
+fn is_param(pair: &str, name: &str) -> bool {
+    pair.split('=').next() == Some(name)
+}
+
+/// `target` without every `name` query parameter (a `?` left with nothing
+/// after it is dropped too). Parameter names are compared as sent (not
+/// percent-decoded), as servers compare them.
+pub fn without_query_param<'a>(target: &'a str, name: &str) -> Cow<'a, str> {
+    let Some((path, query)) = target.split_once('?') else {
+        return Cow::Borrowed(target);
+    };
+    if !query.split('&').any(|p| is_param(p, name)) {
+        return Cow::Borrowed(target);
+    }
+    let kept: Vec<&str> = query
+        .split('&')
+        .filter(|p| !p.is_empty() && !is_param(p, name))
+        .collect();
+    if kept.is_empty() {
+        Cow::Owned(path.to_owned())
+    } else {
+        Cow::Owned(format!("{path}?{}", kept.join("&")))
     }
 }
 
@@ -202,6 +251,15 @@ mod tests {
             join("https://x/v10", "/v1/m").unwrap(),
             "https://x/v10/v1/m"
         );
+    }
+
+    #[test]
+    fn messages_mask_a_key_in_the_query() {
+        let err = normalize_target("/../x?alt=sse&key=AIzaSy-secret-value")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("?alt=sse&key=***"), "{err}");
+        assert!(!err.contains("AIzaSy"), "{err}");
     }
 
     #[test]

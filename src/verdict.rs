@@ -18,9 +18,22 @@ pub enum Verdict {
     /// A monthly spend limit is reached: cool down until it renews, at
     /// 00:00 UTC on the 1st of the next month (clamped by `max_cooldown`).
     SpendLimited,
+    /// A per-day quota is used up (Gemini's `...PerDay...` quota ids): cool
+    /// down until it resets, at midnight Pacific time (clamped by
+    /// `max_cooldown`).
+    DailyQuota,
     /// Unauthorized or forbidden: retire the key.
     Revoked,
+    /// The key's own endpoint could not be reached, timed out, or answered
+    /// 504 from a gateway: cool the key for [`UNREACHABLE_COOLDOWN`], so
+    /// that requests go to the other keys' endpoints meanwhile.
+    Unreachable,
 }
+
+/// How long a key whose own endpoint is unreachable stays out of the walk:
+/// long enough that the next requests do not each pay a connect timeout,
+/// short enough that a regional outage ending is noticed soon.
+pub const UNREACHABLE_COOLDOWN: Duration = Duration::from_secs(15);
 
 impl Verdict {
     /// True when the caller should mark the key and try the next one.
@@ -32,8 +45,11 @@ impl Verdict {
         match self {
             Verdict::NotKeySpecific => None,
             Verdict::RateLimited(_) => Some(Reason::RateLimited),
-            Verdict::QuotaExhausted | Verdict::SpendLimited => Some(Reason::QuotaExhausted),
+            Verdict::QuotaExhausted | Verdict::SpendLimited | Verdict::DailyQuota => {
+                Some(Reason::QuotaExhausted)
+            }
             Verdict::Revoked => Some(Reason::Revoked),
+            Verdict::Unreachable => Some(Reason::Unreachable),
         }
     }
 
@@ -58,6 +74,12 @@ impl Verdict {
             Verdict::SpendLimited => {
                 key.cool(Some(until_next_month(SystemTime::now())), cause);
             }
+            Verdict::DailyQuota => {
+                key.cool(Some(until_pacific_midnight(SystemTime::now())), cause);
+            }
+            Verdict::Unreachable => {
+                key.cool(Some(UNREACHABLE_COOLDOWN), cause);
+            }
             Verdict::Revoked => {
                 key.retire(cause);
             }
@@ -68,9 +90,10 @@ impl Verdict {
 
 /// Whether the verdict for this status depends on the error body, so that a
 /// caller reads (a bounded prefix of) it before classifying: a 429 may be a
-/// spent quota, a 400 a spent credit balance.
+/// spent quota, a 400 a spent credit balance or an invalid Gemini key, a 403
+/// a request the provider refuses whatever the key.
 pub fn needs_body(status: u16) -> bool {
-    matches!(status, 400 | 429)
+    matches!(status, 400 | 403 | 429)
 }
 
 /// How long from `now` until 00:00 UTC on the 1st of the next month.
@@ -90,6 +113,49 @@ pub fn until_next_month(now: SystemTime) -> Duration {
     Duration::from_secs(start.saturating_sub(secs).max(1))
 }
 
+/// Whether a Unix time falls in US Pacific daylight time: from 02:00 PST on
+/// the second Sunday of March (10:00 UTC) to 02:00 PDT on the first Sunday
+/// of November (09:00 UTC), the rule since 2007.
+fn is_pacific_daylight_time(unix: i64) -> bool {
+    let (year, _, _) = crate::ratelimit::civil_from_days(unix.div_euclid(86_400));
+    // The first Sunday on or after a date (1970-01-01 was a Thursday).
+    let sunday_from = |month: i64, day: i64| {
+        let days = crate::ratelimit::days_from_civil(year, month, day);
+        days + (3 - days).rem_euclid(7)
+    };
+    let start = sunday_from(3, 8) * 86_400 + 10 * 3600;
+    let end = sunday_from(11, 1) * 86_400 + 9 * 3600;
+    (start..end).contains(&unix)
+}
+
+/// How long from `now` until the next midnight in US Pacific time, when the
+/// Gemini API's per-day quotas reset ("Requests per day (RPD) quotas reset at
+/// midnight Pacific time", ai.google.dev/gemini-api/docs/rate-limits). Never
+/// zero: at midnight itself, the next one.
+pub fn until_pacific_midnight(now: SystemTime) -> Duration {
+    let unix = now
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX / 2));
+    let offset = |t: i64| {
+        if is_pacific_daylight_time(t) {
+            7 * 3600
+        } else {
+            8 * 3600
+        }
+    };
+    let local = unix - offset(unix);
+    let next_local_midnight = (local.div_euclid(86_400) + 1) * 86_400;
+    // Midnight is never inside a change of offset (they happen at 02:00):
+    // PDT applies when an instant 7 h after local midnight is in PDT.
+    let daylight = next_local_midnight + 7 * 3600;
+    let midnight = if is_pacific_daylight_time(daylight) {
+        daylight
+    } else {
+        next_local_midnight + 8 * 3600
+    };
+    Duration::from_secs(u64::try_from(midnight - unix).unwrap_or(1).max(1))
+}
+
 /// The verdict for a response head (and, for 429, its error body).
 pub fn classify<'a, I>(status: u16, headers: I, body: Option<&[u8]>, now: SystemTime) -> Verdict
 where
@@ -104,13 +170,29 @@ pub fn classify_head(status: u16, retry_after: Option<Duration>, body: Option<&[
     let body_says = body.and_then(error_body_verdict);
     match status {
         429 => match body_says {
-            Some(spent @ (Verdict::QuotaExhausted | Verdict::SpendLimited)) => spent,
+            Some(
+                spent @ (Verdict::QuotaExhausted | Verdict::SpendLimited | Verdict::DailyQuota),
+            ) => spent,
+            // OpenRouter relaying a rate limit of the model's provider: every
+            // key would meet it.
+            Some(Verdict::NotKeySpecific) => Verdict::NotKeySpecific,
+            // Retry-After first; else what the body says (Gemini's
+            // RetryInfo.retryDelay, or "retry in 10s" in its message).
+            Some(Verdict::RateLimited(from_body)) => {
+                Verdict::RateLimited(retry_after.or(from_body))
+            }
             _ => Verdict::RateLimited(retry_after),
         },
         // Anthropic: "Your credit balance is too low to access the Anthropic
-        // API" comes as 400 invalid_request_error; every other 400 is the
-        // caller's.
+        // API" comes as 400 invalid_request_error; Gemini: an invalid or
+        // expired key is 400 INVALID_ARGUMENT with reason API_KEY_INVALID.
+        // Every other 400 is the caller's.
         400 if body_says == Some(Verdict::QuotaExhausted) => Verdict::QuotaExhausted,
+        400 if body_says == Some(Verdict::Revoked) => Verdict::Revoked,
+        // A 403 whose body says it is not about the key: Gemini's
+        // PERMISSION_DENIED on a file or tuned model the key's project may
+        // not use, OpenRouter's moderation refusal of the input.
+        403 if body_says == Some(Verdict::NotKeySpecific) => Verdict::NotKeySpecific,
         // 402 billing_error (Anthropic, docs.anthropic.com "Errors": "an issue
         // with your billing or payment information") is fixed by paying, not
         // by a new key: cooled for the quota cooldown, so the key comes back
@@ -126,7 +208,9 @@ pub fn classify_head(status: u16, retry_after: Option<Duration>, body: Option<&[
 /// rate-limit event carries no Retry-After of its own, so the head's applies.
 pub fn first_event_verdict(data: &[u8], head_retry_after: Option<Duration>) -> Verdict {
     match error_body_verdict(data) {
-        Some(Verdict::RateLimited(None)) => Verdict::RateLimited(head_retry_after),
+        Some(Verdict::RateLimited(from_body)) => {
+            Verdict::RateLimited(head_retry_after.or(from_body))
+        }
         Some(verdict) => verdict,
         None => Verdict::NotKeySpecific,
     }
@@ -147,12 +231,24 @@ where
     classify(status, headers, body, now).apply(key, Some(status))
 }
 
-/// The key-specific meaning of an error envelope (Anthropic or OpenAI), such
-/// as a 429 body or the data of an SSE `error` event; `None` when it is not
-/// about the key or is not an error envelope at all.
+/// The key-specific meaning of an error envelope (Anthropic, OpenAI, Google
+/// or OpenRouter), such as a 429 body or the data of an SSE `error` event;
+/// `None` when it is not an error envelope or says nothing about the key,
+/// `Some(NotKeySpecific)` when it says the failure is not the key's.
 pub fn error_body_verdict(body: &[u8]) -> Option<Verdict> {
     let value: serde_json::Value = serde_json::from_slice(body).ok()?;
+    // Gemini's OpenAI-compatible endpoint wraps its error in a list:
+    // `[{"error": {...}}]` (seen in github.com/continuedev/continue/issues/8516).
+    let value = match value {
+        serde_json::Value::Array(mut items) if !items.is_empty() => items.swap_remove(0),
+        other => other,
+    };
     let error = value.get("error")?;
+    if let Some(status) = error.get("status").and_then(|s| s.as_str()) {
+        if error.get("code").is_some_and(serde_json::Value::is_number) {
+            return google_error_verdict(error, status);
+        }
+    }
     let field = |name: &str| error.get(name).and_then(|v| v.as_str()).unwrap_or("");
     let spend_cap = error
         .pointer("/details/error_code")
@@ -161,6 +257,19 @@ pub fn error_body_verdict(body: &[u8]) -> Option<Verdict> {
     let (kind, code) = (field("type"), field("code"));
     let is = |names: &[&str]| names.contains(&kind) || names.contains(&code);
     let message = field("message").to_ascii_lowercase();
+    if let Some(metadata) = error.get("metadata").filter(|m| m.is_object()) {
+        // OpenRouter (openrouter.ai/docs/api/reference/errors-and-debugging):
+        // a 403 with `reasons`/`flagged_input` is its moderation refusing the
+        // input; `provider_name` names the model's provider whose error (a
+        // rate limit of that provider, "temporarily rate-limited upstream")
+        // it relays. Neither is the key's.
+        if ["flagged_input", "reasons", "provider_name"]
+            .iter()
+            .any(|name| metadata.get(name).is_some())
+        {
+            return Some(Verdict::NotKeySpecific);
+        }
+    }
     if spend_cap {
         // Anthropic: 429 rate_limit_error with this error_code when a monthly
         // spend limit of the workspace or tier is reached.
@@ -180,7 +289,7 @@ pub fn error_body_verdict(body: &[u8]) -> Option<Verdict> {
     {
         Some(Verdict::QuotaExhausted)
     } else if is(&["rate_limit_error", "rate_limit_exceeded"]) {
-        Some(Verdict::RateLimited(None))
+        Some(Verdict::RateLimited(delay_in_message(&message)))
     } else if is(&[
         "authentication_error",
         "permission_error",
@@ -190,6 +299,96 @@ pub fn error_body_verdict(body: &[u8]) -> Option<Verdict> {
     } else {
         None
     }
+}
+
+/// The `ErrorInfo.reason`s of Google's error model that say the key itself
+/// cannot be used (cloud.google.com/apis/design/errors, and the reasons the
+/// API key service documents): invalid, expired, restricted, or its
+/// project's API disabled or suspended.
+fn key_unusable_reason(reason: &str) -> bool {
+    reason.starts_with("API_KEY_")
+        || matches!(
+            reason,
+            "SERVICE_DISABLED" | "CONSUMER_SUSPENDED" | "CONSUMER_INVALID" | "BILLING_DISABLED"
+        )
+}
+
+/// The verdict for a Google error (`{"code": 429, "message", "status",
+/// "details": [...]}`, ai.google.dev/gemini-api/docs/troubleshooting).
+fn google_error_verdict(error: &serde_json::Value, status: &str) -> Option<Verdict> {
+    let details: &[serde_json::Value] = error
+        .get("details")
+        .and_then(|d| d.as_array())
+        .map_or(&[], Vec::as_slice);
+    let of_type = |name: &'static str| {
+        details.iter().filter(move |d| {
+            d.get("@type")
+                .and_then(|t| t.as_str())
+                .is_some_and(|t| t.ends_with(name))
+        })
+    };
+    let message = error
+        .get("message")
+        .and_then(|m| m.as_str())
+        .unwrap_or("")
+        .to_ascii_lowercase();
+    let about_the_key = of_type("google.rpc.ErrorInfo")
+        .filter_map(|d| d.get("reason").and_then(|r| r.as_str()))
+        .any(key_unusable_reason)
+        // Messages about the key: "API key not valid. Please pass a valid
+        // API key.", "API key expired. Please renew the API key.", "Your API
+        // key was reported as leaked. Please use another API key." (403
+        // PERMISSION_DENIED without details).
+        || message.starts_with("api key")
+        || message.contains("your api key");
+    match status {
+        "RESOURCE_EXHAUSTED" => {
+            // QuotaFailure lists the quotas exceeded; a per-day one
+            // (e.g. GenerateRequestsPerDayPerProjectPerModel-FreeTier) only
+            // resets at midnight Pacific time.
+            let per_day = of_type("google.rpc.QuotaFailure")
+                .filter_map(|d| d.get("violations").and_then(|v| v.as_array()))
+                .flatten()
+                .filter_map(|v| v.get("quotaId").and_then(|q| q.as_str()))
+                .any(|id| id.contains("PerDay"));
+            if per_day {
+                return Some(Verdict::DailyQuota);
+            }
+            // RetryInfo.retryDelay is a google.protobuf.Duration ("10s",
+            // "0.5s"); else "Please retry in 10.689924287s." in the message.
+            let retry_delay = of_type("google.rpc.RetryInfo")
+                .filter_map(|d| d.get("retryDelay").and_then(|r| r.as_str()))
+                .find_map(crate::ratelimit::go_duration)
+                .filter(|d| !d.is_zero())
+                .or_else(|| delay_in_message(&message));
+            Some(Verdict::RateLimited(retry_delay))
+        }
+        "UNAUTHENTICATED" => Some(Verdict::Revoked),
+        "INVALID_ARGUMENT" | "PERMISSION_DENIED" | "FAILED_PRECONDITION" if about_the_key => {
+            Some(Verdict::Revoked)
+        }
+        // Not the key: a file or tuned model its project may not use, a
+        // malformed request, an unsupported location.
+        "PERMISSION_DENIED" => Some(Verdict::NotKeySpecific),
+        _ => None,
+    }
+}
+
+/// A wait a rate-limit message names: "Please retry in 10.689924287s.",
+/// "Please try again in 1m28.8s", "retry after 10h17m" (as Gemini, OpenAI
+/// and Groq word theirs); None when there is none.
+pub fn delay_in_message(message: &str) -> Option<Duration> {
+    let lower = message.to_ascii_lowercase();
+    ["retry in ", "try again in ", "retry after "]
+        .iter()
+        .filter_map(|phrase| lower.find(phrase).map(|i| &lower[i + phrase.len()..]))
+        .find_map(|rest| {
+            let end = rest
+                .find(|c: char| !(c.is_ascii_digit() || matches!(c, '.' | 'h' | 'm' | 's')))
+                .unwrap_or(rest.len());
+            crate::ratelimit::go_duration(rest[..end].trim_end_matches('.'))
+        })
+        .filter(|d| !d.is_zero())
 }
 
 #[cfg(test)]
@@ -476,6 +675,197 @@ mod tests {
             first_event_verdict(br#"{"type":"message_start"}"#, secs),
             Verdict::NotKeySpecific
         );
+    }
+
+    /// Gemini's 429 as the API sends it (the body of a per-minute limit, with
+    /// QuotaFailure, Help and RetryInfo details).
+    const GEMINI_PER_MINUTE: &str = r#"{"error":{"code":429,"message":"You exceeded your current quota, please check your plan and billing details. For more information on this error, head to: https://ai.google.dev/gemini-api/docs/rate-limits.","status":"RESOURCE_EXHAUSTED","details":[{"@type":"type.googleapis.com/google.rpc.QuotaFailure","violations":[{"quotaMetric":"generativelanguage.googleapis.com/generate_content_free_tier_requests","quotaId":"GenerateRequestsPerMinutePerProjectPerModel-FreeTier","quotaDimensions":{"location":"global","model":"gemini-2.0-flash"},"quotaValue":"15"}]},{"@type":"type.googleapis.com/google.rpc.Help","links":[{"description":"Learn more about Gemini API quotas","url":"https://ai.google.dev/gemini-api/docs/rate-limits"}]},{"@type":"type.googleapis.com/google.rpc.RetryInfo","retryDelay":"22s"}]}}"#;
+
+    #[test]
+    fn gemini_rate_limits_cool_for_retry_delay_unless_retry_after_says() {
+        let (key, _) = fresh_key();
+        assert!(mark(&key, 429, &[], Some(GEMINI_PER_MINUTE)));
+        assert_eq!(key.status().cooldown_remaining, Duration::from_secs(22));
+        let (key, _) = fresh_key();
+        assert!(mark(
+            &key,
+            429,
+            &[("retry-after", "3")],
+            Some(GEMINI_PER_MINUTE)
+        ));
+        assert_eq!(
+            key.status().cooldown_remaining,
+            Duration::from_secs(3),
+            "Retry-After wins"
+        );
+        // No RetryInfo: the wait the message names.
+        let worded = r#"{"error":{"code":429,"message":"Quota exceeded for metric: generativelanguage.googleapis.com/generate_content_free_tier_requests, limit: 15, model: gemini-2.0-flash\nPlease retry in 10.689924287s.","status":"RESOURCE_EXHAUSTED"}}"#;
+        assert_eq!(
+            classify_head(429, None, Some(worded.as_bytes())),
+            Verdict::RateLimited(Some(Duration::from_nanos(10_689_924_287)))
+        );
+        let hours = r#"{"error":{"code":429,"message":"Resource has been exhausted. Please retry after 10h17m.","status":"RESOURCE_EXHAUSTED"}}"#;
+        assert_eq!(
+            classify_head(429, None, Some(hours.as_bytes())),
+            Verdict::RateLimited(Some(Duration::from_secs(10 * 3600 + 17 * 60)))
+        );
+        let bare = r#"{"error":{"code":429,"message":"Resource has been exhausted (e.g. check quota).","status":"RESOURCE_EXHAUSTED"}}"#;
+        assert_eq!(
+            classify_head(429, None, Some(bare.as_bytes())),
+            Verdict::RateLimited(None),
+            "the pool's default cooldown"
+        );
+        // The OpenAI-compatible endpoint wraps the same error in a list.
+        let listed = format!("[{GEMINI_PER_MINUTE}]");
+        assert_eq!(
+            classify_head(429, None, Some(listed.as_bytes())),
+            Verdict::RateLimited(Some(Duration::from_secs(22)))
+        );
+    }
+
+    #[test]
+    fn a_gemini_per_day_quota_cools_until_midnight_pacific() {
+        // Per-day and per-minute violations together (as the free tier's
+        // "limit: 0" answers list them): the day decides.
+        let per_day = r#"{"error":{"code":429,"message":"You exceeded your current quota. Please retry in 10.689924287s.","status":"RESOURCE_EXHAUSTED","details":[{"@type":"type.googleapis.com/google.rpc.QuotaFailure","violations":[{"quotaMetric":"generativelanguage.googleapis.com/generate_content_free_tier_requests","quotaId":"GenerateRequestsPerDayPerProjectPerModel-FreeTier","quotaDimensions":{"location":"global","model":"gemini-2.0-flash"}},{"quotaMetric":"generativelanguage.googleapis.com/generate_content_free_tier_requests","quotaId":"GenerateRequestsPerMinutePerProjectPerModel-FreeTier"}]},{"@type":"type.googleapis.com/google.rpc.RetryInfo","retryDelay":"10s"}]}}"#;
+        assert_eq!(
+            classify_head(429, Some(Duration::from_secs(10)), Some(per_day.as_bytes())),
+            Verdict::DailyQuota
+        );
+        let (key, _) = fresh_key();
+        assert!(mark(&key, 429, &[], Some(per_day)));
+        let expected = until_pacific_midnight(SystemTime::now());
+        let got = key.status().cooldown_remaining;
+        assert!(
+            expected.abs_diff(got) < Duration::from_secs(5),
+            "{got:?} vs {expected:?}"
+        );
+        assert_eq!(Verdict::DailyQuota.reason(), Some(Reason::QuotaExhausted));
+    }
+
+    #[test]
+    fn midnight_pacific() {
+        let at = |secs: u64| until_pacific_midnight(UNIX_EPOCH + Duration::from_secs(secs));
+        let hours = |h: u64| Duration::from_secs(h * 3600);
+        // 2026-01-15T12:00:00Z is 04:00 PST: midnight is 2026-01-16T08:00Z.
+        assert_eq!(at(1_768_478_400), hours(20));
+        // 2026-07-01T06:59:59Z is 23:59:59 PDT: one second to go.
+        assert_eq!(at(1_782_889_199), Duration::from_secs(1));
+        // At midnight itself (2026-07-01T07:00:00Z), the next one.
+        assert_eq!(at(1_782_889_200), hours(24));
+        // 2026-03-08 (clocks go forward at 02:00): 01:00 PST (09:00Z) to
+        // midnight PDT of the 9th (07:00Z) is 22 h.
+        assert_eq!(at(1_772_960_400), hours(22));
+        // 2026-11-01 (clocks go back at 02:00): 01:00 PDT (08:00Z) to
+        // midnight PST of the 2nd (08:00Z) is 24 h: that day has 25.
+        assert_eq!(at(1_793_520_000), hours(24));
+        // 2024-12-31T23:00:00Z is 15:00 PST: 9 h to the new year's midnight.
+        assert_eq!(at(1_735_686_000), hours(9));
+    }
+
+    #[test]
+    fn gemini_key_errors_retire_the_key_and_others_go_back() {
+        let invalid = r#"{"error":{"code":400,"message":"API key not valid. Please pass a valid API key.","status":"INVALID_ARGUMENT","details":[{"@type":"type.googleapis.com/google.rpc.ErrorInfo","reason":"API_KEY_INVALID","domain":"googleapis.com","metadata":{"service":"generativelanguage.googleapis.com"}},{"@type":"type.googleapis.com/google.rpc.LocalizedMessage","locale":"en-US","message":"API key not valid. Please pass a valid API key."}]}}"#;
+        let expired = r#"{"error":{"code":400,"message":"API key expired. Please renew the API key.","status":"INVALID_ARGUMENT","details":[{"@type":"type.googleapis.com/google.rpc.ErrorInfo","reason":"API_KEY_INVALID","domain":"googleapis.com"}]}}"#;
+        let leaked = r#"{"error":{"code":403,"message":"Your API key was reported as leaked. Please use another API key.","status":"PERMISSION_DENIED"}}"#;
+        let disabled = r#"{"error":{"code":403,"message":"Generative Language API has not been used in project 123 before or it is disabled.","status":"PERMISSION_DENIED","details":[{"@type":"type.googleapis.com/google.rpc.ErrorInfo","reason":"SERVICE_DISABLED","domain":"googleapis.com"}]}}"#;
+        let listed = format!("[{invalid}]");
+        for (status, body) in [
+            (400, invalid),
+            (400, expired),
+            (403, leaked),
+            (403, disabled),
+            (400, listed.as_str()),
+        ] {
+            let (key, _) = fresh_key();
+            assert!(mark(&key, status, &[], Some(body)), "{body}");
+            assert_eq!(key.state(), KeyState::Permanent, "{body}");
+        }
+        let caller_errors = [
+            (
+                400,
+                r#"{"error":{"code":400,"message":"* GenerateContentRequest.contents: contents is not specified","status":"INVALID_ARGUMENT"}}"#,
+            ),
+            (
+                400,
+                r#"{"error":{"code":400,"message":"User location is not supported for the API use.","status":"FAILED_PRECONDITION"}}"#,
+            ),
+            (
+                403,
+                r#"{"error":{"code":403,"message":"You do not have permission to access the File abc123 or it may not exist.","status":"PERMISSION_DENIED"}}"#,
+            ),
+            (
+                500,
+                r#"{"error":{"code":500,"message":"An internal error has occurred.","status":"INTERNAL"}}"#,
+            ),
+            (
+                503,
+                r#"{"error":{"code":503,"message":"The model is overloaded. Please try again later.","status":"UNAVAILABLE"}}"#,
+            ),
+        ];
+        for (status, body) in caller_errors {
+            let (key, _) = fresh_key();
+            assert!(!mark(&key, status, &[], Some(body)), "{body}");
+            assert_eq!(key.state(), KeyState::Valid, "{body}");
+        }
+        // A 403 with no body, or another provider's, is still the key's.
+        let (key, _) = fresh_key();
+        assert!(mark(&key, 403, &[], None));
+        assert!(needs_body(403));
+    }
+
+    #[test]
+    fn openrouter_errors_that_are_not_the_keys() {
+        // openrouter.ai/docs/api/reference/errors-and-debugging: moderation.
+        let flagged = r#"{"error":{"code":403,"message":"Input flagged","metadata":{"reasons":["harassment"],"flagged_input":"...","provider_name":"OpenAI","model_slug":"openai/gpt-4o"}}}"#;
+        let upstream = r#"{"error":{"message":"Provider returned error","code":429,"metadata":{"raw":"meta-llama/llama-3.3-70b-instruct:free is temporarily rate-limited upstream. Please retry shortly.","provider_name":"Venice"}}}"#;
+        for (status, body) in [(403, flagged), (429, upstream)] {
+            let (key, _) = fresh_key();
+            assert!(!mark(&key, status, &[("retry-after", "5")], Some(body)));
+            assert_eq!(key.state(), KeyState::Valid, "{body}");
+        }
+        let own = r#"{"error":{"code":429,"message":"Rate limit exceeded: free-models-per-min."}}"#;
+        let (key, _) = fresh_key();
+        assert!(mark(&key, 429, &[], Some(own)), "OpenRouter's own limit");
+        let credits = r#"{"error":{"code":402,"message":"Insufficient credits"}}"#;
+        let (key, _) = fresh_key();
+        assert!(mark(&key, 402, &[], Some(credits)));
+        assert_eq!(key.status().cooldown_remaining, Duration::from_secs(3600));
+    }
+
+    #[test]
+    fn waits_named_in_messages() {
+        let cases = [
+            ("Please retry in 10.689924287s.", Some(10_689)),
+            // Groq: "Please try again in 5.289s. Visit https://..."
+            (
+                "Rate limit reached ... Please try again in 5.289s. Visit",
+                Some(5289),
+            ),
+            ("Please try again in 1m28.8s", Some(88_800)),
+            ("Please try again in 20ms.", Some(20)),
+            ("Retry after 10h17m", Some(37_020_000)),
+            ("Please retry later.", None),
+            ("retry in 0s", None),
+            ("", None),
+        ];
+        for (message, millis) in cases {
+            assert_eq!(
+                delay_in_message(message).map(|d| d.as_millis() as u64),
+                millis,
+                "{message}"
+            );
+        }
+    }
+
+    #[test]
+    fn an_unreachable_endpoint_cools_the_key_briefly() {
+        let (key, clock) = fresh_key();
+        assert!(Verdict::Unreachable.apply(&key, None));
+        assert_eq!(key.status().cooldown_remaining, UNREACHABLE_COOLDOWN);
+        clock.advance(UNREACHABLE_COOLDOWN);
+        assert_eq!(key.state(), KeyState::Valid);
+        assert_eq!(Verdict::Unreachable.reason(), Some(Reason::Unreachable));
     }
 
     #[test]

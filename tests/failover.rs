@@ -6,9 +6,11 @@ mod support;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use keyfailover::failover::{ClientOptions, FailoverClient, Request, Response};
-use keyfailover::pool::{Cooldowns, KeyPool, KeyState};
+use keyfailover::failover::{ClientOptions, Credential, FailoverClient, Request, Response};
+use keyfailover::headers::CallerCredential;
+use keyfailover::pool::{Cooldowns, KeyPool, KeySpec, KeyState, PoolOptions, Reason};
 use keyfailover::provider::Provider;
+use keyfailover::verdict::UNREACHABLE_COOLDOWN;
 use reqwest::header::HeaderMap;
 use support::{anthropic_error, json, response, sse_head, Seen, Step, Upstream, OK_BODY};
 
@@ -390,4 +392,181 @@ async fn a_scrubbed_error_body_loses_its_content_length() {
     assert_eq!(resp.status, 400);
     assert!(resp.headers.get("content-length").is_none());
     assert_eq!(text(&body), "{\"error\":\"bad key sk-a...0000\"}");
+}
+
+/// A loopback URL with nothing listening on it.
+fn closed_port_url() -> String {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    drop(listener);
+    url
+}
+
+/// A client whose keys have their own endpoints (`None`: the client's).
+fn client_with_endpoints(base_url: &str, endpoints: &[Option<&str>]) -> FailoverClient {
+    let specs = endpoints.iter().enumerate().map(|(i, endpoint)| KeySpec {
+        base_url: endpoint.map(str::to_owned),
+        ..KeySpec::new(format!("key-{i}"), KEYS[i])
+    });
+    let pool = KeyPool::build(specs, PoolOptions::default()).unwrap();
+    FailoverClient::new(
+        pool,
+        ClientOptions {
+            base_url: base_url.to_owned(),
+            provider: Provider::Anthropic,
+            timeout: Duration::from_secs(2),
+            connect_timeout: Duration::from_secs(2),
+            name: None,
+        },
+    )
+    .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_key_goes_to_its_own_endpoint_and_an_unreachable_one_fails_over() {
+    let east = closed_port_url();
+    let west = Upstream::start(|_| json(200, OK_BODY)).await;
+    let shared = Upstream::start(|_| json(200, OK_BODY)).await;
+    let client = client_with_endpoints(&shared.url, &[Some(&east), Some(&west.url), None]);
+    let (resp, body) = send(&client).await;
+    assert_eq!((resp.status, resp.attempts), (200, 2));
+    assert_eq!(text(&body), OK_BODY);
+    assert_eq!(resp.key_label.as_deref(), Some("key-1"));
+    assert_eq!(west.keys(), [KEYS[1]], "key-1 went to its own endpoint");
+    assert!(shared.seen().is_empty());
+    let reasons: Vec<_> = resp.attempt_log.iter().map(|a| a.reason).collect();
+    assert_eq!(reasons, [Some(Reason::Unreachable), None]);
+    assert_eq!(resp.attempt_log[0].status, None);
+    let status = client.pool().key("key-0").unwrap().status();
+    assert_eq!(status.state, KeyState::Temporary, "cooled, not retired");
+    assert!(status.cooldown_remaining <= UNREACHABLE_COOLDOWN);
+    assert!(status.cooldown_remaining > UNREACHABLE_COOLDOWN - Duration::from_secs(2));
+    assert_eq!(client.stats().unreachable, 1);
+    // Meanwhile, requests skip key-0 without paying its connect failure.
+    let (resp, _) = send(&client).await;
+    assert_eq!((resp.status, resp.attempts), (200, 1));
+    // Without an endpoint of its own, a key goes to the client's.
+    client.pool().key("key-1").unwrap().mark_permanent();
+    let (resp, _) = send(&client).await;
+    assert_eq!(resp.key_label.as_deref(), Some("key-2"));
+    assert_eq!(shared.keys(), [KEYS[2]]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_504_from_a_keys_own_endpoint_fails_over_and_from_the_shared_one_is_relayed() {
+    let gateway = Upstream::start(|_| json(504, r#"{"error":"gateway timeout"}"#)).await;
+    let healthy = Upstream::start(|_| json(200, OK_BODY)).await;
+    let client = client_with_endpoints(&healthy.url, &[Some(&gateway.url), Some(&healthy.url)]);
+    let (resp, _) = send(&client).await;
+    assert_eq!((resp.status, resp.attempts), (200, 2));
+    assert_eq!(resp.attempt_log[0].status, Some(504));
+    assert_eq!(resp.attempt_log[0].reason, Some(Reason::Unreachable));
+    assert_eq!(state(&client, "key-0"), KeyState::Temporary);
+
+    // Every key on the client's endpoint: a 504 is upstream's answer, as
+    // any other status that is not about the key.
+    let client = client_with_endpoints(&gateway.url, &[None, None]);
+    let (resp, body) = send(&client).await;
+    assert_eq!((resp.status, resp.attempts), (504, 1));
+    assert_eq!(text(&body), r#"{"error":"gateway timeout"}"#);
+    assert_eq!(state(&client, "key-0"), KeyState::Valid);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_keys_endpoint_unreachable_is_a_502_and_a_shared_dead_endpoint_marks_nothing() {
+    let (east, west) = (closed_port_url(), closed_port_url());
+    let client = client_with_endpoints(&closed_port_url(), &[Some(&east), Some(&west)]);
+    let (resp, body) = send(&client).await;
+    assert_eq!(
+        (resp.status, resp.attempts, resp.exhausted),
+        (502, 2, false)
+    );
+    assert!(text(&body).contains("could not connect"), "{}", text(&body));
+    assert_eq!(state(&client, "key-1"), KeyState::Temporary);
+    // While both cool down, the pool is exhausted for a short while.
+    let (resp, _) = send(&client).await;
+    assert_eq!((resp.status, resp.exhausted), (429, true));
+    let retry_after: u64 = resp.headers["retry-after"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(
+        retry_after <= UNREACHABLE_COOLDOWN.as_secs(),
+        "{retry_after}"
+    );
+
+    let client = client_with_endpoints(&closed_port_url(), &[None, None]);
+    let (resp, _) = send(&client).await;
+    assert_eq!((resp.status, resp.attempts), (502, 1));
+    assert_eq!(state(&client, "key-0"), KeyState::Valid);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn byok_goes_to_the_clients_endpoint() {
+    let shared = Upstream::start(|_| json(200, OK_BODY)).await;
+    let own = Upstream::start(|_| json(200, OK_BODY)).await;
+    let client = client_with_endpoints(&shared.url, &[Some(&own.url)]);
+    let mut request = Request::new("POST", "/v1/messages", HeaderMap::new(), Bytes::new()).unwrap();
+    request.credential = Credential::Caller(CallerCredential {
+        header: reqwest::header::HeaderName::from_static("x-api-key"),
+        value: reqwest::header::HeaderValue::from_static("sk-callers-own-key"),
+    });
+    let resp = client.request(request).await.unwrap();
+    assert_eq!(resp.status, 200);
+    assert_eq!(shared.keys(), ["sk-callers-own-key"]);
+    assert!(own.seen().is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gemini_keys_go_in_its_headers_and_a_query_key_is_dropped() {
+    let up = Upstream::start(|_| {
+        let mut bytes = sse_head();
+        bytes.extend_from_slice(
+            b"data: {\"candidates\":[{\"content\":{\"parts\":[{\"text\":\"Hi\"}]},\"finishReason\":\"STOP\"}]}\r\n\r\n",
+        );
+        vec![Step::Send(bytes), Step::Close]
+    })
+    .await;
+    let pool = KeyPool::from_keys(KEYS[..1].iter().copied(), Cooldowns::default(), None).unwrap();
+    let client = FailoverClient::new(
+        pool,
+        ClientOptions {
+            base_url: up.url.clone(),
+            provider: Provider::Gemini,
+            timeout: Duration::from_secs(2),
+            connect_timeout: Duration::from_secs(2),
+            name: None,
+        },
+    )
+    .unwrap();
+    for target in [
+        "/v1beta/models/gemini-2.5-flash:streamGenerateContent?alt=sse&key=AIza-callers",
+        "/v1beta/openai/chat/completions?key=AIza-callers",
+    ] {
+        let request = Request::new("POST", target, HeaderMap::new(), Bytes::new()).unwrap();
+        let resp = client.request(request).await.unwrap();
+        let body = resp.body.read_all().await.unwrap();
+        if target.contains("streamGenerateContent") {
+            // A close-delimited Gemini stream ends complete at its
+            // finishReason chunk: no error event added.
+            assert!(
+                body.ends_with(b"\"finishReason\":\"STOP\"}]}\r\n\r\n"),
+                "{body:?}"
+            );
+        }
+    }
+    let seen = up.seen();
+    assert_eq!(
+        seen[0].path,
+        "/v1beta/models/gemini-2.5-flash:streamGenerateContent?alt=sse"
+    );
+    assert_eq!(seen[0].header("x-goog-api-key"), Some(KEYS[0].as_bytes()));
+    assert_eq!(seen[0].header("authorization"), None);
+    assert_eq!(seen[1].path, "/v1beta/openai/chat/completions");
+    assert_eq!(
+        seen[1].header("authorization"),
+        Some(format!("Bearer {}", KEYS[0]).as_bytes())
+    );
+    assert_eq!(seen[1].header("x-goog-api-key"), None);
 }

@@ -290,6 +290,119 @@ def test_credential_prefers_x_api_key_over_bearer(up: MockUpstream, http: httpx.
     assert "from-x-api-key" not in repr(up.requests)
 
 
+def test_every_providers_credential_is_recognised(up: MockUpstream, http: httpx.Client) -> None:
+    http.get("/a", headers={"api-key": "azure-key"})
+    http.get("/b", headers={"x-goog-api-key": "gemini-key"})
+    http.get("/c", params={"alt": "sse", "key": "gemini%key"})
+    http.get("/d", headers={"x-goog-api-key": "header-wins"}, params={"key": "query"})
+    assert [r.credential for r in up.requests] == [
+        "azure-key",
+        "gemini-key",
+        "gemini%key",
+        "header-wins",
+    ]
+    up.set_reply("gemini%key", Reply.gemini_error(429, "RESOURCE_EXHAUSTED"))
+    assert http.get("/e", params={"key": "gemini%key"}).status_code == 429
+
+
+def test_gemini_default_replies(up: MockUpstream, http: httpx.Client) -> None:
+    body = {"contents": [{"role": "user", "parts": [{"text": "Hi"}]}]}
+    path = "/v1beta/models/gemini-2.5-flash"
+    answer = http.post(f"{path}:generateContent", json=body).json()
+    assert answer["candidates"][0]["content"]["parts"][0]["text"] == "Hello from mock"
+    assert answer["candidates"][0]["finishReason"] == "STOP"
+    assert answer["modelVersion"] == "gemini-2.5-flash"
+    sse = http.post(f"{path}:streamGenerateContent", params={"alt": "sse"}, json=body)
+    assert sse.headers["content-type"] == "text/event-stream"
+    chunks = [json.loads(line[6:]) for line in sse.text.splitlines() if line.startswith("data: ")]
+    text = "".join(c["candidates"][0]["content"]["parts"][0]["text"] for c in chunks)
+    assert text == "Hello from mock"
+    assert [c["candidates"][0].get("finishReason") for c in chunks] == [None, None, "STOP"]
+    array = http.post(f"{path}:streamGenerateContent", json=body)
+    assert array.headers["content-type"] == "application/json"
+    assert len(array.json()) == 3, "without alt=sse, one JSON array"
+    assert http.post(f"{path}:countTokens", json=body).json() == {"totalTokens": 10}
+    models = http.get("/v1beta/models").json()["models"]
+    assert models[0]["name"] == "models/mock-model"
+    missing = http.post(f"{path}:nothing", json=body)
+    assert missing.status_code == 404
+    assert missing.json()["error"]["status"] == "NOT_FOUND"
+    bad = http.post(f"{path}:generateContent", content=b"[")
+    assert (bad.status_code, bad.json()["error"]["status"]) == (400, "INVALID_ARGUMENT")
+
+
+def test_azure_and_openai_compatible_routes(up: MockUpstream) -> None:
+    azure = openai.AzureOpenAI(
+        azure_endpoint=up.url, api_key="azure-key", api_version="2024-10-21", max_retries=0
+    )
+    answer = azure.chat.completions.create(model="my-deployment", messages=CHAT)
+    assert answer.model == "my-deployment"
+    assert up.requests[-1].path == "/openai/deployments/my-deployment/chat/completions"
+    assert up.requests[-1].query == "api-version=2024-10-21"
+    assert up.requests[-1].credential == "azure-key"
+    stream = azure.chat.completions.create(model="my-deployment", messages=CHAT, stream=True)
+    assert "".join(c.choices[0].delta.content or "" for c in stream if c.choices) == (
+        "Hello from mock"
+    )
+    for base_url in (up.url + "/openai/v1", up.url + "/v1beta/openai"):
+        client = openai.OpenAI(api_key="k", base_url=base_url, max_retries=0)
+        answer = client.chat.completions.create(model="m", messages=CHAT)
+        assert answer.choices[0].message.content == "Hello from mock"
+
+
+def test_error_envelopes_of_every_provider() -> None:
+    gemini = json.loads(
+        Reply.gemini_error(
+            429,
+            "RESOURCE_EXHAUSTED",
+            retry_delay="10s",
+            quota_id="GenerateRequestsPerDayPerProjectPerModel-FreeTier",
+        ).body  # type: ignore[arg-type]
+    )["error"]
+    assert (gemini["code"], gemini["status"]) == (429, "RESOURCE_EXHAUSTED")
+    assert gemini["message"].startswith("You exceeded your current quota")
+    types = [d["@type"].rsplit(".", 1)[1] for d in gemini["details"]]
+    assert types == ["QuotaFailure", "RetryInfo"]
+    assert gemini["details"][0]["violations"][0]["quotaId"].startswith("GenerateRequestsPerDay")
+    assert gemini["details"][1]["retryDelay"] == "10s"
+    invalid = json.loads(
+        Reply.gemini_error(400, "INVALID_ARGUMENT", reason="API_KEY_INVALID").body  # type: ignore[arg-type]
+    )["error"]
+    assert invalid["message"] == "API key not valid. Please pass a valid API key."
+    assert invalid["details"][0]["reason"] == "API_KEY_INVALID"
+    azure = json.loads(Reply.error(429, "429", "slow", provider="azure_openai").body)  # type: ignore[arg-type]
+    assert azure == {"error": {"code": "429", "message": "slow"}}
+    plain = json.loads(Reply.error(503, "UNAVAILABLE", "busy", provider="gemini").body)  # type: ignore[arg-type]
+    assert plain == {"error": {"code": 503, "message": "busy", "status": "UNAVAILABLE"}}
+    with pytest.raises(ValueError, match="expected one of anthropic, openai, azure_openai, gemini"):
+        Reply.error(400, "x", "y", provider="azure")
+
+
+def test_gemini_errors_in_scenarios(up: MockUpstream, http: httpx.Client) -> None:
+    up.load_scenario(
+        {
+            "replies": {
+                "AIza-limited": {
+                    "status": 429,
+                    "error": {
+                        "type": "RESOURCE_EXHAUSTED",
+                        "message": "slow",
+                        "provider": "gemini",
+                        "retry_delay": "7s",
+                    },
+                }
+            }
+        }
+    )
+    answer = http.post(
+        "/v1beta/models/m:generateContent", headers={"x-goog-api-key": "AIza-limited"}, json={}
+    )
+    assert answer.status_code == 429
+    assert answer.json()["error"]["details"][0]["retryDelay"] == "7s"
+    with pytest.raises(ValueError, match=r'queue\[0\]\.error\.retry_delay: only for "provider"'):
+        up.load_scenario({"queue": [{"error": {"type": "t", "message": "m", "retry_delay": "1s"}}]})
+
+
 def test_requests_is_a_copy_and_clear_forgets_everything(
     up: MockUpstream, http: httpx.Client
 ) -> None:
@@ -834,6 +947,18 @@ def test_the_scenario_example_in_the_docs_loads(up: MockUpstream) -> None:
         assert http.get("/x").json() == {"first": True}
 
 
+def test_the_python_examples_in_the_docs_run() -> None:
+    doc = (Path(__file__).resolve().parent.parent / "docs" / "mock-upstream.md").read_text()
+    examples = [
+        code
+        for code in re.findall(r"```python\n(.*?)```", doc, re.DOTALL)
+        if code.startswith(("from ", "import "))  # whole programs, not fragments
+    ]
+    assert any("genai" in code for code in examples)
+    for code in examples:
+        exec(compile(code, "docs/mock-upstream.md", "exec"), {"__name__": "docs_example"})
+
+
 def test_scenario_errors_are_reported() -> None:
     with pytest.raises(ValueError, match="unknown field"):
         Reply.from_dict({"jsn": {}})
@@ -871,11 +996,13 @@ BAD_SCENARIOS = {
     ),
     "error_unknown_field": (
         {"queue": [{"error": {"type": "t", "message": "m", "code": 1}}]},
-        "queue[0].error.code: unknown field; expected one of type, message, provider",
+        "queue[0].error.code: unknown field; expected one of type, message, provider, "
+        "retry_delay, quota_id, reason",
     ),
     "error_unknown_provider": (
         {"queue": [{"error": {"type": "t", "message": "m", "provider": "azure"}}]},
-        'queue[0].error.provider: expected one of anthropic, openai, got "azure"',
+        "queue[0].error.provider: expected one of anthropic, openai, azure_openai, gemini, "
+        'got "azure"',
     ),
     "status_as_string": (
         {"queue": [{"status": "429"}]},

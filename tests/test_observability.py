@@ -339,3 +339,29 @@ def test_serve_writes_json_logs(up: MockUpstream) -> None:
     assert proxied
     assert (proxied[0]["attempts"], proxied[0]["key"]) == (2, "key-1")
     no_key_in(err)
+
+
+def test_gemini_spans_name_the_provider_and_the_model_in_the_path(up: MockUpstream, spans) -> None:
+    import httpx2
+    from google import genai
+    from google.genai import types
+
+    from keyfailover.transport import FailoverTransport
+
+    spans.clear()
+    dead = f"http://127.0.0.1:{free_port()}"
+    pool = kf.KeyPool({"east": kf.Key(KEYS[0], base_url=dead), "west": KEYS[1]})
+    client = kf.FailoverClient(pool, base_url=up.url, provider="gemini")
+    up.set_reply(KEYS[1], Reply.gemini_error(429, "RESOURCE_EXHAUSTED", retry_delay="5s"))
+    http = httpx2.Client(transport=FailoverTransport(client))
+    sdk = genai.Client(api_key="unused", http_options=types.HttpOptions(httpx_client=http))
+    with pytest.raises(genai.errors.ClientError):
+        sdk.models.generate_content(model="gemini-2.5-flash", contents="Hi")
+    attempts = [s for s in spans.get_finished_spans() if s.name.startswith("generate_content")]
+    assert {s.name for s in attempts} == {"generate_content gemini-2.5-flash"}
+    east, west = sorted(attempts, key=lambda s: s.attributes["keyfailover.attempt"])
+    assert east.attributes["gen_ai.provider.name"] == "gcp.gemini"
+    assert east.attributes["gen_ai.request.model"] == "gemini-2.5-flash"
+    assert east.attributes["error.type"] == "upstream_unreachable"
+    assert east.attributes["keyfailover.failover.reason"] == "unreachable"
+    assert west.attributes["keyfailover.failover.reason"] == "rate_limited"

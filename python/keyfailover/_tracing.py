@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import re
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
@@ -33,6 +34,12 @@ _OPERATIONS = (
     (":generatecontent", "generate_content"),
     (":streamgeneratecontent", "generate_content"),
 )
+
+
+# keyfailover's provider names -> the GenAI semantic conventions' gen_ai.provider.name.
+_PROVIDER_NAMES = {"gemini": "gcp.gemini", "azure_openai": "azure.ai.openai"}
+# Gemini names the model in the path: /v1beta/models/{model}:generateContent.
+_PATH_MODEL = re.compile(r"/models/([^/:?]+):")
 
 
 def tracer() -> Tracer | None:
@@ -82,9 +89,10 @@ class RequestSpan:
         self._trace = trace
         self.tracer = tracer
         self.operation = operation(path)
-        self.model = model(body)
+        found = _PATH_MODEL.search(path.split("?", 1)[0])
+        self.model = model(body) or (found[1] if found else None)
         self.common: dict[str, Any] = {
-            "gen_ai.provider.name": client.provider,
+            "gen_ai.provider.name": _PROVIDER_NAMES.get(client.provider, client.provider),
             "gen_ai.operation.name": self.operation,
             "server.address": urlsplit(client.base_url).hostname or "",
         }

@@ -33,7 +33,10 @@ if TYPE_CHECKING:
 DEFAULT_UPSTREAMS = {
     "anthropic": "https://api.anthropic.com",
     "openai": "https://api.openai.com",
+    "gemini": "https://generativelanguage.googleapis.com",
 }
+# Azure OpenAI has no public endpoint of its own: each resource has one.
+PROVIDERS = (*DEFAULT_UPSTREAMS, "azure_openai")
 SERVER_EXTRA = 'uvicorn is not installed: pip install "keyfailover[server]"'
 log = logging.getLogger("keyfailover")
 
@@ -140,6 +143,23 @@ def raise_open_files_limit() -> None:
             resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
+def upstream(args: argparse.Namespace, keys: list[str | Key] | dict[str, str | Key]) -> str:
+    """Where requests go: --upstream, else the provider's public API, else (Azure
+    OpenAI) the first key's own endpoint when every key has one."""
+    if args.upstream:
+        return str(args.upstream)
+    if args.provider in DEFAULT_UPSTREAMS:
+        return DEFAULT_UPSTREAMS[args.provider]
+    given = list(keys.values()) if isinstance(keys, dict) else list(keys)
+    endpoints = [key.base_url if isinstance(key, Key) else None for key in given]
+    if endpoints and all(endpoints):
+        return str(endpoints[0])
+    raise CliError(
+        f"--provider {args.provider} needs --upstream URL (the resource's endpoint, "
+        "https://NAME.openai.azure.com) or base_url=URL on every key"
+    )
+
+
 def build_proxy(args: argparse.Namespace) -> tuple[FailoverProxy, KeysFileReloader | None]:
     """The proxy `serve` runs, and with --keys-file what reloads its keys."""
     from keyfailover.asgi import FailoverProxy
@@ -151,13 +171,12 @@ def build_proxy(args: argparse.Namespace) -> tuple[FailoverProxy, KeysFileReload
             "set --client-token-env, or pass --allow-unauthenticated"
         )
     try:
-        pool = KeyPool(
-            load_keys(args), state=args.state, namespace=args.namespace, strategy=args.strategy
-        )
+        keys = load_keys(args)
+        pool = KeyPool(keys, state=args.state, namespace=args.namespace, strategy=args.strategy)
         reloader = KeysFileReloader(args.keys_file, pool) if args.keys_file else None
         client = FailoverClient(
             pool,
-            base_url=args.upstream or DEFAULT_UPSTREAMS[args.provider],
+            base_url=upstream(args, keys),
             provider=args.provider,
             timeout=args.timeout,
             connect_timeout=args.connect_timeout,
@@ -304,7 +323,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
 
     serve = commands.add_parser("serve", help="run the failover proxy")
-    serve.add_argument("--provider", choices=sorted(DEFAULT_UPSTREAMS), default="anthropic")
+    serve.add_argument("--provider", choices=sorted(PROVIDERS), default="anthropic")
     serve.add_argument("--upstream", metavar="URL", help="default: the provider's public API")
     keys = serve.add_mutually_exclusive_group(required=True)
     keys.add_argument("--keys-file", metavar="FILE", help="one key per line, optionally label=key")

@@ -11,6 +11,10 @@ on httpx2) or under any httpx2/httpx client:
         api_key="unused", http_client=httpx2.AsyncClient(transport=AsyncFailoverTransport(client))
     )
 
+google-genai takes one through ``types.HttpOptions(httpx_client=httpx2.Client(transport=...))``
+(with ``provider="gemini"``), and ``openai.AzureOpenAI`` through ``http_client=``
+(with ``provider="azure_openai"``).
+
 The transport is thin: it forwards the request's method, path and query, headers
 and body to the `FailoverClient` (which picks the keys and fails over) and
 streams the response back unbuffered. The host of the URL the SDK builds is

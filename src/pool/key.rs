@@ -33,6 +33,9 @@ pub enum Reason {
     Depleted,
     /// Another key of its group was rate-limited: they share the limit.
     GroupRateLimited,
+    /// Its own endpoint (a per-key `base_url`) could not be reached, timed
+    /// out, or answered 504: cooled briefly while the others serve.
+    Unreachable,
 }
 
 impl Reason {
@@ -45,6 +48,7 @@ impl Reason {
             Reason::Manual => "manual",
             Reason::Depleted => "depleted",
             Reason::GroupRateLimited => "group_rate_limited",
+            Reason::Unreachable => "unreachable",
         }
     }
 }

@@ -94,7 +94,7 @@ fn build_request(
 ) -> PyResult<Request> {
     let mut request = Request::new(method, path, extract_headers(headers)?, extract_body(body)?)?;
     if let Some(credential) = credential {
-        let (name, value) = client.provider().auth_header(credential);
+        let (name, value) = client.caller_key_header(path, credential);
         let value = HeaderValue::from_str(&value).map_err(|_| {
             Error::BadRequest("the credential holds bytes a header cannot carry".into())
         })?;
@@ -211,6 +211,7 @@ impl PyFailoverClient {
             ("rate_limited", s.rate_limited),
             ("quota_exhausted", s.quota_exhausted),
             ("revoked", s.revoked),
+            ("unreachable", s.unreachable),
             ("exhausted_transient", s.exhausted_transient),
             ("exhausted_permanent", s.exhausted_permanent),
             ("upstream_errors", s.upstream_errors),

@@ -1,4 +1,4 @@
-"""Hermetic Anthropic/OpenAI-shaped upstream for tests.
+"""Hermetic upstream for tests, speaking the Anthropic, OpenAI, Azure OpenAI and Gemini APIs.
 
 `MockUpstream` is a small HTTP/1.1 server on loopback. It runs its own asyncio
 event loop in a daemon thread, so it serves sync tests and async tests alike
@@ -11,19 +11,30 @@ without touching the test's own loop. It uses only the standard library.
         assert up.requests[0].credential == "sk-ant-key-0"
 
 Reply selection for each request: the one-shot queue first (consumed in
-order), else the reply set for the request's credential (`x-api-key`, else the
-`Authorization: Bearer` token), else the default reply:
+order), else the reply set for the request's credential (`x-api-key`,
+`api-key`, `x-goog-api-key`, the `Authorization: Bearer` token, else a `key=`
+query parameter), else the default reply:
 
 * ``POST /v1/messages``: an Anthropic Messages response (an SSE stream when
   the request JSON has ``"stream": true``);
 * ``POST /v1/messages/count_tokens``: ``{"input_tokens": 10}``;
-* ``POST /v1/chat/completions``: an OpenAI chat completion (or chunk stream);
+* ``POST /v1/chat/completions``: an OpenAI chat completion (or chunk stream),
+  also below ``/openai/deployments/{deployment}`` and ``/openai/v1`` (Azure
+  OpenAI) and ``/v1beta/openai`` (Gemini's OpenAI-compatible endpoint);
 * ``GET /v1/models``: an OpenAI-shaped list when the request has neither an
   ``x-api-key`` nor an ``anthropic-version`` header, else an Anthropic page;
-* anything else: 404 with an Anthropic-shaped error body.
+* ``POST /v1beta/models/{model}:generateContent`` (also ``/v1``):
+  a Gemini response; ``:streamGenerateContent?alt=sse`` its SSE stream (the
+  last chunk carries ``finishReason``), without ``alt=sse`` a JSON array;
+  ``:countTokens``; ``GET /v1beta/models``;
+* anything else: 404 with an error body in the dialect's envelope.
 
-The ``/v1`` prefix is optional, so the OpenAI SDK works with either
-``base_url=up.url`` or ``base_url=up.url + "/v1"``.
+The ``/v1`` prefix is optional for the OpenAI and Anthropic routes, so the
+OpenAI SDK works with either ``base_url=up.url`` or ``base_url=up.url + "/v1"``.
+
+`Reply.error(..., provider=...)` writes each provider's error envelope, and
+`Reply.gemini_error(429, "RESOURCE_EXHAUSTED", retry_delay="10s", quota_id=...)`
+Gemini's with its details.
 
 `MockUpstream(limits={credential: Limit(requests=60, window=60.0, group=None)})`
 gives keys rate limits that behave like the providers' (see `limits`).
@@ -54,6 +65,8 @@ from .bodies import (
     SseEvent,
     anthropic_message,
     anthropic_stream_events,
+    gemini_response,
+    gemini_stream_chunks,
     openai_chat_completion,
     openai_stream_chunks,
 )
@@ -74,6 +87,8 @@ __all__ = [
     "SseEvent",
     "anthropic_message",
     "anthropic_stream_events",
+    "gemini_response",
+    "gemini_stream_chunks",
     "openai_chat_completion",
     "openai_stream_chunks",
     "serve_asgi",

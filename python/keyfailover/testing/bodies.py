@@ -1,4 +1,4 @@
-"""Response bodies shaped like the Anthropic and OpenAI APIs', for replies and tests."""
+"""Response bodies shaped like the Anthropic, OpenAI and Gemini APIs', for replies and tests."""
 
 from __future__ import annotations
 
@@ -133,6 +133,60 @@ def openai_stream_chunks(
         *(chunk({"content": piece}) for piece in _pieces(text)),
         chunk({}, "stop"),
     ]
+
+
+def gemini_response(
+    text: str = DEFAULT_TEXT,
+    model: str = DEFAULT_MODEL,
+    *,
+    prompt_tokens: int = 10,
+    finish_reason: str | None = "STOP",
+) -> dict[str, Any]:
+    """A Gemini `GenerateContentResponse` (the body of `:generateContent`, or one
+    chunk of `:streamGenerateContent` with `finish_reason=None`)."""
+    candidate: dict[str, Any] = {
+        "content": {"parts": [{"text": text}], "role": "model"},
+        "index": 0,
+    }
+    if finish_reason is not None:
+        candidate["finishReason"] = finish_reason
+    output_tokens = len(_pieces(text))
+    return {
+        "candidates": [candidate],
+        "usageMetadata": {
+            "promptTokenCount": prompt_tokens,
+            "candidatesTokenCount": output_tokens,
+            "totalTokenCount": prompt_tokens + output_tokens,
+        },
+        "modelVersion": model,
+        "responseId": _new_id(""),
+    }
+
+
+def gemini_stream_chunks(
+    text: str = DEFAULT_TEXT, model: str = DEFAULT_MODEL
+) -> list[dict[str, Any]]:
+    """The chunks of a streamed Gemini response: one per word, the last with the
+    candidate's `finishReason` (a Gemini stream has no other end marker)."""
+    pieces = _pieces(text) or [""]
+    chunks = [gemini_response(piece, model, finish_reason=None) for piece in pieces[:-1]]
+    chunks.append(gemini_response(pieces[-1], model))
+    return chunks
+
+
+def _gemini_models() -> dict[str, Any]:
+    return {
+        "models": [
+            {
+                "name": f"models/{model_id}",
+                "displayName": model_id,
+                "inputTokenLimit": 1048576,
+                "outputTokenLimit": 65536,
+                "supportedGenerationMethods": ["generateContent", "countTokens"],
+            }
+            for model_id in (DEFAULT_MODEL, "mock-model-large")
+        ]
+    }
 
 
 def _anthropic_models() -> dict[str, Any]:

@@ -6,7 +6,8 @@ limited key carries both providers' rate-limit headers (Anthropic's
 ``anthropic-ratelimit-requests-*`` with an RFC 3339 reset, OpenAI's
 ``x-ratelimit-*-requests`` with a duration) and, for a group,
 ``anthropic-organization-id``; once the window is spent the answer is 429 with
-``retry-after`` until it resets.
+``retry-after`` until it resets (for Gemini requests, Google's 429
+``RESOURCE_EXHAUSTED`` with a ``RetryInfo.retryDelay`` instead).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from datetime import datetime, timezone
 
 from .log import RecordedRequest
 from .replies import Reply, _header_pairs
+from .routes import dialect
 
 
 @dataclass(frozen=True)
@@ -89,14 +91,25 @@ class RateLimiter:
         if limit.group:
             headers.append(("anthropic-organization-id", limit.group))
         if not allowed:
-            openai = any(p in request.path for p in ("/chat/completions", "/responses"))
-            reply = Reply.error(
-                429,
-                "rate_limit_exceeded" if openai else "rate_limit_error",
-                f"rate limit of {limit.requests} requests per {limit.window:g} s reached",
-                provider="openai" if openai else "anthropic",
-            )
-            headers.append(("retry-after", str(max(1, math.ceil(reset_in)))))
+            message = f"rate limit of {limit.requests} requests per {limit.window:g} s reached"
+            speaks = dialect(request)
+            if speaks == "gemini":
+                # Gemini says how long in its RetryInfo, not in a header.
+                reply = Reply.gemini_error(
+                    429,
+                    "RESOURCE_EXHAUSTED",
+                    message,
+                    retry_delay=f"{max(reset_in, 0.001):.3f}s",
+                    quota_id="GenerateRequestsPerMinutePerProjectPerModel",
+                )
+            else:
+                reply = Reply.error(
+                    429,
+                    "rate_limit_exceeded" if speaks == "openai" else "rate_limit_error",
+                    message,
+                    provider=speaks,
+                )
+                headers.append(("retry-after", str(max(1, math.ceil(reset_in)))))
         given = {name.lower() for name, _ in headers}
         kept = [(n, v) for n, v in _header_pairs(reply.headers) if n.lower() not in given]
         return replace(reply, headers=kept + headers)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import unquote
 
 
 @dataclass(repr=False, slots=True)
@@ -44,17 +45,25 @@ class RecordedRequest:
         )
 
 
-def _credential(headers: list[tuple[str, str]]) -> str | None:
-    api_key = authorization = None
+def _credential(headers: list[tuple[str, str]], query: str = "") -> str | None:
+    """The key a request carries, in every provider's place for it: `x-api-key`
+    (Anthropic), `api-key` (Azure OpenAI), `x-goog-api-key` (Gemini), an
+    `Authorization: Bearer` token (OpenAI and the compatible APIs), else
+    Gemini's `key=` query parameter."""
+    found: dict[str, str] = {}
     for name, value in headers:
-        if name == "x-api-key" and api_key is None:
-            api_key = value
-        elif name == "authorization" and authorization is None:
-            authorization = value
-    if api_key is not None:
-        return api_key
+        if name in ("x-api-key", "api-key", "x-goog-api-key", "authorization"):
+            found.setdefault(name, value)
+    for name in ("x-api-key", "api-key", "x-goog-api-key"):
+        if name in found:
+            return found[name]
+    authorization = found.get("authorization")
     if authorization is not None:
         scheme, _, token = authorization.partition(" ")
         if scheme.lower() == "bearer" and token.strip():
             return token.strip()
+    for pair in query.split("&"):
+        name, _, value = pair.partition("=")
+        if name == "key" and value:
+            return unquote(value)
     return None

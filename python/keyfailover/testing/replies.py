@@ -31,6 +31,18 @@ def _to_bytes(data: bytes | str) -> bytes:
     return data.encode() if isinstance(data, str) else bytes(data)
 
 
+PROVIDERS = ("anthropic", "openai", "azure_openai", "gemini")
+
+# The Gemini API's wording for common errors.
+_GEMINI_MESSAGES = {
+    "RESOURCE_EXHAUSTED": "You exceeded your current quota, please check your plan and "
+    "billing details.",
+    "API_KEY_INVALID": "API key not valid. Please pass a valid API key.",
+    "PERMISSION_DENIED": "The caller does not have permission",
+    "UNAVAILABLE": "The model is overloaded. Please try again later.",
+    "INTERNAL": "An internal error has occurred.",
+}
+
 Framing = Literal["length", "chunked", "close"]
 FRAMINGS: tuple[Framing, ...] = ("length", "chunked", "close")
 
@@ -163,15 +175,91 @@ class Reply:
         headers: HeadersLike | None = None,
         **faults: Any,
     ) -> Reply:
-        """An error reply in the Anthropic (default) or OpenAI envelope; `faults` are other
-        fields, such as ``trickle=1.0`` for a body that takes its time."""
+        """An error reply in the provider's envelope; `faults` are other fields, such as
+        ``trickle=1.0`` for a body that takes its time.
+
+        * ``"anthropic"`` (default): ``{"type": "error", "error": {"type", "message"}}``;
+        * ``"openai"``: ``{"error": {"message", "type", "param", "code"}}``, `type` as
+          both type and code;
+        * ``"azure_openai"``: Azure's ``{"error": {"code", "message"}}``, `type` as the
+          code (Azure uses the status, e.g. ``"429"``, or a name such as
+          ``"content_filter"``);
+        * ``"gemini"``: Google's ``{"error": {"code", "message", "status"}}``, `type` as
+          the status (``"RESOURCE_EXHAUSTED"``); `Reply.gemini_error` adds details.
+        """
+        body: dict[str, Any]
         if provider == "anthropic":
-            body: dict[str, Any] = {"type": "error", "error": {"type": type, "message": message}}
+            body = {"type": "error", "error": {"type": type, "message": message}}
         elif provider == "openai":
             body = {"error": {"message": message, "type": type, "param": None, "code": type}}
+        elif provider == "azure_openai":
+            body = {"error": {"code": type, "message": message}}
+        elif provider == "gemini":
+            body = {"error": {"code": status, "message": message, "status": type}}
         else:
-            raise ValueError(f"unknown provider {provider!r}; expected 'anthropic' or 'openai'")
+            raise ValueError(
+                f"unknown provider {provider!r}; expected one of {', '.join(PROVIDERS)}"
+            )
         return cls.json(body, status=status, headers=headers, **faults)
+
+    @classmethod
+    def gemini_error(
+        cls,
+        status: int,
+        google_status: str,
+        message: str | None = None,
+        *,
+        retry_delay: str | None = None,
+        quota_id: str | None = None,
+        reason: str | None = None,
+        headers: HeadersLike | None = None,
+        **faults: Any,
+    ) -> Reply:
+        """An error as the Gemini API sends it: Google's envelope with its details.
+
+        * `retry_delay` (a duration such as ``"10s"``) adds a ``google.rpc.RetryInfo``;
+        * `quota_id` (such as ``"GenerateRequestsPerDayPerProjectPerModel-FreeTier"``)
+          adds a ``google.rpc.QuotaFailure`` naming that quota;
+        * `reason` (such as ``"API_KEY_INVALID"``) adds a ``google.rpc.ErrorInfo``.
+
+        `message` defaults to the API's own wording for the status or reason::
+
+            Reply.gemini_error(429, "RESOURCE_EXHAUSTED", retry_delay="10s")
+            Reply.gemini_error(400, "INVALID_ARGUMENT", reason="API_KEY_INVALID")
+        """
+        details: list[dict[str, Any]] = []
+        if reason is not None:
+            details.append(
+                {
+                    "@type": "type.googleapis.com/google.rpc.ErrorInfo",
+                    "reason": reason,
+                    "domain": "googleapis.com",
+                    "metadata": {"service": "generativelanguage.googleapis.com"},
+                }
+            )
+        if quota_id is not None:
+            details.append(
+                {
+                    "@type": "type.googleapis.com/google.rpc.QuotaFailure",
+                    "violations": [
+                        {
+                            "quotaMetric": "generativelanguage.googleapis.com/"
+                            "generate_content_free_tier_requests",
+                            "quotaId": quota_id,
+                        }
+                    ],
+                }
+            )
+        if retry_delay is not None:
+            details.append(
+                {"@type": "type.googleapis.com/google.rpc.RetryInfo", "retryDelay": retry_delay}
+            )
+        if message is None:
+            message = _GEMINI_MESSAGES.get(reason or google_status, google_status)
+        error: dict[str, Any] = {"code": status, "message": message, "status": google_status}
+        if details:
+            error["details"] = details
+        return cls.json({"error": error}, status=status, headers=headers, **faults)
 
     @classmethod
     def sse(

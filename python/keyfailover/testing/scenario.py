@@ -17,13 +17,14 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-from .replies import FRAMINGS, Reply, _header_pairs
+from .replies import FRAMINGS, PROVIDERS, Reply, _header_pairs
 
 _SCENARIO_KEYS = ("replies", "queue")
 # What a reply dict says it is: at most one of these.
 _KINDS = ("json", "error", "sse", "body", "raw")
-_ERROR_KEYS = ("type", "message", "provider")
-_PROVIDERS = ("anthropic", "openai")
+_ERROR_KEYS = ("type", "message", "provider", "retry_delay", "quota_id", "reason")
+# The details only Gemini's errors carry (see Reply.gemini_error).
+_GEMINI_DETAILS = ("retry_delay", "quota_id", "reason")
 _TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 _BAD_VALUE = re.compile(r"[\x00\r\n]")
 
@@ -171,8 +172,20 @@ def _error_reply(value: object, status: int, path: str) -> Reply:
             raise _fail(_at(path, key), "required for an error reply")
         fields[key] = _string(spec[key], _at(path, key))
     provider = spec.get("provider", "anthropic")
-    if provider not in _PROVIDERS:
-        raise _fail(_at(path, "provider"), f"expected one of {', '.join(_PROVIDERS)}", provider)
+    if provider not in PROVIDERS:
+        raise _fail(_at(path, "provider"), f"expected one of {', '.join(PROVIDERS)}", provider)
+    details = {key: _string(spec[key], _at(path, key)) for key in _GEMINI_DETAILS if key in spec}
+    if details and provider != "gemini":
+        raise _fail(_at(path, next(iter(details))), 'only for "provider": "gemini"')
+    if provider == "gemini":
+        return Reply.gemini_error(
+            status,
+            fields["type"],
+            fields["message"],
+            retry_delay=details.get("retry_delay"),
+            quota_id=details.get("quota_id"),
+            reason=details.get("reason"),
+        )
     return Reply.error(status, fields["type"], fields["message"], provider=provider)
 
 

@@ -61,7 +61,12 @@ class _Connection(asyncio.Protocol):
         requests, error = self._parser.feed(data)
         for head, body in requests:
             request = RecordedRequest(
-                head.method, head.path, head.query, head.headers, body, _credential(head.headers)
+                head.method,
+                head.path,
+                head.query,
+                head.headers,
+                body,
+                _credential(head.headers, head.query),
             )
             self._upstream._record(request)
             self._pending.append(_Work(request, head.keep_alive, head.method == "HEAD"))
@@ -196,7 +201,8 @@ class _Connection(asyncio.Protocol):
 
 
 class MockUpstream:
-    """An Anthropic/OpenAI-shaped HTTP/1.1 server on loopback, in a background thread.
+    """An HTTP/1.1 server on loopback, in a background thread, speaking the Anthropic,
+    OpenAI, Azure OpenAI and Gemini APIs.
 
     Use as a context manager, or call `start()` / `stop()` (both idempotent).
     All public methods are thread-safe.
