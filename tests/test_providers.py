@@ -564,7 +564,7 @@ def serve_client(monkeypatch: pytest.MonkeyPatch, keys: str, *extra: str) -> kf.
     started: dict[str, Any] = {}
     monkeypatch.setenv("KF_TEST_KEYS", keys)
     monkeypatch.setattr(
-        _serve, "run_uvicorn", lambda _, proxy, sock, args: started.update(app=proxy, sock=sock)
+        _serve, "run_native", lambda proxy, sock, args: started.update(app=proxy, sock=sock)
     )
     assert cli.main(["serve", "--keys-env", "KF_TEST_KEYS", "--port", "0", *extra]) == 0
     started["sock"].close()
