@@ -247,11 +247,18 @@ impl KeyCounters {
         )
     }
 
-    /// The share of the request limit left (1.0 when not heard of).
-    pub fn headroom(&self) -> f64 {
+    /// The share of the request limit expected left, for a key that is
+    /// available now: the latest remaining less the `in_flight` requests
+    /// (sent since it was reported, mostly), so that concurrent walks do not
+    /// all start at the key that answered last. 1.0 when not heard of, and
+    /// when the latest answer had none left: a key available again after
+    /// that has waited out its reset (or its 429).
+    pub fn headroom(&self, in_flight: u32) -> f64 {
         match self.limit(LimitKind::Requests) {
-            (Some(limit), Some(remaining)) if limit > 0 => remaining as f64 / limit as f64,
-            (None, Some(0)) => 0.0,
+            (_, Some(0)) => 1.0,
+            (Some(limit), Some(remaining)) if limit > 0 => {
+                (remaining as f64 - f64::from(in_flight)) / limit as f64
+            }
             _ => 1.0,
         }
     }

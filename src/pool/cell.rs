@@ -117,7 +117,7 @@ impl Cell {
     }
 
     pub fn headroom(&self) -> f64 {
-        self.counters.headroom()
+        self.counters.headroom(self.in_flight())
     }
 
     pub fn status(&self, now: u64) -> KeyStatus {

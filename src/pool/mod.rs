@@ -776,9 +776,10 @@ pub enum Strategy {
     RoundRobin,
     /// At the available key with the fewest requests in flight.
     LeastLoaded,
-    /// At the available key with the largest share of its request limit left
-    /// (from the latest rate-limit headers; a key not heard from counts as
-    /// full), then the fewest in flight.
+    /// At the available key with the largest share of its request limit
+    /// expected left (the latest rate-limit headers' remaining less the
+    /// requests in flight on it; a key not heard from counts as full), then
+    /// the fewest in flight.
     Headroom,
 }
 
@@ -1430,6 +1431,41 @@ mod tests {
         let snapshot = pool.snapshot();
         assert_eq!(snapshot[1].to_json()["remaining"]["requests"], 60);
         assert_eq!(snapshot[1].to_json()["limit"]["requests"], 100);
+    }
+
+    #[test]
+    fn headroom_counts_requests_in_flight_against_what_is_left() {
+        let pool = pool_of(2, Strategy::Headroom, &[]);
+        let headers = |remaining: &str| {
+            let mut map = reqwest::header::HeaderMap::new();
+            map.insert("x-ratelimit-limit-requests", "10".parse().unwrap());
+            map.insert("x-ratelimit-remaining-requests", remaining.parse().unwrap());
+            map
+        };
+        let now = std::time::SystemTime::now();
+        let (a, b) = (pool.key("key-0").unwrap(), pool.key("key-1").unwrap());
+        a.observe(&headers("3"), 200, now);
+        b.observe(&headers("2"), 200, now);
+        assert_eq!(walk(&pool)[0], "key-0");
+        // Two requests on key-0 since its answer: 1 expected left, under key-1's 2.
+        let held = [a.in_flight(), a.in_flight()];
+        assert_eq!(walk(&pool)[0], "key-1");
+        drop(held);
+        assert_eq!(walk(&pool)[0], "key-0");
+    }
+
+    #[test]
+    fn a_key_available_again_after_its_limit_ran_out_counts_as_full() {
+        let pool = pool_of(2, Strategy::Headroom, &[]);
+        let mut headers = reqwest::header::HeaderMap::new();
+        headers.insert("x-ratelimit-limit-requests", "10".parse().unwrap());
+        headers.insert("x-ratelimit-remaining-requests", "5".parse().unwrap());
+        let now = std::time::SystemTime::now();
+        pool.key("key-1").unwrap().observe(&headers, 200, now);
+        // key-0's last answer had none left (a 429, whose cooldown is over).
+        headers.insert("x-ratelimit-remaining-requests", "0".parse().unwrap());
+        pool.key("key-0").unwrap().observe(&headers, 429, now);
+        assert_eq!(walk(&pool)[0], "key-0");
     }
 
     #[test]
