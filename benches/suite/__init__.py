@@ -18,7 +18,9 @@ What runs, all on 127.0.0.1:
   and duration for every setup;
 - shared key state (`shared`): the FailoverProxy app with `state=None`,
   `"shm"` and Redis (a redis-server of the run's own), marks passed from one
-  process to another, and `keyfailover serve --workers 2` against 1.
+  process to another, and `keyfailover serve --workers 2` against 1;
+- the pool's strategies (`strategies`): four keys limited by MockUpstream,
+  a load of 7/8 of their capacity, 429 round trips and capacity served.
 
 The process under test is pinned to one CPU, the load generator and the
 upstreams to another (taskset), so every proxy gets one core whatever its
@@ -36,6 +38,7 @@ The modules, one job each:
 - `measure`: the measurements, each `(bench) -> dict`;
 - `inprocess`: the measurements that run inside one child process;
 - `shared`: shared key state (state backends, propagation, `serve --workers`);
+- `strategies`: the pool's strategies against MockUpstream's rate limits;
 - `report`: the goals, the markdown sections and the plots;
 - `registry`: the list of measurements (with their sections) and the roles;
 - `cli`: the run itself and `main`.

@@ -67,6 +67,11 @@ class Plan:
     propagation_marks: int  # marks (each followed by a reset) from one process to another
     workers_concurrencies: tuple[int, ...]  # for `serve --workers 2` vs `--workers 1`
     mark_cost_transitions: int  # marks and resets, for the CPU time of a transition
+    strategy_limit: int  # N: each key's requests per window in the strategies' comparison
+    strategy_window: float  # seconds
+    strategy_windows: int  # windows of load per strategy and latency
+    strategy_latencies: tuple[float, ...]  # seconds MockUpstream takes to answer a 200
+    strategy_concurrency: int = 8
     sdk_concurrency: int = 16
     client_concurrency: int = 32
 
@@ -89,6 +94,10 @@ FULL = Plan(
     propagation_marks=200,
     workers_concurrencies=(16, 64),
     mark_cost_transitions=4000,
+    strategy_limit=20,
+    strategy_window=1.0,
+    strategy_windows=6,
+    strategy_latencies=(0.0, 0.05),
 )
 SMOKE = Plan(
     duration=0.5,
@@ -108,6 +117,10 @@ SMOKE = Plan(
     propagation_marks=10,
     workers_concurrencies=(16,),
     mark_cost_transitions=100,
+    strategy_limit=10,
+    strategy_window=0.5,
+    strategy_windows=2,
+    strategy_latencies=(0.05,),
     sdk_concurrency=4,
 )
 

@@ -15,7 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from . import inprocess, load, measure, procs, report, shared
+from . import inprocess, load, measure, procs, report, shared, strategies
 
 
 @dataclass(frozen=True)
@@ -42,6 +42,13 @@ MEASUREMENTS: list[Measurement] = [
     Measurement("state backends", "state", shared.state_throughput, report.state_section),
     Measurement("propagation", "propagation", shared.propagation, report.propagation_section),
     Measurement("serve --workers", "workers", shared.workers, report.workers_section),
+    Measurement(
+        "strategies",
+        "strategies",
+        strategies.strategies,
+        report.strategies_section,
+        needs_setups=False,
+    ),
     Measurement("core", "core", measure.core, report.core_section, needs_setups=False),
 ]
 
@@ -56,4 +63,5 @@ ROLES: dict[str, Callable[[dict[str, Any]], Any]] = {
     "_mark": shared.mark_role,
     "_subscribe": shared.subscribe_role,
     "_markcost": shared.mark_cost_role,
+    "_strategies": lambda spec: asyncio.run(strategies.strategies_role(spec)),
 }
