@@ -524,5 +524,85 @@ pub fn exposition(pool: &KeyPool, name: &str) -> String {
     out
 }
 
+/// One exposition of several pools (`(pool, name)`): each family once,
+/// with every pool's series under it.
+pub fn exposition_of(pools: &[(&KeyPool, &str)]) -> String {
+    let texts: Vec<String> = pools
+        .iter()
+        .map(|(pool, name)| exposition(pool, name))
+        .collect();
+    merge_expositions(&texts)
+}
+
+/// Merges expositions with the same families in the same order: the
+/// descriptor lines (`# HELP`, `# TYPE`, `# UNIT`) of each family once, then
+/// the samples of every exposition, then one `# EOF` if they had it.
+fn merge_expositions(texts: &[String]) -> String {
+    use std::collections::HashMap;
+    // Per family: the exposition its descriptors come from, them, the samples.
+    let mut families: Vec<(&str, usize, Vec<&str>, Vec<&str>)> = Vec::new();
+    let mut index: HashMap<&str, usize> = HashMap::new();
+    let mut eof = false;
+    for (source, text) in texts.iter().enumerate() {
+        let mut current = None;
+        for line in text.lines() {
+            if line == "# EOF" {
+                eof = true;
+                continue;
+            }
+            let descriptor = ["# HELP ", "# TYPE ", "# UNIT "]
+                .iter()
+                .find_map(|p| line.strip_prefix(p));
+            match descriptor {
+                Some(rest) => {
+                    let name = rest.split(' ').next().unwrap_or_default();
+                    let at = *index.entry(name).or_insert_with(|| {
+                        families.push((name, source, Vec::new(), Vec::new()));
+                        families.len() - 1
+                    });
+                    if families[at].1 == source {
+                        families[at].2.push(line);
+                    }
+                    current = Some(at);
+                }
+                None => {
+                    if let Some(at) = current {
+                        families[at].3.push(line);
+                    }
+                }
+            }
+        }
+    }
+    let mut out = String::new();
+    for (_, _, descriptors, samples) in &families {
+        for line in descriptors.iter().chain(samples) {
+            out.push_str(line);
+            out.push('\n');
+        }
+    }
+    if eof {
+        out.push_str("# EOF\n");
+    }
+    out
+}
+
 /// The content type of [`exposition`].
 pub const CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn expositions_merge_into_one_family_each() {
+        let a = "# HELP x_total Things.\n# TYPE x_total counter\nx_total{pool=\"a\"} 1\n\
+                 # HELP y Other.\n# TYPE y gauge\n# EOF\n";
+        let b = "# HELP x_total Things.\n# TYPE x_total counter\nx_total{pool=\"b\"} 2\n\
+                 # HELP y Other.\n# TYPE y gauge\ny{pool=\"b\"} 3\n# EOF\n";
+        assert_eq!(
+            merge_expositions(&[a.to_owned(), b.to_owned()]),
+            "# HELP x_total Things.\n# TYPE x_total counter\nx_total{pool=\"a\"} 1\n\
+             x_total{pool=\"b\"} 2\n# HELP y Other.\n# TYPE y gauge\ny{pool=\"b\"} 3\n# EOF\n"
+        );
+    }
+}

@@ -13,8 +13,10 @@ import signal
 import socket
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
+
+from keyfailover._native import Gateway, Server
 
 if TYPE_CHECKING:
     from keyfailover.asgi import FailoverProxy
@@ -68,16 +70,26 @@ def run_native(proxy: FailoverProxy, sock: socket.socket, args: Any) -> None:
     Python is off the request path: the server runs on the core's threads with
     the GIL released; this thread only waits, and runs the signal handlers.
     """
-    from keyfailover._native import Server
+    serve_native_server(native_server([("", proxy.gateway)], args), sock, args)
 
+
+def native_server(
+    routes: list[tuple[str, Gateway]], args: Any, admin_tokens: Sequence[str] | None = None
+) -> Server:
+    """The native server `serve` runs over `routes`, with the command's settings."""
     access = logging.getLogger("keyfailover.proxy").isEnabledFor(logging.INFO)
-    server = Server(
-        [("", proxy.gateway)],
+    return Server(
+        routes,
         header_timeout=args.header_timeout,
         max_connections=args.limit_concurrency,
         grace=args.grace,
         access_log=args.log_format if access else None,
+        admin_tokens=admin_tokens,
     )
+
+
+def serve_native_server(server: Server, sock: socket.socket, args: Any) -> None:
+    """Runs `server` on `sock` until SIGINT/SIGTERM and its drain."""
 
     def stop(signum: int, _frame: Any) -> None:
         if not server_stopping.is_set():

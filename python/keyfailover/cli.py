@@ -206,9 +206,31 @@ def configure_logging(level: str, style: str) -> None:
     logging.basicConfig(level=level.upper(), handlers=[handler], force=True)
 
 
+# The settings of one pool, which --config takes from its file instead.
+ROUTE_OPTIONS = (
+    "provider",
+    "upstream",
+    "client_token_env",
+    "admin_token_env",
+    "allow_byok",
+    "max_body_bytes",
+    "timeout",
+    "connect_timeout",
+    "strategy",
+    "namespace",
+    "state",
+)
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     from keyfailover import _serve
 
+    if args.config is None and args.keys_file is None and args.keys_env is None:
+        raise CliError("one of the arguments --keys-file --keys-env --config is required")
+    if args.config is not None:
+        return serve_config(args)
+    if args.check:
+        raise CliError("--check goes with --config")
     uvicorn = _require_uvicorn() if args.server == "uvicorn" else None
     if args.threads is not None:
         if args.server != "native":
@@ -244,6 +266,68 @@ def cmd_serve(args: argparse.Namespace) -> int:
             _serve.run_native(proxy, sock, args)
         else:
             _serve.run_uvicorn(uvicorn, proxy, sock, args)
+
+    if args.workers == 1:
+        run()
+        return 0
+    return _serve.supervise(args.workers, run)
+
+
+def serve_config(args: argparse.Namespace) -> int:
+    """`serve --config FILE`: every route of the file on the native server, one
+    admin area over all of them; SIGHUP or an edit reloads the file."""
+    from keyfailover import _config, _serve
+
+    defaults = build_parser().parse_args(["serve", "--config", args.config])
+    given = [name for name in ROUTE_OPTIONS if getattr(args, name) != getattr(defaults, name)]
+    if given:
+        option = "--" + given[0].replace("_", "-")
+        raise CliError(f"{option} is a route's setting: with --config, set it in the file")
+    if args.server != "native":
+        raise CliError("--config runs the native server (--server native)")
+    try:
+        config = _config.load_config(args.config)
+    except ConfigError as exc:
+        raise CliError(str(exc)) from None
+    if not is_loopback(args.host) and not args.allow_unauthenticated:
+        open_routes = [r.name for r in config.routes if r.client_tokens is None]
+        if open_routes:
+            raise CliError(
+                f"refusing to listen on {args.host} with route {open_routes[0]!r} open to "
+                "anyone: give it client_tokens_env, or pass --allow-unauthenticated"
+            )
+    if args.check:
+        print(
+            f"{args.config}: {plural(len(config.routes), 'route')} OK: "
+            + ", ".join(
+                f"{r.name} at {r.path} ({r.provider}, {plural(len(r.keys), 'key')})"
+                for r in config.routes
+            )
+        )
+        return 0
+    if args.threads is not None:
+        _native._set_worker_threads(args.threads)
+    configure_logging(args.log_level, args.log_format)
+    default_state = "shm" if args.workers > 1 else None
+    try:
+        routes = _config.Routes(config, default_state=default_state)
+    except ConfigError as exc:
+        raise CliError(str(exc)) from None
+    for line in routes.describe():
+        log.info("%s", line)
+    sock = listen(args.host, args.port)
+    raise_open_files_limit()
+
+    def run() -> None:
+        server = _serve.native_server(routes.server_routes(), args, config.admin_tokens)
+        reloader = _config.ConfigReloader(routes, server)
+        reloader.on_sighup()
+        reloader.reload_if_changed()
+        reloader.watch()
+        try:
+            _serve.serve_native_server(server, sock, args)
+        finally:
+            reloader.stop()
 
     if args.workers == 1:
         run()
@@ -325,9 +409,17 @@ def build_parser() -> argparse.ArgumentParser:
     serve = commands.add_parser("serve", help="run the failover proxy")
     serve.add_argument("--provider", choices=sorted(PROVIDERS), default="anthropic")
     serve.add_argument("--upstream", metavar="URL", help="default: the provider's public API")
-    keys = serve.add_mutually_exclusive_group(required=True)
+    keys = serve.add_mutually_exclusive_group()
     keys.add_argument("--keys-file", metavar="FILE", help="one key per line, optionally label=key")
     keys.add_argument("--keys-env", metavar="VAR", help="comma- or newline-separated keys")
+    keys.add_argument(
+        "--config",
+        metavar="FILE",
+        help="several routes, each with its provider and pool, from a TOML file",
+    )
+    serve.add_argument(
+        "--check", action="store_true", help="with --config: check the file and exit"
+    )
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=port, default=8787)
     serve.add_argument("--client-token-env", metavar="VAR", help="tokens callers must present")

@@ -29,7 +29,8 @@ fn seconds(value: f64, name: &str) -> PyResult<Duration> {
 #[pymethods]
 impl PyServer {
     #[new]
-    #[pyo3(signature = (routes, *, header_timeout = 30.0, max_connections = 10_000, max_header_bytes = 65_536, grace = 10.0, http2 = true, access_log = None))]
+    #[allow(clippy::too_many_arguments)] // Python's keyword arguments
+    #[pyo3(signature = (routes, *, header_timeout = 30.0, max_connections = 10_000, max_header_bytes = 65_536, grace = 10.0, http2 = true, access_log = None, admin_tokens = None))]
     fn new(
         routes: Vec<(String, PyRef<'_, PyGateway>)>,
         header_timeout: f64,
@@ -38,6 +39,7 @@ impl PyServer {
         grace: f64,
         http2: bool,
         access_log: Option<&str>,
+        admin_tokens: Option<Vec<String>>,
     ) -> PyResult<Self> {
         let options = ServerOptions {
             header_timeout: seconds(header_timeout, "header_timeout")?,
@@ -52,17 +54,18 @@ impl PyServer {
             access_log: access_log
                 .map(|f| f.parse::<Format>().map(AccessLog::stderr))
                 .transpose()?,
+            admin_tokens: admin_tokens
+                .map(|tokens| tokens.into_iter().map(String::into_bytes).collect()),
         };
-        let routes = routes
-            .into_iter()
-            .map(|(prefix, gateway)| Route {
-                prefix,
-                gateway: gateway.gateway.clone(),
-            })
-            .collect();
         Ok(Self {
-            server: Arc::new(Server::new(routes, options)?),
+            server: Arc::new(Server::new(to_routes(routes), options)?),
         })
+    }
+
+    /// Replaces the routes (a reloaded configuration); requests in flight
+    /// finish on the old ones.
+    fn set_routes(&self, routes: Vec<(String, PyRef<'_, PyGateway>)>) -> PyResult<()> {
+        Ok(self.server.set_routes(to_routes(routes))?)
     }
 
     /// Serves the listening socket `fd` (which stays the caller's) until
@@ -118,4 +121,14 @@ impl PyServer {
     fn __repr__(&self) -> String {
         format!("{:?}", self.server)
     }
+}
+
+fn to_routes(routes: Vec<(String, PyRef<'_, PyGateway>)>) -> Vec<Route> {
+    routes
+        .into_iter()
+        .map(|(prefix, gateway)| Route {
+            prefix,
+            gateway: gateway.gateway.clone(),
+        })
+        .collect()
 }

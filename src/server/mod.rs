@@ -15,6 +15,7 @@
 //! (503, or an SSE error event for streams) and close.
 
 pub mod access_log;
+mod admin;
 
 use std::borrow::Cow;
 use std::collections::VecDeque;
@@ -22,6 +23,7 @@ use std::convert::Infallible;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use arc_swap::ArcSwap;
 use bytes::{Bytes, BytesMut};
 use futures_util::stream;
 use http_body_util::combinators::UnsyncBoxBody;
@@ -74,6 +76,9 @@ pub struct ServerOptions {
     /// Serve HTTP/2 cleartext (prior knowledge) besides HTTP/1.1.
     pub http2: bool,
     pub access_log: Option<AccessLog>,
+    /// Tokens for the server-wide admin area (`/_keyfailover/` when no
+    /// route takes `/`); see [`admin`].
+    pub admin_tokens: Option<Vec<Vec<u8>>>,
 }
 
 impl Default for ServerOptions {
@@ -85,6 +90,7 @@ impl Default for ServerOptions {
             grace: Duration::from_secs(10),
             http2: true,
             access_log: None,
+            admin_tokens: None,
         }
     }
 }
@@ -99,8 +105,8 @@ pub struct Route {
 pub type Body = UnsyncBoxBody<Bytes, Error>;
 
 pub struct Server {
-    /// Longest prefix first.
-    routes: Vec<Route>,
+    /// Longest prefix first; replaced whole by [`Server::set_routes`].
+    routes: ArcSwap<Vec<Route>>,
     options: ServerOptions,
     http: auto::Builder<TokioExecutor>,
     stop: CancellationToken,
@@ -114,7 +120,12 @@ impl std::fmt::Debug for Server {
         f.debug_struct("Server")
             .field(
                 "routes",
-                &self.routes.iter().map(|r| &r.prefix).collect::<Vec<_>>(),
+                &self
+                    .routes
+                    .load()
+                    .iter()
+                    .map(|r| r.prefix.clone())
+                    .collect::<Vec<_>>(),
             )
             .field("options", &self.options)
             .finish()
@@ -122,31 +133,8 @@ impl std::fmt::Debug for Server {
 }
 
 impl Server {
-    pub fn new(mut routes: Vec<Route>, options: ServerOptions) -> Result<Self> {
-        if routes.is_empty() {
-            return Err(Error::Config("a server needs at least one route".into()));
-        }
-        for route in &mut routes {
-            let prefix = route.prefix.trim_end_matches('/');
-            if !prefix.is_empty() && !prefix.starts_with('/') {
-                return Err(Error::Config(format!(
-                    "route {:?} must start with /",
-                    route.prefix
-                )));
-            }
-            route.prefix = prefix.to_owned();
-        }
-        routes.sort_by_key(|r| std::cmp::Reverse(r.prefix.len()));
-        if let Some(pair) = routes.windows(2).find(|w| w[0].prefix == w[1].prefix) {
-            return Err(Error::Config(format!(
-                "two routes at {:?}",
-                if pair[0].prefix.is_empty() {
-                    "/"
-                } else {
-                    &pair[0].prefix
-                }
-            )));
-        }
+    pub fn new(routes: Vec<Route>, options: ServerOptions) -> Result<Self> {
+        let routes = checked(routes)?;
         if options.max_connections == 0 {
             return Err(Error::Config("max_connections must be at least 1".into()));
         }
@@ -166,12 +154,19 @@ impl Server {
         let refusal = refusal(&routes[0].gateway);
         Ok(Self {
             connections: Arc::new(Semaphore::new(options.max_connections)),
-            routes,
+            routes: ArcSwap::from_pointee(routes),
             options,
             http,
             stop: CancellationToken::new(),
             refusal,
         })
+    }
+
+    /// Replaces the routes (a reloaded configuration): requests from now on
+    /// take the new ones; those in flight finish on the old.
+    pub fn set_routes(&self, routes: Vec<Route>) -> Result<()> {
+        self.routes.store(Arc::new(checked(routes)?));
+        Ok(())
     }
 
     /// Stops accepting and lets requests in flight finish (see the module).
@@ -229,7 +224,7 @@ impl Server {
             .await
             .is_err()
         {
-            for route in &self.routes {
+            for route in self.routes.load().iter() {
                 route.gateway.client().shutdown();
             }
             let _ = tokio::time::timeout(AFTER_GRACE, tracker.wait()).await;
@@ -260,16 +255,36 @@ impl Server {
         let started = Instant::now();
         let (parts, body) = request.into_parts();
         let target = parts.uri.path_and_query().map_or("/", |pq| pq.as_str());
-        let (route, target) = match self.route(target) {
+        let routes = self.routes.load_full();
+        let method = parts.method.as_str();
+        let (route, target) = match route(&routes, target) {
             Some(found) => found,
             None => {
-                let gateway = &self.routes[self.routes.len() - 1].gateway;
-                let response = gateway.answer(ErrorKind::NotFound, "no route for this path");
-                return into_hyper(response, String::new(), None);
+                let fallback = &routes[routes.len() - 1].gateway;
+                let path = target.split('?').next().unwrap_or(target);
+                let response = if admin::is_admin_path(path) {
+                    self.admin(&routes, method, path, &parts.headers)
+                } else {
+                    fallback.answer(ErrorKind::NotFound, "no route for this path")
+                };
+                if let Some(log) = &self.options.access_log {
+                    log.log(&Entry {
+                        method,
+                        path,
+                        status: response.status,
+                        attempts: 0,
+                        key: None,
+                        byok: false,
+                        exhausted: false,
+                        pool: "",
+                        duration: started.elapsed(),
+                    });
+                }
+                let (response, unread) = unneeded(response, body).await;
+                return into_hyper(response, String::new(), unread);
             }
         };
         let gateway = &route.gateway;
-        let method = parts.method.as_str();
         // A body left unread is held until the answer is sent (see `Out`).
         let (response, byok, unread) = match gateway.begin(method, &target, parts.headers) {
             Step::Respond(response) => {
@@ -311,19 +326,49 @@ impl Server {
         let path = target.split('?').next().unwrap_or(&target);
         into_hyper(response, format!("{method} {path}"), unread)
     }
+}
 
-    /// The route for `target` and the target below its prefix.
-    fn route<'a>(&self, target: &'a str) -> Option<(&Route, Cow<'a, str>)> {
-        self.routes.iter().find_map(|route| {
-            let rest = target.strip_prefix(route.prefix.as_str())?;
-            match rest.as_bytes().first() {
-                None => Some((route, Cow::Borrowed("/"))),
-                Some(b'/') => Some((route, Cow::Borrowed(rest))),
-                Some(b'?') => Some((route, Cow::Owned(format!("/{rest}")))),
-                _ => None,
-            }
-        })
+/// Checks `routes` (at least one; prefixes start with `/`, none twice) and
+/// sorts them longest prefix first.
+fn checked(mut routes: Vec<Route>) -> Result<Vec<Route>> {
+    if routes.is_empty() {
+        return Err(Error::Config("a server needs at least one route".into()));
     }
+    for route in &mut routes {
+        let prefix = route.prefix.trim_end_matches('/');
+        if !prefix.is_empty() && !prefix.starts_with('/') {
+            return Err(Error::Config(format!(
+                "route {:?} must start with /",
+                route.prefix
+            )));
+        }
+        route.prefix = prefix.to_owned();
+    }
+    routes.sort_by_key(|r| std::cmp::Reverse(r.prefix.len()));
+    if let Some(pair) = routes.windows(2).find(|w| w[0].prefix == w[1].prefix) {
+        return Err(Error::Config(format!(
+            "two routes at {:?}",
+            if pair[0].prefix.is_empty() {
+                "/"
+            } else {
+                &pair[0].prefix
+            }
+        )));
+    }
+    Ok(routes)
+}
+
+/// The route for `target` and the target below its prefix.
+fn route<'r, 't>(routes: &'r [Route], target: &'t str) -> Option<(&'r Route, Cow<'t, str>)> {
+    routes.iter().find_map(|route| {
+        let rest = target.strip_prefix(route.prefix.as_str())?;
+        match rest.as_bytes().first() {
+            None => Some((route, Cow::Borrowed("/"))),
+            Some(b'/') => Some((route, Cow::Borrowed(rest))),
+            Some(b'?') => Some((route, Cow::Owned(format!("/{rest}")))),
+            _ => None,
+        }
+    })
 }
 
 /// Accept errors that concern one connection only (it was reset before we

@@ -1,0 +1,496 @@
+"""`keyfailover serve --config FILE`: several pools in one server, from a TOML file.
+
+    [server]
+    admin_tokens_env = "KF_ADMIN_TOKENS"   # optional: the server-wide admin area
+
+    [routes.anthropic]                     # the route's name: its pool's name
+    path = "/anthropic"                    # default "/<name>"
+    provider = "anthropic"
+    keys_env = "ANTHROPIC_KEYS"            # or keys_file = "...", or keys = [...]
+
+Loading checks everything and names the file, the route and the field in its
+error. Reloading (SIGHUP, or the config or a keys file changing) builds the new
+routes beside the old ones and swaps them in whole; a route whose pool settings
+(strategy, state, namespace) are unchanged keeps its pool, so its keys keep
+their state. A config with an error changes nothing.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import re
+import stat
+import sys
+import threading
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from keyfailover._native import (
+    ConfigError,
+    FailoverClient,
+    Gateway,
+    Key,
+    KeyPool,
+    Server,
+    parse_keys,
+)
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - Python 3.10
+    import tomli as tomllib
+
+if TYPE_CHECKING:
+    from keyfailover.asgi import FailoverProxy
+
+log = logging.getLogger("keyfailover")
+
+Keys = list[str | Key] | dict[str, str | Key]
+
+DEFAULT_UPSTREAMS = {
+    "anthropic": "https://api.anthropic.com",
+    "openai": "https://api.openai.com",
+    "gemini": "https://generativelanguage.googleapis.com",
+}
+PROVIDERS = (*DEFAULT_UPSTREAMS, "azure_openai")
+STRATEGIES = ("ordered", "round_robin", "least_loaded", "headroom")
+
+SERVER_FIELDS = {"admin_tokens_env"}
+ROUTE_FIELDS = {
+    "path",
+    "provider",
+    "upstream",
+    "keys_env",
+    "keys_file",
+    "keys",
+    "strategy",
+    "state",
+    "namespace",
+    "client_tokens_env",
+    "allow_byok",
+    "max_body_bytes",
+    "timeout",
+    "connect_timeout",
+}
+NAME = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
+
+
+@dataclasses.dataclass(frozen=True)
+class RouteConfig:
+    name: str
+    path: str
+    provider: str
+    upstream: str
+    keys: Keys = dataclasses.field(repr=False, compare=False)
+    keys_file: Path | None
+    strategy: str
+    state: str | None
+    namespace: str
+    client_tokens: tuple[str, ...] | None = dataclasses.field(repr=False)
+    allow_byok: bool
+    max_body_bytes: int
+    timeout: float
+    connect_timeout: float
+
+    def pool_settings(self) -> tuple[str, str | None, str]:
+        """What a pool is built with, besides its keys."""
+        return (self.strategy, self.state, self.namespace)
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    path: Path
+    routes: tuple[RouteConfig, ...]
+    admin_tokens: tuple[str, ...] | None = dataclasses.field(repr=False)
+
+    def files(self) -> list[Path]:
+        """The files the config reads: itself and its keys files."""
+        return [self.path, *(r.keys_file for r in self.routes if r.keys_file is not None)]
+
+
+class _Where:
+    """Builds error messages naming the file, the route and the field."""
+
+    def __init__(self, path: Path, route: str | None = None) -> None:
+        self.path = path
+        self.route = route
+
+    def error(self, field: str | None, message: str) -> ConfigError:
+        parts = [str(self.path)]
+        if self.route is not None:
+            parts.append(f"route {self.route!r}")
+        if field is not None:
+            parts.append(field)
+        return ConfigError(": ".join([*parts, message]))
+
+
+def _tokens(where: _Where, field: str, var: Any, environ: dict[str, str]) -> tuple[str, ...]:
+    if not isinstance(var, str) or not var:
+        raise where.error(field, "must name an environment variable")
+    value = environ.get(var)
+    if value is None:
+        raise where.error(field, f"environment variable {var} is not set")
+    tokens = tuple(t.strip() for t in re.split(r"[,\n]", value) if t.strip())
+    if not tokens:
+        raise where.error(field, f"environment variable {var} holds no tokens")
+    return tokens
+
+
+def _typed(where: _Where, table: dict[str, Any], field: str, kind: type, default: Any) -> Any:
+    """`table[field]` if it is a `kind` (an int does for a float; a bool is no int),
+    else `default` when absent."""
+    if field not in table:
+        return default
+    value = table[field]
+    if kind is float and type(value) is int:
+        value = float(value)
+    if type(value) is not kind:
+        raise where.error(field, f"must be {_KIND_NAMES[kind]}, not {value!r}")
+    return value
+
+
+_KIND_NAMES = {str: "a string", bool: "true or false", int: "an integer", float: "a number"}
+
+
+def _keys(
+    where: _Where, table: dict[str, Any], base: Path, mode: int, environ: dict[str, str]
+) -> tuple[Keys, Path | None]:
+    given = [f for f in ("keys_env", "keys_file", "keys") if f in table]
+    if len(given) != 1:
+        raise where.error(
+            None,
+            "needs exactly one of keys_env, keys_file and keys"
+            + (f" (has {', '.join(given)})" if given else ""),
+        )
+    field = given[0]
+    value = table[field]
+    try:
+        if field == "keys_env":
+            if not isinstance(value, str) or not value:
+                raise where.error(field, "must name an environment variable")
+            text = environ.get(value)
+            if text is None:
+                raise where.error(field, f"environment variable {value} is not set")
+            source = f"environment variable {value}"
+            return parse_keys(text, source=source, separators=",\n"), None
+        if field == "keys_file":
+            if not isinstance(value, str) or not value:
+                raise where.error(field, "must be a path")
+            path = base / value
+            try:
+                text = path.read_text()
+            except OSError as exc:
+                raise where.error(field, f"cannot read {str(path)!r}: {exc.strerror}") from None
+            return parse_keys(text, source=f"keys file {str(path)!r}"), path
+        if mode & (stat.S_IRWXG | stat.S_IRWXO):
+            raise where.error(
+                field,
+                f"keys written in the config need it readable by its owner only "
+                f"(chmod 600 {where.path}; it is {stat.filemode(mode)}), "
+                "or use keys_env or keys_file",
+            )
+        if isinstance(value, list) and all(isinstance(k, str) for k in value):
+            lines = value
+        elif isinstance(value, dict) and all(isinstance(k, str) for k in value.values()):
+            lines = [f"{label}={key}" for label, key in value.items()]
+        else:
+            raise where.error(field, "must be a list of keys or a table of label = key")
+        return parse_keys("\n".join(lines), source="keys"), None
+    except ConfigError as exc:
+        if str(exc).startswith(str(where.path)):
+            raise
+        raise where.error(field, str(exc)) from None
+
+
+def _route(
+    where: _Where, table: Any, base: Path, mode: int, environ: dict[str, str]
+) -> RouteConfig:
+    if not isinstance(table, dict):
+        raise where.error(None, "must be a table")
+    unknown = sorted(set(table) - ROUTE_FIELDS)
+    if unknown:
+        raise where.error(
+            unknown[0], f"unknown field (expected one of {', '.join(sorted(ROUTE_FIELDS))})"
+        )
+    name = where.route or ""
+    path = _typed(where, table, "path", str, f"/{name}")
+    if not path.startswith("/") or "?" in path or "//" in path:
+        raise where.error("path", f"must be an absolute path such as /{name}, not {path!r}")
+    path = path.rstrip("/") or "/"
+    provider = _typed(where, table, "provider", str, "anthropic")
+    if provider not in PROVIDERS:
+        raise where.error(
+            "provider", f"unknown provider {provider!r} (one of {', '.join(PROVIDERS)})"
+        )
+    keys, keys_file = _keys(where, table, base, mode, environ)
+    upstream = _typed(where, table, "upstream", str, None)
+    if upstream is None:
+        upstream = DEFAULT_UPSTREAMS.get(provider)
+    if upstream is None:
+        given = list(keys.values()) if isinstance(keys, dict) else list(keys)
+        endpoints = [k.base_url if isinstance(k, Key) else None for k in given]
+        if not (endpoints and all(endpoints)):
+            raise where.error(
+                "upstream",
+                f"provider {provider} needs upstream (the resource's endpoint) "
+                "or base_url=URL on every key",
+            )
+        upstream = str(endpoints[0])
+    strategy = _typed(where, table, "strategy", str, "ordered")
+    if strategy not in STRATEGIES:
+        raise where.error(
+            "strategy", f"unknown strategy {strategy!r} (one of {', '.join(STRATEGIES)})"
+        )
+    tokens = None
+    if "client_tokens_env" in table:
+        tokens = _tokens(where, "client_tokens_env", table["client_tokens_env"], environ)
+    max_body = _typed(where, table, "max_body_bytes", int, 32 * 1024 * 1024)
+    if max_body < 0:
+        raise where.error("max_body_bytes", "must not be negative")
+    timeout = _typed(where, table, "timeout", float, 600.0)
+    connect_timeout = _typed(where, table, "connect_timeout", float, 10.0)
+    for field, value in (("timeout", timeout), ("connect_timeout", connect_timeout)):
+        if not value > 0:
+            raise where.error(field, "must be a number of seconds above 0")
+    return RouteConfig(
+        name=name,
+        path=path,
+        provider=provider,
+        upstream=upstream,
+        keys=keys,
+        keys_file=keys_file,
+        strategy=strategy,
+        state=_typed(where, table, "state", str, None),
+        namespace=_typed(where, table, "namespace", str, name),
+        client_tokens=tokens,
+        allow_byok=_typed(where, table, "allow_byok", bool, False),
+        max_body_bytes=max_body,
+        timeout=timeout,
+        connect_timeout=connect_timeout,
+    )
+
+
+def load_config(path: str | os.PathLike[str], *, environ: dict[str, str] | None = None) -> Config:
+    """Reads and checks the config at `path`; ConfigError naming file, route and field."""
+    path = Path(path)
+    environ = dict(os.environ) if environ is None else environ
+    where = _Where(path)
+    try:
+        raw = path.read_bytes()
+        mode = path.stat().st_mode
+    except OSError as exc:
+        raise where.error(None, f"cannot read it: {exc.strerror}") from None
+    try:
+        data = tomllib.loads(raw.decode())
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise where.error(None, f"not valid TOML: {exc}") from None
+    unknown = sorted(set(data) - {"server", "routes"})
+    if unknown:
+        raise where.error(unknown[0], "unknown table (expected [server] and [routes.NAME])")
+    server = data.get("server", {})
+    if not isinstance(server, dict):
+        raise where.error("server", "must be a table")
+    unknown = sorted(set(server) - SERVER_FIELDS)
+    if unknown:
+        raise where.error(f"server.{unknown[0]}", "unknown field (expected admin_tokens_env)")
+    admin = None
+    if "admin_tokens_env" in server:
+        admin = _tokens(where, "server.admin_tokens_env", server["admin_tokens_env"], environ)
+    tables = data.get("routes")
+    if not isinstance(tables, dict) or not tables:
+        raise where.error("routes", "needs at least one [routes.NAME] table")
+    routes = []
+    for name, table in tables.items():
+        if not NAME.match(name):
+            raise where.error(f"routes.{name}", "a route's name is letters, digits, '_', '-', '.'")
+        routes.append(_route(_Where(path, name), table, path.parent, mode, environ))
+    paths: dict[str, str] = {}
+    for route in routes:
+        if route.path in paths:
+            raise _Where(path, route.name).error(
+                "path", f"{route.path} is route {paths[route.path]!r}'s too"
+            )
+        paths[route.path] = route.name
+    return Config(path=path, routes=tuple(routes), admin_tokens=admin)
+
+
+@dataclasses.dataclass
+class _Built:
+    config: RouteConfig
+    pool: KeyPool
+    proxy: FailoverProxy
+
+
+class Routes:
+    """The routes of a config as the server runs them, rebuilt on reload."""
+
+    def __init__(self, config: Config, *, default_state: str | None = None) -> None:
+        self.default_state = default_state
+        self.config = config
+        self.built = self._build(config, {})
+
+    def _build(self, config: Config, old: dict[str, _Built]) -> dict[str, _Built]:
+        from keyfailover.asgi import FailoverProxy
+
+        built: dict[str, _Built] = {}
+        reloads: list[tuple[KeyPool, Keys]] = []
+        for route in config.routes:
+            where = _Where(config.path, route.name)
+            previous = old.get(route.name)
+            state = route.state if route.state is not None else self.default_state
+            try:
+                if (
+                    previous is not None
+                    and previous.config.pool_settings() == route.pool_settings()
+                ):
+                    pool = previous.pool
+                    reloads.append((pool, route.keys))  # once everything else is built
+                else:
+                    pool = KeyPool(
+                        route.keys, state=state, namespace=route.namespace, strategy=route.strategy
+                    )
+                client = FailoverClient(
+                    pool,
+                    base_url=route.upstream,
+                    provider=route.provider,
+                    timeout=route.timeout,
+                    connect_timeout=route.connect_timeout,
+                    name=route.name,
+                )
+                proxy = FailoverProxy(
+                    client,
+                    client_tokens=route.client_tokens,
+                    allow_byok=route.allow_byok,
+                    max_body_bytes=route.max_body_bytes,
+                    admin_tokens=config.admin_tokens,
+                    reload=self._keys_of(route.name),
+                )
+            except ConfigError as exc:
+                raise where.error(None, str(exc)) from None
+            built[route.name] = _Built(route, pool, proxy)
+        for pool, keys in reloads:
+            pool.reload(keys)
+        return built
+
+    def _keys_of(self, name: str) -> Callable[[], Keys]:
+        """The reload hook of a route's admin area: its keys as the config says now."""
+
+        def keys() -> Keys:
+            config = load_config(self.config.path)
+            for route in config.routes:
+                if route.name == name:
+                    return route.keys
+            raise ConfigError(f"{config.path}: route {name!r} is not in the config any more")
+
+        return keys
+
+    def server_routes(self) -> list[tuple[str, Gateway]]:
+        return _server_routes(self.built)
+
+    def reload(self, server: Server) -> str:
+        """Loads the config again and swaps the new routes in; what changed, in words.
+        ConfigError (and nothing changes) when the config has an error."""
+        config = load_config(self.config.path)
+        old = self.built
+        # Pools keep their state in place: reloading them is the one change
+        # made before the swap, and only for routes whose pool is kept.
+        built = self._build(config, old)
+        server.set_routes(_server_routes(built))
+        self.config, self.built = config, built
+        added = [n for n in built if n not in old]
+        removed = [n for n in old if n not in built]
+        kept = [n for n in built if n in old and old[n].pool is built[n].pool]
+        parts = [f"{len(built)} routes"]
+        if added:
+            parts.append("added " + ", ".join(added))
+        if removed:
+            parts.append("removed " + ", ".join(removed))
+        renewed = [n for n in built if n in old and n not in kept]
+        if renewed:
+            parts.append("new pools for " + ", ".join(renewed))
+        return "; ".join(parts)
+
+    def describe(self) -> list[str]:
+        """One line per route, for the log: where it forwards, with which keys (hints)."""
+        lines = []
+        for b in self.built.values():
+            keys = ", ".join(f"{k['label']} {k['hint']}" for k in b.pool.snapshot())
+            count = f"{len(b.pool)} key" + ("" if len(b.pool) == 1 else "s")
+            lines.append(
+                f"route {b.config.path} ({b.config.name}, {b.config.provider}): forwarding to "
+                f"{b.config.upstream} with {count} ({keys}), key states {b.pool.state_backend}"
+            )
+        return lines
+
+
+def _server_routes(built: dict[str, _Built]) -> list[tuple[str, Gateway]]:
+    """(prefix, gateway) pairs for the native server ("" for the route at /)."""
+    return [
+        ("" if b.config.path == "/" else b.config.path, b.proxy.gateway) for b in built.values()
+    ]
+
+
+class ConfigReloader:
+    """Reloads the routes on SIGHUP and when the config or a keys file changes."""
+
+    def __init__(self, routes: Routes, server: Server, *, interval: float = 2.0) -> None:
+        self.routes = routes
+        self.server = server
+        self.interval = interval
+        self._seen = self._stamps()
+        self._stop = threading.Event()
+        self._hup = threading.Event()
+        self._lock = threading.Lock()
+
+    def _stamps(self) -> list[tuple[int, int, int] | None]:
+        stamps: list[tuple[int, int, int] | None] = []
+        for path in self.routes.config.files():
+            try:
+                st = path.stat()
+                stamps.append((st.st_mtime_ns, st.st_size, st.st_ino))
+            except OSError:
+                stamps.append(None)
+        return stamps
+
+    def reload(self, why: str) -> None:
+        with self._lock:
+            try:
+                summary = self.routes.reload(self.server)
+            except ConfigError as exc:
+                log.error("not reloading the config (%s): %s; the routes in service stay", why, exc)
+            else:
+                log.info("reloaded the config (%s): %s", why, summary)
+            self._seen = self._stamps()
+
+    def reload_if_changed(self) -> None:
+        if self._stamps() != self._seen:
+            self.reload("a file changed")
+
+    def on_sighup(self) -> None:
+        """Reloads on SIGHUP (the handler only wakes the watching thread)."""
+        import contextlib
+        import signal
+
+        with contextlib.suppress(ValueError):  # not the main thread: no signals here
+            signal.signal(signal.SIGHUP, lambda *_: self._hup.set())
+
+    def watch(self) -> None:
+        def loop() -> None:
+            while not self._stop.is_set():
+                hup = self._hup.wait(self.interval)
+                if self._stop.is_set():
+                    return
+                if hup:
+                    self._hup.clear()
+                    self.reload("SIGHUP")
+                else:
+                    self.reload_if_changed()
+
+        threading.Thread(target=loop, name="keyfailover-config", daemon=True).start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._hup.set()

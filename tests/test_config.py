@@ -1,0 +1,356 @@
+"""`keyfailover serve --config FILE`: several routes, each with its provider and pool,
+in one native server with one admin area; the file's checks (naming file, route and
+field), `--check`, and reloads that keep key state or, on an error, change nothing."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from keyfailover import ConfigError
+from keyfailover._config import load_config
+from keyfailover.testing import MockUpstream, Reply
+
+ANTHROPIC = ["sk-ant-route-key-0-aaaaaaaaaaaa", "sk-ant-route-key-1-bbbbbbbbbbbb"]
+OPENAI = ["sk-openai-route-key-0-cccccccccc", "sk-openai-route-key-1-dddddddddd"]
+GEMINI = ["AIzaGeminiRouteKey0eeeeeeeeeeeeeee", "AIzaGeminiRouteKey1ffffffffffffffff"]
+ALL_KEYS = ANTHROPIC + OPENAI + GEMINI
+TOKEN, ADMIN = "kf-route-token-1234", "kf-admin-token-5678"
+MESSAGE = {"model": "m", "max_tokens": 5, "messages": [{"role": "user", "content": "hi"}]}
+CHAT = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
+GEMINI_BODY = {"contents": [{"role": "user", "parts": [{"text": "Hi"}]}]}
+GENERATE = "/v1beta/models/gemini-2.5-flash:generateContent"
+
+
+def config_text(upstream: str, extra: str = "") -> str:
+    return f"""
+[server]
+admin_tokens_env = "KF_TEST_ADMIN"
+
+[routes.anthropic]
+provider = "anthropic"
+upstream = "{upstream}"
+keys_env = "KF_TEST_ANTHROPIC"
+strategy = "ordered"
+
+[routes.openai]
+path = "/oai"
+provider = "openai"
+upstream = "{upstream}"
+keys_file = "openai.keys"
+client_tokens_env = "KF_TEST_TOKENS"
+
+[routes.gemini]
+provider = "gemini"
+upstream = "{upstream}"
+keys_env = "KF_TEST_GEMINI"
+{extra}"""
+
+
+ENV = {
+    "KF_TEST_ADMIN": ADMIN,
+    "KF_TEST_ANTHROPIC": ",".join(ANTHROPIC),
+    "KF_TEST_GEMINI": ",".join(GEMINI),
+    "KF_TEST_TOKENS": TOKEN,
+}
+
+
+@pytest.fixture
+def config_dir(tmp_path: Path, up: MockUpstream) -> Path:
+    (tmp_path / "kf.toml").write_text(config_text(up.url))
+    (tmp_path / "openai.keys").write_text("\n".join(OPENAI) + "\n")
+    return tmp_path
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+class Served:
+    def __init__(self, proc: subprocess.Popen[str], url: str) -> None:
+        self.proc = proc
+        self.url = url
+
+    def stop(self) -> str:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        _, err = self.proc.communicate(timeout=20)
+        return err
+
+
+@pytest.fixture
+def serve(config_dir: Path) -> Iterator[Served]:
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "keyfailover", "serve", "--config", str(config_dir / "kf.toml"),
+         "--port", str(port), "--grace", "1"],
+        env={**os.environ, **ENV},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )  # fmt: skip
+    served = Served(proc, f"http://127.0.0.1:{port}")
+    deadline = time.monotonic() + 15
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port)).close()
+            break
+        except OSError:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise AssertionError(proc.communicate()) from None
+            time.sleep(0.05)
+    yield served
+    if proc.poll() is None:
+        proc.kill()
+        proc.communicate()
+
+
+def credential_of(request: object) -> str | None:
+    return request.credential  # type: ignore[attr-defined,no-any-return]
+
+
+def test_three_routes_each_fail_over_on_their_own(up: MockUpstream, serve: Served) -> None:
+    up.set_reply(
+        ANTHROPIC[0], Reply.error(429, "rate_limit_error", "slow", headers={"retry-after": "30"})
+    )
+    up.set_reply(OPENAI[0], Reply.error(401, "invalid_api_key", "revoked"))
+    up.set_reply(GEMINI[0], Reply.gemini_error(429, "RESOURCE_EXHAUSTED", "quota"))
+    with httpx.Client(base_url=serve.url, timeout=10) as http:
+        anthropic = http.post("/anthropic/v1/messages", json=MESSAGE)
+        openai = http.post(
+            "/oai/v1/chat/completions", json=CHAT, headers={"authorization": f"Bearer {TOKEN}"}
+        )
+        gemini = http.post(f"/gemini{GENERATE}", json=GEMINI_BODY)
+        no_token = http.post("/oai/v1/chat/completions", json=CHAT)
+        unrouted = http.post("/v1/messages", json=MESSAGE)
+    assert anthropic.status_code == openai.status_code == gemini.status_code == 200
+    assert no_token.status_code == 401
+    assert unrouted.status_code == 404
+    # Each route walked its own keys, to its own provider's paths.
+    seen = [(r.path, credential_of(r)) for r in up.requests]
+    assert seen == [
+        ("/v1/messages", ANTHROPIC[0]),
+        ("/v1/messages", ANTHROPIC[1]),
+        ("/v1/chat/completions", OPENAI[0]),
+        ("/v1/chat/completions", OPENAI[1]),
+        (GENERATE, GEMINI[0]),
+        (GENERATE, GEMINI[1]),
+    ]
+
+    with httpx.Client(base_url=serve.url, timeout=10) as http:
+        # One admin area for all, with the server's admin token.
+        assert http.get("/_keyfailover/keys").status_code == 401
+        admin = {"x-api-key": ADMIN}
+        keys = http.get("/_keyfailover/keys", headers=admin).json()["pools"]
+        metrics = http.get("/_keyfailover/metrics", headers=admin).text
+        ready = http.get("/_keyfailover/readyz")
+        # Each route keeps its own area below its prefix.
+        route_keys = http.get("/oai/_keyfailover/keys", headers={"x-api-key": TOKEN}).json()
+    assert {pool: [k["state"] for k in ks] for pool, ks in keys.items()} == {
+        "anthropic": ["temporary", "valid"],
+        "openai": ["permanent", "valid"],
+        "gemini": ["temporary", "valid"],
+    }
+    assert ready.status_code == 200
+    assert [k["state"] for k in route_keys["keys"]] == ["permanent", "valid"]
+    for pool in ("anthropic", "openai", "gemini"):
+        assert f'keyfailover_keys{{pool="{pool}",state="valid"}} 1' in metrics
+    assert metrics.count("# TYPE keyfailover_keys gauge") == 1
+    err = serve.stop()
+    assert serve.proc.returncode == 0
+    for key in ALL_KEYS:
+        assert key not in err + json.dumps(keys) + metrics
+    assert "route /oai (openai, openai): forwarding to" in err
+
+
+def test_sighup_reloads_the_config_keeping_key_state(
+    up: MockUpstream, serve: Served, config_dir: Path
+) -> None:
+    up.set_reply(
+        ANTHROPIC[0], Reply.error(429, "rate_limit_error", "slow", headers={"retry-after": "60"})
+    )
+    with httpx.Client(base_url=serve.url, timeout=10) as http:
+        assert http.post("/anthropic/v1/messages", json=MESSAGE).status_code == 200
+    # A new route and a new key for openai; anthropic unchanged.
+    (config_dir / "kf.toml").write_text(
+        config_text(
+            up.url,
+            f'\n[routes.more]\nprovider = "anthropic"\nupstream = "{up.url}"\n'
+            'keys_env = "KF_TEST_ANTHROPIC"\nnamespace = "more"\n',
+        )
+    )
+    (config_dir / "openai.keys").write_text(
+        "\n".join([*OPENAI, "sk-openai-route-key-2-gggggggggg"])
+    )
+    serve.proc.send_signal(signal.SIGHUP)
+    admin = {"x-api-key": ADMIN}
+    with httpx.Client(base_url=serve.url, timeout=10) as http:
+        deadline = time.monotonic() + 10
+        while "more" not in http.get("/_keyfailover/keys", headers=admin).json()["pools"]:
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+        pools = http.get("/_keyfailover/keys", headers=admin).json()["pools"]
+        assert [k["state"] for k in pools["anthropic"]] == ["temporary", "valid"]  # kept
+        assert len(pools["openai"]) == 3
+        assert http.post("/more/v1/messages", json=MESSAGE).status_code == 200
+
+        # A config with an error changes nothing.
+        (config_dir / "kf.toml").write_text(config_text(up.url, "\n[routes.bad]\nprovider = 1\n"))
+        serve.proc.send_signal(signal.SIGHUP)
+        time.sleep(1)
+        assert "more" in http.get("/_keyfailover/keys", headers=admin).json()["pools"]
+        assert http.post("/more/v1/messages", json=MESSAGE).status_code == 200
+    err = serve.stop()
+    assert "reloaded the config (SIGHUP): 4 routes; added more" in err
+    assert "not reloading the config (SIGHUP):" in err
+    assert "route 'bad': provider: must be a string, not 1" in err
+    assert serve.proc.returncode == 0
+
+
+def write(tmp_path: Path, text: str, mode: int = 0o644) -> Path:
+    path = tmp_path / "kf.toml"
+    path.write_text(text)
+    path.chmod(mode)
+    return path
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("routes = 1", "routes: needs at least one [routes.NAME] table"),
+        (
+            "[routes.a]\nprovider = 'anthropic'",
+            "route 'a': needs exactly one of keys_env, keys_file and keys",
+        ),
+        (
+            "[routes.a]\nkeys_env = 'KF_NOPE'",
+            "route 'a': keys_env: environment variable KF_NOPE is not set",
+        ),
+        (
+            "[routes.a]\nkeys_env = 'K'\nstrategy = 'fastest'",
+            "route 'a': strategy: unknown strategy 'fastest'",
+        ),
+        (
+            "[routes.a]\nkeys_env = 'K'\nprovider = 'cohere'",
+            "route 'a': provider: unknown provider 'cohere'",
+        ),
+        (
+            "[routes.a]\nkeys_env = 'K'\ntimeout = 'soon'",
+            "route 'a': timeout: must be a number, not 'soon'",
+        ),
+        (
+            "[routes.a]\nkeys_env = 'K'\nallow_byok = 1",
+            "route 'a': allow_byok: must be true or false, not 1",
+        ),
+        ("[routes.a]\nkeys_env = 'K'\npath = 'a'", "route 'a': path: must be an absolute path"),
+        (
+            "[routes.a]\nkeys_env = 'K'\n[routes.b]\nkeys_env = 'K'\npath = '/a'",
+            "route 'b': path: /a is route 'a''s too",
+        ),
+        ("[routes.a]\nkeys_file = 'missing.keys'", "route 'a': keys_file: cannot read"),
+        (
+            "[routes.a]\nkeys_env = 'K'\nprovider = 'azure_openai'",
+            "route 'a': upstream: provider azure_openai needs upstream",
+        ),
+        ("[routes.a]\nkeys_env = 'K'\nextra = 1", "route 'a': extra: unknown field"),
+        ("[server]\nport = 1\n[routes.a]\nkeys_env = 'K'", "server.port: unknown field"),
+        ("[routes.a\n", "not valid TOML"),
+        ("[routes.a]\nkeys_env = 'KF_BAD'", "route 'a': keys_env: environment variable KF_BAD"),
+    ],
+)
+def test_config_errors_name_the_file_the_route_and_the_field(
+    tmp_path: Path, text: str, message: str
+) -> None:
+    path = write(tmp_path, text)
+    env = {"K": ANTHROPIC[0], "KF_BAD": "a=x\nb"}
+    with pytest.raises(ConfigError) as raised:
+        load_config(path, environ=env)
+    assert str(raised.value).startswith(f"{path}: ")
+    assert message in str(raised.value)
+
+
+def test_keys_in_the_config_only_when_its_owner_alone_can_read_it(tmp_path: Path) -> None:
+    text = f"[routes.a]\nkeys = ['{ANTHROPIC[0]}', '{ANTHROPIC[1]}']\n"
+    with pytest.raises(ConfigError, match="readable by its owner only") as raised:
+        load_config(write(tmp_path, text, 0o644), environ={})
+    assert ANTHROPIC[0] not in str(raised.value)
+    config = load_config(write(tmp_path, text, 0o600), environ={})
+    assert len(config.routes[0].keys) == 2
+    labelled = f"[routes.a.keys]\neast = '{ANTHROPIC[0]} group=org-1'\n"
+    (route,) = load_config(write(tmp_path, labelled, 0o600), environ={}).routes
+    assert isinstance(route.keys, dict)
+    assert route.keys["east"].group == "org-1"  # type: ignore[union-attr]
+    assert ANTHROPIC[0] not in repr(route)
+
+
+def run_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "keyfailover", *args],
+        env={**os.environ, **(env or {})},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+def test_check_validates_and_exits(config_dir: Path) -> None:
+    path = str(config_dir / "kf.toml")
+    ok = run_cli("serve", "--config", path, "--check", env=ENV)
+    assert ok.returncode == 0, ok.stderr
+    assert ok.stdout.strip() == (
+        f"{path}: 3 routes OK: anthropic at /anthropic (anthropic, 2 keys), "
+        "openai at /oai (openai, 2 keys), gemini at /gemini (gemini, 2 keys)"
+    )
+    missing = run_cli("serve", "--config", path, "--check", env={**ENV, "KF_TEST_GEMINI": ""})
+    assert missing.returncode == 2
+    (line,) = missing.stderr.strip().splitlines()
+    assert line.startswith(f"keyfailover serve: error: {path}: route 'gemini': keys_env: ")
+
+
+def test_a_config_with_an_error_never_starts(config_dir: Path) -> None:
+    path = config_dir / "kf.toml"
+    path.write_text(path.read_text() + "\n[routes.broken]\nkeys_env = 'KF_TEST_NOT_SET'\n")
+    result = run_cli("serve", "--config", str(path), "--port", str(free_port()), env=ENV)
+    assert result.returncode == 2
+    (line,) = result.stderr.strip().splitlines()
+    assert "route 'broken': keys_env: environment variable KF_TEST_NOT_SET is not set" in line
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (
+            ["--provider", "openai"],
+            "--provider is a route's setting: with --config, set it in the file",
+        ),
+        (["--server", "uvicorn"], "--config runs the native server"),
+        (
+            ["--host", "0.0.0.0"],
+            "refusing to listen on 0.0.0.0 with route 'anthropic' open to anyone",
+        ),
+    ],
+)
+def test_options_that_do_not_go_with_a_config(
+    config_dir: Path, args: list[str], message: str
+) -> None:
+    result = run_cli("serve", "--config", str(config_dir / "kf.toml"), *args, env=ENV)
+    assert result.returncode == 2
+    assert message in result.stderr
+
+
+def test_check_needs_a_config() -> None:
+    result = run_cli("serve", "--keys-env", "K", "--check", env={"K": ANTHROPIC[0]})
+    assert result.returncode == 2
+    assert "--check goes with --config" in result.stderr
