@@ -8,9 +8,11 @@ it. Test modules import the plain helpers from here: ``from conftest import ...`
 from __future__ import annotations
 
 import asyncio
+import os
 import socket
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Iterator
 from datetime import datetime, timezone
+from pathlib import Path
 from typing import Any, TypeVar
 
 import pytest
@@ -96,3 +98,32 @@ def make_pool(clock: kf.ManualClock) -> Callable[..., kf.KeyPool]:
         return kf.KeyPool(FAKE_KEYS[:n], clock=clock, **kwargs)
 
     return make
+
+
+def _mapped_files() -> set[str]:
+    """Every file some process on this machine has mapped (as far as we may see)."""
+    mapped: set[str] = set()
+    for maps in Path("/proc").glob("[0-9]*/maps"):
+        try:
+            text = maps.read_text()
+        except OSError:
+            continue
+        for line in text.splitlines():
+            fields = line.split(maxsplit=5)
+            if len(fields) == 6:
+                mapped.add(fields[5])
+    return mapped
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _remove_shared_state_files() -> Iterator[None]:
+    """The shared-memory state files the tests create (one per namespace) stay
+    after their pools are gone, by design; remove this session's once no
+    process maps them, so that test runs do not fill /dev/shm."""
+    directory, ours = Path(kf._native._shm_path("x")).parent, f"keyfailover-{os.getuid()}-*"
+    before = set(directory.glob(ours))
+    yield
+    mapped = _mapped_files()
+    for path in set(directory.glob(ours)) - before:
+        if str(path) not in mapped:
+            path.unlink(missing_ok=True)

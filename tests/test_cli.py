@@ -116,7 +116,7 @@ def test_serve_argument_errors_are_one_line(command, message):
 def test_serve_needs_a_keys_source():
     result = run_cli("serve")
     assert result.returncode == 2
-    assert "one of the arguments --keys-file --keys-env is required" in result.stderr
+    assert "one of the arguments --keys-file --keys-env --config is required" in result.stderr
 
 
 def test_serve_without_uvicorn_says_what_to_install(monkeypatch, capsys):
