@@ -640,3 +640,81 @@ pub fn listener_from_fd(fd: i32) -> Result<std::net::TcpListener> {
         .map_err(|e| Error::Config(format!("cannot use the listening socket: {e}")))?;
     Ok(listener)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::failover::{ClientOptions, FailoverClient};
+    use crate::gateway::GatewayOptions;
+    use crate::pool::{Cooldowns, KeyPool};
+    use crate::provider::Provider;
+
+    fn route(prefix: &str) -> Route {
+        let pool = KeyPool::from_keys(["sk-ant-server-key-0-xxxxxxxx"], Cooldowns::default(), None)
+            .unwrap();
+        let client = FailoverClient::new(
+            pool,
+            ClientOptions {
+                base_url: "http://127.0.0.1:9".into(),
+                provider: Provider::Anthropic,
+                timeout: Duration::from_secs(1),
+                connect_timeout: Duration::from_secs(1),
+                name: None,
+            },
+        )
+        .unwrap();
+        Route {
+            prefix: prefix.to_owned(),
+            gateway: Arc::new(Gateway::new(Arc::new(client), GatewayOptions::default()).unwrap()),
+        }
+    }
+
+    fn found<'t>(routes: &[Route], target: &'t str) -> Option<(String, Cow<'t, str>)> {
+        super::route(routes, target).map(|(r, rest)| (r.prefix.clone(), rest))
+    }
+
+    #[test]
+    fn the_longest_prefix_takes_a_path_cut_at_a_segment() {
+        let routes = checked(vec![route("/a"), route("/a/b/"), route("")]).unwrap();
+        assert_eq!(
+            routes.iter().map(|r| r.prefix.as_str()).collect::<Vec<_>>(),
+            ["/a/b", "/a", ""]
+        );
+        let at = |target| found(&routes, target).map(|(p, rest)| (p, rest.into_owned()));
+        assert_eq!(
+            at("/a/b/v1/x?q=1"),
+            Some(("/a/b".into(), "/v1/x?q=1".into()))
+        );
+        assert_eq!(at("/a/v1"), Some(("/a".into(), "/v1".into())));
+        assert_eq!(at("/a"), Some(("/a".into(), "/".into())));
+        assert_eq!(at("/a?x=1"), Some(("/a".into(), "/?x=1".into())));
+        // "/ab" is not below "/a": the empty prefix takes it whole.
+        assert_eq!(at("/ab/v1"), Some(("".into(), "/ab/v1".into())));
+    }
+
+    #[test]
+    fn routes_are_checked() {
+        let error = |routes| match checked(routes) {
+            Err(e) => e.to_string(),
+            Ok(_) => panic!("accepted"),
+        };
+        assert!(error(vec![]).contains("at least one route"));
+        assert!(error(vec![route("a")]).contains("must start with /"));
+        assert!(error(vec![route("/a"), route("/a/")]).contains("two routes at \"/a\""));
+        assert!(error(vec![route(""), route("/")]).contains("two routes at \"/\""));
+        let only = checked(vec![route("/a")]).unwrap();
+        assert!(found(&only, "/b").is_none());
+    }
+
+    #[test]
+    fn new_routes_take_the_next_request() {
+        let server = Server::new(vec![route("/a")], ServerOptions::default()).unwrap();
+        server.set_routes(vec![route("/b"), route("/c")]).unwrap();
+        let routes = server.routes.load_full();
+        assert!(found(&routes, "/a/v1").is_none());
+        assert_eq!(found(&routes, "/c/v1").unwrap().0, "/c");
+        // A bad set changes nothing.
+        assert!(server.set_routes(vec![]).is_err());
+        assert_eq!(server.routes.load().len(), 2);
+    }
+}
