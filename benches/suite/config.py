@@ -61,6 +61,7 @@ class Plan:
     drift_requests: int
     sdk_duration: float
     paced_rate: float  # requests/s in all, for the latency below saturation
+    steady_rate: float  # the same at a pace only the fastest setups take (the native server)
     client_requests: int  # bare FailoverClient vs httpx2: requests each way, in three runs
     shared_duration: float  # seconds per run of the state backends and `serve --workers`
     shared_rounds: int  # alternating runs of each of those setups (the median is reported)
@@ -88,6 +89,7 @@ FULL = Plan(
     drift_requests=100_000,
     sdk_duration=3.0,
     paced_rate=500,
+    steady_rate=5000,
     client_requests=20_000,
     shared_duration=2.0,
     shared_rounds=5,
@@ -111,6 +113,7 @@ SMOKE = Plan(
     drift_requests=300,
     sdk_duration=0.3,
     paced_rate=100,
+    steady_rate=200,
     client_requests=200,
     shared_duration=0.5,
     shared_rounds=1,

@@ -103,6 +103,7 @@ def blocking(bench: Bench) -> dict[str, Any]:
 
         for key, row in for_each(bench.setups, f"c={connections}", measure, bench.notes).items():
             out[key][str(connections)] = row
+    bench.shared["blocking"] = out  # for `steady`: which setups can take its pace
     return out
 
 
@@ -118,6 +119,32 @@ def paced(bench: Bench) -> dict[str, Any]:
         return load_dict(load)
 
     return for_each(bench.setups, "paced load", measure, bench.notes)
+
+
+def steady(bench: Bench) -> dict[str, Any]:
+    """16 connections at `plan.steady_rate` requests/s in all (as `paced`), for the setups
+    whose closed-loop throughput at c=16 is at least `STEADY_HEADROOM` times that: above
+    its capacity a pace measures the queue, not the cost of a request."""
+    rate = bench.plan.steady_rate
+    capacity = {
+        key: rows["16"]["rps"]
+        for key, rows in bench.shared.get("blocking", {}).items()
+        if "16" in rows
+    }
+    able = [s for s in bench.setups if capacity.get(s.key, 0) >= STEADY_HEADROOM * rate]
+    left = [s.label for s in bench.setups if s not in able]
+    out: dict[str, Any] = {"rate": rate, "setups": {}, "skipped": left}
+
+    def measure(setup: Setup) -> dict[str, Any]:
+        load = bench.gen.run(setup, "json", 16, bench.plan.duration, rate=rate)
+        log(
+            f"  {setup.label:34} {load.rps:6.0f} req/s  p50 {load.p(50):6.2f} ms  "
+            f"p99 {load.p(99):6.2f} ms  errors {load.errors}"
+        )
+        return load_dict(load)
+
+    out["setups"] = for_each(able, f"{rate:,.0f} req/s", measure, bench.notes)
+    return out
 
 
 def sse(bench: Bench) -> dict[str, Any]:
@@ -146,6 +173,10 @@ def sse(bench: Bench) -> dict[str, Any]:
         return row
 
     return for_each(bench.setups, "SSE stream", measure, bench.notes)
+
+
+# `steady` paces a setup only if it did at least this many times the pace at c=16.
+STEADY_HEADROOM = 1.5
 
 
 def sequential(setup: Setup, route: str, rounds: int, pause: float = 0.0) -> tuple[float, int]:
@@ -191,7 +222,9 @@ def failover(bench: Bench) -> dict[str, Any]:
         )
         return {"plain": plain, "failover": failover, "upstream_calls": calls, "errors": errors}
 
-    return for_each(bench.setups, "failover", measure, bench.notes)
+    # nginx cannot swap keys between attempts: it has no failover route.
+    setups = [s for s in bench.setups if not s.is_proxy or "failover" in s.targets]
+    return for_each(setups, "failover", measure, bench.notes)
 
 
 def drift(bench: Bench) -> dict[str, Any] | None:
@@ -281,7 +314,11 @@ def streams(bench: Bench) -> dict[str, Any]:
 
     # LiteLLM opens streams slowly (about 150 ms each, one at a time): 1,000 would take
     # minutes of the suite's budget for a figure no goal needs.
-    proxies = [s for s in bench.setups if s.is_proxy and s.proc is not None and s.key != "litellm"]
+    proxies = [
+        s
+        for s in bench.setups
+        if s.is_proxy and s.proc is not None and "slow" in s.targets and s.key != "litellm"
+    ]
     return for_each(proxies, "held-open streams", measure, bench.notes)
 
 

@@ -6,7 +6,9 @@
 - The upstreams: nginx serving static replies and MockUpstream in its own
   process (the `_mock` role).
 - The setups, each a process of its own with the same routes: the upstream
-  directly, the ASGI servers loading `suite.app:asgi_app`, LiteLLM's proxy.
+  directly, nginx proxying to it (the floor for a proxy), the same proxies on
+  keyfailover's native server (`python -m suite.app`), the ASGI servers loading
+  `suite.app:asgi_app`, LiteLLM's proxy.
 """
 
 from __future__ import annotations
@@ -319,6 +321,7 @@ def mock_role(spec: dict[str, Any]) -> None:
 # answer, or (propagation) a mark another process never saw.
 MUST_PASS = frozenset(
     {
+        "kf-native",
         "kf-uvicorn",
         "kf-granian",
         "py-uvicorn",
@@ -331,6 +334,8 @@ MUST_PASS = frozenset(
         "kf-serve-1-one-cpu",
         "kf-serve-1",
         "kf-serve-2",
+        "kf-serve-native",
+        "kf-serve-native-one-cpu",
     }
 )
 
@@ -414,6 +419,94 @@ def start_asgi(
     label = label or f"{impl_name} + {server}"
     key = key or {"keyfailover": "kf", "python": "py"}[impl] + f"-{server}"
     setup = Setup(key, label, port, proxy_targets(), proc, note)
+    path, credential, _ = setup.targets["json"]
+    wait_ready(port, path, credential, proc)
+    return setup
+
+
+def start_native(
+    procs: Processes,
+    fast: Upstream,
+    slow: Upstream,
+    *,
+    threads: int = 1,
+    cpus: str | None = SERVER_CPU,
+) -> Setup:
+    """The same proxies on keyfailover's native server (`python -m suite.app`: the routes of
+    `asgi_app`, one `Server` route each), `threads` runtime threads, pinned to `cpus`."""
+    port = free_port()
+    env = {"KFB_FAST": fast.url, "KFB_SLOW": slow.url, "KFB_HOST": HOST}
+    args = [sys.executable, "-m", "suite.app", str(port), str(threads)]
+    proc = procs.start(args, cpus=cpus, env=env, cwd=str(HERE))
+    note = (
+        f"keyfailover's native server (what `keyfailover serve` runs) with --threads {threads}, "
+        "no access log, one process"
+    )
+    setup = Setup("kf-native", "FailoverProxy, native server", port, proxy_targets(), proc, note)
+    path, credential, _ = setup.targets["json"]
+    wait_ready(port, path, credential, proc)
+    return setup
+
+
+NGINX_PROXY_CONF = """
+worker_processes 1;
+pid {dir}/nginx.pid;
+error_log {dir}/error.log warn;
+events {{ worker_connections 8192; }}
+http {{
+    access_log off;
+    keepalive_requests 10000000;
+    keepalive_timeout 120s;
+    client_body_temp_path {dir}/body;
+    proxy_temp_path {dir}/proxy;
+    upstream fast {{ server {host}:{fast}; keepalive 128; keepalive_requests 10000000; }}
+    server {{
+        listen {host}:{port} backlog=4096;
+        # What the proxies do at the least: check the client's token, swap in the key,
+        # forward over pooled keep-alive connections, stream the reply.
+        if ($http_x_api_key != "{token}") {{ return 401; }}
+        proxy_http_version 1.1;
+        proxy_set_header Connection "";
+        proxy_set_header x-api-key "{key}";
+        proxy_buffering off;
+        location /anthropic/ {{ proxy_pass http://fast/; }}
+        location /sse/ {{
+            proxy_set_header x-api-key "{sse_key}";
+            proxy_pass http://fast/sse1000/;
+        }}
+    }}
+}}
+"""
+
+
+def start_nginx_proxy(procs: Processes, workdir: Path, fast: Upstream) -> Setup:
+    """nginx as a reverse proxy in front of the fast upstream, one worker pinned to
+    SERVER_CPU like every proxy: the floor for a proxy on one core."""
+    proxy_dir = workdir / "nginx-proxy"
+    proxy_dir.mkdir()
+    proxy_dir.chmod(0o755)
+    port = free_port()
+    conf = NGINX_PROXY_CONF.format(
+        dir=proxy_dir,
+        host=HOST,
+        port=port,
+        fast=fast.port,
+        token=TOKEN,
+        key=OK_KEY,
+        sse_key=SSE_KEY,
+    )
+    (proxy_dir / "nginx.conf").write_text(conf)
+    nginx = shutil.which("nginx") or "/usr/sbin/nginx"
+    args = [nginx, "-p", str(proxy_dir), "-c", str(proxy_dir / "nginx.conf"), "-g", "daemon off;"]
+    proc = procs.start(args, cpus=SERVER_CPU)
+    targets = {
+        route: target for route, target in proxy_targets().items() if route in ("json", "sse")
+    }
+    note = (
+        "nginx `proxy_pass`, 1 worker, checks the client token and swaps in the key, "
+        "keep-alive to the upstream, no buffering: the floor for a proxy"
+    )
+    setup = Setup("nginx-proxy", "nginx proxy_pass", port, targets, proc, note)
     path, credential, _ = setup.targets["json"]
     wait_ready(port, path, credential, proc)
     return setup
@@ -550,6 +643,11 @@ def start_setups(
 ) -> list[Setup]:
     """The setups every measurement sees, in table order; the ones that cannot start are noted."""
     setups = [direct_setup(fast)]
+    if fast.name == "nginx":
+        setups.append(start_nginx_proxy(procs, workdir, fast))
+    else:
+        notes.append("No nginx (smoke, or not installed): the nginx proxy_pass floor is skipped.")
+    setups.append(start_native(procs, fast, slow))
     setups.append(start_asgi(procs, "keyfailover", "uvicorn", fast, slow))
     try:
         import granian  # noqa: F401

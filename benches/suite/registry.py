@@ -32,6 +32,7 @@ class Measurement:
 MEASUREMENTS: list[Measurement] = [
     Measurement("blocking", "blocking", measure.blocking, report.blocking_section),
     Measurement("paced", "paced", measure.paced, report.paced_section),
+    Measurement("steady", "steady", measure.steady, report.steady_section),
     Measurement("sse", "sse", measure.sse, report.sse_section),
     Measurement("failover", "failover", measure.failover, report.failover_section),
     # Before the streams (see measure.drift); shown in the memory section.

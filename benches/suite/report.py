@@ -14,6 +14,7 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 from .config import PCTS, RESULTS, SLOW_DELAY, SSE_EVENTS
+from .measure import STEADY_HEADROOM
 
 
 def ms(seconds: float) -> str:
@@ -112,6 +113,7 @@ def check_goals(r: dict[str, Any], smoke: bool) -> list[tuple[str, str, bool | N
         )
     goals += shared_goals(r)
     goals += strategy_goals(r)
+    goals += native_goals(r)
     if smoke:  # tiny counts: the figures show the suite works, not how fast anything is
         return [(goal, figure, None) for goal, figure, _ in goals]
     return goals
@@ -207,6 +209,128 @@ def strategy_goals(r: dict[str, Any]) -> list[tuple[str, str, bool | None]]:
                 f"`headroom` serves >= {SERVED_GOAL:.0%} of the capacity ({where})",
                 f"{served:.1%}",
                 served >= SERVED_GOAL,
+            )
+        )
+    return goals
+
+
+# The goals of issue 14, for the native server (`keyfailover serve`, setup "kf-native").
+NATIVE_VS_FLOOR = 0.5  # req/s on one core, over nginx proxy_pass's
+NATIVE_VS_UVICORN = 8.0  # over FailoverProxy + uvicorn's
+C1_ADDED_MS = (0.1, 0.3)  # added p50, p99 over direct at c=1
+STEADY_ADDED_MS = (0.2, 1.0)  # the same at plan.steady_rate over 16 connections
+BOTH_CORES = 1.7  # both CPUs (default threads) over one (--threads 1)
+STREAMS_ADDED_MB = 40  # RSS above idle with plan.streams streams open
+# "A failover adds one upstream round trip and nothing measurable besides": the added
+# time may exceed a round trip sent directly by this much (the medians of one failover
+# move by about this much from run to run: granian's came out at -0.09 ms once).
+FAILOVER_EXTRA_MS = 0.1
+
+
+def native_goals(r: dict[str, Any]) -> list[tuple[str, str, bool | None]]:
+    """The goals of issue 14: the native server against nginx proxying and uvicorn on one
+    core, its added latency, both CPUs against one, memory per stream, one failover."""
+    from .shared import NATIVE_BASE, NATIVE_BOTH
+
+    goals: list[tuple[str, str, bool | None]] = []
+    blocking = r["blocking"]
+    native = blocking.get("kf-native")
+    if native is None:
+        return [("the native server's goals", "not run (it did not start)", None)]
+    for c in ("16", "64"):
+        for key, factor, what in (
+            ("nginx-proxy", NATIVE_VS_FLOOR, f">= {NATIVE_VS_FLOOR:.0%} of nginx proxy_pass"),
+            ("kf-uvicorn", NATIVE_VS_UVICORN, f">= {NATIVE_VS_UVICORN:g}x FailoverProxy + uvicorn"),
+        ):
+            goal = f"native server throughput {what}, c={c}, one core each"
+            other = blocking.get(key, {}).get(c)
+            if c not in native or other is None:
+                goals.append((goal, "not run", None))
+                continue
+            ratio = native[c]["rps"] / other["rps"]
+            goals.append(
+                (
+                    goal,
+                    f"{ratio:.2f}x ({native[c]['rps']:,.0f} vs {other['rps']:,.0f} req/s)",
+                    ratio >= factor,
+                )
+            )
+    limit50, limit99 = C1_ADDED_MS
+    if "1" in native:
+        base, row = blocking["direct"]["1"]["p"], native["1"]["p"]
+        added50, added99 = row["50"] - base["50"], row["99"] - base["99"]
+        floor = blocking.get("nginx-proxy", {}).get("1")
+        also = (
+            f"; nginx proxy_pass +{floor['p']['50'] - base['50']:.2f} / "
+            f"+{floor['p']['99'] - base['99']:.2f} ms"
+            if floor
+            else ""
+        )
+        goals.append(
+            (
+                f"native server adds <= {limit50} ms p50 and <= {limit99} ms p99 over direct, c=1",
+                f"+{added50:.2f} ms p50, +{added99:.2f} ms p99{also}",
+                added50 <= limit50 and added99 <= limit99,
+            )
+        )
+    steady = (r.get("steady") or {}).get("setups") or {}
+    limit50, limit99 = STEADY_ADDED_MS
+    goal = (
+        f"native server adds <= {limit50} ms p50 and <= {limit99} ms p99 over direct, "
+        f"16 connections at a steady {r['plan']['steady_rate']:,.0f} req/s"
+    )
+    if "kf-native" in steady and "direct" in steady:
+        base, row = steady["direct"]["p"], steady["kf-native"]["p"]
+        added50, added99 = row["50"] - base["50"], row["99"] - base["99"]
+        goals.append(
+            (
+                goal,
+                f"+{added50:.2f} ms p50, +{added99:.2f} ms p99",
+                added50 <= limit50 and added99 <= limit99,
+            )
+        )
+    else:
+        goals.append((goal, "not run", None))
+    for c, rows in ((r.get("workers") or {}).get("native") or {}).items():
+        goal = (
+            f"native server on both CPUs >= {BOTH_CORES:g}x on one (`--threads 1`), c={c}, "
+            "load generator and upstream on one of the two"
+        )
+        if NATIVE_BASE not in rows or NATIVE_BOTH not in rows:
+            goals.append((goal, "not run", None))
+            continue
+        both, one = rows[NATIVE_BOTH], rows[NATIVE_BASE]
+        ok, how = decide(both["ratios"], BOTH_CORES)
+        goals.append(
+            (
+                goal,
+                f"{both['ratio']:.2f}x (rounds {spread(both['ratios'])}{how}; "
+                f"{both['rps']:,.0f} vs {one['rps']:,.0f} req/s)",
+                ok,
+            )
+        )
+    memory = (r.get("memory") or {}).get("kf-native")
+    if memory:
+        added = memory["streams"] - memory["idle"]
+        goals.append(
+            (
+                f"native server: {memory['n']:,} open SSE streams add <= {STREAMS_ADDED_MB} MB "
+                "of RSS over idle",
+                f"+{mb(added)} ({mb(memory['idle'])} idle, {mb(memory['streams'])} with them)",
+                added <= STREAMS_ADDED_MB * 2**20,
+            )
+        )
+    failover = r.get("failover") or {}
+    if "kf-native" in failover and "direct" in failover:
+        row, rtt = failover["kf-native"], failover["direct"]["plain"]
+        added = row["failover"] - row["plain"]
+        goals.append(
+            (
+                f"native server: a failover adds one upstream round trip (a request sent "
+                f"directly) and at most {FAILOVER_EXTRA_MS} ms more",
+                f"+{added * 1e3:.3f} ms, round trip {rtt * 1e3:.3f} ms "
+                f"({row['upstream_calls']:.2f} upstream calls per request)",
+                added - rtt <= FAILOVER_EXTRA_MS / 1e3,
             )
         )
     return goals
@@ -322,6 +446,42 @@ def blocking_section(r: dict[str, Any]) -> list[str]:
                 str(row["errors"]),
             ]
             out.append("| " + " | ".join(cells) + " |")
+    return out + native_summary(r)
+
+
+def native_summary(r: dict[str, Any]) -> list[str]:
+    """The native server on one core against FailoverProxy + uvicorn and nginx proxy_pass."""
+    blocking = r["blocking"]
+    native, uvicorn, floor = (
+        blocking.get(key, {}) for key in ("kf-native", "kf-uvicorn", "nginx-proxy")
+    )
+    if not native:
+        return []
+    out = [
+        "",
+        "The native server (`keyfailover serve`'s, one runtime thread) against the same "
+        "proxy under uvicorn and nginx proxying, each pinned to one CPU, the same load "
+        "generator on the other:",
+        "",
+        "| conc. | native req/s | FailoverProxy + uvicorn req/s | nginx proxy_pass req/s "
+        "| native / nginx proxy_pass | native / uvicorn |",
+        "| ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+
+    def cell(row: dict[str, Any] | None) -> str:
+        return f"{row['rps']:,.0f}" if row else "-"
+
+    def ratio(row: dict[str, Any], other: dict[str, Any] | None) -> str:
+        return f"{row['rps'] / other['rps']:.2f}" if other else "-"
+
+    for c in r["plan"]["concurrencies"]:
+        row = native.get(str(c))
+        if row is None:
+            continue
+        uv, ng = uvicorn.get(str(c)), floor.get(str(c))
+        out.append(
+            f"| {c} | {cell(row)} | {cell(uv)} | {cell(ng)} | {ratio(row, ng)} | {ratio(row, uv)} |"
+        )
     return out
 
 
@@ -350,6 +510,37 @@ def paced_section(r: dict[str, Any]) -> list[str]:
                 f"| {p99:.2f} | {p50 - base['p']['50']:+.2f} | {p99 - base['p']['99']:+.2f} "
                 f"| {row['errors']} |"
             )
+    return out
+
+
+def steady_section(r: dict[str, Any]) -> list[str]:
+    """Latency at a steady pace only the fastest setups can take."""
+    labels: dict[str, str] = r["labels"]
+    steady = r.get("steady") or {}
+    rows = steady.get("setups") or {}
+    if "direct" not in rows:
+        return []
+    base = rows["direct"]["p"]
+    out = [
+        "",
+        f"## Latency at a steady {steady['rate']:,.0f} requests/s",
+        "",
+        "As above (16 connections, open loop, the Python client, latency from each request's "
+        "scheduled time), at a pace for the setups that did at least "
+        f"{STEADY_HEADROOM:g}x it at c=16 in the closed loop: above its capacity a pace "
+        "measures the queue, not the cost of a request."
+        + (f" Not run: {', '.join(steady['skipped'])}." if steady.get("skipped") else ""),
+        "",
+        "| setup | req/s | p50 ms | p90 ms | p99 ms | added p50 | added p99 | errors |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for key, row in rows.items():
+        p = row["p"]
+        out.append(
+            f"| {labels[key]} | {row['rps']:,.0f} | {p['50']:.2f} | {p['90']:.2f} "
+            f"| {p['99']:.2f} | {p['50'] - base['50']:+.2f} | {p['99'] - base['99']:+.2f} "
+            f"| {row['errors']} |"
+        )
     return out
 
 
@@ -659,8 +850,8 @@ def workers_section(r: dict[str, Any]) -> list[str]:
         "",
         "## keyfailover serve: --workers 2 vs --workers 1",
         "",
-        "`keyfailover serve` (uvicorn, no FastAPI; one key; default state: local for one "
-        "worker, shm for two) in front of the same upstream. For this comparison the server "
+        "`keyfailover serve --server uvicorn` (no FastAPI; one key; default state: local for "
+        "one worker, shm for two) in front of the same upstream. For this comparison the server "
         f"gets both CPUs ({workers['cpus']}, taskset on the supervisor, inherited by the "
         "forked workers), so it shares one with the load generator (pinned as everywhere "
         "else) and the upstream; `--workers 1` on one CPU, as the suite runs its other "
@@ -699,6 +890,58 @@ def workers_section(r: dict[str, Any]) -> list[str]:
         "load generator opens its connections (all at once) takes as many as it can, and "
         "keep-alive connections stay where they landed.",
     ]
+    return out + native_cores_section(r)
+
+
+def native_cores_section(r: dict[str, Any]) -> list[str]:
+    """The native server on both CPUs against one."""
+    from .shared import NATIVE_BASE, NATIVE_BOTH
+
+    workers = r.get("workers") or {}
+    native, labels = workers.get("native") or {}, workers.get("labels") or {}
+    if not native:
+        return []
+    out = [
+        "",
+        "## keyfailover serve, native server: both CPUs vs one",
+        "",
+        "`keyfailover serve` (native, one process, one key) with its default threads (one per "
+        f"CPU it may use) on both CPUs ({workers['cpus']}), against `--threads 1` pinned to "
+        "one, in the same alternating rounds as the table above. This machine has two CPUs, so "
+        '"both" is shared with the load generator (wrk, pinned to one of them) and the '
+        "upstream (nginx, pinned there too): the ratio measured is what the server gets out of "
+        "a second CPU it shares, not out of a free one. The CPU columns say how much it got: "
+        "the server's CPU time (all threads) per request, and that times req/s, the CPUs it "
+        "kept busy. Were both CPUs the server's alone, at the CPU time per request measured "
+        "here, it would do 2 / (its CPU per request) req/s against 1 / (CPU per request with "
+        "one thread) on one CPU: the last column, an estimate (it assumes the load generator "
+        "and the upstream elsewhere, and nothing else in the way), not a measurement.",
+        "",
+        "| conc. | setup | req/s | x --threads 1 (one CPU) | runs | CPU µs / request "
+        "| CPUs busy | p50 ms | p99 ms | errors | estimate with two free CPUs |",
+        "| ---: | --- | ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for c, rows in native.items():
+        one = rows.get(NATIVE_BASE, {})
+        for key, row in rows.items():
+            cpu = row.get("cpu_per_request")
+            estimate = "-"
+            if key == NATIVE_BOTH and cpu and one.get("cpu_per_request"):
+                estimate = f"{2 * one['cpu_per_request'] / cpu:.2f}x"
+            cells = [
+                c,
+                labels[key],
+                f"{row['rps']:,.0f}",
+                f"{row['ratio']:.2f}" if "ratio" in row else "-",
+                ", ".join(f"{x:.2f}" for x in row.get("ratios", [])),
+                f"{cpu * 1e6:.0f}" if cpu else "-",
+                f"{cpu * row['rps']:.2f}" if cpu else "-",
+                f"{row['p50']:.2f}",
+                f"{row['p99']:.2f}",
+                str(row["errors"]),
+                estimate,
+            ]
+            out.append("| " + " | ".join(cells) + " |")
     return out
 
 

@@ -1,4 +1,5 @@
-"""Shared key state (issue 10): the state backends and `keyfailover serve --workers`.
+"""Shared key state (issue 10): the state backends and `keyfailover serve --workers`;
+and the native server on both CPUs against one (issue 14).
 
 - `state_throughput`: the same FailoverProxy app (`suite.app:asgi_app`) three
   times, each its own uvicorn process pinned to SERVER_CPU, with `state=None`,
@@ -10,9 +11,11 @@
   (`time.monotonic()`), which every process of a host shares, so the
   difference is the mark's way from one process to the other. For shm and
   Redis, and, as the floor, a bare PUBLISH to a bare SUBSCRIBE socket.
-- `workers`: `keyfailover serve --workers 2` against `--workers 1`, on both
-  CPUs (the load generator and the upstream share them), and `--workers 1`
-  pinned to SERVER_CPU as the rest of the suite runs its setups.
+- `workers`: `keyfailover serve --server uvicorn --workers 2` against
+  `--workers 1`, on both CPUs (the load generator and the upstream share
+  them), and `--workers 1` pinned to SERVER_CPU as the rest of the suite runs
+  its setups; and the native server (one process) on both CPUs with its
+  default threads against `--threads 1` pinned to SERVER_CPU.
 
 The Redis server is one redis-server on a free loopback port, started once
 for all three (pinned to LOAD_CPU, with the upstreams and the load
@@ -649,27 +652,45 @@ def cpu_seconds(pid: int) -> float:
 
 
 def start_serve(
-    bench: Bench, key: str, workers: int, cpus: str | None, ns: str, label: str
+    bench: Bench,
+    key: str,
+    workers: int,
+    cpus: str | None,
+    ns: str,
+    label: str,
+    server: str = "uvicorn",
+    threads: int | None = None,
 ) -> Setup:
-    """`keyfailover serve` in front of the fast upstream with one key; default state (local
-    for one worker, shm for more), in a namespace of its own."""
+    """`keyfailover serve --server SERVER` in front of the fast upstream with one key;
+    default state (local for one worker, shm for more), in a namespace of its own; the
+    native server with `threads` runtime threads (None: its default, one per CPU it may
+    use)."""
     port = free_port()
     args = [sys.executable, "-m", "keyfailover", "serve", "--provider", "anthropic"]
     args += ["--upstream", bench.fast.url, "--keys-env", "KFB_KEYS"]
     args += ["--client-token-env", "KFB_TOKENS", "--host", HOST, "--port", str(port)]
     args += ["--workers", str(workers), "--namespace", ns, "--log-level", "warning"]
-    args += ["--grace", "1"]
+    args += ["--grace", "1", "--server", server]
+    args += [] if threads is None else ["--threads", str(threads)]
     env = {"KFB_KEYS": OK_KEY, "KFB_TOKENS": TOKEN}
     proc = bench.procs.start(args, cpus=cpus, env=env)
     state = "local" if workers == 1 else "shm"
-    note = f"{workers} worker{'s' if workers > 1 else ''}, CPUs {cpus}, state {state}"
+    note = f"{server}, {workers} worker{'s' if workers > 1 else ''}, CPUs {cpus}, state {state}"
+    if server == "native":
+        note += f", {threads or 'default'} threads"
     setup = Setup(key, label, port, {"json": ("/v1/messages", TOKEN, BODY)}, proc, note)
     wait_ready(port, "/v1/messages", TOKEN, proc)
     return setup
 
 
+# `serve` on the native server: both CPUs (default threads, one per CPU) against one.
+NATIVE_BASE, NATIVE_BOTH = "kf-serve-native-one-cpu", "kf-serve-native"
+
+
 def workers(bench: Bench) -> dict[str, Any] | None:
-    """`keyfailover serve --workers 2` vs `--workers 1`, at each concurrency."""
+    """`keyfailover serve --server uvicorn --workers 2` vs `--workers 1`, and the native
+    server on both CPUs (its default threads) vs `--threads 1` on one, at each concurrency,
+    all five alternating."""
     if SERVER_CPU is None or LOAD_CPU is None:
         bench.notes.append("Fewer than 2 CPUs: `serve --workers 2` vs 1 was skipped.")
         return None
@@ -677,15 +698,18 @@ def workers(bench: Bench) -> dict[str, Any] | None:
     both = f"{SERVER_CPU},{LOAD_CPU}"
     ns = namespace("serve")
     configs = [
-        ("kf-serve-1-one-cpu", 1, SERVER_CPU, f"serve --workers 1 (CPU {SERVER_CPU})"),
-        ("kf-serve-1", 1, both, f"serve --workers 1 (CPUs {both})"),
-        ("kf-serve-2", 2, both, f"serve --workers 2 (CPUs {both})"),
+        ("kf-serve-1-one-cpu", 1, SERVER_CPU, f"serve --workers 1 (CPU {SERVER_CPU})", None),
+        ("kf-serve-1", 1, both, f"serve --workers 1 (CPUs {both})", None),
+        ("kf-serve-2", 2, both, f"serve --workers 2 (CPUs {both})", None),
+        (NATIVE_BASE, 1, SERVER_CPU, f"native, --threads 1 (CPU {SERVER_CPU})", 1),
+        (NATIVE_BOTH, 1, both, f"native, default threads (CPUs {both})", 0),
     ]
     setups: list[Setup] = []
     try:
-        for key, n, cpus, label in configs:
+        for key, n, cpus, label, threads in configs:
+            server = "uvicorn" if threads is None else "native"
             try:
-                setups.append(start_serve(bench, key, n, cpus, ns, label))
+                setups.append(start_serve(bench, key, n, cpus, ns, label, server, threads or None))
             except RuntimeError as exc:
                 bench.notes.append(f"{label} did not start: {exc}")
                 bench.notes.failed.add(key)
@@ -696,6 +720,7 @@ def workers(bench: Bench) -> dict[str, Any] | None:
             "notes": {setup.key: setup.note for setup in setups},
             "cpus": both,
             "concurrencies": {},
+            "native": {},
         }
         for connections in plan.workers_concurrencies:
 
@@ -723,9 +748,12 @@ def workers(bench: Bench) -> dict[str, Any] | None:
                 return row
 
             runs = alternate(bench, setups, run, f"c={connections}")
-            results = summarize(runs, "kf-serve-1")
+            native = {key: rows for key, rows in runs.items() if key.startswith("kf-serve-native")}
+            uvicorn = {key: rows for key, rows in runs.items() if key not in native}
+            results = {**summarize(uvicorn, "kf-serve-1"), **summarize(native, NATIVE_BASE)}
             note_errors(bench, setups, results, f"c={connections}")
-            out["concurrencies"][str(connections)] = results
+            out["concurrencies"][str(connections)] = {k: results[k] for k in uvicorn}
+            out["native"][str(connections)] = {k: results[k] for k in native}
         return out
     finally:
         for setup in setups:
