@@ -17,7 +17,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from keyfailover import ConfigError
+from keyfailover import ConfigError, KeyState
 from keyfailover._config import load_config
 from keyfailover.testing import MockUpstream, Reply
 
@@ -354,3 +354,43 @@ def test_check_needs_a_config() -> None:
     result = run_cli("serve", "--keys-env", "K", "--check", env={"K": ANTHROPIC[0]})
     assert result.returncode == 2
     assert "--check goes with --config" in result.stderr
+
+
+class RecordingServer:
+    """Stands in for the native server: keeps the routes it is given."""
+
+    def __init__(self) -> None:
+        self.routes: list[tuple[str, object]] = []
+
+    def set_routes(self, routes: list[tuple[str, object]]) -> None:
+        self.routes = routes
+
+
+def test_a_reload_keeps_unchanged_routes_whole_and_rebuilds_changed_ones(
+    config_dir: Path, up: MockUpstream, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from keyfailover._config import Routes
+
+    for name, value in ENV.items():
+        monkeypatch.setenv(name, value)
+    routes = Routes(load_config(config_dir / "kf.toml"))
+    before = {name: (b.pool, b.proxy) for name, b in routes.built.items()}
+    routes.built["anthropic"].pool.key("key-0").mark_temporary(60)
+    (config_dir / "openai.keys").write_text(
+        "\n".join([*OPENAI, "sk-openai-route-key-2-gggggggggg"])
+    )
+    text = (config_dir / "kf.toml").read_text()
+    (config_dir / "kf.toml").write_text(text.replace('strategy = "ordered"', "timeout = 30"))
+    server = RecordingServer()
+    summary = routes.reload(server)  # type: ignore[arg-type]
+    after = {name: (b.pool, b.proxy) for name, b in routes.built.items()}
+    assert summary == "3 routes"
+    # gemini: unchanged, kept whole; openai: a new key, same client and gateway.
+    assert after["gemini"] == before["gemini"]
+    assert after["openai"] == before["openai"]
+    assert len(after["openai"][0]) == 3
+    # anthropic: a new timeout, a new client over the same pool (its states kept).
+    assert after["anthropic"][0] is before["anthropic"][0]
+    assert after["anthropic"][1] is not before["anthropic"][1]
+    assert after["anthropic"][0].key("key-0").state == KeyState.TEMPORARY
+    assert [prefix for prefix, _ in server.routes] == ["/anthropic", "/oai", "/gemini"]

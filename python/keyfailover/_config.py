@@ -341,6 +341,16 @@ class Routes:
             where = _Where(config.path, route.name)
             previous = old.get(route.name)
             state = route.state if route.state is not None else self.default_state
+            if (
+                previous is not None
+                and previous.config == route
+                and config.admin_tokens == self.config.admin_tokens
+            ):
+                # The same route: keep its client (and its upstream connections)
+                # and gateway (and the dashboard's history); only keys may change.
+                reloads.append((previous.pool, route.keys))
+                built[route.name] = _Built(route, previous.pool, previous.proxy)
+                continue
             try:
                 if (
                     previous is not None
