@@ -23,7 +23,6 @@ import os
 import re
 import stat
 import sys
-import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -37,6 +36,7 @@ from keyfailover._native import (
     Server,
     parse_keys,
 )
+from keyfailover._reload import FileWatcher
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -443,64 +443,24 @@ def _server_routes(built: dict[str, _Built]) -> list[tuple[str, Gateway]]:
     ]
 
 
-class ConfigReloader:
-    """Reloads the routes on SIGHUP and when the config or a keys file changes."""
+class ConfigReloader(FileWatcher):
+    """Reloads the routes on SIGHUP and when the config or a keys file it names changes."""
+
+    name = "keyfailover-config"
 
     def __init__(self, routes: Routes, server: Server, *, interval: float = 2.0) -> None:
         self.routes = routes
         self.server = server
-        self.interval = interval
-        self._seen = self._stamps()
-        self._stop = threading.Event()
-        self._hup = threading.Event()
-        self._lock = threading.Lock()
+        super().__init__(interval=interval)
 
-    def _stamps(self) -> list[tuple[int, int, int] | None]:
-        stamps: list[tuple[int, int, int] | None] = []
-        for path in self.routes.config.files():
-            try:
-                st = path.stat()
-                stamps.append((st.st_mtime_ns, st.st_size, st.st_ino))
-            except OSError:
-                stamps.append(None)
-        return stamps
+    def files(self) -> list[Path]:
+        return self.routes.config.files()
 
-    def reload(self, why: str) -> None:
-        with self._lock:
-            try:
-                summary = self.routes.reload(self.server)
-            except ConfigError as exc:
-                log.error("not reloading the config (%s): %s; the routes in service stay", why, exc)
-            else:
-                log.info("reloaded the config (%s): %s", why, summary)
-            self._seen = self._stamps()
-
-    def reload_if_changed(self) -> None:
-        if self._stamps() != self._seen:
-            self.reload("a file changed")
-
-    def on_sighup(self) -> None:
-        """Reloads on SIGHUP (the handler only wakes the watching thread)."""
-        import contextlib
-        import signal
-
-        with contextlib.suppress(ValueError):  # not the main thread: no signals here
-            signal.signal(signal.SIGHUP, lambda *_: self._hup.set())
-
-    def watch(self) -> None:
-        def loop() -> None:
-            while not self._stop.is_set():
-                hup = self._hup.wait(self.interval)
-                if self._stop.is_set():
-                    return
-                if hup:
-                    self._hup.clear()
-                    self.reload("SIGHUP")
-                else:
-                    self.reload_if_changed()
-
-        threading.Thread(target=loop, name="keyfailover-config", daemon=True).start()
-
-    def stop(self) -> None:
-        self._stop.set()
-        self._hup.set()
+    def _reload(self, why: str) -> None:
+        try:
+            summary = self.routes.reload(self.server)
+        except ConfigError as exc:
+            log.error("not reloading the config (%s): %s; the routes in service stay", why, exc)
+        else:
+            log.info("reloaded the config (%s): %s", why, summary)
+        self._seen = self._stamps()  # the files of the config now in service

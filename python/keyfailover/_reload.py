@@ -1,6 +1,8 @@
-"""Reloading `keyfailover serve`'s keys file: on SIGHUP, when the file changes,
-and on `POST /_keyfailover/reload`. A file with an error leaves the keys as
-they are (and says why); keys whose value is unchanged keep their state."""
+"""Reloading what `keyfailover serve` reads from files: its keys file
+(`KeysFileReloader`) and its config (`_config.ConfigReloader`), on SIGHUP, when
+a file changes, and on `POST /_keyfailover/reload`. A file with an error
+leaves what is in service as it is (and says why); keys whose value is
+unchanged keep their state."""
 
 from __future__ import annotations
 
@@ -8,59 +10,63 @@ import contextlib
 import logging
 import os
 import threading
+from collections.abc import Iterable
 from pathlib import Path
 
 from keyfailover._native import ConfigError, Key, KeyPool, parse_keys
 
 log = logging.getLogger("keyfailover")
 
+Stamp = tuple[int, int, int] | None
 
-class KeysFileReloader:
-    def __init__(self, path: str | os.PathLike[str], pool: KeyPool, *, interval: float = 2.0):
-        self.path = Path(path)
-        self.pool = pool
+
+def stamp(path: Path) -> Stamp:
+    """What tells that a file changed: mtime, size, inode (None when missing)."""
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return (st.st_mtime_ns, st.st_size, st.st_ino)
+
+
+class FileWatcher:
+    """Calls `reload(why)` on SIGHUP (see `on_sighup`) and when one of `files()`
+    changes, from a thread of its own (`watch`), one reload at a time."""
+
+    name = "keyfailover-reload"
+
+    def __init__(self, *, interval: float = 2.0) -> None:
         self.interval = interval
-        self._seen = self._stamp()
         self._stop = threading.Event()
         self._hup = threading.Event()
         self._lock = threading.Lock()
+        self._seen = self._stamps()
 
-    def keys(self) -> list[str | Key] | dict[str, str | Key]:
-        """The keys the file holds now; ConfigError naming the file and line."""
-        try:
-            text = self.path.read_text()
-        except OSError as exc:
-            raise ConfigError(f"cannot read keys file {str(self.path)!r}: {exc.strerror}") from None
-        return parse_keys(text, source=f"keys file {str(self.path)!r}")
+    def files(self) -> Iterable[Path]:
+        raise NotImplementedError
+
+    def _reload(self, why: str) -> None:
+        """Reloads, logging what changed or why not (called under the lock)."""
+        raise NotImplementedError
+
+    def _stamps(self) -> list[Stamp]:
+        return [stamp(path) for path in self.files()]
 
     def reload(self, why: str) -> None:
-        """Reloads the pool from the file, logging what changed (or why not)."""
         with self._lock:
-            self._seen = self._stamp()
-            try:
-                report = self.pool.reload(self.keys())
-            except ConfigError as exc:
-                log.error("not reloading the keys (%s): %s; the old keys stay", why, exc)
-                return
-            log.info("reloaded the keys (%s): %s", why, report["summary"])
+            self._seen = self._stamps()
+            self._reload(why)
 
     def reload_if_changed(self) -> None:
-        """Reloads if the file changed since it was last read (a worker started
+        """Reloads if a file changed since it was last read (a worker started
         after an edit catches up this way)."""
-        stamp = self._stamp()
-        if stamp is not None and stamp != self._seen:
-            self.reload("the file changed")
-
-    def _stamp(self) -> tuple[int, int, int] | None:
-        try:
-            st = self.path.stat()
-        except OSError:
-            return None
-        return (st.st_mtime_ns, st.st_size, st.st_ino)
+        stamps = self._stamps()
+        if stamps != self._seen and any(s is not None for s in stamps):
+            self.reload("the file changed" if len(stamps) == 1 else "a file changed")
 
     def watch(self) -> None:
-        """Reloads, in a thread, on SIGHUP (see `on_sighup`) and when the file
-        changes (checked every `interval` seconds)."""
+        """Reloads, in a thread, on SIGHUP and when a file changes (checked
+        every `interval` seconds)."""
 
         def loop() -> None:
             while not self._stop.is_set():
@@ -73,7 +79,7 @@ class KeysFileReloader:
                 else:
                     self.reload_if_changed()
 
-        threading.Thread(target=loop, name="keyfailover-keys-file", daemon=True).start()
+        threading.Thread(target=loop, name=self.name, daemon=True).start()
 
     def stop(self) -> None:
         self._stop.set()
@@ -86,3 +92,31 @@ class KeysFileReloader:
 
         with contextlib.suppress(ValueError):  # not the main thread: no signals here
             signal.signal(signal.SIGHUP, lambda *_: self._hup.set())
+
+
+class KeysFileReloader(FileWatcher):
+    name = "keyfailover-keys-file"
+
+    def __init__(self, path: str | os.PathLike[str], pool: KeyPool, *, interval: float = 2.0):
+        self.path = Path(path)
+        self.pool = pool
+        super().__init__(interval=interval)
+
+    def files(self) -> list[Path]:
+        return [self.path]
+
+    def keys(self) -> list[str | Key] | dict[str, str | Key]:
+        """The keys the file holds now; ConfigError naming the file and line."""
+        try:
+            text = self.path.read_text()
+        except OSError as exc:
+            raise ConfigError(f"cannot read keys file {str(self.path)!r}: {exc.strerror}") from None
+        return parse_keys(text, source=f"keys file {str(self.path)!r}")
+
+    def _reload(self, why: str) -> None:
+        try:
+            report = self.pool.reload(self.keys())
+        except ConfigError as exc:
+            log.error("not reloading the keys (%s): %s; the old keys stay", why, exc)
+            return
+        log.info("reloaded the keys (%s): %s", why, report["summary"])
