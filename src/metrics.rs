@@ -163,6 +163,16 @@ const DURATION_COUNT: usize = DURATION_SUM + 1;
 /// A pool's counters in all.
 pub const POOL_COUNTERS: usize = DURATION_COUNT + 1;
 
+/// Whether requests are counted: always, unless the environment says
+/// `KEYFAILOVER_METRICS=off` when the process first counts. That is for
+/// measuring what counting costs (`make bench` compares the two); with it
+/// off, the request counts, the histograms and the dashboard's rates stay 0,
+/// while key states, transitions and rate-limit values are kept as ever.
+fn counting() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| std::env::var("KEYFAILOVER_METRICS").map_or(true, |v| v != "off"))
+}
+
 /// The counters of one key.
 pub(crate) struct KeyCounters(pub Block);
 
@@ -175,6 +185,9 @@ impl KeyCounters {
 
     /// Every response a key got, for its counts and its last error.
     pub fn response(&self, status: u16) {
+        if !counting() {
+            return;
+        }
         if status >= 400 {
             let now = std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
@@ -188,7 +201,9 @@ impl KeyCounters {
     /// A request failed over from the key (it answered with a key-specific
     /// failure).
     pub fn failover(&self) {
-        self.0.add(FAILOVERS, 1);
+        if counting() {
+            self.0.add(FAILOVERS, 1);
+        }
     }
 
     pub fn failovers(&self) -> u64 {
@@ -269,6 +284,9 @@ pub(crate) struct PoolCounters(pub Block);
 
 impl PoolCounters {
     pub fn outcome(&self, outcome: Outcome) {
+        if !counting() {
+            return;
+        }
         self.0.add(OUTCOMES + outcome.index(), 1);
     }
 
@@ -281,6 +299,9 @@ impl PoolCounters {
     }
 
     pub fn attempts(&self, attempts: u32) {
+        if !counting() {
+            return;
+        }
         let bucket = (attempts.max(1) as usize - 1).min(ATTEMPT_BUCKETS - 1);
         self.0.add(ATTEMPTS + bucket, 1);
         self.0.add(ATTEMPTS_SUM, u64::from(attempts));
@@ -293,6 +314,9 @@ impl PoolCounters {
     }
 
     pub fn upstream_duration(&self, took: Duration) {
+        if !counting() {
+            return;
+        }
         let seconds = took.as_secs_f64();
         let bucket = DURATION_BOUNDS
             .iter()

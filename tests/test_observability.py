@@ -365,3 +365,39 @@ def test_gemini_spans_name_the_provider_and_the_model_in_the_path(up: MockUpstre
     assert east.attributes["error.type"] == "upstream_unreachable"
     assert east.attributes["keyfailover.failover.reason"] == "unreachable"
     assert west.attributes["keyfailover.failover.reason"] == "rate_limited"
+
+
+def test_metrics_off_counts_no_requests_and_keeps_key_states(up: MockUpstream) -> None:
+    """KEYFAILOVER_METRICS=off (for measuring what counting costs): requests are not
+    counted, while key states and transitions are as ever."""
+    script = textwrap.dedent(
+        f"""
+        import keyfailover as kf
+        from keyfailover.testing import Reply, MockUpstream
+        pool = kf.KeyPool({FAKE_KEYS[:2]!r})
+        client = kf.FailoverClient(pool, base_url={up.url!r})
+        for _ in range(3):
+            assert client.request_sync("POST", "/v1/messages", body=b"{{}}").status == 200
+        print(client.metrics())
+        """
+    )
+    up.set_reply(FAKE_KEYS[0], Reply.error(401, "authentication_error", "revoked"))
+    for setting, ok, attempts in (("off", 0, 0), ("on", 3, 4)):
+        env = {**os.environ, "KEYFAILOVER_METRICS": setting}
+        out = subprocess.run(
+            [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=60
+        )
+        assert out.returncode == 0, out.stderr
+        samples = {
+            (s.name, tuple(sorted(s.labels.items()))): s.value
+            for family in text_string_to_metric_families(out.stdout)
+            for s in family.samples
+        }
+        assert (
+            samples[("keyfailover_requests_total", (("outcome", "ok"), ("pool", "anthropic")))]
+            == ok
+        )
+        assert samples[("keyfailover_request_attempts_sum", (("pool", "anthropic"),))] == attempts
+        revoked = (("key", "key-0"), ("pool", "anthropic"), ("reason", "revoked"))
+        assert samples[("keyfailover_key_transitions_total", revoked)] == 1
+        assert samples[("keyfailover_keys", (("pool", "anthropic"), ("state", "permanent")))] == 1

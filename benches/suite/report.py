@@ -147,6 +147,30 @@ def shared_goals(r: dict[str, Any]) -> list[tuple[str, str, bool | None]]:
                     ok,
                 )
             )
+    # Issue 11: counting for the metrics costs (almost) nothing: with it on (state=None)
+    # against off, per round.
+    for route, rows in (state.get("routes") or {}).items():
+        if route != "json":
+            continue
+        goal = (
+            f"FailoverProxy with metrics on within {STATE_TOLERANCE:.0%} of metrics off "
+            f"(small blocking, c={state['concurrency']})"
+        )
+        off = rows.get("kf-metrics-off")
+        if off is None or "ratios" not in off:
+            goals.append((goal, "not run", None))
+            continue
+        on_over_off = [1 / ratio for ratio in off["ratios"]]
+        ok, how = decide(on_over_off, 1 - STATE_TOLERANCE)
+        cpu = 1 / off["cpu_ratio"] if off.get("cpu_ratio") else 0
+        goals.append(
+            (
+                goal,
+                f"{statistics.median(on_over_off):.3f}x (rounds {spread(on_over_off)}{how}; "
+                f"CPU per request {cpu:.3f}x)",
+                ok,
+            )
+        )
     propagation = r.get("propagation")
     if propagation is not None:
         for name, pct, limit in (
@@ -719,12 +743,13 @@ def state_section(r: dict[str, Any]) -> list[str]:
         "",
         "## Shared key state: proxy throughput",
         "",
-        "The FailoverProxy app of the setups above, three times, each its own uvicorn process "
+        "The FailoverProxy app of the setups above, four times, each its own uvicorn process "
         'pinned to one CPU like the others: `KeyPool(..., state=None)`, `state="shm"` and '
         '`state="redis://..."` (the run\'s own redis-server on loopback, pinned to the load '
-        "generator's CPU with the upstreams), every pool of a process in one namespace. "
+        "generator's CPU with the upstreams), every pool of a process in one namespace; and "
+        "`state=None` with `KEYFAILOVER_METRICS=off`, not counting requests for the metrics. "
         f"{state['concurrency']} connections, closed loop; {runs(plan)} of "
-        f"{plan['shared_duration']:g} s per setup, the three alternating (each round in a "
+        f"{plan['shared_duration']:g} s per setup, the four alternating (each round in a "
         "rotated order). The failover route's first key answers 429 with "
         "`retry-after-ms: 1`: each request that finds its 1 ms cooldown over fails over, and "
         "each such mark is a transition that the Redis backend writes (a Lua script that also "

@@ -264,10 +264,16 @@ def note_errors(bench: Bench, setups: list[Setup], results: dict[str, Any], what
 # --------------------------------------------------------------------------
 
 STATE_SETUPS = {
-    # key: (label, what KFB_STATE is)
-    "kf-state-none": ("FailoverProxy, state=None", "none"),
-    "kf-state-shm": ('FailoverProxy, state="shm"', "shm"),
-    "kf-state-redis": ("FailoverProxy, state=Redis", "redis"),
+    # key: (label, what KFB_STATE is, more environment)
+    "kf-state-none": ("FailoverProxy, state=None", "none", {}),
+    "kf-state-shm": ('FailoverProxy, state="shm"', "shm", {}),
+    "kf-state-redis": ("FailoverProxy, state=Redis", "redis", {}),
+    # Issue 11: what counting requests for the metrics costs (state=None, not counting).
+    "kf-metrics-off": (
+        "FailoverProxy, state=None, metrics off",
+        "none",
+        {"KEYFAILOVER_METRICS": "off"},
+    ),
 }
 
 
@@ -279,12 +285,12 @@ def state_throughput(bench: Bench) -> dict[str, Any] | None:
     states = {"none": "", "shm": "shm", "redis": redis.url if redis else None}
     setups: list[Setup] = []
     try:
-        for key, (label, kind) in STATE_SETUPS.items():
+        for key, (label, kind, more) in STATE_SETUPS.items():
             state = states[kind]
             if state is None:
                 continue
             try:
-                env = {"KFB_STATE": state, "KFB_NAMESPACE": ns}
+                env = {"KFB_STATE": state, "KFB_NAMESPACE": ns, **more}
                 setup = start_asgi(
                     bench.procs, "keyfailover", "uvicorn", fast, bench.slow,
                     env=env, key=key, label=label,
