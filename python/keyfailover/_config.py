@@ -55,6 +55,7 @@ DEFAULT_UPSTREAMS = {
     "openai": "https://api.openai.com",
     "gemini": "https://generativelanguage.googleapis.com",
 }
+# Azure OpenAI has no public endpoint of its own: each resource has one.
 PROVIDERS = (*DEFAULT_UPSTREAMS, "azure_openai")
 STRATEGIES = ("ordered", "round_robin", "least_loaded", "headroom")
 
@@ -109,6 +110,18 @@ class Config:
     def files(self) -> list[Path]:
         """The files the config reads: itself and its keys files."""
         return [self.path, *(r.keys_file for r in self.routes if r.keys_file is not None)]
+
+
+def default_upstream(provider: str, keys: Keys, given: str | None) -> str | None:
+    """Where a pool's requests go: `given`, else the provider's public API, else
+    (Azure OpenAI) the first key's own endpoint when every key has one."""
+    if given:
+        return given
+    if provider in DEFAULT_UPSTREAMS:
+        return DEFAULT_UPSTREAMS[provider]
+    listed = list(keys.values()) if isinstance(keys, dict) else list(keys)
+    endpoints = [key.base_url if isinstance(key, Key) else None for key in listed]
+    return str(endpoints[0]) if endpoints and all(endpoints) else None
 
 
 class _Where:
@@ -226,19 +239,13 @@ def _route(
             "provider", f"unknown provider {provider!r} (one of {', '.join(PROVIDERS)})"
         )
     keys, keys_file = _keys(where, table, base, mode, environ)
-    upstream = _typed(where, table, "upstream", str, None)
+    upstream = default_upstream(provider, keys, _typed(where, table, "upstream", str, None))
     if upstream is None:
-        upstream = DEFAULT_UPSTREAMS.get(provider)
-    if upstream is None:
-        given = list(keys.values()) if isinstance(keys, dict) else list(keys)
-        endpoints = [k.base_url if isinstance(k, Key) else None for k in given]
-        if not (endpoints and all(endpoints)):
-            raise where.error(
-                "upstream",
-                f"provider {provider} needs upstream (the resource's endpoint) "
-                "or base_url=URL on every key",
-            )
-        upstream = str(endpoints[0])
+        raise where.error(
+            "upstream",
+            f"provider {provider} needs upstream (the resource's endpoint) "
+            "or base_url=URL on every key",
+        )
     strategy = _typed(where, table, "strategy", str, "ordered")
     if strategy not in STRATEGIES:
         raise where.error(

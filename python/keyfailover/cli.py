@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
 
 from keyfailover import __version__, _native
+from keyfailover._config import PROVIDERS, default_upstream
 from keyfailover._native import ConfigError, FailoverClient, Key, KeyPool
 from keyfailover._native import parse_keys as _parse_keys
 from keyfailover._reload import KeysFileReloader
@@ -30,13 +31,6 @@ from keyfailover._reload import KeysFileReloader
 if TYPE_CHECKING:
     from keyfailover.asgi import FailoverProxy
 
-DEFAULT_UPSTREAMS = {
-    "anthropic": "https://api.anthropic.com",
-    "openai": "https://api.openai.com",
-    "gemini": "https://generativelanguage.googleapis.com",
-}
-# Azure OpenAI has no public endpoint of its own: each resource has one.
-PROVIDERS = (*DEFAULT_UPSTREAMS, "azure_openai")
 SERVER_EXTRA = 'uvicorn is not installed: pip install "keyfailover[server]"'
 log = logging.getLogger("keyfailover")
 
@@ -146,18 +140,13 @@ def raise_open_files_limit() -> None:
 def upstream(args: argparse.Namespace, keys: list[str | Key] | dict[str, str | Key]) -> str:
     """Where requests go: --upstream, else the provider's public API, else (Azure
     OpenAI) the first key's own endpoint when every key has one."""
-    if args.upstream:
-        return str(args.upstream)
-    if args.provider in DEFAULT_UPSTREAMS:
-        return DEFAULT_UPSTREAMS[args.provider]
-    given = list(keys.values()) if isinstance(keys, dict) else list(keys)
-    endpoints = [key.base_url if isinstance(key, Key) else None for key in given]
-    if endpoints and all(endpoints):
-        return str(endpoints[0])
-    raise CliError(
-        f"--provider {args.provider} needs --upstream URL (the resource's endpoint, "
-        "https://NAME.openai.azure.com) or base_url=URL on every key"
-    )
+    found = default_upstream(args.provider, keys, args.upstream)
+    if found is None:
+        raise CliError(
+            f"--provider {args.provider} needs --upstream URL (the resource's endpoint, "
+            "https://NAME.openai.azure.com) or base_url=URL on every key"
+        )
+    return found
 
 
 def build_proxy(args: argparse.Namespace) -> tuple[FailoverProxy, KeysFileReloader | None]:
