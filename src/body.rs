@@ -349,6 +349,8 @@ pub struct ResponseBody {
 enum Source {
     Full(Bytes),
     Channel {
+        /// Chunks read before the pump started, handed over first.
+        ready: Option<Chunks>,
         rx: mpsc::Receiver<Result<Bytes>>,
         /// An error met while gathering a batch, raised after the batch.
         deferred: Option<Error>,
@@ -369,20 +371,65 @@ impl ResponseBody {
     /// stream); closing the body aborts the task.
     pub(crate) fn from_channel(rx: mpsc::Receiver<Result<Bytes>>, task: AbortHandle) -> Self {
         Self {
-            source: tokio::sync::Mutex::new(Source::Channel { rx, deferred: None }),
+            source: tokio::sync::Mutex::new(Source::Channel {
+                ready: None,
+                rx,
+                deferred: None,
+            }),
             closed: CancellationToken::new(),
             pump: Some(task),
         }
     }
 
-    /// Starts the pump task; call within the tokio runtime.
-    pub(crate) fn stream(stream: Stream) -> Self {
+    /// Takes what of the body has already arrived and, unless that is all
+    /// of it, starts the pump task for the rest; call within the tokio
+    /// runtime. A small body usually arrives with its head: it is then held
+    /// whole, with no task, and a server sends it with the head in one write.
+    pub(crate) fn stream(mut stream: Stream) -> Self {
+        let mut ready = Vec::new();
+        let mut size = 0;
+        let mut deferred = None;
+        while size < BATCH_LIMIT {
+            // Every await in `next_chunk` is cancel safe: a chunk not yet
+            // arrived is read again by the pump.
+            match stream.next_chunk().now_or_never() {
+                Some(Ok(Some(chunk))) => {
+                    size += chunk.len();
+                    ready.push(chunk);
+                }
+                Some(Ok(None)) => {
+                    // Complete: counted as done now, as the pump would.
+                    drop(stream);
+                    return Self::full(match ready.len() {
+                        1 => ready.pop().unwrap_or_default(),
+                        _ => Bytes::from(ready.concat()),
+                    });
+                }
+                Some(Err(err)) => {
+                    deferred = Some(err);
+                    break;
+                }
+                None => break,
+            }
+        }
         let (tx, rx) = mpsc::channel(READ_AHEAD);
-        let pump = tokio::spawn(stream.pump(tx)).abort_handle();
+        let pump = match deferred {
+            // Broken: the chunks before the break, then the error.
+            Some(_) => {
+                drop(stream);
+                drop(tx);
+                None
+            }
+            None => Some(tokio::spawn(stream.pump(tx)).abort_handle()),
+        };
         Self {
-            source: tokio::sync::Mutex::new(Source::Channel { rx, deferred: None }),
+            source: tokio::sync::Mutex::new(Source::Channel {
+                ready: (!ready.is_empty()).then_some(ready),
+                rx,
+                deferred,
+            }),
             closed: CancellationToken::new(),
-            pump: Some(pump),
+            pump,
         }
     }
 
@@ -404,7 +451,8 @@ impl ResponseBody {
                 *source = Source::Done;
                 return Ok((!bytes.is_empty()).then(|| vec![bytes]));
             }
-            Source::Channel { rx, deferred } => (rx, deferred),
+            Source::Channel { ready, .. } if ready.is_some() => return Ok(ready.take()),
+            Source::Channel { rx, deferred, .. } => (rx, deferred),
         };
         if let Some(err) = deferred.take() {
             *source = Source::Done;

@@ -313,7 +313,7 @@ impl FailoverClient {
         // A Gemini key in the query string (`?key=`) is the caller's: it is
         // never forwarded (nor logged), whoever's key the request goes with.
         let target = self.provider.strip_credential_query(&request.target);
-        let url = self.base_url.join(&target).map_err(|e| match e {
+        let url = self.base_url.url(&target).map_err(|e| match e {
             Error::BadRequest(message) => {
                 Error::BadRequest(self.pool.redact(&message).into_owned())
             }
@@ -494,7 +494,7 @@ struct Attempt<'a> {
     /// The caller's path and query (normalized, without credentials).
     target: &'a str,
     /// The target at the client's base URL.
-    url: &'a str,
+    url: &'a reqwest::Url,
     body: &'a Bytes,
 }
 
@@ -568,12 +568,12 @@ impl Attempt<'_> {
             };
             last_label = Some(key.label().to_owned());
             let own_endpoint = key.base_url().is_some();
-            let url = match key.base_url().map(|base| base.join(self.target)) {
+            let url = match key.base_url().map(|base| base.url(self.target)) {
                 Some(Ok(url)) => Cow::Owned(url),
                 _ => Cow::Borrowed(self.url),
             };
             let mut attempt_headers = headers.clone();
-            let (name, value) = client.provider.auth_header_for(key.value(), &url);
+            let (name, value) = client.provider.auth_header_for(key.value(), url.as_str());
             // Keys are validated as visible ASCII when the pool is built.
             let mut value = HeaderValue::from_str(&value).expect("keys are visible ASCII");
             value.set_sensitive(true);
@@ -638,7 +638,7 @@ impl Attempt<'_> {
         &self,
         headers: HeaderMap,
         key: Option<&Key>,
-        url: &str,
+        url: &reqwest::Url,
         log: &mut Vec<AttemptRecord>,
     ) -> Result<reqwest::Response, SendFailure> {
         let client = self.client;
@@ -649,7 +649,7 @@ impl Attempt<'_> {
             .map_or(0, |d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX));
         let send = self
             .http
-            .request(self.method.clone(), url)
+            .request(self.method.clone(), url.clone())
             .headers(headers)
             .body(self.body.clone())
             .send();

@@ -2,11 +2,16 @@
 //! target (path and query) joined to it without ever leaving it.
 
 use std::borrow::Cow;
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use arc_swap::ArcSwap;
+use reqwest::Url;
 
 use crate::error::{Error, Result};
 
 /// An upstream base URL: http or https, no credentials, query or fragment.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone)]
 pub struct BaseUrl {
     /// Without a trailing slash.
     url: String,
@@ -14,7 +19,22 @@ pub struct BaseUrl {
     /// start with `/v1` themselves (as the SDKs' do) are joined to this, so
     /// `https://api.openai.com/v1` and `https://api.openai.com` both work.
     without_v1: Option<String>,
+    /// The parsed URLs of the targets seen first (an API has few paths):
+    /// parsing a URL on every request costs a proxy a few percent.
+    parsed: Arc<ArcSwap<HashMap<Box<str>, Url>>>,
 }
+
+impl PartialEq for BaseUrl {
+    fn eq(&self, other: &Self) -> bool {
+        self.url == other.url
+    }
+}
+
+impl Eq for BaseUrl {}
+
+/// How many targets a [`BaseUrl`] keeps parsed, and how long one may be.
+const PARSED_TARGETS: usize = 64;
+const PARSED_TARGET_LEN: usize = 256;
 
 impl BaseUrl {
     pub fn parse(raw: &str) -> Result<Self> {
@@ -40,7 +60,11 @@ impl BaseUrl {
         }
         let url = raw.trim_end_matches('/').to_owned();
         let without_v1 = url.strip_suffix("/v1").map(str::to_owned);
-        Ok(Self { url, without_v1 })
+        Ok(Self {
+            url,
+            without_v1,
+            parsed: Arc::default(),
+        })
     }
 
     pub fn as_str(&self) -> &str {
@@ -57,6 +81,27 @@ impl BaseUrl {
             _ => &self.url,
         };
         Ok(format!("{base}{target}"))
+    }
+
+    /// [`BaseUrl::join`], parsed.
+    pub fn url(&self, target: &str) -> Result<Url> {
+        if let Some(url) = self.parsed.load().get(target) {
+            return Ok(url.clone());
+        }
+        let joined = self.join(target)?;
+        let url = Url::parse(&joined).map_err(|e| {
+            Error::BadRequest(format!("path {:?} is not a valid URL: {e}", shown(target)))
+        })?;
+        if target.len() <= PARSED_TARGET_LEN && self.parsed.load().len() < PARSED_TARGETS {
+            self.parsed.rcu(|parsed| {
+                let mut parsed = HashMap::clone(parsed);
+                if parsed.len() < PARSED_TARGETS {
+                    parsed.insert(target.into(), url.clone());
+                }
+                parsed
+            });
+        }
+        Ok(url)
     }
 }
 
@@ -230,6 +275,28 @@ mod tests {
             );
         }
         assert_eq!(join(base, "/..a/b..").unwrap(), "http://up/prefix/..a/b..");
+    }
+
+    #[test]
+    fn parsed_urls_are_the_joined_ones_and_kept_for_few_targets() {
+        let base = BaseUrl::parse("http://up/prefix/v1").unwrap();
+        for target in ["/v1/messages", "/models?x=1", "/a/../b", "/v1/messages"] {
+            assert_eq!(
+                base.url(target).unwrap().as_str(),
+                base.join(target).unwrap()
+            );
+        }
+        assert!(matches!(base.url("/../x"), Err(Error::BadRequest(_))));
+        assert_eq!(base.parsed.load().len(), 3);
+        for i in 0..PARSED_TARGETS * 2 {
+            let target = format!("/n/{i}");
+            assert!(base.url(&target).unwrap().as_str().ends_with(&target));
+        }
+        assert_eq!(base.parsed.load().len(), PARSED_TARGETS);
+        // Clones share what was parsed; equality is the URL's.
+        let copy = base.clone();
+        assert_eq!(copy.parsed.load().len(), PARSED_TARGETS);
+        assert_eq!(copy, BaseUrl::parse("http://up/prefix/v1/").unwrap());
     }
 
     #[test]

@@ -236,7 +236,10 @@ impl Server {
         let server = self.clone();
         let service = service_fn(move |request| {
             let server = server.clone();
-            async move { Ok::<_, Infallible>(server.handle(request).await) }
+            // Boxed: a connection holds its service's future for as long as
+            // it is open, and a request's (about 4 KB) is only needed until
+            // the response head is out, not for the rest of a stream.
+            Box::pin(async move { Ok::<_, Infallible>(server.handle(request).await) })
         });
         let conn = self
             .http
@@ -281,7 +284,7 @@ impl Server {
                     });
                 }
                 let (response, unread) = unneeded(response, body).await;
-                return into_hyper(response, String::new(), unread);
+                return into_hyper(response, (parts.method, parts.uri), unread);
             }
         };
         let gateway = &route.gateway;
@@ -323,8 +326,7 @@ impl Server {
                 duration: started.elapsed(),
             });
         }
-        let path = target.split('?').next().unwrap_or(&target);
-        into_hyper(response, format!("{method} {path}"), unread)
+        into_hyper(response, (parts.method, parts.uri), unread)
     }
 }
 
@@ -476,8 +478,13 @@ async fn unneeded(mut response: Response, mut body: Incoming) -> (Response, Opti
     (response, Some(body))
 }
 
-/// `what` names the request in the warning logged if its body breaks.
-fn into_hyper(response: Response, what: String, unread: Option<Incoming>) -> hyper::Response<Body> {
+/// `what` names the request (method and path) in the warning logged if its
+/// body breaks.
+fn into_hyper(
+    response: Response,
+    what: (hyper::Method, hyper::Uri),
+    unread: Option<Incoming>,
+) -> hyper::Response<Body> {
     let Response {
         status,
         headers,
@@ -509,7 +516,7 @@ struct Out {
     body: ResponseBody,
     queue: VecDeque<Bytes>,
     failed: bool,
-    what: String,
+    what: (hyper::Method, hyper::Uri),
     /// A request body the answer did not need: dropped with the answer, not
     /// before, since hyper ends a connection without answering when a body
     /// is dropped unread while its rest still arrives.
@@ -533,9 +540,10 @@ impl Out {
                         logger: "keyfailover.proxy",
                         level: Level::Warning,
                         message: format!(
-                            "{}: the response broke after its head was sent ({err}); \
+                            "{} {}: the response broke after its head was sent ({err}); \
                              the connection is aborted",
-                            self.what
+                            self.what.0,
+                            self.what.1.path()
                         ),
                         fields: Vec::new(),
                     });
