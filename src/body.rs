@@ -64,7 +64,9 @@ pub(crate) struct Stream {
 }
 
 impl Stream {
-    async fn next_chunk(&mut self) -> Result<Option<Bytes>> {
+    /// The next chunk; None once the body ended (not to be called again
+    /// after None or an error). Dropping the stream counts its outcome.
+    pub(crate) async fn next_chunk(&mut self) -> Result<Option<Bytes>> {
         let chunk = self.next_clean().await;
         if let (Some(outcome), true) = (&self.outcome, self.done) {
             // The stream ended: by an error, or with an error event of ours.
@@ -342,7 +344,7 @@ pub(crate) fn scrub_value<'a>(
 pub struct ResponseBody {
     source: tokio::sync::Mutex<Source>,
     closed: CancellationToken,
-    pump: Option<AbortHandle>,
+    pump: std::sync::OnceLock<AbortHandle>,
 }
 
 #[derive(Debug)]
@@ -355,7 +357,26 @@ enum Source {
         /// An error met while gathering a batch, raised after the batch.
         deferred: Option<Error>,
     },
+    /// An upstream body whose pump has not started: it starts on the first
+    /// read, unless a server takes the stream to read it itself
+    /// ([`ResponseBody::into_direct`]).
+    Idle {
+        ready: Option<Chunks>,
+        stream: Box<Stream>,
+        runtime: tokio::runtime::Handle,
+    },
     Done,
+}
+
+/// A body as a consumer on the runtime reads it ([`ResponseBody::into_direct`]).
+pub(crate) enum Direct {
+    /// An upstream body read straight from its connection, with no pump task
+    /// or channel between: chunks already read first.
+    Stream {
+        ready: VecDeque<Bytes>,
+        stream: Box<Stream>,
+    },
+    Body(ResponseBody),
 }
 
 impl ResponseBody {
@@ -363,7 +384,7 @@ impl ResponseBody {
         Self {
             source: tokio::sync::Mutex::new(Source::Full(bytes.into())),
             closed: CancellationToken::new(),
-            pump: None,
+            pump: std::sync::OnceLock::new(),
         }
     }
 
@@ -377,21 +398,22 @@ impl ResponseBody {
                 deferred: None,
             }),
             closed: CancellationToken::new(),
-            pump: Some(task),
+            pump: task.into(),
         }
     }
 
-    /// Takes what of the body has already arrived and, unless that is all
-    /// of it, starts the pump task for the rest; call within the tokio
-    /// runtime. A small body usually arrives with its head: it is then held
-    /// whole, with no task, and a server sends it with the head in one write.
+    /// Takes what of the body has already arrived; the rest is read by a
+    /// pump task started on the first read (or by a server reading the
+    /// stream itself). Call within the tokio runtime. A small body usually
+    /// arrives with its head: it is then held whole, and a server sends it
+    /// with the head in one write.
     pub(crate) fn stream(mut stream: Stream) -> Self {
         let mut ready = Vec::new();
         let mut size = 0;
         let mut deferred = None;
         while size < BATCH_LIMIT {
             // Every await in `next_chunk` is cancel safe: a chunk not yet
-            // arrived is read again by the pump.
+            // arrived is read again later.
             match stream.next_chunk().now_or_never() {
                 Some(Ok(Some(chunk))) => {
                     size += chunk.len();
@@ -412,24 +434,43 @@ impl ResponseBody {
                 None => break,
             }
         }
-        let (tx, rx) = mpsc::channel(READ_AHEAD);
-        let pump = match deferred {
+        let ready = (!ready.is_empty()).then_some(ready);
+        let source = match deferred {
             // Broken: the chunks before the break, then the error.
-            Some(_) => {
+            Some(err) => {
                 drop(stream);
-                drop(tx);
-                None
+                let (_, rx) = mpsc::channel(1);
+                Source::Channel {
+                    ready,
+                    rx,
+                    deferred: Some(err),
+                }
             }
-            None => Some(tokio::spawn(stream.pump(tx)).abort_handle()),
+            None => Source::Idle {
+                ready,
+                stream: Box::new(stream),
+                runtime: tokio::runtime::Handle::current(),
+            },
         };
         Self {
-            source: tokio::sync::Mutex::new(Source::Channel {
-                ready: (!ready.is_empty()).then_some(ready),
-                rx,
-                deferred,
-            }),
+            source: tokio::sync::Mutex::new(source),
             closed: CancellationToken::new(),
-            pump,
+            pump: std::sync::OnceLock::new(),
+        }
+    }
+
+    /// The body for a consumer on the runtime: an upstream stream not yet
+    /// read is handed over whole, to be read with no task in between.
+    pub(crate) fn into_direct(mut self) -> Direct {
+        match std::mem::replace(self.source.get_mut(), Source::Done) {
+            Source::Idle { ready, stream, .. } => Direct::Stream {
+                ready: ready.unwrap_or_default().into(),
+                stream,
+            },
+            other => {
+                *self.source.get_mut() = other;
+                Direct::Body(self)
+            }
         }
     }
 
@@ -450,6 +491,32 @@ impl ResponseBody {
                 let bytes = std::mem::take(bytes);
                 *source = Source::Done;
                 return Ok((!bytes.is_empty()).then(|| vec![bytes]));
+            }
+            Source::Idle { .. } => {
+                let Source::Idle {
+                    ready,
+                    stream,
+                    runtime,
+                } = std::mem::replace(&mut *source, Source::Done)
+                else {
+                    unreachable!("matched above")
+                };
+                let (tx, rx) = mpsc::channel(READ_AHEAD);
+                let pump = runtime.spawn(stream.pump(tx)).abort_handle();
+                if self.closed.is_cancelled() {
+                    pump.abort();
+                }
+                let _ = self.pump.set(pump);
+                *source = Source::Channel {
+                    ready,
+                    rx,
+                    deferred: None,
+                };
+                match &mut *source {
+                    Source::Channel { ready, .. } if ready.is_some() => return Ok(ready.take()),
+                    Source::Channel { rx, deferred, .. } => (rx, deferred),
+                    _ => unreachable!("set above"),
+                }
             }
             Source::Channel { ready, .. } if ready.is_some() => return Ok(ready.take()),
             Source::Channel { rx, deferred, .. } => (rx, deferred),
@@ -511,8 +578,15 @@ impl ResponseBody {
     /// Closes the body and its upstream connection at once.
     pub fn close(&self) {
         self.closed.cancel();
-        if let Some(pump) = &self.pump {
+        if let Some(pump) = self.pump.get() {
             pump.abort();
+        }
+        // A stream no pump reads yet is dropped here, with its connection
+        // (unless a read holds the source: that read sees `closed`).
+        if let Ok(mut source) = self.source.try_lock() {
+            if matches!(*source, Source::Idle { .. }) {
+                *source = Source::Done;
+            }
         }
     }
 

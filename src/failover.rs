@@ -407,7 +407,7 @@ impl FailoverClient {
     /// Relays upstream's response, starting with what was already read of it.
     fn relay(
         &self,
-        resp: reqwest::Response,
+        mut resp: reqwest::Response,
         pending: VecDeque<Bytes>,
         framer: Option<Framer>,
         in_flight: Option<InFlight>,
@@ -415,12 +415,15 @@ impl FailoverClient {
         // Only a pool key's request counts as in flight; BYOK has none.
         let byok = in_flight.is_none();
         let status = resp.status().as_u16();
-        let stream = headers::is_event_stream(resp.headers());
+        // Taken out: a stream holds its response for as long as it is open,
+        // and needs its headers no longer than this.
+        let upstream = std::mem::take(resp.headers_mut());
+        let stream = headers::is_event_stream(&upstream);
         // Error bodies are small and may echo the key that was sent.
         let scrub = !(200..300).contains(&status);
         // A body keyfailover may rewrite (an error event added to a stream, a
         // key scrubbed) no longer has upstream's length.
-        let mut relayed = headers::relayed(resp.headers(), stream || scrub);
+        let mut relayed = headers::relayed(&upstream, stream || scrub);
         let keys = self.pool.key_set();
         for value in relayed.values_mut() {
             if let Some(clean) = scrub_value(value.as_bytes(), keys.secrets()) {
@@ -434,9 +437,8 @@ impl FailoverClient {
         };
         let close_delimited = stream
             && resp.version() <= reqwest::Version::HTTP_11
-            && !resp.headers().contains_key(reqwest::header::CONTENT_LENGTH)
-            && !resp
-                .headers()
+            && !upstream.contains_key(reqwest::header::CONTENT_LENGTH)
+            && !upstream
                 .get_all(reqwest::header::TRANSFER_ENCODING)
                 .iter()
                 .any(|v| v.as_bytes().eq_ignore_ascii_case(b"chunked"));

@@ -570,3 +570,50 @@ async fn gemini_keys_go_in_its_headers_and_a_query_key_is_dropped() {
     );
     assert_eq!(seen[1].header("x-goog-api-key"), None);
 }
+
+fn in_flight(client: &FailoverClient) -> u32 {
+    client.pool().snapshot()[0].in_flight
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_no_one_reads_yet_is_closed_at_once() {
+    let up = Upstream::start(|_| {
+        let mut steps = vec![Step::Send(sse_head())];
+        for _ in 0..100 {
+            steps.push(Step::Send(b"event: message_start\ndata: {}\n\n".to_vec()));
+            steps.push(Step::Sleep(Duration::from_millis(20)));
+        }
+        steps
+    })
+    .await;
+    let client = make_client(&up, 1, Duration::from_secs(5));
+    let request = || {
+        Request::new(
+            "POST",
+            "/v1/messages",
+            HeaderMap::new(),
+            Bytes::from_static(b"{}"),
+        )
+        .unwrap()
+    };
+    // Not read: the stream waits (no task reads it) and holds its key.
+    let response = client.request(request()).await.unwrap();
+    assert_eq!(response.status, 200);
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    assert_eq!(in_flight(&client), 1);
+    response.body.close();
+    assert_eq!(in_flight(&client), 0, "closing drops the stream at once");
+    assert_eq!(response.body.next_batch().await.unwrap(), None);
+
+    // Read: the first read starts the pump, which reads ahead.
+    let response = client.request(request()).await.unwrap();
+    let first = response.body.next_batch().await.unwrap().unwrap().concat();
+    assert!(first.starts_with(b"event: message_start"));
+    assert_eq!(in_flight(&client), 1);
+    drop(response);
+    let deadline = Instant::now() + Duration::from_secs(2);
+    while in_flight(&client) != 0 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    assert_eq!(in_flight(&client), 0, "dropping the body ends the pump");
+}

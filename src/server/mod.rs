@@ -40,7 +40,7 @@ use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::body::ResponseBody;
+use crate::body::Direct;
 use crate::error::{Error, ErrorKind, Result};
 use crate::events::{self, Level, Record};
 use crate::failover::Response;
@@ -492,9 +492,8 @@ fn into_hyper(
         ..
     } = response;
     let out = Out {
-        body,
+        body: Some(body.into_direct()),
         queue: VecDeque::new(),
-        failed: false,
         what,
         _unread: unread,
     };
@@ -513,9 +512,8 @@ fn into_hyper(
 /// the truncated body ended cleanly (and a warning says so); dropping it (the
 /// client left) closes the upstream stream.
 struct Out {
-    body: ResponseBody,
+    body: Option<Direct>,
     queue: VecDeque<Bytes>,
-    failed: bool,
     what: (hyper::Method, hyper::Uri),
     /// A request body the answer did not need: dropped with the answer, not
     /// before, since hyper ends a connection without answering when a body
@@ -529,12 +527,21 @@ impl Out {
             if let Some(chunk) = self.queue.pop_front() {
                 return Some((Ok(Frame::data(chunk)), self));
             }
-            if self.failed {
-                return None;
-            }
-            match self.body.next_batch().await {
+            let read = match self.body.as_mut()? {
+                // An upstream stream, read straight from its connection.
+                Direct::Stream { ready, stream } => match ready.pop_front() {
+                    Some(chunk) => Ok(Some(vec![chunk])),
+                    None => stream.next_chunk().await.map(|c| c.map(|c| vec![c])),
+                },
+                Direct::Body(body) => body.next_batch().await,
+            };
+            match read {
                 Ok(Some(batch)) => self.queue.extend(batch),
-                Ok(None) => return None,
+                Ok(None) => {
+                    // The stream's outcome is counted before the end is sent.
+                    self.body = None;
+                    return None;
+                }
                 Err(err) => {
                     events::emit(Record {
                         logger: "keyfailover.proxy",
@@ -547,7 +554,7 @@ impl Out {
                         ),
                         fields: Vec::new(),
                     });
-                    self.failed = true;
+                    self.body = None;
                     return Some((Err(err), self));
                 }
             }
