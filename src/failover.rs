@@ -741,6 +741,9 @@ impl Attempt<'_> {
 
 /// A DEBUG record on `keyfailover.client` for a failover.
 fn failover_record(client: &FailoverClient, key: &Key, status: Option<u16>, reason: Reason) {
+    if !events::enabled(Level::Debug) {
+        return;
+    }
     let what = match status {
         Some(status) => format!("answered {status}"),
         None => "could not reach its endpoint".to_owned(),

@@ -26,7 +26,7 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
 
 import keyfailover as kf
-from keyfailover import _logging
+from keyfailover import _logging, _native
 from keyfailover.asgi import FailoverProxy
 from keyfailover.metrics import collector
 from keyfailover.testing import MockUpstream, Reply, serve_asgi
@@ -218,6 +218,38 @@ def test_each_transition_is_logged_once_with_its_fields(up: MockUpstream, caplog
     assert [r.levelname for r in failovers] == ["DEBUG", "DEBUG"]
     for record in caplog.records:
         no_key_in(record.getMessage() + json.dumps({k: str(v) for k, v in vars(record).items()}))
+
+
+def test_records_no_logger_shows_are_dropped_in_the_core(up: MockUpstream, caplog) -> None:
+    """As `serve` configures it: with the core's loggers at WARNING, a failover's
+    DEBUG and INFO records are not made at all (they would wake the drain thread)."""
+    client, pool = make_client(up, "anthropic", 2, name="threshold")
+    caplog.set_level(logging.WARNING, logger="keyfailover")
+    try:
+        _logging.drop_below_configured_levels()
+        # Shown from here on in Python, but the core was told WARNING: none is made.
+        caplog.set_level(logging.DEBUG, logger="keyfailover")
+        up.set_reply(KEYS[0], rate_limited("12"))
+        assert client.request_sync("POST", "/v1/messages", body=b"{}").status == 200
+        up.set_reply(KEYS[1], Reply.error(401, "authentication_error", "revoked"))
+        pool.key("key-0").reset()
+        assert client.request_sync("POST", "/v1/messages", body=b"{}").status == 429
+        _logging.flush()
+        mine = [r for r in caplog.records if getattr(r, "pool", None) == "threshold"]
+        assert [(r.name, r.levelname) for r in mine] == [("keyfailover.pool", "WARNING")]
+
+        # Told again: the failover's DEBUG and the cooldown's INFO are made.
+        _logging.drop_below_configured_levels()
+        pool.key("key-0").reset()
+        client.request_sync("POST", "/v1/messages", body=b"{}")
+        _logging.flush()
+        mine = [r for r in caplog.records if getattr(r, "pool", None) == "threshold"]
+        assert {(r.name, r.levelname) for r in mine} >= {
+            ("keyfailover.client", "DEBUG"),
+            ("keyfailover.pool", "INFO"),
+        }
+    finally:
+        _native._set_log_threshold(0)
 
 
 def test_a_thousand_concurrent_transitions_are_all_logged(caplog) -> None:

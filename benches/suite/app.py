@@ -72,9 +72,11 @@ def native_main(port: int, threads: int) -> None:
     import socket
 
     from keyfailover import _native
+    from keyfailover._logging import drop_below_configured_levels
     from keyfailover.cli import raise_open_files_limit
 
     _native._set_worker_threads(threads)  # before the first pool starts the runtime
+    drop_below_configured_levels()  # as `serve` does once it configured logging
     routes = [(prefix, proxy(base_url, keys).gateway) for prefix, base_url, keys in mounts()]
     server = _native.Server(routes, grace=1.0)
     signal.signal(signal.SIGTERM, lambda *_: server.shutdown())

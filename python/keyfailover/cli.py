@@ -185,7 +185,7 @@ def build_proxy(args: argparse.Namespace) -> tuple[FailoverProxy, KeysFileReload
 
 def configure_logging(level: str, style: str) -> None:
     """Every record (keyfailover's and uvicorn's) to stderr, as text or one JSON object a line."""
-    from keyfailover._logging import JsonFormatter
+    from keyfailover._logging import JsonFormatter, drop_below_configured_levels
 
     handler = logging.StreamHandler()
     if style == "json":
@@ -193,6 +193,7 @@ def configure_logging(level: str, style: str) -> None:
     else:
         handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
     logging.basicConfig(level=level.upper(), handlers=[handler], force=True)
+    drop_below_configured_levels()
 
 
 # The settings of one pool, which --config takes from its file instead.

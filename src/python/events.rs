@@ -64,6 +64,18 @@ fn field<'py>(py: Python<'py>, value: &Field) -> PyResult<Bound<'py, PyAny>> {
     }
 }
 
+/// Drops the core's records below `level` when they are made (0: none).
+#[pyfunction]
+pub fn _set_log_threshold(level: u8) {
+    events::set_threshold(level);
+}
+
+/// The loggers the core's records go to.
+#[pyfunction]
+pub fn _core_loggers() -> Vec<&'static str> {
+    events::LOGGERS.to_vec()
+}
+
 /// The queued records: (logger, level, message, extra fields), oldest first.
 #[pyfunction]
 pub fn _take_records(py: Python<'_>) -> PyResult<Vec<Bound<'_, PyTuple>>> {

@@ -34,6 +34,8 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(rules::_shm_path, m)?)?;
     m.add_function(wrap_pyfunction!(events::_events_fd, m)?)?;
     m.add_function(wrap_pyfunction!(events::_take_records, m)?)?;
+    m.add_function(wrap_pyfunction!(events::_set_log_threshold, m)?)?;
+    m.add_function(wrap_pyfunction!(events::_core_loggers, m)?)?;
     m.add_class::<gateway::PyGateway>()?;
     m.add_class::<gateway::PyForward>()?;
     m.add_class::<server::PyServer>()?;
