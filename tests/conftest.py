@@ -115,6 +115,14 @@ def _mapped_files() -> set[str]:
     return mapped
 
 
+@pytest.fixture(autouse=True)
+def _core_keeps_every_log_record() -> Iterator[None]:
+    """A test that runs the command line in this process has the core drop
+    records below its log level (as `serve` does): not for the tests after it."""
+    yield
+    kf._native._set_log_threshold(0)
+
+
 @pytest.fixture(scope="session", autouse=True)
 def _remove_shared_state_files() -> Iterator[None]:
     """The shared-memory state files the tests create (one per namespace) stay
