@@ -8,6 +8,7 @@ it. Test modules import the plain helpers from here: ``from conftest import ...`
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import socket
 from collections.abc import Callable, Coroutine, Iterator
@@ -116,10 +117,15 @@ def _mapped_files() -> set[str]:
 
 
 @pytest.fixture(autouse=True)
-def _core_keeps_every_log_record() -> Iterator[None]:
-    """A test that runs the command line in this process has the core drop
-    records below its log level (as `serve` does): not for the tests after it."""
+def _logging_as_it_was() -> Iterator[None]:
+    """A test that runs the command line in this process configures logging
+    (a handler on the test's captured stderr, closed after it) and has the core
+    drop records below its log level, as `serve` does: not for the tests after it."""
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
     yield
+    root.handlers[:] = handlers
+    root.setLevel(level)
     kf._native._set_log_threshold(0)
 
 

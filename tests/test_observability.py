@@ -11,6 +11,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 import uuid
 from typing import Any
@@ -250,6 +251,38 @@ def test_records_no_logger_shows_are_dropped_in_the_core(up: MockUpstream, caplo
         }
     finally:
         _native._set_log_threshold(0)
+
+
+def test_flush_returns_once_records_the_drain_thread_took_are_logged(caplog) -> None:
+    """A test (or a shutdown) that flushes before it looks must find every
+    record made so far, including one the drain thread took and is still logging."""
+    caplog.set_level(logging.INFO, logger="keyfailover.pool")
+    entered, release = threading.Event(), threading.Event()
+
+    class Slow(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            if threading.current_thread().name == "keyfailover-logs":
+                entered.set()
+                release.wait(5)
+
+    slow = Slow()
+    logging.getLogger("keyfailover.pool").addHandler(slow)
+    try:
+        pool = kf.KeyPool({"flush-0": "sk-ant-flush-" + "z" * 20})
+        pool.key("flush-0").mark_temporary(30)
+        assert entered.wait(5), "the drain thread took the record"
+        flushing = threading.Thread(target=_logging.flush)
+        flushing.start()
+        flushing.join(0.3)
+        assert flushing.is_alive(), "flush() waits for the record the drain thread holds"
+        release.set()
+        flushing.join(5)
+        assert not flushing.is_alive()
+        mine = [getattr(r, "key", "") for r in caplog.records]
+        assert [key for key in mine if key.startswith("flush-")] == ["flush-0"]
+    finally:
+        release.set()
+        logging.getLogger("keyfailover.pool").removeHandler(slow)
 
 
 def test_a_thousand_concurrent_transitions_are_all_logged(caplog) -> None:

@@ -18,6 +18,10 @@ from keyfailover import _native
 
 _lock = threading.Lock()
 _thread: threading.Thread | None = None
+# Held while records taken from the core are logged: a flush() returns only
+# once records the drain thread took before it are logged too. Reentrant, as a
+# handler may itself call into the core.
+_logging_taken = threading.RLock()
 
 
 def _drain(fd: int) -> None:
@@ -31,9 +35,11 @@ def _drain(fd: int) -> None:
 
 
 def flush() -> None:
-    """Logs every record queued so far (the drain thread does this by itself)."""
-    for logger, level, message, extra in _native._take_records():
-        logging.getLogger(logger).log(level, message, extra=extra)
+    """Logs every record queued so far (the drain thread does this by itself);
+    returns once each is logged, whichever thread took it."""
+    with _logging_taken:
+        for logger, level, message, extra in _native._take_records():
+            logging.getLogger(logger).log(level, message, extra=extra)
 
 
 def drop_below_configured_levels() -> None:
@@ -89,8 +95,9 @@ class JsonFormatter(logging.Formatter):
 
 
 def _after_fork_in_child() -> None:
-    global _thread
+    global _thread, _logging_taken
     _thread = None  # the parent's thread does not exist here
+    _logging_taken = threading.RLock()  # nor does any holder of this
     start()
 
 
