@@ -31,9 +31,11 @@ mod python;
 
 /// The extension's own allocations (a proxied request makes dozens: header
 /// maps, buffers, futures) go to mimalloc rather than the C library's malloc:
-/// 6-7% less CPU per request on the native server (A/B, 9 alternating
-/// rounds). Built without transparent huge pages, which would add 25 MB to a
-/// server holding 1,000 streams; without them the cost is 1-2 MB.
+/// 5-6% less CPU per request on the native server (A/B, alternating rounds).
+/// Built without transparent huge pages, which would add 25 MB to a server
+/// holding 1,000 streams (without them the cost is 1-2 MB), and with the
+/// local-dynamic TLS model, which a library loaded by `dlopen` (as Python
+/// loads an extension) can always get, unlike initial-exec TLS.
 #[cfg(feature = "python")]
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
