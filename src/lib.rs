@@ -31,7 +31,7 @@ mod python;
 
 /// The extension's own allocations (a proxied request makes dozens: header
 /// maps, buffers, futures) go to mimalloc rather than the C library's malloc:
-/// 5-6% less CPU per request on the native server (A/B, alternating rounds).
+/// 3-6% less CPU per request on the native server (A/B, alternating rounds).
 /// Built without transparent huge pages, which would add 25 MB to a server
 /// holding 1,000 streams (without them the cost is 1-2 MB), and with the
 /// local-dynamic TLS model, which a library loaded by `dlopen` (as Python
