@@ -92,21 +92,40 @@ impl BaseUrl {
 
     /// [`BaseUrl::join`], parsed.
     pub fn url(&self, target: &str) -> Result<Url> {
-        if let Some(url) = self.parsed.load().get(target) {
-            return Ok(url.clone());
-        }
-        let joined = self.join(target)?;
-        let url = Url::parse(&joined).map_err(|e| {
-            Error::BadRequest(format!("path {:?} is not a valid URL: {e}", shown(target)))
-        })?;
-        if target.len() <= PARSED_TARGET_LEN && self.parsed.load().len() < PARSED_TARGETS {
-            self.parsed.rcu(|parsed| {
-                let mut parsed = HashMap::clone(parsed);
-                if parsed.len() < PARSED_TARGETS {
-                    parsed.insert(target.into(), url.clone());
+        // Paths are kept parsed, not queries: a query (a caller's parameters,
+        // Azure's `api-version`) is set on a copy, and is neither remembered
+        // nor able to crowd an API's paths out of the cache.
+        let (path, query) = match target.split_once('?') {
+            Some((path, query)) => (path, Some(query)),
+            None => (target, None),
+        };
+        let cached = self.parsed.load().get(path).cloned();
+        let mut url = match cached {
+            Some(url) => {
+                check_bytes(target)?;
+                url
+            }
+            None => {
+                let joined = self.join(target)?;
+                let url = Url::parse(&joined).map_err(|e| {
+                    Error::BadRequest(format!("path {:?} is not a valid URL: {e}", shown(target)))
+                })?;
+                if path.len() <= PARSED_TARGET_LEN && self.parsed.load().len() < PARSED_TARGETS {
+                    let mut bare = url.clone();
+                    bare.set_query(None);
+                    self.parsed.rcu(|parsed| {
+                        let mut parsed = HashMap::clone(parsed);
+                        if parsed.len() < PARSED_TARGETS {
+                            parsed.insert(path.into(), bare.clone());
+                        }
+                        parsed
+                    });
                 }
-                parsed
-            });
+                return Ok(url);
+            }
+        };
+        if query.is_some() {
+            url.set_query(query);
         }
         Ok(url)
     }
@@ -136,24 +155,15 @@ pub fn normalize_target(target: &str) -> Result<Cow<'_, str>> {
             shown(target)
         )));
     }
-    if let Some(bad) = target
-        .bytes()
-        .find(|&b| !b.is_ascii_graphic() || b == b'\\' || b == b'#')
-    {
-        return Err(Error::BadRequest(format!(
-            "path {:?} holds a character a request target cannot carry ({:?})",
-            shown(target),
-            char::from(bad)
-        )));
-    }
+    check_bytes(target)?;
     let (path, query) = match target.find('?') {
         Some(i) => target.split_at(i),
         None => (target, ""),
     };
-    let segments: Vec<&str> = path[1..].split('/').collect();
-    if !segments.iter().any(|s| dot_segment(s).is_some()) {
+    if !path[1..].split('/').any(|s| dot_segment(s).is_some()) {
         return Ok(Cow::Borrowed(target));
     }
+    let segments: Vec<&str> = path[1..].split('/').collect();
     let mut out: Vec<&str> = Vec::with_capacity(segments.len());
     let last = segments.len() - 1;
     for (i, segment) in segments.iter().enumerate() {
@@ -182,11 +192,37 @@ enum DotSegment {
     Parent,
 }
 
+/// Errors for a target holding bytes a request line cannot carry (controls,
+/// spaces, backslashes, non-ASCII) or a fragment.
+fn check_bytes(target: &str) -> Result<()> {
+    match target
+        .bytes()
+        .find(|&b| !b.is_ascii_graphic() || b == b'\\' || b == b'#')
+    {
+        Some(bad) => Err(Error::BadRequest(format!(
+            "path {:?} holds a character a request target cannot carry ({:?})",
+            shown(target),
+            char::from(bad)
+        ))),
+        None => Ok(()),
+    }
+}
+
+/// `.` or `..`, either dot also percent-encoded (`%2e`, `%2E`).
 fn dot_segment(segment: &str) -> Option<DotSegment> {
-    let decoded = segment.replace("%2e", ".").replace("%2E", ".");
-    match decoded.as_str() {
-        "." => Some(DotSegment::Current),
-        ".." => Some(DotSegment::Parent),
+    let mut rest = segment.as_bytes();
+    let mut dots = 0;
+    while !rest.is_empty() {
+        rest = match rest {
+            [b'.', tail @ ..] => tail,
+            [b'%', b'2', b'e' | b'E', tail @ ..] => tail,
+            _ => return None,
+        };
+        dots += 1;
+    }
+    match dots {
+        1 => Some(DotSegment::Current),
+        2 => Some(DotSegment::Parent),
         _ => None,
     }
 }
@@ -306,6 +342,60 @@ mod tests {
         let copy = base.clone();
         assert_eq!(copy.parsed.load().len(), PARSED_TARGETS);
         assert_eq!(copy, BaseUrl::parse("http://up/prefix/v1/").unwrap());
+    }
+
+    #[test]
+    fn queries_are_set_on_a_parsed_path_and_never_kept() {
+        let base = BaseUrl::parse("https://res.example/openai").unwrap();
+        for target in [
+            "/deployments/d/chat?api-version=2024-10-21",
+            "/deployments/d/chat?api-version=2025-01-01&x='y'",
+            "/deployments/d/chat?",
+            "/deployments/d/chat",
+            "/deployments/d/./chat?a=%20b",
+        ] {
+            // Each twice: the first parses, the second finds the path parsed.
+            for _ in 0..2 {
+                assert_eq!(
+                    base.url(target).unwrap(),
+                    Url::parse(&base.join(target).unwrap()).unwrap(),
+                    "{target}"
+                );
+            }
+        }
+        let parsed = base.parsed.load();
+        let mut kept: Vec<&str> = parsed.keys().map(|k| &**k).collect();
+        kept.sort_unstable();
+        assert_eq!(kept, ["/deployments/d/./chat", "/deployments/d/chat"]);
+        assert!(parsed.values().all(|url| url.query().is_none()));
+        // A query is checked like the rest of the target, parsed path or not.
+        for bad in ["/deployments/d/chat?a=b c", "/deployments/d/chat?a#b"] {
+            assert!(matches!(base.url(bad), Err(Error::BadRequest(_))), "{bad}");
+        }
+    }
+
+    #[test]
+    fn dot_segments_are_only_dots() {
+        for (segment, dots) in [
+            (".", Some(1)),
+            ("%2e", Some(1)),
+            ("..", Some(2)),
+            (".%2E", Some(2)),
+            ("%2E%2e", Some(2)),
+            ("...", None),
+            ("", None),
+            ("%2", None),
+            ("%2f", None),
+            (".a", None),
+            ("a.", None),
+            ("%2e%2e%2e", None),
+        ] {
+            let found = dot_segment(segment).map(|d| match d {
+                DotSegment::Current => 1,
+                DotSegment::Parent => 2,
+            });
+            assert_eq!(found, dots, "{segment:?}");
+        }
     }
 
     #[test]
