@@ -11,6 +11,7 @@ stops it at the end of the run.
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import statistics
@@ -18,7 +19,8 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -181,6 +183,15 @@ STEADY_HEADROOM = 1.5
 
 def sequential(setup: Setup, route: str, rounds: int, pause: float = 0.0) -> tuple[float, int]:
     """Median seconds of `rounds` requests one after another on one connection, and non-200s."""
+    samples, errors = sequential_samples(setup, route, rounds, pause)
+    return statistics.median(samples), errors
+
+
+def sequential_samples(
+    setup: Setup, route: str, rounds: int, pause: float = 0.0
+) -> tuple[list[float], int]:
+    """Seconds of each of `rounds` requests one after another on one connection (after one
+    unmeasured request that opens it), and the number that were not 200."""
     conn = Connection(setup.port)
     try:
         raw = setup.raw(route)
@@ -192,9 +203,27 @@ def sequential(setup: Setup, route: str, rounds: int, pause: float = 0.0) -> tup
             status, _, seconds = conn.request(raw)
             errors += status != 200
             samples.append(seconds)
-        return statistics.median(samples), errors
+        return samples, errors
     finally:
         conn.close()
+
+
+@contextmanager
+def on_cpu(cpu: str | None) -> Iterator[None]:
+    """This process runs on `cpu` (if the machine has CPUs to pin to) for the block."""
+    if cpu is None:
+        yield
+        return
+    before = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, {int(cpu)})
+    try:
+        yield
+    finally:
+        os.sched_setaffinity(0, before)
+
+
+# The failover measurement alternates this many rounds per setup.
+FAILOVER_ROUNDS = 5
 
 
 def failover(bench: Bench) -> dict[str, Any]:
@@ -203,24 +232,59 @@ def failover(bench: Bench) -> dict[str, Any]:
     The 429 carries `retry-after-ms: 1`; a 3 ms pause before each request lets
     that cooldown lapse, so every measured request meets the 429 first. The
     plain requests get the same pause, so both are measured alike.
+
+    What a failover should add is one upstream round trip as the proxy makes it:
+    from SERVER_CPU, where the proxies run, to the upstream on LOAD_CPU, after
+    the same pause. So for each proxy a request sent directly from SERVER_CPU
+    (`rtt`) alternates with its plain and failover requests, in FAILOVER_ROUNDS
+    rounds, and a drift of the machine moves all three alike. The direct
+    setup's `plain` is sent from LOAD_CPU, the upstream's own CPU, as every
+    other direct measurement is: it skips the wake-up of the other CPU and
+    comes out 0.1-0.2 ms shorter.
     """
     rounds, upstream = bench.plan.failover_rounds, bench.fast
+    each = max(1, rounds // FAILOVER_ROUNDS)
+    direct = bench.setup("direct")
 
     def measure(setup: Setup) -> dict[str, Any]:
-        plain, errors = sequential(setup, "json", rounds, pause=0.003)
-        if errors:
-            raise RuntimeError(f"{errors} plain requests failed")
         if not setup.is_proxy:
+            plain, errors = sequential(setup, "json", rounds, pause=0.003)
+            if errors:
+                raise RuntimeError(f"{errors} direct requests failed")
             return {"plain": plain}
+        samples: dict[str, list[float]] = {"rtt": [], "plain": [], "failover": []}
+        errors = 0
         before = upstream.request_count()
-        failover, errors = sequential(setup, "failover", rounds, pause=0.003)
-        calls = (upstream.request_count() - before) / (rounds + 1)
+        for _ in range(FAILOVER_ROUNDS):
+            with on_cpu(SERVER_CPU):
+                got, bad = sequential_samples(direct, "json", each, pause=0.003)
+            if bad:
+                raise RuntimeError(f"{bad} direct requests failed")
+            samples["rtt"] += got
+            got, bad = sequential_samples(setup, "json", each, pause=0.003)
+            if bad:
+                raise RuntimeError(f"{bad} plain requests failed")
+            samples["plain"] += got
+            got, bad = sequential_samples(setup, "failover", each, pause=0.003)
+            samples["failover"] += got
+            errors += bad
+        # Each sequence sends one unmeasured request first; a direct or plain request is one
+        # upstream call.
+        per_route = FAILOVER_ROUNDS * (each + 1)
+        calls = (upstream.request_count() - before - 2 * per_route) / per_route
+        rtt, plain, failover = (statistics.median(samples[k]) for k in ("rtt", "plain", "failover"))
         log(
             f"  {setup.label:34} plain {plain * 1e3:6.3f} ms  with failover "
             f"{failover * 1e3:6.3f} ms  ({calls:.2f} upstream calls per request, "
-            f"{errors} not 200)"
+            f"{errors} not 200); a round trip from its CPU {rtt * 1e3:6.3f} ms"
         )
-        return {"plain": plain, "failover": failover, "upstream_calls": calls, "errors": errors}
+        return {
+            "plain": plain,
+            "failover": failover,
+            "rtt": rtt,
+            "upstream_calls": calls,
+            "errors": errors,
+        }
 
     # nginx cannot swap keys between attempts: it has no failover route.
     setups = [s for s in bench.setups if not s.is_proxy or "failover" in s.targets]

@@ -345,13 +345,13 @@ def native_goals(r: dict[str, Any]) -> list[tuple[str, str, bool | None]]:
             )
         )
     failover = r.get("failover") or {}
-    if "kf-native" in failover and "direct" in failover:
-        row, rtt = failover["kf-native"], failover["direct"]["plain"]
-        added = row["failover"] - row["plain"]
+    if "kf-native" in failover:
+        row = failover["kf-native"]
+        added, rtt = row["failover"] - row["plain"], row["rtt"]
         goals.append(
             (
                 f"native server: a failover adds one upstream round trip (a request sent "
-                f"directly) and at most {FAILOVER_EXTRA_MS} ms more",
+                f"directly from the proxy's CPU) and at most {FAILOVER_EXTRA_MS} ms more",
                 f"+{added * 1e3:.3f} ms, round trip {rtt * 1e3:.3f} ms "
                 f"({row['upstream_calls']:.2f} upstream calls per request)",
                 added - rtt <= FAILOVER_EXTRA_MS / 1e3,
@@ -605,13 +605,18 @@ def failover_section(r: dict[str, Any]) -> list[str]:
             "",
             "## One failover",
             "",
-            "Sequential requests (medians): one whose only key answers at once, and one whose "
-            "first key answers 429 (`retry-after-ms: 1`) before the second answers 200. The "
-            f"extra upstream round trip costs about {ms(rtt)} ms (a request sent directly).",
+            "Sequential requests with a 3 ms pause before each (medians): one whose only key "
+            "answers at once, and one whose first key answers 429 (`retry-after-ms: 1`) "
+            "before the second answers 200. What the failover should add is one upstream "
+            "round trip as the proxy makes it: a request sent directly from the proxies' CPU "
+            "to the upstream on the other, measured in rounds alternating with each proxy's "
+            f"requests. Sent from the upstream's own CPU, a round trip takes {ms(rtt)} ms: "
+            "it skips waking the other CPU.",
             "",
-            "| setup | first key OK ms | first key 429 ms | added by failover | "
-            "added / upstream round trip | upstream calls per request | not 200 |",
-            "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+            "| setup | first key OK ms | first key 429 ms | added by failover "
+            "| round trip from the proxy's CPU | added - round trip "
+            "| upstream calls per request | not 200 |",
+            "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
         ]
         for key, row in failover.items():
             if key == "direct":
@@ -619,7 +624,8 @@ def failover_section(r: dict[str, Any]) -> list[str]:
             added = row["failover"] - row["plain"]
             out.append(
                 f"| {labels[key]} | {ms(row['plain'])} | {ms(row['failover'])} "
-                f"| {added * 1e3:+.3f} ms | {added / rtt:.2f}x | {row['upstream_calls']:.2f} "
+                f"| {added * 1e3:+.3f} ms | {row['rtt'] * 1e3:.3f} ms "
+                f"| {(added - row['rtt']) * 1e3:+.3f} ms | {row['upstream_calls']:.2f} "
                 f"| {row['errors']} |"
             )
     return out
