@@ -19,8 +19,8 @@ pub struct BaseUrl {
     /// start with `/v1` themselves (as the SDKs' do) are joined to this, so
     /// `https://api.openai.com/v1` and `https://api.openai.com` both work.
     without_v1: Option<String>,
-    /// The parsed URLs of the targets seen first (an API has few paths):
-    /// parsing a URL on every request costs a proxy a few percent.
+    /// The parsed URLs of the paths seen first, without queries (an API has
+    /// few paths): parsing a URL on every request costs a proxy a few percent.
     parsed: Arc<ArcSwap<HashMap<Box<str>, Url>>>,
 }
 
@@ -39,7 +39,7 @@ impl PartialEq for BaseUrl {
 
 impl Eq for BaseUrl {}
 
-/// How many targets a [`BaseUrl`] keeps parsed, and how long one may be.
+/// How many paths a [`BaseUrl`] keeps parsed, and how long one may be.
 const PARSED_TARGETS: usize = 64;
 const PARSED_TARGET_LEN: usize = 256;
 
