@@ -348,7 +348,10 @@ def test_redis_paused_does_not_slow_requests(redis_server, namespace, mock_upstr
         redis_server.resume()
     during.sort()
     p50_before, p50_during = before[len(before) // 2], during[len(during) // 2]
-    assert p50_during < p50_before + 0.005, (p50_before, p50_during)
+    # A request that waited on Redis would take up to its command timeout (2 s);
+    # 20 ms covers what this shared machine's scheduling adds to a p50 (5 ms did
+    # not, once).
+    assert p50_during < p50_before + 0.02, (p50_before, p50_during)
     assert during[-1] < 0.5, "no request waited on the paused Redis"
     assert settle(lambda: pool.sync_status()["connected"] and pool.sync_status()["pending"] == 0, 8)
 
