@@ -8,9 +8,13 @@ it. Test modules import the plain helpers from here: ``from conftest import ...`
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import os
 import socket
+import subprocess
+import sys
+import textwrap
 from collections.abc import Callable, Coroutine, Iterator
 from datetime import datetime, timezone
 from pathlib import Path
@@ -73,6 +77,47 @@ def states(pool: kf.KeyPool) -> list[str]:
 def seen(up: MockUpstream) -> list[str]:
     """The pool labels (or the raw credential, e.g. BYOK) upstream saw, in order."""
     return [LABEL.get(r.credential or "", r.credential or "") for r in up.requests]
+
+
+# Runs in a child process: one POST /v1/messages through a one-key FailoverClient at
+# argv[1] (anthropic), its status and body printed as JSON.
+_CHILD_REQUEST = textwrap.dedent(
+    """
+    import json, sys
+    import keyfailover as kf
+
+    base_url, key = sys.argv[1], sys.argv[2]
+    client = kf.FailoverClient(
+        kf.KeyPool([key]), base_url=base_url, timeout=5.0, connect_timeout=5.0
+    )
+    resp = client.request_sync(
+        "POST", "/v1/messages", headers=[("content-type", "application/json")], body=b"{}"
+    )
+    print(json.dumps({"status": resp.status, "body": resp.read().decode()}))
+    """
+)
+
+
+def request_in_child(base_url: str, key: str, **env: str) -> dict[str, Any]:
+    """One request from a fresh Python process whose environment is this one's without any
+    proxy or CA variable, plus `env`: for what the client reads from the environment as
+    it is built. Returns {"status": ..., "body": ...}; checks the key is not in its output."""
+    clean = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.lower().endswith("_proxy") and k not in ("SSL_CERT_FILE", "SSL_CERT_DIR")
+    }
+    done = subprocess.run(
+        [sys.executable, "-c", _CHILD_REQUEST, base_url, key],
+        env={**clean, **env},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
+    assert key not in done.stdout + done.stderr
+    out: dict[str, Any] = json.loads(done.stdout)
+    return out
 
 
 def free_port() -> int:

@@ -10,38 +10,17 @@ end in `.invalid`, so a request that went anywhere but the proxy would fail to r
 from __future__ import annotations
 
 import json
-import os
 import socket
-import subprocess
-import sys
-import textwrap
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import pytest
-from conftest import FAKE_KEYS
+from conftest import FAKE_KEYS, request_in_child
 
 from keyfailover.testing import MockUpstream
 
 KEY = FAKE_KEYS[0]
-
-# Runs in a child process: one request through a FailoverClient, its outcome as JSON.
-CHILD = textwrap.dedent(
-    """
-    import json, sys
-    import keyfailover as kf
-
-    base_url, key = sys.argv[1], sys.argv[2]
-    client = kf.FailoverClient(
-        kf.KeyPool([key]), base_url=base_url, timeout=5.0, connect_timeout=5.0
-    )
-    resp = client.request_sync(
-        "POST", "/v1/messages", headers=[("content-type", "application/json")], body=b"{}"
-    )
-    print(json.dumps({"status": resp.status, "body": resp.read().decode()}))
-    """
-)
 
 
 @dataclass
@@ -104,17 +83,7 @@ def proxy() -> Iterator[RecordingProxy]:
 
 
 def run_child(base_url: str, **env: str) -> dict[str, object]:
-    clean = {k: v for k, v in os.environ.items() if not k.lower().endswith("_proxy")}
-    done = subprocess.run(
-        [sys.executable, "-c", CHILD, base_url, KEY],
-        env={**clean, **env},
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    assert done.returncode == 0, done.stderr
-    assert KEY not in done.stdout + done.stderr
-    return json.loads(done.stdout)
+    return request_in_child(base_url, KEY, **env)
 
 
 @pytest.mark.parametrize("variable", ["HTTP_PROXY", "http_proxy", "ALL_PROXY"])

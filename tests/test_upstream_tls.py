@@ -1,0 +1,261 @@
+"""HTTPS upstreams: certificates are verified against the system's roots (or those that
+SSL_CERT_FILE or SSL_CERT_DIR name instead, as with OpenSSL), an upstream that cannot prove who it is
+never gets a request, let alone a key, and HTTP/2 is used when the upstream offers it in
+the TLS handshake (ALPN), as the providers' APIs do.
+
+The upstream is a TLS listener in this test with a certificate for 127.0.0.1 from a CA
+made here; the cases that trust that CA run in a child process, with SSL_CERT_FILE set.
+"""
+
+from __future__ import annotations
+
+import datetime
+import ipaddress
+import json
+import socket
+import ssl
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import h2.config
+import h2.connection
+import h2.events
+import pytest
+from conftest import FAKE_KEYS, make_client, request_in_child, run, states
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+
+KEY = FAKE_KEYS[0]
+REPLY = json.dumps({"id": "msg_over_tls", "type": "message"}).encode()
+
+
+@dataclass
+class Pki:
+    ca: Path  # the CA's certificate (PEM): what SSL_CERT_FILE names
+    cert: Path  # the upstream's chain
+    key: Path
+
+
+def _name(common_name: str) -> x509.Name:
+    return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
+    """A CA, and a certificate it signed for 127.0.0.1 (IP SAN)."""
+    out = tmp_path_factory.mktemp("pki")
+    now = datetime.datetime.now(datetime.timezone.utc)
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca = (
+        x509.CertificateBuilder()
+        .subject_name(_name("keyfailover test CA"))
+        .issuer_name(_name("keyfailover test CA"))
+        .public_key(ca_key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(hours=1))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=True,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                key_cert_sign=True,
+                crl_sign=True,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            critical=True,
+        )
+        .sign(ca_key, hashes.SHA256())
+    )
+    leaf_key = ec.generate_private_key(ec.SECP256R1())
+    leaf = (
+        x509.CertificateBuilder()
+        .subject_name(_name("127.0.0.1"))
+        .issuer_name(ca.subject)
+        .public_key(leaf_key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(hours=1))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(
+            x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+            critical=False,
+        )
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(
+            x509.ExtendedKeyUsage([x509.oid.ExtendedKeyUsageOID.SERVER_AUTH]), critical=False
+        )
+        .sign(ca_key, hashes.SHA256())
+    )
+    pem = serialization.Encoding.PEM
+    found = Pki(ca=out / "ca.pem", cert=out / "cert.pem", key=out / "key.pem")
+    found.ca.write_bytes(ca.public_bytes(pem))
+    found.cert.write_bytes(leaf.public_bytes(pem))
+    found.key.write_bytes(
+        leaf_key.private_bytes(pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    )
+    return found
+
+
+@dataclass
+class Seen:
+    """What the TLS upstream saw on one connection."""
+
+    alpn: str | None = None
+    handshake_error: str | None = None
+    headers: dict[str, str] = field(default_factory=dict)
+
+
+class TlsUpstream:
+    """Answers each request with 200 and REPLY over HTTP/1.1 or, when the client picks it
+    by ALPN and `alpn` offers it, HTTP/2; records each connection in `seen`."""
+
+    def __init__(self, pki: Pki, alpn: list[str]) -> None:
+        self.context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        self.context.load_cert_chain(pki.cert, pki.key)
+        self.context.set_alpn_protocols(alpn)
+        self.seen: list[Seen] = []
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.sock.settimeout(0.2)
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    @property
+    def url(self) -> str:
+        return f"https://127.0.0.1:{self.sock.getsockname()[1]}"
+
+    def close(self) -> None:
+        self.stop.set()
+        self.thread.join(5)
+        self.sock.close()
+
+    def _serve(self) -> None:
+        while not self.stop.is_set():
+            try:
+                raw, _ = self.sock.accept()
+            except TimeoutError:
+                continue
+            raw.settimeout(5)
+            seen = Seen()
+            self.seen.append(seen)
+            try:
+                conn = self.context.wrap_socket(raw, server_side=True)
+            except (ssl.SSLError, OSError) as e:
+                seen.handshake_error = str(e)
+                raw.close()
+                continue
+            with conn:
+                seen.alpn = conn.selected_alpn_protocol()
+                try:
+                    if seen.alpn == "h2":
+                        self._h2(conn, seen)
+                    else:
+                        self._http1(conn, seen)
+                except (ssl.SSLError, OSError):
+                    pass
+
+    @staticmethod
+    def _http1(conn: ssl.SSLSocket, seen: Seen) -> None:
+        data = b""
+        while b"\r\n\r\n" not in data:
+            chunk = conn.recv(65536)
+            if not chunk:
+                return
+            data += chunk
+        head, _, _ = data.partition(b"\r\n\r\n")
+        for line in head.decode("latin-1").split("\r\n")[1:]:
+            name, _, value = line.partition(":")
+            seen.headers[name.strip().lower()] = value.strip()
+        conn.sendall(
+            b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n"
+            + f"content-length: {len(REPLY)}\r\nconnection: close\r\n\r\n".encode()
+            + REPLY
+        )
+
+    @staticmethod
+    def _h2(conn: ssl.SSLSocket, seen: Seen) -> None:
+        h2c = h2.connection.H2Connection(h2.config.H2Configuration(client_side=False))
+        h2c.initiate_connection()
+        conn.sendall(h2c.data_to_send())
+        while True:
+            data = conn.recv(65536)
+            if not data:
+                return
+            for event in h2c.receive_data(data):
+                if isinstance(event, h2.events.RequestReceived):
+                    for name, value in event.headers:
+                        seen.headers[_text(name)] = _text(value)
+                elif isinstance(event, h2.events.StreamEnded):
+                    h2c.send_headers(
+                        event.stream_id,
+                        [
+                            (":status", "200"),
+                            ("content-type", "application/json"),
+                            ("content-length", str(len(REPLY))),
+                        ],
+                    )
+                    h2c.send_data(event.stream_id, REPLY, end_stream=True)
+                elif isinstance(event, h2.events.DataReceived):
+                    h2c.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
+            # Until the client goes (its process ends): closing at once could reset the
+            # connection before the client has read the answer.
+            conn.sendall(h2c.data_to_send())
+
+
+def _text(value: str | bytes) -> str:
+    return value.decode() if isinstance(value, bytes) else value
+
+
+@pytest.fixture
+def upstream(pki: Pki, request: pytest.FixtureRequest) -> Iterator[TlsUpstream]:
+    alpn: list[str] = getattr(request, "param", ["http/1.1"])
+    server = TlsUpstream(pki, alpn)
+    yield server
+    server.close()
+
+
+def test_an_upstream_with_an_unknown_ca_is_refused_before_any_request(
+    upstream: TlsUpstream,
+) -> None:
+    client, pool = make_client(upstream.url, "anthropic", 1)
+
+    async def call() -> tuple[int, bytes]:
+        resp = await client.request(
+            "POST", "/v1/messages", headers=[("content-type", "application/json")], body=b"{}"
+        )
+        return resp.status, await resp.read()
+
+    status, body = run(call())
+    assert status == 502
+    assert "certificate" in body.decode().lower()
+    assert KEY not in body.decode()
+    # The handshake failed: the upstream never got a request, so never a key.
+    assert upstream.seen
+    assert all(s.handshake_error for s in upstream.seen)
+    assert all(not s.headers for s in upstream.seen)
+    assert states(pool) == ["valid"]
+
+
+@pytest.mark.parametrize(
+    ("upstream", "protocol"),
+    [(["http/1.1"], "http/1.1"), (["h2", "http/1.1"], "h2")],
+    indirect=["upstream"],
+    ids=["http1", "h2"],
+)
+def test_a_trusted_upstream_gets_the_request_over_the_protocol_it_offers(
+    pki: Pki, upstream: TlsUpstream, protocol: str
+) -> None:
+    out = request_in_child(upstream.url, KEY, SSL_CERT_FILE=str(pki.ca))
+    assert out == {"status": 200, "body": REPLY.decode()}
+    [seen] = upstream.seen
+    assert seen.handshake_error is None
+    assert seen.alpn == protocol
+    assert seen.headers["x-api-key"] == KEY
