@@ -8,6 +8,7 @@ it. Test modules import the plain helpers from here: ``from conftest import ...`
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import os
@@ -15,6 +16,7 @@ import socket
 import subprocess
 import sys
 import textwrap
+import threading
 from collections.abc import Callable, Coroutine, Iterator
 from datetime import datetime, timezone
 from pathlib import Path
@@ -118,6 +120,64 @@ def request_in_child(base_url: str, key: str, **env: str) -> dict[str, Any]:
     assert key not in done.stdout + done.stderr
     out: dict[str, Any] = json.loads(done.stdout)
     return out
+
+
+def read_head(conn: socket.socket) -> tuple[str, dict[str, str]]:
+    """Reads an HTTP/1.1 head from `conn`: its first line and its fields (names lowercase).
+    Bytes after the head are dropped; ("", {}) if the peer closes first."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = conn.recv(65536)
+        if not chunk:
+            return "", {}
+        data += chunk
+    first, *lines = data.partition(b"\r\n\r\n")[0].decode("latin-1").split("\r\n")
+    fields = (line.partition(":") for line in lines)
+    return first, {name.strip().lower(): value.strip() for name, _, value in fields}
+
+
+class LoopbackServer:
+    """A TCP listener on 127.0.0.1 whose thread hands each connection, one at a time, to
+    `handle` (which subclasses define) and then closes it. Use as a context manager."""
+
+    scheme = "http"
+
+    def __init__(self) -> None:
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.sock.settimeout(0.2)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+        self._thread.start()
+
+    @property
+    def url(self) -> str:
+        return f"{self.scheme}://127.0.0.1:{self.sock.getsockname()[1]}"
+
+    def handle(self, conn: socket.socket) -> None:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(5)
+        self.sock.close()
+
+    def __enter__(self: T) -> T:
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self.close()
+
+    def _serve(self) -> None:
+        while not self._stop.is_set():
+            try:
+                conn, _ = self.sock.accept()
+            except TimeoutError:
+                continue
+            with conn:
+                conn.settimeout(5)
+                # OSError: the client went; what it sent is recorded already.
+                with contextlib.suppress(OSError):
+                    self.handle(conn)
 
 
 def free_port() -> int:

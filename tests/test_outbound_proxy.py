@@ -11,58 +11,27 @@ from __future__ import annotations
 
 import json
 import socket
-import threading
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 
 import pytest
-from conftest import FAKE_KEYS, request_in_child
+from conftest import FAKE_KEYS, LoopbackServer, read_head, request_in_child
 
 from keyfailover.testing import MockUpstream
 
 KEY = FAKE_KEYS[0]
 
 
-@dataclass
-class RecordingProxy:
-    """A loopback listener that records each request head and answers `reply`."""
+class RecordingProxy(LoopbackServer):
+    """Records the head of each request it gets and answers `reply`."""
 
-    reply: bytes
-    heads: list[str] = field(default_factory=list)
-    sock: socket.socket = field(init=False)
+    def __init__(self, reply: bytes) -> None:
+        self.reply = reply
+        self.heads: list[tuple[str, dict[str, str]]] = []
+        super().__init__()
 
-    def __post_init__(self) -> None:
-        self.sock = socket.create_server(("127.0.0.1", 0))
-        self.sock.settimeout(0.2)
-        self.stop = threading.Event()
-        self.thread = threading.Thread(target=self._serve, daemon=True)
-        self.thread.start()
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.sock.getsockname()[1]}"
-
-    def _serve(self) -> None:
-        while not self.stop.is_set():
-            try:
-                conn, _ = self.sock.accept()
-            except TimeoutError:
-                continue
-            with conn:
-                conn.settimeout(5)
-                head = b""
-                while b"\r\n\r\n" not in head:
-                    chunk = conn.recv(65536)
-                    if not chunk:
-                        break
-                    head += chunk
-                self.heads.append(head.split(b"\r\n\r\n")[0].decode("latin-1"))
-                conn.sendall(self.reply)
-
-    def close(self) -> None:
-        self.stop.set()
-        self.thread.join(5)
-        self.sock.close()
+    def handle(self, conn: socket.socket) -> None:
+        self.heads.append(read_head(conn))
+        conn.sendall(self.reply)
 
 
 def answer(status: str, body: bytes = b"") -> bytes:
@@ -77,9 +46,8 @@ REPLY = json.dumps({"id": "msg_via_proxy", "type": "message"}).encode()
 
 @pytest.fixture
 def proxy() -> Iterator[RecordingProxy]:
-    p = RecordingProxy(answer("200 OK", REPLY))
-    yield p
-    p.close()
+    with RecordingProxy(answer("200 OK", REPLY)) as p:
+        yield p
 
 
 def run_child(base_url: str, **env: str) -> dict[str, object]:
@@ -90,23 +58,19 @@ def run_child(base_url: str, **env: str) -> dict[str, object]:
 def test_http_upstream_goes_through_the_proxy(proxy: RecordingProxy, variable: str) -> None:
     out = run_child("http://api.upstream.invalid", **{variable: proxy.url})
     assert out == {"status": 200, "body": REPLY.decode()}
-    [head] = proxy.heads
+    [(line, fields)] = proxy.heads
     # A forward proxy gets the absolute URL, with the key it has to pass on.
-    assert head.startswith("POST http://api.upstream.invalid/v1/messages HTTP/1.1\r\n")
-    fields = [line.split(":", 1) for line in head.split("\r\n")[1:]]
-    assert [v.strip() for k, v in fields if k.lower() == "x-api-key"] == [KEY]
+    assert line == "POST http://api.upstream.invalid/v1/messages HTTP/1.1"
+    assert fields["x-api-key"] == KEY
 
 
 def test_https_upstream_tunnels_with_connect_and_the_proxy_never_sees_the_key() -> None:
     # The proxy refuses the tunnel: the request fails, but what it was asked is what counts.
-    refusing = RecordingProxy(answer("403 Forbidden"))
-    try:
+    with RecordingProxy(answer("403 Forbidden")) as refusing:
         out = run_child("https://api.upstream.invalid", HTTPS_PROXY=refusing.url)
-    finally:
-        refusing.close()
-    [head] = refusing.heads
-    assert head.startswith("CONNECT api.upstream.invalid:443 HTTP/1.1\r\n")
-    assert KEY not in head
+    [(line, fields)] = refusing.heads
+    assert line == "CONNECT api.upstream.invalid:443 HTTP/1.1"
+    assert KEY not in repr(fields)
     # The upstream could not be reached: a 502 that says so, with no key in it.
     assert out["status"] == 502
     assert "tunnel" in str(out["body"])

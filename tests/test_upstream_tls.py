@@ -1,7 +1,7 @@
 """HTTPS upstreams: certificates are verified against the system's roots (or those that
-SSL_CERT_FILE or SSL_CERT_DIR name instead, as with OpenSSL), an upstream that cannot prove who it is
-never gets a request, let alone a key, and HTTP/2 is used when the upstream offers it in
-the TLS handshake (ALPN), as the providers' APIs do.
+SSL_CERT_FILE or SSL_CERT_DIR name instead, as with OpenSSL); an upstream that cannot
+prove who it is never gets a request, let alone a key; HTTP/2 is used when the upstream
+offers it in the TLS handshake (ALPN), as the providers' APIs do.
 
 The upstream is a TLS listener in this test with a certificate for 127.0.0.1 from a CA
 made here; the cases that trust that CA run in a child process, with SSL_CERT_FILE set.
@@ -14,7 +14,6 @@ import ipaddress
 import json
 import socket
 import ssl
-import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,7 +22,15 @@ import h2.config
 import h2.connection
 import h2.events
 import pytest
-from conftest import FAKE_KEYS, make_client, request_in_child, run, states
+from conftest import (
+    FAKE_KEYS,
+    LoopbackServer,
+    make_client,
+    read_head,
+    request_in_child,
+    run,
+    states,
+)
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -113,67 +120,37 @@ class Seen:
     headers: dict[str, str] = field(default_factory=dict)
 
 
-class TlsUpstream:
+class TlsUpstream(LoopbackServer):
     """Answers each request with 200 and REPLY over HTTP/1.1 or, when the client picks it
     by ALPN and `alpn` offers it, HTTP/2; records each connection in `seen`."""
+
+    scheme = "https"
 
     def __init__(self, pki: Pki, alpn: list[str]) -> None:
         self.context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
         self.context.load_cert_chain(pki.cert, pki.key)
         self.context.set_alpn_protocols(alpn)
         self.seen: list[Seen] = []
-        self.sock = socket.create_server(("127.0.0.1", 0))
-        self.sock.settimeout(0.2)
-        self.stop = threading.Event()
-        self.thread = threading.Thread(target=self._serve, daemon=True)
-        self.thread.start()
+        super().__init__()
 
-    @property
-    def url(self) -> str:
-        return f"https://127.0.0.1:{self.sock.getsockname()[1]}"
-
-    def close(self) -> None:
-        self.stop.set()
-        self.thread.join(5)
-        self.sock.close()
-
-    def _serve(self) -> None:
-        while not self.stop.is_set():
-            try:
-                raw, _ = self.sock.accept()
-            except TimeoutError:
-                continue
-            raw.settimeout(5)
-            seen = Seen()
-            self.seen.append(seen)
-            try:
-                conn = self.context.wrap_socket(raw, server_side=True)
-            except (ssl.SSLError, OSError) as e:
-                seen.handshake_error = str(e)
-                raw.close()
-                continue
-            with conn:
-                seen.alpn = conn.selected_alpn_protocol()
-                try:
-                    if seen.alpn == "h2":
-                        self._h2(conn, seen)
-                    else:
-                        self._http1(conn, seen)
-                except (ssl.SSLError, OSError):
-                    pass
+    def handle(self, conn: socket.socket) -> None:
+        seen = Seen()
+        self.seen.append(seen)
+        try:
+            tls = self.context.wrap_socket(conn, server_side=True)
+        except OSError as e:  # an ssl.SSLError, or the client resetting the connection
+            seen.handshake_error = str(e)
+            return
+        with tls:
+            seen.alpn = tls.selected_alpn_protocol()
+            if seen.alpn == "h2":
+                self._h2(tls, seen)
+            else:
+                self._http1(tls, seen)
 
     @staticmethod
     def _http1(conn: ssl.SSLSocket, seen: Seen) -> None:
-        data = b""
-        while b"\r\n\r\n" not in data:
-            chunk = conn.recv(65536)
-            if not chunk:
-                return
-            data += chunk
-        head, _, _ = data.partition(b"\r\n\r\n")
-        for line in head.decode("latin-1").split("\r\n")[1:]:
-            name, _, value = line.partition(":")
-            seen.headers[name.strip().lower()] = value.strip()
+        _, seen.headers = read_head(conn)
         conn.sendall(
             b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n"
             + f"content-length: {len(REPLY)}\r\nconnection: close\r\n\r\n".encode()
@@ -217,9 +194,8 @@ def _text(value: str | bytes) -> str:
 @pytest.fixture
 def upstream(pki: Pki, request: pytest.FixtureRequest) -> Iterator[TlsUpstream]:
     alpn: list[str] = getattr(request, "param", ["http/1.1"])
-    server = TlsUpstream(pki, alpn)
-    yield server
-    server.close()
+    with TlsUpstream(pki, alpn) as server:
+        yield server
 
 
 def test_an_upstream_with_an_unknown_ca_is_refused_before_any_request(
