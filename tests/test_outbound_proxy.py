@@ -1,5 +1,5 @@
 """The upstream side honours the standard proxy variables (HTTP_PROXY, HTTPS_PROXY,
-NO_PROXY), as a service behind a corporate egress proxy needs.
+ALL_PROXY, NO_PROXY), as a service behind a corporate egress proxy needs.
 
 The client reads them when it builds its HTTP client; each case runs in its own Python
 process with its own environment, leaving this process's alone. The "proxy" is a socket
