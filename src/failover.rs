@@ -423,7 +423,9 @@ impl FailoverClient {
         let scrub = !(200..300).contains(&status);
         // A body keyfailover may rewrite (an error event added to a stream, a
         // key scrubbed) no longer has upstream's length.
-        let mut relayed = headers::relayed(&upstream, stream || scrub);
+        // A stream's headers outlive this call (the Python response keeps
+        // them): detached from the connection's read buffer.
+        let mut relayed = headers::relayed(&upstream, stream || scrub, stream);
         let keys = self.pool.key_set();
         for value in relayed.values_mut() {
             if let Some(clean) = scrub_value(value.as_bytes(), keys.secrets()) {

@@ -4,6 +4,7 @@
 //! Headers stay bytes (`http::HeaderMap`) from the front end to upstream and
 //! back: a value is never decoded and re-encoded on the way.
 
+use bytes::BytesMut;
 use reqwest::header::{HeaderMap, HeaderName, HeaderValue, ACCEPT_ENCODING, CONNECTION};
 
 use crate::error::{Error, Result};
@@ -100,17 +101,38 @@ pub fn forwarded(headers: &HeaderMap) -> HeaderMap {
 /// headers removed, and `Content-Length` too when keyfailover may rewrite the
 /// body (a stream may end with an error event of its own, an error body may
 /// have a key scrubbed).
-pub fn relayed(headers: &HeaderMap, rewritten: bool) -> HeaderMap {
+///
+/// With `detach`, the values are copied into one buffer of their own. The
+/// upstream connection parsed them in place, in its read buffer, so values
+/// kept for as long as a stream is open would keep that whole buffer (8 KB
+/// or more) alive beside the one it must then allocate for the next read.
+pub fn relayed(headers: &HeaderMap, rewritten: bool, detach: bool) -> HeaderMap {
     let nominated = connection_options(headers);
+    let kept = || {
+        headers.iter().filter(|(name, _)| {
+            let n = name.as_str();
+            !(is_hop_by_hop(n)
+                || nominated.iter().any(|o| o == n)
+                || (rewritten && n == "content-length"))
+        })
+    };
     let mut map = HeaderMap::with_capacity(headers.len());
-    for (name, value) in headers {
-        let n = name.as_str();
-        if !(is_hop_by_hop(n)
-            || nominated.iter().any(|o| o == n)
-            || (rewritten && n == "content-length"))
-        {
+    if !detach {
+        for (name, value) in kept() {
             map.append(name.clone(), value.clone());
         }
+        return map;
+    }
+    let mut values = BytesMut::with_capacity(kept().map(|(_, v)| v.len()).sum());
+    for (_, value) in kept() {
+        values.extend_from_slice(value.as_bytes());
+    }
+    let mut values = values.freeze();
+    for (name, value) in kept() {
+        let own = values.split_to(value.len());
+        // The same bytes as a valid value: cannot fail.
+        let own = HeaderValue::from_maybe_shared(own).unwrap_or_else(|_| value.clone());
+        map.append(name.clone(), own);
     }
     map
 }
@@ -191,6 +213,7 @@ fn is_bearer(value: &[u8]) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use bytes::Bytes;
 
     fn map(pairs: &[(&str, &[u8])]) -> HeaderMap {
         header_map(pairs.iter().map(|(n, v)| (n.as_bytes(), *v))).unwrap()
@@ -269,11 +292,43 @@ mod tests {
         ]);
         assert!(is_event_stream(&headers));
         let names = |m: HeaderMap| m.keys().map(|n| n.as_str().to_owned()).collect::<Vec<_>>();
-        assert_eq!(names(relayed(&headers, true)), ["content-type"]);
+        assert_eq!(names(relayed(&headers, true, false)), ["content-type"]);
         assert_eq!(
-            names(relayed(&headers, false)),
+            names(relayed(&headers, false, false)),
             ["content-length", "content-type"]
         );
+    }
+
+    #[test]
+    fn detached_values_are_equal_and_hold_nothing_of_the_read_buffer() {
+        // As hyper parses a response head: every value a slice of one buffer.
+        let read = Bytes::from(b"text/event-streamabccloseid-\xe912".to_vec());
+        let slice = |r: std::ops::Range<usize>| {
+            HeaderValue::from_maybe_shared(read.slice(r)).expect("a valid value")
+        };
+        let mut upstream = HeaderMap::new();
+        upstream.append("content-type", slice(0..17));
+        upstream.append("x-multi", slice(17..20));
+        upstream.append("connection", slice(20..25));
+        upstream.append("x-multi", slice(25..29));
+        upstream.append("content-length", slice(29..31));
+        let shared = relayed(&upstream, true, false);
+        let detached = relayed(&upstream, true, true);
+        assert_eq!(detached, shared);
+        let values: Vec<(&str, &[u8])> = detached
+            .iter()
+            .map(|(n, v)| (n.as_str(), v.as_bytes()))
+            .collect();
+        assert_eq!(
+            values,
+            [
+                ("content-type", &b"text/event-stream"[..]),
+                ("x-multi", b"abc"),
+                ("x-multi", b"id-\xe9"),
+            ]
+        );
+        drop((upstream, shared));
+        assert!(read.is_unique(), "the detached values hold none of it");
     }
 
     #[test]
