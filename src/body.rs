@@ -40,7 +40,7 @@ const SHUTTING_DOWN: &str = "the server is shutting down";
 /// An upstream body as the pump reads it.
 #[derive(Debug)]
 pub(crate) struct Stream {
-    pub resp: reqwest::Response,
+    pub resp: crate::upstream::Response,
     /// Bytes already read from `resp` (while judging it), relayed first.
     pub pending: VecDeque<Bytes>,
     /// For `text/event-stream`: relay whole events and end a broken stream
@@ -222,19 +222,9 @@ fn error_event(provider: Provider, message: &str) -> Bytes {
 }
 
 /// A readable description of a transport error and its causes, without URL.
-pub(crate) fn describe(err: &reqwest::Error) -> String {
+pub(crate) fn describe(err: &crate::upstream::UpstreamError) -> String {
     use std::error::Error as _;
-    let mut parts: Vec<String> = Vec::new();
-    let top = if err.is_connect() {
-        "could not connect to upstream"
-    } else if err.is_timeout() {
-        "upstream went silent for longer than the timeout"
-    } else if err.is_body() || err.is_decode() {
-        "the response body broke"
-    } else {
-        "the connection failed"
-    };
-    parts.push(top.to_owned());
+    let mut parts: Vec<String> = vec![err.to_string()];
     let mut source = err.source();
     while let Some(cause) = source {
         let text = cause.to_string();

@@ -13,8 +13,8 @@ use std::time::{Duration, SystemTime};
 
 use arc_swap::ArcSwap;
 use bytes::{Bytes, BytesMut};
-use reqwest::header::{HeaderMap, HeaderName, HeaderValue, CONTENT_TYPE};
-use reqwest::Method;
+use http::header::{HeaderMap, HeaderName, HeaderValue, CONTENT_TYPE};
+use http::Method;
 use tokio_util::sync::CancellationToken;
 
 use std::sync::atomic::AtomicBool;
@@ -31,6 +31,7 @@ use crate::retry_after::parse_retry_after;
 use crate::sse::{first_event_data, Framer};
 use crate::stats::{bump, Stats, StatsSnapshot};
 use crate::target::BaseUrl;
+use crate::upstream::{self, UpstreamError};
 use crate::verdict::{self, Verdict};
 
 /// How much of an error body is read, at most, to judge it.
@@ -142,10 +143,7 @@ impl Response {
         let body = body.into();
         let mut headers = HeaderMap::with_capacity(2);
         headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
-        headers.insert(
-            reqwest::header::CONTENT_LENGTH,
-            HeaderValue::from(body.len()),
-        );
+        headers.insert(http::header::CONTENT_LENGTH, HeaderValue::from(body.len()));
         Self {
             status,
             headers,
@@ -168,10 +166,10 @@ enum SendFailure {
     GatewayTimeout,
 }
 
-/// The reqwest client of this process (see [`FailoverClient::http`]).
+/// The HTTP client of this process (see [`FailoverClient::http`]).
 struct Http {
     generation: u64,
-    client: reqwest::Client,
+    client: upstream::Http,
 }
 
 /// Sends requests through a key pool with failover.
@@ -290,7 +288,7 @@ impl FailoverClient {
     /// The HTTP client of this process: rebuilt after a fork, since the
     /// parent's connections (and the runtime that served them) are not the
     /// child's to use.
-    fn http(&self) -> Result<reqwest::Client> {
+    fn http(&self) -> Result<upstream::Http> {
         let generation = crate::fork::generation();
         let http = self.http.load();
         if http.generation == generation {
@@ -365,7 +363,7 @@ impl FailoverClient {
         if let Some(secs) = exhaustion.retry_after_header() {
             response
                 .headers
-                .insert(reqwest::header::RETRY_AFTER, HeaderValue::from(secs));
+                .insert(http::header::RETRY_AFTER, HeaderValue::from(secs));
         }
         response.exhausted = true;
         response
@@ -407,7 +405,7 @@ impl FailoverClient {
     /// Relays upstream's response, starting with what was already read of it.
     fn relay(
         &self,
-        mut resp: reqwest::Response,
+        mut resp: upstream::Response,
         pending: VecDeque<Bytes>,
         framer: Option<Framer>,
         in_flight: Option<InFlight>,
@@ -438,10 +436,10 @@ impl FailoverClient {
             None
         };
         let close_delimited = stream
-            && resp.version() <= reqwest::Version::HTTP_11
-            && !upstream.contains_key(reqwest::header::CONTENT_LENGTH)
+            && resp.version() <= http::Version::HTTP_11
+            && !upstream.contains_key(http::header::CONTENT_LENGTH)
             && !upstream
-                .get_all(reqwest::header::TRANSFER_ENCODING)
+                .get_all(http::header::TRANSFER_ENCODING)
                 .iter()
                 .any(|v| v.as_bytes().eq_ignore_ascii_case(b"chunked"));
         let outcome = if byok {
@@ -477,12 +475,7 @@ impl FailoverClient {
 }
 
 fn build_http(timeout: Duration, connect_timeout: Duration) -> Result<Http> {
-    let client = reqwest::Client::builder()
-        .connect_timeout(connect_timeout)
-        .read_timeout(timeout)
-        .tcp_nodelay(true)
-        .redirect(reqwest::redirect::Policy::none())
-        .build()
+    let client = upstream::Http::new(timeout, connect_timeout)
         .map_err(|e| Error::Config(format!("cannot build the HTTP client: {e}")))?;
     Ok(Http {
         generation: crate::fork::generation(),
@@ -493,12 +486,12 @@ fn build_http(timeout: Duration, connect_timeout: Duration) -> Result<Http> {
 /// One request's attempts.
 struct Attempt<'a> {
     client: &'a FailoverClient,
-    http: &'a reqwest::Client,
+    http: &'a upstream::Http,
     method: &'a Method,
     /// The caller's path and query (normalized, without credentials).
     target: &'a str,
     /// The target at the client's base URL.
-    url: &'a reqwest::Url,
+    url: &'a url::Url,
     body: &'a Bytes,
 }
 
@@ -507,7 +500,7 @@ enum Judged {
     /// A key-specific failure: mark the key and try the next.
     Failover(Verdict),
     /// Relay this response, starting with what was already read of it.
-    Return(reqwest::Response, VecDeque<Bytes>, Option<Framer>),
+    Return(upstream::Response, VecDeque<Bytes>, Option<Framer>),
     Failed(SendFailure),
 }
 
@@ -642,21 +635,22 @@ impl Attempt<'_> {
         &self,
         headers: HeaderMap,
         key: Option<&Key>,
-        url: &reqwest::Url,
+        url: &url::Url,
         log: &mut Vec<AttemptRecord>,
-    ) -> Result<reqwest::Response, SendFailure> {
+    ) -> Result<upstream::Response, SendFailure> {
         let client = self.client;
         bump(&client.stats.attempts);
         let started = Instant::now();
         let started_wall = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX));
-        let send = self
-            .http
-            .request(self.method.clone(), url.clone())
-            .headers(headers)
-            .body(self.body.clone())
-            .send();
+        let send = async {
+            let uri = http::Uri::try_from(url.as_str())
+                .map_err(|e| UpstreamError::invalid_url(Box::new(e)))?;
+            self.http
+                .send(self.method.clone(), uri, headers, self.body.clone())
+                .await
+        };
         let result = match tokio::time::timeout(client.timeout, send).await {
             Err(_) => Err(SendFailure::Timeout),
             // A connect (or TLS handshake) timeout is a failure to connect.
@@ -685,12 +679,12 @@ impl Attempt<'_> {
     /// Decides whether a response head (and, where needed, a bit of its body
     /// or the stream's first event) is a key-specific failure. Retry-After is
     /// parsed once, on the paths that need it.
-    async fn judge(&self, mut resp: reqwest::Response) -> Judged {
+    async fn judge(&self, mut resp: upstream::Response) -> Judged {
         let status = resp.status().as_u16();
         if !(200..=599).contains(&status) {
             return Judged::Failed(SendFailure::BadStatus(status));
         }
-        let retry_after = |resp: &reqwest::Response| {
+        let retry_after = |resp: &upstream::Response| {
             parse_retry_after(
                 resp.headers()
                     .iter()
@@ -779,7 +773,7 @@ struct Peeked {
 }
 
 /// Reads a stream until its first event with fields, keeping what was read.
-async fn peek_first_event(resp: &mut reqwest::Response) -> Result<Peeked, reqwest::Error> {
+async fn peek_first_event(resp: &mut upstream::Response) -> Result<Peeked, UpstreamError> {
     let mut framer = Framer::default();
     let mut chunks = VecDeque::new();
     let mut seen = 0;
@@ -809,7 +803,7 @@ async fn peek_first_event(resp: &mut reqwest::Response) -> Result<Peeked, reqwes
 
 /// Up to `limit` bytes of the body; whatever arrived if it breaks or stalls
 /// past `deadline`.
-async fn read_prefix(resp: &mut reqwest::Response, limit: usize, deadline: Duration) -> Bytes {
+async fn read_prefix(resp: &mut upstream::Response, limit: usize, deadline: Duration) -> Bytes {
     let mut buf = BytesMut::new();
     let read = async {
         while buf.len() < limit {

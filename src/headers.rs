@@ -5,7 +5,7 @@
 //! back: a value is never decoded and re-encoded on the way.
 
 use bytes::BytesMut;
-use reqwest::header::{HeaderMap, HeaderName, HeaderValue, ACCEPT_ENCODING, CONNECTION};
+use http::header::{HeaderMap, HeaderName, HeaderValue, ACCEPT_ENCODING, CONNECTION};
 
 use crate::error::{Error, Result};
 
@@ -28,7 +28,7 @@ const HOP_BY_HOP: [&str; 10] = [
 pub const CREDENTIAL_HEADERS: [&str; 4] =
     ["x-api-key", "api-key", "x-goog-api-key", "authorization"];
 
-/// Request headers the client sets itself (or reqwest does).
+/// Request headers the client sets itself (or hyper does).
 const SET_BY_CLIENT: [&str; 3] = ["host", "content-length", "accept-encoding"];
 
 pub fn is_hop_by_hop(name: &str) -> bool {
@@ -140,7 +140,7 @@ pub fn relayed(headers: &HeaderMap, rewritten: bool, detach: bool) -> HeaderMap 
 /// True when the response is a server-sent event stream.
 pub fn is_event_stream(headers: &HeaderMap) -> bool {
     headers
-        .get(reqwest::header::CONTENT_TYPE)
+        .get(http::header::CONTENT_TYPE)
         .map(|v| v.as_bytes().trim_ascii_start())
         .is_some_and(|v| v.len() >= 17 && v[..17].eq_ignore_ascii_case(b"text/event-stream"))
 }
@@ -149,7 +149,7 @@ pub fn is_event_stream(headers: &HeaderMap) -> bool {
 /// `h2c` (which a server may ignore); such requests cannot be proxied.
 pub fn upgrade_requested(headers: &HeaderMap) -> Option<String> {
     headers
-        .get_all(reqwest::header::UPGRADE)
+        .get_all(http::header::UPGRADE)
         .iter()
         .flat_map(|v| v.as_bytes().split(|&b| b == b','))
         .map(|p| String::from_utf8_lossy(p.trim_ascii()).into_owned())
@@ -195,11 +195,11 @@ pub fn caller_credential(headers: &HeaderMap) -> Option<CallerCredential> {
         }
     }
     headers
-        .get_all(reqwest::header::AUTHORIZATION)
+        .get_all(http::header::AUTHORIZATION)
         .iter()
         .find(|v| is_bearer(v.as_bytes()))
         .map(|value| CallerCredential {
-            header: reqwest::header::AUTHORIZATION,
+            header: http::header::AUTHORIZATION,
             value: value.clone(),
         })
 }

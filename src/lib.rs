@@ -24,6 +24,7 @@ pub mod sse;
 pub mod state;
 pub mod stats;
 pub mod target;
+mod upstream;
 pub mod verdict;
 
 #[cfg(feature = "python")]

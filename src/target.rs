@@ -6,7 +6,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use arc_swap::ArcSwap;
-use reqwest::Url;
+use url::Url;
 
 use crate::error::{Error, Result};
 
@@ -46,7 +46,7 @@ const PARSED_TARGET_LEN: usize = 256;
 impl BaseUrl {
     pub fn parse(raw: &str) -> Result<Self> {
         let shown = masked_url(raw);
-        let url = reqwest::Url::parse(raw)
+        let url = url::Url::parse(raw)
             .map_err(|e| Error::Config(format!("base_url {shown:?} is not a URL: {e}")))?;
         if !url.username().is_empty() || url.password().is_some() {
             // Refused rather than masked: the pool's keys are the credentials

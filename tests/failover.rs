@@ -6,12 +6,12 @@ mod support;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use http::header::HeaderMap;
 use keyfailover::failover::{ClientOptions, Credential, FailoverClient, Request, Response};
 use keyfailover::headers::CallerCredential;
 use keyfailover::pool::{Cooldowns, KeyPool, KeySpec, KeyState, PoolOptions, Reason};
 use keyfailover::provider::Provider;
 use keyfailover::verdict::UNREACHABLE_COOLDOWN;
-use reqwest::header::HeaderMap;
 use support::{anthropic_error, json, response, sse_head, Seen, Step, Upstream, OK_BODY};
 
 const KEYS: [&str; 3] = [
@@ -509,8 +509,8 @@ async fn byok_goes_to_the_clients_endpoint() {
     let client = client_with_endpoints(&shared.url, &[Some(&own.url)]);
     let mut request = Request::new("POST", "/v1/messages", HeaderMap::new(), Bytes::new()).unwrap();
     request.credential = Credential::Caller(CallerCredential {
-        header: reqwest::header::HeaderName::from_static("x-api-key"),
-        value: reqwest::header::HeaderValue::from_static("sk-callers-own-key"),
+        header: http::header::HeaderName::from_static("x-api-key"),
+        value: http::header::HeaderValue::from_static("sk-callers-own-key"),
     });
     let resp = client.request(request).await.unwrap();
     assert_eq!(resp.status, 200);

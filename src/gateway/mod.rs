@@ -13,7 +13,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 
 use bytes::Bytes;
-use reqwest::header::{HeaderMap, HeaderValue, CONNECTION, CONTENT_LENGTH};
+use http::header::{HeaderMap, HeaderValue, CONNECTION, CONTENT_LENGTH};
 
 use crate::error::{Error, ErrorKind, Result};
 use crate::failover::{Credential, FailoverClient, Request, Response};

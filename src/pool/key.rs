@@ -200,7 +200,7 @@ impl Key {
     /// What a response's headers tell about the key: its rate limits (kept,
     /// and a used-up limit cools the key until it resets, reason `depleted`)
     /// and the organization it belongs to (its group, unless configured).
-    pub fn observe(&self, headers: &reqwest::header::HeaderMap, status: u16, now: SystemTime) {
+    pub fn observe(&self, headers: &http::header::HeaderMap, status: u16, now: SystemTime) {
         let pairs = || headers.iter().map(|(n, v)| (n.as_str(), v.as_bytes()));
         let limits = ratelimit::parse(pairs(), now);
         if !limits.is_empty() {

@@ -1410,7 +1410,7 @@ mod tests {
     fn headroom_starts_at_the_largest_share_left() {
         let pool = pool_of(3, Strategy::Headroom, &[]);
         let headers = |limit: &str, remaining: &str| {
-            let mut map = reqwest::header::HeaderMap::new();
+            let mut map = http::header::HeaderMap::new();
             map.insert("x-ratelimit-limit-requests", limit.parse().unwrap());
             map.insert("x-ratelimit-remaining-requests", remaining.parse().unwrap());
             map
@@ -1437,7 +1437,7 @@ mod tests {
     fn headroom_counts_requests_in_flight_against_what_is_left() {
         let pool = pool_of(2, Strategy::Headroom, &[]);
         let headers = |remaining: &str| {
-            let mut map = reqwest::header::HeaderMap::new();
+            let mut map = http::header::HeaderMap::new();
             map.insert("x-ratelimit-limit-requests", "10".parse().unwrap());
             map.insert("x-ratelimit-remaining-requests", remaining.parse().unwrap());
             map
@@ -1457,7 +1457,7 @@ mod tests {
     #[test]
     fn a_key_available_again_after_its_limit_ran_out_counts_as_full() {
         let pool = pool_of(2, Strategy::Headroom, &[]);
-        let mut headers = reqwest::header::HeaderMap::new();
+        let mut headers = http::header::HeaderMap::new();
         headers.insert("x-ratelimit-limit-requests", "10".parse().unwrap());
         headers.insert("x-ratelimit-remaining-requests", "5".parse().unwrap());
         let now = std::time::SystemTime::now();
@@ -1472,7 +1472,7 @@ mod tests {
     fn a_depleted_limit_cools_the_key_until_its_reset() {
         let pool = pool_of(2, Strategy::Ordered, &[]);
         let key = pool.key("key-0").unwrap();
-        let mut headers = reqwest::header::HeaderMap::new();
+        let mut headers = http::header::HeaderMap::new();
         headers.insert("x-ratelimit-remaining-requests", "0".parse().unwrap());
         headers.insert("x-ratelimit-reset-requests", "20s".parse().unwrap());
         key.observe(&headers, 200, std::time::SystemTime::now());
@@ -1529,7 +1529,7 @@ mod tests {
     #[test]
     fn a_group_is_learned_from_the_organization_header() {
         let pool = pool_of(3, Strategy::Ordered, &[None, None, Some("configured")]);
-        let mut headers = reqwest::header::HeaderMap::new();
+        let mut headers = http::header::HeaderMap::new();
         headers.insert("anthropic-organization-id", "org-abc".parse().unwrap());
         let now = std::time::SystemTime::now();
         for label in ["key-0", "key-1", "key-2"] {

@@ -7,7 +7,7 @@ use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyList, PyString};
 use pyo3::IntoPyObjectExt;
 
-use reqwest::header::HeaderMap;
+use http::header::HeaderMap;
 
 use super::pool::{KeyRef, PyKey};
 use crate::headers;

@@ -13,7 +13,7 @@
 //! (`x-api-key` or `Authorization: Bearer`); with none configured they are
 //! open only when no route has client tokens either.
 
-use reqwest::header::{HeaderMap, HeaderValue, CONTENT_TYPE};
+use http::header::{HeaderMap, HeaderValue, CONTENT_TYPE};
 use serde_json::{json, Map, Value};
 
 use super::{Route, Server};

@@ -164,7 +164,7 @@ fn mask_password(url: &str, password: Option<&str>) -> String {
 
 impl RedisSync {
     pub fn new(url: &str, namespace: &str, refresh: Duration) -> Result<Arc<Self>> {
-        let password = reqwest::Url::parse(url)
+        let password = url::Url::parse(url)
             .ok()
             .and_then(|u| u.password().map(str::to_owned));
         let shown = crate::target::masked_url(url).into_owned();
