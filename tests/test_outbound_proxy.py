@@ -9,6 +9,7 @@ end in `.invalid`, so a request that went anywhere but the proxy would fail to r
 
 from __future__ import annotations
 
+import base64
 import json
 import socket
 from collections.abc import Iterator
@@ -82,4 +83,38 @@ def test_no_proxy_sends_straight_to_the_upstream(proxy: RecordingProxy) -> None:
         out = run_child(up.url, HTTP_PROXY=proxy.url, NO_PROXY="127.0.0.1")
         assert out["status"] == 200
         assert len(up.requests) == 1
+    assert proxy.heads == []
+
+
+def with_credentials(url: str, user: str = "egress", password: str = "s3cret") -> str:
+    return url.replace("http://", f"http://{user}:{password}@", 1)
+
+
+BASIC = "Basic " + base64.b64encode(b"egress:s3cret").decode()
+
+
+def test_a_forward_proxys_credentials_go_with_each_request(proxy: RecordingProxy) -> None:
+    out = run_child("http://api.upstream.invalid", HTTP_PROXY=with_credentials(proxy.url))
+    assert out["status"] == 200
+    [(line, fields)] = proxy.heads
+    assert line.startswith("POST http://api.upstream.invalid/")
+    assert fields["proxy-authorization"] == BASIC
+
+
+def test_a_tunnels_credentials_go_in_the_connect_only() -> None:
+    with RecordingProxy(answer("407 Proxy Authentication Required")) as refusing:
+        out = run_child("https://api.upstream.invalid", HTTPS_PROXY=with_credentials(refusing.url))
+    [(line, fields)] = refusing.heads
+    assert line == "CONNECT api.upstream.invalid:443 HTTP/1.1"
+    assert fields["proxy-authorization"] == BASIC
+    assert out["status"] == 502
+    assert "proxy authorization required" in str(out["body"])
+    # The password is no more the caller's business than the key is.
+    assert "s3cret" not in str(out["body"])
+
+
+def test_a_socks_proxy_is_refused_with_a_reason_not_sent_http(proxy: RecordingProxy) -> None:
+    out = run_child("http://api.upstream.invalid", ALL_PROXY=proxy.url.replace("http", "socks5", 1))
+    assert out["status"] == 502
+    assert "socks5 proxies are not supported" in str(out["body"])
     assert proxy.heads == []
