@@ -288,16 +288,15 @@ impl FailoverClient {
     /// The HTTP client of this process: rebuilt after a fork, since the
     /// parent's connections (and the runtime that served them) are not the
     /// child's to use.
-    fn http(&self) -> Result<upstream::Http> {
+    fn http(&self) -> Result<Arc<Http>> {
         let generation = crate::fork::generation();
-        let http = self.http.load();
+        let http = self.http.load_full();
         if http.generation == generation {
-            return Ok(http.client.clone());
+            return Ok(http);
         }
         let fresh = Arc::new(build_http(self.timeout, self.connect_timeout)?);
-        let client = fresh.client.clone();
-        self.http.store(fresh);
-        Ok(client)
+        self.http.store(fresh.clone());
+        Ok(fresh)
     }
 
     /// Sends `request`, failing over across the pool's keys.
@@ -325,7 +324,7 @@ impl FailoverClient {
         }
         let attempt = Attempt {
             client: self,
-            http: &http,
+            http: &http.client,
             method: &request.method,
             target: &target,
             url: &url,
