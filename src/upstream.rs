@@ -13,9 +13,12 @@
 //!   connect timeout, and each read of a body after the read timeout; the
 //!   wait for a response head is the caller's to bound.
 //!
-//! It replaced reqwest, which wraps the same hyper client in layers this
-//! crate does not use (redirects, retries, a URL parsed again per response):
-//! in a side-by-side loop against nginx, about 7 µs less CPU per request.
+//! It replaced reqwest, which wraps this same hyper client in layers this
+//! crate does not use (redirect and retry policies, a URL parsed again for
+//! every response). Measured side by side in one run (the native server,
+//! one thread, alternating 3 s rounds against nginx): 14-18% less CPU per
+//! request (33.1 against 38.7 µs at c=16, 40.0 against 48.7 µs at c=64) and
+//! 16-22% more requests per second.
 
 use std::future::Future;
 use std::pin::Pin;
