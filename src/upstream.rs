@@ -47,6 +47,10 @@ type BoxError = Box<dyn std::error::Error + Send + Sync>;
 const POOL_IDLE: Duration = Duration::from_secs(90);
 /// TCP keep-alive probes on upstream connections.
 const TCP_KEEPALIVE: Duration = Duration::from_secs(15);
+/// How many more times a request is sent that an HTTP/2 upstream refused
+/// before processing it (a graceful GOAWAY, or REFUSED_STREAM: RFC 9113,
+/// section 8.7, says such a request is safe to send again).
+const REFUSED_RETRIES: usize = 2;
 
 /// What went wrong with a request or its body.
 #[derive(Debug)]
@@ -173,15 +177,29 @@ impl Http {
                 headers.insert(PROXY_AUTHORIZATION, auth);
             }
         }
-        let mut request = http::Request::new(Full::new(body));
-        *request.method_mut() = method;
-        *request.uri_mut() = uri;
-        *request.headers_mut() = headers;
-        let response = self
-            .client
-            .request(request)
-            .await
-            .map_err(UpstreamError::request)?;
+        // HTTP/2, the only protocol here whose upstream refuses a request
+        // unprocessed, is negotiated over TLS only: a plain request never
+        // needs its headers kept for another try.
+        let mut retries = if uri.scheme() == Some(&http::uri::Scheme::HTTPS) {
+            REFUSED_RETRIES
+        } else {
+            0
+        };
+        let response = loop {
+            let mut request = http::Request::new(Full::new(body.clone()));
+            *request.method_mut() = method.clone();
+            *request.uri_mut() = uri.clone();
+            *request.headers_mut() = if retries > 0 {
+                headers.clone()
+            } else {
+                std::mem::take(&mut headers)
+            };
+            match self.client.request(request).await {
+                Ok(response) => break response,
+                Err(err) if retries > 0 && refused_unprocessed(&err) => retries -= 1,
+                Err(err) => return Err(UpstreamError::request(err)),
+            }
+        };
         let (head, body) = response.into_parts();
         Ok(Response {
             status: head.status,
@@ -191,6 +209,22 @@ impl Http {
             read_timeout: self.read_timeout,
         })
     }
+}
+
+/// Whether `err` is an HTTP/2 upstream refusing the request before
+/// processing it: a graceful GOAWAY (NO_ERROR) that left it out, or
+/// REFUSED_STREAM.
+fn refused_unprocessed(err: &hyper_util::client::legacy::Error) -> bool {
+    let mut source = std::error::Error::source(err);
+    while let Some(cause) = source {
+        if let Some(h2) = cause.downcast_ref::<h2::Error>() {
+            return h2.is_remote()
+                && ((h2.is_go_away() && h2.reason() == Some(h2::Reason::NO_ERROR))
+                    || (h2.is_reset() && h2.reason() == Some(h2::Reason::REFUSED_STREAM)));
+        }
+        source = cause.source();
+    }
+    false
 }
 
 /// A response head, and its body to be read in chunks.

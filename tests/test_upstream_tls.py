@@ -20,6 +20,7 @@ from pathlib import Path
 
 import h2.config
 import h2.connection
+import h2.errors
 import h2.events
 import pytest
 from conftest import (
@@ -235,3 +236,59 @@ def test_a_trusted_upstream_gets_the_request_over_the_protocol_it_offers(
     assert seen.handshake_error is None
     assert seen.alpn == protocol
     assert seen.headers["x-api-key"] == KEY
+
+
+class RefusingH2Upstream(TlsUpstream):
+    """An HTTP/2 upstream that refuses its first request unprocessed, as a server does when
+    it rotates its connections: with RST_STREAM(REFUSED_STREAM), or with a graceful GOAWAY
+    that leaves the request out, then closes. Every later request gets 200 and REPLY."""
+
+    def __init__(self, pki: Pki, how: str) -> None:
+        self.how = how
+        self.requests = 0
+        super().__init__(pki, ["h2"])
+
+    def _h2(self, conn: ssl.SSLSocket, seen: Seen) -> None:  # type: ignore[override]
+        h2c = h2.connection.H2Connection(h2.config.H2Configuration(client_side=False))
+        h2c.initiate_connection()
+        conn.sendall(h2c.data_to_send())
+        refused: set[int] = set()
+        while True:
+            data = conn.recv(65536)
+            if not data:
+                return
+            for event in h2c.receive_data(data):
+                if isinstance(event, h2.events.RequestReceived):
+                    self.requests += 1
+                    if self.requests > 1:
+                        continue
+                    if self.how == "goaway":
+                        h2c.close_connection(error_code=0, last_stream_id=0)
+                        conn.sendall(h2c.data_to_send())
+                        # As a server does, the connection stays until the client closes
+                        # it: closing with its request unread would reset it instead.
+                        while conn.recv(65536):
+                            pass
+                        return
+                    h2c.reset_stream(event.stream_id, h2.errors.ErrorCodes.REFUSED_STREAM)
+                    refused.add(event.stream_id)
+                elif isinstance(event, h2.events.StreamEnded) and event.stream_id not in refused:
+                    h2c.send_headers(
+                        event.stream_id,
+                        [(":status", "200"), ("content-length", str(len(REPLY)))],
+                    )
+                    h2c.send_data(event.stream_id, REPLY, end_stream=True)
+                elif isinstance(event, h2.events.DataReceived) and event.stream_id not in refused:
+                    h2c.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
+            conn.sendall(h2c.data_to_send())
+
+
+@pytest.mark.parametrize("how", ["refused_stream", "goaway"])
+def test_a_request_an_h2_upstream_refused_unprocessed_is_sent_again(pki: Pki, how: str) -> None:
+    with RefusingH2Upstream(pki, how) as upstream:
+        out = request_in_child(upstream.url, KEY, SSL_CERT_FILE=str(pki.ca))
+    # The caller sees the answer to the second try, not the refusal.
+    assert out == {"status": 200, "body": REPLY.decode()}
+    assert upstream.requests == 2
+    # A GOAWAY ends its connection: the second try opens another.
+    assert len(upstream.seen) == (2 if how == "goaway" else 1)
