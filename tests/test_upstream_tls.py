@@ -158,11 +158,11 @@ class TlsUpstream(LoopbackServer):
             + REPLY
         )
 
-    @staticmethod
-    def _h2(conn: ssl.SSLSocket, seen: Seen) -> None:
+    def _h2(self, conn: ssl.SSLSocket, seen: Seen) -> None:
         h2c = h2.connection.H2Connection(h2.config.H2Configuration(client_side=False))
         h2c.initiate_connection()
         conn.sendall(h2c.data_to_send())
+        refused: set[int] = set()
         while True:
             data = conn.recv(65536)
             if not data:
@@ -171,7 +171,9 @@ class TlsUpstream(LoopbackServer):
                 if isinstance(event, h2.events.RequestReceived):
                     for name, value in event.headers:
                         seen.headers[_text(name)] = _text(value)
-                elif isinstance(event, h2.events.StreamEnded):
+                    if not self.answers(h2c, conn, event.stream_id):
+                        refused.add(event.stream_id)
+                elif isinstance(event, h2.events.StreamEnded) and event.stream_id not in refused:
                     h2c.send_headers(
                         event.stream_id,
                         [
@@ -181,11 +183,17 @@ class TlsUpstream(LoopbackServer):
                         ],
                     )
                     h2c.send_data(event.stream_id, REPLY, end_stream=True)
-                elif isinstance(event, h2.events.DataReceived):
+                elif isinstance(event, h2.events.DataReceived) and event.stream_id not in refused:
                     h2c.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
+            if h2c.state_machine.state is h2.connection.ConnectionState.CLOSED:
+                return
             # Until the client goes (its process ends): closing at once could reset the
             # connection before the client has read the answer.
             conn.sendall(h2c.data_to_send())
+
+    def answers(self, h2c: h2.connection.H2Connection, conn: ssl.SSLSocket, stream: int) -> bool:
+        """Whether the HTTP/2 request on `stream` gets an answer (subclasses refuse some)."""
+        return True
 
 
 def _text(value: str | bytes) -> str:
@@ -248,39 +256,20 @@ class RefusingH2Upstream(TlsUpstream):
         self.requests = 0
         super().__init__(pki, ["h2"])
 
-    def _h2(self, conn: ssl.SSLSocket, seen: Seen) -> None:  # type: ignore[override]
-        h2c = h2.connection.H2Connection(h2.config.H2Configuration(client_side=False))
-        h2c.initiate_connection()
-        conn.sendall(h2c.data_to_send())
-        refused: set[int] = set()
-        while True:
-            data = conn.recv(65536)
-            if not data:
-                return
-            for event in h2c.receive_data(data):
-                if isinstance(event, h2.events.RequestReceived):
-                    self.requests += 1
-                    if self.requests > 1:
-                        continue
-                    if self.how == "goaway":
-                        h2c.close_connection(error_code=0, last_stream_id=0)
-                        conn.sendall(h2c.data_to_send())
-                        # As a server does, the connection stays until the client closes
-                        # it: closing with its request unread would reset it instead.
-                        while conn.recv(65536):
-                            pass
-                        return
-                    h2c.reset_stream(event.stream_id, h2.errors.ErrorCodes.REFUSED_STREAM)
-                    refused.add(event.stream_id)
-                elif isinstance(event, h2.events.StreamEnded) and event.stream_id not in refused:
-                    h2c.send_headers(
-                        event.stream_id,
-                        [(":status", "200"), ("content-length", str(len(REPLY)))],
-                    )
-                    h2c.send_data(event.stream_id, REPLY, end_stream=True)
-                elif isinstance(event, h2.events.DataReceived) and event.stream_id not in refused:
-                    h2c.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
+    def answers(self, h2c: h2.connection.H2Connection, conn: ssl.SSLSocket, stream: int) -> bool:
+        self.requests += 1
+        if self.requests > 1:
+            return True
+        if self.how == "goaway":
+            h2c.close_connection(error_code=0, last_stream_id=0)
             conn.sendall(h2c.data_to_send())
+            # As a server does, the connection stays until the client closes it: closing
+            # with its request unread would reset it instead.
+            while conn.recv(65536):
+                pass
+        else:
+            h2c.reset_stream(stream, h2.errors.ErrorCodes.REFUSED_STREAM)
+        return False
 
 
 @pytest.mark.parametrize("how", ["refused_stream", "goaway"])
