@@ -88,9 +88,12 @@ _CHILD_REQUEST = textwrap.dedent(
     import json, sys
     import keyfailover as kf
 
-    base_url, key = sys.argv[1], sys.argv[2]
+    base_url, key, timeout, connect_timeout = sys.argv[1:5]
     client = kf.FailoverClient(
-        kf.KeyPool([key]), base_url=base_url, timeout=5.0, connect_timeout=5.0
+        kf.KeyPool([key]),
+        base_url=base_url,
+        timeout=float(timeout),
+        connect_timeout=float(connect_timeout),
     )
     resp = client.request_sync(
         "POST", "/v1/messages", headers=[("content-type", "application/json")], body=b"{}"
@@ -100,7 +103,14 @@ _CHILD_REQUEST = textwrap.dedent(
 )
 
 
-def request_in_child(base_url: str, key: str, **env: str) -> dict[str, Any]:
+def request_in_child(
+    base_url: str,
+    key: str,
+    *,
+    timeout: float = 5.0,
+    connect_timeout: float = 5.0,
+    **env: str,
+) -> dict[str, Any]:
     """One request from a fresh Python process whose environment is this one's without any
     proxy or CA variable, plus `env`: for what the client reads from the environment as
     it is built. Returns {"status": ..., "body": ...}; checks the key is not in its output."""
@@ -110,7 +120,7 @@ def request_in_child(base_url: str, key: str, **env: str) -> dict[str, Any]:
         if not k.lower().endswith("_proxy") and k not in ("SSL_CERT_FILE", "SSL_CERT_DIR")
     }
     done = subprocess.run(
-        [sys.executable, "-c", _CHILD_REQUEST, base_url, key],
+        [sys.executable, "-c", _CHILD_REQUEST, base_url, key, str(timeout), str(connect_timeout)],
         env={**clean, **env},
         capture_output=True,
         text=True,

@@ -12,6 +12,8 @@ from __future__ import annotations
 import base64
 import json
 import socket
+import threading
+import time
 from collections.abc import Iterator
 
 import pytest
@@ -118,3 +120,37 @@ def test_a_socks_proxy_is_refused_with_a_reason_not_sent_http(proxy: RecordingPr
     assert out["status"] == 502
     assert "socks5 proxies are not supported" in str(out["body"])
     assert proxy.heads == []
+
+
+class SilentProxy(LoopbackServer):
+    """Reads a request head, then never answers (until the test ends)."""
+
+    def __init__(self) -> None:
+        self.heads: list[tuple[str, dict[str, str]]] = []
+        self.done = threading.Event()
+        super().__init__()
+
+    def handle(self, conn: socket.socket) -> None:
+        self.heads.append(read_head(conn))
+        self.done.wait(30)
+
+
+def test_a_tunnel_that_never_opens_fails_within_the_connect_timeout() -> None:
+    with SilentProxy() as silent:
+        start = time.monotonic()
+        out = run_child_timed(
+            "https://api.upstream.invalid", HTTPS_PROXY=silent.url, connect_timeout=0.5
+        )
+        took = time.monotonic() - start
+        silent.done.set()
+    [(line, _)] = silent.heads
+    assert line == "CONNECT api.upstream.invalid:443 HTTP/1.1"
+    # The connect timeout covers the tunnel, not only the TCP connection to the proxy:
+    # a 502 that says so, long before the 30 s request timeout.
+    assert out["status"] == 502
+    assert "connect timeout" in str(out["body"])
+    assert took < 15
+
+
+def run_child_timed(base_url: str, *, connect_timeout: float, **env: str) -> dict[str, object]:
+    return request_in_child(base_url, KEY, timeout=30.0, connect_timeout=connect_timeout, **env)
