@@ -24,9 +24,11 @@ from conftest import (
     FAKE_KEYS,
     LABEL,
     RATE_LIMITED,
+    LoopbackServer,
     free_port,
     header,
     make_client,
+    read_head,
     run,
     seen,
     states,
@@ -988,6 +990,35 @@ def test_connect_timeout_is_502_not_504() -> None:
         assert time.monotonic() - start < 5
     assert_upstream_failure(ANTHROPIC, resp, body, 502, "connect")
     assert "30 s" not in body.decode()
+    assert states(pool) == ["valid"]
+
+
+class ClosesAfterEachAnswer(LoopbackServer):
+    """Answers one request per connection as if keeping it alive, then closes it: what an
+    upstream's keep-alive timeout does to a pooled connection left idle."""
+
+    def __init__(self) -> None:
+        self.connections = 0
+        super().__init__()
+
+    def handle(self, conn: socket.socket) -> None:
+        self.connections += 1
+        read_head(conn)
+        conn.sendall(
+            b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 2\r\n\r\n{}"
+        )
+
+
+def test_a_pooled_connection_the_upstream_closed_is_not_used_again() -> None:
+    with ClosesAfterEachAnswer() as up:
+        client, pool = make_client(up.url, ANTHROPIC.provider, 1)
+        for _ in range(3):
+            resp, body = run(call(client, ANTHROPIC))
+            assert (resp.status, body) == (200, b"{}")
+            time.sleep(0.2)  # the upstream's close arrives while the connection is idle
+        up.close()
+        assert up.connections == 3
+    assert client.stats()["upstream_errors"] == 0
     assert states(pool) == ["valid"]
 
 
