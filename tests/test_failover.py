@@ -1007,6 +1007,11 @@ class ClosesAfterEachAnswer(LoopbackServer):
         conn.sendall(
             b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 2\r\n\r\n{}"
         )
+        # Closes gracefully: whatever of the request is still unread is read, so the close
+        # is a FIN, not a reset.
+        conn.shutdown(socket.SHUT_WR)
+        while conn.recv(65536):
+            pass
 
 
 def test_a_pooled_connection_the_upstream_closed_is_not_used_again() -> None:
