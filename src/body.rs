@@ -117,10 +117,17 @@ impl Stream {
             return Ok(Some(chunk));
         }
         while !self.done {
-            let read = tokio::select! {
-                biased;
-                _ = self.shutdown.cancelled() => Err(None),
-                read = self.resp.chunk() => read.map_err(Some),
+            // Checked before each read, so a stream that always has data
+            // ready still ends at shutdown; raced against a read that waits.
+            // A read that is ready at once never registers for the shutdown.
+            let read = if self.shutdown.is_cancelled() {
+                Err(None)
+            } else {
+                tokio::select! {
+                    biased;
+                    read = self.resp.chunk() => read.map_err(Some),
+                    _ = self.shutdown.cancelled() => Err(None),
+                }
             };
             match (read, &mut self.sse) {
                 (Ok(Some(chunk)), None) => return Ok(Some(chunk)),
@@ -470,10 +477,15 @@ impl ResponseBody {
     /// received before the break; an SSE body that breaks yields one final
     /// error event instead.
     pub async fn next_batch(&self) -> Result<Option<Chunks>> {
+        // Closed is checked first; a lock or chunk that is ready at once
+        // never registers for the close (see `Stream::next_read`).
+        if self.closed.is_cancelled() {
+            return Ok(None);
+        }
         let mut source = tokio::select! {
             biased;
-            _ = self.closed.cancelled() => return Ok(None),
             source = self.source.lock() => source,
+            _ = self.closed.cancelled() => return Ok(None),
         };
         let (rx, deferred) = match &mut *source {
             Source::Done => return Ok(None),
@@ -515,10 +527,14 @@ impl ResponseBody {
             *source = Source::Done;
             return Err(err);
         }
-        let first = tokio::select! {
-            biased;
-            _ = self.closed.cancelled() => None,
-            item = rx.recv() => item,
+        let first = if self.closed.is_cancelled() {
+            None
+        } else {
+            tokio::select! {
+                biased;
+                item = rx.recv() => item,
+                _ = self.closed.cancelled() => None,
+            }
         };
         let first = match first {
             Some(Ok(chunk)) => chunk,

@@ -331,6 +331,7 @@ impl FailoverClient {
             body: &request.body,
         };
         tokio::select! {
+            biased;
             response = attempt.run(headers, request.credential) => Ok(response),
             _ = self.shutdown.cancelled() => Ok(self.shutting_down()),
         }

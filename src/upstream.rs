@@ -257,7 +257,15 @@ impl Response {
     /// The next piece of the body; None at its end. Trailers are skipped.
     pub async fn chunk(&mut self) -> Result<Option<Bytes>, UpstreamError> {
         loop {
-            let frame = match tokio::time::timeout(self.read_timeout, self.body.frame()).await {
+            // A frame already read off the socket (a small body arrives with
+            // its head) is taken without arming the read timer.
+            let mut next = std::pin::pin!(self.body.frame());
+            let ready = std::future::poll_fn(|cx| Poll::Ready(next.as_mut().poll(cx))).await;
+            let read = match ready {
+                Poll::Ready(frame) => Ok(frame),
+                Poll::Pending => tokio::time::timeout(self.read_timeout, next).await,
+            };
+            let frame = match read {
                 Err(_) => {
                     return Err(UpstreamError {
                         kind: Kind::Timeout,
