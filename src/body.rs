@@ -102,7 +102,7 @@ impl Stream {
             // Gemini stream's last chunk is known only by its finishReason,
             // and a trailing event (a ping, a usage-only chunk) after it
             // does not make the end a break.
-            if !*seen {
+            if !*seen && provider.may_hold_final_event(events) {
                 *seen = crate::sse::events(events).any(|block| {
                     let event = crate::sse::parse_event(&events[block]);
                     event.has_fields && provider.is_final_event(&event)

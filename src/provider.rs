@@ -178,6 +178,20 @@ impl Provider {
         }
     }
 
+    /// Whether whole events `events` may hold the stream's final event: a
+    /// look at the bytes before any event is read, true whenever
+    /// [`Provider::is_final_event`] is for one of them. Most of a stream's
+    /// events then go by without being read.
+    pub fn may_hold_final_event(self, events: &[u8]) -> bool {
+        let has = |needle: &[u8]| memchr::memmem::find(events, needle).is_some();
+        let openai = || has(b"[DONE]") || has(b"error");
+        match self {
+            Provider::Anthropic => has(b"message_stop") || has(b"error"),
+            Provider::OpenAi | Provider::AzureOpenAi => openai(),
+            Provider::Gemini => openai() || has(b"finishReason") || has(b"blockReason"),
+        }
+    }
+
     /// One SSE error event in the provider's shape.
     pub fn sse_error_event(self, kind: ErrorKind, message: &str) -> Vec<u8> {
         let data = self.error_value(kind, message);
@@ -195,7 +209,7 @@ impl Provider {
 /// a candidate with a `finishReason`, or a blocked prompt. Only chunks that
 /// mention either are parsed.
 fn gemini_final_chunk(data: &[u8]) -> bool {
-    let mentions = |needle: &[u8]| data.windows(needle.len()).any(|w| w == needle);
+    let mentions = |needle: &[u8]| memchr::memmem::find(data, needle).is_some();
     if !mentions(b"finishReason") && !mentions(b"blockReason") {
         return false;
     }
@@ -332,7 +346,7 @@ mod tests {
         let final_of = |data: &str| {
             Provider::Gemini.is_final_event(&crate::sse::Event {
                 name: None,
-                data: data.as_bytes().to_vec(),
+                data: data.as_bytes().into(),
                 has_fields: true,
             })
         };
@@ -374,5 +388,110 @@ mod tests {
             Provider::OpenAi.strip_credential_query("/v1/x?key=1"),
             "/v1/x?key=1"
         );
+    }
+
+    const PROVIDERS: [Provider; 4] = [
+        Provider::Anthropic,
+        Provider::OpenAi,
+        Provider::AzureOpenAi,
+        Provider::Gemini,
+    ];
+
+    fn holds_final(provider: Provider, buf: &[u8]) -> bool {
+        crate::sse::events(buf).any(|block| {
+            let event = crate::sse::parse_event(&buf[block]);
+            event.has_fields && provider.is_final_event(&event)
+        })
+    }
+
+    #[test]
+    fn the_quick_look_finds_each_final_event_and_passes_ordinary_ones() {
+        let finals: [(Provider, &[u8]); 8] = [
+            (
+                Provider::Anthropic,
+                b"event: message_stop\ndata: {\"type\":\"message_stop\"}\n\n",
+            ),
+            (Provider::Anthropic, b"event:error\r\ndata: {}\r\n\r\n"),
+            (Provider::OpenAi, b"data: [DONE]\n\n"),
+            (
+                Provider::OpenAi,
+                b"data: {\"error\":{\"message\":\"x\"}}\n\n",
+            ),
+            (Provider::AzureOpenAi, b": ping\n\ndata:  [DONE] \n\n"),
+            (
+                Provider::Gemini,
+                b"data: {\"candidates\":[{\"finishReason\":\"STOP\"}]}\n\n",
+            ),
+            (
+                Provider::Gemini,
+                b"data: {\"promptFeedback\":{\"blockReason\":\"SAFETY\"}}\n\n",
+            ),
+            (Provider::Gemini, b"data: [{\"error\":{\"code\":429}}]\n\n"),
+        ];
+        for (provider, buf) in finals {
+            assert!(holds_final(provider, buf), "{provider:?} {buf:?}");
+            assert!(provider.may_hold_final_event(buf), "{provider:?} {buf:?}");
+        }
+        let ordinary: [(Provider, &[u8]); 3] = [
+            (
+                Provider::Anthropic,
+                b"event: content_block_delta\ndata: {\"delta\":{\"text\":\"hi\"}}\n\n",
+            ),
+            (
+                Provider::OpenAi,
+                b"data: {\"choices\":[{\"delta\":{\"content\":\"hi\"}}]}\n\n",
+            ),
+            (
+                Provider::Gemini,
+                b"data: {\"candidates\":[{\"content\":{}}]}\n\n",
+            ),
+        ];
+        for (provider, buf) in ordinary {
+            assert!(!provider.may_hold_final_event(buf), "{provider:?} {buf:?}");
+        }
+    }
+
+    proptest::proptest! {
+        /// Streams of events whose fields are made of the words that matter:
+        /// whenever one of the events is final, the quick look says so.
+        #[test]
+        fn the_quick_look_never_misses_a_final_event(
+            events in proptest::collection::vec(
+                (
+                    proptest::collection::vec(
+                        (
+                            proptest::sample::select(vec!["event", "data", "id", ""]),
+                            proptest::sample::select(vec![":", ": "]),
+                            proptest::collection::vec(proptest::sample::select(vec![
+                                "message_stop", "error", "[DONE]", "{\"error\"", "[{\"error\"",
+                                "{\"candidates\":[{\"finishReason\":\"STOP\"}]}",
+                                "{\"promptFeedback\":{\"blockReason\":\"x\"}}",
+                                "finishReason", "null", " ", "x", "{",
+                            ]), 0..3),
+                            proptest::sample::select(vec!["\n", "\r\n", "\r"]),
+                        ),
+                        1..4,
+                    ),
+                    proptest::sample::select(vec!["\n", "\r\n", "\r"]),
+                ),
+                0..6,
+            ),
+        ) {
+            let mut buf = String::new();
+            for (lines, blank) in &events {
+                for (field, sep, words, end) in lines {
+                    buf.push_str(field);
+                    buf.push_str(sep);
+                    buf.push_str(&words.concat());
+                    buf.push_str(end);
+                }
+                buf.push_str(blank);
+            }
+            for provider in PROVIDERS {
+                if holds_final(provider, buf.as_bytes()) {
+                    proptest::prop_assert!(provider.may_hold_final_event(buf.as_bytes()));
+                }
+            }
+        }
     }
 }

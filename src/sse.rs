@@ -4,6 +4,7 @@
 //! Everything works on bytes and only decodes whole field values, so a
 //! multi-byte character split across network chunks is never corrupted.
 
+use std::borrow::Cow;
 use std::ops::Range;
 
 use bytes::{Bytes, BytesMut};
@@ -18,7 +19,7 @@ fn lines(buf: &[u8]) -> impl Iterator<Item = (Range<usize>, usize)> + '_ {
     let mut pos = 0;
     std::iter::from_fn(move || {
         let rest = &buf[pos..];
-        let i = rest.iter().position(|&b| b == b'\n' || b == b'\r')?;
+        let i = memchr::memchr2(b'\n', b'\r', rest)?;
         let next = match (rest[i], rest.get(i + 1)) {
             (b'\r', None) => return None,
             (b'\r', Some(b'\n')) => pos + i + 2,
@@ -44,19 +45,21 @@ pub fn events(buf: &[u8]) -> impl Iterator<Item = Range<usize>> + '_ {
     })
 }
 
-/// One event's fields.
+/// One event's fields, borrowed from its block where they can be: a stream
+/// is checked event by event for its final one, so reading an event copies
+/// nothing unless its data spans several lines.
 #[derive(Debug, Default, PartialEq, Eq)]
-pub struct Event {
+pub struct Event<'a> {
     /// The `event:` field, if any.
-    pub name: Option<String>,
+    pub name: Option<Cow<'a, str>>,
     /// The `data:` lines joined with `\n`.
-    pub data: Vec<u8>,
+    pub data: Cow<'a, [u8]>,
     /// False for a block of comments only (such as `: ping`).
     pub has_fields: bool,
 }
 
 /// Reads one event block.
-pub fn parse_event(block: &[u8]) -> Event {
+pub fn parse_event(block: &[u8]) -> Event<'_> {
     let mut event = Event::default();
     let mut data_lines = 0;
     for (line, _) in lines(block) {
@@ -73,12 +76,16 @@ pub fn parse_event(block: &[u8]) -> Event {
             None => (line, &b""[..]),
         };
         match field {
-            b"event" => event.name = Some(String::from_utf8_lossy(value).into_owned()),
+            b"event" => event.name = Some(String::from_utf8_lossy(value)),
             b"data" => {
-                if data_lines > 0 {
-                    event.data.push(b'\n');
-                }
-                event.data.extend_from_slice(value);
+                event.data = if data_lines == 0 {
+                    Cow::Borrowed(value)
+                } else {
+                    let mut joined = std::mem::take(&mut event.data).into_owned();
+                    joined.push(b'\n');
+                    joined.extend_from_slice(value);
+                    Cow::Owned(joined)
+                };
                 data_lines += 1;
             }
             _ => {}
@@ -94,7 +101,7 @@ pub fn first_event_data(buf: &[u8]) -> Option<Vec<u8>> {
     events(buf)
         .map(|block| parse_event(&buf[block]))
         .find(|event| event.has_fields)
-        .map(|event| event.data)
+        .map(|event| event.data.into_owned())
 }
 
 /// Cuts a byte stream into runs of whole events. Chunks that end on an event
@@ -169,10 +176,19 @@ mod tests {
     fn parses_fields() {
         let event = parse_event(b"event: error\ndata: {\"a\":\ndata:1}\n: comment\nid: 7\n\n");
         assert_eq!(event.name.as_deref(), Some("error"));
-        assert_eq!(event.data, b"{\"a\":\n1}");
+        assert_eq!(&*event.data, b"{\"a\":\n1}");
         assert!(event.has_fields);
         assert!(!parse_event(b": ping\n\n").has_fields);
-        assert_eq!(parse_event(b"data\n\n").data, b"");
+        assert_eq!(&*parse_event(b"data\n\n").data, b"");
+        // One data line is read in place; several are joined into a copy.
+        assert!(matches!(
+            parse_event(b"data: x\n\n").data,
+            Cow::Borrowed(b"x")
+        ));
+        assert!(matches!(
+            parse_event(b"data: x\ndata: y\n\n").data,
+            Cow::Owned(_)
+        ));
     }
 
     #[test]
