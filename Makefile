@@ -58,6 +58,7 @@ test: lint test-rust test-python bench-smoke
 # writes benches/results/latest.md and the plots.
 bench: build
 	$(VENV)/bin/maturin develop --release --extras test,dev,bench --quiet
+	$(CARGO) build --release --quiet --manifest-path benches/hyper-floor/Cargo.toml
 	$(PY) benches/run.py
 
 fmt:

@@ -512,6 +512,32 @@ def start_nginx_proxy(procs: Processes, workdir: Path, fast: Upstream) -> Setup:
     return setup
 
 
+# keyfailover's HTTP stack with none of its policy (benches/hyper-floor/, built by
+# `make bench`).
+HYPER_FLOOR = HERE / "hyper-floor" / "target" / "release" / "hyper-floor"
+
+
+def start_hyper_floor(procs: Processes, fast: Upstream) -> Setup:
+    """A bare proxy on the server and client keyfailover's native server uses (hyper and
+    hyper-util, one tokio thread, the same allocator), doing what the nginx floor does and
+    nothing more, pinned to SERVER_CPU: the floor for a proxy on this stack."""
+    port = free_port()
+    args = [str(HYPER_FLOOR), str(port), str(fast.port), "1", TOKEN, OK_KEY, SSE_KEY]
+    proc = procs.start(args, cpus=SERVER_CPU)
+    targets = {
+        route: target for route, target in proxy_targets().items() if route in ("json", "sse")
+    }
+    note = (
+        "benches/hyper-floor: hyper-util's server and pooled client on one tokio thread, "
+        "checks the client token and swaps in the key, no failover, limits, logs or metrics: "
+        "the floor for a proxy on keyfailover's HTTP stack"
+    )
+    setup = Setup("hyper-floor", "bare hyper proxy (no policy)", port, targets, proc, note)
+    path, credential, _ = setup.targets["json"]
+    wait_ready(port, path, credential, proc)
+    return setup
+
+
 # --------------------------------------------------------------------------
 # LiteLLM's proxy (optional, in its own venv)
 # --------------------------------------------------------------------------
@@ -645,8 +671,15 @@ def start_setups(
     setups = [direct_setup(fast)]
     if fast.name == "nginx":
         setups.append(start_nginx_proxy(procs, workdir, fast))
+        if HYPER_FLOOR.exists():
+            setups.append(start_hyper_floor(procs, fast))
+        else:
+            notes.append("The bare hyper proxy is not built (`make bench` builds it): skipped.")
     else:
-        notes.append("No nginx (smoke, or not installed): the nginx proxy_pass floor is skipped.")
+        notes.append(
+            "No nginx (smoke, or not installed): the nginx proxy_pass floor and the bare hyper "
+            "proxy are skipped."
+        )
     setups.append(start_native(procs, fast, slow))
     setups.append(start_asgi(procs, "keyfailover", "uvicorn", fast, slow))
     try:

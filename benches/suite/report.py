@@ -476,20 +476,23 @@ def blocking_section(r: dict[str, Any]) -> list[str]:
 def native_summary(r: dict[str, Any]) -> list[str]:
     """The native server on one core against FailoverProxy + uvicorn and nginx proxy_pass."""
     blocking = r["blocking"]
-    native, uvicorn, floor = (
-        blocking.get(key, {}) for key in ("kf-native", "kf-uvicorn", "nginx-proxy")
+    native, uvicorn, floor, bare = (
+        blocking.get(key, {}) for key in ("kf-native", "kf-uvicorn", "nginx-proxy", "hyper-floor")
     )
     if not native:
         return []
     out = [
         "",
         "The native server (`keyfailover serve`'s, one runtime thread) against the same "
-        "proxy under uvicorn and nginx proxying, each pinned to one CPU, the same load "
-        "generator on the other:",
+        "proxy under uvicorn, nginx proxying, and a bare proxy on the same HTTP stack (hyper "
+        "and hyper-util with none of keyfailover's policy: `benches/hyper-floor`), each pinned "
+        "to one CPU, the same load generator on the other. The bare proxy's own ratios bound "
+        "what any proxy on this stack can reach here:",
         "",
         "| conc. | native req/s | FailoverProxy + uvicorn req/s | nginx proxy_pass req/s "
-        "| native / nginx proxy_pass | native / uvicorn |",
-        "| ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| bare hyper req/s | native / nginx proxy_pass | native / uvicorn | native / bare hyper "
+        "| bare hyper / nginx proxy_pass | bare hyper / uvicorn |",
+        "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
 
     def cell(row: dict[str, Any] | None) -> str:
@@ -502,9 +505,11 @@ def native_summary(r: dict[str, Any]) -> list[str]:
         row = native.get(str(c))
         if row is None:
             continue
-        uv, ng = uvicorn.get(str(c)), floor.get(str(c))
+        uv, ng, hy = uvicorn.get(str(c)), floor.get(str(c)), bare.get(str(c))
         out.append(
-            f"| {c} | {cell(row)} | {cell(uv)} | {cell(ng)} | {ratio(row, ng)} | {ratio(row, uv)} |"
+            f"| {c} | {cell(row)} | {cell(uv)} | {cell(ng)} | {cell(hy)} | {ratio(row, ng)} "
+            f"| {ratio(row, uv)} | {ratio(row, hy)} | {ratio(hy, ng) if hy else '-'} "
+            f"| {ratio(hy, uv) if hy else '-'} |"
         )
     return out
 
