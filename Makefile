@@ -32,6 +32,8 @@ lint: build
 	$(PY) .ci/check_rust_version.py
 	$(CARGO) fmt --all --check
 	$(CARGO) clippy --all-targets --all-features --quiet -- -D warnings
+	$(CARGO) fmt --check --manifest-path benches/hyper-floor/Cargo.toml
+	$(CARGO) clippy --quiet --manifest-path benches/hyper-floor/Cargo.toml -- -D warnings
 	$(VENV)/bin/ruff check python tests benches examples
 	$(VENV)/bin/ruff format --check python tests benches examples
 	$(PY) -m mypy
