@@ -499,14 +499,20 @@ def start_nginx_proxy(procs: Processes, workdir: Path, fast: Upstream) -> Setup:
     nginx = shutil.which("nginx") or "/usr/sbin/nginx"
     args = [nginx, "-p", str(proxy_dir), "-c", str(proxy_dir / "nginx.conf"), "-g", "daemon off;"]
     proc = procs.start(args, cpus=SERVER_CPU)
-    targets = {
-        route: target for route, target in proxy_targets().items() if route in ("json", "sse")
-    }
     note = (
         "nginx `proxy_pass`, 1 worker, checks the client token and swaps in the key, "
         "keep-alive to the upstream, no buffering: the floor for a proxy"
     )
-    setup = Setup("nginx-proxy", "nginx proxy_pass", port, targets, proc, note)
+    return floor_setup("nginx-proxy", "nginx proxy_pass", port, proc, note)
+
+
+def floor_setup(key: str, label: str, port: int, proc: subprocess.Popen[str], note: str) -> Setup:
+    """A floor (nginx's, the bare hyper proxy's) once it answers: it serves `/anthropic` and
+    `/sse` only, having no pool to fail over across."""
+    targets = {
+        route: target for route, target in proxy_targets().items() if route in ("json", "sse")
+    }
+    setup = Setup(key, label, port, targets, proc, note)
     path, credential, _ = setup.targets["json"]
     wait_ready(port, path, credential, proc)
     return setup
@@ -524,18 +530,12 @@ def start_hyper_floor(procs: Processes, fast: Upstream) -> Setup:
     port = free_port()
     args = [str(HYPER_FLOOR), str(port), str(fast.port), "1", TOKEN, OK_KEY, SSE_KEY]
     proc = procs.start(args, cpus=SERVER_CPU)
-    targets = {
-        route: target for route, target in proxy_targets().items() if route in ("json", "sse")
-    }
     note = (
         "benches/hyper-floor: hyper-util's server and pooled client on one tokio thread, "
         "checks the client token and swaps in the key, no failover, limits, logs or metrics: "
         "the floor for a proxy on keyfailover's HTTP stack"
     )
-    setup = Setup("hyper-floor", "bare hyper proxy (no policy)", port, targets, proc, note)
-    path, credential, _ = setup.targets["json"]
-    wait_ready(port, path, credential, proc)
-    return setup
+    return floor_setup("hyper-floor", "bare hyper proxy (no policy)", port, proc, note)
 
 
 # --------------------------------------------------------------------------
