@@ -45,6 +45,30 @@ pub fn events(buf: &[u8]) -> impl Iterator<Item = Range<usize>> + '_ {
     })
 }
 
+/// Where the last complete event of `buf` ends (as `events(buf).last()`
+/// does), found from the end: what a chunk holds after its last blank line
+/// is all that needs a look, not every line before it.
+fn last_event_end(buf: &[u8]) -> Option<usize> {
+    // A trailing CR is not a line ending yet: it may be half of a CRLF.
+    let mut end = buf.len() - usize::from(buf.last() == Some(&b'\r'));
+    loop {
+        // The last byte of a line ending: a CRLF, a lone LF or a lone CR (a
+        // CR followed by LF always pairs with it, read either way).
+        let last = memchr::memrchr2(b'\n', b'\r', &buf[..end])?;
+        let start = if buf[last] == b'\n' && last > 0 && buf[last - 1] == b'\r' {
+            last - 1
+        } else {
+            last
+        };
+        // It ends a blank line when another line ending (or the start of
+        // the buffer, the start of a line) comes right before it.
+        if start == 0 || matches!(buf[start - 1], b'\n' | b'\r') {
+            return Some(last + 1);
+        }
+        end = start;
+    }
+}
+
 /// One event's fields, borrowed from its block where they can be: a stream
 /// is checked event by event for its final one, so reading an event copies
 /// nothing unless its data spans several lines.
@@ -123,8 +147,8 @@ impl Framer {
             joined.extend_from_slice(&chunk);
             joined.freeze()
         };
-        let end = match events(&buf).last() {
-            Some(block) => block.end,
+        let end = match last_event_end(&buf) {
+            Some(end) => end,
             None if buf.len() > MAX_HELD => buf.len(),
             None => 0,
         };
@@ -170,6 +194,23 @@ mod tests {
             "a trailing CR may be half a CRLF"
         );
         assert_eq!(blocks(""), Vec::<&str>::new());
+    }
+
+    proptest::proptest! {
+        /// Searched from the end, the last event ends where reading every
+        /// line from the start says it does, for any mix of line endings.
+        #[test]
+        fn the_last_event_end_is_found_from_the_end(
+            buf in proptest::collection::vec(
+                proptest::sample::select(vec![b'a', b':', b' ', b'\n', b'\r']),
+                0..40,
+            ),
+        ) {
+            proptest::prop_assert_eq!(
+                last_event_end(&buf),
+                events(&buf).last().map(|block| block.end)
+            );
+        }
     }
 
     #[test]
