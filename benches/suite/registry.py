@@ -31,6 +31,9 @@ class Measurement:
 # In the order they run; the report shows their sections in the same order.
 MEASUREMENTS: list[Measurement] = [
     Measurement("blocking", "blocking", measure.blocking, report.blocking_section),
+    Measurement(
+        "native rounds", "native_rounds", shared.native_rounds, report.native_rounds_section
+    ),
     Measurement("paced", "paced", measure.paced, report.paced_section),
     Measurement("steady", "steady", measure.steady, report.steady_section),
     Measurement("sse", "sse", measure.sse, report.sse_section),

@@ -16,6 +16,10 @@ and the native server on both CPUs against one (issue 14).
   them), and `--workers 1` pinned to SERVER_CPU as the rest of the suite runs
   its setups; and the native server (one process) on both CPUs with its
   default threads against `--threads 1` pinned to SERVER_CPU.
+- `native_rounds`: the native server, nginx proxying, the bare hyper proxy,
+  FailoverProxy under uvicorn and direct (the blocking table's setups),
+  alternating in rounds at each concurrency: what issue 14's one-core goals
+  are judged on.
 
 The Redis server is one redis-server on a free loopback port, started once
 for all three (pinned to LOAD_CPU, with the upstreams and the load
@@ -766,3 +770,46 @@ def workers(bench: Bench) -> dict[str, Any] | None:
             if setup.proc is not None:
                 bench.procs.stop(setup.proc)
         remove_shm(ns)
+
+
+# --------------------------------------------------------------------------
+# The native server against the floors, in rounds (issue 14)
+# --------------------------------------------------------------------------
+
+# The setups of issue 14's one-core goals (the blocking table's keys), in table order.
+NATIVE_ROUNDS = ("direct", "nginx-proxy", "hyper-floor", "kf-native", "kf-uvicorn")
+
+
+def native_rounds(bench: Bench) -> dict[str, Any] | None:
+    """The native server, its floors (nginx proxying, the bare hyper proxy), FailoverProxy
+    under uvicorn and direct, alternating in `plan.shared_rounds` rounds at each concurrency.
+    The blocking table runs each setup once, so a neighbour's burst on this shared machine
+    during one setup's run moves its ratios; the goals of issue 14 take the median of the
+    ratios within each round instead, and the added latency at c=1 the median of each
+    round's difference to direct."""
+    setups = [setup for setup in bench.setups if setup.key in NATIVE_ROUNDS]
+    if not any(setup.key == "kf-native" for setup in setups):
+        return None  # the blocking table notes why it is missing
+    gen, plan = bench.gen, bench.plan
+    out: dict[str, Any] = {}
+    for connections in plan.concurrencies:
+
+        def run(setup: Setup, first: bool, connections: int = connections) -> dict[str, Any]:
+            if first:
+                gen.run(setup, "json", connections, plan.warmup)
+            load = gen.run(setup, "json", connections, plan.shared_duration)
+            log(
+                f"  c={connections:<3} {setup.label:34} {load.rps:8.0f} req/s  "
+                f"p50 {load.p(50):6.2f} ms  p99 {load.p(99):6.2f} ms  errors {load.errors}"
+            )
+            return load_dict(load)
+
+        runs = alternate(bench, setups, run, f"rounds at c={connections}")
+        note_errors(
+            bench,
+            setups,
+            {key: {"errors": sum(row["errors"] for row in rows)} for key, rows in runs.items()},
+            f"rounds at c={connections}",
+        )
+        out[str(connections)] = runs
+    return out
