@@ -88,20 +88,28 @@ def for_each(
 # --------------------------------------------------------------------------
 
 
+def closed_loop(
+    bench: Bench, setup: Setup, connections: int, duration: float, warmup: bool = True
+) -> dict[str, Any]:
+    """Small blocking requests over `connections` for `duration` s (after a warm-up), logged."""
+    if warmup:
+        bench.gen.run(setup, "json", connections, bench.plan.warmup)
+    load = bench.gen.run(setup, "json", connections, duration)
+    log(
+        f"  {setup.label:34} c={connections:<3} {load.rps:8.0f} req/s  "
+        f"p50 {load.p(50):6.2f} ms  p99 {load.p(99):6.2f} ms  errors {load.errors}"
+    )
+    return load_dict(load)
+
+
 def blocking(bench: Bench) -> dict[str, Any]:
     """Small blocking requests: every setup at each concurrency, the setups interleaved."""
-    gen, plan = bench.gen, bench.plan
+    plan = bench.plan
     out: dict[str, Any] = {setup.key: {} for setup in bench.setups}
     for connections in plan.concurrencies:
 
         def measure(setup: Setup, connections: int = connections) -> dict[str, Any]:
-            gen.run(setup, "json", connections, plan.warmup)
-            load = gen.run(setup, "json", connections, plan.duration)
-            log(
-                f"  {setup.label:34} c={connections:<3} {load.rps:8.0f} req/s  "
-                f"p50 {load.p(50):6.2f} ms  p99 {load.p(99):6.2f} ms  errors {load.errors}"
-            )
-            return load_dict(load)
+            return closed_loop(bench, setup, connections, plan.duration)
 
         for key, row in for_each(bench.setups, f"c={connections}", measure, bench.notes).items():
             out[key][str(connections)] = row

@@ -58,7 +58,7 @@ from .config import (
     log,
 )
 from .load import percentile
-from .measure import Bench, load_dict
+from .measure import Bench, closed_loop, load_dict
 from .procs import Processes, Setup, run_role, start_asgi
 from .wire import free_port, wait_ready
 
@@ -790,19 +790,12 @@ def native_rounds(bench: Bench) -> dict[str, Any] | None:
     setups = [setup for setup in bench.setups if setup.key in NATIVE_ROUNDS]
     if not any(setup.key == "kf-native" for setup in setups):
         return None  # the blocking table notes why it is missing
-    gen, plan = bench.gen, bench.plan
+    plan = bench.plan
     out: dict[str, Any] = {}
     for connections in plan.concurrencies:
 
         def run(setup: Setup, first: bool, connections: int = connections) -> dict[str, Any]:
-            if first:
-                gen.run(setup, "json", connections, plan.warmup)
-            load = gen.run(setup, "json", connections, plan.shared_duration)
-            log(
-                f"  c={connections:<3} {setup.label:34} {load.rps:8.0f} req/s  "
-                f"p50 {load.p(50):6.2f} ms  p99 {load.p(99):6.2f} ms  errors {load.errors}"
-            )
-            return load_dict(load)
+            return closed_loop(bench, setup, connections, plan.shared_duration, warmup=first)
 
         runs = alternate(bench, setups, run, f"rounds at c={connections}")
         note_errors(
