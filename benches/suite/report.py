@@ -417,6 +417,14 @@ def round_added(runs: dict[str, list[dict[str, Any]]], key: str, p: str) -> list
     ]
 
 
+def cpu_per_request(runs: dict[str, list[dict[str, Any]]], key: str) -> float | None:
+    """The median over `key`'s runs of its CPU time per request, in µs (None: not counted)."""
+    rows = [row for row in runs.get(key, []) if "cpu" in row and row["requests"]]
+    if not rows:
+        return None
+    return statistics.median(row["cpu"] / row["requests"] * 1e6 for row in rows)
+
+
 def median_rps(runs: dict[str, list[dict[str, Any]]], key: str) -> float:
     return statistics.median(row["rps"] for row in runs[key])
 
@@ -566,6 +574,28 @@ def native_rounds_section(r: dict[str, Any]) -> list[str]:
             ratio(runs, "hyper-floor", "nginx-proxy"),
             ratio(runs, "hyper-floor", "kf-uvicorn"),
         ]
+        out.append("| " + " | ".join(cells) + " |")
+    out += [
+        "",
+        "CPU time of each server (all its threads and processes) per request answered, the "
+        "median over the rounds: steadier than req/s on a shared machine, and what each "
+        "costs per request whoever else runs. Native - bare hyper is keyfailover's own work "
+        "per request.",
+        "",
+        "| conc. | native µs | bare hyper µs | nginx proxy_pass µs | FailoverProxy + uvicorn µs "
+        "| native - bare hyper |",
+        "| ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for c in r["plan"]["concurrencies"]:
+        runs = rounds.get(str(c)) or {}
+        cpu = {key: cpu_per_request(runs, key) for key in runs}
+        if cpu.get("kf-native") is None:
+            continue
+        cells = [str(c)]
+        for key in ("kf-native", "hyper-floor", "nginx-proxy", "kf-uvicorn"):
+            cells.append(f"{cpu[key]:.1f}" if cpu.get(key) is not None else "-")
+        floor = cpu.get("hyper-floor")
+        cells.append(f"{cpu['kf-native'] - floor:+.1f}" if floor is not None else "-")
         out.append("| " + " | ".join(cells) + " |")
     runs = rounds.get("1") or {}
     if runs.get("direct"):

@@ -795,7 +795,17 @@ def native_rounds(bench: Bench) -> dict[str, Any] | None:
     for connections in plan.concurrencies:
 
         def run(setup: Setup, first: bool, connections: int = connections) -> dict[str, Any]:
-            return closed_loop(bench, setup, connections, plan.shared_duration, warmup=first)
+            if first:
+                bench.gen.run(setup, "json", connections, plan.warmup)
+            # The server's CPU time, its children's too (nginx's worker); not direct's.
+            pids = []
+            if setup.key != "direct" and setup.proc is not None:
+                pids = [setup.proc.pid, *children(setup.proc.pid)]
+            before = [cpu_seconds(pid) for pid in pids]
+            row = closed_loop(bench, setup, connections, plan.shared_duration, warmup=False)
+            if pids:
+                row["cpu"] = sum(cpu_seconds(pid) - b for pid, b in zip(pids, before, strict=True))
+            return row
 
         runs = alternate(bench, setups, run, f"rounds at c={connections}")
         note_errors(
