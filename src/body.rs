@@ -14,12 +14,12 @@ use bytes::{Bytes, BytesMut};
 use futures_util::FutureExt;
 use tokio::sync::mpsc;
 use tokio::task::AbortHandle;
-use tokio_util::sync::CancellationToken;
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use crate::error::{Error, ErrorKind, Result};
+use crate::latch::Latch;
 use crate::metrics::Outcome;
 use crate::pool::KeyPool;
 use crate::provider::Provider;
@@ -55,7 +55,7 @@ pub(crate) struct Stream {
     /// For error (non-2xx) bodies: replaces the pool's keys by their hints.
     pub scrubber: Option<Scrubber>,
     /// Cancelled when the client shuts down: the body ends with an error.
-    pub shutdown: CancellationToken,
+    pub shutdown: Latch,
     /// Counts the request's outcome once the body is done with.
     pub outcome: Option<Arc<OutcomeOnDrop>>,
     /// Keeps the key counted as in use until the body is done with.
@@ -120,13 +120,13 @@ impl Stream {
             // Checked before each read, so a stream that always has data
             // ready still ends at shutdown; raced against a read that waits.
             // A read that is ready at once never registers for the shutdown.
-            let read = if self.shutdown.is_cancelled() {
+            let read = if self.shutdown.is_set() {
                 Err(None)
             } else {
                 tokio::select! {
                     biased;
                     read = self.resp.chunk() => read.map_err(Some),
-                    _ = self.shutdown.cancelled() => Err(None),
+                    _ = self.shutdown.wait() => Err(None),
                 }
             };
             match (read, &mut self.sse) {
@@ -340,7 +340,7 @@ pub(crate) fn scrub_value<'a>(
 #[derive(Debug)]
 pub struct ResponseBody {
     source: tokio::sync::Mutex<Source>,
-    closed: CancellationToken,
+    closed: Latch,
     pump: std::sync::OnceLock<AbortHandle>,
 }
 
@@ -367,6 +367,8 @@ enum Source {
 
 /// A body as a consumer on the runtime reads it ([`ResponseBody::into_direct`]).
 pub(crate) enum Direct {
+    /// A body complete in memory.
+    Full(Bytes),
     /// An upstream body read straight from its connection, with no pump task
     /// or channel between: chunks already read first.
     Stream {
@@ -380,7 +382,7 @@ impl ResponseBody {
     pub fn full(bytes: impl Into<Bytes>) -> Self {
         Self {
             source: tokio::sync::Mutex::new(Source::Full(bytes.into())),
-            closed: CancellationToken::new(),
+            closed: Latch::new(),
             pump: std::sync::OnceLock::new(),
         }
     }
@@ -394,7 +396,7 @@ impl ResponseBody {
                 rx,
                 deferred: None,
             }),
-            closed: CancellationToken::new(),
+            closed: Latch::new(),
             pump: task.into(),
         }
     }
@@ -451,7 +453,7 @@ impl ResponseBody {
         };
         Self {
             source: tokio::sync::Mutex::new(source),
-            closed: CancellationToken::new(),
+            closed: Latch::new(),
             pump: std::sync::OnceLock::new(),
         }
     }
@@ -464,6 +466,7 @@ impl ResponseBody {
                 ready: ready.unwrap_or_default().into(),
                 stream,
             },
+            Source::Full(bytes) if !self.closed.is_set() => Direct::Full(bytes),
             other => {
                 *self.source.get_mut() = other;
                 Direct::Body(self)
@@ -479,13 +482,13 @@ impl ResponseBody {
     pub async fn next_batch(&self) -> Result<Option<Chunks>> {
         // Closed is checked first; a lock or chunk that is ready at once
         // never registers for the close (see `Stream::next_read`).
-        if self.closed.is_cancelled() {
+        if self.closed.is_set() {
             return Ok(None);
         }
         let mut source = tokio::select! {
             biased;
             source = self.source.lock() => source,
-            _ = self.closed.cancelled() => return Ok(None),
+            _ = self.closed.wait() => return Ok(None),
         };
         let (rx, deferred) = match &mut *source {
             Source::Done => return Ok(None),
@@ -505,7 +508,7 @@ impl ResponseBody {
                 };
                 let (tx, rx) = mpsc::channel(READ_AHEAD);
                 let pump = runtime.spawn(stream.pump(tx)).abort_handle();
-                if self.closed.is_cancelled() {
+                if self.closed.is_set() {
                     pump.abort();
                 }
                 let _ = self.pump.set(pump);
@@ -527,13 +530,13 @@ impl ResponseBody {
             *source = Source::Done;
             return Err(err);
         }
-        let first = if self.closed.is_cancelled() {
+        let first = if self.closed.is_set() {
             None
         } else {
             tokio::select! {
                 biased;
                 item = rx.recv() => item,
-                _ = self.closed.cancelled() => None,
+                _ = self.closed.wait() => None,
             }
         };
         let first = match first {
@@ -583,7 +586,7 @@ impl ResponseBody {
 
     /// Closes the body and its upstream connection at once.
     pub fn close(&self) {
-        self.closed.cancel();
+        self.closed.set();
         if let Some(pump) = self.pump.get() {
             pump.abort();
         }
@@ -597,13 +600,17 @@ impl ResponseBody {
     }
 
     pub fn is_closed(&self) -> bool {
-        self.closed.is_cancelled()
+        self.closed.is_set()
     }
 }
 
 impl Drop for ResponseBody {
+    /// As [`ResponseBody::close`], without its flag and lock: nothing else
+    /// can be reading a body being dropped.
     fn drop(&mut self) {
-        self.close();
+        if let Some(pump) = self.pump.get() {
+            pump.abort();
+        }
     }
 }
 

@@ -15,7 +15,6 @@ use arc_swap::ArcSwap;
 use bytes::{Bytes, BytesMut};
 use http::header::{HeaderMap, HeaderName, HeaderValue, CONTENT_TYPE};
 use http::Method;
-use tokio_util::sync::CancellationToken;
 
 use std::sync::atomic::AtomicBool;
 use std::time::Instant;
@@ -24,6 +23,7 @@ use crate::body::{describe, scrub_value, OutcomeOnDrop, ResponseBody, Scrubber, 
 use crate::error::{Error, ErrorKind, Exhaustion, Result};
 use crate::events::{self, Field, Level, Record};
 use crate::headers::{self, CallerCredential};
+use crate::latch::Latch;
 use crate::metrics::Outcome;
 use crate::pool::{InFlight, Key, KeyPool, Reason};
 use crate::provider::Provider;
@@ -182,7 +182,7 @@ pub struct FailoverClient {
     timeout: Duration,
     connect_timeout: Duration,
     stats: Stats,
-    shutdown: CancellationToken,
+    shutdown: Latch,
 }
 
 impl std::fmt::Debug for FailoverClient {
@@ -228,7 +228,7 @@ impl FailoverClient {
             timeout: options.timeout,
             connect_timeout: options.connect_timeout,
             stats: Stats::default(),
-            shutdown: CancellationToken::new(),
+            shutdown: Latch::new(),
         })
     }
 
@@ -278,11 +278,11 @@ impl FailoverClient {
     /// event, any other body breaks. For a server's shutdown after its grace
     /// period.
     pub fn shutdown(&self) {
-        self.shutdown.cancel();
+        self.shutdown.set();
     }
 
     pub fn is_shut_down(&self) -> bool {
-        self.shutdown.is_cancelled()
+        self.shutdown.is_set()
     }
 
     /// The HTTP client of this process: rebuilt after a fork, since the
@@ -317,9 +317,8 @@ impl FailoverClient {
             other => other,
         })?;
         let http = self.http()?;
-        let headers = headers::forwarded(&request.headers);
         bump(&self.stats.requests);
-        if self.shutdown.is_cancelled() {
+        if self.shutdown.is_set() {
             return Ok(self.shutting_down());
         }
         let attempt = Attempt {
@@ -328,12 +327,12 @@ impl FailoverClient {
             method: &request.method,
             target: &target,
             url: &url,
+            headers: &request.headers,
             body: &request.body,
         };
-        tokio::select! {
-            biased;
-            response = attempt.run(headers, request.credential) => Ok(response),
-            _ = self.shutdown.cancelled() => Ok(self.shutting_down()),
+        match self.shutdown.guard(attempt.run(request.credential)).await {
+            Some(response) => Ok(response),
+            None => Ok(self.shutting_down()),
         }
     }
 
@@ -492,6 +491,9 @@ struct Attempt<'a> {
     target: &'a str,
     /// The target at the client's base URL.
     url: &'a url::Url,
+    /// The caller's headers, as received: each attempt sends a copy
+    /// without the hop-by-hop ones (see [`headers::forwarded`]).
+    headers: &'a HeaderMap,
     body: &'a Bytes,
 }
 
@@ -505,11 +507,11 @@ enum Judged {
 }
 
 impl Attempt<'_> {
-    async fn run(&self, headers: HeaderMap, credential: Credential) -> Response {
+    async fn run(&self, credential: Credential) -> Response {
         let mut log = Vec::new();
         let (mut response, key_label) = match credential {
-            Credential::Caller(caller) => (self.byok(headers, caller, &mut log).await, None),
-            Credential::Pool => self.walk(headers, &mut log).await,
+            Credential::Caller(caller) => (self.byok(caller, &mut log).await, None),
+            Credential::Pool => self.walk(&mut log).await,
         };
         response.attempts = u32::try_from(log.len()).unwrap_or(u32::MAX);
         response.key_label = key_label;
@@ -518,14 +520,10 @@ impl Attempt<'_> {
     }
 
     /// Sends once with the caller's own key; the pool is not touched.
-    async fn byok(
-        &self,
-        mut headers: HeaderMap,
-        caller: CallerCredential,
-        log: &mut Vec<AttemptRecord>,
-    ) -> Response {
+    async fn byok(&self, caller: CallerCredential, log: &mut Vec<AttemptRecord>) -> Response {
         let client = self.client;
         bump(&client.stats.byok);
+        let mut headers = headers::forwarded(self.headers);
         let mut value = caller.value;
         value.set_sensitive(true);
         headers.insert(caller.header, value);
@@ -543,11 +541,7 @@ impl Attempt<'_> {
     /// down briefly (reason `unreachable`) and the next key is tried. When
     /// every attempt of the walk ended that way, the answer is the last
     /// failure (502 or 504), not the exhausted pool's 429.
-    async fn walk(
-        &self,
-        headers: HeaderMap,
-        log: &mut Vec<AttemptRecord>,
-    ) -> (Response, Option<String>) {
+    async fn walk(&self, log: &mut Vec<AttemptRecord>) -> (Response, Option<String>) {
         let client = self.client;
         let mut walker = client.pool.walker();
         let mut last_label = None;
@@ -569,10 +563,11 @@ impl Attempt<'_> {
                 Some(Ok(url)) => Cow::Owned(url),
                 _ => Cow::Borrowed(self.url),
             };
-            let mut attempt_headers = headers.clone();
+            let mut attempt_headers = headers::forwarded(self.headers);
             let (name, value) = client.provider.auth_header_for(key.value(), url.as_str());
             // Keys are validated as visible ASCII when the pool is built.
-            let mut value = HeaderValue::from_str(&value).expect("keys are visible ASCII");
+            let mut value =
+                HeaderValue::from_maybe_shared(Bytes::from(value)).expect("keys are visible ASCII");
             value.set_sensitive(true);
             attempt_headers.insert(HeaderName::from_static(name), value);
 

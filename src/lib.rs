@@ -14,6 +14,7 @@ pub mod fork;
 pub mod gateway;
 pub mod headers;
 pub mod keyfile;
+pub mod latch;
 pub mod metrics;
 pub mod pool;
 pub mod provider;

@@ -21,8 +21,11 @@ pub struct BaseUrl {
     without_v1: Option<String>,
     /// The parsed URLs of the paths seen first, without queries (an API has
     /// few paths): parsing a URL on every request costs a proxy a few percent.
-    parsed: Arc<ArcSwap<HashMap<Box<str>, Url>>>,
+    /// A fast hash: at most PARSED_TARGETS entries, so no key can flood it.
+    parsed: Arc<ArcSwap<Parsed>>,
 }
+
+type Parsed = HashMap<Box<str>, Url, foldhash::fast::RandomState>;
 
 impl std::fmt::Debug for BaseUrl {
     /// The URL only: not the targets of the requests sent to it.
@@ -114,7 +117,7 @@ impl BaseUrl {
                     let mut bare = url.clone();
                     bare.set_query(None);
                     self.parsed.rcu(|parsed| {
-                        let mut parsed = HashMap::clone(parsed);
+                        let mut parsed = Parsed::clone(parsed);
                         if parsed.len() < PARSED_TARGETS {
                             parsed.insert(path.into(), bare.clone());
                         }

@@ -137,13 +137,13 @@ impl Http {
         tcp.set_nodelay(true);
         tcp.set_keepalive(Some(TCP_KEEPALIVE));
         let proxies = Arc::new(Matcher::from_env());
-        let connector = Connector {
+        let connector = Connector(Arc::new(Connectors {
             direct: HttpsConnector::from((tcp.clone(), tls.clone())),
             to_proxy: HttpsConnector::from((tcp, tls_proxy)),
             tls: tokio_rustls::TlsConnector::from(tls),
             proxies: proxies.clone(),
             timeout: connect_timeout,
-        };
+        }));
         let client = Client::builder(TokioExecutor::new())
             .pool_idle_timeout(POOL_IDLE)
             .pool_timer(TokioTimer::new())
@@ -305,9 +305,13 @@ fn tls_config(alpn: &[&[u8]]) -> Result<Arc<rustls::ClientConfig>, String> {
 }
 
 /// Connects to an upstream: directly, through a forward proxy, or through a
-/// CONNECT tunnel, all within the connect timeout.
+/// CONNECT tunnel, all within the connect timeout. One reference count to
+/// clone: hyper-util's client clones its connector for every request, even
+/// one a pooled connection serves.
 #[derive(Clone)]
-struct Connector {
+struct Connector(Arc<Connectors>);
+
+struct Connectors {
     direct: HttpsConnector<HttpConnector>,
     to_proxy: HttpsConnector<HttpConnector>,
     tls: tokio_rustls::TlsConnector,
@@ -325,7 +329,7 @@ impl Service<Uri> for Connector {
     }
 
     fn call(&mut self, dst: Uri) -> Self::Future {
-        let this = self.clone();
+        let this = self.0.clone();
         Box::pin(async move {
             let timeout = this.timeout;
             match tokio::time::timeout(timeout, this.connect(dst)).await {
@@ -340,10 +344,10 @@ impl Service<Uri> for Connector {
     }
 }
 
-impl Connector {
-    async fn connect(mut self, dst: Uri) -> Result<Conn, BoxError> {
+impl Connectors {
+    async fn connect(&self, dst: Uri) -> Result<Conn, BoxError> {
         let Some(proxy) = self.proxies.intercept(&dst) else {
-            return Ok(Conn::Direct(self.direct.call(dst).await?, false));
+            return Ok(Conn::Direct(self.direct.clone().call(dst).await?, false));
         };
         if let Some(scheme @ ("socks4" | "socks4a" | "socks5" | "socks5h")) =
             proxy.uri().scheme_str()
@@ -352,7 +356,7 @@ impl Connector {
         }
         if dst.scheme() != Some(&http::uri::Scheme::HTTPS) {
             // A forward proxy: the request goes to it, in absolute form.
-            let conn = self.to_proxy.call(proxy.uri().clone()).await?;
+            let conn = self.to_proxy.clone().call(proxy.uri().clone()).await?;
             return Ok(Conn::Direct(conn, true));
         }
         let mut tunnel = Tunnel::new(proxy.uri().clone(), self.to_proxy.clone());

@@ -456,6 +456,7 @@ TABLE: list[tuple[str, str, str, dict[str, str], bytes, list[Reply]]] = [
     ("unknown-admin", "GET", "/_keyfailover/nothing", {}, b"", []),
     ("admin-method", "DELETE", "/_keyfailover/keys", {}, b"", []),
     ("get-models", "GET", "/v1/models?limit=2", {}, b"", [Reply.json({"data": []})]),
+    ("head", "HEAD", "/v1/models", {}, b"", [Reply.json({"data": []})]),
     ("all-limited", "POST", "/v1/messages", {}, BODY, [RATE_LIMITED]),  # key-0 cools already
     ("exhausted", "POST", "/v1/messages", {}, BODY, []),
     ("all-revoked", "POST", "/v1/messages", {}, BODY, []),
@@ -537,10 +538,17 @@ def test_both_front_ends_answer_a_request_table_alike():
         "unknown-admin": b"404",
         "admin-method": b"405",
         "get-models": b"200",
+        "head": b"200",
         "all-limited": b"429",
         "exhausted": b"429",
         "all-revoked": b"502",
     }
+    # A whole body goes out with its length; HEAD's length without the body.
+    native = dict(answers["native"])
+    for name, body in (("get-models", b'{"data":[]}'), ("head", b"")):
+        _, headers, sent = native[name]
+        assert (b"content-length", b"11") in headers, name
+        assert sent == body, name
 
 
 # --------------------------------------------------------------------------

@@ -37,7 +37,6 @@ use std::task::{Context, Poll};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
-use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::body::Direct;
@@ -45,6 +44,7 @@ use crate::error::{Error, ErrorKind, Result};
 use crate::events::{self, Level, Record};
 use crate::failover::Response;
 use crate::gateway::{Gateway, Step};
+use crate::latch::Latch;
 use access_log::{AccessLog, Entry};
 
 /// Once a connection is done, what the client still sends is read (and
@@ -109,7 +109,7 @@ pub struct Server {
     routes: ArcSwap<Vec<Route>>,
     options: ServerOptions,
     http: auto::Builder<TokioExecutor>,
-    stop: CancellationToken,
+    stop: Latch,
     connections: Arc<Semaphore>,
     /// The answer to a connection over the limit: 503, then close.
     refusal: Bytes,
@@ -157,7 +157,7 @@ impl Server {
             routes: ArcSwap::from_pointee(routes),
             options,
             http,
-            stop: CancellationToken::new(),
+            stop: Latch::new(),
             refusal,
         })
     }
@@ -171,11 +171,11 @@ impl Server {
 
     /// Stops accepting and lets requests in flight finish (see the module).
     pub fn shutdown(&self) {
-        self.stop.cancel();
+        self.stop.set();
     }
 
     pub fn is_shutting_down(&self) -> bool {
-        self.stop.is_cancelled()
+        self.stop.is_set()
     }
 
     /// Connections open now.
@@ -190,7 +190,7 @@ impl Server {
         loop {
             let accepted = tokio::select! {
                 biased;
-                _ = self.stop.cancelled() => break,
+                _ = self.stop.wait() => break,
                 accepted = listener.accept() => accepted,
             };
             let stream = match accepted {
@@ -245,9 +245,8 @@ impl Server {
             .http
             .serve_connection(TokioIo::new(Lingering(Some(stream))), service);
         let mut conn = std::pin::pin!(conn);
-        tokio::select! {
-            _ = conn.as_mut() => return,
-            _ = self.stop.cancelled() => {}
+        if self.stop.guard(conn.as_mut()).await.is_some() {
+            return;
         }
         // Shutting down: finish the request in flight (if any), then close.
         conn.as_mut().graceful_shutdown();
@@ -255,7 +254,7 @@ impl Server {
     }
 
     async fn handle(&self, request: hyper::Request<Incoming>) -> hyper::Response<Body> {
-        let started = Instant::now();
+        let started = self.options.access_log.is_some().then(Instant::now);
         let (parts, body) = request.into_parts();
         let target = parts.uri.path_and_query().map_or("/", |pq| pq.as_str());
         let routes = self.routes.load_full();
@@ -280,7 +279,7 @@ impl Server {
                         byok: false,
                         exhausted: false,
                         pool: "",
-                        duration: started.elapsed(),
+                        duration: started.map_or(Duration::ZERO, |s| s.elapsed()),
                     });
                 }
                 let (response, unread) = unneeded(response, body).await;
@@ -323,7 +322,7 @@ impl Server {
                 byok,
                 exhausted: response.exhausted,
                 pool: gateway.client().name(),
-                duration: started.elapsed(),
+                duration: started.map_or(Duration::ZERO, |s| s.elapsed()),
             });
         }
         into_hyper(response, (parts.method, parts.uri), unread)
@@ -491,16 +490,26 @@ fn into_hyper(
         body,
         ..
     } = response;
-    let out = Out {
-        body: Some(body.into_direct()),
-        queue: VecDeque::new(),
-        what,
-        _unread: unread,
+    let body = match (body.into_direct(), unread) {
+        // Whole already, with no request body left to hold: sent as is. Only
+        // with its length said: hyper would add one that the ASGI app, which
+        // sends such a body chunked, does not.
+        (Direct::Full(bytes), None) if headers.contains_key(hyper::header::CONTENT_LENGTH) => {
+            UnsyncBoxBody::new(
+                http_body_util::Full::new(bytes).map_err(|never: Infallible| match never {}),
+            )
+        }
+        (body, unread) => UnsyncBoxBody::new(StreamBody::new(stream::unfold(
+            Out {
+                body: Some(body),
+                queue: VecDeque::new(),
+                what,
+                _unread: unread,
+            },
+            Out::next,
+        ))),
     };
-    let mut response = hyper::Response::new(UnsyncBoxBody::new(StreamBody::new(stream::unfold(
-        out,
-        Out::next,
-    ))));
+    let mut response = hyper::Response::new(body);
     *response.status_mut() =
         hyper::StatusCode::from_u16(status).unwrap_or(hyper::StatusCode::BAD_GATEWAY);
     *response.headers_mut() = headers;
@@ -533,6 +542,14 @@ impl Out {
                     Some(chunk) => Ok(Some(vec![chunk])),
                     None => stream.next_chunk().await.map(|c| c.map(|c| vec![c])),
                 },
+                Direct::Full(bytes) => {
+                    let bytes = std::mem::take(bytes);
+                    self.body = None;
+                    if bytes.is_empty() {
+                        return None;
+                    }
+                    return Some((Ok(Frame::data(bytes)), self));
+                }
                 Direct::Body(body) => body.next_batch().await,
             };
             match read {
