@@ -54,7 +54,7 @@ pub(crate) struct Stream {
     pub broke: bool,
     /// For error (non-2xx) bodies: replaces the pool's keys by their hints.
     pub scrubber: Option<Scrubber>,
-    /// Cancelled when the client shuts down: the body ends with an error.
+    /// Set when the client shuts down: the body ends with an error.
     pub shutdown: Latch,
     /// Counts the request's outcome once the body is done with.
     pub outcome: Option<Arc<OutcomeOnDrop>>,

@@ -330,7 +330,14 @@ impl FailoverClient {
             headers: &request.headers,
             body: &request.body,
         };
-        match self.shutdown.guard(attempt.run(request.credential)).await {
+        // Boxed: the attempts' future (about 2 KB) is most of a request's,
+        // and every layer above that held it inline would copy it whole
+        // each time it is moved: one allocation costs less.
+        match self
+            .shutdown
+            .guard(Box::pin(attempt.run(request.credential)))
+            .await
+        {
             Some(response) => Ok(response),
             None => Ok(self.shutting_down()),
         }
@@ -416,6 +423,13 @@ impl FailoverClient {
         // and needs its headers no longer than this.
         let upstream = std::mem::take(resp.headers_mut());
         let stream = headers::is_event_stream(&upstream);
+        let close_delimited = stream
+            && resp.version() <= http::Version::HTTP_11
+            && !upstream.contains_key(http::header::CONTENT_LENGTH)
+            && !upstream
+                .get_all(http::header::TRANSFER_ENCODING)
+                .iter()
+                .any(|v| v.as_bytes().eq_ignore_ascii_case(b"chunked"));
         // Error bodies are small and may echo the key that was sent.
         let scrub = !(200..300).contains(&status);
         // A body keyfailover may rewrite (an error event added to a stream, a
@@ -434,13 +448,6 @@ impl FailoverClient {
         } else {
             None
         };
-        let close_delimited = stream
-            && resp.version() <= http::Version::HTTP_11
-            && !upstream.contains_key(http::header::CONTENT_LENGTH)
-            && !upstream
-                .get_all(http::header::TRANSFER_ENCODING)
-                .iter()
-                .any(|v| v.as_bytes().eq_ignore_ascii_case(b"chunked"));
         let outcome = if byok {
             self.pool.counters().outcome(Outcome::Byok);
             None
@@ -689,7 +696,9 @@ impl Attempt<'_> {
         };
         if verdict::needs_body(status) {
             let deadline = self.client.timeout.min(ERROR_BODY_DEADLINE);
-            let body = read_prefix(&mut resp, ERROR_BODY_LIMIT, deadline).await;
+            // Boxed, as is the peek below: off the common path, and inline
+            // they would make every request's future larger (see `request`).
+            let body = Box::pin(read_prefix(&mut resp, ERROR_BODY_LIMIT, deadline)).await;
             let verdict = verdict::classify_head(status, retry_after(&resp), Some(&body));
             return if verdict.is_key_specific() {
                 Judged::Failover(verdict)
@@ -705,7 +714,7 @@ impl Attempt<'_> {
             return Judged::Return(resp, VecDeque::new(), None);
         }
         let timeout = self.client.timeout;
-        match tokio::time::timeout(timeout, peek_first_event(&mut resp)).await {
+        match Box::pin(tokio::time::timeout(timeout, peek_first_event(&mut resp))).await {
             Err(_) => Judged::Failed(SendFailure::Timeout),
             // The read timeout (also `timeout`) may fire first.
             Ok(Err(e)) if e.is_timeout() => Judged::Failed(SendFailure::Timeout),

@@ -37,15 +37,14 @@ pub fn is_hop_by_hop(name: &str) -> bool {
 
 /// The header names that `Connection` header values nominate as hop-by-hop
 /// (RFC 9110, section 7.6.1), lower-case.
-fn connection_options(headers: &HeaderMap) -> Vec<String> {
-    headers
-        .get_all(CONNECTION)
-        .iter()
-        .flat_map(|value| value.as_bytes().split(|&b| b == b','))
-        .filter_map(|option| std::str::from_utf8(option.trim_ascii()).ok())
-        .filter(|option| !option.is_empty())
-        .map(str::to_ascii_lowercase)
-        .collect()
+fn connection_options(headers: &HeaderMap) -> impl Fn(&str) -> bool + '_ {
+    let options = headers.get_all(CONNECTION);
+    move |name| {
+        options
+            .iter()
+            .flat_map(|value| value.as_bytes().split(|&b| b == b','))
+            .any(|option| option.trim_ascii().eq_ignore_ascii_case(name.as_bytes()))
+    }
 }
 
 /// A header map from (name, value) byte pairs, as front ends receive them;
@@ -88,7 +87,7 @@ pub fn forwarded(headers: &HeaderMap) -> HeaderMap {
         let dropped = is_hop_by_hop(n)
             || CREDENTIAL_HEADERS.contains(&n)
             || SET_BY_CLIENT.contains(&n)
-            || nominated.iter().any(|o| o == n);
+            || nominated(n);
         if !dropped {
             map.append(name.clone(), value.clone());
         }
@@ -107,15 +106,13 @@ pub fn forwarded(headers: &HeaderMap) -> HeaderMap {
 /// kept for as long as a stream is open would keep that whole buffer (8 KB
 /// or more) alive beside the one it must then allocate for the next read.
 pub fn relayed(headers: &HeaderMap, rewritten: bool, detach: bool) -> HeaderMap {
+    // Copied, not dropped in place: `HeaderMap::remove` would reorder the
+    // fields, and callers see them in upstream's order.
     let nominated = connection_options(headers);
-    let kept = || {
-        headers.iter().filter(|(name, _)| {
-            let n = name.as_str();
-            !(is_hop_by_hop(n)
-                || nominated.iter().any(|o| o == n)
-                || (rewritten && n == "content-length"))
-        })
+    let dropped = |name: &str| {
+        is_hop_by_hop(name) || nominated(name) || (rewritten && name == "content-length")
     };
+    let kept = || headers.iter().filter(|(name, _)| !dropped(name.as_str()));
     let mut map = HeaderMap::with_capacity(headers.len());
     if !detach {
         for (name, value) in kept() {
@@ -182,14 +179,20 @@ impl CallerCredential {
 /// against its client tokens, and sends it once as the caller's own key when
 /// BYOK is allowed.
 pub fn caller_credential(headers: &HeaderMap) -> Option<CallerCredential> {
-    for name in &CREDENTIAL_HEADERS[..3] {
+    // Names made once: a lookup by `&str` parses the name every time.
+    const KEY_HEADERS: [HeaderName; 3] = [
+        HeaderName::from_static(CREDENTIAL_HEADERS[0]),
+        HeaderName::from_static(CREDENTIAL_HEADERS[1]),
+        HeaderName::from_static(CREDENTIAL_HEADERS[2]),
+    ];
+    for name in KEY_HEADERS {
         if let Some(value) = headers
-            .get_all(*name)
+            .get_all(&name)
             .iter()
             .find(|v| !v.as_bytes().trim_ascii().is_empty())
         {
             return Some(CallerCredential {
-                header: HeaderName::from_static(name),
+                header: name,
                 value: value.clone(),
             });
         }
@@ -297,6 +300,14 @@ mod tests {
             names(relayed(&headers, false, false)),
             ["content-length", "content-type"]
         );
+        // What stays keeps its values, in order for one name.
+        let mut multi = headers.clone();
+        multi.append("x-multi", HeaderValue::from_static("a"));
+        multi.append("x-multi", HeaderValue::from_static("b"));
+        let kept = relayed(&multi, false, false);
+        let values: Vec<_> = kept.get_all("x-multi").iter().collect();
+        assert_eq!(values, ["a", "b"]);
+        assert_eq!(kept.get("content-length").unwrap(), "10");
     }
 
     #[test]

@@ -99,6 +99,9 @@ impl Provider {
     /// its path): Gemini's OpenAI-compatible endpoint takes a Bearer token,
     /// its native API `x-goog-api-key`; the others have one header.
     pub fn auth_header_for(self, key: &str, url: &str) -> (&'static str, String) {
+        if self != Provider::Gemini {
+            return self.auth_header(key);
+        }
         let path = url
             .find("://")
             .map_or(url, |i| {
@@ -108,11 +111,10 @@ impl Provider {
             .split('?')
             .next()
             .unwrap_or("");
-        match self {
-            Provider::Gemini if is_openai_compatible(path) => {
-                ("authorization", format!("Bearer {key}"))
-            }
-            _ => self.auth_header(key),
+        if is_openai_compatible(path) {
+            ("authorization", format!("Bearer {key}"))
+        } else {
+            self.auth_header(key)
         }
     }
 

@@ -119,12 +119,14 @@ where
     I: IntoIterator<Item = (&'a str, &'a [u8])>,
 {
     let mut out = RateLimits::default();
+    // A value is read only for a rate-limit header's name: every answer
+    // carries headers, few of them these.
+    let text = |value| std::str::from_utf8(value).ok().map(str::trim);
     for (name, value) in headers {
-        let Ok(value) = std::str::from_utf8(value) else {
-            continue;
-        };
-        let value = value.trim();
         if let Some(rest) = strip_prefix_ignore_case(name, "anthropic-ratelimit-") {
+            let Some(value) = text(value) else {
+                continue;
+            };
             for kind in LimitKind::ALL {
                 let Some(field) = rest
                     .strip_prefix(kind.anthropic())
@@ -141,6 +143,9 @@ where
                 }
             }
         } else if let Some((field, kind)) = compatible_field(name) {
+            let Some(value) = text(value) else {
+                continue;
+            };
             let limit = &mut out.limits[kind.index()];
             match field {
                 "limit" => limit.limit = value.parse().ok(),

@@ -123,6 +123,9 @@ impl std::error::Error for UpstreamError {
 pub(crate) struct Http {
     client: Client<Connector, Full<Bytes>>,
     proxies: Arc<Matcher>,
+    /// Whether the environment names a proxy for plain http: if not, no
+    /// request needs `proxies` asked (which parses the host every time).
+    http_proxy: bool,
     read_timeout: Duration,
 }
 
@@ -137,6 +140,9 @@ impl Http {
         tcp.set_nodelay(true);
         tcp.set_keepalive(Some(TCP_KEEPALIVE));
         let proxies = Arc::new(Matcher::from_env());
+        let http_proxy = ["HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy"]
+            .iter()
+            .any(|name| std::env::var_os(name).is_some_and(|v| !v.is_empty()));
         let connector = Connector(Arc::new(Connectors {
             direct: HttpsConnector::from((tcp.clone(), tls.clone())),
             to_proxy: HttpsConnector::from((tcp, tls_proxy)),
@@ -152,6 +158,7 @@ impl Http {
         Ok(Self {
             client,
             proxies,
+            http_proxy,
             read_timeout,
         })
     }
@@ -164,7 +171,8 @@ impl Http {
         mut headers: HeaderMap,
         body: Bytes,
     ) -> Result<Response, UpstreamError> {
-        if uri.scheme() == Some(&http::uri::Scheme::HTTP)
+        if self.http_proxy
+            && uri.scheme() == Some(&http::uri::Scheme::HTTP)
             && !headers.contains_key(PROXY_AUTHORIZATION)
         {
             // A forward proxy with credentials gets them on each request (an

@@ -216,8 +216,10 @@ impl Key {
             }
         }
         if self.slot.group.is_none() && self.slot.learned_group.get().is_none() {
+            const ORGANIZATION: http::HeaderName =
+                http::HeaderName::from_static("anthropic-organization-id");
             let org = headers
-                .get("anthropic-organization-id")
+                .get(ORGANIZATION)
                 .and_then(|v| std::str::from_utf8(v.as_bytes()).ok())
                 .map(str::trim)
                 .filter(|v| !v.is_empty() && v.len() <= 128);
