@@ -19,7 +19,9 @@ and the native server on both CPUs against one (issue 14).
 - `native_rounds`: the native server, nginx proxying, the bare hyper proxy,
   FailoverProxy under uvicorn and direct (the blocking table's setups),
   alternating in rounds at each concurrency: what issue 14's one-core goals
-  are judged on.
+  are judged on; and at c=1 once more with each proxy moved onto the load
+  generator's CPU, where direct's requests stay (the added latency like for
+  like).
 
 The Redis server is one redis-server on a free loopback port, started once
 for all three (pinned to LOAD_CPU, with the upstreams and the load
@@ -29,6 +31,7 @@ generator). When redis-server is missing the full run installs it with
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
@@ -815,4 +818,46 @@ def native_rounds(bench: Bench) -> dict[str, Any] | None:
             f"rounds at c={connections}",
         )
         out[str(connections)] = runs
+    if 1 in plan.concurrencies and SERVER_CPU is not None and LOAD_CPU is not None:
+        out[ONE_CPU] = one_cpu_rounds(bench, setups)
     return out
+
+
+# native_rounds' key for c=1 with every proxy moved onto the load generator's CPU.
+ONE_CPU = "1-one-cpu"
+
+
+def pin_tree(pid: int, cpu: str) -> None:
+    """Every thread of `pid` and of its children onto `cpu`."""
+    for proc in (pid, *children(pid)):
+        for task in Path(f"/proc/{proc}/task").iterdir():
+            with contextlib.suppress(ProcessLookupError):  # a thread that ended meanwhile
+                os.sched_setaffinity(int(task.name), {int(cpu)})
+
+
+def one_cpu_rounds(bench: Bench, setups: list[Setup]) -> dict[str, list[dict[str, Any]]]:
+    """c=1 with each proxy on LOAD_CPU for its run, where direct's requests stay: like
+    for like with direct, one more hop of software on the same CPU. One request at a
+    time never needs two CPUs; across two, each request wakes the other CPU four times,
+    and on this VM a wake-up of an idle CPU costs tens of µs whatever the proxy."""
+    plan = bench.plan
+
+    def run(setup: Setup, first: bool) -> dict[str, Any]:
+        assert LOAD_CPU is not None
+        assert SERVER_CPU is not None
+        if setup.proc is None or setup.key == "direct":
+            return closed_loop(bench, setup, 1, plan.shared_duration, warmup=first)
+        pin_tree(setup.proc.pid, LOAD_CPU)
+        try:
+            return closed_loop(bench, setup, 1, plan.shared_duration, warmup=first)
+        finally:
+            pin_tree(setup.proc.pid, SERVER_CPU)
+
+    runs = alternate(bench, setups, run, "rounds at c=1 on one CPU")
+    note_errors(
+        bench,
+        setups,
+        {key: {"errors": sum(row["errors"] for row in rows)} for key, rows in runs.items()},
+        "rounds at c=1 on one CPU",
+    )
+    return runs
