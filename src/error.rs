@@ -14,6 +14,11 @@ pub enum Exhaustion {
     /// cooldown, or zero when a key is valid but the walker already tried it.
     #[error("{} (retry after {:.3} s)", Exhaustion::RATE_LIMITED, retry_after.as_secs_f64())]
     Transient { retry_after: Duration },
+    /// Every key that is not retired cools down because its own endpoint
+    /// (a per-key `base_url`) could not be reached, timed out or answered
+    /// 504; `retry_after` is the smallest remaining cooldown.
+    #[error("{} (retry after {:.3} s)", Exhaustion::UNREACHABLE, retry_after.as_secs_f64())]
+    Unreachable { retry_after: Duration },
     /// Every key is permanently unavailable.
     #[error("{}", Exhaustion::AUTH_FAILED)]
     Permanent,
@@ -21,6 +26,7 @@ pub enum Exhaustion {
 
 impl Exhaustion {
     const RATE_LIMITED: &'static str = "all configured keys are rate-limited";
+    const UNREACHABLE: &'static str = "the endpoints of all configured keys are unreachable";
     const AUTH_FAILED: &'static str = "all configured keys failed authentication";
 
     /// The message of the answer a caller gets (no timing: that goes in
@@ -28,7 +34,18 @@ impl Exhaustion {
     pub fn message(self) -> &'static str {
         match self {
             Exhaustion::Transient { .. } => Self::RATE_LIMITED,
+            Exhaustion::Unreachable { .. } => Self::UNREACHABLE,
             Exhaustion::Permanent => Self::AUTH_FAILED,
+        }
+    }
+
+    /// The smallest remaining cooldown; none when every key is retired.
+    pub fn retry_after(self) -> Option<Duration> {
+        match self {
+            Exhaustion::Transient { retry_after } | Exhaustion::Unreachable { retry_after } => {
+                Some(retry_after)
+            }
+            Exhaustion::Permanent => None,
         }
     }
 
@@ -36,10 +53,7 @@ impl Exhaustion {
     /// cooldown rounded up, never below 1 (a key that recovered while the
     /// walk went on is not a promise that the next attempt succeeds).
     pub fn retry_after_header(self) -> Option<u64> {
-        match self {
-            Exhaustion::Transient { retry_after } => Some(ceil_secs(retry_after).max(1)),
-            Exhaustion::Permanent => None,
-        }
+        self.retry_after().map(|d| ceil_secs(d).max(1))
     }
 }
 
@@ -133,11 +147,12 @@ impl ErrorKind {
     ];
 
     /// The answer for an exhausted pool: 429, or 502 when every key failed
-    /// authentication.
+    /// authentication or every key's own endpoint is unreachable (as a walk
+    /// that found them so answers).
     pub fn of_exhaustion(exhaustion: Exhaustion) -> Self {
         match exhaustion {
             Exhaustion::Transient { .. } => ErrorKind::RateLimit,
-            Exhaustion::Permanent => ErrorKind::Api,
+            Exhaustion::Unreachable { .. } | Exhaustion::Permanent => ErrorKind::Api,
         }
     }
 
@@ -237,6 +252,21 @@ mod tests {
             "all configured keys are rate-limited (retry after 1.500 s)"
         );
         assert_eq!(Error::from(Exhaustion::Permanent).answer().0.status(), 502);
+        let unreachable = Exhaustion::Unreachable {
+            retry_after: Duration::from_millis(14_200),
+        };
+        assert_eq!(unreachable.retry_after_header(), Some(15));
+        assert_eq!(
+            Error::from(unreachable).answer(),
+            (
+                ErrorKind::Api,
+                "the endpoints of all configured keys are unreachable".into()
+            )
+        );
+        assert_eq!(
+            unreachable.to_string(),
+            "the endpoints of all configured keys are unreachable (retry after 14.200 s)"
+        );
     }
 
     #[test]

@@ -357,6 +357,10 @@ impl FailoverClient {
                 &self.stats.exhausted_transient,
                 Outcome::ExhaustedRateLimited,
             ),
+            Exhaustion::Unreachable { .. } => (
+                &self.stats.exhausted_transient,
+                Outcome::UpstreamUnreachable,
+            ),
             Exhaustion::Permanent => (&self.stats.exhausted_permanent, Outcome::ExhaustedAuth),
         };
         bump(counter);
@@ -547,7 +551,8 @@ impl Attempt<'_> {
     /// endpoint cannot be reached, times out or answers 504, the key cools
     /// down briefly (reason `unreachable`) and the next key is tried. When
     /// every attempt of the walk ended that way, the answer is the last
-    /// failure (502 or 504), not the exhausted pool's 429.
+    /// failure (502 or 504), not the exhausted pool's 429; while every such
+    /// key cools down, the pool is exhausted as unreachable (502).
     async fn walk(&self, log: &mut Vec<AttemptRecord>) -> (Response, Option<String>) {
         let client = self.client;
         let mut walker = client.pool.walker();

@@ -483,9 +483,16 @@ async fn every_keys_endpoint_unreachable_is_a_502_and_a_shared_dead_endpoint_mar
     );
     assert!(text(&body).contains("could not connect"), "{}", text(&body));
     assert_eq!(state(&client, "key-1"), KeyState::Temporary);
-    // While both cool down, the pool is exhausted for a short while.
-    let (resp, _) = send(&client).await;
-    assert_eq!((resp.status, resp.exhausted), (429, true));
+    // While both cool down, the pool is exhausted for a short while, and
+    // says why: not a rate limit.
+    let (resp, body) = send(&client).await;
+    assert_eq!((resp.status, resp.attempts, resp.exhausted), (502, 0, true));
+    assert!(
+        text(&body).contains("the endpoints of all configured keys are unreachable"),
+        "{}",
+        text(&body)
+    );
+    assert_eq!(client.stats().exhausted_transient, 1);
     let retry_after: u64 = resp.headers["retry-after"]
         .to_str()
         .unwrap()
@@ -495,6 +502,12 @@ async fn every_keys_endpoint_unreachable_is_a_502_and_a_shared_dead_endpoint_mar
         retry_after <= UNREACHABLE_COOLDOWN.as_secs(),
         "{retry_after}"
     );
+
+    // One rate-limited key among them: the pool is rate-limited, as before.
+    client.pool().key("key-0").unwrap().mark_temporary(None);
+    let (resp, body) = send(&client).await;
+    assert_eq!((resp.status, resp.exhausted), (429, true));
+    assert!(text(&body).contains("rate-limited"), "{}", text(&body));
 
     let client = client_with_endpoints(&closed_port_url(), &[None, None]);
     let (resp, _) = send(&client).await;

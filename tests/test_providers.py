@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import logging
+import pickle
 from collections.abc import Iterator
 from datetime import datetime, timedelta
 from typing import Any
@@ -493,6 +494,40 @@ def test_every_key_on_one_dead_endpoint_is_a_502_as_before() -> None:
     client = kf.FailoverClient(pool, base_url=dead, provider="openai")
     resp = client.request_sync("POST", "/v1/chat/completions", body=CHAT_BODY)
     assert (resp.status, resp.attempts, resp.exhausted) == (502, 2, False)
+
+
+def test_while_every_keys_endpoint_cools_down_the_pool_says_unreachable_not_rate_limited(
+    up: MockUpstream,
+) -> None:
+    pool = endpoints_pool(a=f"http://127.0.0.1:{free_port()}", b=f"http://127.0.0.1:{free_port()}")
+    client = kf.FailoverClient(pool, base_url=up.url, provider="openai")
+    assert client.request_sync("POST", "/v1/chat/completions", body=CHAT_BODY).status == 502
+    resp = client.request_sync("POST", "/v1/chat/completions", body=CHAT_BODY)
+    assert (resp.status, resp.attempts, resp.exhausted) == (502, 0, True)
+    assert 1 <= int(header(resp, "retry-after") or 0) <= 15
+    error = json.loads(resp.read())["error"]
+    assert error["message"] == "the endpoints of all configured keys are unreachable"
+    assert error["type"] == "api_error"
+    assert up.requests == [], "nothing went to the client's endpoint"
+    with pytest.raises(kf.UnreachableExhaustion) as caught:
+        pool.walker().next()
+    assert isinstance(caught.value, kf.TransientExhaustion)
+    assert 14 < caught.value.retry_after <= 15
+    assert str(caught.value).startswith("the endpoints of all configured keys are unreachable")
+    copy = pickle.loads(pickle.dumps(caught.value))
+    assert (type(copy), str(copy), copy.retry_after) == (
+        kf.UnreachableExhaustion,
+        str(caught.value),
+        caught.value.retry_after,
+    )
+    # What a stream that meets it ends with.
+    event = kf.sse_error_event(caught.value, provider="openai")
+    assert b"the endpoints of all configured keys are unreachable" in event
+    # A rate limit on either key makes it the rate-limited pool's 429.
+    pool.key("a").mark_temporary(60)
+    resp = client.request_sync("POST", "/v1/chat/completions", body=CHAT_BODY)
+    assert (resp.status, resp.exhausted) == (429, True)
+    assert "rate-limited" in json.loads(resp.read())["error"]["message"]
 
 
 def test_byok_is_sent_once_to_the_clients_base_url(up: MockUpstream) -> None:

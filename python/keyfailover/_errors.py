@@ -15,6 +15,7 @@ __all__ = [
     "PoolExhausted",
     "TransientExhaustion",
     "UnknownKeyError",
+    "UnreachableExhaustion",
     "UpstreamError",
 ]
 
@@ -59,6 +60,20 @@ class TransientExhaustion(PoolExhausted):
         return (type(self), (self.retry_after, str(self)))
 
 
+class UnreachableExhaustion(TransientExhaustion):
+    """Every key that is not retired cools down because its own endpoint (a
+    per-key `base_url`) could not be reached, timed out or answered 504;
+    `retry_after` is the smallest remaining cooldown in seconds."""
+
+    def __init__(self, retry_after: float, message: str | None = None) -> None:
+        if message is None:
+            message = (
+                "the endpoints of all configured keys are unreachable "
+                f"(retry after {float(retry_after):.3f} s)"
+            )
+        super().__init__(retry_after, message)
+
+
 class PermanentExhaustion(PoolExhausted):
     """Every key failed authentication and is retired."""
 
@@ -77,6 +92,7 @@ for _cls in (
     UnknownKeyError,
     PoolExhausted,
     TransientExhaustion,
+    UnreachableExhaustion,
     PermanentExhaustion,
     UpstreamError,
 ):

@@ -12,6 +12,7 @@ from keyfailover._errors import (
     PoolExhausted,
     TransientExhaustion,
     UnknownKeyError,
+    UnreachableExhaustion,
     UpstreamError,
 )
 
@@ -33,6 +34,7 @@ __all__ = [
     "SyncResponse",
     "TransientExhaustion",
     "UnknownKeyError",
+    "UnreachableExhaustion",
     "UpstreamError",
     "Walker",
     "__version__",

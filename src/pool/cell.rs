@@ -100,6 +100,11 @@ pub(crate) struct Cell {
     pub counters: KeyCounters,
     /// Requests using the key right now (this process's).
     in_flight: AtomicU32,
+    /// The deadline this process last set because the key's own endpoint
+    /// could not be reached. While the state word still holds it, that is
+    /// why the key cools down; a later mark (a rate limit, another process's)
+    /// writes another deadline and so ends it.
+    unreachable_until: AtomicU64,
 }
 
 impl Cell {
@@ -109,6 +114,7 @@ impl Cell {
             reset_at: AtomicU64::new(0),
             counters,
             in_flight: AtomicU32::new(0),
+            unreachable_until: AtomicU64::new(VALID),
         }
     }
 
@@ -122,6 +128,23 @@ impl Cell {
 
     pub fn status(&self, now: u64) -> KeyStatus {
         status_of(self.word.load(Ordering::Acquire), now)
+    }
+
+    /// The status, and whether the key cools down because its endpoint was
+    /// unreachable (as far as this process knows: it made that mark, and
+    /// nothing has replaced it since).
+    pub fn status_and_unreachable(&self, now: u64) -> (KeyStatus, bool) {
+        let word = self.word.load(Ordering::Acquire);
+        let status = status_of(word, now);
+        let unreachable = status.state == KeyState::Temporary
+            && word == self.unreachable_until.load(Ordering::Acquire);
+        (status, unreachable)
+    }
+
+    /// Records that a cooldown to `deadline` is for an unreachable endpoint,
+    /// before the mark that may write it.
+    pub fn cooling_unreachable_until(&self, deadline: u64) {
+        self.unreachable_until.store(deadline, Ordering::Release);
     }
 
     pub fn is_available(&self, now: impl FnOnce() -> u64) -> bool {

@@ -146,6 +146,9 @@ impl Key {
         let deadline = now
             .saturating_add(duration_to_nanos(cooldown).max(1))
             .min(super::cell::PERMANENT - 1);
+        if cause.reason == Reason::Unreachable {
+            self.slot.cell.cooling_unreachable_until(deadline);
+        }
         let marked = self.cool_slot(&self.slot, deadline, now, cause, cooldown);
         // Keys of one group share their limits: a rate limit on one is a rate
         // limit on all (quota and revocation stay with the key).

@@ -655,15 +655,18 @@ impl KeyPool {
 
     /// Why nothing is available: permanent when every key is permanent,
     /// otherwise transient with the smallest remaining cooldown (zero when
-    /// some key is valid).
+    /// some key is valid), and unreachable when every key cooling down does
+    /// so because its own endpoint could not be reached.
     pub fn exhaustion(&self) -> Exhaustion {
-        exhaustion_of(&self.statuses())
+        exhaustion_of(&self.inner.keys.load(), self.inner.clock.now_nanos())
     }
 }
 
-fn exhaustion_of(statuses: &[KeyStatus]) -> Exhaustion {
+fn exhaustion_of(keys: &KeySet, now: u64) -> Exhaustion {
     let mut soonest: Option<Duration> = None;
-    for status in statuses {
+    let mut all_unreachable = true;
+    for slot in keys.slots.iter() {
+        let (status, unreachable) = slot.cell.status_and_unreachable(now);
         match status.state {
             KeyState::Valid => {
                 return Exhaustion::Transient {
@@ -673,11 +676,13 @@ fn exhaustion_of(statuses: &[KeyStatus]) -> Exhaustion {
             KeyState::Temporary => {
                 let left = status.cooldown_remaining;
                 soonest = Some(soonest.map_or(left, |s| s.min(left)));
+                all_unreachable &= unreachable;
             }
             KeyState::Permanent => {}
         }
     }
     match soonest {
+        Some(retry_after) if all_unreachable => Exhaustion::Unreachable { retry_after },
         Some(retry_after) => Exhaustion::Transient { retry_after },
         None => Exhaustion::Permanent,
     }
@@ -966,6 +971,54 @@ mod tests {
         assert_eq!(pool.health().status(), "exhausted");
         clock.advance(S(5));
         assert_eq!(pool.health().status(), "degraded");
+    }
+
+    #[test]
+    fn exhausted_by_unreachable_endpoints_only_while_every_cooling_key_is_unreachable() {
+        let unreachable = |pool: &KeyPool, label: &str, secs: u64| {
+            let cause = Cause::new(Reason::Unreachable, None);
+            pool.key(label).unwrap().cool(Some(S(secs)), cause);
+        };
+        let exhausted = |pool: &KeyPool| {
+            let walked = pool.walker().next_key().map(|k| k.label().to_owned());
+            assert_eq!(walked.clone().unwrap_err(), pool.exhaustion());
+            walked.unwrap_err()
+        };
+        let (pool, _) = pool_with(&["a", "b", "c"]);
+        unreachable(&pool, "key-0", 15);
+        unreachable(&pool, "key-1", 10);
+        retire(&pool, "key-2");
+        assert_eq!(
+            exhausted(&pool),
+            Exhaustion::Unreachable { retry_after: S(10) },
+            "a retired key does not count"
+        );
+        // A rate limit on one of them, for longer, replaces the reason.
+        mark(&pool, "key-1", Some(S(30)));
+        assert_eq!(
+            exhausted(&pool),
+            Exhaustion::Transient { retry_after: S(15) }
+        );
+        // A shorter mark leaves the later deadline, and so its reason.
+        let (pool, _) = pool_with(&["a"]);
+        unreachable(&pool, "key-0", 15);
+        mark(&pool, "key-0", Some(S(5)));
+        assert!(matches!(exhausted(&pool), Exhaustion::Unreachable { .. }));
+        // Once the cooldown ends, the key is valid; a later cooldown for
+        // another reason is that reason's, even at the same length.
+        let (pool, clock) = pool_with(&["a"]);
+        unreachable(&pool, "key-0", 15);
+        clock.advance(S(15));
+        assert!(pool.walker().next_key().is_ok());
+        mark(&pool, "key-0", Some(S(15)));
+        assert_eq!(
+            exhausted(&pool),
+            Exhaustion::Transient { retry_after: S(15) }
+        );
+        // An operator's reset ends it too.
+        unreachable(&pool, "key-0", 15);
+        pool.key("key-0").unwrap().reset();
+        assert!(pool.walker().next_key().is_ok());
     }
 
     #[test]

@@ -69,8 +69,6 @@ impl Walker {
             let index = self.skipped.remove(i);
             return Ok(self.key(index));
         }
-        let now = self.pool.clock().now_nanos();
-        let statuses: Vec<_> = self.keys.slots.iter().map(|s| s.cell.status(now)).collect();
-        Err(exhaustion_of(&statuses))
+        Err(exhaustion_of(&self.keys, self.pool.clock().now_nanos()))
     }
 }

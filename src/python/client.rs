@@ -496,7 +496,11 @@ fn exception_answer(error: &Bound<'_, PyAny>) -> PyResult<(ErrorKind, String)> {
         let retry_after: f64 = error.getattr("retry_after")?.extract()?;
         let retry_after =
             Duration::try_from_secs_f64(retry_after.max(0.0)).unwrap_or(Duration::ZERO);
-        Exhaustion::Transient { retry_after }.into()
+        if error.is_instance(&class(py, "UnreachableExhaustion")?)? {
+            Exhaustion::Unreachable { retry_after }.into()
+        } else {
+            Exhaustion::Transient { retry_after }.into()
+        }
     } else if error.is_instance(&class(py, "PermanentExhaustion")?)? {
         Exhaustion::Permanent.into()
     } else if error.is_instance(&class(py, "ConfigError")?)?

@@ -7,13 +7,14 @@ use pyo3::types::PyModule;
 
 use crate::error::{Error, Exhaustion};
 
-pub(crate) const NAMES: [&str; 8] = [
+pub(crate) const NAMES: [&str; 9] = [
     "KeyfailoverError",
     "ConfigError",
     "InvalidRequestError",
     "UnknownKeyError",
     "PoolExhausted",
     "TransientExhaustion",
+    "UnreachableExhaustion",
     "PermanentExhaustion",
     "UpstreamError",
 ];
@@ -50,6 +51,9 @@ fn to_pyerr(py: Python<'_>, err: Error) -> PyResult<PyErr> {
         Error::UnknownLabel(_) => class(py, "UnknownKeyError")?.call1((message,))?,
         Error::Exhausted(Exhaustion::Transient { retry_after }) => {
             class(py, "TransientExhaustion")?.call1((retry_after.as_secs_f64(), message))?
+        }
+        Error::Exhausted(Exhaustion::Unreachable { retry_after }) => {
+            class(py, "UnreachableExhaustion")?.call1((retry_after.as_secs_f64(), message))?
         }
         Error::Exhausted(Exhaustion::Permanent) => {
             class(py, "PermanentExhaustion")?.call1((message,))?
