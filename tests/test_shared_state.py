@@ -47,9 +47,15 @@ def namespace() -> str:
 class Worker:
     """A separate process holding a pool (see shared_worker.py)."""
 
-    def __init__(self, state: str, namespace: str, keys: list[str] = KEYS) -> None:
+    def __init__(
+        self, state: str, namespace: str, keys: list[str] = KEYS, endpoint: str | None = None
+    ) -> None:
+        env = dict(os.environ)
+        if endpoint:
+            env["KF_WORKER_ENDPOINT"] = endpoint
         self.proc = subprocess.Popen(
             [sys.executable, str(HERE / "shared_worker.py"), state, namespace, *keys],
+            env=env,
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
@@ -94,9 +100,11 @@ class Worker:
 def workers(request, namespace, redis_server) -> Iterator[Any]:
     started: list[Worker] = []
 
-    def start(n: int, backend: str, keys: list[str] = KEYS) -> list[Worker]:
+    def start(
+        n: int, backend: str, keys: list[str] = KEYS, endpoint: str | None = None
+    ) -> list[Worker]:
         state = redis_server.url if backend == "redis" else backend
-        new = [Worker(state, namespace, keys) for _ in range(n)]
+        new = [Worker(state, namespace, keys, endpoint) for _ in range(n)]
         started.extend(new)
         return new
 
@@ -177,6 +185,31 @@ def test_concurrent_conflicting_marks_end_in_the_same_state_everywhere(workers, 
         assert settle(agreed, timeout=0.5), (plans, seconds, [w.states()[0] for w in group])
         group[0].ask("reset", label="key-0")
         assert settle(lambda: all(w.states()[0][0] == "valid" for w in group), timeout=0.5)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_every_process_knows_the_keys_cool_down_because_their_endpoints_are_unreachable(
+    workers, backend
+):
+    """Every key's own endpoint is down. The process that found it and every other one
+    answer 502 "unreachable" while the keys cool down, not a rate-limited pool's 429;
+    a longer rate limit marked in any of them makes it the 429 in all."""
+    dead = f"http://127.0.0.1:{free_port()}"
+    a, b = workers(2, backend, KEYS[:2], endpoint=dead)
+    assert a.ask("request")[0] == 502  # the walk that found it: its last failure
+    unreachable = [502, "the endpoints of all configured keys are unreachable"]
+    assert a.ask("request") == unreachable
+    assert settle(lambda: b.ask("exhaustion") == "UnreachableExhaustion")
+    assert b.ask("request") == unreachable
+    b.ask("cool", label="key-1", seconds=120)
+    assert settle(lambda: a.ask("exhaustion") == "TransientExhaustion")
+    status, message = a.ask("request")
+    assert (status, "rate-limited" in message) == (429, True)
+    # Reset, then unreachable again: the reason comes back everywhere.
+    b.ask("reset", label="key-1")
+    assert settle(lambda: a.ask("exhaustion") is None)
+    assert a.ask("request")[0] == 502
+    assert settle(lambda: b.ask("exhaustion") == "UnreachableExhaustion")
 
 
 def test_a_mark_made_before_a_reset_does_not_undo_it(workers, redis_server):

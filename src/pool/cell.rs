@@ -62,6 +62,13 @@ pub(crate) enum Word {
 unsafe impl Send for Word {}
 unsafe impl Sync for Word {}
 
+impl Word {
+    /// A word in this process's memory, valid (zero).
+    pub fn local() -> Self {
+        Word::Local(AtomicU64::new(VALID))
+    }
+}
+
 impl std::ops::Deref for Word {
     type Target = AtomicU64;
 
@@ -100,21 +107,30 @@ pub(crate) struct Cell {
     pub counters: KeyCounters,
     /// Requests using the key right now (this process's).
     in_flight: AtomicU32,
-    /// The deadline this process last set because the key's own endpoint
-    /// could not be reached. While the state word still holds it, that is
-    /// why the key cools down; a later mark (a rate limit, another process's)
-    /// writes another deadline and so ends it.
-    unreachable_until: AtomicU64,
+    /// The latest deadline set because the key's own endpoint could not be
+    /// reached, beside the state word (in shared memory with it, with shm):
+    /// while the word holds no later deadline, that is why the key cools
+    /// down. A reset clears it; a later mark for another reason (a rate
+    /// limit, here or in another process) writes a later deadline and so
+    /// ends it. Never later than the word, except for an instant while a
+    /// mark is made.
+    unreachable_until: Word,
 }
 
 impl Cell {
-    pub fn new(word: Word, counters: KeyCounters) -> Self {
+    /// A cell in this process's memory.
+    pub fn local(counters: KeyCounters) -> Self {
+        Self::new(Word::local(), Word::local(), counters)
+    }
+
+    /// `word` and `unreachable_until` in the same memory, with their owner.
+    pub fn new(word: Word, unreachable_until: Word, counters: KeyCounters) -> Self {
         Self {
             word,
             reset_at: AtomicU64::new(0),
             counters,
             in_flight: AtomicU32::new(0),
-            unreachable_until: AtomicU64::new(VALID),
+            unreachable_until,
         }
     }
 
@@ -131,20 +147,22 @@ impl Cell {
     }
 
     /// The status, and whether the key cools down because its endpoint was
-    /// unreachable (as far as this process knows: it made that mark, and
-    /// nothing has replaced it since).
+    /// unreachable: the latest cooldown set was for that, whichever process
+    /// of the host (shm) or host (Redis) set it.
     pub fn status_and_unreachable(&self, now: u64) -> (KeyStatus, bool) {
         let word = self.word.load(Ordering::Acquire);
         let status = status_of(word, now);
         let unreachable = status.state == KeyState::Temporary
-            && word == self.unreachable_until.load(Ordering::Acquire);
+            && word <= self.unreachable_until.load(Ordering::Acquire);
         (status, unreachable)
     }
 
-    /// Records that a cooldown to `deadline` is for an unreachable endpoint,
-    /// before the mark that may write it.
-    pub fn cooling_unreachable_until(&self, deadline: u64) {
-        self.unreachable_until.store(deadline, Ordering::Release);
+    /// Cools the key down until `deadline` because its endpoint could not be
+    /// reached: as [`cool_until`](Self::cool_until), recording the reason
+    /// first, so that whoever reads the new deadline also reads why.
+    pub fn cool_unreachable_until(&self, deadline: u64, now: u64) -> Marked {
+        self.unreachable_until.fetch_max(deadline, Ordering::AcqRel);
+        self.cool_until(deadline, now)
     }
 
     pub fn is_available(&self, now: impl FnOnce() -> u64) -> bool {
@@ -192,7 +210,16 @@ impl Cell {
     /// Valid again, whatever the state; true when it was not valid.
     pub fn reset(&self, now: u64) -> bool {
         let before = self.word.swap(VALID, Ordering::AcqRel);
+        self.unreachable_until.store(VALID, Ordering::Release);
         before == PERMANENT || before > now
+    }
+
+    /// Takes a state word from elsewhere as it is (a reset this process had
+    /// not seen came with it), and the reason of its cooldown.
+    pub fn replace(&self, word: u64, unreachable: bool) {
+        let until = if unreachable { word } else { VALID };
+        self.unreachable_until.store(until, Ordering::Release);
+        self.word.store(word, Ordering::Release);
     }
 }
 

@@ -146,9 +146,6 @@ impl Key {
         let deadline = now
             .saturating_add(duration_to_nanos(cooldown).max(1))
             .min(super::cell::PERMANENT - 1);
-        if cause.reason == Reason::Unreachable {
-            self.slot.cell.cooling_unreachable_until(deadline);
-        }
         let marked = self.cool_slot(&self.slot, deadline, now, cause, cooldown);
         // Keys of one group share their limits: a rate limit on one is a rate
         // limit on all (quota and revocation stay with the key).
@@ -174,10 +171,15 @@ impl Key {
         cause: Cause,
         cooldown: Duration,
     ) -> Marked {
-        let marked = slot.cell.cool_until(deadline, now);
+        let unreachable = cause.reason == Reason::Unreachable;
+        let marked = if unreachable {
+            slot.cell.cool_unreachable_until(deadline, now)
+        } else {
+            slot.cell.cool_until(deadline, now)
+        };
         if marked.changed() {
             if let Some(redis) = self.pool.backend().redis() {
-                redis.cooled(slot.fingerprint, deadline);
+                redis.cooled(slot.fingerprint, deadline, unreachable);
             }
         }
         if marked == Marked::Transition {

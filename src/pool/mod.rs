@@ -1022,6 +1022,43 @@ mod tests {
     }
 
     #[test]
+    fn every_pool_of_a_shared_namespace_knows_why_a_key_cools_down() {
+        let namespace = format!("test-why-{}", std::process::id());
+        let open = || {
+            KeyPool::build(
+                [("a", "sk-why-a"), ("b", "sk-why-b")].map(|(l, v)| KeySpec::new(l, v)),
+                PoolOptions {
+                    state: Some(StateSpec::Shm {
+                        namespace: namespace.clone(),
+                    }),
+                    ..PoolOptions::default()
+                },
+            )
+            .unwrap()
+        };
+        // As two workers of one host: one mapping, each its own pool.
+        let (here, there) = (open(), open());
+        let unreachable = Cause::new(Reason::Unreachable, None);
+        here.key("a").unwrap().cool(Some(S(20)), unreachable);
+        here.key("b").unwrap().cool(Some(S(10)), unreachable);
+        assert!(
+            matches!(there.exhaustion(), Exhaustion::Unreachable { retry_after } if retry_after <= S(10)),
+            "{:?}",
+            there.exhaustion()
+        );
+        // A longer rate limit seen there is the reason here too.
+        there.key("b").unwrap().mark_temporary(Some(S(30)));
+        assert!(matches!(here.exhaustion(), Exhaustion::Transient { .. }));
+        // A reset there clears the reason here.
+        there.key("b").unwrap().reset();
+        here.key("b").unwrap().mark_temporary(Some(S(5)));
+        assert!(
+            matches!(there.exhaustion(), Exhaustion::Transient { retry_after } if retry_after <= S(5))
+        );
+        std::fs::remove_file(crate::state::shm::path_for(&namespace)).unwrap();
+    }
+
+    #[test]
     fn unknown_label() {
         let (pool, _) = pool_with(&["a"]);
         assert_eq!(

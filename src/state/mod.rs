@@ -13,14 +13,11 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use sha2::{Digest, Sha256};
-use std::sync::atomic::AtomicU64;
-
-use std::ptr::NonNull;
 
 use crate::clock::monotonic_nanos;
 use crate::error::{Error, Result};
 use crate::metrics::{Block, KeyCounters, PoolCounters, KEY_COUNTERS, POOL_COUNTERS};
-use crate::pool::cell::{Cell, Word, VALID};
+use crate::pool::cell::{Cell, Word};
 
 /// How often a Redis-backed pool re-reads every key's state.
 pub const DEFAULT_REFRESH: Duration = Duration::from_secs(1);
@@ -198,25 +195,22 @@ impl Backend {
     /// The cell of a key: a fresh local word, or the key's word in shared
     /// memory; Redis-backed cells start local and follow the shared state.
     pub fn cell(&self, fingerprint: Fingerprint) -> Result<Arc<Cell>> {
-        let local = || {
-            Cell::new(
-                Word::Local(AtomicU64::new(VALID)),
-                KeyCounters(Block::local(KEY_COUNTERS)),
-            )
-        };
+        let local = || Cell::local(KeyCounters(Block::local(KEY_COUNTERS)));
         Ok(match self {
             Backend::Local => Arc::new(local()),
             Backend::Shm(region) => {
-                let word = region.word(fingerprint.short())?;
-                // SAFETY: a slot's counters follow its word within the slot.
-                let counters = unsafe { NonNull::new_unchecked(word.as_ptr().add(1)) };
+                let slot = region.slot(fingerprint.short())?;
                 Arc::new(Cell::new(
                     Word::Shared {
-                        ptr: word,
+                        ptr: slot.word,
+                        _owner: region.clone(),
+                    },
+                    Word::Shared {
+                        ptr: slot.unreachable_until,
                         _owner: region.clone(),
                     },
                     KeyCounters(Block::Shared {
-                        ptr: counters,
+                        ptr: slot.counters,
                         len: KEY_COUNTERS.min(shm::KEY_ROOM),
                         _owner: region.clone(),
                     }),

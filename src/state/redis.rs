@@ -10,8 +10,10 @@
 //! reconnect, so a lost message is repaired within that interval.
 //!
 //! Per key, Redis holds a hash `kf:{namespace}:k:{fingerprint}` with `r` (the
-//! last reset, Unix µs), `s` (0 valid, 1 temporary, 2 permanent) and `u` (the
-//! end of a cooldown, Unix µs); never a key or part of one. Deadlines cross
+//! last reset, Unix µs), `s` (0 valid, 1 temporary, 2 permanent), `u` (the
+//! end of a cooldown, Unix µs) and `w` (1 when that cooldown is for the key's
+//! own endpoint being unreachable, else 0; absent where a version before it
+//! wrote); never a key or part of one. Deadlines cross
 //! processes as wall-clock time; each process turns them into readings of its
 //! own monotonic clock.
 
@@ -36,6 +38,7 @@ const SCRIPT: &str = r#"
 local r = tonumber(redis.call('HGET', KEYS[1], 'r') or '0')
 local s = tonumber(redis.call('HGET', KEYS[1], 's') or '0')
 local u = tonumber(redis.call('HGET', KEYS[1], 'u') or '0')
+local w = 0
 local at = tonumber(ARGV[2])
 if ARGV[1] == 'reset' then
   if at < r or (at == r and s == 0) then return 0 end
@@ -49,10 +52,11 @@ else
   local untl = tonumber(ARGV[3])
   if s == 2 or (s == 1 and u >= untl) then return 0 end
   s = 1; u = untl
+  if ARGV[6] == '1' then w = 1 end
 end
 -- Whole numbers: Lua would write 1.8e+15 for a time in microseconds.
-local state = string.format('%.0f %d %.0f', r, s, u)
-redis.call('HSET', KEYS[1], 'r', string.format('%.0f', r), 's', s, 'u', string.format('%.0f', u))
+local state = string.format('%.0f %d %.0f %d', r, s, u, w)
+redis.call('HSET', KEYS[1], 'r', string.format('%.0f', r), 's', s, 'u', string.format('%.0f', u), 'w', w)
 redis.call('PUBLISH', ARGV[4], ARGV[5] .. ' ' .. state)
 return 1
 "#;
@@ -67,25 +71,40 @@ const BACKOFF_MAX: Duration = Duration::from_secs(5);
 struct Pending {
     /// A reset, at this wall-clock time (µs).
     reset: Option<u64>,
-    /// Cooldowns as (made, until), in wall-clock µs; none made earlier with
-    /// an earlier deadline than another (it would add nothing).
-    cooled: Vec<(u64, u64)>,
+    /// Cooldowns, in wall-clock µs; none made earlier with an earlier
+    /// deadline than another (it would add nothing).
+    cooled: Vec<Cooled>,
     /// Retired, at this time.
     retired: Option<u64>,
 }
 
+/// A cooldown to share.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Cooled {
+    made: u64,
+    until: u64,
+    /// For the key's own endpoint being unreachable.
+    unreachable: bool,
+}
+
 impl Pending {
-    fn cool(&mut self, made: u64, until: u64) {
-        if self.cooled.iter().any(|&(m, u)| m >= made && u >= until) {
+    fn cool(&mut self, cooled: Cooled) {
+        let Cooled { made, until, .. } = cooled;
+        if self
+            .cooled
+            .iter()
+            .any(|c| c.made >= made && c.until >= until)
+        {
             return;
         }
-        self.cooled.retain(|&(m, u)| !(made >= m && until >= u));
-        self.cooled.push((made, until));
+        self.cooled
+            .retain(|c| !(made >= c.made && until >= c.until));
+        self.cooled.push(cooled);
     }
 
     /// Drops what was made at or before a reset at `at`: it is stale.
     fn drop_before(&mut self, at: u64) {
-        self.cooled.retain(|&(made, _)| made > at);
+        self.cooled.retain(|c| c.made > at);
         if self.retired.is_some_and(|made| made <= at) {
             self.retired = None;
         }
@@ -238,11 +257,18 @@ impl RedisSync {
         self.wake.notify_one();
     }
 
-    /// A local cooldown until `deadline` (monotonic ns), to share.
-    pub fn cooled(&self, fingerprint: Fingerprint, deadline: u64) {
+    /// A local cooldown until `deadline` (monotonic ns), to share; whether
+    /// it is for the key's own endpoint being unreachable.
+    pub fn cooled(&self, fingerprint: Fingerprint, deadline: u64, unreachable: bool) {
         let (now_wall, now_mono) = clocks();
         let until = now_wall + deadline.saturating_sub(now_mono) / 1_000;
-        self.queue(fingerprint, |p| p.cool(now_wall, until));
+        self.queue(fingerprint, |p| {
+            p.cool(Cooled {
+                made: now_wall,
+                until,
+                unreachable,
+            })
+        });
     }
 
     pub fn retired(&self, fingerprint: Fingerprint) {
@@ -258,10 +284,11 @@ impl RedisSync {
         });
     }
 
-    /// Applies a key's shared state (reset time, state, until) to its cell; a
-    /// reset newer than what is queued here makes the queued marks stale.
-    fn apply(&self, fingerprint: &Fingerprint, cell: &Cell, reset_at: u64, state: u8, until: u64) {
-        if apply(cell, reset_at, state, until) {
+    /// Applies a key's shared state to its cell; a reset newer than what is
+    /// queued here makes the queued marks stale.
+    fn apply(&self, fingerprint: &Fingerprint, cell: &Cell, shared: Shared) {
+        let reset_at = shared.reset_at;
+        if apply(cell, shared) {
             let mut pending = self.pending.lock().unwrap_or_else(|e| e.into_inner());
             if let Some(p) = pending.get_mut(fingerprint) {
                 p.drop_before(reset_at);
@@ -330,26 +357,57 @@ impl RedisSync {
     }
 }
 
-/// Applies a key's shared state (reset time, state, until) to a local cell;
-/// true when it brought a reset this process had not seen.
-pub(crate) fn apply(cell: &Cell, reset_at: u64, state: u8, until: u64) -> bool {
+/// A key's state as Redis holds it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Shared {
+    /// The last reset (Unix µs).
+    pub reset_at: u64,
+    /// 0 valid, 1 temporary, 2 permanent.
+    pub state: u8,
+    /// The end of a cooldown (Unix µs).
+    pub until: u64,
+    /// The cooldown is for the key's own endpoint being unreachable.
+    pub unreachable: bool,
+}
+
+impl Shared {
+    /// From its fields as written (`w` absent where an earlier version wrote).
+    fn parse(r: &str, s: &str, u: &str, w: Option<&str>) -> Option<Self> {
+        Some(Self {
+            reset_at: r.parse().ok()?,
+            state: s.parse().ok()?,
+            until: u.parse().ok()?,
+            unreachable: w == Some("1"),
+        })
+    }
+}
+
+/// Applies a key's shared state to a local cell; true when it brought a
+/// reset this process had not seen.
+pub(crate) fn apply(cell: &Cell, shared: Shared) -> bool {
     use std::sync::atomic::Ordering;
+    let Shared {
+        reset_at,
+        state,
+        until,
+        unreachable,
+    } = shared;
     let (now_wall, now_mono) = clocks();
     let deadline = (until > now_wall).then(|| now_mono + (until - now_wall) * 1_000);
     let local = cell.reset_at.fetch_max(reset_at, Ordering::AcqRel);
     if reset_at > local {
         // A reset this process had not seen: the shared state replaces ours.
-        let word = match (state, deadline) {
-            (2, _) => PERMANENT,
-            (1, Some(deadline)) => deadline,
-            _ => VALID,
-        };
-        cell.word.store(word, Ordering::Release);
+        match (state, deadline) {
+            (2, _) => cell.replace(PERMANENT, false),
+            (1, Some(deadline)) => cell.replace(deadline, unreachable),
+            _ => cell.replace(VALID, false),
+        }
         return true;
     }
     if reset_at == local {
         let _: Marked = match (state, deadline) {
             (2, _) => cell.retire(),
+            (1, Some(deadline)) if unreachable => cell.cool_unreachable_until(deadline, now_mono),
             (1, Some(deadline)) => cell.cool_until(deadline, now_mono),
             _ => Marked::Unchanged,
         };
@@ -435,6 +493,7 @@ fn republish(sync: &RedisSync) {
     let now = clocks().1;
     for (fp, cell) in sync.cells() {
         let known_reset = cell.reset_at.load(Ordering::Acquire) + 1;
+        let (_, unreachable) = cell.status_and_unreachable(now);
         match cell.word.load(Ordering::Acquire) {
             VALID => {}
             PERMANENT => sync.queue(fp, |p| {
@@ -442,7 +501,13 @@ fn republish(sync: &RedisSync) {
             }),
             deadline if deadline > now => {
                 let until = clocks().0 + (deadline - now) / 1_000;
-                sync.queue(fp, |p| p.cool(known_reset, until));
+                sync.queue(fp, |p| {
+                    p.cool(Cooled {
+                        made: known_reset,
+                        until,
+                        unreachable,
+                    })
+                });
             }
             _ => {}
         }
@@ -470,7 +535,7 @@ async fn push(
     for (fp, pending) in &batch {
         let hex = fp.hex();
         let key = format!("{}{hex}", sync.prefix);
-        let mut call = |op: &str, at: u64, until: u64| {
+        let mut call = |op: &str, at: u64, until: u64, unreachable: bool| {
             pipe.cmd("EVALSHA")
                 .arg(sha)
                 .arg(1)
@@ -480,16 +545,17 @@ async fn push(
                 .arg(until)
                 .arg(&sync.channel)
                 .arg(&hex)
+                .arg(u8::from(unreachable))
                 .ignore();
         };
         if let Some(at) = pending.reset {
-            call("reset", at, 0);
+            call("reset", at, 0, false);
         }
-        for &(made, until) in &pending.cooled {
-            call("cool", made, until);
+        for cooled in &pending.cooled {
+            call("cool", cooled.made, cooled.until, cooled.unreachable);
         }
         if let Some(at) = pending.retired {
-            call("retire", at, 0);
+            call("retire", at, 0, false);
         }
     }
     with_timeout("write transitions", pipe.query_async::<()>(conn)).await?;
@@ -518,13 +584,21 @@ async fn pull(
             .arg(format!("{}{}", sync.prefix, fp.hex()))
             .arg("r")
             .arg("s")
-            .arg("u");
+            .arg("u")
+            .arg("w");
     }
-    let states: Vec<(Option<u64>, Option<u8>, Option<u64>)> =
-        with_timeout("read states", pipe.query_async(conn)).await?;
-    for ((fp, cell), (r, s, u)) in cells.iter().zip(states) {
+    type Fields = (
+        Option<String>,
+        Option<String>,
+        Option<String>,
+        Option<String>,
+    );
+    let states: Vec<Fields> = with_timeout("read states", pipe.query_async(conn)).await?;
+    for ((fp, cell), (r, s, u, w)) in cells.iter().zip(states) {
         if let (Some(r), Some(s), Some(u)) = (r, s, u) {
-            sync.apply(fp, cell, r, s, u);
+            if let Some(shared) = Shared::parse(&r, &s, &u, w.as_deref()) {
+                sync.apply(fp, cell, shared);
+            }
         }
     }
     Ok(())
@@ -534,33 +608,48 @@ fn receive(sync: &RedisSync, message: &redis::Msg) {
     let Ok(payload) = message.get_payload::<String>() else {
         return;
     };
+    // "fingerprint r s u w" (no w from a version before it).
     let mut parts = payload.split(' ');
     let (Some(fp), Some(r), Some(s), Some(u)) =
         (parts.next(), parts.next(), parts.next(), parts.next())
     else {
         return;
     };
-    let (Some(fp), Ok(r), Ok(s), Ok(u)) =
-        (Fingerprint::from_hex(fp), r.parse(), s.parse(), u.parse())
-    else {
+    let (Some(fp), Some(shared)) = (
+        Fingerprint::from_hex(fp),
+        Shared::parse(r, s, u, parts.next()),
+    ) else {
         return;
     };
     if let Some(cell) = sync.cell(&fp) {
-        sync.apply(&fp, &cell, r, s, u);
+        sync.apply(&fp, &cell, shared);
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::pool::cell::{KeyState, Word};
-    use std::sync::atomic::{AtomicU64, Ordering};
+    use crate::pool::cell::KeyState;
+    use std::sync::atomic::Ordering;
 
     fn cell() -> Cell {
-        Cell::new(
-            Word::Local(AtomicU64::new(VALID)),
-            crate::metrics::KeyCounters(crate::metrics::Block::local(1)),
-        )
+        Cell::local(crate::metrics::KeyCounters(crate::metrics::Block::local(1)))
+    }
+
+    fn shared(reset_at: u64, state: u8, until: u64) -> Shared {
+        Shared {
+            reset_at,
+            state,
+            until,
+            unreachable: false,
+        }
+    }
+
+    fn unreachable(reset_at: u64, until: u64) -> Shared {
+        Shared {
+            unreachable: true,
+            ..shared(reset_at, 1, until)
+        }
     }
 
     #[test]
@@ -569,7 +658,7 @@ mod tests {
         let state = |c: &Cell| c.status(clocks().1).state;
         // A cooldown elsewhere reaches this process.
         let c = cell();
-        apply(&c, 0, 1, wall + 60_000_000);
+        apply(&c, shared(0, 1, wall + 60_000_000));
         assert_eq!(state(&c), KeyState::Temporary);
         let left = c.word.load(Ordering::Acquire) - mono;
         assert!(
@@ -577,19 +666,70 @@ mod tests {
             "{left}"
         );
         // An earlier deadline does not shorten it.
-        apply(&c, 0, 1, wall + 1_000_000);
+        apply(&c, shared(0, 1, wall + 1_000_000));
         assert!(c.word.load(Ordering::Acquire) - mono > 59_000_000_000);
         // A newer reset replaces it; a stale mark (older reset) is ignored.
-        apply(&c, wall, 0, 0);
+        apply(&c, shared(wall, 0, 0));
         assert_eq!(state(&c), KeyState::Valid);
-        apply(&c, wall - 1, 2, 0);
+        apply(&c, shared(wall - 1, 2, 0));
         assert_eq!(state(&c), KeyState::Valid, "made before the reset");
-        apply(&c, wall, 2, 0);
+        apply(&c, shared(wall, 2, 0));
         assert_eq!(state(&c), KeyState::Permanent);
         // An expired cooldown is no cooldown.
         let c = cell();
-        apply(&c, 0, 1, wall.saturating_sub(5));
+        apply(&c, shared(0, 1, wall.saturating_sub(5)));
         assert_eq!(state(&c), KeyState::Valid);
+    }
+
+    #[test]
+    fn why_a_key_cools_down_travels_with_its_state() {
+        let (wall, _) = clocks();
+        let why = |c: &Cell| {
+            let (status, unreachable) = c.status_and_unreachable(clocks().1);
+            (status.state, unreachable)
+        };
+        // Another process's cooldown for an unreachable endpoint.
+        let c = cell();
+        apply(&c, unreachable(0, wall + 60_000_000));
+        assert_eq!(why(&c), (KeyState::Temporary, true));
+        // The same state again (each re-read converts it anew): still so.
+        apply(&c, unreachable(0, wall + 60_000_000));
+        apply(&c, unreachable(0, wall + 59_999_999));
+        assert_eq!(why(&c), (KeyState::Temporary, true));
+        // A shorter rate limit changes nothing; a longer one is the reason.
+        apply(&c, shared(0, 1, wall + 30_000_000));
+        assert_eq!(why(&c), (KeyState::Temporary, true));
+        apply(&c, shared(0, 1, wall + 90_000_000));
+        assert_eq!(why(&c), (KeyState::Temporary, false));
+        // A reset from elsewhere brings the state and its reason as they are.
+        apply(&c, unreachable(wall, wall + 10_000_000));
+        assert_eq!(why(&c), (KeyState::Temporary, true));
+        apply(&c, shared(wall + 1, 1, wall + 10_000_000));
+        assert_eq!(why(&c), (KeyState::Temporary, false));
+        // A local reset clears it.
+        apply(&c, unreachable(wall + 1, wall + 120_000_000));
+        assert_eq!(why(&c), (KeyState::Temporary, true));
+        c.reset(clocks().1);
+        c.cool_until(clocks().1 + 1_000_000_000, clocks().1);
+        assert_eq!(why(&c), (KeyState::Temporary, false));
+    }
+
+    #[test]
+    fn states_parse_with_and_without_the_reason() {
+        assert_eq!(
+            Shared::parse("5", "1", "900", Some("1")),
+            Some(unreachable(5, 900))
+        );
+        assert_eq!(
+            Shared::parse("5", "1", "900", Some("0")),
+            Some(shared(5, 1, 900))
+        );
+        // As a version before the reason wrote it.
+        assert_eq!(
+            Shared::parse("5", "1", "900", None),
+            Some(shared(5, 1, 900))
+        );
+        assert_eq!(Shared::parse("5", "x", "900", None), None);
     }
 
     #[test]
@@ -597,16 +737,17 @@ mod tests {
         let sync = RedisSync::new("redis://127.0.0.1:1/0", "t", Duration::from_secs(1)).unwrap();
         let fp = Fingerprint::of("t", "sk-value");
         let mono = clocks().1;
-        sync.cooled(fp, mono + 5_000_000_000);
+        sync.cooled(fp, mono + 5_000_000_000, false);
         std::thread::sleep(Duration::from_millis(1));
-        sync.cooled(fp, mono + 1_000_000_000);
+        sync.cooled(fp, mono + 1_000_000_000, true);
         let cooled = sync.pending.lock().unwrap()[&fp].cooled.clone();
         assert_eq!(
             cooled.len(),
             2,
             "made later with an earlier deadline: both kept"
         );
-        assert!(cooled[0].1 >= clocks().0 + 4_000_000);
+        assert!(cooled[0].until >= clocks().0 + 4_000_000);
+        assert!(!cooled[0].unreachable && cooled[1].unreachable);
         sync.reset(fp, clocks().0);
         let pending = sync.pending.lock().unwrap()[&fp].clone();
         assert!(
@@ -616,9 +757,9 @@ mod tests {
         assert!(pending.reset.is_some());
         assert_eq!(sync.status().pending, 1);
         // A newer reset from elsewhere makes queued marks stale too.
-        sync.cooled(fp, clocks().1 + 5_000_000_000);
+        sync.cooled(fp, clocks().1 + 5_000_000_000, false);
         let cell = cell();
-        sync.apply(&fp, &cell, clocks().0 + 1, 0, 0);
+        sync.apply(&fp, &cell, shared(clocks().0 + 1, 0, 0));
         assert!(!sync.pending.lock().unwrap().contains_key(&fp));
     }
 

@@ -10,7 +10,9 @@
 //! ```text
 //! 0        magic "KFSTATE\x01", version, capacity, slot size; at 64, the
 //!          counters of the namespace's pools (metrics)
-//! HEADER   slot 0: fingerprint (0 = free), state word, the key's counters
+//! HEADER   slot 0: fingerprint (0 = free), state word, the key's counters;
+//!          in its last word, the latest cooldown deadline set because the
+//!          key's own endpoint was unreachable (0: none)
 //!          slot 1 ...
 //! ```
 //!
@@ -37,8 +39,10 @@ const HEADER: usize = 64 * 1024;
 /// Bytes a key's slot takes: its fingerprint, its state word, and room for
 /// per-key counters.
 const SLOT: usize = 512;
-/// Counters a key's slot has room for, after its fingerprint and state word.
-pub const KEY_ROOM: usize = SLOT / 8 - 2;
+/// Counters a key's slot has room for, between its fingerprint and state
+/// word and its last word.
+pub const KEY_ROOM: usize = SLOT / 8 - 3;
+const _: () = assert!(crate::metrics::KEY_COUNTERS <= KEY_ROOM);
 /// Counters the header has room for, after its fields.
 pub const POOL_ROOM: usize = HEADER / 8 - 8;
 const SIZE: usize = HEADER + SLOT * CAPACITY as usize;
@@ -157,9 +161,9 @@ impl Region {
         NonNull::from(self.atomic(8 * 8))
     }
 
-    /// The state word of the key with this fingerprint (non-zero), claiming a
-    /// free slot for it on first use; its counters follow it.
-    pub fn word(&self, fingerprint: u64) -> Result<NonNull<AtomicU64>> {
+    /// The slot of the key with this fingerprint (non-zero), claiming a free
+    /// one for it on first use.
+    pub fn slot(&self, fingerprint: u64) -> Result<Slot> {
         debug_assert_ne!(fingerprint, 0);
         let start = fingerprint % CAPACITY;
         for probe in 0..CAPACITY {
@@ -171,7 +175,11 @@ impl Region {
                     Err(current) => current == fingerprint,
                 };
             if found {
-                return Ok(NonNull::from(self.atomic(slot + 8)));
+                return Ok(Slot {
+                    word: NonNull::from(self.atomic(slot + 8)),
+                    counters: NonNull::from(self.atomic(slot + 16)),
+                    unreachable_until: NonNull::from(self.atomic(slot + SLOT - 8)),
+                });
             }
         }
         Err(Error::Config(format!(
@@ -179,6 +187,14 @@ impl Region {
             self.path.display()
         )))
     }
+}
+
+/// Where a key's words are in the mapping (valid while it is).
+pub struct Slot {
+    pub word: NonNull<AtomicU64>,
+    /// The first of [`KEY_ROOM`] counters.
+    pub counters: NonNull<AtomicU64>,
+    pub unreachable_until: NonNull<AtomicU64>,
 }
 
 /// An advisory lock on a file while a region is created or checked.
@@ -214,14 +230,14 @@ mod tests {
         let ns = namespace("share");
         let a = Region::open(&ns).unwrap();
         let b = Region::open(&ns).unwrap();
-        let wa = a.word(42).unwrap();
-        let wb = b.word(42).unwrap();
+        let wa = a.slot(42).unwrap().word;
+        let wb = b.slot(42).unwrap().word;
         // SAFETY: test pointers into live mappings.
         unsafe {
             wa.as_ref().store(7, Ordering::Release);
             assert_eq!(wb.as_ref().load(Ordering::Acquire), 7);
         }
-        assert_ne!(a.word(43).unwrap(), a.word(42).unwrap());
+        assert_ne!(a.slot(43).unwrap().word, a.slot(42).unwrap().word);
         let mode = std::fs::metadata(a.path()).unwrap().permissions().mode();
         assert_eq!(mode & 0o777, 0o600);
         std::fs::remove_file(a.path()).unwrap();
@@ -232,12 +248,12 @@ mod tests {
         let ns = namespace("full");
         let region = Region::open(&ns).unwrap();
         let words: Vec<_> = (1..=CAPACITY)
-            .map(|i| region.word(i * CAPACITY).unwrap())
+            .map(|i| region.slot(i * CAPACITY).unwrap().word)
             .collect();
         let distinct: std::collections::HashSet<_> = words.iter().collect();
         assert_eq!(distinct.len(), CAPACITY as usize);
-        assert_eq!(region.word(CAPACITY).unwrap(), words[0], "found again");
-        let err = region.word(12345).unwrap_err().to_string();
+        assert_eq!(region.slot(CAPACITY).unwrap().word, words[0], "found again");
+        let err = region.slot(12345).err().unwrap().to_string();
         assert!(err.contains("full"), "{err}");
         std::fs::remove_file(region.path()).unwrap();
     }
