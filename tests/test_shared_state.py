@@ -6,6 +6,7 @@ empty, a message lost."""
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 import logging
 import os
@@ -292,6 +293,35 @@ def test_sync_status_and_configuration_errors(redis_server, namespace):
     with pytest.raises(kf.ConfigError) as excinfo:
         kf.KeyPool(KEYS, state="redis://:hunter2@bad host:1/0")
     assert "hunter2" not in str(excinfo.value)
+
+
+def test_pools_of_one_namespace_share_one_connection_and_subscription(redis_server, namespace):
+    admin = redis_server.client()
+
+    def subscribers(ns: str) -> int:
+        return int(dict(admin.pubsub_numsub(f"kf:{ns}:events"))[f"kf:{ns}:events".encode()])
+
+    def retired() -> int:
+        return sum(admin.hget(k, "s") == b"2" for k in admin.keys(f"kf:{namespace}:k:*"))
+
+    pools = [kf.KeyPool(KEYS, state=redis_server.url, namespace=namespace) for _ in range(3)]
+    other = kf.KeyPool(KEYS[:1], state=redis_server.url, namespace=namespace + "-x")
+    assert all(settle(lambda p=p: p.sync_status()["connected"]) for p in [*pools, other])
+    assert (subscribers(namespace), subscribers(namespace + "-x")) == (1, 1)
+    # Each pool's cells follow the shared state, whichever pool marked it.
+    pools[0].key("key-1").mark_temporary(30)
+    assert settle(lambda: all(p.key("key-1").state.value == "temporary" for p in pools))
+    assert other.key("key-0").state.value == "valid"
+    # The connections stay while a pool of the namespace does, and close with the last.
+    del pools[:2]
+    gc.collect()
+    pools[0].key("key-2").mark_permanent()
+    assert settle(lambda: retired() == 1)
+    assert subscribers(namespace) == 1
+    del pools[0]
+    gc.collect()
+    assert settle(lambda: subscribers(namespace) == 0, 5)
+    assert subscribers(namespace + "-x") == 1
 
 
 def test_redis_lost_and_back_is_logged_once_each_and_nothing_waits(redis_server, namespace,

@@ -143,7 +143,7 @@ pub(crate) fn clocks() -> (u64, u64) {
 pub(crate) enum Backend {
     Local,
     Shm(Arc<shm::Region>),
-    Redis(redis::RedisHandle),
+    Redis(Arc<redis::RedisHandle>),
 }
 
 /// Open shm regions of this process, by namespace, so pools of one
@@ -177,9 +177,7 @@ impl Backend {
                 let runtime = runtime.ok_or_else(|| {
                     Error::Config("a Redis state backend needs a tokio runtime".into())
                 })?;
-                let sync = redis::RedisSync::new(url, namespace, DEFAULT_REFRESH)?;
-                sync.start(runtime);
-                Backend::Redis(redis::RedisHandle(sync))
+                Backend::Redis(redis::RedisHandle::open(url, namespace, runtime)?)
             }
         })
     }

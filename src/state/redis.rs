@@ -135,15 +135,47 @@ pub(crate) struct RedisSync {
     prefix: String,
     channel: String,
     refresh: Duration,
-    cells: Mutex<HashMap<Fingerprint, Weak<Cell>>>,
+    /// The cells following each key: one per pool holding it (pools of one
+    /// namespace share a sync).
+    cells: Mutex<HashMap<Fingerprint, Vec<Weak<Cell>>>>,
     pending: Mutex<HashMap<Fingerprint, Pending>>,
     wake: Notify,
     status: Mutex<Status>,
     task: Mutex<Option<AbortHandle>>,
 }
 
-/// The pool's handle: dropping it stops the background task.
+/// The handle the pools of one URL and namespace share: when the last of
+/// them drops it, the background task stops (and with it the connections).
 pub(crate) struct RedisHandle(pub Arc<RedisSync>);
+
+/// The open handles of this process, by URL and namespace: the pools of one
+/// namespace share one connection and one subscription.
+static HANDLES: Mutex<Vec<(String, String, Weak<RedisHandle>)>> = Mutex::new(Vec::new());
+
+impl RedisHandle {
+    /// The handle of `url` and `namespace`: this process's open one, or a
+    /// new one whose task starts on `runtime`.
+    pub fn open(url: &str, namespace: &str, runtime: &Handle) -> Result<Arc<Self>> {
+        let mut handles = HANDLES.lock().unwrap_or_else(|e| e.into_inner());
+        handles.retain(|(_, _, h)| h.strong_count() > 0);
+        let open = handles
+            .iter()
+            .find(|(u, ns, _)| u == url && ns == namespace)
+            .and_then(|(_, _, h)| h.upgrade());
+        if let Some(handle) = open {
+            return Ok(handle);
+        }
+        let sync = RedisSync::new(url, namespace, super::DEFAULT_REFRESH)?;
+        sync.start(runtime);
+        let handle = Arc::new(RedisHandle(sync));
+        handles.push((
+            url.to_owned(),
+            namespace.to_owned(),
+            Arc::downgrade(&handle),
+        ));
+        Ok(handle)
+    }
+}
 
 impl Drop for RedisHandle {
     fn drop(&mut self) {
@@ -217,8 +249,14 @@ impl RedisSync {
     /// Makes `cell` follow the shared state of the key with `fingerprint`.
     pub fn register(&self, fingerprint: Fingerprint, cell: &Arc<Cell>) {
         let mut cells = self.cells.lock().unwrap_or_else(|e| e.into_inner());
-        cells.retain(|_, c| c.strong_count() > 0);
-        cells.insert(fingerprint, Arc::downgrade(cell));
+        cells.retain(|_, followers| {
+            followers.retain(|c| c.strong_count() > 0);
+            !followers.is_empty()
+        });
+        cells
+            .entry(fingerprint)
+            .or_default()
+            .push(Arc::downgrade(cell));
         drop(cells);
         self.wake.notify_one();
     }
@@ -339,21 +377,27 @@ impl RedisSync {
         });
     }
 
-    fn cells(&self) -> Vec<(Fingerprint, Arc<Cell>)> {
+    /// Every key followed, with its live cells.
+    fn cells(&self) -> Vec<(Fingerprint, Vec<Arc<Cell>>)> {
         self.cells
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .iter()
-            .filter_map(|(fp, cell)| Some((*fp, cell.upgrade()?)))
+            .filter_map(|(fp, followers)| {
+                let cells: Vec<Arc<Cell>> = followers.iter().filter_map(Weak::upgrade).collect();
+                (!cells.is_empty()).then_some((*fp, cells))
+            })
             .collect()
     }
 
-    fn cell(&self, fingerprint: &Fingerprint) -> Option<Arc<Cell>> {
+    fn cells_of(&self, fingerprint: &Fingerprint) -> Vec<Arc<Cell>> {
         self.cells
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .get(fingerprint)
-            .and_then(Weak::upgrade)
+            .map_or_else(Vec::new, |followers| {
+                followers.iter().filter_map(Weak::upgrade).collect()
+            })
     }
 }
 
@@ -491,7 +535,11 @@ async fn session(sync: &RedisSync) -> std::result::Result<(), String> {
 fn republish(sync: &RedisSync) {
     use std::sync::atomic::Ordering;
     let now = clocks().1;
-    for (fp, cell) in sync.cells() {
+    for (fp, cell) in sync
+        .cells()
+        .into_iter()
+        .flat_map(|(fp, cells)| cells.into_iter().map(move |cell| (fp, cell)))
+    {
         let known_reset = cell.reset_at.load(Ordering::Acquire) + 1;
         let (_, unreachable) = cell.status_and_unreachable(now);
         match cell.word.load(Ordering::Acquire) {
@@ -594,10 +642,12 @@ async fn pull(
         Option<String>,
     );
     let states: Vec<Fields> = with_timeout("read states", pipe.query_async(conn)).await?;
-    for ((fp, cell), (r, s, u, w)) in cells.iter().zip(states) {
+    for ((fp, followers), (r, s, u, w)) in cells.iter().zip(states) {
         if let (Some(r), Some(s), Some(u)) = (r, s, u) {
             if let Some(shared) = Shared::parse(&r, &s, &u, w.as_deref()) {
-                sync.apply(fp, cell, shared);
+                for cell in followers {
+                    sync.apply(fp, cell, shared);
+                }
             }
         }
     }
@@ -621,7 +671,7 @@ fn receive(sync: &RedisSync, message: &redis::Msg) {
     ) else {
         return;
     };
-    if let Some(cell) = sync.cell(&fp) {
+    for cell in sync.cells_of(&fp) {
         sync.apply(&fp, &cell, shared);
     }
 }
