@@ -580,6 +580,11 @@ def test_mount_path_that_needs_percent_encoding(up):
 # --------------------------------------------------------------------------
 
 
+# The upstream request is dropped within 100 ms of the client leaving; the slack is the
+# test's own (polling, and thread scheduling on a busy machine). Measured: about 2 ms.
+DROPPED_WITHIN = 0.1 + 0.05
+
+
 def test_client_disconnect_mid_stream_closes_upstream(up, serve):
     events = anthropic_stream_events(" ".join(["word"] * 40))
     up.enqueue(Reply.sse(events, chunk_delay=0.1))  # about 4.5 s in all
@@ -589,9 +594,9 @@ def test_client_disconnect_mid_stream_closes_upstream(up, serve):
             "POST", proxy.url + "/v1/messages", json={**MESSAGE, "stream": True}
         ) as resp:
             assert next(resp.iter_raw()).startswith(b"event: message_start")
-        started = time.monotonic()
+        left = time.monotonic()
     assert up.wait_for(lambda u: u.requests[0].disconnected, timeout=2)
-    assert time.monotonic() - started < 1
+    assert time.monotonic() - left < DROPPED_WITHIN
     assert not up.requests[0].completed
 
 
@@ -599,9 +604,19 @@ def test_client_disconnect_before_the_response_head_closes_upstream(up, serve):
     slow = dataclasses.replace(Reply.json(anthropic_message()), stall=5)  # a blocking call
     up.enqueue(slow)
     proxy = serve()
-    with httpx.Client(timeout=0.3) as http, pytest.raises(httpx.ReadTimeout):
-        http.post(proxy.url + "/v1/messages", json=MESSAGE)
+    host, port = proxy.url.removeprefix("http://").split(":")
+    body = json.dumps(MESSAGE).encode()
+    with socket.create_connection((host, int(port))) as client:
+        client.sendall(
+            b"POST /v1/messages HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
+            + f"content-length: {len(body)}\r\n\r\n".encode()
+            + body
+        )
+        assert up.wait_for(lambda u: len(u.requests) == 1)
+        time.sleep(0.05)
+    left = time.monotonic()
     assert up.wait_for(lambda u: u.requests[0].disconnected, timeout=2)
+    assert time.monotonic() - left < DROPPED_WITHIN
 
 
 BROKEN_TEXT = json.dumps(anthropic_message("many words " * 200))

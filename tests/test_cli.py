@@ -289,17 +289,20 @@ def test_serve_logs_one_key_in_the_singular(up: MockUpstream):
     assert "with 1 key (" in err, err
 
 
+@pytest.mark.parametrize("server", ["native", "uvicorn"])
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
 def test_sigterm_ends_in_flight_requests_with_proper_errors_after_the_grace_period(
-    up: MockUpstream,
+    up: MockUpstream, server: str, signum: int
 ):
     """A request waiting on a stalled upstream gets 503, a stalled stream an error
-    event, and the process exits 0 soon after --grace."""
+    event, and the process exits 0 soon after --grace: on either server, for either
+    signal."""
     import threading
 
     up.enqueue(Reply(stall=30))
     events = [("message_start", {"type": "message_start"}), ("message_stop", {})]
     up.enqueue(Reply.sse(events, chunk_delay=30))
-    proc, url = start_serve(up, "--grace", "1")
+    proc, url = start_serve(up, "--grace", "1", "--server", server)
     results: dict[str, httpx.Response] = {}
 
     def call(name: str, stream: bool) -> None:
@@ -316,7 +319,7 @@ def test_sigterm_ends_in_flight_requests_with_proper_errors_after_the_grace_peri
     assert up.wait_for(lambda u: len(u.requests) == 2)
     time.sleep(0.3)
     sent = time.monotonic()
-    proc.send_signal(signal.SIGTERM)
+    proc.send_signal(signum)
     for thread in threads:
         thread.join(15)
     proc.communicate(timeout=15)
@@ -330,6 +333,117 @@ def test_sigterm_ends_in_flight_requests_with_proper_errors_after_the_grace_peri
     assert stream.text.startswith("event: message_start")
     assert stream.text.rstrip().splitlines()[-2:][0] == "event: error"
     assert "shutting down" in stream.text
+
+
+@pytest.mark.parametrize("server", ["native", "uvicorn"])
+@pytest.mark.parametrize("workers", [1, 2])
+def test_a_stopping_server_refuses_new_connections_at_once(
+    up: MockUpstream, server: str, workers: int
+):
+    """Once told to stop, the server stops accepting: within a moment a new connection is
+    refused, never left waiting unanswered for the grace period, while a stream in flight
+    still gets the grace period and ends with an error event."""
+    import threading
+
+    events = [("message_start", {"type": "message_start"}), ("message_stop", {})]
+    up.enqueue(Reply.sse(events, chunk_delay=30))
+    proc, url = start_serve(up, "--grace", "3", "--server", server, "--workers", str(workers))
+    port = int(url.rsplit(":", 1)[1])
+    streamed: list[httpx.Response] = []
+    body = {"model": "m", "max_tokens": 5, "messages": [], "stream": True}
+    thread = threading.Thread(
+        target=lambda: streamed.append(httpx.post(url + "/v1/messages", json=body, timeout=30))
+    )
+    thread.start()
+    assert up.wait_for(lambda u: len(u.requests) == 1)
+    time.sleep(0.3)
+    sent = time.monotonic()
+    proc.send_signal(signal.SIGTERM)
+    refused_after = None
+    while refused_after is None and time.monotonic() - sent < 1.5:
+        try:
+            conn = socket.create_connection(("127.0.0.1", port), timeout=1)
+        except ConnectionRefusedError:
+            refused_after = time.monotonic() - sent
+            break
+        with conn:
+            # Accepted just before the stop: it is answered, or reset with the socket.
+            conn.sendall(b"GET /_keyfailover/health HTTP/1.1\r\nhost: x\r\n\r\n")
+            try:
+                assert conn.recv(100).startswith(b"HTTP/1.1 "), "accepted, then unanswered"
+            except ConnectionResetError:
+                pass
+            except TimeoutError:
+                pytest.fail("a connection made after the stop was left unanswered")
+        time.sleep(0.02)
+    assert refused_after is not None, "never refused"
+    assert refused_after < 1.0, refused_after
+    thread.join(15)
+    proc.communicate(timeout=15)
+    assert proc.returncode == 0
+    assert 2.5 < time.monotonic() - sent < 8
+    assert streamed[0].status_code == 200
+    assert streamed[0].text.rstrip().splitlines()[-2:][0] == "event: error"
+
+
+def test_serve_defaults_are_what_the_help_says():
+    args = cli.build_parser().parse_args(["serve", "--upstream", "http://127.0.0.1:9"])
+    assert (args.server, args.grace, args.header_timeout, args.limit_concurrency) == (
+        "native",
+        10.0,
+        30.0,
+        10_000,
+    )
+    assert (args.threads, args.workers) == (None, 1)
+    from keyfailover.asgi import FailoverProxy
+
+    gateway = FailoverProxy(
+        kf.FailoverClient(kf.KeyPool([KEY_A]), base_url="http://127.0.0.1:9")
+    ).gateway
+    shown = repr(_serve.native_server([("", gateway)], args))
+    for setting in ("header_timeout: 30s", "max_connections: 10000", "grace: 10s"):
+        assert setting in shown, shown
+
+
+def test_serve_threads_share_one_pool(up: MockUpstream):
+    """--threads N runs N runtime threads; a key's cooldown found by one is every thread's:
+    after one request found the first key rate-limited, 200 more at once, each on a
+    connection of its own, never try it."""
+    import concurrent.futures
+
+    up.set_reply(KEY_A, Reply(status=429, headers={"retry-after": "60"}))
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "keyfailover", "serve", "--upstream", up.url,
+         "--keys-env", "K", "--port", str(port), "--threads", "3"],
+        env={**os.environ, "K": f"{KEY_A},{KEY_B}"},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )  # fmt: skip
+    try:
+        wait_until_listening(port, proc)
+        names = [
+            Path(f"/proc/{proc.pid}/task/{task}/comm").read_text().strip()
+            for task in os.listdir(f"/proc/{proc.pid}/task")
+        ]
+        assert names.count("tokio-rt-worker") == 3, names
+        url = f"http://127.0.0.1:{port}/v1/messages"
+
+        def call(_: int) -> int:
+            with httpx.Client() as client:  # a connection of its own
+                return client.post(url, json={"model": "m", "messages": []}).status_code
+
+        assert call(0) == 200
+        with concurrent.futures.ThreadPoolExecutor(32) as workers:
+            statuses = list(workers.map(call, range(200)))
+        assert statuses == [200] * 200
+        sent = [r.header("x-api-key") for r in up.requests]
+        assert (sent.count(KEY_A), sent.count(KEY_B)) == (1, 201)
+    finally:
+        proc.send_signal(signal.SIGINT)
+        proc.communicate(timeout=15)
+    assert proc.returncode == 0
 
 
 def test_slow_request_heads_do_not_starve_other_requests(up: MockUpstream):

@@ -83,7 +83,7 @@ def native_main(port: int, threads: int) -> None:
     raise_open_files_limit()
     sock = socket.create_server((os.environ.get("KFB_HOST", "127.0.0.1"), port), backlog=2048)
     gc.freeze()
-    server.serve(sock.fileno())
+    server.serve(sock.detach())
 
 
 if __name__ == "__main__":

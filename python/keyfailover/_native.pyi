@@ -306,7 +306,8 @@ class Server:
         access_log: str | None = None,
         admin_tokens: Sequence[str] | None = None,
     ) -> Server: ...
-    def serve(self, fd: int) -> None: ...
+    def serve(self, fd: int) -> None:
+        """Serves the listening socket `fd`, which it takes over (pass `sock.detach()`)."""
     def set_routes(self, routes: Sequence[tuple[str, Gateway]]) -> None:
         """Replaces the routes; requests in flight finish on the old ones."""
     def shutdown(self) -> None: ...

@@ -103,12 +103,14 @@ def serve_native_server(server: Server, sock: socket.socket, args: Any) -> None:
     host, port = sock.getsockname()[:2]
     log.info("serving on http://%s:%d (native server, process %d)", host, port, os.getpid())
     gc.freeze()
-    server.serve(sock.fileno())
+    # The server's from here on: it closes the socket when it stops accepting, so new
+    # connections are refused during the grace period rather than left unanswered.
+    server.serve(sock.detach())
     log.info("stopped")
 
 
-def supervise(workers: int, serve: Callable[[], None]) -> int:
-    """Forks `workers` processes that each run `serve` on the inherited socket.
+def supervise(workers: int, serve: Callable[[], None], sock: socket.socket) -> int:
+    """Forks `workers` processes that each run `serve` on the inherited socket `sock`.
 
     The FailoverClient built before the fork works in each child (its runtime and
     connections are rebuilt there). SIGINT and SIGTERM here are passed on to the
@@ -143,6 +145,9 @@ def supervise(workers: int, serve: Callable[[], None]) -> int:
         for pid in list(children):
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGTERM)
+        # No worker is started from here on: with this copy closed too, the socket
+        # closes as the workers stop accepting, and new connections are refused.
+        sock.close()
 
     def reload(signum: int, _frame: Any) -> None:
         for pid in list(children):  # each worker reloads its own keys

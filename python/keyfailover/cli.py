@@ -260,7 +260,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if args.workers == 1:
         run()
         return 0
-    return _serve.supervise(args.workers, run)
+    return _serve.supervise(args.workers, run, sock)
 
 
 def serve_config(args: argparse.Namespace) -> int:
@@ -322,7 +322,7 @@ def serve_config(args: argparse.Namespace) -> int:
     if args.workers == 1:
         run()
         return 0
-    return _serve.supervise(args.workers, run)
+    return _serve.supervise(args.workers, run, sock)
 
 
 def cmd_mock_upstream(args: argparse.Namespace) -> int:

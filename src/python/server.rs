@@ -68,8 +68,10 @@ impl PyServer {
         Ok(self.server.set_routes(to_routes(routes))?)
     }
 
-    /// Serves the listening socket `fd` (which stays the caller's) until
-    /// `shutdown()` and the drain after it. A signal handler that raises
+    /// Serves the listening socket `fd` until `shutdown()` and the drain
+    /// after it. The descriptor is the server's from then on (pass
+    /// `sock.detach()`): it is closed as soon as the server stops accepting,
+    /// so that new connections are refused while those in flight finish. A signal handler that raises
     /// (Ctrl-C's KeyboardInterrupt) starts the shutdown; its exception is
     /// raised once the server has drained.
     fn serve(&self, py: Python<'_>, fd: i32) -> PyResult<()> {

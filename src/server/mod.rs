@@ -653,20 +653,41 @@ impl Drop for Lingering {
     }
 }
 
-/// A listening socket from its file descriptor (duplicated: the caller keeps
-/// its own), ready for the runtime.
+/// A listening socket from its file descriptor, which it takes over (the
+/// caller must not use or close it again): closing it when the server stops
+/// accepting is what makes the kernel refuse new connections, rather than
+/// queue them for no one, while requests in flight finish.
 pub fn listener_from_fd(fd: i32) -> Result<std::net::TcpListener> {
     use std::os::fd::FromRawFd;
-    // SAFETY: dup returns a new descriptor we own, or -1.
-    let own = unsafe { libc::dup(fd) };
-    if own < 0 {
+    let mut listening: libc::c_int = 0;
+    let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+    // SAFETY: a plain query into a local of the size given.
+    let queried = unsafe {
+        libc::getsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_ACCEPTCONN,
+            (&raw mut listening).cast(),
+            &raw mut len,
+        )
+    };
+    if fd < 0 || queried != 0 || listening == 0 {
+        let why = if fd < 0 || queried != 0 {
+            std::io::Error::last_os_error().to_string()
+        } else {
+            "it is not listening".to_owned()
+        };
+        if fd >= 0 {
+            // Handed over all the same: not left open for no one.
+            // SAFETY: the caller gave this descriptor up.
+            unsafe { libc::close(fd) };
+        }
         return Err(Error::Config(format!(
-            "not a socket to listen on: {}",
-            std::io::Error::last_os_error()
+            "descriptor {fd} is not a socket to listen on: {why}"
         )));
     }
-    // SAFETY: `own` is a fresh descriptor no one else owns.
-    let listener = unsafe { std::net::TcpListener::from_raw_fd(own) };
+    // SAFETY: a listening socket whose descriptor the caller hands over.
+    let listener = unsafe { std::net::TcpListener::from_raw_fd(fd) };
     listener
         .set_nonblocking(true)
         .map_err(|e| Error::Config(format!("cannot use the listening socket: {e}")))?;
@@ -736,6 +757,22 @@ mod tests {
         assert!(error(vec![route(""), route("/")]).contains("two routes at \"/\""));
         let only = checked(vec![route("/a")]).unwrap();
         assert!(found(&only, "/b").is_none());
+    }
+
+    #[test]
+    fn only_a_listening_socket_is_taken_and_closing_it_refuses_connections() {
+        use std::os::fd::IntoRawFd;
+        let error = |fd| listener_from_fd(fd).unwrap_err().to_string();
+        assert!(error(-1).contains("not a socket to listen on"));
+        let udp = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        assert!(error(udp.into_raw_fd()).contains("it is not listening"));
+        let listening = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let address = listening.local_addr().unwrap();
+        let taken = listener_from_fd(listening.into_raw_fd()).unwrap();
+        assert_eq!(taken.local_addr().unwrap(), address);
+        drop(taken);
+        let refused = std::net::TcpStream::connect(address).unwrap_err();
+        assert_eq!(refused.kind(), std::io::ErrorKind::ConnectionRefused);
     }
 
     #[test]

@@ -29,21 +29,22 @@ def serve_native(
     options.setdefault("grace", 1.0)
     server = Server([("", gateway)], **options)
     sock = socket.create_server((host, port))
+    url = f"http://{host}:{sock.getsockname()[1]}"
+    fd = sock.detach()  # the server's: it closes it when it stops accepting
     failure: list[BaseException] = []
 
     def run() -> None:
         try:
-            server.serve(sock.fileno())
+            server.serve(fd)
         except BaseException as exc:  # reported on exit
             failure.append(exc)
 
     thread = threading.Thread(target=run, name="keyfailover-serve-native", daemon=True)
     thread.start()
     try:
-        yield f"http://{host}:{sock.getsockname()[1]}"
+        yield url
     finally:
         server.shutdown()
         thread.join(30)
-        sock.close()
         if failure:
             raise failure[0]
