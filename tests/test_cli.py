@@ -11,6 +11,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -444,6 +445,96 @@ def test_serve_threads_share_one_pool(up: MockUpstream):
         proc.send_signal(signal.SIGINT)
         proc.communicate(timeout=15)
     assert proc.returncode == 0
+
+
+def access_lines(server: str, log_format: str) -> list[str]:
+    """`keyfailover.proxy`'s lines for one request table served by `serve --server`."""
+    with MockUpstream() as up:
+        up.set_reply(KEY_A, Reply(status=429, headers={"retry-after": "60"}))
+        port = free_port()
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "keyfailover", "serve", "--upstream", up.url,
+             "--keys-env", "K", "--port", str(port), "--server", server,
+             "--log-format", log_format, "--client-token-env", "T", "--allow-byok",
+             "--max-body-bytes", "1000"],
+            env={**os.environ, "K": f"{KEY_A},{KEY_B}", "T": "token"},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )  # fmt: skip
+        url = f"http://127.0.0.1:{port}"
+        try:
+            wait_until_listening(port, proc)
+            chat = {"model": "m", "messages": []}
+
+            def post(token: str, **kwargs: Any) -> int:
+                headers = {"x-api-key": token}
+                return httpx.post(
+                    url + "/v1/messages?beta=true", headers=headers, **kwargs
+                ).status_code
+
+            assert post("token", json=chat) == 200  # fails over from key-0
+            assert post("token", json=chat) == 200
+            assert post("callers-own-key", json=chat) == 200  # BYOK
+            assert post("token", content=b"x" * 2000) == 413
+            chunked = iter([b"x" * 1000, b"x" * 1000])  # no length: 413 once read past 1000
+            assert post("callers-own-key", content=chunked) == 413
+            assert httpx.get(url + "/_keyfailover/health").status_code == 401
+            assert (
+                httpx.get(url + "/_keyfailover/health", headers={"x-api-key": "token"}).status_code
+                == 200
+            )
+            up.set_reply(KEY_B, Reply(status=429, headers={"retry-after": "60"}))
+            assert post("token", json=chat) == 429
+            assert post("token", json=chat) == 429  # exhausted: no attempt
+        finally:
+            proc.send_signal(signal.SIGINT)
+            _, err = proc.communicate(timeout=15)
+    if log_format == "text":
+        return [
+            re.sub(r"\d+\.\d ms", "N ms", line)
+            for line in err.splitlines()
+            if line.startswith("INFO keyfailover.proxy:")
+        ]
+    entries = [json.loads(line) for line in err.splitlines() if line.startswith("{")]
+    return [
+        json.dumps(
+            {
+                **{k: v for k, v in entry.items() if k not in ("timestamp", "duration_ms")},
+                "message": re.sub(r"\d+\.\d ms", "N ms", entry["message"]),
+            },
+            sort_keys=True,
+        )
+        for entry in entries
+        if entry["logger"] == "keyfailover.proxy"
+    ]
+
+
+@pytest.mark.parametrize("log_format", ["text", "json"])
+def test_both_servers_write_the_same_access_lines(log_format: str):
+    """One line per request answered, forwarded or not, in the same words and fields
+    (but for the time taken) from the native server and from FailoverProxy under uvicorn."""
+    native = access_lines("native", log_format)
+    assert len(native) == 9, native
+    assert native == access_lines("uvicorn", log_format)
+    if log_format == "text":
+        assert (
+            native[0]
+            == "INFO keyfailover.proxy: POST /v1/messages -> 200 (attempts=2, key=key-1, N ms)"
+        )
+        assert (
+            native[2]
+            == "INFO keyfailover.proxy: POST /v1/messages -> 200 (attempts=1, key=byok, N ms)"
+        )
+        assert (
+            native[4]
+            == "INFO keyfailover.proxy: POST /v1/messages -> 413 (attempts=0, key=byok, N ms)"
+        )
+        assert (
+            native[5]
+            == "INFO keyfailover.proxy: GET /_keyfailover/health -> 401 (attempts=0, key=-, N ms)"
+        )
+        assert native[8].endswith("-> 429 (attempts=0, key=-, N ms, pool exhausted)")
 
 
 def test_slow_request_heads_do_not_starve_other_requests(up: MockUpstream):

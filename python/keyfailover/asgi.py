@@ -125,6 +125,7 @@ class FailoverProxy:
         if isinstance(step, Response):
             # An answer of the gateway's own; the dashboard's event stream
             # among them never ends by itself: stop it when the client leaves.
+            self._access(method, target, step, started, byok=False)
             answered: asyncio.Future[Response] = asyncio.get_running_loop().create_future()
             answered.set_result(step)
             watcher = asyncio.ensure_future(_close_on_disconnect(receive, answered))
@@ -138,7 +139,9 @@ class FailoverProxy:
         try:
             body = await _read_body(receive, self.gateway.max_body_bytes)
         except _BodyTooLarge:
-            await _relay(self.gateway.too_large(), send)
+            too_large = self.gateway.too_large()
+            self._access(method, target, too_large, started, byok=step.byok)
+            await _relay(too_large, send)
             return
         except _ClientGone:
             return
@@ -161,29 +164,7 @@ class FailoverProxy:
                 raise
             if span is not None:
                 span.attempts(response)
-            if log.isEnabledFor(logging.INFO):
-                # The same line as the native server's access log.
-                path, key = target.partition("?")[0], response.key_label
-                took = (time.perf_counter() - started) * 1000
-                log.info(
-                    "%s %s -> %d (attempts=%d, key=%s, %.1f ms%s)",
-                    method,
-                    path,
-                    response.status,
-                    response.attempts,
-                    key or ("byok" if step.byok else "-"),
-                    took,
-                    ", pool exhausted" if response.exhausted else "",
-                    extra={
-                        "method": method,
-                        "path": path,
-                        "status": response.status,
-                        "attempts": response.attempts,
-                        "key": key,
-                        "pool": self.client.name,
-                        "duration_ms": round(took, 3),
-                    },
-                )
+            self._access(method, target, response, started, byok=step.byok)
             await _relay(response, send)
         except BaseException as error:
             if span is not None:
@@ -195,6 +176,35 @@ class FailoverProxy:
             watcher.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await watcher
+
+    def _access(
+        self, method: str, target: str, response: Response, started: float, *, byok: bool
+    ) -> None:
+        """The request's line on `keyfailover.proxy`, as the native server's access log has
+        it: every request answered, forwarded or not."""
+        if not log.isEnabledFor(logging.INFO):
+            return
+        path, key = target.partition("?")[0], response.key_label
+        took = (time.perf_counter() - started) * 1000
+        log.info(
+            "%s %s -> %d (attempts=%d, key=%s, %.1f ms%s)",
+            method,
+            path,
+            response.status,
+            response.attempts,
+            key or ("byok" if byok else "-"),
+            took,
+            ", pool exhausted" if response.exhausted else "",
+            extra={
+                "method": method,
+                "path": path,
+                "status": response.status,
+                "attempts": response.attempts,
+                "key": key,
+                "pool": self.client.name,
+                "duration_ms": round(took, 3),
+            },
+        )
 
 
 async def _read_body(receive: Receive, limit: int) -> bytes:

@@ -264,4 +264,91 @@ mod tests {
             std::thread::sleep(Duration::from_millis(5));
         }
     }
+
+    /// A writer that blocks in its first write until released.
+    #[derive(Clone, Default)]
+    struct Stuck {
+        out: Shared,
+        /// (entered the first write, released)
+        gate: Arc<(Mutex<(bool, bool)>, std::sync::Condvar)>,
+    }
+
+    impl Stuck {
+        fn release(&self) {
+            let (state, wake) = &*self.gate;
+            state.lock().unwrap().1 = true;
+            wake.notify_all();
+        }
+    }
+
+    impl Write for Stuck {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            let (state, wake) = &*self.gate;
+            let mut state = state.lock().unwrap();
+            state.0 = true;
+            wake.notify_all();
+            while !state.1 {
+                state = wake.wait(state).unwrap();
+            }
+            drop(state);
+            self.out.write(buf)
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn a_log_that_cannot_keep_up_drops_lines_and_says_how_many_never_waiting() {
+        let stuck = Stuck::default();
+        let log = AccessLog::to_writer(Format::Text, stuck.clone());
+        log.log(&entry());
+        {
+            let (state, wake) = &*stuck.gate;
+            let mut state = state.lock().unwrap();
+            while !state.0 {
+                state = wake.wait(state).unwrap();
+            }
+        }
+        // The writer is stuck: a full queue more, and 100 beyond it, without waiting
+        // (a watchdog frees the writer after 10 s, which would fail the test).
+        let watchdog = {
+            let stuck = stuck.clone();
+            std::thread::spawn(move || {
+                std::thread::sleep(Duration::from_secs(10));
+                stuck.release();
+            })
+        };
+        for _ in 0..QUEUE + 100 {
+            log.log(&Entry {
+                status: 201,
+                ..entry()
+            });
+        }
+        assert!(!watchdog.is_finished(), "logging waited for the writer");
+        stuck.release();
+        let output = || String::from_utf8(stuck.out.0.lock().unwrap().clone()).unwrap();
+        let wait_for = |what: &str| {
+            let deadline = std::time::Instant::now() + Duration::from_secs(20);
+            loop {
+                let text = output();
+                if text.contains(what) {
+                    return text;
+                }
+                assert!(std::time::Instant::now() < deadline, "no {what:?} came");
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        };
+        // Once the writer caught up, it says what was lost; the lines after go out.
+        let text = wait_for("(the log could not keep up)\n");
+        assert!(text.ends_with("access log: 100 lines dropped (the log could not keep up)\n"));
+        assert_eq!(text.lines().filter(|l| l.contains(" 201 ")).count(), QUEUE);
+        log.log(&Entry {
+            status: 202,
+            ..entry()
+        });
+        let text = wait_for(" 202 ");
+        assert_eq!(text.lines().count(), 1 + QUEUE + 1 + 1);
+        assert_eq!(text.matches("dropped").count(), 1);
+    }
 }
