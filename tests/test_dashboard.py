@@ -38,7 +38,7 @@ from playwright.sync_api import (
 
 import keyfailover as kf
 from keyfailover.asgi import FailoverProxy
-from keyfailover.testing import Limit, MockUpstream, Reply
+from keyfailover.testing import Limit, MockUpstream, Reply, serve_native
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 pytestmark = pytest.mark.skipif(
@@ -93,11 +93,10 @@ def page(browser: Browser) -> Iterator[Page]:
 
 @contextlib.contextmanager
 def serve(app: Any) -> Iterator[str]:
-    """`keyfailover.testing.serve_asgi`, but stopping at once. The proxy does not
-    notice a client leaving an event stream (it relays admin responses without
-    watching for `http.disconnect`), so the stream goes on and uvicorn would
-    wait for it until `serve_asgi` gives up after 10 s; here uvicorn cancels it
-    after 0.2 s (a float works there, whatever the annotation says)."""
+    """`keyfailover.testing.serve_asgi`, but stopping at once: at shutdown uvicorn
+    waits for the connections still open (a page's event stream among them, should
+    the page not have left yet); here it cancels them after 0.2 s (a float works
+    there, whatever the annotation says)."""
     config = uvicorn.Config(
         app,
         host="127.0.0.1",
@@ -121,16 +120,31 @@ def serve(app: Any) -> Iterator[str]:
         thread.join(10)
 
 
+@pytest.fixture(params=["uvicorn", "native"])
+def front_end(request: pytest.FixtureRequest) -> str:
+    """Which server the dashboard is served by: FailoverProxy under uvicorn, or the
+    native server `keyfailover serve` runs (`keyfailover.testing.serve_native`)."""
+    return str(request.param)
+
+
 @contextlib.contextmanager
 def dashboard(
-    up: MockUpstream, page: Page, n: int = 3, *, strategy: str = "ordered", **proxy: Any
+    up: MockUpstream,
+    page: Page,
+    n: int = 3,
+    *,
+    front_end: str,
+    strategy: str = "ordered",
+    **proxy: Any,
 ) -> Iterator[tuple[str, kf.KeyPool]]:
     """A FailoverProxy over the first `n` fake keys (key-0, key-1, ...) on `up`,
-    served on loopback: yields its URL and the pool. The page leaves before the
-    server stops, ending its event stream."""
+    served on loopback by `front_end`: yields its URL and the pool. The page leaves
+    before the server stops, ending its event stream."""
     pool = kf.KeyPool(FAKE_KEYS[:n], strategy=strategy)
     client = kf.FailoverClient(pool, base_url=up.url)
-    with serve(FailoverProxy(client, **proxy)) as url:
+    app = FailoverProxy(client, **proxy)
+    server = serve(app) if front_end == "uvicorn" else serve_native(app, grace=0.2)
+    with server as url:
         try:
             yield url, pool
         finally:
@@ -165,14 +179,16 @@ def rate_limit(up: MockUpstream, key: str, seconds: int) -> None:
     up.set_reply(key, reply)
 
 
-def test_signing_in_shows_every_key(page: Page) -> None:
+def test_signing_in_shows_every_key(page: Page, front_end: str) -> None:
     # Four keys as a pool has them after some traffic: key-0 and key-3 valid,
     # with the rate-limit headers telling their headroom; key-1 rate-limited;
     # key-2 revoked.
     limits = {FAKE_KEYS[0]: Limit(requests=60), FAKE_KEYS[3]: Limit(requests=100)}
     with (
         MockUpstream(limits=limits) as up,
-        dashboard(up, page, 4, strategy="round_robin", client_tokens=[TOKEN]) as (url, pool),
+        dashboard(
+            up, page, 4, front_end=front_end, strategy="round_robin", client_tokens=[TOKEN]
+        ) as (url, pool),
     ):
         assert httpx.get(url + ADMIN + "livez").status_code == 200  # starts the sampler
         rate_limit(up, FAKE_KEYS[1], 300)
@@ -233,8 +249,10 @@ def screenshot(page: Page, url: str) -> None:
         sender.join(5)
 
 
-def test_a_rate_limit_shows_within_two_seconds(page: Page, up: MockUpstream) -> None:
-    with dashboard(up, page, client_tokens=[TOKEN]) as (url, _):
+def test_a_rate_limit_shows_within_two_seconds(
+    page: Page, up: MockUpstream, front_end: str
+) -> None:
+    with dashboard(up, page, front_end=front_end, client_tokens=[TOKEN]) as (url, _):
         sign_in(page, url)
         expect_state(page, "key-0", "valid")
         page.evaluate("window.notReloaded = true")
@@ -250,8 +268,8 @@ def test_a_rate_limit_shows_within_two_seconds(page: Page, up: MockUpstream) -> 
         assert page.evaluate("window.notReloaded") is True
 
 
-def test_reset_and_retire_after_confirmation(page: Page, up: MockUpstream) -> None:
-    with dashboard(up, page, client_tokens=[TOKEN]) as (url, pool):
+def test_reset_and_retire_after_confirmation(page: Page, up: MockUpstream, front_end: str) -> None:
+    with dashboard(up, page, front_end=front_end, client_tokens=[TOKEN]) as (url, pool):
         rate_limit(up, FAKE_KEYS[0], 120)
         send(url)
         posts: list[str] = []
@@ -312,8 +330,10 @@ def test_reload_keys_below_a_mount(page: Page, up: MockUpstream) -> None:
             page.goto("about:blank")
 
 
-def test_a_wrong_token_shows_an_error_and_no_data(page: Page, up: MockUpstream) -> None:
-    with dashboard(up, page, client_tokens=[TOKEN]) as (url, pool):
+def test_a_wrong_token_shows_an_error_and_no_data(
+    page: Page, up: MockUpstream, front_end: str
+) -> None:
+    with dashboard(up, page, front_end=front_end, client_tokens=[TOKEN]) as (url, pool):
         sign_in(page, url, "not-the-token")
         alert = page.get_by_role("alert")
         expect(alert).to_contain_text("401")
@@ -328,9 +348,9 @@ def test_a_wrong_token_shows_an_error_and_no_data(page: Page, up: MockUpstream) 
 
 
 def test_the_page_holds_no_data_and_the_token_stays_out_of_urls(
-    page: Page, up: MockUpstream
+    page: Page, up: MockUpstream, front_end: str
 ) -> None:
-    with dashboard(up, page, client_tokens=[TOKEN]) as (url, pool):
+    with dashboard(up, page, front_end=front_end, client_tokens=[TOKEN]) as (url, pool):
         answer = httpx.get(url + ADMIN)
         assert answer.status_code == 200
         assert answer.headers["content-type"].startswith("text/html")
@@ -366,10 +386,10 @@ def test_the_page_holds_no_data_and_the_token_stays_out_of_urls(
         assert page.evaluate("sessionStorage.getItem('keyfailover.token')") is None
 
 
-def test_no_buttons_when_actions_are_off(page: Page, up: MockUpstream) -> None:
+def test_no_buttons_when_actions_are_off(page: Page, up: MockUpstream, front_end: str) -> None:
     # Neither client_tokens nor admin_tokens: the state is open to read, and
     # admin actions are off.
-    with dashboard(up, page) as (url, _):
+    with dashboard(up, page, front_end=front_end) as (url, _):
         sign_in(page, url, "")
         expect(page.locator("tr[data-label]")).to_have_count(3)
         expect_state(page, "key-0", "valid")
@@ -377,8 +397,8 @@ def test_no_buttons_when_actions_are_off(page: Page, up: MockUpstream) -> None:
         assert httpx.post(url + ADMIN + "keys/key-0/retire").status_code == 403
 
 
-def test_it_reconnects_when_the_stream_ends(page: Page, up: MockUpstream) -> None:
-    with dashboard(up, page, client_tokens=[TOKEN]) as (url, _):
+def test_it_reconnects_when_the_stream_ends(page: Page, up: MockUpstream, front_end: str) -> None:
+    with dashboard(up, page, front_end=front_end, client_tokens=[TOKEN]) as (url, _):
         with httpx.stream("GET", url + ADMIN + "events", headers={"x-api-key": TOKEN}) as r:
             data = next(line for line in r.iter_lines() if line.startswith("data:"))
         state = json.loads(data[5:])
