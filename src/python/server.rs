@@ -71,9 +71,9 @@ impl PyServer {
     /// Serves the listening socket `fd` until `shutdown()` and the drain
     /// after it. The descriptor is the server's from then on (pass
     /// `sock.detach()`): it is closed as soon as the server stops accepting,
-    /// so that new connections are refused while those in flight finish. A signal handler that raises
-    /// (Ctrl-C's KeyboardInterrupt) starts the shutdown; its exception is
-    /// raised once the server has drained.
+    /// so that new connections are refused while those in flight finish. A
+    /// signal handler that raises (Ctrl-C's KeyboardInterrupt) starts the
+    /// shutdown; its exception is raised once the server has drained.
     fn serve(&self, py: Python<'_>, fd: i32) -> PyResult<()> {
         let listener = listener_from_fd(fd)?;
         let runtime = runtime();
