@@ -269,12 +269,15 @@ def test_a_port_in_use_is_one_line_and_exit_status_1():
         assert "Traceback" not in result.stderr
 
 
-def start_serve(up: MockUpstream, *extra: str) -> tuple[subprocess.Popen[str], str]:
+def start_serve(
+    up: MockUpstream, *extra: str, keys: str = KEY_A, **env: str
+) -> tuple[subprocess.Popen[str], str]:
+    """`keyfailover serve` in front of `up` with `keys` (comma-separated), listening."""
     port = free_port()
     proc = subprocess.Popen(
         [sys.executable, "-m", "keyfailover", "serve", "--upstream", up.url,
          "--keys-env", "K", "--port", str(port), *extra],
-        env={**os.environ, "K": KEY_A},
+        env={**os.environ, **env, "K": keys},
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -413,27 +416,18 @@ def test_serve_threads_share_one_pool(up: MockUpstream):
     import concurrent.futures
 
     up.set_reply(KEY_A, Reply(status=429, headers={"retry-after": "60"}))
-    port = free_port()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "keyfailover", "serve", "--upstream", up.url,
-         "--keys-env", "K", "--port", str(port), "--threads", "3"],
-        env={**os.environ, "K": f"{KEY_A},{KEY_B}"},
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )  # fmt: skip
+    proc, url = start_serve(up, "--threads", "3", keys=f"{KEY_A},{KEY_B}")
     try:
-        wait_until_listening(port, proc)
         names = [
             Path(f"/proc/{proc.pid}/task/{task}/comm").read_text().strip()
             for task in os.listdir(f"/proc/{proc.pid}/task")
         ]
         assert names.count("tokio-rt-worker") == 3, names
-        url = f"http://127.0.0.1:{port}/v1/messages"
 
         def call(_: int) -> int:
             with httpx.Client() as client:  # a connection of its own
-                return client.post(url, json={"model": "m", "messages": []}).status_code
+                chat = {"model": "m", "messages": []}
+                return client.post(url + "/v1/messages", json=chat).status_code
 
         assert call(0) == 200
         with concurrent.futures.ThreadPoolExecutor(32) as workers:
@@ -451,20 +445,11 @@ def access_lines(server: str, log_format: str) -> list[str]:
     """`keyfailover.proxy`'s lines for one request table served by `serve --server`."""
     with MockUpstream() as up:
         up.set_reply(KEY_A, Reply(status=429, headers={"retry-after": "60"}))
-        port = free_port()
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "keyfailover", "serve", "--upstream", up.url,
-             "--keys-env", "K", "--port", str(port), "--server", server,
-             "--log-format", log_format, "--client-token-env", "T", "--allow-byok",
-             "--max-body-bytes", "1000"],
-            env={**os.environ, "K": f"{KEY_A},{KEY_B}", "T": "token"},
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
+        proc, url = start_serve(
+            up, "--server", server, "--log-format", log_format, "--client-token-env", "T",
+            "--allow-byok", "--max-body-bytes", "1000", keys=f"{KEY_A},{KEY_B}", T="token",
         )  # fmt: skip
-        url = f"http://127.0.0.1:{port}"
         try:
-            wait_until_listening(port, proc)
             chat = {"model": "m", "messages": []}
 
             def post(token: str, **kwargs: Any) -> int:
