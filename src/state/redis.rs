@@ -11,9 +11,10 @@
 //!
 //! Per key, Redis holds a hash `kf:{namespace}:k:{fingerprint}` with `r` (the
 //! last reset, Unix µs), `s` (0 valid, 1 temporary, 2 permanent), `u` (the
-//! end of a cooldown, Unix µs) and `w` (1 when that cooldown is for the key's
-//! own endpoint being unreachable, else 0; absent where a version before it
-//! wrote); never a key or part of one. Deadlines cross
+//! end of a cooldown, Unix µs) and `w` (the same as `u` when that cooldown is
+//! for the key's own endpoint being unreachable, else 0; a version before it
+//! neither writes nor clears it, and a cooldown it sets has another `u`);
+//! never a key or part of one. Deadlines cross
 //! processes as wall-clock time; each process turns them into readings of its
 //! own monotonic clock.
 
@@ -52,11 +53,12 @@ else
   local untl = tonumber(ARGV[3])
   if s == 2 or (s == 1 and u >= untl) then return 0 end
   s = 1; u = untl
-  if ARGV[6] == '1' then w = 1 end
+  if ARGV[6] == '1' then w = untl end
 end
 -- Whole numbers: Lua would write 1.8e+15 for a time in microseconds.
-local state = string.format('%.0f %d %.0f %d', r, s, u, w)
-redis.call('HSET', KEYS[1], 'r', string.format('%.0f', r), 's', s, 'u', string.format('%.0f', u), 'w', w)
+local state = string.format('%.0f %d %.0f %.0f', r, s, u, w)
+redis.call('HSET', KEYS[1], 'r', string.format('%.0f', r), 's', s, 'u', string.format('%.0f', u),
+  'w', string.format('%.0f', w))
 redis.call('PUBLISH', ARGV[4], ARGV[5] .. ' ' .. state)
 return 1
 "#;
@@ -415,13 +417,15 @@ pub(crate) struct Shared {
 }
 
 impl Shared {
-    /// From its fields as written (`w` absent where an earlier version wrote).
+    /// From its fields as written: the cooldown is for an unreachable
+    /// endpoint when `w` names its end (`w` is absent, or stale, where an
+    /// earlier version wrote).
     fn parse(r: &str, s: &str, u: &str, w: Option<&str>) -> Option<Self> {
         Some(Self {
             reset_at: r.parse().ok()?,
             state: s.parse().ok()?,
             until: u.parse().ok()?,
-            unreachable: w == Some("1"),
+            unreachable: w.is_some_and(|w| w == u && w != "0"),
         })
     }
 }
@@ -767,12 +771,22 @@ mod tests {
     #[test]
     fn states_parse_with_and_without_the_reason() {
         assert_eq!(
-            Shared::parse("5", "1", "900", Some("1")),
+            Shared::parse("5", "1", "900", Some("900")),
             Some(unreachable(5, 900))
         );
         assert_eq!(
             Shared::parse("5", "1", "900", Some("0")),
             Some(shared(5, 1, 900))
+        );
+        // Left by an unreachable cooldown that an earlier version's mark then
+        // replaced (its script leaves `w` as it was).
+        assert_eq!(
+            Shared::parse("5", "1", "950", Some("900")),
+            Some(shared(5, 1, 950))
+        );
+        assert_eq!(
+            Shared::parse("5", "0", "0", Some("0")),
+            Some(shared(5, 0, 0))
         );
         // As a version before the reason wrote it.
         assert_eq!(
