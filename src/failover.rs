@@ -437,10 +437,12 @@ impl FailoverClient {
         // Error bodies are small and may echo the key that was sent.
         let scrub = !(200..300).contains(&status);
         // A body keyfailover may rewrite (an error event added to a stream, a
-        // key scrubbed) no longer has upstream's length.
+        // key scrubbed) no longer has upstream's length, nor has one whose
+        // length upstream gave wrongly.
         // A stream's headers outlive this call (the Python response keeps
         // them): detached from the connection's read buffer.
-        let mut relayed = headers::relayed(&upstream, stream || scrub, stream);
+        let unframed = !headers::length_holds(status, &upstream);
+        let mut relayed = headers::relayed(&upstream, stream || scrub || unframed, stream);
         let keys = self.pool.key_set();
         for value in relayed.values_mut() {
             if let Some(clean) = scrub_value(value.as_bytes(), keys.secrets()) {

@@ -5,7 +5,9 @@
 //! back: a value is never decoded and re-encoded on the way.
 
 use bytes::BytesMut;
-use http::header::{HeaderMap, HeaderName, HeaderValue, ACCEPT_ENCODING, CONNECTION};
+use http::header::{
+    HeaderMap, HeaderName, HeaderValue, ACCEPT_ENCODING, CONNECTION, TRANSFER_ENCODING,
+};
 
 use crate::error::{Error, Result};
 
@@ -132,6 +134,14 @@ pub fn relayed(headers: &HeaderMap, rewritten: bool, detach: bool) -> HeaderMap 
         map.append(name.clone(), own);
     }
     map
+}
+
+/// Whether upstream's `Content-Length` still gives the length of the body
+/// relayed: not when `Transfer-Encoding` framed the body (RFC 9112, section
+/// 6.3: it overrides the length, which a proxy must then remove), nor for a
+/// status that has no body (RFC 9110, section 8.6).
+pub fn length_holds(status: u16, headers: &HeaderMap) -> bool {
+    status != 204 && !(100..200).contains(&status) && !headers.contains_key(TRANSFER_ENCODING)
 }
 
 /// True when the response is a server-sent event stream.
@@ -282,6 +292,17 @@ mod tests {
         assert_eq!(names, ["x-foo", "anthropic-version", "accept-encoding"]);
         assert_eq!(out["x-foo"].as_bytes(), b"caf\xe9", "bytes unchanged");
         assert_eq!(out["accept-encoding"], "identity");
+    }
+
+    #[test]
+    fn a_length_holds_only_for_a_body_it_framed() {
+        let length = map(&[("content-length", b"3")]);
+        let both = map(&[("content-length", b"3"), ("transfer-encoding", b"chunked")]);
+        assert!(length_holds(200, &length));
+        assert!(length_holds(304, &length));
+        assert!(!length_holds(200, &both), "chunked framing overrides it");
+        assert!(!length_holds(204, &length), "204 has no body");
+        assert!(!length_holds(103, &length));
     }
 
     #[test]

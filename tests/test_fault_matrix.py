@@ -188,6 +188,11 @@ HUGE_HEAD_200K = raw_head(
 HUGE_HEAD_1M = raw_head(b"HTTP/1.1 200 OK", b"x-big: " + b"v" * 1_000_000)
 SWITCHING = b"HTTP/1.1 101 Switching Protocols\r\nupgrade: h2c\r\nconnection: upgrade\r\n\r\n"
 EARLY_HINTS = b"HTTP/1.1 103 Early Hints\r\nlink: </style.css>\r\n\r\n"
+# RFC 9112, section 6.3: the chunked framing wins, and the wrong length must not be relayed.
+LENGTH_BESIDE_CHUNKED = (
+    b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 3\r\n"
+    b'transfer-encoding: chunked\r\n\r\ne\r\n{"text":"abc"}\r\n0\r\n\r\n'
+)
 SLOW_429 = Reply.error(429, "rate_limit_error", "slow down " * 10, trickle=0.5)
 REVOKED = Reply.error(401, "authentication_error", "invalid x-api-key")
 RATE_LIMITED_7S = Reply.error(429, "rate_limit_error", "slow down", headers={"retry-after": "7"})
@@ -217,6 +222,13 @@ UPSTREAM_FAULTS = [
         body=b"{}",
         headers=(("x-big-49", "v" * 4000),),
         big_head_client=True,
+    ),
+    whole("length_beside_chunked", Reply.raw(LENGTH_BESIDE_CHUNKED), body=b'{"text":"abc"}'),
+    whole(
+        "no_content_with_a_length",
+        Reply.raw(b"HTTP/1.1 204 No Content\r\ncontent-length: 5\r\n\r\n"),
+        status=204,
+        body=b"",
     ),
     whole(
         "redirect_relayed_not_followed",  # followed, upstream would see a second request
