@@ -92,8 +92,8 @@ pub fn parse(text: &str, source: &str, separators: &[char]) -> Result<Keys> {
                 }
                 _ => {
                     return Err(at(format!(
-                        "unexpected {:?} after the key: settings are group=NAME and base_url=URL",
-                        truncated(word)
+                        "unexpected {} after the key: settings are group=NAME and base_url=URL",
+                        unexpected(word)
                     )))
                 }
             }
@@ -116,11 +116,15 @@ pub fn parse(text: &str, source: &str, separators: &[char]) -> Result<Keys> {
         if let (Some((b, _)), Some((l, ..))) = (bare.first(), labelled.first()) {
             // Among labelled keys, `name=` is a key left out (alone, it
             // could be a base64 key with its padding).
-            if let Some(label) = first
+            // Not named: it may as well be a key.
+            if first
                 .strip_suffix('=')
-                .filter(|l| n == *b && split_label(&format!("{l}=k")).is_some())
+                .is_some_and(|l| n == *b && split_label(&format!("{l}=k")).is_some())
             {
-                return Err(at(format!("{label}= has no key after the `=`")));
+                return Err(at(
+                    "a label with no key after its `=`, or a bare key among labelled ones"
+                        .to_owned(),
+                ));
             }
             let (this, other, other_kind) = if n == *b {
                 ("a bare key", l, "labelled")
@@ -143,11 +147,17 @@ pub fn parse(text: &str, source: &str, separators: &[char]) -> Result<Keys> {
 }
 
 /// `text` cut short, for messages (a word after a key might be a key too).
-fn truncated(text: &str) -> String {
-    if text.chars().count() > 12 {
-        format!("{}...", text.chars().take(6).collect::<String>())
-    } else {
-        text.to_owned()
+/// Names an unexpected word in an error: a setting by its name, anything
+/// else not at all (it may be part of a key cut by a space).
+fn unexpected(word: &str) -> String {
+    match word.split_once('=') {
+        Some((name, _))
+            if (1..=20).contains(&name.len())
+                && name.bytes().all(|b| b.is_ascii_lowercase() || b == b'_') =>
+        {
+            format!("setting {name:?}")
+        }
+        _ => "text".to_owned(),
     }
 }
 
@@ -168,6 +178,7 @@ mod tests {
 
     const A: &str = "sk-ant-api03-aaaaaaaaaaaaaaaaaaaa";
     const B: &str = "sk-ant-api03-bbbbbbbbbbbbbbbbbbbb";
+    const PADDED: &str = "c2stTEVBS0NBTkFSWXBhZA=";
 
     fn lines(text: &str) -> Result<Keys> {
         parse(text, "keys file 'k.txt'", &['\n'])
@@ -228,11 +239,15 @@ mod tests {
             ),
             (
                 format!("{A} trailing\n"),
-                "keys file 'k.txt', line 1: unexpected \"trailing\" after the key",
+                "keys file 'k.txt', line 1: unexpected text after the key",
             ),
             (
                 format!("{A} {B}\n"),
-                "keys file 'k.txt', line 1: unexpected \"sk-ant...\" after the key",
+                "keys file 'k.txt', line 1: unexpected text after the key",
+            ),
+            (
+                format!("{A} gruop=x\n"),
+                "keys file 'k.txt', line 1: unexpected setting \"gruop\" after the key",
             ),
             (
                 format!("{A} group=\n"),
@@ -240,7 +255,12 @@ mod tests {
             ),
             (
                 format!("a={A}\nb=\n"),
-                "keys file 'k.txt', line 2: b= has no key after the `=`",
+                "keys file 'k.txt', line 2: a label with no key after its `=`",
+            ),
+            (
+                // A bare base64 key with its padding, among labelled ones.
+                format!("a={A}\n{PADDED}\n"),
+                "keys file 'k.txt', line 2: a label with no key after its `=`",
             ),
             (
                 "# only comments\n\n".to_owned(),
@@ -250,7 +270,9 @@ mod tests {
         for (text, expected) in cases {
             let message = lines(&text).unwrap_err().to_string();
             assert!(message.starts_with(expected), "{message}");
-            assert!(!message.contains(A) && !message.contains(B), "{message}");
+            for secret in [A, B, PADDED, &PADDED[..PADDED.len() - 1], &B[6..]] {
+                assert!(!message.contains(secret), "{message}");
+            }
         }
         let message = parse("a=x,y", "environment variable K", &[',', '\n'])
             .unwrap_err()

@@ -134,17 +134,49 @@ impl BaseUrl {
     }
 }
 
-/// `raw` with any userinfo replaced by `***`, for messages.
+/// `raw` with any userinfo, and the values of query parameters that look
+/// secret (`pass=`, `password=`, `token=`, `key=`, ...: redis-rs reads a unix
+/// socket's password from `?pass=`), replaced by `***`, for messages. The
+/// userinfo ends at the last `@`: a password may hold an unencoded `/`, `?`
+/// or `#`, so the authority's end cannot be trusted to come after it (a path
+/// with an `@` is masked too much, never too little).
 pub(crate) fn masked_url(raw: &str) -> Cow<'_, str> {
     let Some(scheme_end) = raw.find("://") else {
         return Cow::Borrowed(raw);
     };
-    let rest = &raw[scheme_end + 3..];
-    let authority_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
-    match rest[..authority_end].rfind('@') {
-        Some(at) => Cow::Owned(format!("{}***@{}", &raw[..scheme_end + 3], &rest[at + 1..])),
-        None => Cow::Borrowed(raw),
+    let head = &raw[..scheme_end + 3];
+    let mut rest = Cow::Borrowed(&raw[scheme_end + 3..]);
+    if let Some(at) = rest.rfind('@') {
+        rest = Cow::Owned(format!("***@{}", &rest[at + 1..]));
     }
+    if let Some(query_start) = rest.find('?') {
+        let (before, query) = rest.split_at(query_start + 1);
+        let (query, fragment) = query.split_at(query.find('#').unwrap_or(query.len()));
+        let masked: Vec<Cow<'_, str>> = query
+            .split('&')
+            .map(|pair| match pair.split_once('=') {
+                Some((name, value)) if !value.is_empty() && looks_secret(name) => {
+                    Cow::Owned(format!("{name}=***"))
+                }
+                _ => Cow::Borrowed(pair),
+            })
+            .collect();
+        if masked.iter().any(|p| matches!(p, Cow::Owned(_))) {
+            rest = Cow::Owned(format!("{before}{}{fragment}", masked.join("&")));
+        }
+    }
+    match rest {
+        Cow::Borrowed(_) => Cow::Borrowed(raw),
+        Cow::Owned(rest) => Cow::Owned(format!("{head}{rest}")),
+    }
+}
+
+/// A query parameter name that may carry a credential.
+fn looks_secret(name: &str) -> bool {
+    let name = name.to_ascii_lowercase();
+    ["pass", "pwd", "token", "key", "secret", "auth", "sig"]
+        .iter()
+        .any(|word| name.contains(word))
 }
 
 /// A request target with its dot segments (`.`, `..`, also percent-encoded)
@@ -420,6 +452,30 @@ mod tests {
             join("https://x/v10", "/v1/m").unwrap(),
             "https://x/v10/v1/m"
         );
+    }
+
+    #[test]
+    fn urls_in_messages_hide_credentials() {
+        for (raw, shown) in [
+            (
+                "https://api.anthropic.com/v1",
+                "https://api.anthropic.com/v1",
+            ),
+            ("redis://user:pw@h:6379/0", "redis://***@h:6379/0"),
+            // A password with unencoded '/', '?' or '#' (base64 from openssl).
+            ("redis://:ab/cd?e#f@h:6379", "redis://***@h:6379"),
+            (
+                "unix:///run/redis.sock?db=1&pass=pw123",
+                "unix:///run/redis.sock?db=1&pass=***",
+            ),
+            (
+                "redis://h/?password=pw&x=1#f",
+                "redis://h/?password=***&x=1#f",
+            ),
+            ("https://h/x?api_key=k&q=", "https://h/x?api_key=***&q="),
+        ] {
+            assert_eq!(masked_url(raw), shown, "{raw}");
+        }
     }
 
     #[test]

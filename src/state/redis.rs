@@ -217,9 +217,14 @@ fn mask_password(url: &str, password: Option<&str>) -> String {
 
 impl RedisSync {
     pub fn new(url: &str, namespace: &str, refresh: Duration) -> Result<Arc<Self>> {
-        let password = url::Url::parse(url)
-            .ok()
-            .and_then(|u| u.password().map(str::to_owned));
+        // In the userinfo, or (a unix socket's, as redis-rs reads it) `?pass=`.
+        let password = url::Url::parse(url).ok().and_then(|u| {
+            u.password().map(str::to_owned).or_else(|| {
+                u.query_pairs()
+                    .find(|(name, _)| name == "pass" || name == "password")
+                    .map(|(_, value)| value.into_owned())
+            })
+        });
         let shown = crate::target::masked_url(url).into_owned();
         let client = redis::Client::open(url).map_err(|e| {
             Error::Config(format!(
