@@ -128,12 +128,14 @@ pub enum ErrorKind {
     MethodNotAllowed,
     /// The request body is too large (413).
     RequestTooLarge,
+    /// The request body stopped coming (408).
+    RequestTimeout,
     /// Anything else wrong with the request (400).
     InvalidRequest,
 }
 
 impl ErrorKind {
-    pub const ALL: [ErrorKind; 10] = [
+    pub const ALL: [ErrorKind; 11] = [
         ErrorKind::RateLimit,
         ErrorKind::Api,
         ErrorKind::Timeout,
@@ -144,6 +146,7 @@ impl ErrorKind {
         ErrorKind::InvalidRequest,
         ErrorKind::MethodNotAllowed,
         ErrorKind::RequestTooLarge,
+        ErrorKind::RequestTimeout,
     ];
 
     /// The answer for an exhausted pool: 429, or 502 when every key failed
@@ -168,6 +171,7 @@ impl ErrorKind {
             ErrorKind::NotFound => 404,
             ErrorKind::MethodNotAllowed => 405,
             ErrorKind::RequestTooLarge => 413,
+            ErrorKind::RequestTimeout => 408,
             ErrorKind::InvalidRequest => 400,
         }
     }
@@ -182,7 +186,9 @@ impl ErrorKind {
             ErrorKind::Permission => "permission_error",
             ErrorKind::NotFound => "not_found_error",
             ErrorKind::RequestTooLarge => "request_too_large",
-            ErrorKind::InvalidRequest | ErrorKind::MethodNotAllowed => "invalid_request_error",
+            ErrorKind::InvalidRequest | ErrorKind::MethodNotAllowed | ErrorKind::RequestTimeout => {
+                "invalid_request_error"
+            }
         }
     }
 
@@ -198,6 +204,7 @@ impl ErrorKind {
             ErrorKind::NotFound => "not_found",
             ErrorKind::MethodNotAllowed => "method_not_allowed",
             ErrorKind::RequestTooLarge => "request_too_large",
+            ErrorKind::RequestTimeout => "request_timeout",
             ErrorKind::InvalidRequest => "invalid_request",
         }
     }
@@ -209,7 +216,7 @@ impl ErrorKind {
             ErrorKind::RateLimit => "RESOURCE_EXHAUSTED",
             // 502: upstream unreachable, every key refused, a broken stream.
             ErrorKind::Api | ErrorKind::Unavailable => "UNAVAILABLE",
-            ErrorKind::Timeout => "DEADLINE_EXCEEDED",
+            ErrorKind::Timeout | ErrorKind::RequestTimeout => "DEADLINE_EXCEEDED",
             ErrorKind::Authentication => "UNAUTHENTICATED",
             ErrorKind::Permission => "PERMISSION_DENIED",
             ErrorKind::NotFound => "NOT_FOUND",

@@ -6,8 +6,11 @@ client would tidy the request up first.
 
 from __future__ import annotations
 
+import asyncio
+import functools
 import json
 import socket
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -18,11 +21,13 @@ import pytest
 from conftest import FAKE_KEYS, make_client
 
 import keyfailover as kf
+from keyfailover import _logging
 from keyfailover.asgi import FailoverProxy
 from keyfailover.testing import MockUpstream, Reply, serve_asgi, serve_native
 from keyfailover.transport import FailoverTransport
 
 TOKEN = "kf-team-token-alpha"
+MESSAGE = {"model": "m", "max_tokens": 8, "messages": [{"role": "user", "content": "hi"}]}
 
 
 @pytest.fixture(params=["uvicorn", "native"])
@@ -192,3 +197,158 @@ def test_the_openai_sdk_works_with_and_without_v1_in_base_url(up, base):
     )
     assert reply.choices[0].message.content
     assert [r.path for r in up.requests] == ["/v1/chat/completions"]
+
+
+@pytest.fixture(params=["uvicorn", "native"])
+def serve_proxy(request: pytest.FixtureRequest, up: MockUpstream) -> Iterator[Any]:
+    """Serves a FailoverProxy in front of `up`, built with the options given, on either
+    front end: `serve_proxy(**options)` is a context manager yielding its URL."""
+    serve = serve_asgi if request.param == "uvicorn" else serve_native
+
+    def start(**options: Any) -> Any:
+        client, _ = make_client(up.url, "anthropic", 2)
+        return serve(FailoverProxy(client, client_tokens=[TOKEN], **options))
+
+    return start
+
+
+def read_all(sock: socket.socket) -> bytes:
+    """What arrives until the server closes the connection."""
+    data = b""
+    while chunk := sock.recv(65536):
+        data += chunk
+    return data
+
+
+def test_a_request_body_that_stops_coming_is_408_and_the_connection_closes(up, serve_proxy):
+    with serve_proxy(body_timeout=0.5) as url:
+        host, port = url.removeprefix("http://").split(":")
+        with socket.create_connection((host, int(port)), timeout=10) as sock:
+            head = request_head("POST", "/v1/messages", "content-length: 100")
+            sock.sendall(head + b'{"model":')  # and then nothing
+            started = time.monotonic()
+            answer = read_all(sock)  # ends: the server closed the connection
+            took = time.monotonic() - started
+    status_line, _, rest = answer.partition(b"\r\n")
+    assert status_line.split()[1] == b"408", answer
+    assert b"connection: close" in rest.lower()
+    body = json.loads(rest.partition(b"\r\n\r\n")[2])
+    assert body["error"]["type"] == "invalid_request_error"
+    assert "paused for longer than 0.5 s" in body["error"]["message"]
+    assert 0.4 < took < 3
+    assert up.requests == []
+
+
+def test_a_slow_but_steady_body_is_not_cut_off(up, serve_proxy):
+    with serve_proxy(body_timeout=0.5) as url:
+        host, port = url.removeprefix("http://").split(":")
+        with socket.create_connection((host, int(port)), timeout=10) as sock:
+            body = json.dumps(MESSAGE).encode()
+            sock.sendall(request_head("POST", "/v1/messages", f"content-length: {len(body)}"))
+            for i in range(0, len(body), 10):  # 0.3 s apart, 1.5 s and more in all
+                time.sleep(0.3 if i < 50 else 0)
+                sock.sendall(body[i : i + 10])
+            status_line = sock.recv(65536).partition(b"\r\n")[0]
+    assert status_line.split()[1] == b"200"
+    assert up.requests[0].json() == MESSAGE
+
+
+@pytest.mark.parametrize(
+    ("extra", "status"),
+    [
+        ((), 401),  # no client token
+        ((f"x-api-key: {TOKEN}", "content-length: 5000"), 413),
+    ],
+)
+def test_a_refused_request_is_not_asked_for_its_body(up, serve_proxy, extra, status):
+    """A client that waits for `100 Continue` before it sends its body gets the refusal
+    instead, never an invitation to upload a body that would be thrown away."""
+    with serve_proxy(max_body_bytes=1000) as url:
+        host, port = url.removeprefix("http://").split(":")
+        head = ["POST /v1/messages HTTP/1.1", "host: proxy", "expect: 100-continue"]
+        if not extra:
+            head.append("content-length: 10")
+        head += extra
+        with socket.create_connection((host, int(port)), timeout=10) as sock:
+            sock.sendall(("\r\n".join(head) + "\r\n\r\n").encode())
+            first = sock.recv(65536)
+    assert first.split()[1] == str(status).encode(), first
+    assert b"100 Continue" not in first
+    assert up.requests == []
+
+
+def test_a_body_cut_short_by_the_server_is_never_sent_upstream(up):
+    """If the ASGI server hands over less than the Content-Length announced (uvicorn's
+    httptools parser does, for a request that asks for a protocol upgrade), the request
+    is refused rather than sent upstream with a pool key and a body that is not the
+    caller's."""
+    client, _ = make_client(up.url, "anthropic", 2)
+    proxy = FailoverProxy(client, client_tokens=[TOKEN])
+    scope = {
+        "type": "http",
+        "method": "POST",
+        "path": "/v1/messages",
+        "raw_path": b"/v1/messages",
+        "query_string": b"",
+        "headers": [(b"x-api-key", TOKEN.encode()), (b"content-length", b"81")],
+    }
+    sent: list[dict[str, Any]] = []
+
+    received: list[int] = []
+
+    async def receive() -> dict[str, Any]:
+        received.append(1)
+        if len(received) > 1:  # as a server does: nothing more until the client leaves
+            await asyncio.sleep(3600)
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    asyncio.run(proxy(scope, receive, send))
+    assert sent[0]["status"] == 400
+    body = json.loads(b"".join(m.get("body", b"") for m in sent[1:]))
+    assert "Content-Length says 81" in body["error"]["message"]
+    assert up.requests == []
+
+
+def test_a_reload_callbacks_error_shows_no_pool_key(up, serve_proxy, caplog):
+    """The callback's message is passed on, to the caller and the admin log, with every
+    pool key in it replaced by its hint."""
+
+    def reload() -> list[str]:
+        raise ValueError(f"the new file repeats {FAKE_KEYS[0]}")
+
+    with caplog.at_level("INFO"), serve_proxy(reload=reload) as url:
+        answer = httpx.post(url + "/_keyfailover/reload", headers={"x-api-key": TOKEN})
+        _logging.flush()
+    assert answer.status_code == 400
+    message = answer.json()["error"]["message"]
+    assert message.startswith("reload failed: ")
+    assert "the new file repeats sk-" in message
+    assert FAKE_KEYS[0] not in answer.text
+    logged = [r.getMessage() for r in caplog.records if r.name == "keyfailover.admin"]
+    assert any("failed: the reload callback raised" in line for line in logged), logged
+    assert not [line for line in logged if FAKE_KEYS[0] in line]
+
+
+@pytest.mark.parametrize("front_end", ["uvicorn", "native"])
+def test_a_body_still_coming_when_the_grace_period_ends_gets_503(up, front_end):
+    client, _ = make_client(up.url, "anthropic", 2)
+    proxy = FailoverProxy(client, client_tokens=[TOKEN])
+    serve = serve_asgi if front_end == "uvicorn" else functools.partial(serve_native, grace=0.5)
+    with serve(proxy) as url:
+        host, port = url.removeprefix("http://").split(":")
+        sock = socket.create_connection((host, int(port)), timeout=10)
+        sock.sendall(request_head("POST", "/v1/messages", "content-length: 100") + b"{")
+        time.sleep(0.3)  # the body is being read
+        started = time.monotonic()
+        if front_end == "uvicorn":
+            proxy.shutdown()  # what `serve` does once the grace period is over
+        # native: leaving `serve_native` shuts the server down, with 0.5 s of grace
+    with sock:
+        answer = read_all(sock)
+    assert answer.split()[1] == b"503", answer
+    assert b"the server is shutting down" in answer
+    assert time.monotonic() - started < 3
+    assert up.requests == []

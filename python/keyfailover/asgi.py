@@ -17,7 +17,15 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Awaitable, Callable, Iterable, Mapping, MutableMapping, Sequence
+from collections.abc import (
+    Awaitable,
+    Callable,
+    Generator,
+    Iterable,
+    Mapping,
+    MutableMapping,
+    Sequence,
+)
 from typing import Any
 from urllib.parse import unquote
 
@@ -45,6 +53,14 @@ class _ClientGone(Exception):
     pass
 
 
+class _BodyStalled(Exception):
+    pass
+
+
+class _Expired(Exception):
+    pass
+
+
 class FailoverProxy:
     """An ASGI 3 app forwarding every request below its mount through `client`.
 
@@ -55,6 +71,9 @@ class FailoverProxy:
       upstream as the caller's own key (one attempt, pool untouched) instead
       of being refused (with tokens) or stripped (without).
     - `max_body_bytes`: larger request bodies get 413 with no upstream call.
+    - `body_timeout`: a request body that pauses for longer than this many
+      seconds gets 408 and a closed connection (a slowloris on the body;
+      ASGI servers bound only the wait for the request head).
     - `admin`: serve the admin endpoints below `/_keyfailover/` (health,
       keys, metrics, probes, the dashboard, and the key actions).
     - `admin_tokens`: tokens for the admin endpoints only. Admin actions need
@@ -72,6 +91,7 @@ class FailoverProxy:
         client_tokens: Iterable[str] | None = None,
         allow_byok: bool = False,
         max_body_bytes: int = 32 * 1024 * 1024,
+        body_timeout: float = 30.0,
         admin: bool = True,
         admin_tokens: Iterable[str] | None = None,
         reload: Callable[[], Keys] | None = None,
@@ -81,11 +101,15 @@ class FailoverProxy:
             client_tokens=client_tokens,
             allow_byok=allow_byok,
             max_body_bytes=max_body_bytes,
+            body_timeout=body_timeout,
             admin=admin,
             admin_tokens=admin_tokens,
             reload=reload,
         )
         self.client = client
+        # Receives of request bodies that had to wait (see `_receive`): the grace
+        # period's end interrupts them.
+        self._waiting: set[asyncio.Future[Message]] = set()
 
     def __repr__(self) -> str:
         auth = "client tokens" if self.gateway.has_client_tokens else "no client tokens"
@@ -94,9 +118,12 @@ class FailoverProxy:
     def shutdown(self) -> None:
         """End every request in flight: for a server's shutdown after its grace period.
 
-        Requests waiting for upstream get 503, streams end with an SSE error event.
+        Requests waiting for upstream or still receiving their bodies get 503, streams end
+        with an SSE error event.
         """
         self.gateway.shutdown()
+        for waiting in list(self._waiting):
+            waiting.cancel()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http":
@@ -137,11 +164,21 @@ class FailoverProxy:
                     await watcher
             return
         try:
-            body = await _read_body(receive, self.gateway.max_body_bytes)
+            body = await self._read_body(receive)
         except _BodyTooLarge:
             too_large = self.gateway.too_large()
             self._access(method, target, too_large, started, byok=step.byok)
             await _relay(too_large, send)
+            return
+        except _BodyStalled:
+            stalled = self.gateway.body_stalled()
+            self._access(method, target, stalled, started, byok=step.byok)
+            await _relay(stalled, send)
+            return
+        except _Expired:
+            refused = self.gateway.shutting_down()
+            self._access(method, target, refused, started, byok=step.byok)
+            await _relay(refused, send)
             return
         except _ClientGone:
             return
@@ -184,7 +221,8 @@ class FailoverProxy:
         it: every request answered, forwarded or not."""
         if not log.isEnabledFor(logging.INFO):
             return
-        path, key = target.partition("?")[0], response.key_label
+        # A caller may put a key in a path (an admin action naming a key by its value).
+        path, key = self.gateway.redact(target.partition("?")[0]), response.key_label
         took = (time.perf_counter() - started) * 1000
         log.info(
             "%s %s -> %d (attempts=%d, key=%s, %.1f ms%s)",
@@ -206,21 +244,69 @@ class FailoverProxy:
             },
         )
 
+    async def _read_body(self, receive: Receive) -> bytes:
+        limit = self.gateway.max_body_bytes
+        chunks: list[bytes] = []
+        size = 0
+        while True:
+            message = await self._receive(receive)
+            if message["type"] == "http.disconnect":
+                raise _ClientGone
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > limit:
+                raise _BodyTooLarge
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                return b"".join(chunks)
 
-async def _read_body(receive: Receive, limit: int) -> bytes:
-    chunks: list[bytes] = []
-    size = 0
-    while True:
-        message = await receive()
-        if message["type"] == "http.disconnect":
-            raise _ClientGone
-        chunk = message.get("body", b"")
-        size += len(chunk)
-        if size > limit:
-            raise _BodyTooLarge
-        chunks.append(chunk)
-        if not message.get("more_body", False):
-            return b"".join(chunks)
+    async def _receive(self, receive: Receive) -> Message:
+        """`receive()`, bounded by `body_timeout` (raising _BodyStalled) and by the end of
+        the grace period (_Expired). A message already there, as a small body usually is,
+        costs no timer: only a receive that has to wait gets one."""
+        step = receive().__await__()
+        try:
+            blocked_on = step.send(None)
+        except StopIteration as done:
+            message: Message = done.value
+            return message
+        waiting = asyncio.ensure_future(_Resumed(step, blocked_on))
+        self._waiting.add(waiting)
+        try:
+            finished, _ = await asyncio.wait((waiting,), timeout=self.gateway.body_timeout)
+        finally:
+            self._waiting.discard(waiting)
+            if not waiting.done():
+                waiting.cancel()
+        if not finished:
+            raise _BodyStalled
+        if waiting.cancelled():
+            raise _Expired
+        return waiting.result()
+
+
+class _Resumed:
+    """The rest of an awaitable that was stepped once and is blocked on `blocked_on`:
+    awaiting this goes on with it exactly where `await` would have (`yield from`)."""
+
+    def __init__(self, step: Generator[Any, Any, Message], blocked_on: Any) -> None:
+        self.step, self.blocked_on = step, blocked_on
+
+    def __await__(self) -> Generator[Any, Any, Message]:
+        step, blocked_on = self.step, self.blocked_on
+        while True:
+            try:
+                sent = yield blocked_on
+            except BaseException as error:  # a cancellation, thrown in: pass it on
+                try:
+                    blocked_on = step.throw(error)
+                except StopIteration as done:
+                    return done.value  # type: ignore[no-any-return]
+            else:
+                try:
+                    blocked_on = step.send(sent)
+                except StopIteration as done:
+                    return done.value  # type: ignore[no-any-return]
 
 
 async def _relay(response: Response, send: Send) -> None:

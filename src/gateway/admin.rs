@@ -219,6 +219,8 @@ impl Gateway {
                 Response::json(200, report.to_json().to_string())
             }
             Err(err) => {
+                // A callback's own message may quote a key it was given.
+                let err = self.client.pool().redact(&err.to_string()).into_owned();
                 admin_record(
                     format!("reload by {who} failed: {err}"),
                     who,

@@ -11,6 +11,7 @@ mod history;
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, Weak};
+use std::time::Duration;
 
 use bytes::Bytes;
 use http::header::{HeaderMap, HeaderValue, CONNECTION, CONTENT_LENGTH};
@@ -37,6 +38,9 @@ pub struct GatewayOptions {
     pub allow_byok: bool,
     /// Larger request bodies get 413 before any upstream call.
     pub max_body_bytes: u64,
+    /// A request body pausing longer than this gets 408 (a slowloris on the
+    /// body: servers bound only the wait for the request head).
+    pub body_timeout: Duration,
     /// Serve the admin endpoints below [`ADMIN_PREFIX`].
     pub admin: bool,
     /// Tokens for the admin endpoints only (reads and actions), besides the
@@ -63,6 +67,7 @@ impl Default for GatewayOptions {
             client_tokens: None,
             allow_byok: false,
             max_body_bytes: 32 * 1024 * 1024,
+            body_timeout: Duration::from_secs(30),
             admin: true,
             admin_tokens: None,
             reload: None,
@@ -78,6 +83,7 @@ pub struct Gateway {
     admin_tokens: Option<Vec<Vec<u8>>>,
     allow_byok: bool,
     max_body_bytes: u64,
+    body_timeout: Duration,
     admin: bool,
     reload: Option<ReloadHook>,
     runtime: Option<RuntimeSource>,
@@ -128,12 +134,16 @@ impl Gateway {
     pub fn new(client: Arc<FailoverClient>, options: GatewayOptions) -> Result<Self> {
         let tokens = token_list(&client, "client_tokens", options.client_tokens)?;
         let admin_tokens = token_list(&client, "admin_tokens", options.admin_tokens)?;
+        if options.body_timeout.is_zero() {
+            return Err(Error::Config("body_timeout must be positive".into()));
+        }
         Ok(Self {
             client,
             tokens,
             admin_tokens,
             allow_byok: options.allow_byok,
             max_body_bytes: options.max_body_bytes,
+            body_timeout: options.body_timeout,
             admin: options.admin,
             reload: options.reload,
             runtime: options.runtime,
@@ -194,8 +204,18 @@ impl Gateway {
         &self.client
     }
 
+    /// `text` with every key of the pool replaced by its hint.
+    pub fn redact<'t>(&self, text: &'t str) -> std::borrow::Cow<'t, str> {
+        self.client.pool().redact(text)
+    }
+
     pub fn max_body_bytes(&self) -> u64 {
         self.max_body_bytes
+    }
+
+    /// The longest pause allowed between the parts of a request body.
+    pub fn body_timeout(&self) -> Duration {
+        self.body_timeout
     }
 
     pub fn has_client_tokens(&self) -> bool {
@@ -279,9 +299,41 @@ impl Gateway {
         )
     }
 
+    /// The answer for a request whose body paused for longer than the
+    /// body timeout (a slowloris on the body); the connection closes after
+    /// it, the body being left unread.
+    pub fn body_stalled(&self) -> Response {
+        self.client.pool().counters().outcome(Outcome::Rejected);
+        let message = format!(
+            "the request body paused for longer than {} s",
+            self.body_timeout.as_secs_f64()
+        );
+        closing(self.answer(ErrorKind::RequestTimeout, &message))
+    }
+
+    /// The answer for a request still sending its body when the server's
+    /// grace period ends; the connection closes after it.
+    pub fn shutting_down(&self) -> Response {
+        self.client.pool().counters().outcome(Outcome::Rejected);
+        closing(self.answer(ErrorKind::Unavailable, "the server is shutting down"))
+    }
+
     /// Sends an accepted request with its body.
     pub async fn forward(&self, forward: Forward, body: Bytes) -> Response {
         let mut request = forward.request;
+        // A server that lost part of the body (uvicorn's httptools parser
+        // drops the body of a request that asks for an upgrade) must not
+        // have the rest sent upstream, with a pool key, as if it were whole.
+        if let Some(length) = content_length(&request.headers) {
+            if length != body.len() as u64 {
+                self.client.pool().counters().outcome(Outcome::Rejected);
+                let message = format!(
+                    "the request body is {} bytes, but its Content-Length says {length}",
+                    body.len()
+                );
+                return closing(self.answer(ErrorKind::InvalidRequest, &message));
+            }
+        }
         request.body = body;
         match self.client.request(request).await {
             Ok(response) => response,
@@ -322,6 +374,14 @@ impl Gateway {
 
 /// A token list option, checked: None stays None; an empty list, a blank
 /// token, or a token that is one of the pool's keys is a ConfigError.
+/// `response`, with the connection closed after it.
+fn closing(mut response: Response) -> Response {
+    response
+        .headers
+        .insert(CONNECTION, HeaderValue::from_static("close"));
+    response
+}
+
 fn token_list(
     client: &FailoverClient,
     name: &str,

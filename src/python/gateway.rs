@@ -2,6 +2,7 @@
 //! `keyfailover.asgi.FailoverProxy` drives.
 
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use bytes::Bytes;
 use pyo3::prelude::*;
@@ -57,13 +58,14 @@ fn token_list(tokens: Option<&Bound<'_, PyAny>>, name: &str) -> PyResult<Option<
 #[pymethods]
 impl PyGateway {
     #[new]
-    #[pyo3(signature = (client, *, client_tokens = None, allow_byok = false, max_body_bytes = 32 * 1024 * 1024, admin = true, admin_tokens = None, reload = None))]
+    #[pyo3(signature = (client, *, client_tokens = None, allow_byok = false, max_body_bytes = 32 * 1024 * 1024, body_timeout = 30.0, admin = true, admin_tokens = None, reload = None))]
     #[allow(clippy::too_many_arguments)]
     fn new(
         client: &Bound<'_, PyAny>,
         client_tokens: Option<&Bound<'_, PyAny>>,
         allow_byok: bool,
         max_body_bytes: i64,
+        body_timeout: f64,
         admin: bool,
         admin_tokens: Option<&Bound<'_, PyAny>>,
         reload: Option<Py<PyAny>>,
@@ -83,6 +85,14 @@ impl PyGateway {
         })?;
         let max_body_bytes = u64::try_from(max_body_bytes)
             .map_err(|_| Error::Config("max_body_bytes must not be negative".into()))?;
+        let body_timeout = Duration::try_from_secs_f64(body_timeout)
+            .ok()
+            .filter(|t| !t.is_zero())
+            .ok_or_else(|| {
+                Error::Config(format!(
+                    "body_timeout must be a positive number of seconds, not {body_timeout}"
+                ))
+            })?;
         let reload = reload.map(|callable| -> ReloadHook {
             // Called by the gateway while it answers POST /reload: under the
             // ASGI app on the thread that holds the GIL already; under the
@@ -101,6 +111,7 @@ impl PyGateway {
             client_tokens: token_list(client_tokens, "client_tokens")?,
             allow_byok,
             max_body_bytes,
+            body_timeout,
             admin,
             admin_tokens: token_list(admin_tokens, "admin_tokens")?,
             reload,
@@ -154,6 +165,23 @@ impl PyGateway {
         PyResponse::from(self.gateway.too_large())
     }
 
+    /// The answer for a request body that paused for longer than
+    /// `body_timeout` (408, closing the connection).
+    fn body_stalled(&self) -> PyResponse {
+        PyResponse::from(self.gateway.body_stalled())
+    }
+
+    /// The answer for a request still sending its body when the server's
+    /// grace period ends (503, closing the connection).
+    fn shutting_down(&self) -> PyResponse {
+        PyResponse::from(self.gateway.shutting_down())
+    }
+
+    /// `text` with every key of the pool replaced by its hint.
+    fn redact(&self, text: &str) -> String {
+        self.gateway.redact(text).into_owned()
+    }
+
     /// Ends every request in flight (see `FailoverClient.shutdown`).
     fn shutdown(&self) {
         self.gateway.client().shutdown();
@@ -167,6 +195,11 @@ impl PyGateway {
     #[getter]
     fn max_body_bytes(&self) -> u64 {
         self.gateway.max_body_bytes()
+    }
+
+    #[getter]
+    fn body_timeout(&self) -> f64 {
+        self.gateway.body_timeout().as_secs_f64()
     }
 
     #[getter]

@@ -62,7 +62,7 @@ const DRAIN_PAUSE: Duration = Duration::from_millis(100);
 const AFTER_GRACE: Duration = Duration::from_secs(5);
 
 /// Settings of a [`Server`].
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct ServerOptions {
     /// A request head must arrive within this (also: idle keep-alive
     /// connections close after it).
@@ -79,6 +79,24 @@ pub struct ServerOptions {
     /// Tokens for the server-wide admin area (`/_keyfailover/` when no
     /// route takes `/`); see [`admin`].
     pub admin_tokens: Option<Vec<Vec<u8>>>,
+}
+
+/// The admin tokens are counted, never shown.
+impl std::fmt::Debug for ServerOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ServerOptions")
+            .field("header_timeout", &self.header_timeout)
+            .field("max_connections", &self.max_connections)
+            .field("max_header_bytes", &self.max_header_bytes)
+            .field("grace", &self.grace)
+            .field("http2", &self.http2)
+            .field("access_log", &self.access_log.is_some())
+            .field(
+                "admin_tokens",
+                &format_args!("{}", self.admin_tokens.as_ref().map_or(0, Vec::len)),
+            )
+            .finish()
+    }
 }
 
 impl Default for ServerOptions {
@@ -110,6 +128,9 @@ pub struct Server {
     options: ServerOptions,
     http: auto::Builder<TokioExecutor>,
     stop: Latch,
+    /// Set when the grace period is over: requests still reading their
+    /// bodies end then, as those waiting for upstream do.
+    expired: Latch,
     connections: Arc<Semaphore>,
     /// The answer to a connection over the limit: 503, then close.
     refusal: Bytes,
@@ -158,6 +179,7 @@ impl Server {
             options,
             http,
             stop: Latch::new(),
+            expired: Latch::new(),
             refusal,
         })
     }
@@ -224,6 +246,7 @@ impl Server {
             .await
             .is_err()
         {
+            self.expired.set();
             for route in self.routes.load().iter() {
                 route.gateway.client().shutdown();
             }
@@ -256,6 +279,12 @@ impl Server {
     async fn handle(&self, request: hyper::Request<Incoming>) -> hyper::Response<Body> {
         let started = self.options.access_log.is_some().then(Instant::now);
         let (parts, body) = request.into_parts();
+        // The client waits for a 100 Continue before it sends the body, which
+        // hyper sends once the body is read: a body not needed is not asked for.
+        let waits = parts
+            .headers
+            .get(hyper::header::EXPECT)
+            .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"100-continue"));
         let target = parts.uri.path_and_query().map_or("/", |pq| pq.as_str());
         let routes = self.routes.load_full();
         let method = parts.method.as_str();
@@ -272,7 +301,7 @@ impl Server {
                 if let Some(log) = &self.options.access_log {
                     log.log(&Entry {
                         method,
-                        path,
+                        path: &redacted(&routes, path),
                         status: response.status,
                         attempts: 0,
                         key: None,
@@ -282,7 +311,7 @@ impl Server {
                         duration: started.map_or(Duration::ZERO, |s| s.elapsed()),
                     });
                 }
-                let (response, unread) = unneeded(response, body).await;
+                let (response, unread) = unneeded(response, body, waits).await;
                 return into_hyper(response, (parts.method, parts.uri), unread);
             }
         };
@@ -290,15 +319,22 @@ impl Server {
         // A body left unread is held until the answer is sent (see `Out`).
         let (response, byok, unread) = match gateway.begin(method, &target, parts.headers) {
             Step::Respond(response) => {
-                let (response, unread) = unneeded(response, body).await;
+                let (response, unread) = unneeded(response, body, waits).await;
                 (response, false, unread)
             }
             Step::Forward(forward) => {
                 let byok = forward.byok();
-                match read_body(body, gateway.max_body_bytes()).await {
+                let pause = gateway.body_timeout();
+                let read = read_body(body, gateway.max_body_bytes(), pause);
+                match self
+                    .expired
+                    .guard(read)
+                    .await
+                    .unwrap_or(Err(BodyError::Expired))
+                {
                     Ok(bytes) => (gateway.forward(forward, bytes).await, byok, None),
                     Err(BodyError::TooLarge(rest)) => {
-                        let (response, unread) = unneeded(gateway.too_large(), rest).await;
+                        let (response, unread) = unneeded(gateway.too_large(), rest, false).await;
                         (response, byok, unread)
                     }
                     Err(BodyError::Broken) => (
@@ -309,13 +345,15 @@ impl Server {
                         byok,
                         None,
                     ),
+                    Err(BodyError::Stalled) => (gateway.body_stalled(), byok, None),
+                    Err(BodyError::Expired) => (gateway.shutting_down(), byok, None),
                 }
             }
         };
         if let Some(log) = &self.options.access_log {
             log.log(&Entry {
                 method,
-                path: target.split('?').next().unwrap_or(&target),
+                path: &gateway.redact(target.split('?').next().unwrap_or(&target)),
                 status: response.status,
                 attempts: response.attempts,
                 key: response.key_label.as_deref(),
@@ -372,6 +410,18 @@ fn route<'r, 't>(routes: &'r [Route], target: &'t str) -> Option<(&'r Route, Cow
     })
 }
 
+/// `path` with every key of every route's pool replaced by its hint, for
+/// the access log: a caller may put a key in a path (an admin action named
+/// by the key rather than its label, say).
+fn redacted<'p>(routes: &[Route], path: &'p str) -> Cow<'p, str> {
+    routes.iter().fold(Cow::Borrowed(path), |path, route| {
+        match route.gateway.redact(&path) {
+            Cow::Borrowed(_) => path,
+            Cow::Owned(clean) => Cow::Owned(clean),
+        }
+    })
+}
+
 /// Accept errors that concern one connection only (it was reset before we
 /// took it): go on at once.
 fn is_per_connection(err: &std::io::Error) -> bool {
@@ -419,13 +469,29 @@ enum BodyError {
     TooLarge(Incoming),
     /// The client left, or sent a body that does not parse.
     Broken,
+    /// No part of the body came for the pause allowed (a slowloris on the
+    /// body rather than the head).
+    Stalled,
+    /// The server's grace period ended first.
+    Expired,
 }
 
-async fn read_body(mut body: Incoming, limit: u64) -> std::result::Result<Bytes, BodyError> {
+/// Reads a request body of at most `limit` bytes whose parts come at most
+/// `pause` apart.
+async fn read_body(
+    mut body: Incoming,
+    limit: u64,
+    pause: Duration,
+) -> std::result::Result<Bytes, BodyError> {
     let mut first: Option<Bytes> = None;
     let mut rest = BytesMut::new();
     let mut size: u64 = 0;
-    while let Some(frame) = body.frame().await {
+    loop {
+        let frame = match tokio::time::timeout(pause, body.frame()).await {
+            Ok(Some(frame)) => frame,
+            Ok(None) => break,
+            Err(_) => return Err(BodyError::Stalled),
+        };
         let frame = frame.map_err(|_| BodyError::Broken)?;
         let Ok(data) = frame.into_data() else {
             continue; // trailers
@@ -455,10 +521,18 @@ async fn read_body(mut body: Incoming, limit: u64) -> std::result::Result<Bytes,
 /// the body arrives promptly is read and dropped, so that a client still
 /// sending gets the answer and may keep its connection; a body that stalls
 /// or is too big to drain is left, and the connection closes after the
-/// answer (which says so). Returns what is left of the body, held until the
-/// answer is sent.
-async fn unneeded(mut response: Response, mut body: Incoming) -> (Response, Option<Incoming>) {
+/// answer (which says so). A client that `waits` for a 100 Continue before
+/// sending is not asked for the body at all. Returns what is left of the
+/// body, held until the answer is sent.
+async fn unneeded(
+    response: Response,
+    mut body: Incoming,
+    waits: bool,
+) -> (Response, Option<Incoming>) {
     use hyper::body::Body as _;
+    if waits && !body.is_end_stream() {
+        return (closing(response), Some(body));
+    }
     let mut read = 0;
     while !body.is_end_stream() && read <= LINGER_BYTES {
         match tokio::time::timeout(DRAIN_PAUSE, body.frame()).await {
@@ -470,11 +544,17 @@ async fn unneeded(mut response: Response, mut body: Incoming) -> (Response, Opti
     if body.is_end_stream() {
         return (response, None);
     }
+    (closing(response), Some(body))
+}
+
+/// `response`, with the connection closed after it (the request body was
+/// left unread).
+fn closing(mut response: Response) -> Response {
     response.headers.insert(
         hyper::header::CONNECTION,
         hyper::header::HeaderValue::from_static("close"),
     );
-    (response, Some(body))
+    response
 }
 
 /// `what` names the request (method and path) in the warning logged if its
@@ -773,6 +853,35 @@ mod tests {
         drop(taken);
         let refused = std::net::TcpStream::connect(address).unwrap_err();
         assert_eq!(refused.kind(), std::io::ErrorKind::ConnectionRefused);
+    }
+
+    #[test]
+    fn the_debug_form_counts_admin_tokens_and_never_shows_them() {
+        let options = ServerOptions {
+            admin_tokens: Some(vec![b"admin-secret-token".to_vec(), b"second".to_vec()]),
+            ..ServerOptions::default()
+        };
+        let server = Server::new(vec![route("/a")], options).unwrap();
+        let shown = format!("{server:?}");
+        assert!(shown.contains("admin_tokens: 2"), "{shown}");
+        let bytes = format!("{:?}", b"admin-secret-token".to_vec());
+        assert!(
+            !shown.contains("admin-secret") && !shown.contains(&bytes[..12]),
+            "{shown}"
+        );
+    }
+
+    #[test]
+    fn access_log_paths_show_hints_of_any_routes_keys() {
+        let routes = checked(vec![route("/a"), route("")]).unwrap();
+        let path = "/_keyfailover/keys/sk-ant-server-key-0-xxxxxxxx/retire";
+        let shown = redacted(&routes, path);
+        assert!(!shown.contains("server-key-0"), "{shown}");
+        assert!(shown.starts_with("/_keyfailover/keys/") && shown.ends_with("/retire"));
+        assert!(matches!(
+            redacted(&routes, "/v1/messages"),
+            Cow::Borrowed(_)
+        ));
     }
 
     #[test]
