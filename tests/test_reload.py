@@ -337,7 +337,7 @@ def test_serve_admin_actions_reload_and_probes(tmp_path: Path, up: MockUpstream)
         keys_file.write_text(f"a={A}\nb=\n")
         refused = httpx.post(serve.url + "/_keyfailover/reload", headers=admin)
         assert refused.status_code == 400
-        assert "line 2: b= has no key" in refused.json()["error"]["message"]
+        assert "line 2: a label with no key" in refused.json()["error"]["message"]
         assert serve.labels(ADMIN) == ["a", "c"]
 
         # Unknown admin paths and methods.
