@@ -293,6 +293,27 @@ def test_serve_logs_one_key_in_the_singular(up: MockUpstream):
     assert "with 1 key (" in err, err
 
 
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_sighup_with_keys_from_the_environment_is_logged_and_ignored(
+    up: MockUpstream, workers: str
+):
+    proc, url = start_serve(up, "--workers", workers)
+    try:
+        # A worker that answers has set up its signals (the server's own loop).
+        assert httpx.get(url + "/_keyfailover/livez").status_code == 200
+        proc.send_signal(signal.SIGHUP)
+        time.sleep(1)
+        assert proc.poll() is None
+        response = httpx.post(url + "/v1/messages", json={"model": "m", "messages": []})
+        assert response.status_code == 200
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=30)
+    assert proc.returncode == 0, err
+    assert "SIGHUP: nothing to reload: keys come from environment variable K" in err
+    assert "exited with status" not in err
+
+
 @pytest.mark.parametrize("server", ["native", "uvicorn"])
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
 def test_sigterm_ends_in_flight_requests_with_proper_errors_after_the_grace_period(

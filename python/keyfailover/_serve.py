@@ -126,7 +126,8 @@ def supervise(workers: int, serve: Callable[[], None], sock: socket.socket) -> i
             os.setpgid(0, 0)  # Ctrl-C reaches the supervisor only, which passes it on
             signal.signal(signal.SIGINT, signal.SIG_DFL)
             signal.signal(signal.SIGTERM, signal.SIG_DFL)
-            signal.signal(signal.SIGHUP, signal.SIG_DFL)
+            # Ignored until `serve` says what SIGHUP does (reload, or log), never fatal.
+            signal.signal(signal.SIGHUP, signal.SIG_IGN)
             status = 0
             try:
                 serve()

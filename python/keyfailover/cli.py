@@ -252,6 +252,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
             reloader.on_sighup()
             reloader.reload_if_changed()
             reloader.watch()
+        else:  # SIGHUP would end the process
+            source = f"environment variable {args.keys_env}"
+            signal.signal(
+                signal.SIGHUP,
+                lambda *_: log.warning("SIGHUP: nothing to reload: keys come from %s", source),
+            )
         if uvicorn is None:
             _serve.run_native(proxy, sock, args)
         else:
