@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -394,3 +395,49 @@ def test_a_reload_keeps_unchanged_routes_whole_and_rebuilds_changed_ones(
     assert after["anthropic"][1] is not before["anthropic"][1]
     assert after["anthropic"][0].key("key-0").state == KeyState.TEMPORARY
     assert [prefix for prefix, _ in server.routes] == ["/anthropic", "/oai", "/gemini"]
+
+
+def test_a_worker_started_after_an_edit_serves_the_config_as_it_is_now(
+    tmp_path: Path, up: MockUpstream
+) -> None:
+    (tmp_path / "a.keys").write_text(f"a0={ANTHROPIC[0]}\n")
+    (tmp_path / "kf.toml").write_text(
+        f'[routes.a]\nupstream = "{up.url}"\nkeys_file = "a.keys"\n'
+        f'namespace = "config-respawn-{os.getpid()}"\n'
+    )
+    log = tmp_path / "serve.log"
+    port = free_port()
+    with log.open("w") as stderr:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "keyfailover", "serve", "--config", str(tmp_path / "kf.toml"),
+             "--port", str(port), "--workers", "2", "--grace", "1"],
+            stdout=subprocess.DEVNULL,
+            stderr=stderr,
+            text=True,
+        )  # fmt: skip
+
+    def wait_for(text: str, count: int) -> str:
+        deadline = time.monotonic() + 15
+        while log.read_text().count(text) < count:
+            assert proc.poll() is None, log.read_text()
+            assert time.monotonic() < deadline, log.read_text()
+            time.sleep(0.05)
+        return log.read_text()
+
+    try:
+        text = wait_for("serving on http", 2)
+        (tmp_path / "a.keys").write_text(f"a0={ANTHROPIC[0]}\na1={ANTHROPIC[1]}\n")
+        wait_for("reloaded the config (a file changed)", 2)
+        # Both workers replaced: every connection lands on one started after the edit.
+        for pid in re.findall(r"native server, process (\d+)\)", text):
+            os.kill(int(pid), signal.SIGKILL)
+        wait_for("serving on http", 4)
+        for _ in range(6):
+            keys = httpx.get(
+                f"http://127.0.0.1:{port}/_keyfailover/keys", headers={"connection": "close"}
+            )
+            assert [k["label"] for k in keys.json()["pools"]["a"]] == ["a0", "a1"]
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=30)
+    assert proc.returncode == 0, log.read_text()

@@ -455,9 +455,10 @@ class ConfigReloader(FileWatcher):
 
     name = "keyfailover-config"
 
-    def __init__(self, routes: Routes, server: Server, *, interval: float = 2.0) -> None:
+    server: Server  # set before the first reload
+
+    def __init__(self, routes: Routes, *, interval: float = 2.0) -> None:
         self.routes = routes
-        self.server = server
         super().__init__(interval=interval)
 
     def files(self) -> list[Path]:

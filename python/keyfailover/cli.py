@@ -311,17 +311,19 @@ def serve_config(args: argparse.Namespace) -> int:
         raise CliError(str(exc)) from None
     for line in routes.describe():
         log.info("%s", line)
+    # Made before the fork, it knows the files as the routes were built from them:
+    # a worker started after an edit catches up (reload_if_changed).
+    reloader = _config.ConfigReloader(routes)
     sock = listen(args.host, args.port)
     raise_open_files_limit()
 
     def run() -> None:
-        server = _serve.native_server(routes.server_routes(), args, config.admin_tokens)
-        reloader = _config.ConfigReloader(routes, server)
+        reloader.server = _serve.native_server(routes.server_routes(), args, config.admin_tokens)
         reloader.on_sighup()
         reloader.reload_if_changed()
         reloader.watch()
         try:
-            _serve.serve_native_server(server, sock, args)
+            _serve.serve_native_server(reloader.server, sock, args)
         finally:
             reloader.stop()
 
