@@ -441,3 +441,23 @@ def test_a_worker_started_after_an_edit_serves_the_config_as_it_is_now(
         proc.send_signal(signal.SIGTERM)
         proc.wait(timeout=30)
     assert proc.returncode == 0, log.read_text()
+
+
+def test_a_reload_with_an_error_in_one_route_changes_no_route(tmp_path: Path) -> None:
+    from keyfailover._config import Routes
+
+    for name in ("a", "b"):
+        (tmp_path / f"{name}.keys").write_text(f"{name}0={ANTHROPIC[0]}\n")
+    path = tmp_path / "kf.toml"
+    path.write_text(
+        '[routes.a]\nkeys_file = "a.keys"\n[routes.b]\nkeys_file = "b.keys"\nnamespace = "b"\n'
+    )
+    routes = Routes(load_config(path))
+    (tmp_path / "a.keys").write_text(f"a0={ANTHROPIC[0]}\na1={ANTHROPIC[1]}\n")
+    (tmp_path / "b.keys").write_text(f"b0={ANTHROPIC[0]}\nb1={ANTHROPIC[0]}\n")
+    server = RecordingServer()
+    with pytest.raises(ConfigError) as raised:
+        routes.reload(server)  # type: ignore[arg-type]
+    assert str(raised.value) == (f"{path}: route 'b': keys_file: b0 and b1 hold the same key")
+    assert [k["label"] for k in routes.built["a"].pool.snapshot()] == ["a0"]
+    assert server.routes == []

@@ -239,6 +239,13 @@ def _route(
             "provider", f"unknown provider {provider!r} (one of {', '.join(PROVIDERS)})"
         )
     keys, keys_file = _keys(where, table, base, mode, environ)
+    try:
+        # What a pool checks (labels, duplicates, base_url=), on a throwaway local
+        # pool: a reload with an error is refused before any pool changes.
+        KeyPool(keys)
+    except ConfigError as exc:
+        field = next(f for f in ("keys_env", "keys_file", "keys") if f in table)
+        raise where.error(field, str(exc)) from None
     upstream = default_upstream(provider, keys, _typed(where, table, "upstream", str, None))
     if upstream is None:
         raise where.error(
@@ -343,7 +350,7 @@ class Routes:
         from keyfailover.asgi import FailoverProxy
 
         built: dict[str, _Built] = {}
-        reloads: list[tuple[KeyPool, Keys]] = []
+        reloads: list[tuple[_Where, KeyPool, Keys]] = []
         for route in config.routes:
             where = _Where(config.path, route.name)
             previous = old.get(route.name)
@@ -355,7 +362,7 @@ class Routes:
             ):
                 # The same route: keep its client (and its upstream connections)
                 # and gateway (and the dashboard's history); only keys may change.
-                reloads.append((previous.pool, route.keys))
+                reloads.append((where, previous.pool, route.keys))
                 built[route.name] = _Built(route, previous.pool, previous.proxy)
                 continue
             try:
@@ -364,7 +371,7 @@ class Routes:
                     and previous.config.pool_settings() == route.pool_settings()
                 ):
                     pool = previous.pool
-                    reloads.append((pool, route.keys))  # once everything else is built
+                    reloads.append((where, pool, route.keys))  # once everything else is built
                 else:
                     pool = KeyPool(
                         route.keys, state=state, namespace=route.namespace, strategy=route.strategy
@@ -388,8 +395,12 @@ class Routes:
             except ConfigError as exc:
                 raise where.error(None, str(exc)) from None
             built[route.name] = _Built(route, pool, proxy)
-        for pool, keys in reloads:
-            pool.reload(keys)
+        # The keys were checked as the config was loaded: these do not fail on them.
+        for where, pool, keys in reloads:
+            try:
+                pool.reload(keys)
+            except ConfigError as exc:
+                raise where.error(None, str(exc)) from None
         return built
 
     def _keys_of(self, name: str) -> Callable[[], Keys]:
