@@ -320,6 +320,37 @@ def test_check_validates_and_exits(config_dir: Path) -> None:
     assert line.startswith(f"keyfailover serve: error: {path}: route 'gemini': keys_env: ")
 
 
+@pytest.mark.parametrize(
+    ("field", "message"),
+    [
+        ('state = "memcached://x"', 'state: must be "shm" or a redis://'),
+        ('namespace = ""', "namespace: must be a name without spaces, not ''"),
+        ('namespace = "a b"', "namespace: must be a name without spaces, not 'a b'"),
+        ('upstream = "ftp://x"', "upstream: must be an http or https URL"),
+        ('upstream = "https://u:secret@x"', "upstream: must not contain credentials"),
+        ('keys_env = "KF_TEST_DUP"', "keys_env: key-0 and key-1 hold the same key"),
+        ('client_tokens_env = "KF_TEST_ANTHROPIC"', "client_tokens_env: a token is the route's"),
+        ("timeout = inf", "timeout: must be a finite number of seconds above 0"),
+        ("timeout = 1e300", "timeout is too large"),  # found by building the route
+    ],
+)
+def test_check_refuses_what_serve_would(tmp_path: Path, field: str, message: str) -> None:
+    keys = "" if field.startswith("keys_env") else 'keys_env = "KF_TEST_ANTHROPIC"\n'
+    path = write(tmp_path, f"[routes.a]\n{keys}{field}\n")
+    result = run_cli("serve", "--config", str(path), "--check", env={**ENV, "KF_TEST_DUP": "k,k"})
+    assert result.returncode == 2
+    (line,) = result.stderr.strip().splitlines()
+    assert line.startswith(f"keyfailover serve: error: {path}: route 'a': {message}"), line
+    assert "secret" not in line
+
+
+def test_check_connects_to_no_redis(tmp_path: Path) -> None:
+    path = write(tmp_path, '[routes.a]\nkeys_env = "K"\nstate = "redis://127.0.0.1:9/0"\n')
+    result = run_cli("serve", "--config", str(path), "--check", env={"K": ANTHROPIC[0]})
+    assert result.returncode == 0, result.stderr
+    assert result.stderr == ""
+
+
 def test_a_config_with_an_error_never_starts(config_dir: Path) -> None:
     path = config_dir / "kf.toml"
     path.write_text(path.read_text() + "\n[routes.broken]\nkeys_env = 'KF_TEST_NOT_SET'\n")

@@ -293,6 +293,10 @@ def serve_config(args: argparse.Namespace) -> int:
                 "anyone: give it client_tokens_env, or pass --allow-unauthenticated"
             )
     if args.check:
+        try:  # what serve builds (clients, gateways), with pools sharing nothing
+            _config.Routes(config, local=True)
+        except ConfigError as exc:
+            raise CliError(str(exc)) from None
         print(
             f"{args.config}: {plural(len(config.routes), 'route')} OK: "
             + ", ".join(
