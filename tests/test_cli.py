@@ -564,6 +564,26 @@ def test_slow_request_heads_do_not_starve_other_requests(up: MockUpstream):
         proc.communicate(timeout=15)
 
 
+def test_uvicorn_forwards_the_body_of_a_post_asking_to_upgrade_to_h2c(up: MockUpstream):
+    """curl --http2 on http:// sends `Upgrade: h2c`; the request is served as HTTP/1.1."""
+    proc, url = start_serve(up, "--server", "uvicorn")
+    body = json.dumps({"model": "m", "max_tokens": 5, "messages": []}).encode()
+    try:
+        with socket.create_connection(("127.0.0.1", int(url.rsplit(":", 1)[1])), 10) as sock:
+            sock.sendall(
+                b"POST /v1/messages HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
+                b"connection: Upgrade, HTTP2-Settings\r\nupgrade: h2c\r\n"
+                b"http2-settings: AAMAAABkAARAAAAAAAIAAAAA\r\n"
+                b"content-length: %d\r\n\r\n%s" % (len(body), body)
+            )
+            head = sock.recv(65536).split(b"\r\n")[0]
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.communicate(timeout=30)
+    assert head == b"HTTP/1.1 200 OK"
+    assert [r.body for r in up.requests] == [body]
+
+
 def test_serve_with_workers_shares_key_state_and_stops_cleanly(up: MockUpstream):
     """Two workers, shm chosen by themselves: key-0's 429 is seen upstream once."""
     up.set_reply(KEY_A, Reply.error(429, "rate_limit_error", "x", headers={"retry-after": "60"}))

@@ -51,6 +51,10 @@ def run_uvicorn(uvicorn: Any, proxy: FailoverProxy, sock: socket.socket, args: A
         proxy,
         log_level=args.log_level,
         log_config=None,  # uvicorn's loggers go through the handler `serve` set up
+        # h11, not the default httptools parser: that one loses the body of a POST
+        # carrying `Upgrade: h2c` (curl --http2 on http:// sends it) and answers
+        # HTTP/1.0 clients with chunked responses.
+        http="h11",
         timeout_keep_alive=args.timeout_keep_alive,
         limit_concurrency=args.limit_concurrency,
         # A backstop only: past --grace the proxy itself ends what is in flight.
