@@ -293,6 +293,27 @@ def test_serve_logs_one_key_in_the_singular(up: MockUpstream):
     assert "with 1 key (" in err, err
 
 
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_sighup_with_keys_from_the_environment_is_logged_and_ignored(
+    up: MockUpstream, workers: str
+):
+    proc, url = start_serve(up, "--workers", workers)
+    try:
+        # A worker that answers has set up its signals (the server's own loop).
+        assert httpx.get(url + "/_keyfailover/livez").status_code == 200
+        proc.send_signal(signal.SIGHUP)
+        time.sleep(1)
+        assert proc.poll() is None
+        response = httpx.post(url + "/v1/messages", json={"model": "m", "messages": []})
+        assert response.status_code == 200
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=30)
+    assert proc.returncode == 0, err
+    assert "SIGHUP: nothing to reload: keys come from environment variable K" in err
+    assert "exited with status" not in err
+
+
 @pytest.mark.parametrize("server", ["native", "uvicorn"])
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
 def test_sigterm_ends_in_flight_requests_with_proper_errors_after_the_grace_period(
@@ -545,6 +566,26 @@ def test_slow_request_heads_do_not_starve_other_requests(up: MockUpstream):
             sock.close()
         proc.send_signal(signal.SIGINT)
         proc.communicate(timeout=15)
+
+
+def test_uvicorn_forwards_the_body_of_a_post_asking_to_upgrade_to_h2c(up: MockUpstream):
+    """curl --http2 on http:// sends `Upgrade: h2c`; the request is served as HTTP/1.1."""
+    proc, url = start_serve(up, "--server", "uvicorn")
+    body = json.dumps({"model": "m", "max_tokens": 5, "messages": []}).encode()
+    try:
+        with socket.create_connection(("127.0.0.1", int(url.rsplit(":", 1)[1])), 10) as sock:
+            sock.sendall(
+                b"POST /v1/messages HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
+                b"connection: Upgrade, HTTP2-Settings\r\nupgrade: h2c\r\n"
+                b"http2-settings: AAMAAABkAARAAAAAAAIAAAAA\r\n"
+                b"content-length: %d\r\n\r\n%s" % (len(body), body)
+            )
+            head = sock.recv(65536).split(b"\r\n")[0]
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.communicate(timeout=30)
+    assert head == b"HTTP/1.1 200 OK"
+    assert [r.body for r in up.requests] == [body]
 
 
 def test_serve_with_workers_shares_key_state_and_stops_cleanly(up: MockUpstream):

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -319,6 +320,37 @@ def test_check_validates_and_exits(config_dir: Path) -> None:
     assert line.startswith(f"keyfailover serve: error: {path}: route 'gemini': keys_env: ")
 
 
+@pytest.mark.parametrize(
+    ("field", "message"),
+    [
+        ('state = "memcached://x"', 'state: must be "shm" or a redis://'),
+        ('namespace = ""', "namespace: must be a name without spaces, not ''"),
+        ('namespace = "a b"', "namespace: must be a name without spaces, not 'a b'"),
+        ('upstream = "ftp://x"', "upstream: must be an http or https URL"),
+        ('upstream = "https://u:secret@x"', "upstream: must not contain credentials"),
+        ('keys_env = "KF_TEST_DUP"', "keys_env: key-0 and key-1 hold the same key"),
+        ('client_tokens_env = "KF_TEST_ANTHROPIC"', "client_tokens_env: a token is the route's"),
+        ("timeout = inf", "timeout: must be a finite number of seconds above 0"),
+        ("timeout = 1e300", "timeout is too large"),  # found by building the route
+    ],
+)
+def test_check_refuses_what_serve_would(tmp_path: Path, field: str, message: str) -> None:
+    keys = "" if field.startswith("keys_env") else 'keys_env = "KF_TEST_ANTHROPIC"\n'
+    path = write(tmp_path, f"[routes.a]\n{keys}{field}\n")
+    result = run_cli("serve", "--config", str(path), "--check", env={**ENV, "KF_TEST_DUP": "k,k"})
+    assert result.returncode == 2
+    (line,) = result.stderr.strip().splitlines()
+    assert line.startswith(f"keyfailover serve: error: {path}: route 'a': {message}"), line
+    assert "secret" not in line
+
+
+def test_check_connects_to_no_redis(tmp_path: Path) -> None:
+    path = write(tmp_path, '[routes.a]\nkeys_env = "K"\nstate = "redis://127.0.0.1:9/0"\n')
+    result = run_cli("serve", "--config", str(path), "--check", env={"K": ANTHROPIC[0]})
+    assert result.returncode == 0, result.stderr
+    assert result.stderr == ""
+
+
 def test_a_config_with_an_error_never_starts(config_dir: Path) -> None:
     path = config_dir / "kf.toml"
     path.write_text(path.read_text() + "\n[routes.broken]\nkeys_env = 'KF_TEST_NOT_SET'\n")
@@ -394,3 +426,69 @@ def test_a_reload_keeps_unchanged_routes_whole_and_rebuilds_changed_ones(
     assert after["anthropic"][1] is not before["anthropic"][1]
     assert after["anthropic"][0].key("key-0").state == KeyState.TEMPORARY
     assert [prefix for prefix, _ in server.routes] == ["/anthropic", "/oai", "/gemini"]
+
+
+def test_a_worker_started_after_an_edit_serves_the_config_as_it_is_now(
+    tmp_path: Path, up: MockUpstream
+) -> None:
+    (tmp_path / "a.keys").write_text(f"a0={ANTHROPIC[0]}\n")
+    (tmp_path / "kf.toml").write_text(
+        f'[routes.a]\nupstream = "{up.url}"\nkeys_file = "a.keys"\n'
+        f'namespace = "config-respawn-{os.getpid()}"\n'
+    )
+    log = tmp_path / "serve.log"
+    port = free_port()
+    with log.open("w") as stderr:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "keyfailover", "serve", "--config", str(tmp_path / "kf.toml"),
+             "--port", str(port), "--workers", "2", "--grace", "1"],
+            stdout=subprocess.DEVNULL,
+            stderr=stderr,
+            text=True,
+        )  # fmt: skip
+
+    def wait_for(text: str, count: int) -> str:
+        deadline = time.monotonic() + 15
+        while log.read_text().count(text) < count:
+            assert proc.poll() is None, log.read_text()
+            assert time.monotonic() < deadline, log.read_text()
+            time.sleep(0.05)
+        return log.read_text()
+
+    try:
+        text = wait_for("serving on http", 2)
+        (tmp_path / "a.keys").write_text(f"a0={ANTHROPIC[0]}\na1={ANTHROPIC[1]}\n")
+        wait_for("reloaded the config (a file changed)", 2)
+        # Both workers replaced: every connection lands on one started after the edit.
+        for pid in re.findall(r"native server, process (\d+)\)", text):
+            os.kill(int(pid), signal.SIGKILL)
+        wait_for("serving on http", 4)
+        for _ in range(6):
+            keys = httpx.get(
+                f"http://127.0.0.1:{port}/_keyfailover/keys", headers={"connection": "close"}
+            )
+            assert [k["label"] for k in keys.json()["pools"]["a"]] == ["a0", "a1"]
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=30)
+    assert proc.returncode == 0, log.read_text()
+
+
+def test_a_reload_with_an_error_in_one_route_changes_no_route(tmp_path: Path) -> None:
+    from keyfailover._config import Routes
+
+    for name in ("a", "b"):
+        (tmp_path / f"{name}.keys").write_text(f"{name}0={ANTHROPIC[0]}\n")
+    path = tmp_path / "kf.toml"
+    path.write_text(
+        '[routes.a]\nkeys_file = "a.keys"\n[routes.b]\nkeys_file = "b.keys"\nnamespace = "b"\n'
+    )
+    routes = Routes(load_config(path))
+    (tmp_path / "a.keys").write_text(f"a0={ANTHROPIC[0]}\na1={ANTHROPIC[1]}\n")
+    (tmp_path / "b.keys").write_text(f"b0={ANTHROPIC[0]}\nb1={ANTHROPIC[0]}\n")
+    server = RecordingServer()
+    with pytest.raises(ConfigError) as raised:
+        routes.reload(server)  # type: ignore[arg-type]
+    assert str(raised.value) == (f"{path}: route 'b': keys_file: b0 and b1 hold the same key")
+    assert [k["label"] for k in routes.built["a"].pool.snapshot()] == ["a0"]
+    assert server.routes == []

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -162,6 +163,29 @@ def test_with_shared_state_reloaded_keys_find_their_state_by_value():
     assert list(by_label(first)) == ["a", "b"]
     second.key("b-here").reset()
     assert by_label(first)["b"]["state"] == "valid"
+
+
+def test_the_watcher_logs_a_removed_keys_file_once_and_keeps_the_keys(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+):
+    from keyfailover._reload import KeysFileReloader
+
+    keys_file = tmp_path / "keys"
+    keys_file.write_text(f"a={A}\n")
+    pool = kf.KeyPool({"a": A})
+    reloader = KeysFileReloader(keys_file, pool)
+    keys_file.unlink()
+    with caplog.at_level(logging.INFO, logger="keyfailover"):
+        reloader.reload_if_changed()
+        reloader.reload_if_changed()  # still missing: said once
+        assert [r.getMessage() for r in caplog.records] == [
+            f"not reloading the keys (the file changed): cannot read keys file {str(keys_file)!r}"
+            ": No such file or directory; the old keys stay"
+        ]
+        assert list(by_label(pool)) == ["a"]
+        keys_file.write_text(f"b={B}\n")
+        reloader.reload_if_changed()
+    assert list(by_label(pool)) == ["b"]
 
 
 # --- keyfailover serve --------------------------------------------------------

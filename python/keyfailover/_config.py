@@ -19,10 +19,12 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import os
 import re
 import stat
 import sys
+import urllib.parse
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -76,6 +78,8 @@ ROUTE_FIELDS = {
     "timeout",
     "connect_timeout",
 }
+# The forms of a Redis URL the pools take (checked here, so that `--check` connects to none).
+REDIS_SCHEMES = ("redis://", "rediss://", "unix://", "redis+unix://")
 NAME = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 
 
@@ -218,6 +222,18 @@ def _keys(
         raise where.error(field, str(exc)) from None
 
 
+def _check_upstream(where: _Where, upstream: str) -> None:
+    """The checks of a pool's base URL, naming the field (the URL is not shown: it
+    may hold a password)."""
+    url = urllib.parse.urlsplit(upstream)
+    if url.username is not None or url.password is not None:
+        raise where.error(
+            "upstream", "must not contain credentials (user:password@): keyfailover sends the keys"
+        )
+    if url.scheme not in ("http", "https") or not url.netloc or url.query or url.fragment:
+        raise where.error("upstream", "must be an http or https URL without query or fragment")
+
+
 def _route(
     where: _Where, table: Any, base: Path, mode: int, environ: dict[str, str]
 ) -> RouteConfig:
@@ -239,7 +255,17 @@ def _route(
             "provider", f"unknown provider {provider!r} (one of {', '.join(PROVIDERS)})"
         )
     keys, keys_file = _keys(where, table, base, mode, environ)
-    upstream = default_upstream(provider, keys, _typed(where, table, "upstream", str, None))
+    try:
+        # What a pool checks (labels, duplicates, base_url=), on a throwaway local
+        # pool: a reload with an error is refused before any pool changes.
+        KeyPool(keys)
+    except ConfigError as exc:
+        field = next(f for f in ("keys_env", "keys_file", "keys") if f in table)
+        raise where.error(field, str(exc)) from None
+    given_upstream = _typed(where, table, "upstream", str, None)
+    if given_upstream is not None:
+        _check_upstream(where, given_upstream)
+    upstream = default_upstream(provider, keys, given_upstream)
     if upstream is None:
         raise where.error(
             "upstream",
@@ -254,14 +280,25 @@ def _route(
     tokens = None
     if "client_tokens_env" in table:
         tokens = _tokens(where, "client_tokens_env", table["client_tokens_env"], environ)
+        listed = keys.items() if isinstance(keys, dict) else enumerate(keys)
+        for label, key in listed:
+            if (key.value if isinstance(key, Key) else key) in tokens:
+                label = label if isinstance(keys, dict) else f"key-{label}"
+                raise where.error("client_tokens_env", f"a token is the route's key {label}")
     max_body = _typed(where, table, "max_body_bytes", int, 32 * 1024 * 1024)
     if max_body < 0:
         raise where.error("max_body_bytes", "must not be negative")
     timeout = _typed(where, table, "timeout", float, 600.0)
     connect_timeout = _typed(where, table, "connect_timeout", float, 10.0)
     for field, value in (("timeout", timeout), ("connect_timeout", connect_timeout)):
-        if not value > 0:
-            raise where.error(field, "must be a number of seconds above 0")
+        if not (value > 0 and math.isfinite(value)):
+            raise where.error(field, "must be a finite number of seconds above 0")
+    state = _typed(where, table, "state", str, None)
+    if state is not None and state not in ("local", "shm") and not state.startswith(REDIS_SCHEMES):
+        raise where.error("state", 'must be "shm" or a redis://, rediss:// or unix:// URL')
+    namespace = _typed(where, table, "namespace", str, name)
+    if not namespace or any(c.isspace() or not c.isprintable() for c in namespace):
+        raise where.error("namespace", f"must be a name without spaces, not {namespace!r}")
     return RouteConfig(
         name=name,
         path=path,
@@ -270,8 +307,8 @@ def _route(
         keys=keys,
         keys_file=keys_file,
         strategy=strategy,
-        state=_typed(where, table, "state", str, None),
-        namespace=_typed(where, table, "namespace", str, name),
+        state=state,
+        namespace=namespace,
         client_tokens=tokens,
         allow_byok=_typed(where, table, "allow_byok", bool, False),
         max_body_bytes=max_body,
@@ -334,8 +371,13 @@ class _Built:
 class Routes:
     """The routes of a config as the server runs them, rebuilt on reload."""
 
-    def __init__(self, config: Config, *, default_state: str | None = None) -> None:
+    def __init__(
+        self, config: Config, *, default_state: str | None = None, local: bool = False
+    ) -> None:
+        """`local`: every pool keeps its keys' states in this process, whatever its
+        `state` (for `--check`: no shared memory is opened, no Redis connected)."""
         self.default_state = default_state
+        self.local = local
         self.config = config
         self.built = self._build(config, {})
 
@@ -343,11 +385,13 @@ class Routes:
         from keyfailover.asgi import FailoverProxy
 
         built: dict[str, _Built] = {}
-        reloads: list[tuple[KeyPool, Keys]] = []
+        reloads: list[tuple[_Where, KeyPool, Keys]] = []
         for route in config.routes:
             where = _Where(config.path, route.name)
             previous = old.get(route.name)
             state = route.state if route.state is not None else self.default_state
+            if self.local:
+                state = None
             if (
                 previous is not None
                 and previous.config == route
@@ -355,7 +399,7 @@ class Routes:
             ):
                 # The same route: keep its client (and its upstream connections)
                 # and gateway (and the dashboard's history); only keys may change.
-                reloads.append((previous.pool, route.keys))
+                reloads.append((where, previous.pool, route.keys))
                 built[route.name] = _Built(route, previous.pool, previous.proxy)
                 continue
             try:
@@ -364,7 +408,7 @@ class Routes:
                     and previous.config.pool_settings() == route.pool_settings()
                 ):
                     pool = previous.pool
-                    reloads.append((pool, route.keys))  # once everything else is built
+                    reloads.append((where, pool, route.keys))  # once everything else is built
                 else:
                     pool = KeyPool(
                         route.keys, state=state, namespace=route.namespace, strategy=route.strategy
@@ -388,8 +432,12 @@ class Routes:
             except ConfigError as exc:
                 raise where.error(None, str(exc)) from None
             built[route.name] = _Built(route, pool, proxy)
-        for pool, keys in reloads:
-            pool.reload(keys)
+        # The keys were checked as the config was loaded: these do not fail on them.
+        for where, pool, keys in reloads:
+            try:
+                pool.reload(keys)
+            except ConfigError as exc:
+                raise where.error(None, str(exc)) from None
         return built
 
     def _keys_of(self, name: str) -> Callable[[], Keys]:
@@ -455,9 +503,10 @@ class ConfigReloader(FileWatcher):
 
     name = "keyfailover-config"
 
-    def __init__(self, routes: Routes, server: Server, *, interval: float = 2.0) -> None:
+    server: Server  # set before the first reload
+
+    def __init__(self, routes: Routes, *, interval: float = 2.0) -> None:
         self.routes = routes
-        self.server = server
         super().__init__(interval=interval)
 
     def files(self) -> list[Path]:

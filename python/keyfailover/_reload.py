@@ -59,9 +59,10 @@ class FileWatcher:
 
     def reload_if_changed(self) -> None:
         """Reloads if a file changed since it was last read (a worker started
-        after an edit catches up this way)."""
+        after an edit catches up this way); a file removed since is such a change,
+        so its error is logged once."""
         stamps = self._stamps()
-        if stamps != self._seen and any(s is not None for s in stamps):
+        if stamps != self._seen:
             self.reload("the file changed" if len(stamps) == 1 else "a file changed")
 
     def watch(self) -> None:

@@ -51,6 +51,10 @@ def run_uvicorn(uvicorn: Any, proxy: FailoverProxy, sock: socket.socket, args: A
         proxy,
         log_level=args.log_level,
         log_config=None,  # uvicorn's loggers go through the handler `serve` set up
+        # h11, not the default httptools parser: that one loses the body of a POST
+        # carrying `Upgrade: h2c` (curl --http2 on http:// sends it) and answers
+        # HTTP/1.0 clients with chunked responses.
+        http="h11",
         timeout_keep_alive=args.timeout_keep_alive,
         limit_concurrency=args.limit_concurrency,
         # A backstop only: past --grace the proxy itself ends what is in flight.
@@ -126,7 +130,8 @@ def supervise(workers: int, serve: Callable[[], None], sock: socket.socket) -> i
             os.setpgid(0, 0)  # Ctrl-C reaches the supervisor only, which passes it on
             signal.signal(signal.SIGINT, signal.SIG_DFL)
             signal.signal(signal.SIGTERM, signal.SIG_DFL)
-            signal.signal(signal.SIGHUP, signal.SIG_DFL)
+            # Ignored until `serve` says what SIGHUP does (reload, or log), never fatal.
+            signal.signal(signal.SIGHUP, signal.SIG_IGN)
             status = 0
             try:
                 serve()

@@ -252,6 +252,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
             reloader.on_sighup()
             reloader.reload_if_changed()
             reloader.watch()
+        else:  # SIGHUP would end the process
+            source = f"environment variable {args.keys_env}"
+            signal.signal(
+                signal.SIGHUP,
+                lambda *_: log.warning("SIGHUP: nothing to reload: keys come from %s", source),
+            )
         if uvicorn is None:
             _serve.run_native(proxy, sock, args)
         else:
@@ -287,6 +293,10 @@ def serve_config(args: argparse.Namespace) -> int:
                 "anyone: give it client_tokens_env, or pass --allow-unauthenticated"
             )
     if args.check:
+        try:  # what serve builds (clients, gateways), with pools sharing nothing
+            _config.Routes(config, local=True)
+        except ConfigError as exc:
+            raise CliError(str(exc)) from None
         print(
             f"{args.config}: {plural(len(config.routes), 'route')} OK: "
             + ", ".join(
@@ -305,17 +315,19 @@ def serve_config(args: argparse.Namespace) -> int:
         raise CliError(str(exc)) from None
     for line in routes.describe():
         log.info("%s", line)
+    # Made before the fork, it knows the files as the routes were built from them:
+    # a worker started after an edit catches up (reload_if_changed).
+    reloader = _config.ConfigReloader(routes)
     sock = listen(args.host, args.port)
     raise_open_files_limit()
 
     def run() -> None:
-        server = _serve.native_server(routes.server_routes(), args, config.admin_tokens)
-        reloader = _config.ConfigReloader(routes, server)
+        reloader.server = _serve.native_server(routes.server_routes(), args, config.admin_tokens)
         reloader.on_sighup()
         reloader.reload_if_changed()
         reloader.watch()
         try:
-            _serve.serve_native_server(server, sock, args)
+            _serve.serve_native_server(reloader.server, sock, args)
         finally:
             reloader.stop()
 
