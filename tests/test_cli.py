@@ -84,6 +84,9 @@ ARGUMENT_ERRORS = [
     ),
     (keys_env(KEY_A, "--client-token-env", "KF_UNSET"), "environment variable KF_UNSET is not set"),
     (keys_env(KEY_A, "--upstream", "ftp://x"), "must be an http or https URL"),
+    # A key given where a variable's name belongs is not printed.
+    ((serve_args("--keys-env", KEY_A), {}), "--keys-env: is not an environment variable's name"),
+    (keys_env(KEY_B, "--client-token-env", KEY_A), "is not an environment variable's name"),
 ]
 
 
@@ -291,6 +294,22 @@ def test_serve_logs_one_key_in_the_singular(up: MockUpstream):
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=15)
     assert "with 1 key (" in err, err
+
+
+@pytest.mark.parametrize("server", ["native", "uvicorn"])
+def test_no_log_line_shows_a_key_in_a_query_or_path(up: MockUpstream, server: str):
+    """A Gemini caller's ?key= and a key named in a path never reach the logs: the access
+    lines drop the query and mask pool keys, and uvicorn's own access log is off."""
+    proc, url = start_serve(up, "--server", server, "--log-level", "debug")
+    try:
+        httpx.get(url + "/v1/models?key=AIzaSy-caller-query-secret")
+        httpx.post(url + f"/_keyfailover/keys/{KEY_A}/retire")
+    finally:
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=15)
+    assert "GET /v1/models -> 200" in err
+    assert "caller-query-secret" not in err
+    assert KEY_A not in err
 
 
 @pytest.mark.parametrize("workers", ["1", "2"])

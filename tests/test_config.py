@@ -492,3 +492,13 @@ def test_a_reload_with_an_error_in_one_route_changes_no_route(tmp_path: Path) ->
     assert str(raised.value) == (f"{path}: route 'b': keys_file: b0 and b1 hold the same key")
     assert [k["label"] for k in routes.built["a"].pool.snapshot()] == ["a0"]
     assert server.routes == []
+
+
+def test_a_routes_repr_shows_no_redis_password(tmp_path: Path) -> None:
+    text = (
+        f"[routes.a]\nkeys = ['{ANTHROPIC[0]}']\n"
+        "state = 'redis://:hunter2-redis-password@127.0.0.1:6379/0'\n"
+    )
+    (route,) = load_config(write(tmp_path, text, 0o600), environ={}).routes
+    assert route.state is not None
+    assert "hunter2" not in repr(route)

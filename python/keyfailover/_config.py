@@ -75,6 +75,7 @@ ROUTE_FIELDS = {
     "client_tokens_env",
     "allow_byok",
     "max_body_bytes",
+    "body_timeout",
     "timeout",
     "connect_timeout",
 }
@@ -92,11 +93,12 @@ class RouteConfig:
     keys: Keys = dataclasses.field(repr=False, compare=False)
     keys_file: Path | None
     strategy: str
-    state: str | None
+    state: str | None = dataclasses.field(repr=False)  # a Redis URL may hold a password
     namespace: str
     client_tokens: tuple[str, ...] | None = dataclasses.field(repr=False)
     allow_byok: bool
     max_body_bytes: int
+    body_timeout: float
     timeout: float
     connect_timeout: float
 
@@ -144,12 +146,20 @@ class _Where:
         return ConfigError(": ".join([*parts, message]))
 
 
+def unset_variable(var: str) -> str:
+    """Why `var` gave nothing, naming it only if it looks like a variable's name: a key or
+    token given where its name belongs must not be printed."""
+    if re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]{0,63}", var):
+        return f"environment variable {var} is not set"
+    return "is not an environment variable's name (a key or token given where a name belongs?)"
+
+
 def _tokens(where: _Where, field: str, var: Any, environ: dict[str, str]) -> tuple[str, ...]:
     if not isinstance(var, str) or not var:
         raise where.error(field, "must name an environment variable")
     value = environ.get(var)
     if value is None:
-        raise where.error(field, f"environment variable {var} is not set")
+        raise where.error(field, unset_variable(var))
     tokens = tuple(t.strip() for t in re.split(r"[,\n]", value) if t.strip())
     if not tokens:
         raise where.error(field, f"environment variable {var} holds no tokens")
@@ -190,7 +200,7 @@ def _keys(
                 raise where.error(field, "must name an environment variable")
             text = environ.get(value)
             if text is None:
-                raise where.error(field, f"environment variable {value} is not set")
+                raise where.error(field, unset_variable(value))
             source = f"environment variable {value}"
             return parse_keys(text, source=source, separators=",\n"), None
         if field == "keys_file":
@@ -290,7 +300,12 @@ def _route(
         raise where.error("max_body_bytes", "must not be negative")
     timeout = _typed(where, table, "timeout", float, 600.0)
     connect_timeout = _typed(where, table, "connect_timeout", float, 10.0)
-    for field, value in (("timeout", timeout), ("connect_timeout", connect_timeout)):
+    body_timeout = _typed(where, table, "body_timeout", float, 30.0)
+    for field, value in (
+        ("timeout", timeout),
+        ("connect_timeout", connect_timeout),
+        ("body_timeout", body_timeout),
+    ):
         if not (value > 0 and math.isfinite(value)):
             raise where.error(field, "must be a finite number of seconds above 0")
     state = _typed(where, table, "state", str, None)
@@ -312,6 +327,7 @@ def _route(
         client_tokens=tokens,
         allow_byok=_typed(where, table, "allow_byok", bool, False),
         max_body_bytes=max_body,
+        body_timeout=body_timeout,
         timeout=timeout,
         connect_timeout=connect_timeout,
     )
@@ -426,6 +442,7 @@ class Routes:
                     client_tokens=route.client_tokens,
                     allow_byok=route.allow_byok,
                     max_body_bytes=route.max_body_bytes,
+                    body_timeout=route.body_timeout,
                     admin_tokens=config.admin_tokens,
                     reload=self._keys_of(route.name),
                 )

@@ -55,6 +55,12 @@ def run_uvicorn(uvicorn: Any, proxy: FailoverProxy, sock: socket.socket, args: A
         # carrying `Upgrade: h2c` (curl --http2 on http:// sends it) and answers
         # HTTP/1.0 clients with chunked responses.
         http="h11",
+        # FailoverProxy writes the access lines (with a key in a query or path masked);
+        # uvicorn's own would print the whole target, a Gemini caller's ?key= too.
+        access_log=False,
+        # The proxy serves no WebSockets: uvicorn's debug log of an upgrade's headers
+        # would print callers' tokens and keys.
+        ws="none",
         timeout_keep_alive=args.timeout_keep_alive,
         limit_concurrency=args.limit_concurrency,
         # A backstop only: past --grace the proxy itself ends what is in flight.

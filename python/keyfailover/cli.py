@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
 
 from keyfailover import __version__, _native
-from keyfailover._config import PROVIDERS, default_upstream
+from keyfailover._config import PROVIDERS, default_upstream, unset_variable
 from keyfailover._native import ConfigError, FailoverClient, Key, KeyPool
 from keyfailover._native import parse_keys as _parse_keys
 from keyfailover._reload import KeysFileReloader
@@ -68,7 +68,7 @@ def load_keys(args: argparse.Namespace) -> list[str | Key] | dict[str, str | Key
         return parse_keys(text, source=f"keys file {str(path)!r}")
     value = os.environ.get(args.keys_env)
     if value is None:
-        raise CliError(f"environment variable {args.keys_env} is not set")
+        raise CliError(f"--keys-env: {unset_variable(args.keys_env)}")
     return parse_keys(value, source=f"environment variable {args.keys_env}", separators=",\n")
 
 
@@ -77,7 +77,7 @@ def load_tokens(var: str | None, what: str = "client tokens") -> list[str] | Non
         return None
     value = os.environ.get(var)
     if value is None:
-        raise CliError(f"environment variable {var} is not set")
+        raise CliError(unset_variable(var))
     tokens = [t.strip() for t in re.split(r"[,\n]", value) if t.strip()]
     if not tokens:
         raise CliError(f"environment variable {var} holds no {what}")
@@ -175,6 +175,7 @@ def build_proxy(args: argparse.Namespace) -> tuple[FailoverProxy, KeysFileReload
             client_tokens=tokens,
             allow_byok=args.allow_byok,
             max_body_bytes=args.max_body_bytes,
+            body_timeout=args.body_timeout,
             admin_tokens=load_tokens(args.admin_token_env, "admin tokens"),
             reload=reloader.keys if reloader else None,
         )
@@ -204,6 +205,7 @@ ROUTE_OPTIONS = (
     "admin_token_env",
     "allow_byok",
     "max_body_bytes",
+    "body_timeout",
     "timeout",
     "connect_timeout",
     "strategy",
@@ -478,6 +480,14 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="S",
         help="native server: close a connection whose request head is not complete after "
         "this long, or that is idle this long between requests (default 30)",
+    )
+    serve.add_argument(
+        "--body-timeout",
+        type=seconds,
+        default=30.0,
+        metavar="S",
+        help="answer 408 and close the connection when a request body pauses for longer "
+        "than this (default 30)",
     )
     serve.add_argument(
         "--timeout-keep-alive",
