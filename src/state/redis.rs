@@ -63,6 +63,14 @@ redis.call('PUBLISH', ARGV[4], ARGV[5] .. ' ' .. state)
 return 1
 "#;
 
+/// The longest cooldown this crate sets by itself: a monthly spend limit's,
+/// until the 1st of the next month (31 days at most; the others are a day or
+/// less unless configured). A deadline from Redis further out is clamped to
+/// it: it is damage or tampering, not a plan. A longer configured or manual
+/// cooldown reaches other processes as this long (the marking one keeps its
+/// own).
+pub(crate) const LONGEST_COOLDOWN: Duration = Duration::from_secs(31 * 24 * 3600);
+
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 const COMMAND_TIMEOUT: Duration = Duration::from_secs(2);
 const BACKOFF_MIN: Duration = Duration::from_millis(100);
@@ -441,7 +449,14 @@ pub(crate) fn apply(cell: &Cell, shared: Shared) -> bool {
         unreachable,
     } = shared;
     let (now_wall, now_mono) = clocks();
-    let deadline = (until > now_wall).then(|| now_mono + (until - now_wall) * 1_000);
+    // Saturating, and clamped: a deadline of centuries would wrap around.
+    let longest = u64::try_from(LONGEST_COOLDOWN.as_micros()).unwrap_or(u64::MAX);
+    let deadline = (until > now_wall).then(|| {
+        let left = (until - now_wall).min(longest);
+        now_mono
+            .saturating_add(left.saturating_mul(1_000))
+            .min(PERMANENT - 1)
+    });
     let local = cell.reset_at.fetch_max(reset_at, Ordering::AcqRel);
     if reset_at > local {
         // A reset this process had not seen: the shared state replaces ours.
@@ -794,6 +809,31 @@ mod tests {
             Some(shared(5, 1, 900))
         );
         assert_eq!(Shared::parse("5", "x", "900", None), None);
+    }
+
+    #[test]
+    fn deadlines_out_of_range_are_clamped_to_the_longest_cooldown() {
+        let longest = LONGEST_COOLDOWN.as_nanos() as u64;
+        for u in [
+            "18446744073709551615",
+            "18446744073709551000",
+            "18446744073709000000",
+        ] {
+            let shared = Shared::parse("0", "1", u, Some("0")).unwrap();
+            let c = cell();
+            let mono = clocks().1;
+            apply(&c, shared);
+            let status = c.status(clocks().1);
+            assert_eq!(status.state, KeyState::Temporary, "u={u}");
+            let left = c.word.load(Ordering::Acquire) - mono;
+            assert!(
+                left <= longest + 10_000_000 && left > longest - 10_000_000_000,
+                "u={u}: {left} ns"
+            );
+        }
+        // No cooldown the crate sets is longer.
+        let next_month = crate::verdict::until_next_month(std::time::SystemTime::now());
+        assert!(next_month <= LONGEST_COOLDOWN);
     }
 
     #[test]
