@@ -7,7 +7,9 @@
 //! permanent mark win, and ignores marks made before the key's last reset),
 //! and the script publishes the key's resulting state to every process. Each
 //! process also re-reads every key's state at a fixed interval and after each
-//! reconnect, so a lost message is repaired within that interval.
+//! reconnect, so a lost message is repaired within that interval; a key it
+//! finds with no state there (a restart, a flush, an eviction) gets this
+//! process's state again unless that is valid.
 //!
 //! Per key, Redis holds a hash `kf:{namespace}:k:{fingerprint}` with `r` (the
 //! last reset, Unix µs), `s` (0 valid, 1 temporary, 2 permanent), `u` (the
@@ -16,10 +18,10 @@
 //! neither writes nor clears it, and a cooldown it sets has another `u`);
 //! never a key or part of one. A key whose hash does not parse (put there
 //! by hand, or not a hash) has no shared state, is logged once by its
-//! fingerprint, and is overwritten by the next write of the key; every other
-//! key goes on. Deadlines cross
-//! processes as wall-clock time; each process turns them into readings of its
-//! own monotonic clock.
+//! fingerprint, and is overwritten by the next write of the key (a re-read
+//! makes one where this process's state is not valid); every other key goes
+//! on. Deadlines cross processes as wall-clock time; each process turns them
+//! into readings of its own monotonic clock.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex, Weak};
@@ -621,13 +623,17 @@ async fn session(sync: &RedisSync) -> std::result::Result<(), String> {
 /// again. Each goes as made just after the last reset this process knows of,
 /// so it cannot undo a reset made elsewhere meanwhile.
 fn republish(sync: &RedisSync) {
+    for (fp, cells) in sync.cells() {
+        republish_key(sync, fp, &cells);
+    }
+}
+
+/// Queues one key's local state (retired, cooling down; nothing when valid),
+/// as [`republish`] does.
+fn republish_key(sync: &RedisSync, fp: Fingerprint, cells: &[Arc<Cell>]) {
     use std::sync::atomic::Ordering;
     let now = clocks().1;
-    for (fp, cell) in sync
-        .cells()
-        .into_iter()
-        .flat_map(|(fp, cells)| cells.into_iter().map(move |cell| (fp, cell)))
-    {
+    for cell in cells {
         let known_reset = cell.reset_at.load(Ordering::Acquire) + 1;
         let (_, unreachable) = cell.status_and_unreachable(now);
         match cell.word.load(Ordering::Acquire) {
@@ -736,7 +742,10 @@ async fn push(
     Ok(())
 }
 
-/// Re-reads every key's shared state.
+/// Re-reads every key's shared state. A key with none there (Redis was
+/// flushed, or evicted it; or its data does not parse) gets this process's
+/// state again when that is not valid, as after a reconnect: a flush does not
+/// disconnect, and a process started afterwards would use a key retired here.
 async fn pull(
     sync: &RedisSync,
     conn: &mut redis::aio::MultiplexedConnection,
@@ -769,17 +778,22 @@ async fn pull(
             Ok(value) => redis::from_redis_value::<Fields>(value),
             Err(e) if key_error(&e) => {
                 sync.damaged(fp, Damage::Read, &format!("is not a hash ({e})"));
+                republish_key(sync, *fp, followers);
                 continue;
             }
             Err(e) => return Err(format!("read states: {e}")),
         };
         let shared = match fields {
-            Ok((None, None, None, None)) => continue,
+            Ok((None, None, None, None)) => {
+                republish_key(sync, *fp, followers);
+                continue;
+            }
             Ok((Some(r), Some(s), Some(u), w)) => Shared::parse(&r, &s, &u, w.as_deref()),
             _ => None,
         };
         let Some(shared) = shared else {
             sync.damaged(fp, Damage::Read, "does not parse");
+            republish_key(sync, *fp, followers);
             continue;
         };
         sync.sound(fp, Damage::Read);
@@ -1167,6 +1181,52 @@ mod tests {
                     == PERMANENT));
             }
         }
+    }
+
+    /// Redis flushed (a flush does not disconnect): the next re-read writes
+    /// a key retired here back, so a process started afterwards sees it.
+    #[test]
+    fn a_flushed_key_state_is_written_again() {
+        let server = Server::start();
+        let mut redis = server.conn();
+        let rt = runtime();
+        let namespace = "flushed";
+        let fps = [
+            Fingerprint::of(namespace, "sk-test-retired"),
+            Fingerprint::of(namespace, "sk-test-valid"),
+        ];
+        let (a, a_cells) = follower(&server, namespace, &rt, &fps);
+        assert!(eventually(Duration::from_secs(5), || a.status().connected));
+        retire(&a, &a_cells[0], fps[0]);
+        let state = |redis: &mut redis::Connection| {
+            redis::cmd("HGET")
+                .arg(hash_key(namespace, fps[0]))
+                .arg("s")
+                .query::<Option<String>>(redis)
+                .unwrap()
+        };
+        assert!(eventually(Duration::from_secs(2), || state(&mut redis)
+            .as_deref()
+            == Some("2")));
+        redis::cmd("FLUSHALL").query::<()>(&mut redis).unwrap();
+        assert!(
+            eventually(Duration::from_millis(2_500), || state(&mut redis)
+                .as_deref()
+                == Some("2")),
+            "not written again: {:?}",
+            state(&mut redis)
+        );
+        // Nothing is written for a valid key.
+        let valid: bool = redis::cmd("EXISTS")
+            .arg(hash_key(namespace, fps[1]))
+            .query(&mut redis)
+            .unwrap();
+        assert!(!valid);
+        let (_b, b_cells) = follower(&server, namespace, &rt, &fps);
+        assert!(eventually(Duration::from_secs(2), || b_cells[0]
+            .word
+            .load(Ordering::Acquire)
+            == PERMANENT));
     }
 
     #[test]
