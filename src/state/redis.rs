@@ -1183,6 +1183,58 @@ mod tests {
         }
     }
 
+    /// Fields that are no whole number in range count as absent in the
+    /// script, which then writes the key as if it had none.
+    #[test]
+    fn the_script_takes_fields_that_are_no_numbers_for_absent() {
+        let server = Server::start();
+        let mut redis = server.conn();
+        let (wall, _) = clocks();
+        let until = wall + 60_000_000;
+        for bad in [
+            "garbage",
+            "",
+            "nan",
+            "-nan",
+            "inf",
+            "-5",
+            "1e30",
+            "18446744073709551615",
+        ] {
+            redis::cmd("DEL").arg("k").query::<()>(&mut redis).unwrap();
+            redis::cmd("HSET")
+                .arg("k")
+                .arg(&["r", bad, "s", bad, "u", bad, "w", bad])
+                .query::<()>(&mut redis)
+                .unwrap();
+            let written: i64 = redis::cmd("EVAL")
+                .arg(SCRIPT)
+                .arg(1)
+                .arg("k")
+                .arg(&[
+                    "cool",
+                    &wall.to_string(),
+                    &until.to_string(),
+                    "c",
+                    "fp",
+                    "0",
+                ])
+                .query(&mut redis)
+                .unwrap_or_else(|e| panic!("{bad:?}: {e}"));
+            assert_eq!(written, 1, "{bad:?}");
+            let fields: (String, String, String, String) = redis::cmd("HMGET")
+                .arg("k")
+                .arg(&["r", "s", "u", "w"])
+                .query(&mut redis)
+                .unwrap();
+            assert_eq!(
+                Shared::parse(&fields.0, &fields.1, &fields.2, Some(&fields.3)),
+                Some(shared(0, 1, until)),
+                "{bad:?}: {fields:?}"
+            );
+        }
+    }
+
     /// Redis flushed (a flush does not disconnect): the next re-read writes
     /// a key retired here back, so a process started afterwards sees it.
     #[test]
