@@ -39,7 +39,8 @@ lint: build
 	$(PY) -m mypy
 	$(PY) -m mypy.stubtest --ignore-disjoint-bases keyfailover._native
 
-test-rust:
+# The Redis tests start a redis-server of their own.
+test-rust: deps
 	$(CARGO) test --quiet
 
 # System packages the tests need (redis-server, chromium), installed when missing.

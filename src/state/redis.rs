@@ -7,18 +7,23 @@
 //! permanent mark win, and ignores marks made before the key's last reset),
 //! and the script publishes the key's resulting state to every process. Each
 //! process also re-reads every key's state at a fixed interval and after each
-//! reconnect, so a lost message is repaired within that interval.
+//! reconnect, so a lost message is repaired within that interval; a key it
+//! finds with no state there (a restart, a flush, an eviction) gets this
+//! process's state again unless that is valid.
 //!
 //! Per key, Redis holds a hash `kf:{namespace}:k:{fingerprint}` with `r` (the
 //! last reset, Unix µs), `s` (0 valid, 1 temporary, 2 permanent), `u` (the
 //! end of a cooldown, Unix µs) and `w` (the same as `u` when that cooldown is
 //! for the key's own endpoint being unreachable, else 0; a version before it
 //! neither writes nor clears it, and a cooldown it sets has another `u`);
-//! never a key or part of one. Deadlines cross
-//! processes as wall-clock time; each process turns them into readings of its
-//! own monotonic clock.
+//! never a key or part of one. A key whose hash does not parse (put there
+//! by hand, or not a hash) has no shared state, is logged once by its
+//! fingerprint, and is overwritten by the next write of the key (a re-read
+//! makes one where this process's state is not valid); every other key goes
+//! on. Deadlines cross processes as wall-clock time; each process turns them
+//! into readings of its own monotonic clock.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
@@ -34,11 +39,21 @@ use crate::pool::cell::{Cell, Marked, PERMANENT, VALID};
 
 /// Keeps the later deadline, permanent over temporary, and a reset over
 /// every mark made before it (or at the same microsecond); publishes the
-/// result. Times are Unix microseconds.
+/// result. Times are Unix microseconds. What does not parse (a field that is
+/// no number in range, a value that is no hash, both put there by hand)
+/// counts as absent and is overwritten: one damaged key must not stop its
+/// writes.
 const SCRIPT: &str = r#"
-local r = tonumber(redis.call('HGET', KEYS[1], 'r') or '0')
-local s = tonumber(redis.call('HGET', KEYS[1], 's') or '0')
-local u = tonumber(redis.call('HGET', KEYS[1], 'u') or '0')
+local t = redis.call('TYPE', KEYS[1])['ok']
+if t ~= 'hash' and t ~= 'none' then redis.call('DEL', KEYS[1]) end
+local function field(name)
+  local v = tonumber(redis.call('HGET', KEYS[1], name))
+  if v == nil or v ~= v or v < 0 or v >= 18446744073709551616 then return 0 end
+  return v
+end
+local r = field('r')
+local s = field('s')
+local u = field('u')
 local w = 0
 local at = tonumber(ARGV[2])
 if ARGV[1] == 'reset' then
@@ -62,6 +77,14 @@ redis.call('HSET', KEYS[1], 'r', string.format('%.0f', r), 's', s, 'u', string.f
 redis.call('PUBLISH', ARGV[4], ARGV[5] .. ' ' .. state)
 return 1
 "#;
+
+/// The longest cooldown this crate sets by itself: a monthly spend limit's,
+/// until the 1st of the next month (31 days at most; the others are a day or
+/// less unless configured). A deadline from Redis further out is clamped to
+/// it: it is damage or tampering, not a plan. A longer configured or manual
+/// cooldown reaches other processes as this long (the marking one keeps its
+/// own).
+pub(crate) const LONGEST_COOLDOWN: Duration = Duration::from_secs(31 * 24 * 3600);
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 const COMMAND_TIMEOUT: Duration = Duration::from_secs(2);
@@ -120,6 +143,13 @@ impl Pending {
     }
 }
 
+/// What went wrong with a key's shared state.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+enum Damage {
+    Read,
+    Write,
+}
+
 #[derive(Debug, Default)]
 struct Status {
     connected: bool,
@@ -141,6 +171,9 @@ pub(crate) struct RedisSync {
     /// namespace share a sync).
     cells: Mutex<HashMap<Fingerprint, Vec<Weak<Cell>>>>,
     pending: Mutex<HashMap<Fingerprint, Pending>>,
+    /// Keys whose shared state does not parse, or could not be written:
+    /// logged once, until it reads back (or is written) fine.
+    damaged: Mutex<HashSet<(Fingerprint, Damage)>>,
     wake: Notify,
     status: Mutex<Status>,
     task: Mutex<Option<AbortHandle>>,
@@ -242,6 +275,7 @@ impl RedisSync {
             refresh,
             cells: Mutex::new(HashMap::new()),
             pending: Mutex::new(HashMap::new()),
+            damaged: Mutex::new(HashSet::new()),
             wake: Notify::new(),
             status: Mutex::new(Status::default()),
             task: Mutex::new(None),
@@ -372,16 +406,55 @@ impl RedisSync {
 
     /// A warning on `keyfailover.state` (connection lost, and back).
     fn log(&self, message: String) {
-        events::emit(Record {
-            logger: "keyfailover.state",
-            level: Level::Warning,
-            message,
-            fields: vec![
+        self.log_with(message, Vec::new());
+    }
+
+    fn log_with(&self, message: String, mut fields: Vec<(&'static str, Field)>) {
+        fields.splice(
+            0..0,
+            [
                 ("backend", Field::from("redis")),
                 ("url", Field::from(self.shown.as_str())),
                 ("namespace", Field::from(self.namespace.as_str())),
             ],
+        );
+        events::emit(Record {
+            logger: "keyfailover.state",
+            level: Level::Warning,
+            message,
+            fields,
         });
+    }
+
+    /// A key's shared state is damaged (`what` says how): logged once, by
+    /// its Redis key (a fingerprint, never the key), until it reads back
+    /// (or is written) fine.
+    fn damaged(&self, fingerprint: &Fingerprint, damage: Damage, what: &str) {
+        let new = self
+            .damaged
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert((*fingerprint, damage));
+        if new {
+            let hex = fingerprint.hex();
+            self.log_with(
+                format!(
+                    "the shared state of a key of namespace {:?} at {} ({}{hex}) {what}; \
+                     it counts as absent there until written again, and every other key \
+                     keeps being shared",
+                    self.namespace, self.shown, self.prefix
+                ),
+                vec![("fingerprint", Field::from(hex))],
+            );
+        }
+    }
+
+    /// A key's shared state reads back (or is written) fine.
+    fn sound(&self, fingerprint: &Fingerprint, damage: Damage) {
+        let mut damaged = self.damaged.lock().unwrap_or_else(|e| e.into_inner());
+        if !damaged.is_empty() {
+            damaged.remove(&(*fingerprint, damage));
+        }
     }
 
     /// Every key followed, with its live cells.
@@ -446,7 +519,14 @@ pub(crate) fn apply(cell: &Cell, shared: Shared) -> bool {
         unreachable,
     } = shared;
     let (now_wall, now_mono) = clocks();
-    let deadline = (until > now_wall).then(|| now_mono + (until - now_wall) * 1_000);
+    // Saturating, and clamped: a deadline of centuries would wrap around.
+    let longest = u64::try_from(LONGEST_COOLDOWN.as_micros()).unwrap_or(u64::MAX);
+    let deadline = (until > now_wall).then(|| {
+        let left = (until - now_wall).min(longest);
+        now_mono
+            .saturating_add(left.saturating_mul(1_000))
+            .min(PERMANENT - 1)
+    });
     let local = cell.reset_at.fetch_max(reset_at, Ordering::AcqRel);
     if reset_at > local {
         // A reset this process had not seen: the shared state replaces ours.
@@ -525,11 +605,17 @@ async fn session(sync: &RedisSync) -> std::result::Result<(), String> {
     sync.set_connected(true, None);
     republish(sync);
     let mut refresh = tokio::time::interval(sync.refresh);
+    // Keys whose last write failed on the server: tried again at the next
+    // re-read, not at every wake-up.
+    let mut held = HashSet::new();
     loop {
-        push(sync, &mut conn, &sha).await?;
+        push(sync, &mut conn, &sha, &mut held).await?;
         tokio::select! {
             _ = sync.wake.notified() => {}
-            _ = refresh.tick() => pull(sync, &mut conn).await?,
+            _ = refresh.tick() => {
+                held.clear();
+                pull(sync, &mut conn).await?;
+            }
             message = messages.next() => match message {
                 Some(message) => receive(sync, &message),
                 None => return Err("the subscription connection closed".into()),
@@ -542,13 +628,17 @@ async fn session(sync: &RedisSync) -> std::result::Result<(), String> {
 /// again. Each goes as made just after the last reset this process knows of,
 /// so it cannot undo a reset made elsewhere meanwhile.
 fn republish(sync: &RedisSync) {
+    for (fp, cells) in sync.cells() {
+        republish_key(sync, fp, &cells);
+    }
+}
+
+/// Queues one key's local state (retired, cooling down; nothing when valid),
+/// as [`republish`] does.
+fn republish_key(sync: &RedisSync, fp: Fingerprint, cells: &[Arc<Cell>]) {
     use std::sync::atomic::Ordering;
     let now = clocks().1;
-    for (fp, cell) in sync
-        .cells()
-        .into_iter()
-        .flat_map(|(fp, cells)| cells.into_iter().map(move |cell| (fp, cell)))
-    {
+    for cell in cells {
         let known_reset = cell.reset_at.load(Ordering::Acquire) + 1;
         let (_, unreachable) = cell.status_and_unreachable(now);
         match cell.word.load(Ordering::Acquire) {
@@ -571,24 +661,38 @@ fn republish(sync: &RedisSync) {
     }
 }
 
-/// Writes every queued transition, in one pipeline; they stay queued if it
-/// fails.
+/// Whether a server's error answer concerns the one key it was about (its
+/// value is no hash, the script failed on it) rather than the connection or
+/// the server (NOSCRIPT, READONLY, LOADING, OOM...: a new session, after a
+/// pause, is the cure).
+fn key_error(error: &redis::RedisError) -> bool {
+    matches!(error.code(), Some("ERR" | "WRONGTYPE"))
+}
+
+/// Writes every queued transition but those `held`, in one pipeline; they
+/// stay queued if it fails. A key whose write the server refuses stays
+/// queued and joins `held`; the others go on.
 async fn push(
     sync: &RedisSync,
     conn: &mut redis::aio::MultiplexedConnection,
     sha: &str,
+    held: &mut HashSet<Fingerprint>,
 ) -> std::result::Result<(), String> {
     let batch: Vec<(Fingerprint, Pending)> = sync
         .pending
         .lock()
         .unwrap_or_else(|e| e.into_inner())
         .iter()
+        .filter(|(fp, _)| !held.contains(fp))
         .map(|(fp, p)| (*fp, p.clone()))
         .collect();
     if batch.is_empty() {
         return Ok(());
     }
     let mut pipe = redis::pipe();
+    pipe.ignore_errors();
+    // The key of each command, in order.
+    let mut of = Vec::new();
     for (fp, pending) in &batch {
         let hex = fp.hex();
         let key = format!("{}{hex}", sync.prefix);
@@ -602,8 +706,8 @@ async fn push(
                 .arg(until)
                 .arg(&sync.channel)
                 .arg(&hex)
-                .arg(u8::from(unreachable))
-                .ignore();
+                .arg(u8::from(unreachable));
+            of.push(*fp);
         };
         if let Some(at) = pending.reset {
             call("reset", at, 0, false);
@@ -615,10 +719,27 @@ async fn push(
             call("retire", at, 0, false);
         }
     }
-    with_timeout("write transitions", pipe.query_async::<()>(conn)).await?;
+    let results: Vec<redis::RedisResult<redis::Value>> =
+        with_timeout("write transitions", pipe.query_async(conn)).await?;
+    let mut failed = HashSet::new();
+    for (fp, result) in of.iter().zip(results) {
+        if let Err(e) = result {
+            if !key_error(&e) {
+                return Err(format!("write transitions: {e}"));
+            }
+            if failed.insert(*fp) {
+                sync.damaged(fp, Damage::Write, &format!("could not be written ({e})"));
+            }
+        }
+    }
     let mut pending = sync.pending.lock().unwrap_or_else(|e| e.into_inner());
     for (fp, written) in batch {
         // A transition queued while the pipeline ran stays for the next push.
+        if failed.contains(&fp) {
+            held.insert(fp);
+            continue;
+        }
+        sync.sound(&fp, Damage::Write);
         if pending.get(&fp) == Some(&written) {
             pending.remove(&fp);
         }
@@ -626,7 +747,10 @@ async fn push(
     Ok(())
 }
 
-/// Re-reads every key's shared state.
+/// Re-reads every key's shared state. A key with none there (Redis was
+/// flushed, or evicted it; or its data does not parse) gets this process's
+/// state again when that is not valid, as after a reconnect: a flush does not
+/// disconnect, and a process started afterwards would use a key retired here.
 async fn pull(
     sync: &RedisSync,
     conn: &mut redis::aio::MultiplexedConnection,
@@ -636,6 +760,7 @@ async fn pull(
         return Ok(());
     }
     let mut pipe = redis::pipe();
+    pipe.ignore_errors();
     for (fp, _) in &cells {
         pipe.cmd("HMGET")
             .arg(format!("{}{}", sync.prefix, fp.hex()))
@@ -650,14 +775,35 @@ async fn pull(
         Option<String>,
         Option<String>,
     );
-    let states: Vec<Fields> = with_timeout("read states", pipe.query_async(conn)).await?;
-    for ((fp, followers), (r, s, u, w)) in cells.iter().zip(states) {
-        if let (Some(r), Some(s), Some(u)) = (r, s, u) {
-            if let Some(shared) = Shared::parse(&r, &s, &u, w.as_deref()) {
-                for cell in followers {
-                    sync.apply(fp, cell, shared);
-                }
+    let states: Vec<redis::RedisResult<redis::Value>> =
+        with_timeout("read states", pipe.query_async(conn)).await?;
+    for ((fp, followers), state) in cells.iter().zip(states) {
+        // A key whose state does not parse has none: the others go on.
+        let fields = match state {
+            Ok(value) => redis::from_redis_value::<Fields>(value),
+            Err(e) if key_error(&e) => {
+                sync.damaged(fp, Damage::Read, &format!("is not a hash ({e})"));
+                republish_key(sync, *fp, followers);
+                continue;
             }
+            Err(e) => return Err(format!("read states: {e}")),
+        };
+        let shared = match fields {
+            Ok((None, None, None, None)) => {
+                republish_key(sync, *fp, followers);
+                continue;
+            }
+            Ok((Some(r), Some(s), Some(u), w)) => Shared::parse(&r, &s, &u, w.as_deref()),
+            _ => None,
+        };
+        let Some(shared) = shared else {
+            sync.damaged(fp, Damage::Read, "does not parse");
+            republish_key(sync, *fp, followers);
+            continue;
+        };
+        sync.sound(fp, Damage::Read);
+        for cell in followers {
+            sync.apply(fp, cell, shared);
         }
     }
     Ok(())
@@ -802,6 +948,31 @@ mod tests {
     }
 
     #[test]
+    fn deadlines_out_of_range_are_clamped_to_the_longest_cooldown() {
+        let longest = LONGEST_COOLDOWN.as_nanos() as u64;
+        for u in [
+            "18446744073709551615",
+            "18446744073709551000",
+            "18446744073709000000",
+        ] {
+            let shared = Shared::parse("0", "1", u, Some("0")).unwrap();
+            let c = cell();
+            let mono = clocks().1;
+            apply(&c, shared);
+            let status = c.status(clocks().1);
+            assert_eq!(status.state, KeyState::Temporary, "u={u}");
+            let left = c.word.load(Ordering::Acquire) - mono;
+            assert!(
+                left <= longest + 10_000_000 && left > longest - 10_000_000_000,
+                "u={u}: {left} ns"
+            );
+        }
+        // No cooldown the crate sets is longer.
+        let next_month = crate::verdict::until_next_month(std::time::SystemTime::now());
+        assert!(next_month <= LONGEST_COOLDOWN);
+    }
+
+    #[test]
     fn queued_transitions_merge() {
         let sync = RedisSync::new("redis://127.0.0.1:1/0", "t", Duration::from_secs(1)).unwrap();
         let fp = Fingerprint::of("t", "sk-value");
@@ -830,6 +1001,289 @@ mod tests {
         let cell = cell();
         sync.apply(&fp, &cell, shared(clocks().0 + 1, 0, 0));
         assert!(!sync.pending.lock().unwrap().contains_key(&fp));
+    }
+
+    /// A redis-server of the test's own on a free loopback port, saving
+    /// nothing; killed when dropped.
+    pub(crate) struct Server {
+        child: std::process::Child,
+        pub url: String,
+    }
+
+    impl Server {
+        pub fn start() -> Self {
+            let port = std::net::TcpListener::bind("127.0.0.1:0")
+                .and_then(|l| l.local_addr())
+                .expect("a free port")
+                .port();
+            let child = std::process::Command::new("redis-server")
+                .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+                .args(["--save", "", "--appendonly", "no"])
+                .arg("--dir")
+                .arg(std::env::temp_dir())
+                .stdout(std::process::Stdio::null())
+                .spawn()
+                .expect("redis-server is not installed: run .ci/install-deps.sh");
+            let server = Self {
+                child,
+                url: format!("redis://127.0.0.1:{port}/0"),
+            };
+            for _ in 0..500 {
+                if server.try_conn().is_some() {
+                    return server;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            panic!("redis-server did not start");
+        }
+
+        fn try_conn(&self) -> Option<redis::Connection> {
+            let mut conn = redis::Client::open(self.url.as_str())
+                .ok()?
+                .get_connection()
+                .ok()?;
+            redis::cmd("PING").query::<String>(&mut conn).ok()?;
+            Some(conn)
+        }
+
+        pub fn conn(&self) -> redis::Connection {
+            self.try_conn()
+                .expect("a connection to the test's redis-server")
+        }
+    }
+
+    impl Drop for Server {
+        fn drop(&mut self) {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+
+    fn runtime() -> tokio::runtime::Runtime {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .unwrap()
+    }
+
+    /// A sync of `namespace` on `runtime`, as one process's, following
+    /// `fingerprints` with a cell each.
+    fn follower(
+        server: &Server,
+        namespace: &str,
+        runtime: &tokio::runtime::Runtime,
+        fingerprints: &[Fingerprint],
+    ) -> (Arc<RedisSync>, Vec<Arc<Cell>>) {
+        let sync = RedisSync::new(&server.url, namespace, super::super::DEFAULT_REFRESH).unwrap();
+        let cells: Vec<Arc<Cell>> = fingerprints
+            .iter()
+            .map(|fp| {
+                let c = Arc::new(cell());
+                sync.register(*fp, &c);
+                c
+            })
+            .collect();
+        sync.start(runtime.handle());
+        (sync, cells)
+    }
+
+    /// Whether `done` comes true within `within`.
+    fn eventually(within: Duration, mut done: impl FnMut() -> bool) -> bool {
+        let end = std::time::Instant::now() + within;
+        while std::time::Instant::now() < end {
+            if done() {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        done()
+    }
+
+    /// Retires `fp` in `sync`'s process, as a pool would.
+    fn retire(sync: &RedisSync, cell: &Cell, fp: Fingerprint) {
+        cell.retire();
+        sync.retired(fp);
+    }
+
+    fn hash_key(namespace: &str, fp: Fingerprint) -> String {
+        format!("kf:{namespace}:k:{}", fp.hex())
+    }
+
+    /// Garbage in one key's Redis data (a field that is no number, a value
+    /// that is no hash): every other key keeps being shared, within the
+    /// usual sync time, and a write repairs the damaged one.
+    #[test]
+    fn one_damaged_key_does_not_stop_the_sharing_of_the_others() {
+        let server = Server::start();
+        let mut redis = server.conn();
+        for (namespace, damage) in [("garbage", "field"), ("wrongtype", "string")] {
+            let rt = runtime();
+            let fps = [
+                Fingerprint::of(namespace, "sk-test-damaged"),
+                Fingerprint::of(namespace, "sk-test-other"),
+            ];
+            let (a, a_cells) = follower(&server, namespace, &rt, &fps);
+            let (b, b_cells) = follower(&server, namespace, &rt, &fps);
+            assert!(eventually(Duration::from_secs(5), || a.status().connected
+                && b.status().connected));
+            let damaged = hash_key(namespace, fps[0]);
+            if damage == "field" {
+                redis::cmd("HSET")
+                    .arg(&damaged)
+                    .arg(&["r", "garbage", "s", "0", "u", "0"])
+                    .query::<()>(&mut redis)
+                    .unwrap();
+                // A's write of the damaged key goes through.
+                let deadline = clocks().1 + 60_000_000_000;
+                a_cells[0].cool_until(deadline, clocks().1);
+                a.cooled(fps[0], deadline, false);
+            } else {
+                redis::cmd("SET")
+                    .arg(&damaged)
+                    .arg("not a hash")
+                    .query::<()>(&mut redis)
+                    .unwrap();
+            }
+            // Let A's re-read meet the damage.
+            std::thread::sleep(Duration::from_millis(1_500));
+            retire(&b, &b_cells[1], fps[1]);
+            assert!(
+                eventually(Duration::from_secs(2), || a_cells[1]
+                    .word
+                    .load(Ordering::Acquire)
+                    == PERMANENT),
+                "{damage}: B's retirement of the other key did not reach A: {:?}",
+                a.status()
+            );
+            let status = a.status();
+            assert!(
+                status.connected && status.last_error.is_none(),
+                "{status:?}"
+            );
+            assert_eq!(status.pending, 0, "{damage}: {status:?}");
+            if damage == "string" {
+                assert!(a.damaged.lock().unwrap().contains(&(fps[0], Damage::Read)));
+                // The next write of the damaged key replaces the string.
+                retire(&b, &b_cells[0], fps[0]);
+            }
+            let want = if damage == "field" { "1" } else { "2" };
+            let mut found = None;
+            eventually(Duration::from_secs(2), || {
+                found = redis::cmd("HGET")
+                    .arg(&damaged)
+                    .arg("s")
+                    .query::<Option<String>>(&mut redis)
+                    .ok()
+                    .flatten();
+                found.as_deref() == Some(want)
+            });
+            assert_eq!(found.as_deref(), Some(want), "{damage}");
+            if damage == "string" {
+                assert!(eventually(Duration::from_secs(2), || a_cells[0]
+                    .word
+                    .load(Ordering::Acquire)
+                    == PERMANENT));
+            }
+        }
+    }
+
+    /// Fields that are no whole number in range count as absent in the
+    /// script, which then writes the key as if it had none.
+    #[test]
+    fn the_script_takes_fields_that_are_no_numbers_for_absent() {
+        let server = Server::start();
+        let mut redis = server.conn();
+        let (wall, _) = clocks();
+        let until = wall + 60_000_000;
+        for bad in [
+            "garbage",
+            "",
+            "nan",
+            "-nan",
+            "inf",
+            "-5",
+            "1e30",
+            "18446744073709551615",
+        ] {
+            redis::cmd("DEL").arg("k").query::<()>(&mut redis).unwrap();
+            redis::cmd("HSET")
+                .arg("k")
+                .arg(&["r", bad, "s", bad, "u", bad, "w", bad])
+                .query::<()>(&mut redis)
+                .unwrap();
+            let written: i64 = redis::cmd("EVAL")
+                .arg(SCRIPT)
+                .arg(1)
+                .arg("k")
+                .arg(&[
+                    "cool",
+                    &wall.to_string(),
+                    &until.to_string(),
+                    "c",
+                    "fp",
+                    "0",
+                ])
+                .query(&mut redis)
+                .unwrap_or_else(|e| panic!("{bad:?}: {e}"));
+            assert_eq!(written, 1, "{bad:?}");
+            let fields: (String, String, String, String) = redis::cmd("HMGET")
+                .arg("k")
+                .arg(&["r", "s", "u", "w"])
+                .query(&mut redis)
+                .unwrap();
+            assert_eq!(
+                Shared::parse(&fields.0, &fields.1, &fields.2, Some(&fields.3)),
+                Some(shared(0, 1, until)),
+                "{bad:?}: {fields:?}"
+            );
+        }
+    }
+
+    /// Redis flushed (a flush does not disconnect): the next re-read writes
+    /// a key retired here back, so a process started afterwards sees it.
+    #[test]
+    fn a_flushed_key_state_is_written_again() {
+        let server = Server::start();
+        let mut redis = server.conn();
+        let rt = runtime();
+        let namespace = "flushed";
+        let fps = [
+            Fingerprint::of(namespace, "sk-test-retired"),
+            Fingerprint::of(namespace, "sk-test-valid"),
+        ];
+        let (a, a_cells) = follower(&server, namespace, &rt, &fps);
+        assert!(eventually(Duration::from_secs(5), || a.status().connected));
+        retire(&a, &a_cells[0], fps[0]);
+        let state = |redis: &mut redis::Connection| {
+            redis::cmd("HGET")
+                .arg(hash_key(namespace, fps[0]))
+                .arg("s")
+                .query::<Option<String>>(redis)
+                .unwrap()
+        };
+        assert!(eventually(Duration::from_secs(2), || state(&mut redis)
+            .as_deref()
+            == Some("2")));
+        redis::cmd("FLUSHALL").query::<()>(&mut redis).unwrap();
+        assert!(
+            eventually(Duration::from_millis(2_500), || state(&mut redis)
+                .as_deref()
+                == Some("2")),
+            "not written again: {:?}",
+            state(&mut redis)
+        );
+        // Nothing is written for a valid key.
+        let valid: bool = redis::cmd("EXISTS")
+            .arg(hash_key(namespace, fps[1]))
+            .query(&mut redis)
+            .unwrap();
+        assert!(!valid);
+        let (_b, b_cells) = follower(&server, namespace, &rt, &fps);
+        assert!(eventually(Duration::from_secs(2), || b_cells[0]
+            .word
+            .load(Ordering::Acquire)
+            == PERMANENT));
     }
 
     #[test]
