@@ -352,3 +352,10 @@ def test_a_body_still_coming_when_the_grace_period_ends_gets_503(up, front_end):
     assert b"the server is shutting down" in answer
     assert time.monotonic() - started < 3
     assert up.requests == []
+
+
+def test_options_asterisk_is_refused_without_an_upstream_call(up, proxy_url):
+    status, _, body = raw_request(proxy_url, request_head("OPTIONS", "*"))
+    assert status == 400, body
+    assert "must start with '/'" in json.loads(body)["error"]["message"]
+    assert up.requests == []

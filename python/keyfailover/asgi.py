@@ -355,7 +355,7 @@ def _target(scope: Scope) -> str:
         depth = root.count("/") + 1
         if unquote("/".join(parts[:depth])) == root:
             path = "/" + "/".join(parts[depth:])
-    if not path.startswith("/"):
+    if not path.startswith("/") and path != "*":  # `OPTIONS *` is refused as it is
         path = "/" + path
     query: bytes = scope.get("query_string", b"")
     return f"{path}?{query.decode('latin-1')}" if query else path

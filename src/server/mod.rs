@@ -290,6 +290,9 @@ impl Server {
         let method = parts.method.as_str();
         let (route, target) = match route(&routes, target) {
             Some(found) => found,
+            // `OPTIONS *` and the like: the gateway refuses them (400), as it
+            // does under an ASGI server, which has no routes to miss.
+            None if !target.starts_with('/') => (&routes[routes.len() - 1], Cow::Borrowed(target)),
             None => {
                 let fallback = &routes[routes.len() - 1].gateway;
                 let path = target.split('?').next().unwrap_or(target);

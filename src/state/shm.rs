@@ -117,6 +117,17 @@ impl Region {
                 path.display()
             )));
         }
+        // Its pages taken now: a sparse file would get them at its first write
+        // of each, and with /dev/shm full that write is a SIGBUS that kills
+        // the process (and every worker after it) instead of this error.
+        // SAFETY: a valid descriptor and range.
+        let taken = unsafe { libc::posix_fallocate(file.as_raw_fd(), 0, SIZE as libc::off_t) };
+        if taken != 0 && taken != libc::EOPNOTSUPP && taken != libc::EINVAL {
+            return Err(fail(
+                "take room for",
+                std::io::Error::from_raw_os_error(taken),
+            ));
+        }
         // SAFETY: the file is ours (0600), sized above, and only ever accessed
         // through atomics at aligned offsets.
         let mut map = unsafe { MmapMut::map_mut(&file) }.map_err(|e| fail("map", e))?;
@@ -238,8 +249,14 @@ mod tests {
             assert_eq!(wb.as_ref().load(Ordering::Acquire), 7);
         }
         assert_ne!(a.slot(43).unwrap().word, a.slot(42).unwrap().word);
-        let mode = std::fs::metadata(a.path()).unwrap().permissions().mode();
-        assert_eq!(mode & 0o777, 0o600);
+        let meta = std::fs::metadata(a.path()).unwrap();
+        assert_eq!(meta.permissions().mode() & 0o777, 0o600);
+        // Not sparse: every page is there before the first write needs it.
+        assert!(
+            meta.blocks() * 512 >= SIZE as u64,
+            "{} blocks",
+            meta.blocks()
+        );
         std::fs::remove_file(a.path()).unwrap();
     }
 
