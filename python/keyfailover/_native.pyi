@@ -120,7 +120,7 @@ class KeyPool:
     def namespace(self) -> str: ...
     def reload(self, keys: Sequence[str | Key] | Mapping[str, str | Key]) -> dict[str, Any]:
         """Replaces the keys, keeping each unchanged key's state; returns what
-        changed: {"added", "removed", "relabelled", "keys", "summary"}."""
+        changed: {"added", "removed", "relabelled", "moved", "keys", "summary"}."""
     def sync_status(self) -> dict[str, str | bool | int | None]:
         """{"backend", "connected", "last_error", "pending"}."""
     def __len__(self) -> int: ...

@@ -59,18 +59,23 @@ impl Health {
 }
 
 /// What a reload changed: keys added and removed (label, hint), labels that
-/// changed (old, new), and how many keys the pool has now.
+/// changed (old, new), keys given another endpoint (label, hint), and how
+/// many keys the pool has now.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct ReloadReport {
     pub added: Vec<(String, String)>,
     pub removed: Vec<(String, String)>,
     pub relabelled: Vec<(String, String)>,
+    pub moved: Vec<(String, String)>,
     pub kept: usize,
 }
 
 impl ReloadReport {
     pub fn is_empty(&self) -> bool {
-        self.added.is_empty() && self.removed.is_empty() && self.relabelled.is_empty()
+        self.added.is_empty()
+            && self.removed.is_empty()
+            && self.relabelled.is_empty()
+            && self.moved.is_empty()
     }
 
     /// One line for the logs, by label and hint.
@@ -99,6 +104,9 @@ impl ReloadReport {
                 .collect();
             parts.push(format!("relabelled {}", moves.join(", ")));
         }
+        if !self.moved.is_empty() {
+            parts.push(format!("new endpoint for {}", keys(&self.moved)));
+        }
         let keys = if self.kept == 1 { "key" } else { "keys" };
         format!("{}; {} {keys} now", parts.join("; "), self.kept)
     }
@@ -113,6 +121,7 @@ impl ReloadReport {
             "added": keys(&self.added),
             "removed": keys(&self.removed),
             "relabelled": self.relabelled.iter().map(|(a, b)| serde_json::json!({"from": a, "to": b})).collect::<Vec<_>>(),
+            "moved": keys(&self.moved),
             "keys": self.kept,
             "summary": self.summary(),
         })
@@ -563,7 +572,10 @@ impl KeyPool {
     /// value is unchanged keeps its state and counters, whatever its label
     /// now; new keys start valid; removed keys leave (requests using one
     /// finish normally). All at once: a walker sees the old list or the new
-    /// one. Invalid input changes nothing.
+    /// one. Invalid input changes nothing. A kept key given another endpoint
+    /// (`base_url`) that was cooling down because its old one could not be
+    /// reached is valid again: that cooldown said nothing about the new one.
+    /// Its other states (rate-limited, retired) stay, being the key's own.
     pub fn reload<I, K>(&self, keys: I) -> Result<ReloadReport>
     where
         I: IntoIterator<Item = K>,
@@ -599,9 +611,30 @@ impl KeyPool {
                     (o.label != n.label).then(|| (o.label.clone(), n.label.clone()))
                 })
                 .collect(),
+            moved: new
+                .slots
+                .iter()
+                .filter(|n| {
+                    old.slots
+                        .iter()
+                        .any(|o| o.value == n.value && o.base_url != n.base_url)
+                })
+                .map(|s| describe(s))
+                .collect(),
             kept: new.slots.len(),
         };
+        let now = self.inner.clock.now_nanos();
+        let unreachable: Vec<Arc<Slot>> = new
+            .slots
+            .iter()
+            .filter(|s| report.moved.iter().any(|(label, _)| *label == s.label))
+            .filter(|s| s.cell.status_and_unreachable(now).1)
+            .cloned()
+            .collect();
         self.inner.keys.store(Arc::new(new));
+        for slot in unreachable {
+            Key::new(self.clone(), slot).reset();
+        }
         Ok(report)
     }
 
@@ -1694,6 +1727,62 @@ mod tests {
         assert!(matches!(err, Error::Config(_)));
         assert!(pool.reload(Vec::<KeySpec>::new()).is_err());
         assert_eq!(pool.snapshot().len(), before.len(), "nothing changed");
+    }
+
+    #[test]
+    fn a_key_given_another_endpoint_is_reported_and_loses_its_unreachable_cooldown() {
+        let at = |label: &str, value: &str, url: &str| KeySpec {
+            base_url: Some(url.to_owned()),
+            ..KeySpec::new(label, value)
+        };
+        let pool = KeyPool::build(
+            [
+                at("a", "value-a-xxxxxxxx", "https://old.example"),
+                at("b", "value-b-xxxxxxxx", "https://old.example"),
+                at("c", "value-c-xxxxxxxx", "https://old.example"),
+            ],
+            PoolOptions::default(),
+        )
+        .unwrap();
+        let unreachable = Cause::new(Reason::Unreachable, None);
+        pool.key("a").unwrap().cool(Some(S(15)), unreachable);
+        pool.key("b")
+            .unwrap()
+            .cool(Some(S(15)), Cause::new(Reason::Unreachable, None));
+        pool.key("c").unwrap().mark_temporary(Some(S(60))); // rate-limited: its own
+        let report = pool
+            .reload([
+                at("a", "value-a-xxxxxxxx", "https://new.example"),
+                at("b", "value-b-xxxxxxxx", "https://old.example"),
+                at("c", "value-c-xxxxxxxx", "https://new.example"),
+            ])
+            .unwrap();
+        assert_eq!(
+            report.moved,
+            [
+                ("a".to_owned(), mask("value-a-xxxxxxxx")),
+                ("c".to_owned(), mask("value-c-xxxxxxxx"))
+            ]
+        );
+        assert!(
+            report.summary().starts_with("new endpoint for a ("),
+            "{}",
+            report.summary()
+        );
+        let states: Vec<_> = pool.snapshot().into_iter().map(|k| k.state).collect();
+        assert_eq!(
+            states,
+            [KeyState::Valid, KeyState::Temporary, KeyState::Temporary],
+            "only the unreachable cooldown of a moved key ends"
+        );
+        let same = pool
+            .reload([
+                at("a", "value-a-xxxxxxxx", "https://new.example"),
+                at("b", "value-b-xxxxxxxx", "https://old.example"),
+                at("c", "value-c-xxxxxxxx", "https://new.example"),
+            ])
+            .unwrap();
+        assert_eq!(same.summary(), "no change");
     }
 
     #[test]

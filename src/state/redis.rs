@@ -56,6 +56,9 @@ local s = field('s')
 local u = field('u')
 local w = 0
 local at = tonumber(ARGV[2])
+-- A reset more than a day after this transition (clocks differ by seconds)
+-- is damage too: kept, it would make the key ignore every mark for good.
+if r > at + 86400000000 then r = 0; s = 0; u = 0 end
 if ARGV[1] == 'reset' then
   if at < r or (at == r and s == 0) then return 0 end
   r = at; s = 0; u = 0
@@ -1238,6 +1241,45 @@ mod tests {
                 "{bad:?}: {fields:?}"
             );
         }
+    }
+
+    #[test]
+    fn a_reset_far_in_the_future_counts_as_damage() {
+        let server = Server::start();
+        let mut redis = server.conn();
+        let (wall, _) = clocks();
+        let until = wall + 60_000_000;
+        let far = (wall + 10 * 86_400_000_000).to_string();
+        redis::cmd("HSET")
+            .arg("k")
+            .arg(&["r", far.as_str(), "s", "0", "u", "0", "w", "0"])
+            .query::<()>(&mut redis)
+            .unwrap();
+        let args = [
+            "cool",
+            &wall.to_string(),
+            &until.to_string(),
+            "c",
+            "fp",
+            "0",
+        ];
+        let written: i64 = redis::cmd("EVAL")
+            .arg(SCRIPT)
+            .arg(1)
+            .arg("k")
+            .arg(&args)
+            .query(&mut redis)
+            .unwrap();
+        assert_eq!(written, 1, "the mark is taken");
+        let fields: (String, String, String, String) = redis::cmd("HMGET")
+            .arg("k")
+            .arg(&["r", "s", "u", "w"])
+            .query(&mut redis)
+            .unwrap();
+        assert_eq!(
+            Shared::parse(&fields.0, &fields.1, &fields.2, Some(&fields.3)),
+            Some(shared(0, 1, until))
+        );
     }
 
     /// Redis flushed (a flush does not disconnect): the next re-read writes
