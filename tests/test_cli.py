@@ -587,9 +587,14 @@ def test_slow_request_heads_do_not_starve_other_requests(up: MockUpstream):
         proc.communicate(timeout=15)
 
 
-def test_uvicorn_forwards_the_body_of_a_post_asking_to_upgrade_to_h2c(up: MockUpstream):
-    """curl --http2 on http:// sends `Upgrade: h2c`; the request is served as HTTP/1.1."""
-    proc, url = start_serve(up, "--server", "uvicorn")
+@pytest.mark.parametrize("server", ["native", "uvicorn"])
+def test_a_post_asking_to_upgrade_to_h2c_never_goes_upstream_without_its_body(
+    up: MockUpstream, server: str
+):
+    """curl --http2 on http:// sends `Upgrade: h2c`. The native server serves it as
+    HTTP/1.1; uvicorn's httptools drops its body, and the gateway then refuses it rather
+    than send it upstream with a pool key and an empty body."""
+    proc, url = start_serve(up, "--server", server)
     body = json.dumps({"model": "m", "max_tokens": 5, "messages": []}).encode()
     try:
         with socket.create_connection(("127.0.0.1", int(url.rsplit(":", 1)[1])), 10) as sock:
@@ -603,8 +608,12 @@ def test_uvicorn_forwards_the_body_of_a_post_asking_to_upgrade_to_h2c(up: MockUp
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.communicate(timeout=30)
-    assert head == b"HTTP/1.1 200 OK"
-    assert [r.body for r in up.requests] == [body]
+    if server == "native":
+        assert head == b"HTTP/1.1 200 OK"
+        assert [r.body for r in up.requests] == [body]
+    else:
+        assert head == b"HTTP/1.1 400 Bad Request"
+        assert up.requests == []
 
 
 def test_serve_with_workers_shares_key_state_and_stops_cleanly(up: MockUpstream):
