@@ -1750,13 +1750,14 @@ mod tests {
             .unwrap()
             .cool(Some(S(15)), Cause::new(Reason::Unreachable, None));
         pool.key("c").unwrap().mark_temporary(Some(S(60))); // rate-limited: its own
-        let report = pool
-            .reload([
+        let moved = || {
+            [
                 at("a", "value-a-xxxxxxxx", "https://new.example"),
                 at("b", "value-b-xxxxxxxx", "https://old.example"),
                 at("c", "value-c-xxxxxxxx", "https://new.example"),
-            ])
-            .unwrap();
+            ]
+        };
+        let report = pool.reload(moved()).unwrap();
         assert_eq!(
             report.moved,
             [
@@ -1775,13 +1776,7 @@ mod tests {
             [KeyState::Valid, KeyState::Temporary, KeyState::Temporary],
             "only the unreachable cooldown of a moved key ends"
         );
-        let same = pool
-            .reload([
-                at("a", "value-a-xxxxxxxx", "https://new.example"),
-                at("b", "value-b-xxxxxxxx", "https://old.example"),
-                at("c", "value-c-xxxxxxxx", "https://new.example"),
-            ])
-            .unwrap();
+        let same = pool.reload(moved()).unwrap();
         assert_eq!(same.summary(), "no change");
     }
 

@@ -1215,32 +1215,38 @@ mod tests {
                 .arg(&["r", bad, "s", bad, "u", bad, "w", bad])
                 .query::<()>(&mut redis)
                 .unwrap();
-            let written: i64 = redis::cmd("EVAL")
-                .arg(SCRIPT)
-                .arg(1)
-                .arg("k")
-                .arg(&[
-                    "cool",
-                    &wall.to_string(),
-                    &until.to_string(),
-                    "c",
-                    "fp",
-                    "0",
-                ])
-                .query(&mut redis)
-                .unwrap_or_else(|e| panic!("{bad:?}: {e}"));
-            assert_eq!(written, 1, "{bad:?}");
-            let fields: (String, String, String, String) = redis::cmd("HMGET")
-                .arg("k")
-                .arg(&["r", "s", "u", "w"])
-                .query(&mut redis)
-                .unwrap();
             assert_eq!(
-                Shared::parse(&fields.0, &fields.1, &fields.2, Some(&fields.3)),
-                Some(shared(0, 1, until)),
-                "{bad:?}: {fields:?}"
+                cool_k(&mut redis, wall, until),
+                (1, Some(shared(0, 1, until))),
+                "{bad:?}"
             );
         }
+    }
+
+    /// Runs the script on hash `k` for a cooldown from `wall` until `until`;
+    /// returns whether it wrote, and what `k` then holds.
+    fn cool_k(redis: &mut redis::Connection, wall: u64, until: u64) -> (i64, Option<Shared>) {
+        let written: i64 = redis::cmd("EVAL")
+            .arg(SCRIPT)
+            .arg(1)
+            .arg("k")
+            .arg(&[
+                "cool",
+                &wall.to_string(),
+                &until.to_string(),
+                "c",
+                "fp",
+                "0",
+            ])
+            .query(redis)
+            .unwrap();
+        let fields: (String, String, String, String) = redis::cmd("HMGET")
+            .arg("k")
+            .arg(&["r", "s", "u", "w"])
+            .query(redis)
+            .unwrap();
+        let held = Shared::parse(&fields.0, &fields.1, &fields.2, Some(&fields.3));
+        (written, held)
     }
 
     #[test]
@@ -1255,30 +1261,9 @@ mod tests {
             .arg(&["r", far.as_str(), "s", "0", "u", "0", "w", "0"])
             .query::<()>(&mut redis)
             .unwrap();
-        let args = [
-            "cool",
-            &wall.to_string(),
-            &until.to_string(),
-            "c",
-            "fp",
-            "0",
-        ];
-        let written: i64 = redis::cmd("EVAL")
-            .arg(SCRIPT)
-            .arg(1)
-            .arg("k")
-            .arg(&args)
-            .query(&mut redis)
-            .unwrap();
-        assert_eq!(written, 1, "the mark is taken");
-        let fields: (String, String, String, String) = redis::cmd("HMGET")
-            .arg("k")
-            .arg(&["r", "s", "u", "w"])
-            .query(&mut redis)
-            .unwrap();
         assert_eq!(
-            Shared::parse(&fields.0, &fields.1, &fields.2, Some(&fields.3)),
-            Some(shared(0, 1, until))
+            cool_k(&mut redis, wall, until),
+            (1, Some(shared(0, 1, until)))
         );
     }
 
