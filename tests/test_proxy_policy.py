@@ -239,6 +239,13 @@ def test_a_request_body_that_stops_coming_is_408_and_the_connection_closes(up, s
     assert up.requests == []
 
 
+@pytest.mark.parametrize("seconds", [0, -1, float("inf"), float("nan"), 86_401])
+def test_body_timeout_must_be_above_0_and_at_most_a_day(up, seconds):
+    client, _ = make_client(up.url, "anthropic", 2)
+    with pytest.raises(kf.ConfigError, match="body_timeout must be"):
+        FailoverProxy(client, body_timeout=seconds)
+
+
 def test_a_slow_but_steady_body_is_not_cut_off(up, serve_proxy):
     with serve_proxy(body_timeout=0.5) as url:
         host, port = url.removeprefix("http://").split(":")

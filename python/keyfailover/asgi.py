@@ -122,8 +122,10 @@ class FailoverProxy:
         with an SSE error event.
         """
         self.gateway.shutdown()
+        # Called from any thread (`serve` calls it from a timer's): each receive is
+        # cancelled on its own loop.
         for waiting in list(self._waiting):
-            waiting.cancel()
+            waiting.get_loop().call_soon_threadsafe(waiting.cancel)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http":

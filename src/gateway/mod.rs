@@ -134,8 +134,12 @@ impl Gateway {
     pub fn new(client: Arc<FailoverClient>, options: GatewayOptions) -> Result<Self> {
         let tokens = token_list(&client, "client_tokens", options.client_tokens)?;
         let admin_tokens = token_list(&client, "admin_tokens", options.admin_tokens)?;
-        if options.body_timeout.is_zero() {
-            return Err(Error::Config("body_timeout must be positive".into()));
+        // At most a day: a pause longer than that is no upload, and event loops
+        // take their timers in bounded units.
+        if options.body_timeout.is_zero() || options.body_timeout > Duration::from_secs(86_400) {
+            return Err(Error::Config(
+                "body_timeout must be above 0 and at most a day (86400 s)".into(),
+            ));
         }
         Ok(Self {
             client,

@@ -85,14 +85,11 @@ impl PyGateway {
         })?;
         let max_body_bytes = u64::try_from(max_body_bytes)
             .map_err(|_| Error::Config("max_body_bytes must not be negative".into()))?;
-        let body_timeout = Duration::try_from_secs_f64(body_timeout)
-            .ok()
-            .filter(|t| !t.is_zero())
-            .ok_or_else(|| {
-                Error::Config(format!(
-                    "body_timeout must be a positive number of seconds, not {body_timeout}"
-                ))
-            })?;
+        let body_timeout = Duration::try_from_secs_f64(body_timeout).map_err(|_| {
+            Error::Config(format!(
+                "body_timeout must be a positive number of seconds, not {body_timeout}"
+            ))
+        })?;
         let reload = reload.map(|callable| -> ReloadHook {
             // Called by the gateway while it answers POST /reload: under the
             // ASGI app on the thread that holds the GIL already; under the
