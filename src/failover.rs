@@ -109,7 +109,7 @@ pub struct Response {
     /// Upstream attempts made.
     pub attempts: u32,
     /// The pool key behind the final attempt; None for BYOK or no attempt.
-    pub key_label: Option<String>,
+    pub key_label: Option<Arc<str>>,
     /// True when the client synthesized a pool-exhaustion error.
     pub exhausted: bool,
     /// Each upstream attempt behind the response, in order.
@@ -121,7 +121,7 @@ pub struct Response {
 #[derive(Debug, Clone, PartialEq)]
 pub struct AttemptRecord {
     /// The pool key's label; None for the caller's own key (BYOK).
-    pub key_label: Option<String>,
+    pub key_label: Option<Arc<str>>,
     /// The response status; None when upstream could not be reached.
     pub status: Option<u16>,
     /// Why the request moved on to the next key, if it did.
@@ -310,7 +310,7 @@ impl FailoverClient {
         // A Gemini key in the query string (`?key=`) is the caller's: it is
         // never forwarded (nor logged), whoever's key the request goes with.
         let target = self.provider.strip_credential_query(&request.target);
-        let url = self.base_url.url(&target).map_err(|e| match e {
+        let uri = self.base_url.uri(&target).map_err(|e| match e {
             Error::BadRequest(message) => {
                 Error::BadRequest(self.pool.redact(&message).into_owned())
             }
@@ -326,7 +326,7 @@ impl FailoverClient {
             http: &http.client,
             method: &request.method,
             target: &target,
-            url: &url,
+            uri: &uri,
             headers: &request.headers,
             body: &request.body,
         };
@@ -442,7 +442,7 @@ impl FailoverClient {
         // A stream's headers outlive this call (the Python response keeps
         // them): detached from the connection's read buffer.
         let unframed = !headers::length_holds(status, &upstream);
-        let mut relayed = headers::relayed(&upstream, stream || scrub || unframed, stream);
+        let mut relayed = headers::relayed(upstream, stream || scrub || unframed, stream);
         let keys = self.pool.key_set();
         for value in relayed.values_mut() {
             if let Some(clean) = scrub_value(value.as_bytes(), keys.secrets()) {
@@ -503,7 +503,7 @@ struct Attempt<'a> {
     /// The caller's path and query (normalized, without credentials).
     target: &'a str,
     /// The target at the client's base URL.
-    url: &'a url::Url,
+    uri: &'a http::Uri,
     /// The caller's headers, as received: each attempt sends a copy
     /// without the hop-by-hop ones (see [`headers::forwarded`]).
     headers: &'a HeaderMap,
@@ -536,11 +536,11 @@ impl Attempt<'_> {
     async fn byok(&self, caller: CallerCredential, log: &mut Vec<AttemptRecord>) -> Response {
         let client = self.client;
         bump(&client.stats.byok);
-        let mut headers = headers::forwarded(self.headers);
+        let mut headers = headers::forwarded(self.headers, self.body.len());
         let mut value = caller.value;
         value.set_sensitive(true);
         headers.insert(caller.header, value);
-        match self.send(headers, None, self.url, log).await {
+        match self.send(headers, None, self.uri, log).await {
             Ok(resp) => client.relay(resp, VecDeque::new(), None, None),
             Err(failure) => client.send_failure(&failure, true),
         }
@@ -555,7 +555,7 @@ impl Attempt<'_> {
     /// every attempt of the walk ended that way, the answer is the last
     /// failure (502 or 504), not the exhausted pool's 429; while every such
     /// key cools down, the pool is exhausted as unreachable (502).
-    async fn walk(&self, log: &mut Vec<AttemptRecord>) -> (Response, Option<String>) {
+    async fn walk(&self, log: &mut Vec<AttemptRecord>) -> (Response, Option<Arc<str>>) {
         let client = self.client;
         let mut walker = client.pool.walker();
         let mut last_label = None;
@@ -571,22 +571,18 @@ impl Attempt<'_> {
                     _ => break client.exhausted(exhaustion),
                 },
             };
-            last_label = Some(key.label().to_owned());
+            last_label = Some(key.shared_label());
             let own_endpoint = key.base_url().is_some();
-            let url = match key.base_url().map(|base| base.url(self.target)) {
-                Some(Ok(url)) => Cow::Owned(url),
-                _ => Cow::Borrowed(self.url),
+            let uri = match key.base_url().map(|base| base.uri(self.target)) {
+                Some(Ok(uri)) => Cow::Owned(uri),
+                _ => Cow::Borrowed(self.uri),
             };
-            let mut attempt_headers = headers::forwarded(self.headers);
-            let (name, value) = client.provider.auth_header_for(key.value(), url.as_str());
-            // Keys are validated as visible ASCII when the pool is built.
-            let mut value =
-                HeaderValue::from_maybe_shared(Bytes::from(value)).expect("keys are visible ASCII");
-            value.set_sensitive(true);
-            attempt_headers.insert(HeaderName::from_static(name), value);
+            let mut attempt_headers = headers::forwarded(self.headers, self.body.len());
+            let (name, form) = client.provider.auth_scheme_for(uri.path());
+            attempt_headers.insert(HeaderName::from_static(name), key.header_value(form));
 
             let in_flight = key.in_flight();
-            let resp = match self.send(attempt_headers, Some(&key), &url, log).await {
+            let resp = match self.send(attempt_headers, Some(&key), &uri, log).await {
                 Ok(resp) if own_endpoint && resp.status().as_u16() == 504 => {
                     self.fail_over(&key, Verdict::Unreachable, Some(504), log);
                     unreachable = Some(SendFailure::GatewayTimeout);
@@ -644,7 +640,7 @@ impl Attempt<'_> {
         &self,
         headers: HeaderMap,
         key: Option<&Key>,
-        url: &url::Url,
+        uri: &http::Uri,
         log: &mut Vec<AttemptRecord>,
     ) -> Result<upstream::Response, SendFailure> {
         let client = self.client;
@@ -653,13 +649,9 @@ impl Attempt<'_> {
         let started_wall = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX));
-        let send = async {
-            let uri = http::Uri::try_from(url.as_str())
-                .map_err(|e| UpstreamError::invalid_url(Box::new(e)))?;
-            self.http
-                .send(self.method.clone(), uri, headers, self.body.clone())
-                .await
-        };
+        let send = self
+            .http
+            .send(self.method.clone(), uri.clone(), headers, self.body.clone());
         let result = match tokio::time::timeout(client.timeout, send).await {
             Err(_) => Err(SendFailure::Timeout),
             // A connect (or TLS handshake) timeout is a failure to connect.
@@ -676,7 +668,7 @@ impl Attempt<'_> {
             }
         }
         log.push(AttemptRecord {
-            key_label: key.map(|k| k.label().to_owned()),
+            key_label: key.map(Key::shared_label),
             status,
             reason: None,
             started: started_wall,

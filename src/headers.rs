@@ -6,7 +6,8 @@
 
 use bytes::BytesMut;
 use http::header::{
-    HeaderMap, HeaderName, HeaderValue, ACCEPT_ENCODING, CONNECTION, TRANSFER_ENCODING,
+    HeaderMap, HeaderName, HeaderValue, ACCEPT_ENCODING, CONNECTION, CONTENT_LENGTH,
+    TRANSFER_ENCODING,
 };
 
 use crate::error::{Error, Result};
@@ -77,11 +78,13 @@ where
     Ok(map)
 }
 
-/// The headers sent upstream for a caller's headers: hop-by-hop headers, the
-/// ones the `Connection` header nominates, the caller's credentials and the
-/// ones the client sets itself are dropped; `Accept-Encoding: identity` is
-/// added, so error bodies and streams can be read as sent.
-pub fn forwarded(headers: &HeaderMap) -> HeaderMap {
+/// The headers sent upstream for a caller's headers and a body of
+/// `body_len` bytes: hop-by-hop headers, the ones the `Connection` header
+/// nominates, the caller's credentials and the ones the client sets itself
+/// are dropped; `Accept-Encoding: identity` is added, so error bodies and
+/// streams can be read as sent. The caller's `Content-Length` stays when it
+/// is the body's length (the client would otherwise write the same anew).
+pub fn forwarded(headers: &HeaderMap, body_len: usize) -> HeaderMap {
     let nominated = connection_options(headers);
     let mut map = HeaderMap::with_capacity(headers.len() + 2);
     for (name, value) in headers {
@@ -94,8 +97,22 @@ pub fn forwarded(headers: &HeaderMap) -> HeaderMap {
             map.append(name.clone(), value.clone());
         }
     }
+    let mut lengths = headers.get_all(CONTENT_LENGTH).iter();
+    if let (Some(length), None) = (lengths.next(), lengths.next()) {
+        if decimal(length.as_bytes()) == Some(body_len as u64) {
+            map.insert(CONTENT_LENGTH, length.clone());
+        }
+    }
     map.insert(ACCEPT_ENCODING, HeaderValue::from_static("identity"));
     map
+}
+
+/// The number `digits` writes (only ASCII digits, at least one).
+fn decimal(digits: &[u8]) -> Option<u64> {
+    if digits.is_empty() || !digits.iter().all(u8::is_ascii_digit) {
+        return None;
+    }
+    std::str::from_utf8(digits).ok()?.parse().ok()
 }
 
 /// The response headers relayed to the caller: hop-by-hop and nominated
@@ -103,19 +120,67 @@ pub fn forwarded(headers: &HeaderMap) -> HeaderMap {
 /// body (a stream may end with an error event of its own, an error body may
 /// have a key scrubbed).
 ///
+/// The fields keep upstream's order. When what goes is the last few fields
+/// (often only upstream's `Connection`, which servers send last) and no name
+/// has several values, they are removed in place, sparing a new map: removing
+/// a map's last field moves no other. Otherwise what stays is copied to a new
+/// map (`HeaderMap::remove` of an earlier field moves the last into its place).
+///
 /// With `detach`, the values are copied into one buffer of their own. The
 /// upstream connection parsed them in place, in its read buffer, so values
 /// kept for as long as a stream is open would keep that whole buffer (8 KB
 /// or more) alive beside the one it must then allocate for the next read.
-pub fn relayed(headers: &HeaderMap, rewritten: bool, detach: bool) -> HeaderMap {
-    // Copied, not dropped in place: `HeaderMap::remove` would reorder the
-    // fields, and callers see them in upstream's order.
-    let nominated = connection_options(headers);
-    let dropped = |name: &str| {
-        is_hop_by_hop(name) || nominated(name) || (rewritten && name == "content-length")
-    };
-    let kept = || headers.iter().filter(|(name, _)| !dropped(name.as_str()));
-    let mut map = HeaderMap::with_capacity(headers.len());
+pub fn relayed(mut headers: HeaderMap, rewritten: bool, detach: bool) -> HeaderMap {
+    let mut tail: [Option<HeaderName>; 4] = Default::default();
+    {
+        let nominated = connection_options(&headers);
+        let dropped = |name: &str| {
+            is_hop_by_hop(name) || nominated(name) || (rewritten && name == "content-length")
+        };
+        if detach
+            || headers.keys_len() != headers.len()
+            || !dropped_tail(headers.keys(), dropped, &mut tail)
+        {
+            let kept = || headers.iter().filter(|(name, _)| !dropped(name.as_str()));
+            return copied(kept, headers.len(), detach);
+        }
+    }
+    // Last first: each is the map's last field when it goes.
+    for name in tail.iter().rev().flatten() {
+        headers.remove(name);
+    }
+    headers
+}
+
+/// Puts the names that `dropped` takes into `tail`, in order. False unless
+/// they are the last of `names` and no more than `tail` holds.
+fn dropped_tail<'h>(
+    names: impl Iterator<Item = &'h HeaderName>,
+    dropped: impl Fn(&str) -> bool,
+    tail: &mut [Option<HeaderName>],
+) -> bool {
+    let mut found = 0;
+    for name in names {
+        if dropped(name.as_str()) {
+            let Some(slot) = tail.get_mut(found) else {
+                return false;
+            };
+            *slot = Some(name.clone());
+            found += 1;
+        } else if found > 0 {
+            return false;
+        }
+    }
+    true
+}
+
+/// The fields `kept` gives in a new map; with `detach`, their values in one
+/// buffer of their own.
+fn copied<'h, I>(kept: impl Fn() -> I, capacity: usize, detach: bool) -> HeaderMap
+where
+    I: Iterator<Item = (&'h HeaderName, &'h HeaderValue)>,
+{
+    let mut map = HeaderMap::with_capacity(capacity);
     if !detach {
         for (name, value) in kept() {
             map.append(name.clone(), value.clone());
@@ -287,11 +352,48 @@ mod tests {
             ("x-foo", b"caf\xe9"),
             ("anthropic-version", b"2023-06-01"),
         ]);
-        let out = forwarded(&headers);
+        let out = forwarded(&headers, 3);
         let names: Vec<&str> = out.keys().map(|n| n.as_str()).collect();
         assert_eq!(names, ["x-foo", "anthropic-version", "accept-encoding"]);
         assert_eq!(out["x-foo"].as_bytes(), b"caf\xe9", "bytes unchanged");
         assert_eq!(out["accept-encoding"], "identity");
+        // The caller's length goes when it is the body's (the client sets it
+        // otherwise), and only then.
+        let names = |out: HeaderMap| {
+            out.keys()
+                .map(|n| n.as_str().to_owned())
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(
+            names(forwarded(&headers, 2)),
+            [
+                "x-foo",
+                "anthropic-version",
+                "content-length",
+                "accept-encoding"
+            ]
+        );
+        assert_eq!(forwarded(&headers, 2)["content-length"], "2");
+        for length in [
+            &b"+2"[..],
+            b"2 ",
+            b"",
+            b"0x2",
+            b"-2",
+            b"99999999999999999999999",
+        ] {
+            let one = map(&[("content-length", length)]);
+            assert!(
+                !forwarded(&one, 2).contains_key("content-length"),
+                "{length:?}"
+            );
+        }
+        let two = map(&[("content-length", b"2"), ("content-length", b"2")]);
+        assert!(!forwarded(&two, 2).contains_key("content-length"));
+        assert_eq!(
+            forwarded(&map(&[("content-length", b"02")]), 2)["content-length"],
+            "02"
+        );
     }
 
     #[test]
@@ -316,19 +418,85 @@ mod tests {
         ]);
         assert!(is_event_stream(&headers));
         let names = |m: HeaderMap| m.keys().map(|n| n.as_str().to_owned()).collect::<Vec<_>>();
-        assert_eq!(names(relayed(&headers, true, false)), ["content-type"]);
         assert_eq!(
-            names(relayed(&headers, false, false)),
+            names(relayed(headers.clone(), true, false)),
+            ["content-type"]
+        );
+        assert_eq!(
+            names(relayed(headers.clone(), false, false)),
             ["content-length", "content-type"]
         );
         // What stays keeps its values, in order for one name.
         let mut multi = headers.clone();
         multi.append("x-multi", HeaderValue::from_static("a"));
         multi.append("x-multi", HeaderValue::from_static("b"));
-        let kept = relayed(&multi, false, false);
+        let kept = relayed(multi, false, false);
         let values: Vec<_> = kept.get_all("x-multi").iter().collect();
         assert_eq!(values, ["a", "b"]);
         assert_eq!(kept.get("content-length").unwrap(), "10");
+    }
+
+    #[test]
+    fn relayed_fields_keep_their_order_wherever_the_dropped_ones_are() {
+        // Every order of these fields (two to drop, one more when the body
+        // is rewritten), in place or copied: what stays, in upstream's order.
+        let fields: [(&str, &[u8]); 6] = [
+            ("server", b"nginx"),
+            ("connection", b"keep-alive, x-hop"),
+            ("content-length", b"2"),
+            ("x-hop", b"1"),
+            ("content-type", b"application/json"),
+            ("date", b"Fri, 04 Dec 2026 16:00:00 GMT"),
+        ];
+        let mut order: Vec<usize> = (0..fields.len()).collect();
+        let mut seen = 0;
+        permutations(&mut order, 0, &mut |order| {
+            seen += 1;
+            let upstream = map(&order.iter().map(|&i| fields[i]).collect::<Vec<_>>());
+            for rewritten in [false, true] {
+                let expected: Vec<(&str, &[u8])> = order
+                    .iter()
+                    .map(|&i| fields[i])
+                    .filter(|(n, _)| {
+                        let hop = matches!(*n, "connection" | "x-hop");
+                        !(hop || rewritten && *n == "content-length")
+                    })
+                    .collect();
+                for detach in [false, true] {
+                    let relayed = relayed(upstream.clone(), rewritten, detach);
+                    let got: Vec<(&str, &[u8])> = relayed
+                        .iter()
+                        .map(|(n, v)| (n.as_str(), v.as_bytes()))
+                        .collect();
+                    assert_eq!(got, expected, "{order:?} rewritten={rewritten}");
+                }
+            }
+        });
+        assert_eq!(seen, 720);
+        // More dropped fields at the end than are removed in place: copied.
+        let many = map(&[
+            ("content-type", b"text/plain"),
+            ("connection", b"a, b, c, d"),
+            ("a", b"1"),
+            ("b", b"1"),
+            ("c", b"1"),
+            ("d", b"1"),
+        ]);
+        assert_eq!(
+            relayed(many, false, false).keys().collect::<Vec<_>>(),
+            ["content-type"]
+        );
+    }
+
+    fn permutations(items: &mut [usize], at: usize, each: &mut impl FnMut(&[usize])) {
+        if at == items.len() {
+            return each(items);
+        }
+        for i in at..items.len() {
+            items.swap(at, i);
+            permutations(items, at + 1, each);
+            items.swap(at, i);
+        }
     }
 
     #[test]
@@ -344,8 +512,8 @@ mod tests {
         upstream.append("connection", slice(20..25));
         upstream.append("x-multi", slice(25..29));
         upstream.append("content-length", slice(29..31));
-        let shared = relayed(&upstream, true, false);
-        let detached = relayed(&upstream, true, true);
+        let shared = relayed(upstream.clone(), true, false);
+        let detached = relayed(upstream.clone(), true, true);
         assert_eq!(detached, shared);
         let values: Vec<(&str, &[u8])> = detached
             .iter()

@@ -9,6 +9,24 @@ use serde_json::json;
 
 use crate::error::{Error, ErrorKind};
 
+/// How a key is written in the value of the header that carries it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AuthForm {
+    /// The key itself.
+    Raw = 0,
+    /// `Bearer <key>`.
+    Bearer = 1,
+}
+
+impl AuthForm {
+    pub fn value(self, key: &str) -> String {
+        match self {
+            AuthForm::Raw => key.to_owned(),
+            AuthForm::Bearer => format!("Bearer {key}"),
+        }
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Provider {
     /// Keys in `x-api-key`; errors `{"type":"error","error":{"type","message"}}`.
@@ -87,20 +105,32 @@ impl Provider {
     /// The header that carries a key, and its value, for the provider's
     /// main API (for Gemini, the native one).
     pub fn auth_header(self, key: &str) -> (&'static str, String) {
-        match self {
-            Provider::Anthropic => ("x-api-key", key.to_owned()),
-            Provider::OpenAi => ("authorization", format!("Bearer {key}")),
-            Provider::Gemini => ("x-goog-api-key", key.to_owned()),
-            Provider::AzureOpenAi => ("api-key", key.to_owned()),
-        }
+        let (name, form) = self.auth_scheme();
+        (name, form.value(key))
     }
 
     /// The header that carries a key for a request to `url` (a full URL or
     /// its path): Gemini's OpenAI-compatible endpoint takes a Bearer token,
     /// its native API `x-goog-api-key`; the others have one header.
     pub fn auth_header_for(self, key: &str, url: &str) -> (&'static str, String) {
+        let (name, form) = self.auth_scheme_for(url);
+        (name, form.value(key))
+    }
+
+    /// [`Provider::auth_header`]'s header and how the key is written in it.
+    pub fn auth_scheme(self) -> (&'static str, AuthForm) {
+        match self {
+            Provider::Anthropic => ("x-api-key", AuthForm::Raw),
+            Provider::OpenAi => ("authorization", AuthForm::Bearer),
+            Provider::Gemini => ("x-goog-api-key", AuthForm::Raw),
+            Provider::AzureOpenAi => ("api-key", AuthForm::Raw),
+        }
+    }
+
+    /// [`Provider::auth_header_for`]'s header and how the key is written in it.
+    pub fn auth_scheme_for(self, url: &str) -> (&'static str, AuthForm) {
         if self != Provider::Gemini {
-            return self.auth_header(key);
+            return self.auth_scheme();
         }
         let path = url
             .find("://")
@@ -112,9 +142,9 @@ impl Provider {
             .next()
             .unwrap_or("");
         if is_openai_compatible(path) {
-            ("authorization", format!("Bearer {key}"))
+            ("authorization", AuthForm::Bearer)
         } else {
-            self.auth_header(key)
+            self.auth_scheme()
         }
     }
 

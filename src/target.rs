@@ -25,7 +25,9 @@ pub struct BaseUrl {
     parsed: Arc<ArcSwap<Parsed>>,
 }
 
-type Parsed = HashMap<Box<str>, Url, foldhash::fast::RandomState>;
+/// Each path's URL, and the same as the `http::Uri` a request is sent to
+/// (None if `http` refuses it: such a request is refused when it is made).
+type Parsed = HashMap<Box<str>, (Url, Option<http::Uri>), foldhash::fast::RandomState>;
 
 impl std::fmt::Debug for BaseUrl {
     /// The URL only: not the targets of the requests sent to it.
@@ -102,7 +104,7 @@ impl BaseUrl {
             Some((path, query)) => (path, Some(query)),
             None => (target, None),
         };
-        let cached = self.parsed.load().get(path).cloned();
+        let cached = self.parsed.load().get(path).map(|(url, _)| url.clone());
         let mut url = match cached {
             Some(url) => {
                 check_bytes(target)?;
@@ -116,10 +118,11 @@ impl BaseUrl {
                 if path.len() <= PARSED_TARGET_LEN && self.parsed.load().len() < PARSED_TARGETS {
                     let mut bare = url.clone();
                     bare.set_query(None);
+                    let uri = http::Uri::try_from(bare.as_str()).ok();
                     self.parsed.rcu(|parsed| {
                         let mut parsed = Parsed::clone(parsed);
                         if parsed.len() < PARSED_TARGETS {
-                            parsed.insert(path.into(), bare.clone());
+                            parsed.insert(path.into(), (bare.clone(), uri.clone()));
                         }
                         parsed
                     });
@@ -131,6 +134,22 @@ impl BaseUrl {
             url.set_query(query);
         }
         Ok(url)
+    }
+
+    /// [`BaseUrl::url`] as the `http::Uri` a request is sent to. A path
+    /// without a query seen before costs no parsing and no allocation: its
+    /// `Uri` is kept with its URL and shares their bytes.
+    pub fn uri(&self, target: &str) -> Result<http::Uri> {
+        if !target.contains('?') {
+            if let Some((_, Some(uri))) = self.parsed.load().get(target) {
+                check_bytes(target)?;
+                return Ok(uri.clone());
+            }
+        }
+        let url = self.url(target)?;
+        http::Uri::try_from(url.as_str()).map_err(|e| {
+            Error::BadRequest(format!("path {:?} is not a valid URL: {e}", shown(target)))
+        })
     }
 }
 
@@ -380,6 +399,44 @@ mod tests {
     }
 
     #[test]
+    fn uris_are_the_parsed_urls_and_kept_with_them() {
+        let base = BaseUrl::parse("http://up:8080/prefix/v1").unwrap();
+        for target in [
+            "/v1/messages",
+            "/v1/messages",
+            "/models?x=1&y=%20",
+            "/models?x=2",
+            "/a/../b",
+            "/deployments/d/chat?",
+        ] {
+            let uri = base.uri(target).unwrap();
+            assert_eq!(
+                uri.to_string(),
+                base.url(target).unwrap().as_str(),
+                "{target}"
+            );
+            assert_eq!(uri.authority().unwrap().as_str(), "up:8080");
+        }
+        // Known paths give the kept Uri, sharing its bytes.
+        let kept = base
+            .parsed
+            .load()
+            .get("/v1/messages")
+            .unwrap()
+            .1
+            .clone()
+            .unwrap();
+        let again = base.uri("/v1/messages").unwrap();
+        assert_eq!(again.path().as_ptr(), kept.path().as_ptr());
+        // What the URL refuses, the Uri refuses the same way, kept or not.
+        for bad in ["/../x", "/a b", "/x#frag"] {
+            assert!(matches!(base.uri(bad), Err(Error::BadRequest(_))), "{bad}");
+        }
+        base.uri("/known").unwrap();
+        assert!(matches!(base.uri("/known\\"), Err(Error::BadRequest(_))));
+    }
+
+    #[test]
     fn queries_are_set_on_a_parsed_path_and_never_kept() {
         let base = BaseUrl::parse("https://res.example/openai").unwrap();
         for target in [
@@ -402,7 +459,7 @@ mod tests {
         let mut kept: Vec<&str> = parsed.keys().map(|k| &**k).collect();
         kept.sort_unstable();
         assert_eq!(kept, ["/deployments/d/./chat", "/deployments/d/chat"]);
-        assert!(parsed.values().all(|url| url.query().is_none()));
+        assert!(parsed.values().all(|(url, _)| url.query().is_none()));
         // A query is checked like the rest of the target, parsed path or not.
         for bad in ["/deployments/d/chat?a=b c", "/deployments/d/chat?a#b"] {
             assert!(matches!(base.url(bad), Err(Error::BadRequest(_))), "{bad}");

@@ -81,13 +81,6 @@ impl UpstreamError {
         self.kind == Kind::Timeout
     }
 
-    pub fn invalid_url(err: BoxError) -> Self {
-        Self {
-            kind: Kind::Request,
-            source: Some(err),
-        }
-    }
-
     fn request(err: hyper_util::client::legacy::Error) -> Self {
         let kind = if err.is_connect() {
             Kind::Connect

@@ -13,6 +13,7 @@ use super::{KeyPool, KeyStatus, Slot};
 use crate::clock::duration_to_nanos;
 use crate::events::{self, Field, Level, Record};
 use crate::metrics::KeyCounters;
+use crate::provider::AuthForm;
 use crate::ratelimit;
 use crate::state::clocks;
 
@@ -99,6 +100,11 @@ impl Key {
         &self.slot.label
     }
 
+    /// The label, shared (a clone is no copy).
+    pub fn shared_label(&self) -> Arc<str> {
+        self.slot.label.clone()
+    }
+
     /// A masked form of the key, safe to log.
     pub fn hint(&self) -> &str {
         &self.slot.hint
@@ -107,6 +113,11 @@ impl Key {
     /// The secret itself. Only for building the upstream request.
     pub fn value(&self) -> &str {
         &self.slot.value
+    }
+
+    /// The key as a header value written `form`'s way, marked sensitive.
+    pub fn header_value(&self, form: AuthForm) -> http::HeaderValue {
+        self.slot.auth[form as usize].clone()
     }
 
     pub fn pool(&self) -> &KeyPool {

@@ -18,6 +18,7 @@ use arc_swap::ArcSwap;
 
 use crate::clock::{Clock, MonotonicClock};
 use crate::error::{Error, Exhaustion, Result};
+use crate::provider::AuthForm;
 use crate::state::{Backend, Fingerprint, StateSpec, SyncStatus};
 
 pub use cell::{InFlight, KeyState, KeyStatus};
@@ -289,8 +290,12 @@ impl fmt::Debug for PoolOptions {
 
 /// One key of the pool, with what goes with it.
 pub(crate) struct Slot {
-    pub label: String,
+    /// Shared: each request's answer and attempt log name its key.
+    pub label: Arc<str>,
     pub value: String,
+    /// The value as it goes in a header, each way a provider writes it
+    /// (indexed by [`AuthForm`]), marked sensitive: made once, not per request.
+    pub auth: [http::HeaderValue; 2],
     pub hint: String,
     pub fingerprint: Fingerprint,
     /// The group configured for the key.
@@ -529,7 +534,7 @@ impl KeyPool {
             .load()
             .slots
             .iter()
-            .find(|s| s.label == label)
+            .find(|s| *s.label == *label)
             .map(|slot| Key::new(self.clone(), slot.clone()))
             .ok_or_else(|| Error::UnknownLabel(self.redact(label).into_owned()))
     }
@@ -589,7 +594,7 @@ impl KeyPool {
             &self.inner.backend,
             Some(&old),
         )?;
-        let describe = |s: &Slot| (s.label.clone(), s.hint.clone());
+        let describe = |s: &Slot| (s.label.to_string(), s.hint.clone());
         let report = ReloadReport {
             added: new
                 .slots
@@ -608,7 +613,7 @@ impl KeyPool {
                 .iter()
                 .filter_map(|n| {
                     let o = old.slots.iter().find(|o| o.value == n.value)?;
-                    (o.label != n.label).then(|| (o.label.clone(), n.label.clone()))
+                    (o.label != n.label).then(|| (o.label.to_string(), n.label.to_string()))
                 })
                 .collect(),
             moved: new
@@ -627,7 +632,7 @@ impl KeyPool {
         let unreachable: Vec<Arc<Slot>> = new
             .slots
             .iter()
-            .filter(|s| report.moved.iter().any(|(label, _)| *label == s.label))
+            .filter(|s| report.moved.iter().any(|(label, _)| **label == *s.label))
             .filter(|s| s.cell.status_and_unreachable(now).1)
             .cloned()
             .collect();
@@ -649,7 +654,7 @@ impl KeyPool {
             .map(|slot| {
                 let status = slot.cell.status(now);
                 KeySnapshot {
-                    label: slot.label.clone(),
+                    label: slot.label.to_string(),
                     hint: slot.hint.clone(),
                     state: status.state,
                     cooldown_remaining: status.cooldown_remaining,
@@ -782,13 +787,30 @@ fn key_set(
                     })
                 })
                 .transpose()?;
+            let auth = [AuthForm::Raw, AuthForm::Bearer].map(|form| {
+                let mut value = http::HeaderValue::from_maybe_shared(bytes::Bytes::from(
+                    form.value(&spec.value),
+                ));
+                if let Ok(value) = &mut value {
+                    value.set_sensitive(true);
+                }
+                value
+            });
+            let [Ok(raw), Ok(bearer)] = auth else {
+                // Keys are checked to be visible ASCII before they get here.
+                return Err(Error::Config(format!(
+                    "{}: a key must be visible ASCII",
+                    spec.label
+                )));
+            };
             Ok(Arc::new(Slot {
+                auth: [raw, bearer],
                 hint: mask(&spec.value),
                 learned_group: std::sync::OnceLock::new(),
                 group: spec.group,
                 base_url,
                 cell,
-                label: spec.label,
+                label: spec.label.into(),
                 value: spec.value,
                 fingerprint,
             }))
@@ -986,6 +1008,36 @@ mod tests {
         assert_eq!(mask("01234567"), "...67");
         assert_eq!(mask("0123456"), "...");
         assert_eq!(mask(""), "...");
+    }
+
+    #[test]
+    fn keys_as_header_values_are_the_providers_and_sensitive() {
+        use crate::provider::Provider;
+        let (pool, _) = pool_with(&["sk-one", "sk-two"]);
+        let paths = [
+            "/v1/messages",
+            "/v1beta/openai/chat/completions",
+            "/v1beta/models/m",
+        ];
+        for key in pool.keys() {
+            for provider in [
+                Provider::Anthropic,
+                Provider::OpenAi,
+                Provider::Gemini,
+                Provider::AzureOpenAi,
+            ] {
+                for path in paths {
+                    let (name, form) = provider.auth_scheme_for(path);
+                    let value = key.header_value(form);
+                    assert_eq!(
+                        provider.auth_header_for(key.value(), path),
+                        (name, value.to_str().unwrap().to_owned())
+                    );
+                    assert!(value.is_sensitive());
+                    assert!(!format!("{value:?}").contains(key.value()));
+                }
+            }
+        }
     }
 
     #[test]

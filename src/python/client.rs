@@ -253,7 +253,7 @@ struct Meta {
     status: u16,
     headers: HeaderMap,
     attempts: u32,
-    key_label: Option<String>,
+    key_label: Option<Arc<str>>,
     exhausted: bool,
     attempt_log: Vec<AttemptRecord>,
     body: Arc<ResponseBody>,
@@ -321,8 +321,8 @@ macro_rules! response_methods {
             }
 
             #[getter]
-            fn key_label(&self) -> Option<String> {
-                self.0.key_label.clone()
+            fn key_label(&self) -> Option<&str> {
+                self.0.key_label.as_deref()
             }
 
             #[getter]
