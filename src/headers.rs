@@ -32,22 +32,61 @@ pub const CREDENTIAL_HEADERS: [&str; 4] =
     ["x-api-key", "api-key", "x-goog-api-key", "authorization"];
 
 /// Request headers the client sets itself (or hyper does).
+#[cfg(test)]
 const SET_BY_CLIENT: [&str; 3] = ["host", "content-length", "accept-encoding"];
 
+/// Whether `name` (lower-case, as `HeaderName` has it) is a hop-by-hop
+/// header. A test checks it against [`HOP_BY_HOP`].
 pub fn is_hop_by_hop(name: &str) -> bool {
-    HOP_BY_HOP.iter().any(|h| name.eq_ignore_ascii_case(h))
+    // One match, not a loop over the list: this runs for every header of
+    // every request and response.
+    matches!(
+        name,
+        "connection"
+            | "keep-alive"
+            | "proxy-authenticate"
+            | "proxy-authorization"
+            | "proxy-connection"
+            | "te"
+            | "trailer"
+            | "trailers"
+            | "transfer-encoding"
+            | "upgrade"
+    )
+}
+
+/// Whether a request header named `name` (lower-case) stays behind:
+/// hop-by-hop, a credential, or set by the client.
+fn not_forwarded(name: &str) -> bool {
+    is_hop_by_hop(name)
+        || matches!(
+            name,
+            "x-api-key" | "api-key" | "x-goog-api-key" | "authorization" // CREDENTIAL_HEADERS
+                | "host" | "content-length" | "accept-encoding" // SET_BY_CLIENT
+        )
 }
 
 /// The header names that `Connection` header values nominate as hop-by-hop
 /// (RFC 9110, section 7.6.1), lower-case.
 fn connection_options(headers: &HeaderMap) -> impl Fn(&str) -> bool + '_ {
     let options = headers.get_all(CONNECTION);
-    move |name| {
+    let tokens = move || {
         options
             .iter()
             .flat_map(|value| value.as_bytes().split(|&b| b == b','))
-            .any(|option| option.trim_ascii().eq_ignore_ascii_case(name.as_bytes()))
-    }
+            .map(<[u8]>::trim_ascii)
+    };
+    // Most messages nominate nothing that is not dropped anyway (`close`,
+    // `keep-alive`): then no name needs looking for among them.
+    let nominates = tokens().any(|option| {
+        !(option.is_empty()
+            || option.eq_ignore_ascii_case(b"keep-alive")
+            || option.eq_ignore_ascii_case(b"close")
+            || HOP_BY_HOP
+                .iter()
+                .any(|h| option.eq_ignore_ascii_case(h.as_bytes())))
+    });
+    move |name| nominates && tokens().any(|option| option.eq_ignore_ascii_case(name.as_bytes()))
 }
 
 /// A header map from (name, value) byte pairs, as front ends receive them;
@@ -89,10 +128,7 @@ pub fn forwarded(headers: &HeaderMap, body_len: usize) -> HeaderMap {
     let mut map = HeaderMap::with_capacity(headers.len() + 2);
     for (name, value) in headers {
         let n = name.as_str();
-        let dropped = is_hop_by_hop(n)
-            || CREDENTIAL_HEADERS.contains(&n)
-            || SET_BY_CLIENT.contains(&n)
-            || nominated(n);
+        let dropped = not_forwarded(n) || nominated(n);
         if !dropped {
             map.append(name.clone(), value.clone());
         }
@@ -335,6 +371,46 @@ mod tests {
             None
         );
         assert_eq!(found(&[("authorization", "Bearer  ")]), None);
+    }
+
+    #[test]
+    fn the_names_not_forwarded_are_the_lists() {
+        let listed: Vec<&str> = HOP_BY_HOP
+            .iter()
+            .chain(&CREDENTIAL_HEADERS)
+            .chain(&SET_BY_CLIENT)
+            .copied()
+            .collect();
+        for name in &listed {
+            assert!(not_forwarded(name), "{name}");
+        }
+        for name in HOP_BY_HOP {
+            assert!(is_hop_by_hop(name), "{name}");
+        }
+        for name in CREDENTIAL_HEADERS.iter().chain(&SET_BY_CLIENT) {
+            assert!(!is_hop_by_hop(name), "{name}");
+        }
+        for name in [
+            "x-foo",
+            "content-type",
+            "anthropic-version",
+            "x-api-keys",
+            "t",
+            "",
+        ] {
+            assert!(!not_forwarded(name), "{name}");
+        }
+        // Connection options nominate names; tokens dropped anyway do not.
+        let nominated = |value: &[u8], name: &str| {
+            let headers = map(&[("connection", value)]);
+            let nominated = connection_options(&headers)(name);
+            nominated
+        };
+        assert!(nominated(b"keep-alive, X-Trace", "x-trace"));
+        assert!(nominated(b" close ,x-a,,x-b", "x-b"));
+        assert!(!nominated(b"keep-alive, close", "keep-alive"));
+        assert!(!nominated(b"keep-alive", "x-trace"));
+        assert!(!nominated(b"", "x-trace"));
     }
 
     #[test]

@@ -141,8 +141,8 @@ impl BaseUrl {
     /// `Uri` is kept with its URL and shares their bytes.
     pub fn uri(&self, target: &str) -> Result<http::Uri> {
         if !target.contains('?') {
+            // A path kept was checked (normalized) when it was first seen.
             if let Some((_, Some(uri))) = self.parsed.load().get(target) {
-                check_bytes(target)?;
                 return Ok(uri.clone());
             }
         }
