@@ -431,12 +431,14 @@ def start_native(
     *,
     threads: int = 1,
     cpus: str | None = SERVER_CPU,
+    under: tuple[str, ...] = (),
 ) -> Setup:
     """The same proxies on keyfailover's native server (`python -m suite.app`: the routes of
-    `asgi_app`, one `Server` route each), `threads` runtime threads, pinned to `cpus`."""
+    `asgi_app`, one `Server` route each), `threads` runtime threads, pinned to `cpus`; run
+    `under` a tool (valgrind) when given."""
     port = free_port()
     env = {"KFB_FAST": fast.url, "KFB_SLOW": slow.url, "KFB_HOST": HOST}
-    args = [sys.executable, "-m", "suite.app", str(port), str(threads)]
+    args = [*under, sys.executable, "-m", "suite.app", str(port), str(threads)]
     proc = procs.start(args, cpus=cpus, env=env, cwd=str(HERE))
     note = (
         f"keyfailover's native server (what `keyfailover serve` runs) with --threads {threads}, "
@@ -444,8 +446,12 @@ def start_native(
     )
     setup = Setup("kf-native", "FailoverProxy, native server", port, proxy_targets(), proc, note)
     path, credential, _ = setup.targets["json"]
-    wait_ready(port, path, credential, proc)
+    wait_ready(port, path, credential, proc, timeout=READY_UNDER_TOOL if under else 60.0)
     return setup
+
+
+# How long a server run under valgrind may take to start (it is slowed some 50 times).
+READY_UNDER_TOOL = 300.0
 
 
 NGINX_PROXY_CONF = """
@@ -506,7 +512,14 @@ def start_nginx_proxy(procs: Processes, workdir: Path, fast: Upstream) -> Setup:
     return floor_setup("nginx-proxy", "nginx proxy_pass", port, proc, note)
 
 
-def floor_setup(key: str, label: str, port: int, proc: subprocess.Popen[str], note: str) -> Setup:
+def floor_setup(
+    key: str,
+    label: str,
+    port: int,
+    proc: subprocess.Popen[str],
+    note: str,
+    ready_timeout: float = 60.0,
+) -> Setup:
     """A floor (nginx's, the bare hyper proxy's) once it answers: it serves `/anthropic` and
     `/sse` only, having no pool to fail over across."""
     targets = {
@@ -514,7 +527,7 @@ def floor_setup(key: str, label: str, port: int, proc: subprocess.Popen[str], no
     }
     setup = Setup(key, label, port, targets, proc, note)
     path, credential, _ = setup.targets["json"]
-    wait_ready(port, path, credential, proc)
+    wait_ready(port, path, credential, proc, timeout=ready_timeout)
     return setup
 
 
@@ -523,19 +536,21 @@ def floor_setup(key: str, label: str, port: int, proc: subprocess.Popen[str], no
 HYPER_FLOOR = HERE / "hyper-floor" / "target" / "release" / "hyper-floor"
 
 
-def start_hyper_floor(procs: Processes, fast: Upstream) -> Setup:
+def start_hyper_floor(procs: Processes, fast: Upstream, under: tuple[str, ...] = ()) -> Setup:
     """A bare proxy on the server and client keyfailover's native server uses (hyper and
     hyper-util, one tokio thread, the same allocator), doing what the nginx floor does and
-    nothing more, pinned to SERVER_CPU: the floor for a proxy on this stack."""
+    nothing more, pinned to SERVER_CPU: the floor for a proxy on this stack. Run `under` a
+    tool (valgrind) when given."""
     port = free_port()
-    args = [str(HYPER_FLOOR), str(port), str(fast.port), "1", TOKEN, OK_KEY, SSE_KEY]
+    args = [*under, str(HYPER_FLOOR), str(port), str(fast.port), "1", TOKEN, OK_KEY, SSE_KEY]
     proc = procs.start(args, cpus=SERVER_CPU)
     note = (
         "benches/hyper-floor: hyper-util's server and pooled client on one tokio thread, "
         "checks the client token and swaps in the key, no failover, limits, logs or metrics: "
         "the floor for a proxy on keyfailover's HTTP stack"
     )
-    return floor_setup("hyper-floor", "bare hyper proxy (no policy)", port, proc, note)
+    timeout = READY_UNDER_TOOL if under else 60.0
+    return floor_setup("hyper-floor", "bare hyper proxy (no policy)", port, proc, note, timeout)
 
 
 # --------------------------------------------------------------------------

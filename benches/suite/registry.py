@@ -15,7 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from . import inprocess, load, measure, procs, report, shared, strategies
+from . import inprocess, instructions, load, measure, procs, report, shared, strategies
 
 
 @dataclass(frozen=True)
@@ -33,6 +33,12 @@ MEASUREMENTS: list[Measurement] = [
     Measurement("blocking", "blocking", measure.blocking, report.blocking_section),
     Measurement(
         "native rounds", "native_rounds", shared.native_rounds, report.native_rounds_section
+    ),
+    Measurement(
+        "instructions",
+        "instructions",
+        instructions.instructions,
+        report.instructions_section,
     ),
     Measurement("paced", "paced", measure.paced, report.paced_section),
     Measurement("steady", "steady", measure.steady, report.steady_section),

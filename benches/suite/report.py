@@ -450,6 +450,46 @@ def us(micros: float) -> str:
 # --------------------------------------------------------------------------
 
 
+def instructions_section(r: dict[str, Any]) -> list[str]:
+    """Instructions per request under callgrind: the native server and the bare hyper proxy."""
+    counted = r.get("instructions") or {}
+    native, floor = counted.get("kf-native"), counted.get("hyper-floor")
+    if native is None:
+        return []
+    from .instructions import CONNECTIONS, COUNTED
+
+    out = [
+        "",
+        "## Instructions per request",
+        "",
+        "The native server and the bare hyper proxy each run under valgrind's callgrind, "
+        f"loaded with the same small blocking requests over {CONNECTIONS} connections; the "
+        f"instructions of {COUNTED:g} s of requests after a warm-up, divided by the requests "
+        "answered. A count, not a time: the same from run to run whatever else this shared "
+        "machine does, so it shows a change to the request path that req/s, moving by 5-10% "
+        "between runs here, cannot. User space only (the kernel's share of a request, about "
+        "half of its CPU time here, is not counted), and every instruction counts one.",
+        "",
+        "| setup | requests counted | instructions per request | x bare hyper |",
+        "| --- | ---: | ---: | ---: |",
+    ]
+    for key, row in (("kf-native", native), ("hyper-floor", floor)):
+        if row is None:
+            continue
+        ratio = f"{row['per_request'] / floor['per_request']:.2f}" if floor else "-"
+        out.append(
+            f"| {r['labels'].get(key, key)} | {row['requests']:,} | "
+            f"{row['per_request']:,.0f} | {ratio} |"
+        )
+    if floor:
+        out += [
+            "",
+            f"keyfailover's own work (native - bare hyper): "
+            f"{native['per_request'] - floor['per_request']:,.0f} instructions per request.",
+        ]
+    return out
+
+
 def render(
     r: dict[str, Any], smoke: bool, sections: Iterable[Callable[[dict[str, Any]], list[str]]]
 ) -> str:
