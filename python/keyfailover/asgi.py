@@ -22,6 +22,7 @@ from collections.abc import (
     Callable,
     Generator,
     Iterable,
+    Iterator,
     Mapping,
     MutableMapping,
     Sequence,
@@ -266,9 +267,11 @@ class FailoverProxy:
         """`receive()`, bounded by `body_timeout` (raising _BodyStalled) and by the end of
         the grace period (_Expired). A message already there, as a small body usually is,
         costs no timer: only a receive that has to wait gets one."""
+        # Stepped as `await` would: servers' awaitables need not be coroutines (granian's
+        # iterator has `__next__` only, no `send` or `throw`).
         step = receive().__await__()
         try:
-            blocked_on = step.send(None)
+            blocked_on = next(step)
         except StopIteration as done:
             message: Message = done.value
             return message
@@ -289,9 +292,11 @@ class FailoverProxy:
 
 class _Resumed:
     """The rest of an awaitable that was stepped once and is blocked on `blocked_on`:
-    awaiting this goes on with it exactly where `await` would have (`yield from`)."""
+    awaiting this goes on with it exactly where `await` would have (`yield from`, PEP 380:
+    an iterator without `send` is resumed with `next`, one without `throw` has an
+    exception raised here instead, and one closed here is closed in turn)."""
 
-    def __init__(self, step: Generator[Any, Any, Message], blocked_on: Any) -> None:
+    def __init__(self, step: Iterator[Any], blocked_on: Any) -> None:
         self.step, self.blocked_on = step, blocked_on
 
     def __await__(self) -> Generator[Any, Any, Message]:
@@ -299,14 +304,22 @@ class _Resumed:
         while True:
             try:
                 sent = yield blocked_on
+            except GeneratorExit:
+                close = getattr(step, "close", None)
+                if close is not None:
+                    close()
+                raise
             except BaseException as error:  # a cancellation, thrown in: pass it on
+                throw = getattr(step, "throw", None)
+                if throw is None:
+                    raise
                 try:
-                    blocked_on = step.throw(error)
+                    blocked_on = throw(error)
                 except StopIteration as done:
                     return done.value  # type: ignore[no-any-return]
             else:
                 try:
-                    blocked_on = step.send(sent)
+                    blocked_on = next(step) if sent is None else step.send(sent)  # type: ignore[attr-defined]
                 except StopIteration as done:
                     return done.value  # type: ignore[no-any-return]
 
