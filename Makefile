@@ -1,7 +1,7 @@
 # One entry point for building, testing and benchmarking.
 #   make test    creates .venv, installs build/test deps, builds the extension,
 #                runs the linters, `cargo test` and pytest.
-#   make bench   runs the side-by-side benchmark suite (benches/run.py, ~16 minutes).
+#   make bench   runs the side-by-side benchmark suite (benches/run.py, 15-20 minutes).
 
 PYTHON ?= python3
 VENV ?= .venv
