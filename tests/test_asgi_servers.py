@@ -3,7 +3,8 @@
 uvicorn's `receive()` is a coroutine; granian's returns an awaitable whose iterator has
 `__next__` only (no `send`, no `throw`). FailoverProxy steps that awaitable itself (so a
 body already there costs no timer) and must do it exactly as `await` would, for both.
-These tests run it under granian itself, and against a `receive` shaped like granian's.
+These tests run it under granian itself, and against a `receive` shaped like granian's;
+under granian, a client leaving a stream also ends the upstream request.
 """
 
 from __future__ import annotations
@@ -259,3 +260,27 @@ def test_under_granian_a_stalled_body_gets_408(up, granian_url):
     assert status == 408, answer
     assert "paused for longer than 0.5 s" in answer["error"]["message"]
     assert up.requests == []
+
+
+def test_under_granian_a_client_leaving_a_stream_closes_upstream(up, granian_url):
+    from keyfailover.testing import Reply, anthropic_stream_events
+
+    up.enqueue(Reply.sse(anthropic_stream_events(" ".join(["word"] * 40)), chunk_delay=0.1))
+    host, port = granian_url.split(":")
+    body = json.dumps({**MESSAGE, "stream": True}).encode()
+    with socket.create_connection((host, int(port)), timeout=10) as sock:
+        head = (
+            f"POST /v1/messages HTTP/1.1\r\nhost: proxy\r\nx-api-key: {TOKEN}\r\n"
+            f"content-type: application/json\r\ncontent-length: {len(body)}\r\n\r\n"
+        )
+        sock.sendall(head.encode() + body)
+        received = b""
+        while b"event: message_start" not in received:
+            chunk = sock.recv(65536)
+            assert chunk, received
+            received += chunk
+        assert received.startswith(b"HTTP/1.1 200")
+    left = time.monotonic()
+    assert up.wait_for(lambda u: u.requests[0].disconnected, timeout=2)
+    assert time.monotonic() - left < 0.5
+    assert not up.requests[0].completed
