@@ -160,6 +160,30 @@ def test_a_malformed_request_gets_400_and_the_server_goes_on(up, native, request
     assert httpx.post(url + "/v1/messages", json=MESSAGE).status_code == 200
 
 
+@pytest.mark.parametrize("hosts", [[], ["proxy", "other"]], ids=["no-host", "two-hosts"])
+def test_an_http_1_1_request_without_exactly_one_host_gets_400(up, native, hosts):
+    url = native()
+    head = "".join(f"host: {host}\r\n" for host in hosts)
+    without = f"POST /v1/messages HTTP/1.1\r\n{head}content-length: {len(BODY)}\r\n\r\n"
+    with connect(url) as sock:
+        sock.sendall(without.encode() + BODY)
+        status, _, body = read_response(sock)
+        assert status == b"HTTP/1.1 400 Bad Request"
+        message = json.loads(body)["error"]["message"]
+        assert message == "an HTTP/1.1 request needs exactly one Host header"
+        # Nothing went upstream, and the connection goes on.
+        assert up.requests == []
+        sock.sendall(post())
+        assert read_response(sock)[0] == b"HTTP/1.1 200 OK"
+    # HTTP/1.0 has no Host requirement.
+    with connect(url) as sock:
+        sock.sendall(post(version="1.0").replace(b"host: proxy\r\n", b""))
+        closed, data = closed_within(sock, 5)
+    assert closed
+    assert data.startswith(b"HTTP/1.0 200 "), data
+    assert len(up.requests) == 2
+
+
 def test_oversized_headers_get_431(up, native):
     url = native(max_header_bytes=16 * 1024)
     with connect(url) as sock:

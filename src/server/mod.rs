@@ -5,7 +5,8 @@
 //! exactly as for the ASGI app.
 //!
 //! Bad input gets an answer, not a crash: a malformed request 400 and
-//! oversized headers 431 (both from hyper), a request head not complete
+//! oversized headers 431 (both from hyper; an HTTP/1.1 request without
+//! exactly one `Host` 400 from here), a request head not complete
 //! within `header_timeout` a closed connection (slowloris; the same timer
 //! closes idle keep-alive connections), connections beyond
 //! `max_connections` a 503 and a close.
@@ -288,15 +289,23 @@ impl Server {
         let target = parts.uri.path_and_query().map_or("/", |pq| pq.as_str());
         let routes = self.routes.load_full();
         let method = parts.method.as_str();
+        let host_ok = parts.version != http::Version::HTTP_11 || one_host(&parts.headers);
         let (route, target) = match route(&routes, target) {
-            Some(found) => found,
+            Some(found) if host_ok => found,
             // `OPTIONS *` and the like: the gateway refuses them (400), as it
             // does under an ASGI server, which has no routes to miss.
-            None if !target.starts_with('/') => (&routes[routes.len() - 1], Cow::Borrowed(target)),
-            None => {
+            None if host_ok && !target.starts_with('/') => {
+                (&routes[routes.len() - 1], Cow::Borrowed(target))
+            }
+            _ => {
                 let fallback = &routes[routes.len() - 1].gateway;
                 let path = target.split('?').next().unwrap_or(target);
-                let response = if admin::is_admin_path(path) {
+                let response = if !host_ok {
+                    fallback.answer(
+                        ErrorKind::InvalidRequest,
+                        "an HTTP/1.1 request needs exactly one Host header",
+                    )
+                } else if admin::is_admin_path(path) {
                     self.admin(&routes, method, path, &parts.headers)
                 } else {
                     fallback.answer(ErrorKind::NotFound, "no route for this path")
@@ -368,6 +377,15 @@ impl Server {
         }
         into_hyper(response, (parts.method, parts.uri), unread)
     }
+}
+
+/// Whether `headers` hold exactly one `Host`, as an HTTP/1.1 request must
+/// (RFC 9112, section 3.2: a server answers 400 otherwise; hyper leaves the
+/// check to its user). Its value is not looked at: requests go to the
+/// route's upstream whatever host the caller named.
+fn one_host(headers: &http::HeaderMap) -> bool {
+    let mut hosts = headers.get_all(http::header::HOST).iter();
+    hosts.next().is_some() && hosts.next().is_none()
 }
 
 /// Checks `routes` (at least one; prefixes start with `/`, none twice) and
