@@ -510,7 +510,9 @@ struct Attempt<'a> {
     body: &'a Bytes,
 }
 
-/// What an upstream answer comes to.
+/// What an upstream answer comes to. `Return`, the large variant, is the
+/// common one: boxing it would allocate for nearly every request.
+#[allow(clippy::large_enum_variant)]
 enum Judged {
     /// A key-specific failure: mark the key and try the next.
     Failover(Verdict),

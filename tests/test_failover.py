@@ -1027,6 +1027,28 @@ def test_a_pooled_connection_the_upstream_closed_is_not_used_again() -> None:
     assert states(pool) == ["valid"]
 
 
+def test_requests_one_after_another_share_one_upstream_connection(up: MockUpstream) -> None:
+    """Whatever the answer (a reply, an error relayed, a stream, a 429 failed over), once
+    its body has been read the connection serves the next request."""
+    client, pool = make_client(up, ANTHROPIC.provider, 2)
+    up.enqueue(
+        Reply.json({"n": 1}),
+        Reply.error(400, "invalid_request_error", "bad"),
+        Reply.sse([("message_stop", {"type": "message_stop"})]),
+        Reply.error(429, "rate_limit_error", "slow down", headers={"retry-after": "30"}),
+        Reply.json({"n": 2}),
+        Reply(status=204, body=b""),
+    )
+    seen = []
+    for stream in (False, False, True, False, False):
+        resp, _ = run(call(client, ANTHROPIC, stream=stream))
+        seen.append(resp.status)
+    assert seen == [200, 400, 200, 200, 204]
+    assert sorted(states(pool)) == ["temporary", "valid"]
+    assert len(up.requests) == 6
+    assert up.connections_accepted == 1
+
+
 @pytest.mark.parametrize("api", APIS, ids=str)
 def test_reset_before_head_is_502(up: MockUpstream, api: Api) -> None:
     client, pool = make_client(up, api.provider, 2)

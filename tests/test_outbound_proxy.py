@@ -64,6 +64,7 @@ def test_http_upstream_goes_through_the_proxy(proxy: RecordingProxy, variable: s
     [(line, fields)] = proxy.heads
     # A forward proxy gets the absolute URL, with the key it has to pass on.
     assert line == "POST http://api.upstream.invalid/v1/messages HTTP/1.1"
+    assert fields["host"] == "api.upstream.invalid"  # HTTP/1.1 names the host in absolute form too
     assert fields["x-api-key"] == KEY
 
 

@@ -54,6 +54,8 @@ class _Connection(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self._transport = cast(asyncio.Transport, transport)
         self._upstream._connections.add(self)
+        with self._upstream._lock:
+            self._upstream._accepted += 1
 
     def data_received(self, data: bytes) -> None:
         if self._closed:
@@ -215,7 +217,8 @@ class MockUpstream:
         self._limiter = RateLimiter(limits or {})
         self._requested_port = port
         self._port: int | None = None
-        self._lock = threading.Lock()  # guards the three collections below
+        self._lock = threading.Lock()  # guards the three collections below, and the count
+        self._accepted = 0
         self._requests: list[RecordedRequest] = []
         self._queue: deque[Reply] = deque()
         self._replies: dict[str, Reply] = {}
@@ -354,6 +357,13 @@ class MockUpstream:
         """The requests received so far, in arrival order (a new list each time)."""
         with self._lock:
             return list(self._requests)
+
+    @property
+    def connections_accepted(self) -> int:
+        """How many client connections the server has accepted so far (a client that
+        keeps its connection alive makes one for many requests). `clear()` keeps it."""
+        with self._lock:
+            return self._accepted
 
     def wait_for(self, predicate: Callable[[MockUpstream], object], timeout: float = 5.0) -> bool:
         """Poll until `predicate(self)` is true; False if `timeout` seconds pass first.

@@ -1,6 +1,7 @@
-//! The HTTP client that carries requests upstream: hyper's pooled client
-//! (HTTP/1.1 with keep-alive, HTTP/2 when TLS negotiates it) over TCP or
-//! rustls, through the proxies the environment names.
+//! The HTTP client that carries requests upstream: hyper's client
+//! connections (HTTP/1.1 with keep-alive, HTTP/2 when TLS negotiates it)
+//! in a pool of our own ([`pool`]), over TCP or rustls, through the proxies
+//! the environment names.
 //!
 //! What it does, and what it leaves to the caller:
 //! - certificates are verified by the platform's verifier: the system's
@@ -13,12 +14,19 @@
 //!   connect timeout, and each read of a body after the read timeout; the
 //!   wait for a response head is the caller's to bound.
 //!
-//! It replaced reqwest, which wraps this same hyper client in layers this
-//! crate does not use (redirect and retry policies, a URL parsed again for
-//! every response). Measured side by side in one run (the native server,
-//! one thread, alternating 3 s rounds against nginx): 14-18% less CPU per
-//! request (33.1 against 38.7 µs at c=16, 40.0 against 48.7 µs at c=64) and
-//! 16-22% more requests per second.
+//! It replaced reqwest, which wraps hyper-util's pooled client in layers
+//! this crate does not use (redirect and retry policies, a URL parsed again
+//! for every response). Measured side by side in one run (the native
+//! server, one thread, alternating 3 s rounds against nginx): 14-18% less
+//! CPU per request (33.1 against 38.7 µs at c=16, 40.0 against 48.7 µs at
+//! c=64) and 16-22% more requests per second. hyper-util's pooled client
+//! then gave way to [`pool`] (see there why).
+//!
+//! As hyper-util's client did, a request a pooled connection turned out
+//! closed for before any of it was written is sent again on another
+//! connection (never one that may have reached the upstream).
+
+mod pool;
 
 use std::future::Future;
 use std::pin::Pin;
@@ -30,12 +38,12 @@ use bytes::Bytes;
 use http::header::{HeaderMap, PROXY_AUTHORIZATION};
 use http::{Method, StatusCode, Uri, Version};
 use http_body_util::{BodyExt, Full};
-use hyper::body::Incoming;
+use hyper::body::{Body as _, Incoming};
+use hyper::client::conn::{http1, http2};
 use hyper::rt::{Read, ReadBufCursor, Write};
 use hyper_rustls::{HttpsConnector, MaybeHttpsStream};
 use hyper_util::client::legacy::connect::proxy::Tunnel;
 use hyper_util::client::legacy::connect::{Connected, Connection, HttpConnector};
-use hyper_util::client::legacy::Client;
 use hyper_util::client::proxy::matcher::Matcher;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::net::TcpStream;
@@ -43,7 +51,7 @@ use tower_service::Service;
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
-/// Idle pooled connections close after this (reqwest's default, kept).
+/// Idle pooled connections close after this (hyper-util's default, kept).
 const POOL_IDLE: Duration = Duration::from_secs(90);
 /// TCP keep-alive probes on upstream connections.
 const TCP_KEEPALIVE: Duration = Duration::from_secs(15);
@@ -81,14 +89,18 @@ impl UpstreamError {
         self.kind == Kind::Timeout
     }
 
-    fn request(err: hyper_util::client::legacy::Error) -> Self {
-        let kind = if err.is_connect() {
-            Kind::Connect
-        } else {
-            Kind::Request
-        };
-        let source = Some(BoxError::from(err));
-        Self { kind, source }
+    fn connect(err: impl Into<BoxError>) -> Self {
+        Self {
+            kind: Kind::Connect,
+            source: Some(err.into()),
+        }
+    }
+
+    fn request(err: hyper::Error) -> Self {
+        Self {
+            kind: Kind::Request,
+            source: Some(Box::new(err)),
+        }
     }
 }
 
@@ -114,7 +126,8 @@ impl std::error::Error for UpstreamError {
 /// The client. Cheap to clone: clones share the connection pool.
 #[derive(Clone)]
 pub(crate) struct Http {
-    client: Client<Connector, Full<Bytes>>,
+    connector: Connector,
+    pool: pool::Pool,
     proxies: Arc<Matcher>,
     /// Whether the environment names a proxy for plain http: if not, no
     /// request needs `proxies` asked (which parses the host every time).
@@ -143,13 +156,9 @@ impl Http {
             proxies: proxies.clone(),
             timeout: connect_timeout,
         }));
-        let client = Client::builder(TokioExecutor::new())
-            .pool_idle_timeout(POOL_IDLE)
-            .pool_timer(TokioTimer::new())
-            .timer(TokioTimer::new())
-            .build(connector);
         Ok(Self {
-            client,
+            connector,
+            pool: pool::Pool::new(POOL_IDLE),
             proxies,
             http_proxy,
             read_timeout,
@@ -186,36 +195,207 @@ impl Http {
         } else {
             0
         };
-        let response = loop {
-            let mut request = http::Request::new(Full::new(body.clone()));
-            *request.method_mut() = method.clone();
-            *request.uri_mut() = uri.clone();
-            *request.headers_mut() = if retries > 0 {
-                headers.clone()
-            } else {
-                std::mem::take(&mut headers)
+        let key =
+            pool::Key::of(&uri).ok_or_else(|| UpstreamError::connect("no host in the URL"))?;
+        let slot = self.pool.slot(&key);
+        drop(key);
+        // The request a reused connection turned out closed for before any
+        // of it was written, to send as it is on a new connection. Boxed, as
+        // it is rare: the request is otherwise made just before it is handed
+        // to the connection, and never held across a wait.
+        let mut unsent: Option<Box<http::Request<pool::Body>>> = None;
+        // Once a pooled connection turned out closed, the others may be too
+        // (the upstream restarted, say): a new one is made.
+        let mut fresh = false;
+        let (response, back) = loop {
+            let pooled = match (!fresh).then(|| self.pool.take(&slot)).flatten() {
+                Some(pooled) => pooled,
+                // Boxed: its futures (TLS, handshakes) would make every
+                // request's future larger, and moving it dearer.
+                None => Box::pin(self.connect(&uri, &slot)).await?,
             };
-            match self.client.request(request).await {
-                Ok(response) => break response,
-                Err(err) if retries > 0 && refused_unprocessed(&err) => retries -= 1,
-                Err(err) => return Err(UpstreamError::request(err)),
+            let pool::Pooled {
+                sender,
+                proxied,
+                reused,
+            } = pooled;
+            let mut request = |form: Form| {
+                let mut request = match unsent.take() {
+                    Some(request) => *request,
+                    None => {
+                        let mut request = http::Request::new(Full::new(body.clone()));
+                        *request.method_mut() = method.clone();
+                        *request.headers_mut() = if retries > 0 {
+                            headers.clone()
+                        } else {
+                            std::mem::take(&mut headers)
+                        };
+                        request
+                    }
+                };
+                *request.uri_mut() = match form {
+                    Form::H2 | Form::Absolute => uri.clone(),
+                    Form::Origin => origin_form(&uri),
+                };
+                // HTTP/1.1 names the host in a header (in absolute form too);
+                // HTTP/2 in the URL's authority.
+                if form != Form::H2 && !request.headers().contains_key(http::header::HOST) {
+                    request.headers_mut().insert(http::header::HOST, host(&uri));
+                }
+                request
+            };
+            // Each arm breaks out with the response, or leaves the error,
+            // whether the request went unsent, and (in `unsent`) the request
+            // if it was made.
+            let mut went_unsent = true;
+            let err = match sender {
+                pool::Sender::H1(mut sender) => match sender.ready().await {
+                    Err(err) => err,
+                    Ok(()) => {
+                        // Absolute form to a forward proxy, origin form otherwise.
+                        let form = if proxied {
+                            Form::Absolute
+                        } else {
+                            Form::Origin
+                        };
+                        match sender.try_send_request(request(form)).await {
+                            Ok(response) => break (response, Some((sender, proxied))),
+                            Err(mut err) => {
+                                unsent = err.take_message().map(Box::new);
+                                went_unsent = unsent.is_some();
+                                err.into_error()
+                            }
+                        }
+                    }
+                },
+                pool::Sender::H2(mut sender) => match sender.ready().await {
+                    Err(err) => err,
+                    Ok(()) => match sender.try_send_request(request(Form::H2)).await {
+                        Ok(response) => break (response, None),
+                        Err(mut err) => {
+                            unsent = err.take_message().map(Box::new);
+                            went_unsent = unsent.is_some();
+                            err.into_error()
+                        }
+                    },
+                },
+            };
+            if reused && went_unsent {
+                // Closed before this request reached it: on a new one.
+                fresh = true;
+                self.pool.unshare(&slot);
+            } else if retries > 0 && refused_unprocessed(&err) {
+                unsent = None;
+                retries -= 1;
+            } else {
+                return Err(UpstreamError::request(err));
             }
         };
         let (head, body) = response.into_parts();
-        Ok(Response {
+        let back = back.map(|(sender, proxied)| Back {
+            pool: self.pool.clone(),
+            slot,
+            sender,
+            proxied,
+        });
+        let mut response = Response {
             status: head.status,
             version: head.version,
             headers: head.headers,
             body,
             read_timeout: self.read_timeout,
+            back,
+        };
+        if response.body.is_end_stream() {
+            response.give_back();
+        }
+        Ok(response)
+    }
+
+    /// A new connection to `uri`'s host (HTTP/2 if TLS negotiated it, and
+    /// then shared at once).
+    async fn connect(&self, uri: &Uri, slot: &pool::Slot) -> Result<pool::Pooled, UpstreamError> {
+        let conn = self
+            .connector
+            .clone()
+            .call(uri.clone())
+            .await
+            .map_err(UpstreamError::connect)?;
+        let connected = conn.connected();
+        let proxied = connected.is_proxied();
+        let sender = if connected.is_negotiated_h2() {
+            let (sender, connection) = http2::Builder::new(TokioExecutor::new())
+                .timer(TokioTimer::new())
+                .handshake(conn)
+                .await
+                .map_err(UpstreamError::connect)?;
+            tokio::spawn(connection);
+            self.pool.share(slot, &sender, proxied);
+            pool::Sender::H2(sender)
+        } else {
+            let (sender, connection) = http1::handshake(conn)
+                .await
+                .map_err(UpstreamError::connect)?;
+            tokio::spawn(connection);
+            pool::Sender::H1(sender)
+        };
+        Ok(pool::Pooled {
+            sender,
+            proxied,
+            reused: false,
         })
     }
+}
+
+/// How a request names its target and host.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Form {
+    /// HTTP/2: the whole URL (its authority, the host).
+    H2,
+    /// HTTP/1 to a forward proxy: the whole URL, and a `Host` header.
+    Absolute,
+    /// HTTP/1: the path and query, and a `Host` header.
+    Origin,
+}
+
+/// `uri`'s path and query alone, as an HTTP/1 request line has them.
+fn origin_form(uri: &Uri) -> Uri {
+    match uri.path_and_query() {
+        Some(path) if path.as_str() != "/" => Uri::from(path.clone()),
+        _ => Uri::from_static("/"),
+    }
+}
+
+/// The `Host` header for `uri`: its host, and its port unless the scheme's
+/// default.
+fn host(uri: &Uri) -> http::HeaderValue {
+    let authority = uri.authority().map_or("", |a| a.as_str());
+    let authority = authority.rsplit('@').next().unwrap_or(authority);
+    let default_port = match uri.port_u16() {
+        Some(443) => uri.scheme() == Some(&http::uri::Scheme::HTTPS),
+        Some(80) => uri.scheme() == Some(&http::uri::Scheme::HTTP),
+        _ => false,
+    };
+    let value = if default_port {
+        uri.host().unwrap_or("")
+    } else {
+        authority
+    };
+    http::HeaderValue::from_str(value).unwrap_or_else(|_| http::HeaderValue::from_static(""))
+}
+
+/// An HTTP/1 connection to give back to the pool when its response ends.
+struct Back {
+    pool: pool::Pool,
+    slot: Arc<pool::Slot>,
+    sender: http1::SendRequest<pool::Body>,
+    proxied: bool,
 }
 
 /// Whether `err` is an HTTP/2 upstream refusing the request before
 /// processing it: a graceful GOAWAY (NO_ERROR) that left it out, or
 /// REFUSED_STREAM.
-fn refused_unprocessed(err: &hyper_util::client::legacy::Error) -> bool {
+fn refused_unprocessed(err: &hyper::Error) -> bool {
     let mut source = std::error::Error::source(err);
     while let Some(cause) = source {
         if let Some(h2) = cause.downcast_ref::<h2::Error>() {
@@ -236,6 +416,13 @@ pub(crate) struct Response {
     headers: HeaderMap,
     body: Incoming,
     read_timeout: Duration,
+    back: Option<Back>,
+}
+
+impl std::fmt::Debug for Back {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Back").finish_non_exhaustive()
+    }
 }
 
 impl Response {
@@ -255,7 +442,16 @@ impl Response {
         &mut self.headers
     }
 
+    /// Gives the connection back to the pool (the body has ended).
+    fn give_back(&mut self) {
+        if let Some(back) = self.back.take() {
+            back.pool.put(&back.slot, back.sender, back.proxied);
+        }
+    }
+
     /// The next piece of the body; None at its end. Trailers are skipped.
+    /// Once the body has ended the connection goes back to the pool: a
+    /// response dropped before then closes it.
     pub async fn chunk(&mut self) -> Result<Option<Bytes>, UpstreamError> {
         loop {
             // A frame already read off the socket (a small body arrives with
@@ -273,7 +469,10 @@ impl Response {
                         source: None,
                     })
                 }
-                Ok(None) => return Ok(None),
+                Ok(None) => {
+                    self.give_back();
+                    return Ok(None);
+                }
                 Ok(Some(Err(err))) => {
                     return Err(UpstreamError {
                         kind: Kind::Body,
@@ -282,6 +481,9 @@ impl Response {
                 }
                 Ok(Some(Ok(frame))) => frame,
             };
+            if self.body.is_end_stream() {
+                self.give_back();
+            }
             if let Ok(data) = frame.into_data() {
                 if !data.is_empty() {
                     return Ok(Some(data));
@@ -458,5 +660,37 @@ impl Write for Conn {
             Conn::Direct(conn, _) => Pin::new(conn).poll_shutdown(cx),
             Conn::Tunneled(conn) => Pin::new(&mut **conn).poll_shutdown(cx),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_http1_request_line_has_the_path_and_query_only() {
+        let origin = |url: &str| origin_form(&url.parse().unwrap()).to_string();
+        assert_eq!(
+            origin("http://a.example/v1/messages?x=1"),
+            "/v1/messages?x=1"
+        );
+        assert_eq!(origin("http://a.example"), "/");
+        assert_eq!(origin("http://a.example/"), "/");
+        assert_eq!(origin("https://a.example:8443/?q"), "/?q");
+    }
+
+    #[test]
+    fn the_host_header_leaves_out_the_default_port_and_any_userinfo() {
+        let host = |url: &str| host(&url.parse().unwrap()).to_str().unwrap().to_owned();
+        assert_eq!(host("http://a.example/v1"), "a.example");
+        assert_eq!(host("http://a.example:80/"), "a.example");
+        assert_eq!(host("https://a.example:443/"), "a.example");
+        assert_eq!(host("http://a.example:443/"), "a.example:443");
+        assert_eq!(host("https://a.example:80/"), "a.example:80");
+        assert_eq!(host("http://127.0.0.1:8080/"), "127.0.0.1:8080");
+        assert_eq!(host("http://[::1]:8080/"), "[::1]:8080");
+        assert_eq!(host("http://[::1]/"), "[::1]");
+        assert_eq!(host("http://user:pw@a.example:81/"), "a.example:81");
+        assert_eq!(host("http://user:pw@a.example/"), "a.example");
     }
 }

@@ -1,0 +1,346 @@
+//! Keep-alive connections to upstreams, on hyper's client connections.
+//!
+//! hyper-util's pooled client, used before, does more per request than a
+//! proxy needs: it hashes its pool key with SipHash when it takes a
+//! connection and when it gives one back, builds a connect future beside
+//! each checkout, and spawns a task for every HTTP/1 response to hand its
+//! connection back once ready. Here an HTTP/1 connection goes back to its
+//! host's stack when the response body ends (the body's reader gives it
+//! back, see `Response::chunk`), is taken newest first, and is checked for
+//! readiness when taken. One HTTP/2 connection per host is shared. Idle
+//! connections close after `idle_timeout`: they are skipped when taken, and
+//! a task started with the first one sweeps them out.
+
+use std::collections::HashMap;
+use std::hash::{BuildHasherDefault, Hasher};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, Weak};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::uri::{Authority, Scheme};
+use http::Uri;
+use http_body_util::Full;
+use hyper::client::conn::{http1, http2};
+
+pub(super) type Body = Full<Bytes>;
+
+/// Which connections can serve a request: its scheme and authority
+/// (compared and hashed without regard to case, as `Authority` does).
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub(super) struct Key {
+    https: bool,
+    authority: Authority,
+}
+
+impl Key {
+    /// None for a URI without an authority (not an absolute URL).
+    pub fn of(uri: &Uri) -> Option<Self> {
+        Some(Self {
+            https: uri.scheme() == Some(&Scheme::HTTPS),
+            authority: uri.authority()?.clone(),
+        })
+    }
+}
+
+/// A connection's request sender.
+pub(super) enum Sender {
+    H1(http1::SendRequest<Body>),
+    H2(http2::SendRequest<Body>),
+}
+
+/// A connection taken from the pool or just made.
+pub(super) struct Pooled {
+    pub sender: Sender,
+    /// Connected to a forward proxy, which takes requests in absolute form.
+    pub proxied: bool,
+    /// Taken from the pool (so it may have been closed meanwhile).
+    pub reused: bool,
+}
+
+struct Idle {
+    sender: http1::SendRequest<Body>,
+    proxied: bool,
+    since: Instant,
+}
+
+/// One host's connections. A response's reader holds its slot, to give its
+/// connection back without looking the host up again.
+#[derive(Default)]
+pub(super) struct Slot(Mutex<Host>);
+
+#[derive(Default)]
+struct Host {
+    /// Idle HTTP/1 connections, the newest last.
+    idle: Vec<Idle>,
+    /// The shared HTTP/2 connection, if there is one.
+    h2: Option<(http2::SendRequest<Body>, bool)>,
+}
+
+impl Host {
+    fn sweep(&mut self, now: Instant, timeout: Duration) {
+        self.idle
+            .retain(|c| !c.sender.is_closed() && now.duration_since(c.since) < timeout);
+        if self.h2.as_ref().is_some_and(|(s, _)| s.is_closed()) {
+            self.h2 = None;
+        }
+    }
+
+    fn is_empty(&self) -> bool {
+        self.idle.is_empty() && self.h2.is_none()
+    }
+}
+
+/// The pool. Cheap to clone: clones share it.
+#[derive(Clone)]
+pub(super) struct Pool(Arc<Inner>);
+
+struct Inner {
+    hosts: Mutex<HashMap<Key, Arc<Slot>, BuildHasherDefault<Fnv>>>,
+    idle_timeout: Duration,
+    /// Whether the sweeping task runs.
+    sweeping: AtomicBool,
+}
+
+impl Slot {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Host> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+impl Pool {
+    pub fn new(idle_timeout: Duration) -> Self {
+        Self(Arc::new(Inner {
+            hosts: Mutex::new(HashMap::default()),
+            idle_timeout,
+            sweeping: AtomicBool::new(false),
+        }))
+    }
+
+    /// `key`'s slot (made the first time).
+    pub fn slot(&self, key: &Key) -> Arc<Slot> {
+        let mut hosts = self.0.hosts.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(slot) = hosts.get(key) {
+            return slot.clone();
+        }
+        hosts.entry(key.clone()).or_default().clone()
+    }
+
+    /// An open connection of `slot`'s host, if one is idle (HTTP/1) or
+    /// shared (HTTP/2). It may still turn out closed when used.
+    pub fn take(&self, slot: &Slot) -> Option<Pooled> {
+        let mut host = slot.lock();
+        let mut now = None;
+        while let Some(idle) = host.idle.pop() {
+            let now = *now.get_or_insert_with(Instant::now);
+            if idle.sender.is_closed() || now.duration_since(idle.since) >= self.0.idle_timeout {
+                continue;
+            }
+            return Some(Pooled {
+                sender: Sender::H1(idle.sender),
+                proxied: idle.proxied,
+                reused: true,
+            });
+        }
+        match &host.h2 {
+            Some((sender, proxied)) if !sender.is_closed() => Some(Pooled {
+                sender: Sender::H2(sender.clone()),
+                proxied: *proxied,
+                reused: true,
+            }),
+            Some(_) => {
+                host.h2 = None;
+                None
+            }
+            None => None,
+        }
+    }
+
+    /// Gives back an HTTP/1 connection whose response has ended.
+    pub fn put(&self, slot: &Slot, sender: http1::SendRequest<Body>, proxied: bool) {
+        if sender.is_closed() {
+            return;
+        }
+        let idle = Idle {
+            sender,
+            proxied,
+            since: Instant::now(),
+        };
+        slot.lock().idle.push(idle);
+        self.sweep_later();
+    }
+
+    /// Shares a new HTTP/2 connection, unless the host has one already.
+    pub fn share(&self, slot: &Slot, sender: &http2::SendRequest<Body>, proxied: bool) {
+        let mut host = slot.lock();
+        if host.h2.as_ref().is_none_or(|(s, _)| s.is_closed()) {
+            host.h2 = Some((sender.clone(), proxied));
+        }
+        drop(host);
+        self.sweep_later();
+    }
+
+    /// Stops sharing the host's HTTP/2 connection (it refused a request as
+    /// closed, though it did not look so).
+    pub fn unshare(&self, slot: &Slot) {
+        slot.lock().h2 = None;
+    }
+
+    /// Starts the task that closes connections idle too long, once, on the
+    /// runtime this runs on (none outside one: connections are then still
+    /// skipped when too old).
+    fn sweep_later(&self) {
+        if self.0.sweeping.load(Ordering::Relaxed) || self.0.sweeping.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            self.0.sweeping.store(false, Ordering::Release);
+            return;
+        };
+        let pool = Arc::downgrade(&self.0);
+        let every = (self.0.idle_timeout / 2).max(Duration::from_millis(10));
+        runtime.spawn(sweep(pool, every));
+    }
+
+    #[cfg(test)]
+    fn idle(&self) -> usize {
+        let hosts = self.0.hosts.lock().unwrap();
+        hosts.values().map(|slot| slot.lock().idle.len()).sum()
+    }
+}
+
+async fn sweep(pool: Weak<Inner>, every: Duration) {
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    tick.tick().await;
+    loop {
+        tick.tick().await;
+        let Some(inner) = pool.upgrade() else { return };
+        let now = Instant::now();
+        let mut hosts = inner.hosts.lock().unwrap_or_else(|e| e.into_inner());
+        // A slot no response holds, with nothing left in it, goes.
+        hosts.retain(|_, slot| {
+            let mut host = slot.lock();
+            host.sweep(now, inner.idle_timeout);
+            !host.is_empty() || Arc::strong_count(slot) > 1
+        });
+    }
+}
+
+/// FNV-1a: a few instructions a byte for the short keys here (SipHash,
+/// the standard map's, costs more than the rest of a lookup).
+#[derive(Default)]
+struct Fnv(u64);
+
+impl Hasher for Fnv {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        let mut hash = if self.0 == 0 {
+            0xcbf2_9ce4_8422_2325
+        } else {
+            self.0
+        };
+        for &b in bytes {
+            hash = (hash ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3);
+        }
+        self.0 = hash;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use hyper_util::rt::TokioIo;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    /// An HTTP/1 connection to a server that answers each request with an
+    /// empty 200 and keeps the connection (or closes it after the first).
+    async fn connection(close: bool) -> http1::SendRequest<Body> {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            let (mut sock, _) = listener.accept().await.unwrap();
+            let mut buf = vec![0; 4096];
+            loop {
+                match sock.read(&mut buf).await {
+                    Ok(0) | Err(_) => return,
+                    Ok(_) => {}
+                }
+                let _ = sock
+                    .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n")
+                    .await;
+                if close {
+                    return;
+                }
+            }
+        });
+        let io = TokioIo::new(tokio::net::TcpStream::connect(addr).await.unwrap());
+        let (sender, conn) = http1::handshake(io).await.unwrap();
+        tokio::spawn(conn);
+        sender
+    }
+
+    fn key(url: &str) -> Key {
+        Key::of(&url.parse().unwrap()).unwrap()
+    }
+
+    #[test]
+    fn keys_compare_scheme_and_authority_regardless_of_case() {
+        assert_eq!(
+            key("http://Example.COM:80/a"),
+            key("http://example.com:80/b")
+        );
+        assert_ne!(key("http://example.com/"), key("https://example.com/"));
+        assert_ne!(key("http://example.com:81/"), key("http://example.com:80/"));
+        assert_eq!(Key::of(&"/path".parse().unwrap()), None);
+        let hash = |k: &Key| {
+            use std::hash::BuildHasher;
+            BuildHasherDefault::<Fnv>::default().hash_one(k)
+        };
+        assert_eq!(hash(&key("http://A.b/")), hash(&key("http://a.B/")));
+        assert_ne!(hash(&key("http://a.b/")), hash(&key("http://a.c/")));
+    }
+
+    #[tokio::test]
+    async fn a_connection_given_back_is_taken_again_newest_first() {
+        let pool = Pool::new(Duration::from_secs(90));
+        let k = pool.slot(&key("http://127.0.0.1:1/"));
+        assert!(pool.take(&k).is_none());
+        let (a, b) = (connection(false).await, connection(false).await);
+        pool.put(&k, a, false);
+        pool.put(&pool.slot(&key("http://127.0.0.1:1/")), b, true);
+        let first = pool.take(&k).unwrap();
+        assert!(first.reused && first.proxied, "the newest first");
+        let second = pool.take(&k).unwrap();
+        assert!(!second.proxied);
+        assert!(pool.take(&k).is_none());
+        assert!(pool.take(&pool.slot(&key("http://127.0.0.1:2/"))).is_none());
+    }
+
+    #[tokio::test]
+    async fn closed_and_expired_connections_are_not_taken() {
+        let pool = Pool::new(Duration::from_millis(300));
+        let k = pool.slot(&key("http://127.0.0.1:1/"));
+        let mut closing = connection(true).await;
+        let request = http::Request::get("/").body(Body::default()).unwrap();
+        closing.send_request(request).await.unwrap();
+        pool.put(&k, connection(false).await, false);
+        // The server's close arrives while the connection is idle.
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        pool.put(&k, closing, false);
+        let taken = pool.take(&k).expect("the open one");
+        let Sender::H1(mut sender) = taken.sender else {
+            panic!("HTTP/1")
+        };
+        sender.ready().await.unwrap();
+        pool.put(&k, sender, false);
+        assert_eq!(pool.idle(), 1);
+        // Past the idle timeout it is skipped, and the sweep drops it.
+        tokio::time::sleep(Duration::from_millis(700)).await;
+        assert_eq!(pool.idle(), 0);
+        assert!(pool.take(&k).is_none());
+    }
+}
