@@ -1,5 +1,5 @@
 """Instructions per request, counted by callgrind: the native server against the bare hyper
-proxy (the same HTTP stack with none of keyfailover's policy) on the same small requests.
+proxy (hyper with none of keyfailover's policy) on the same small requests.
 
 Counts, not seconds: for the same build and the same requests they come out the same
 whatever else this shared machine is doing (two runs differ by well under 0.1%), so a

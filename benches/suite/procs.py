@@ -531,23 +531,24 @@ def floor_setup(
     return setup
 
 
-# keyfailover's HTTP stack with none of its policy (benches/hyper-floor/, built by
+# hyper's stack with none of keyfailover's policy (benches/hyper-floor/, built by
 # `make bench`).
 HYPER_FLOOR = HERE / "hyper-floor" / "target" / "release" / "hyper-floor"
 
 
 def start_hyper_floor(procs: Processes, fast: Upstream, under: tuple[str, ...] = ()) -> Setup:
-    """A bare proxy on the server and client keyfailover's native server uses (hyper and
-    hyper-util, one tokio thread, the same allocator), doing what the nginx floor does and
-    nothing more, pinned to SERVER_CPU: the floor for a proxy on this stack. Run `under` a
-    tool (valgrind) when given."""
+    """A bare proxy on hyper-util's server (the native server's) and pooled client (which
+    keyfailover's own pool replaced: it does less per request), one tokio thread, the same
+    allocator, doing what the nginx floor does and nothing more, pinned to SERVER_CPU: the
+    floor for a proxy on this stack. Run `under` a tool (valgrind) when given."""
     port = free_port()
     args = [*under, str(HYPER_FLOOR), str(port), str(fast.port), "1", TOKEN, OK_KEY, SSE_KEY]
     proc = procs.start(args, cpus=SERVER_CPU)
     note = (
         "benches/hyper-floor: hyper-util's server and pooled client on one tokio thread, "
         "checks the client token and swaps in the key, no failover, limits, logs or metrics: "
-        "the floor for a proxy on keyfailover's HTTP stack"
+        "the floor for a proxy on hyper (keyfailover's server; its own upstream pool does less "
+        "per request than this client)"
     )
     timeout = READY_UNDER_TOOL if under else 60.0
     return floor_setup("hyper-floor", "bare hyper proxy (no policy)", port, proc, note, timeout)

@@ -581,8 +581,9 @@ def native_rounds_section(r: dict[str, Any]) -> list[str]:
         "## The native server against the floors, in rounds",
         "",
         "The native server (`keyfailover serve`'s, one runtime thread) against the same proxy "
-        "under uvicorn, nginx proxying, and a bare proxy on the same HTTP stack (hyper and "
-        "hyper-util with none of keyfailover's policy: `benches/hyper-floor`), each pinned to "
+        "under uvicorn, nginx proxying, and a bare proxy on hyper (hyper-util's server, as the "
+        "native server's, and pooled client, which keyfailover's own pool replaced; none of "
+        "keyfailover's policy: `benches/hyper-floor`), each pinned to "
         "one CPU, the same load generator on the other. The blocking table above runs each "
         f"setup once; here they alternate in {n} round{'s' if n != 1 else ''} of "
         f"{r['plan']['shared_duration']:g} s each (the order rotating), and a ratio is the "

@@ -1,10 +1,11 @@
-//! The floor for a proxy built on keyfailover's HTTP stack, for `make bench`:
-//! the same server (hyper-util's auto builder: HTTP/1.1 and HTTP/2
-//! cleartext) and upstream client (hyper-util's pooled client) on one tokio
-//! runtime, doing only what the nginx floor does: check the client's token,
-//! swap in the key, forward over pooled keep-alive connections, stream the
-//! reply. No failover, limits, logs or metrics: the native server's ratio to
-//! this is what keyfailover's own work costs.
+//! The floor for a proxy built on hyper, for `make bench`: keyfailover's
+//! server (hyper-util's auto builder: HTTP/1.1 and HTTP/2 cleartext) and
+//! hyper-util's pooled client (keyfailover's until its own pool on hyper's
+//! client connections, which does less per request, replaced it) on one
+//! tokio runtime, doing only what the nginx floor does: check the client's
+//! token, swap in the key, forward over pooled keep-alive connections, stream
+//! the reply. No failover, limits, logs or metrics: the native server's ratio
+//! to this is what keyfailover's own work costs, less what its pool saves.
 //!
 //! Usage: hyper-floor PORT UPSTREAM_PORT THREADS TOKEN KEY SSE_KEY
 
