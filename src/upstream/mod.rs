@@ -170,12 +170,14 @@ impl Http {
         &self,
         method: Method,
         uri: Uri,
-        mut headers: HeaderMap,
+        headers: HeaderMap,
         body: Bytes,
     ) -> Result<Response, UpstreamError> {
-        if self.http_proxy
-            && uri.scheme() == Some(&http::uri::Scheme::HTTP)
-            && !headers.contains_key(PROXY_AUTHORIZATION)
+        let mut headers = Some(headers);
+        if let Some(headers) = headers
+            .as_mut()
+            .filter(|h| self.http_proxy && !h.contains_key(PROXY_AUTHORIZATION))
+            .filter(|_| uri.scheme() == Some(&http::uri::Scheme::HTTP))
         {
             // A forward proxy with credentials gets them on each request (an
             // https:// upstream's go in its CONNECT instead).
@@ -187,18 +189,12 @@ impl Http {
                 headers.insert(PROXY_AUTHORIZATION, auth);
             }
         }
-        // HTTP/2, the only protocol here whose upstream refuses a request
-        // unprocessed, is negotiated over TLS only: a plain request never
-        // needs its headers kept for another try.
-        let mut retries = if uri.scheme() == Some(&http::uri::Scheme::HTTPS) {
-            REFUSED_RETRIES
-        } else {
-            0
-        };
-        let key =
-            pool::Key::of(&uri).ok_or_else(|| UpstreamError::connect("no host in the URL"))?;
-        let slot = self.pool.slot(&key);
-        drop(key);
+        // How many more times a request HTTP/2 refused unprocessed is sent.
+        // Only an HTTP/2 request keeps its headers for that (HTTP/1 gives a
+        // request it did not send back whole).
+        let mut retries = REFUSED_RETRIES;
+        let slot =
+            (self.pool.slot(&uri)).ok_or_else(|| UpstreamError::connect("no host in the URL"))?;
         // The request a reused connection turned out closed for before any
         // of it was written, to send as it is on a new connection. Boxed, as
         // it is rare: the request is otherwise made just before it is handed
@@ -225,10 +221,9 @@ impl Http {
                     None => {
                         let mut request = http::Request::new(Full::new(body.clone()));
                         *request.method_mut() = method.clone();
-                        *request.headers_mut() = if retries > 0 {
-                            headers.clone()
-                        } else {
-                            std::mem::take(&mut headers)
+                        *request.headers_mut() = match (form, &headers) {
+                            (Form::H2, Some(kept)) if retries > 0 => kept.clone(),
+                            _ => headers.take().unwrap_or_default(),
                         };
                         request
                     }
@@ -240,7 +235,9 @@ impl Http {
                 // HTTP/1.1 names the host in a header (in absolute form too);
                 // HTTP/2 in the URL's authority.
                 if form != Form::H2 && !request.headers().contains_key(http::header::HOST) {
-                    request.headers_mut().insert(http::header::HOST, host(&uri));
+                    request
+                        .headers_mut()
+                        .insert(http::header::HOST, slot.header.clone());
                 }
                 request
             };
@@ -284,9 +281,15 @@ impl Http {
                 // Closed before this request reached it: on a new one.
                 fresh = true;
                 self.pool.unshare(&slot);
-            } else if retries > 0 && refused_unprocessed(&err) {
-                unsent = None;
+            } else if let Some(refused) =
+                refused_unprocessed(&err).filter(|_| retries > 0 && headers.is_some())
+            {
                 retries -= 1;
+                if refused == Refused::GoAway {
+                    // That connection takes no more: a new one.
+                    fresh = true;
+                    self.pool.unshare(&slot);
+                }
             } else {
                 return Err(UpstreamError::request(err));
             }
@@ -392,20 +395,32 @@ struct Back {
     proxied: bool,
 }
 
-/// Whether `err` is an HTTP/2 upstream refusing the request before
-/// processing it: a graceful GOAWAY (NO_ERROR) that left it out, or
-/// REFUSED_STREAM.
-fn refused_unprocessed(err: &hyper::Error) -> bool {
+/// How an HTTP/2 upstream refused a request before processing it, if it
+/// did: a graceful GOAWAY (NO_ERROR) that left it out, which ends the
+/// connection; or REFUSED_STREAM, which does not.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Refused {
+    GoAway,
+    Stream,
+}
+
+fn refused_unprocessed(err: &hyper::Error) -> Option<Refused> {
     let mut source = std::error::Error::source(err);
     while let Some(cause) = source {
         if let Some(h2) = cause.downcast_ref::<h2::Error>() {
-            return h2.is_remote()
-                && ((h2.is_go_away() && h2.reason() == Some(h2::Reason::NO_ERROR))
-                    || (h2.is_reset() && h2.reason() == Some(h2::Reason::REFUSED_STREAM)));
+            return if !h2.is_remote() {
+                None
+            } else if h2.is_go_away() && h2.reason() == Some(h2::Reason::NO_ERROR) {
+                Some(Refused::GoAway)
+            } else if h2.is_reset() && h2.reason() == Some(h2::Reason::REFUSED_STREAM) {
+                Some(Refused::Stream)
+            } else {
+                None
+            };
         }
         source = cause.source();
     }
-    false
+    None
 }
 
 /// A response head, and its body to be read in chunks.

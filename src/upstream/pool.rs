@@ -64,10 +64,13 @@ struct Idle {
     since: Instant,
 }
 
-/// One host's connections. A response's reader holds its slot, to give its
-/// connection back without looking the host up again.
-#[derive(Default)]
-pub(super) struct Slot(Mutex<Host>);
+/// One host's connections, and its `Host` header. A response's reader holds
+/// its slot, to give its connection back without looking the host up again.
+pub(super) struct Slot {
+    host: Mutex<Host>,
+    /// The value of an HTTP/1 request's `Host` header.
+    pub header: http::HeaderValue,
+}
 
 #[derive(Default)]
 struct Host {
@@ -104,7 +107,7 @@ struct Inner {
 
 impl Slot {
     fn lock(&self) -> std::sync::MutexGuard<'_, Host> {
-        self.0.lock().unwrap_or_else(|e| e.into_inner())
+        self.host.lock().unwrap_or_else(|e| e.into_inner())
     }
 }
 
@@ -117,13 +120,20 @@ impl Pool {
         }))
     }
 
-    /// `key`'s slot (made the first time).
-    pub fn slot(&self, key: &Key) -> Arc<Slot> {
+    /// The slot of `uri`'s host (made the first time); None for a URI
+    /// without one.
+    pub fn slot(&self, uri: &Uri) -> Option<Arc<Slot>> {
+        let key = Key::of(uri)?;
         let mut hosts = self.0.hosts.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(slot) = hosts.get(key) {
-            return slot.clone();
+        if let Some(slot) = hosts.get(&key) {
+            return Some(slot.clone());
         }
-        hosts.entry(key.clone()).or_default().clone()
+        let slot = Arc::new(Slot {
+            host: Mutex::default(),
+            header: super::host(uri),
+        });
+        hosts.insert(key, slot.clone());
+        Some(slot)
     }
 
     /// An open connection of `slot`'s host, if one is idle (HTTP/1) or
@@ -287,6 +297,10 @@ mod tests {
         Key::of(&url.parse().unwrap()).unwrap()
     }
 
+    fn slot(pool: &Pool, url: &str) -> Arc<Slot> {
+        pool.slot(&url.parse().unwrap()).unwrap()
+    }
+
     #[test]
     fn keys_compare_scheme_and_authority_regardless_of_case() {
         assert_eq!(
@@ -307,23 +321,25 @@ mod tests {
     #[tokio::test]
     async fn a_connection_given_back_is_taken_again_newest_first() {
         let pool = Pool::new(Duration::from_secs(90));
-        let k = pool.slot(&key("http://127.0.0.1:1/"));
+        let k = slot(&pool, "http://127.0.0.1:1/");
+        assert_eq!(k.header, "127.0.0.1:1");
         assert!(pool.take(&k).is_none());
         let (a, b) = (connection(false).await, connection(false).await);
         pool.put(&k, a, false);
-        pool.put(&pool.slot(&key("http://127.0.0.1:1/")), b, true);
+        pool.put(&slot(&pool, "http://127.0.0.1:1/a"), b, true);
         let first = pool.take(&k).unwrap();
         assert!(first.reused && first.proxied, "the newest first");
         let second = pool.take(&k).unwrap();
         assert!(!second.proxied);
         assert!(pool.take(&k).is_none());
-        assert!(pool.take(&pool.slot(&key("http://127.0.0.1:2/"))).is_none());
+        assert!(pool.take(&slot(&pool, "http://127.0.0.1:2/")).is_none());
+        assert!(pool.slot(&"/no/host".parse().unwrap()).is_none());
     }
 
     #[tokio::test]
     async fn closed_and_expired_connections_are_not_taken() {
         let pool = Pool::new(Duration::from_millis(300));
-        let k = pool.slot(&key("http://127.0.0.1:1/"));
+        let k = slot(&pool, "http://127.0.0.1:1/");
         let mut closing = connection(true).await;
         let request = http::Request::get("/").body(Body::default()).unwrap();
         closing.send_request(request).await.unwrap();
