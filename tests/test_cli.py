@@ -411,14 +411,16 @@ def test_a_stopping_server_refuses_new_connections_at_once(
             refused_after = time.monotonic() - sent
             break
         with conn:
-            # Accepted just before the stop: it is answered, or reset with the socket.
+            # Accepted just before the stop: it is answered, or closed with the socket (a
+            # reset, or under uvicorn at times a FIN), never left waiting.
             conn.sendall(b"GET /_keyfailover/health HTTP/1.1\r\nhost: x\r\n\r\n")
             try:
-                assert conn.recv(100).startswith(b"HTTP/1.1 "), "accepted, then unanswered"
+                head = conn.recv(100)
             except ConnectionResetError:
-                pass
+                head = b""
             except TimeoutError:
                 pytest.fail("a connection made after the stop was left unanswered")
+            assert head == b"" or head.startswith(b"HTTP/1.1 "), head
         time.sleep(0.02)
     assert refused_after is not None, "never refused"
     assert refused_after < 1.0, refused_after
