@@ -214,7 +214,11 @@ pub fn normalize_target(target: &str) -> Result<Cow<'_, str>> {
         Some(i) => target.split_at(i),
         None => (target, ""),
     };
-    if !path[1..].split('/').any(|s| dot_segment(s).is_some()) {
+    // A dot segment holds a dot, plain or percent-encoded: most paths have
+    // neither, and need no look at their segments.
+    if memchr::memchr2(b'.', b'%', path.as_bytes()).is_none()
+        || !path[1..].split('/').any(|s| dot_segment(s).is_some())
+    {
         return Ok(Cow::Borrowed(target));
     }
     let segments: Vec<&str> = path[1..].split('/').collect();
