@@ -132,10 +132,13 @@ pub enum ErrorKind {
     RequestTimeout,
     /// Anything else wrong with the request (400).
     InvalidRequest,
+    /// A request framing keyfailover cannot forward: a transfer coding
+    /// other than `chunked` (501, as RFC 9112, section 6.1 asks).
+    NotImplemented,
 }
 
 impl ErrorKind {
-    pub const ALL: [ErrorKind; 11] = [
+    pub const ALL: [ErrorKind; 12] = [
         ErrorKind::RateLimit,
         ErrorKind::Api,
         ErrorKind::Timeout,
@@ -147,6 +150,7 @@ impl ErrorKind {
         ErrorKind::MethodNotAllowed,
         ErrorKind::RequestTooLarge,
         ErrorKind::RequestTimeout,
+        ErrorKind::NotImplemented,
     ];
 
     /// The answer for an exhausted pool: 429, or 502 when every key failed
@@ -173,6 +177,7 @@ impl ErrorKind {
             ErrorKind::RequestTooLarge => 413,
             ErrorKind::RequestTimeout => 408,
             ErrorKind::InvalidRequest => 400,
+            ErrorKind::NotImplemented => 501,
         }
     }
 
@@ -186,9 +191,10 @@ impl ErrorKind {
             ErrorKind::Permission => "permission_error",
             ErrorKind::NotFound => "not_found_error",
             ErrorKind::RequestTooLarge => "request_too_large",
-            ErrorKind::InvalidRequest | ErrorKind::MethodNotAllowed | ErrorKind::RequestTimeout => {
-                "invalid_request_error"
-            }
+            ErrorKind::InvalidRequest
+            | ErrorKind::MethodNotAllowed
+            | ErrorKind::RequestTimeout
+            | ErrorKind::NotImplemented => "invalid_request_error",
         }
     }
 
@@ -206,6 +212,7 @@ impl ErrorKind {
             ErrorKind::RequestTooLarge => "request_too_large",
             ErrorKind::RequestTimeout => "request_timeout",
             ErrorKind::InvalidRequest => "invalid_request",
+            ErrorKind::NotImplemented => "not_implemented",
         }
     }
 
@@ -220,7 +227,7 @@ impl ErrorKind {
             ErrorKind::Authentication => "UNAUTHENTICATED",
             ErrorKind::Permission => "PERMISSION_DENIED",
             ErrorKind::NotFound => "NOT_FOUND",
-            ErrorKind::MethodNotAllowed => "UNIMPLEMENTED",
+            ErrorKind::MethodNotAllowed | ErrorKind::NotImplemented => "UNIMPLEMENTED",
             ErrorKind::RequestTooLarge | ErrorKind::InvalidRequest => "INVALID_ARGUMENT",
         }
     }

@@ -264,6 +264,20 @@ pub fn upgrade_requested(headers: &HeaderMap) -> Option<String> {
         .find(|p| !p.is_empty() && !p.eq_ignore_ascii_case("h2c"))
 }
 
+/// The first transfer coding of a request other than `chunked`, which is
+/// all keyfailover can forward: the server takes the chunks apart, and a
+/// body still in another coding (`gzip, chunked`) would go upstream with
+/// nothing to say it is coded.
+pub fn unsupported_transfer_coding(headers: &HeaderMap) -> Option<String> {
+    headers
+        .get_all(http::header::TRANSFER_ENCODING)
+        .iter()
+        .flat_map(|v| v.as_bytes().split(|&b| b == b','))
+        .map(<[u8]>::trim_ascii)
+        .find(|coding| !coding.is_empty() && !coding.eq_ignore_ascii_case(b"chunked"))
+        .map(|coding| String::from_utf8_lossy(coding).into_owned())
+}
+
 /// A caller's own credential, found among its request headers.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CallerCredential {
@@ -615,6 +629,26 @@ mod tests {
             Some("websocket")
         );
         assert_eq!(upgrade_requested(&map(&[])), None);
+    }
+
+    #[test]
+    fn only_chunked_is_a_supported_transfer_coding() {
+        let coding = |pairs: &[(&str, &[u8])]| unsupported_transfer_coding(&map(pairs));
+        assert_eq!(coding(&[]), None);
+        assert_eq!(coding(&[("transfer-encoding", b"chunked")]), None);
+        assert_eq!(coding(&[("transfer-encoding", b" CHUNKED ,")]), None);
+        assert_eq!(
+            coding(&[("transfer-encoding", b"gzip, chunked")]).as_deref(),
+            Some("gzip")
+        );
+        assert_eq!(
+            coding(&[
+                ("transfer-encoding", b"chunked"),
+                ("transfer-encoding", b"x-custom")
+            ])
+            .as_deref(),
+            Some("x-custom")
+        );
     }
 
     #[test]

@@ -98,6 +98,28 @@ def test_a_websocket_upgrade_is_refused_without_an_upstream_call(up, proxy_url):
     assert up.requests == []
 
 
+@pytest.mark.parametrize("coding", ["gzip, chunked", "x-custom, chunked"])
+def test_a_body_in_a_transfer_coding_other_than_chunked_is_501_without_an_upstream_call(
+    up, proxy_url, coding, request
+):
+    """The server can take the chunks apart, not the coding under them: sent on, the
+    body would reach the upstream coded with nothing to say so."""
+    head = request_head("POST", "/v1/messages", f"transfer-encoding: {coding}")
+    status, headers, body = raw_request(proxy_url, head, b"5\r\nhello\r\n0\r\n\r\n")
+    if status == 400:  # uvicorn's h11 parser refuses it first, as it may
+        assert request.node.callspec.params["proxy_url"] == "uvicorn"
+    else:
+        assert status == 501
+        error = json.loads(body)["error"]
+        assert error["type"] == "invalid_request_error"
+        assert coding.split(",")[0] in error["message"]
+        assert headers["connection"] == "close"
+    assert up.requests == []
+    # The server goes on: the next request is forwarded.
+    httpx.post(proxy_url + "/v1/messages", json=MESSAGE, headers={"x-api-key": TOKEN})
+    assert [r.path for r in up.requests] == ["/prefix/v1/messages"]
+
+
 @pytest.mark.parametrize(
     "target", ["/../admin", "/%2e%2e/admin", "/v1/../../admin", "/.%2E/admin", "/a\\..\\admin"]
 )

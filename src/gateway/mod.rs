@@ -18,7 +18,7 @@ use http::header::{HeaderMap, HeaderValue, CONNECTION, CONTENT_LENGTH};
 
 use crate::error::{Error, ErrorKind, Result};
 use crate::failover::{Credential, FailoverClient, Request, Response};
-use crate::headers::{caller_credential, upgrade_requested};
+use crate::headers::{caller_credential, unsupported_transfer_coding, upgrade_requested};
 use crate::metrics::Outcome;
 use crate::target::normalize_target;
 
@@ -260,6 +260,16 @@ impl Gateway {
                 .headers
                 .insert(CONNECTION, HeaderValue::from_static("close"));
             return Step::Respond(response);
+        }
+        if let Some(coding) = unsupported_transfer_coding(&headers) {
+            // The body cannot be read as the caller meant it, nor skipped
+            // for certain: answered, and the connection ended.
+            self.client.pool().counters().outcome(Outcome::Rejected);
+            let message = format!(
+                "transfer coding {coding:?} is not supported: send the body as is, \
+                 with a Content-Length or chunked"
+            );
+            return Step::Respond(closing(self.answer(ErrorKind::NotImplemented, &message)));
         }
         if let Some(length) = content_length(&headers) {
             if length > self.max_body_bytes {
@@ -527,6 +537,21 @@ mod tests {
             ("GET", "/../admin", &[], 400),
             ("GET", "/%2e%2e/admin", &[], 400),
             ("POST", "/v1/messages", &[("content-length", "11")], 413),
+            (
+                "POST",
+                "/v1/messages",
+                &[("transfer-encoding", "gzip, chunked")],
+                501,
+            ),
+            (
+                "POST",
+                "/v1/messages",
+                &[
+                    ("transfer-encoding", "chunked"),
+                    ("transfer-encoding", "br"),
+                ],
+                501,
+            ),
             ("GE T", "/x", &[], 400),
             ("GET", "/_keyfailover/nope", &[], 404),
             ("POST", "/_keyfailover/health", &[], 405),
@@ -545,6 +570,10 @@ mod tests {
         );
         assert_eq!(
             status(&g.begin("POST", "/v1/x", head(&[("content-length", "10")]))),
+            None
+        );
+        assert_eq!(
+            status(&g.begin("POST", "/v1/x", head(&[("transfer-encoding", " Chunked ")]))),
             None
         );
         assert_eq!(g.too_large().status, 413);
