@@ -1,10 +1,10 @@
 //! The proxy's policy, for every front end (the ASGI app, the native server):
 //! who may use the pool (client tokens, compared in constant time), whose
 //! key a request goes with (BYOK), what is refused before any upstream call
-//! (methods, upgrades, paths, bodies over the limit), and the admin
-//! endpoints. A front end only translates: it calls [`Gateway::begin`] with
-//! the request head, reads the body up to [`Forward::body_limit`], and
-//! relays the [`Response`] it gets back.
+//! (methods, upgrades, paths, transfer codings, bodies over the limit), and
+//! the admin endpoints. A front end only translates: it calls
+//! [`Gateway::begin`] with the request head, reads the body up to
+//! [`Forward::body_limit`], and relays the [`Response`] it gets back.
 
 mod admin;
 mod history;
