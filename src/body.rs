@@ -54,6 +54,9 @@ pub(crate) struct Stream {
     pub broke: bool,
     /// For error (non-2xx) bodies: replaces the pool's keys by their hints.
     pub scrubber: Option<Scrubber>,
+    /// For an error body upstream content-coded: takes the coding apart
+    /// before the scrubber looks at the bytes.
+    pub decoder: Option<Decoder>,
     /// Set when the client shuts down: the body ends with an error.
     pub shutdown: Latch,
     /// Counts the request's outcome once the body is done with.
@@ -80,7 +83,29 @@ impl Stream {
         loop {
             let chunk = match self.next_raw().await? {
                 Some(chunk) => chunk,
-                None => return Ok(self.scrubber.as_mut().and_then(Scrubber::finish)),
+                None => {
+                    let tail = match self.decoder.take() {
+                        Some(decoder) => decoder.finish()?,
+                        None => Vec::new(),
+                    };
+                    return Ok(match &mut self.scrubber {
+                        None => (!tail.is_empty()).then(|| Bytes::from(tail)),
+                        Some(scrubber) => {
+                            let first = scrubber.push(&tail);
+                            match (first, scrubber.finish()) {
+                                (Some(a), Some(b)) => Some(Bytes::from([a, b].concat())),
+                                (a, b) => a.or(b),
+                            }
+                        }
+                    });
+                }
+            };
+            let chunk = match &mut self.decoder {
+                None => chunk,
+                Some(decoder) => match decoder.push(&chunk)? {
+                    decoded if decoded.is_empty() => continue,
+                    decoded => Bytes::from(decoded),
+                },
             };
             match &mut self.scrubber {
                 None => return Ok(Some(chunk)),
@@ -289,6 +314,91 @@ impl Scrubber {
                 self.held = replaced;
             }
         }
+    }
+}
+
+/// Takes apart an error body that upstream sent in a content coding
+/// although asked for `identity` (`Accept-Encoding` goes upstream so), so
+/// that the scrubber sees the bytes the caller would read: gzip and deflate,
+/// which is what servers send unasked. The coding's header goes with it.
+pub(crate) struct Decoder {
+    coding: &'static str,
+    inner: Decoding,
+}
+
+enum Decoding {
+    Gzip(flate2::write::GzDecoder<Vec<u8>>),
+    Deflate(flate2::write::ZlibDecoder<Vec<u8>>),
+}
+
+impl std::fmt::Debug for Decoder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Decoder")
+            .field("coding", &self.coding)
+            .finish()
+    }
+}
+
+impl Decoder {
+    /// The decoder a response's `Content-Encoding` calls for: None for none
+    /// (or `identity`), or, as the error, the codings when this cannot take
+    /// them apart (any but one gzip or deflate).
+    pub fn for_headers(headers: &http::HeaderMap) -> std::result::Result<Option<Self>, String> {
+        let codings: Vec<&[u8]> = headers
+            .get_all(http::header::CONTENT_ENCODING)
+            .iter()
+            .flat_map(|v| v.as_bytes().split(|&b| b == b','))
+            .map(<[u8]>::trim_ascii)
+            .filter(|c| !c.is_empty() && !c.eq_ignore_ascii_case(b"identity"))
+            .collect();
+        let is = |name: &[u8]| codings.len() == 1 && codings[0].eq_ignore_ascii_case(name);
+        Ok(Some(if is(b"gzip") || is(b"x-gzip") {
+            Self {
+                coding: "gzip",
+                inner: Decoding::Gzip(flate2::write::GzDecoder::new(Vec::new())),
+            }
+        } else if is(b"deflate") {
+            Self {
+                coding: "deflate",
+                inner: Decoding::Deflate(flate2::write::ZlibDecoder::new(Vec::new())),
+            }
+        } else if codings.is_empty() {
+            return Ok(None);
+        } else {
+            let names: Vec<_> = codings.iter().map(|c| String::from_utf8_lossy(c)).collect();
+            return Err(names.join(", "));
+        }))
+    }
+
+    /// The bytes `chunk` decodes to (often none until enough has come).
+    pub fn push(&mut self, chunk: &[u8]) -> Result<Vec<u8>> {
+        use std::io::Write;
+        let written = match &mut self.inner {
+            Decoding::Gzip(d) => d.write_all(chunk).map(|()| std::mem::take(d.get_mut())),
+            Decoding::Deflate(d) => d.write_all(chunk).map(|()| std::mem::take(d.get_mut())),
+        };
+        written.map_err(|e| self.broken(&e))
+    }
+
+    /// The rest, at the end of the body.
+    pub fn finish(self) -> Result<Vec<u8>> {
+        let coding = self.coding;
+        let finished = match self.inner {
+            Decoding::Gzip(d) => d.finish(),
+            Decoding::Deflate(d) => d.finish(),
+        };
+        finished.map_err(|e| {
+            Error::Upstream(format!(
+                "upstream's {coding} error body does not decode: {e}"
+            ))
+        })
+    }
+
+    fn broken(&self, e: &std::io::Error) -> Error {
+        Error::Upstream(format!(
+            "upstream's {} error body does not decode: {e}",
+            self.coding
+        ))
     }
 }
 
@@ -635,6 +745,72 @@ mod tests {
             out.extend_from_slice(&b);
         }
         out
+    }
+
+    fn coded(coding: &str, body: &[u8]) -> Vec<u8> {
+        use flate2::write::{GzEncoder, ZlibEncoder};
+        use std::io::Write;
+        match coding {
+            "gzip" => {
+                let mut e = GzEncoder::new(Vec::new(), flate2::Compression::default());
+                e.write_all(body).unwrap();
+                e.finish().unwrap()
+            }
+            _ => {
+                let mut e = ZlibEncoder::new(Vec::new(), flate2::Compression::default());
+                e.write_all(body).unwrap();
+                e.finish().unwrap()
+            }
+        }
+    }
+
+    fn encoding(values: &[&str]) -> http::HeaderMap {
+        let mut headers = http::HeaderMap::new();
+        for v in values {
+            headers.append(
+                http::header::CONTENT_ENCODING,
+                http::HeaderValue::from_str(v).unwrap(),
+            );
+        }
+        headers
+    }
+
+    #[test]
+    fn decodes_gzip_and_deflate_bodies_in_any_pieces() {
+        let body = format!("{{\"error\": \"bad key {KEY}\"}}").repeat(50);
+        for (header, coding) in [("gzip", "gzip"), ("X-Gzip", "gzip"), ("deflate", "deflate")] {
+            let sent = coded(coding, body.as_bytes());
+            for size in [1, 7, 64, sent.len()] {
+                let mut decoder = Decoder::for_headers(&encoding(&[header])).unwrap().unwrap();
+                let mut out = Vec::new();
+                for piece in sent.chunks(size) {
+                    out.extend(decoder.push(piece).unwrap());
+                }
+                out.extend(decoder.finish().unwrap());
+                assert_eq!(out, body.as_bytes(), "{header} in pieces of {size}");
+            }
+        }
+    }
+
+    #[test]
+    fn only_one_gzip_or_deflate_coding_is_taken_apart() {
+        let decoder =
+            |values: &[&str]| Decoder::for_headers(&encoding(values)).map(|d| d.is_some());
+        assert_eq!(decoder(&[]), Ok(false));
+        assert_eq!(decoder(&["identity"]), Ok(false));
+        assert_eq!(decoder(&[" gzip "]), Ok(true));
+        assert_eq!(decoder(&["br"]), Err("br".to_owned()));
+        assert_eq!(decoder(&["gzip, br"]), Err("gzip, br".to_owned()));
+        assert_eq!(decoder(&["gzip", "gzip"]), Err("gzip, gzip".to_owned()));
+    }
+
+    #[test]
+    fn a_body_that_does_not_decode_is_an_upstream_error() {
+        let mut decoder = Decoder::for_headers(&encoding(&["gzip"])).unwrap().unwrap();
+        let broken = decoder
+            .push(b"not gzip at all, not even its header")
+            .and_then(|_| decoder.finish());
+        assert!(matches!(broken, Err(Error::Upstream(m)) if m.contains("gzip error body")));
     }
 
     #[test]

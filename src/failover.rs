@@ -19,7 +19,7 @@ use http::Method;
 use std::sync::atomic::AtomicBool;
 use std::time::Instant;
 
-use crate::body::{describe, scrub_value, OutcomeOnDrop, ResponseBody, Scrubber, Stream};
+use crate::body::{describe, scrub_value, Decoder, OutcomeOnDrop, ResponseBody, Scrubber, Stream};
 use crate::error::{Error, ErrorKind, Exhaustion, Result};
 use crate::events::{self, Field, Level, Record};
 use crate::headers::{self, CallerCredential};
@@ -164,6 +164,11 @@ enum SendFailure {
     BadStatus(u16),
     /// A key's own endpoint answered 504: a gateway in front of it gave up.
     GatewayTimeout,
+    /// An error body in a content coding that cannot be checked for keys.
+    Uncheckable {
+        status: u16,
+        coding: String,
+    },
 }
 
 /// The HTTP client of this process (see [`FailoverClient::http`]).
@@ -405,6 +410,15 @@ impl FailoverClient {
                 "upstream answered 504: a gateway in front of it timed out".to_owned(),
                 Outcome::UpstreamTimeout,
             ),
+            SendFailure::Uncheckable { status, coding } => (
+                ErrorKind::Api,
+                format!(
+                    "upstream answered {status} with its body in a content coding \
+                     keyfailover cannot check for keys ({}), so it is not relayed",
+                    self.pool.redact(coding)
+                ),
+                Outcome::UpstreamUnreachable,
+            ),
         };
         self.pool
             .counters()
@@ -436,6 +450,21 @@ impl FailoverClient {
                 .any(|v| v.as_bytes().eq_ignore_ascii_case(b"chunked"));
         // Error bodies are small and may echo the key that was sent.
         let scrub = !(200..300).contains(&status);
+        let keys = self.pool.key_set();
+        let scrubber = if scrub {
+            Scrubber::new(keys.secrets())
+        } else {
+            None
+        };
+        // One that upstream content-coded (unasked) is taken apart to be
+        // checked, or not relayed when it cannot be.
+        let decoder = match scrubber.as_ref().map(|_| Decoder::for_headers(&upstream)) {
+            None | Some(Ok(None)) => None,
+            Some(Ok(Some(decoder))) => Some(decoder),
+            Some(Err(coding)) => {
+                return self.send_failure(&SendFailure::Uncheckable { status, coding }, byok)
+            }
+        };
         // A body keyfailover may rewrite (an error event added to a stream, a
         // key scrubbed) no longer has upstream's length, nor has one whose
         // length upstream gave wrongly.
@@ -443,17 +472,14 @@ impl FailoverClient {
         // them): detached from the connection's read buffer.
         let unframed = !headers::length_holds(status, &upstream);
         let mut relayed = headers::relayed(upstream, stream || scrub || unframed, stream);
-        let keys = self.pool.key_set();
+        if decoder.is_some() {
+            relayed.remove(http::header::CONTENT_ENCODING);
+        }
         for value in relayed.values_mut() {
             if let Some(clean) = scrub_value(value.as_bytes(), keys.secrets()) {
                 *value = HeaderValue::from_bytes(&clean).unwrap_or(HeaderValue::from_static(""));
             }
         }
-        let scrubber = if scrub {
-            Scrubber::new(keys.secrets())
-        } else {
-            None
-        };
         let outcome = if byok {
             self.pool.counters().outcome(Outcome::Byok);
             None
@@ -477,6 +503,7 @@ impl FailoverClient {
                 final_event_seen: close_delimited.then_some(false),
                 broke: false,
                 scrubber,
+                decoder,
                 shutdown: self.shutdown.clone(),
                 outcome,
                 _in_flight: in_flight,

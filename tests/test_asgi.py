@@ -8,10 +8,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import gzip
 import json
 import socket
 import threading
 import time
+import zlib
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -726,6 +728,36 @@ def test_an_upstream_error_echoing_a_pool_key_is_not_relayed(up, serve):
     assert_envelope("openai", response, 502, "api_error")
     assert leaked_secrets(response) == []
     assert proxy.pool.health()["keys"]["permanent"] == 2
+
+
+@pytest.mark.parametrize("coding", ["gzip", "deflate"])
+def test_an_error_body_upstream_content_coded_is_decoded_and_scrubbed(up, serve, coding):
+    """Upstream is asked for `Accept-Encoding: identity`; one that codes its error body
+    anyway (echoing the key) must not slip the key past the scrubber inside the coding."""
+    body = json.dumps(
+        {"type": "error", "error": {"type": "invalid_request_error", "message": f"bad {KEYS[0]}"}}
+    ).encode()
+    coded = gzip.compress(body) if coding == "gzip" else zlib.compress(body)
+    up.enqueue(Reply(status=400, headers={"content-encoding": coding}, body=coded))
+    proxy = serve()
+    with httpx.Client() as http:
+        response = http.post(proxy.url + "/v1/messages", json=MESSAGE)
+    assert response.status_code == 400
+    assert "content-encoding" not in response.headers
+    hints = [key["hint"] for key in proxy.pool.snapshot()]
+    assert response.json()["error"]["message"] == f"bad {hints[0]}"
+    assert leaked_secrets(response) == []
+
+
+def test_an_error_body_in_a_coding_that_cannot_be_checked_is_not_relayed(up, serve):
+    up.enqueue(
+        Reply(status=400, headers={"content-encoding": "br"}, body=b"\x8b\x01\x80opaque\x03")
+    )
+    proxy = serve()
+    with httpx.Client() as http:
+        response = http.post(proxy.url + "/v1/messages", json=MESSAGE)
+    assert_envelope("anthropic", response, 502, "api_error")
+    assert "(br)" in response.json()["error"]["message"]
 
 
 # --------------------------------------------------------------------------
