@@ -324,6 +324,9 @@ impl Scrubber {
 pub(crate) struct Decoder {
     coding: &'static str,
     inner: Decoding,
+    /// Whether any byte came: a body with none (a HEAD's answer, a 304) is
+    /// empty, not a coding cut short.
+    seen: bool,
 }
 
 enum Decoding {
@@ -356,11 +359,13 @@ impl Decoder {
             Self {
                 coding: "gzip",
                 inner: Decoding::Gzip(flate2::write::GzDecoder::new(Vec::new())),
+                seen: false,
             }
         } else if is(b"deflate") {
             Self {
                 coding: "deflate",
                 inner: Decoding::Deflate(flate2::write::ZlibDecoder::new(Vec::new())),
+                seen: false,
             }
         } else if codings.is_empty() {
             return Ok(None);
@@ -373,6 +378,7 @@ impl Decoder {
     /// The bytes `chunk` decodes to (often none until enough has come).
     pub fn push(&mut self, chunk: &[u8]) -> Result<Vec<u8>> {
         use std::io::Write;
+        self.seen |= !chunk.is_empty();
         let written = match &mut self.inner {
             Decoding::Gzip(d) => d.write_all(chunk).map(|()| std::mem::take(d.get_mut())),
             Decoding::Deflate(d) => d.write_all(chunk).map(|()| std::mem::take(d.get_mut())),
@@ -382,6 +388,9 @@ impl Decoder {
 
     /// The rest, at the end of the body.
     pub fn finish(self) -> Result<Vec<u8>> {
+        if !self.seen {
+            return Ok(Vec::new());
+        }
         let coding = self.coding;
         let finished = match self.inner {
             Decoding::Gzip(d) => d.finish(),
@@ -802,6 +811,19 @@ mod tests {
         assert_eq!(decoder(&["br"]), Err("br".to_owned()));
         assert_eq!(decoder(&["gzip, br"]), Err("gzip, br".to_owned()));
         assert_eq!(decoder(&["gzip", "gzip"]), Err("gzip, gzip".to_owned()));
+    }
+
+    #[test]
+    fn an_empty_body_is_empty_and_one_cut_short_an_upstream_error() {
+        for header in ["gzip", "deflate"] {
+            let mut empty = Decoder::for_headers(&encoding(&[header])).unwrap().unwrap();
+            assert_eq!(empty.push(b"").unwrap(), b"");
+            assert_eq!(empty.finish().unwrap(), b"", "{header}");
+            let sent = coded(header, b"a body long enough to be cut");
+            let mut cut = Decoder::for_headers(&encoding(&[header])).unwrap().unwrap();
+            let _ = cut.push(&sent[..sent.len() / 2]).unwrap();
+            assert!(matches!(cut.finish(), Err(Error::Upstream(_))), "{header}");
+        }
     }
 
     #[test]

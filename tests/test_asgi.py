@@ -749,6 +749,16 @@ def test_an_error_body_upstream_content_coded_is_decoded_and_scrubbed(up, serve,
     assert leaked_secrets(response) == []
 
 
+def test_an_empty_error_body_marked_content_coded_is_relayed_empty(up, serve):
+    up.enqueue(Reply(status=404, headers={"content-encoding": "gzip"}, body=b""))
+    proxy = serve()
+    with httpx.Client() as http:
+        response = http.post(proxy.url + "/v1/messages", json=MESSAGE)
+    assert response.status_code == 404
+    assert response.content == b""
+    assert "content-encoding" not in response.headers
+
+
 def test_an_error_body_in_a_coding_that_cannot_be_checked_is_not_relayed(up, serve):
     up.enqueue(
         Reply(status=400, headers={"content-encoding": "br"}, body=b"\x8b\x01\x80opaque\x03")
