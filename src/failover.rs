@@ -727,7 +727,14 @@ impl Attempt<'_> {
             // Boxed, as is the peek below: off the common path, and inline
             // they would make every request's future larger (see `request`).
             let body = Box::pin(read_prefix(&mut resp, ERROR_BODY_LIMIT, deadline)).await;
-            let verdict = verdict::classify_head(status, retry_after(&resp), Some(&body));
+            // Judged as the caller would read it: a body upstream content-
+            // coded unasked is looked at decoded (as far as its start goes).
+            let decoded = match Decoder::for_headers(resp.headers()) {
+                Ok(Some(mut decoder)) => decoder.push(&body).ok(),
+                _ => None,
+            };
+            let seen = decoded.as_deref().unwrap_or(&body);
+            let verdict = verdict::classify_head(status, retry_after(&resp), Some(seen));
             return if verdict.is_key_specific() {
                 Judged::Failover(verdict)
             } else {

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import gzip
 import json
 import socket
 import threading
@@ -411,6 +412,17 @@ QUOTA_BODIES = {
             3600.0,
             "quota_exhausted",
             id="openai_insufficient_quota",
+        ),
+        # The same from an upstream that gzips its error body although asked not to.
+        pytest.param(
+            Reply(
+                status=429,
+                headers={"retry-after": "5", "content-encoding": "gzip"},
+                body=gzip.compress(json.dumps(QUOTA_BODIES["openai_insufficient_quota"]).encode()),
+            ),
+            3600.0,
+            "quota_exhausted",
+            id="openai_insufficient_quota_gzip",
         ),
         # A monthly spend limit renews at 00:00 UTC on the 1st of the next month.
         pytest.param(
