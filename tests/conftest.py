@@ -85,20 +85,31 @@ def seen(up: MockUpstream) -> list[str]:
 # argv[1] (anthropic), its status and body printed as JSON.
 _CHILD_REQUEST = textwrap.dedent(
     """
-    import json, sys
+    import asyncio, json, sys
     import keyfailover as kf
 
-    base_url, key, timeout, connect_timeout = sys.argv[1:5]
+    base_url, key, timeout, connect_timeout, count = sys.argv[1:6]
     client = kf.FailoverClient(
         kf.KeyPool([key]),
         base_url=base_url,
         timeout=float(timeout),
         connect_timeout=float(connect_timeout),
     )
-    resp = client.request_sync(
-        "POST", "/v1/messages", headers=[("content-type", "application/json")], body=b"{}"
-    )
-    print(json.dumps({"status": resp.status, "body": resp.read().decode()}))
+    args = ("POST", "/v1/messages")
+    kwargs = {"headers": [("content-type", "application/json")], "body": b"{}"}
+
+    async def one():
+        resp = await client.request(*args, **kwargs)
+        return {"status": resp.status, "body": (await resp.read()).decode()}
+
+    async def all_at_once():
+        return await asyncio.gather(*(one() for _ in range(int(count))))
+
+    if count == "1":
+        resp = client.request_sync(*args, **kwargs)
+        print(json.dumps({"status": resp.status, "body": resp.read().decode()}))
+    else:
+        print(json.dumps({"all": asyncio.run(all_at_once())}))
     """
 )
 
@@ -109,18 +120,30 @@ def request_in_child(
     *,
     timeout: float = 5.0,
     connect_timeout: float = 5.0,
+    requests: int = 1,
     **env: str,
 ) -> dict[str, Any]:
     """One request from a fresh Python process whose environment is this one's without any
     proxy or CA variable, plus `env`: for what the client reads from the environment as
-    it is built. Returns {"status": ..., "body": ...}; checks the key is not in its output."""
+    it is built. Returns {"status": ..., "body": ...}, or with `requests` above 1, that
+    many sent at once on a cold pool, {"all": [{"status": ..., "body": ...}, ...]}; checks
+    the key is not in its output."""
     clean = {
         k: v
         for k, v in os.environ.items()
         if not k.lower().endswith("_proxy") and k not in ("SSL_CERT_FILE", "SSL_CERT_DIR")
     }
     done = subprocess.run(
-        [sys.executable, "-c", _CHILD_REQUEST, base_url, key, str(timeout), str(connect_timeout)],
+        [
+            sys.executable,
+            "-c",
+            _CHILD_REQUEST,
+            base_url,
+            key,
+            str(timeout),
+            str(connect_timeout),
+            str(requests),
+        ],
         env={**clean, **env},
         capture_output=True,
         text=True,

@@ -248,6 +248,27 @@ def test_a_trusted_upstream_gets_the_request_over_the_protocol_it_offers(
     assert seen.headers["x-api-key"] == KEY
 
 
+@pytest.mark.parametrize(
+    ("upstream", "connections"),
+    [(["h2", "http/1.1"], 1), (["http/1.1"], 20)],
+    indirect=["upstream"],
+    ids=["h2", "http1"],
+)
+def test_a_burst_on_a_cold_pool_shares_one_http2_connection(
+    pki: Pki, upstream: TlsUpstream, connections: int
+) -> None:
+    """20 requests at once, before any connection exists: over HTTP/2 they wait for the
+    first one's connection and share it, rather than each opening one that carries one
+    request; an HTTP/1 upstream (which closes after each answer) gets one each, and none
+    is left waiting. (This upstream serves one connection at a time: a second HTTP/2
+    connection would wait, and time out, behind the first, which stays open.)"""
+    out = request_in_child(
+        upstream.url, KEY, requests=20, timeout=20, connect_timeout=20, SSL_CERT_FILE=str(pki.ca)
+    )
+    assert out["all"] == [{"status": 200, "body": REPLY.decode()}] * 20
+    assert [seen.handshake_error for seen in upstream.seen] == [None] * connections
+
+
 class RefusingH2Upstream(TlsUpstream):
     """An HTTP/2 upstream that refuses its first request unprocessed, as a server does when
     it rotates its connections: with RST_STREAM(REFUSED_STREAM), or with a graceful GOAWAY

@@ -203,12 +203,25 @@ impl Http {
         // Once a pooled connection turned out closed, the others may be too
         // (the upstream restarted, say): a new one is made.
         let mut fresh = false;
+        // Whether this request waited for another's connection (see `pool`).
+        let mut waited = false;
+        let https = uri.scheme() == Some(&http::uri::Scheme::HTTPS);
         let (response, back) = loop {
             let pooled = match (!fresh).then(|| self.pool.take(&slot)).flatten() {
                 Some(pooled) => pooled,
-                // Boxed: its futures (TLS, handshakes) would make every
-                // request's future larger, and moving it dearer.
-                None => Box::pin(self.connect(&uri, &slot)).await?,
+                None => match self.pool.plan(&slot, https && !fresh, !waited && !fresh) {
+                    // Boxed too, as rare (see below).
+                    pool::Plan::Wait(notify) => {
+                        waited = true;
+                        Box::pin(self.pool.wait(&slot, &notify)).await;
+                        continue;
+                    }
+                    // Boxed: its futures (TLS, handshakes) would make every
+                    // request's future larger, and moving it dearer.
+                    pool::Plan::Connect(guard) => {
+                        Box::pin(self.connect(&uri, &slot, guard)).await?
+                    }
+                },
             };
             let pool::Pooled {
                 sender,
@@ -316,8 +329,14 @@ impl Http {
     }
 
     /// A new connection to `uri`'s host (HTTP/2 if TLS negotiated it, and
-    /// then shared at once).
-    async fn connect(&self, uri: &Uri, slot: &pool::Slot) -> Result<pool::Pooled, UpstreamError> {
+    /// then shared at once). Requests waiting on `guard` are woken once it
+    /// is made or failed (the guard dropped).
+    async fn connect(
+        &self,
+        uri: &Uri,
+        slot: &pool::Slot,
+        guard: Option<pool::Connecting>,
+    ) -> Result<pool::Pooled, UpstreamError> {
         let conn = self
             .connector
             .clone()
@@ -334,8 +353,12 @@ impl Http {
                 .map_err(UpstreamError::connect)?;
             tokio::spawn(connection);
             self.pool.share(slot, &sender, proxied);
+            drop(guard);
             pool::Sender::H2(sender)
         } else {
+            if let Some(guard) = guard {
+                guard.h1();
+            }
             let (sender, connection) = http1::handshake(conn)
                 .await
                 .map_err(UpstreamError::connect)?;

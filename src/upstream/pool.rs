@@ -10,6 +10,12 @@
 //! readiness when taken. One HTTP/2 connection per host is shared. Idle
 //! connections close after `idle_timeout`: they are skipped when taken, and
 //! a task started with the first one sweeps them out.
+//!
+//! A connection to an HTTPS host may turn out HTTP/2 (ALPN decides), and
+//! then one serves every request: while one is being made, requests that
+//! find nothing to take wait for it, once, rather than each opening a
+//! connection of its own that would carry one request and close (a burst on
+//! a cold pool did so). A host seen to answer HTTP/1 is not waited for.
 
 use std::collections::HashMap;
 use std::hash::{BuildHasherDefault, Hasher};
@@ -22,6 +28,7 @@ use http::uri::{Authority, Scheme};
 use http::Uri;
 use http_body_util::Full;
 use hyper::client::conn::{http1, http2};
+use tokio::sync::Notify;
 
 pub(super) type Body = Full<Bytes>;
 
@@ -78,6 +85,11 @@ struct Host {
     idle: Vec<Idle>,
     /// The shared HTTP/2 connection, if there is one.
     h2: Option<(http2::SendRequest<Body>, bool)>,
+    /// A connection being made that may turn out HTTP/2: notified once it
+    /// is made, or failed.
+    connecting: Option<Arc<Notify>>,
+    /// The host answered a TLS handshake with HTTP/1.
+    h1: bool,
 }
 
 impl Host {
@@ -166,6 +178,45 @@ impl Pool {
         }
     }
 
+    /// For a request that found nothing to take: a connection being made
+    /// to wait for (`Wait`), or the go-ahead to make one (`Connect`), with a
+    /// guard for later requests to wait on when it may turn out HTTP/2
+    /// (`https`, to a host not seen to answer HTTP/1). `may_wait` is false
+    /// for a request that waited once already.
+    pub fn plan(&self, slot: &Arc<Slot>, https: bool, may_wait: bool) -> Plan {
+        let mut host = slot.lock();
+        match &host.connecting {
+            Some(notify) if may_wait => Plan::Wait(notify.clone()),
+            Some(_) => Plan::Connect(None),
+            None if https && !host.h1 => {
+                let notify = Arc::new(Notify::new());
+                host.connecting = Some(notify.clone());
+                Plan::Connect(Some(Connecting {
+                    slot: slot.clone(),
+                    notify,
+                }))
+            }
+            None => Plan::Connect(None),
+        }
+    }
+
+    /// Waits until the connection `notify` stands for is made or failed.
+    pub async fn wait(&self, slot: &Slot, notify: &Notify) {
+        let notified = notify.notified();
+        let mut notified = std::pin::pin!(notified);
+        // Registered before looking: a wake-up between the look and the
+        // wait is not missed.
+        notified.as_mut().enable();
+        let still = slot
+            .lock()
+            .connecting
+            .as_ref()
+            .is_some_and(|n| std::ptr::eq(Arc::as_ptr(n), notify));
+        if still {
+            notified.await;
+        }
+    }
+
     /// Gives back an HTTP/1 connection whose response has ended.
     pub fn put(&self, slot: &Slot, sender: http1::SendRequest<Body>, proxied: bool) {
         if sender.is_closed() {
@@ -216,6 +267,42 @@ impl Pool {
     fn idle(&self) -> usize {
         let hosts = self.0.hosts.lock().unwrap();
         hosts.values().map(|slot| slot.lock().idle.len()).sum()
+    }
+}
+
+/// What a request that found no connection to take does.
+pub(super) enum Plan {
+    /// Waits for the connection being made (see [`Pool::wait`]).
+    Wait(Arc<Notify>),
+    Connect(Option<Connecting>),
+}
+
+/// A connection being made that others wait for: dropped once it is made
+/// (and shared, if HTTP/2) or failed, which wakes them.
+pub(super) struct Connecting {
+    slot: Arc<Slot>,
+    notify: Arc<Notify>,
+}
+
+impl Connecting {
+    /// The connection made is HTTP/1: the host is not waited for again.
+    pub fn h1(self) {
+        self.slot.lock().h1 = true;
+    }
+}
+
+impl Drop for Connecting {
+    fn drop(&mut self) {
+        let mut host = self.slot.lock();
+        if host
+            .connecting
+            .as_ref()
+            .is_some_and(|n| Arc::ptr_eq(n, &self.notify))
+        {
+            host.connecting = None;
+        }
+        drop(host);
+        self.notify.notify_waiters();
     }
 }
 
@@ -291,6 +378,71 @@ mod tests {
         let (sender, conn) = http1::handshake(io).await.unwrap();
         tokio::spawn(conn);
         sender
+    }
+
+    #[tokio::test]
+    async fn requests_wait_once_for_a_connection_that_may_be_http2() {
+        let pool = Pool::new(Duration::from_secs(90));
+        let slot = slot(&pool, "https://api.example/");
+        let Plan::Connect(Some(guard)) = pool.plan(&slot, true, true) else {
+            panic!("the first request makes the connection, with a guard");
+        };
+        let Plan::Wait(notify) = pool.plan(&slot, true, true) else {
+            panic!("the next one waits for it");
+        };
+        assert!(matches!(pool.plan(&slot, true, false), Plan::Connect(None)));
+        let waiting = tokio::spawn({
+            let (pool, slot) = (pool.clone(), slot.clone());
+            async move { pool.wait(&slot, &notify).await }
+        });
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        assert!(!waiting.is_finished());
+        drop(guard); // made (or failed): the waiter goes on
+        tokio::time::timeout(Duration::from_secs(1), waiting)
+            .await
+            .expect("woken")
+            .unwrap();
+        // A connection that failed leaves the next request to make one.
+        assert!(matches!(
+            pool.plan(&slot, true, true),
+            Plan::Connect(Some(_))
+        ));
+    }
+
+    #[tokio::test]
+    async fn a_wait_after_the_connection_was_made_returns_at_once() {
+        let pool = Pool::new(Duration::from_secs(90));
+        let slot = slot(&pool, "https://api.example/");
+        let Plan::Connect(Some(guard)) = pool.plan(&slot, true, true) else {
+            panic!()
+        };
+        let Plan::Wait(notify) = pool.plan(&slot, true, true) else {
+            panic!()
+        };
+        drop(guard); // before the waiter looks: its wake-up is not lost
+        tokio::time::timeout(Duration::from_secs(1), pool.wait(&slot, &notify))
+            .await
+            .expect("not left waiting");
+    }
+
+    #[tokio::test]
+    async fn a_host_that_answered_http1_and_plain_http_are_not_waited_for() {
+        let pool = Pool::new(Duration::from_secs(90));
+        let tls = slot(&pool, "https://api.example/");
+        let Plan::Connect(Some(guard)) = pool.plan(&tls, true, true) else {
+            panic!()
+        };
+        guard.h1();
+        assert!(matches!(pool.plan(&tls, true, true), Plan::Connect(None)));
+        let plain = slot(&pool, "http://api.example/");
+        assert!(matches!(
+            pool.plan(&plain, false, true),
+            Plan::Connect(None)
+        ));
+        assert!(matches!(
+            pool.plan(&plain, false, true),
+            Plan::Connect(None)
+        ));
     }
 
     fn key(url: &str) -> Key {
