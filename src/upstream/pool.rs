@@ -9,7 +9,9 @@
 //! back, see `Response::chunk`), is taken newest first, and is checked for
 //! readiness when taken. One HTTP/2 connection per host is shared. Idle
 //! connections close after `idle_timeout`: they are skipped when taken, and
-//! a task started with the first one sweeps them out.
+//! a task started with the first one sweeps them out. The shared HTTP/2
+//! connection is let go once no request took it for that long (its streams
+//! still open finish first: hyper closes it when they have).
 //!
 //! A connection to an HTTPS host may turn out HTTP/2 (ALPN decides), and
 //! then one serves every request: while one is being made, requests that
@@ -84,7 +86,7 @@ struct Host {
     /// Idle HTTP/1 connections, the newest last.
     idle: Vec<Idle>,
     /// The shared HTTP/2 connection, if there is one.
-    h2: Option<(http2::SendRequest<Body>, bool)>,
+    h2: Option<Shared>,
     /// A connection being made that may turn out HTTP/2: notified once it
     /// is made, or failed.
     connecting: Option<Arc<Notify>>,
@@ -92,12 +94,37 @@ struct Host {
     h1: bool,
 }
 
+/// A host's shared HTTP/2 connection.
+struct Shared {
+    sender: http2::SendRequest<Body>,
+    proxied: bool,
+    /// Requests that took it: counted rather than timed, so taking it reads
+    /// no clock.
+    taken: u64,
+    /// `taken` at the last sweep, and how many sweeps in a row found it
+    /// unchanged.
+    swept: u64,
+    quiet: u8,
+}
+
+/// Sweeps in a row that find the shared HTTP/2 connection untaken before it
+/// is let go: sweeps come every half idle timeout, so at least that long.
+const QUIET_SWEEPS: u8 = 2;
+
 impl Host {
+    /// Called every half `timeout` (see [`sweep`]).
     fn sweep(&mut self, now: Instant, timeout: Duration) {
         self.idle
             .retain(|c| !c.sender.is_closed() && now.duration_since(c.since) < timeout);
-        if self.h2.as_ref().is_some_and(|(s, _)| s.is_closed()) {
-            self.h2 = None;
+        if let Some(shared) = &mut self.h2 {
+            if shared.taken == shared.swept {
+                shared.quiet += 1;
+            } else {
+                (shared.swept, shared.quiet) = (shared.taken, 0);
+            }
+            if shared.sender.is_closed() || shared.quiet >= QUIET_SWEEPS {
+                self.h2 = None;
+            }
         }
     }
 
@@ -164,12 +191,15 @@ impl Pool {
                 reused: true,
             });
         }
-        match &host.h2 {
-            Some((sender, proxied)) if !sender.is_closed() => Some(Pooled {
-                sender: Sender::H2(sender.clone()),
-                proxied: *proxied,
-                reused: true,
-            }),
+        match &mut host.h2 {
+            Some(shared) if !shared.sender.is_closed() => {
+                shared.taken += 1;
+                Some(Pooled {
+                    sender: Sender::H2(shared.sender.clone()),
+                    proxied: shared.proxied,
+                    reused: true,
+                })
+            }
             Some(_) => {
                 host.h2 = None;
                 None
@@ -234,8 +264,14 @@ impl Pool {
     /// Shares a new HTTP/2 connection, unless the host has one already.
     pub fn share(&self, slot: &Slot, sender: &http2::SendRequest<Body>, proxied: bool) {
         let mut host = slot.lock();
-        if host.h2.as_ref().is_none_or(|(s, _)| s.is_closed()) {
-            host.h2 = Some((sender.clone(), proxied));
+        if host.h2.as_ref().is_none_or(|s| s.sender.is_closed()) {
+            host.h2 = Some(Shared {
+                sender: sender.clone(),
+                proxied,
+                taken: 0,
+                swept: 0,
+                quiet: 0,
+            });
         }
         drop(host);
         self.sweep_later();
@@ -350,7 +386,8 @@ impl Hasher for Fnv {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use hyper_util::rt::TokioIo;
+    use http_body_util::BodyExt;
+    use hyper_util::rt::{TokioExecutor, TokioIo};
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
     /// An HTTP/1 connection to a server that answers each request with an
@@ -378,6 +415,107 @@ mod tests {
         let (sender, conn) = http1::handshake(io).await.unwrap();
         tokio::spawn(conn);
         sender
+    }
+
+    /// An HTTP/2 (prior knowledge) connection to a server that answers each
+    /// request with 200 and `parts` body parts `gap` apart; the flag is set
+    /// once the server's side of the connection has closed.
+    async fn h2_connection(
+        parts: usize,
+        gap: Duration,
+    ) -> (http2::SendRequest<Body>, Arc<AtomicBool>) {
+        use futures_util::stream;
+        use http_body_util::StreamBody;
+        use hyper::body::Frame;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let closed = Arc::new(AtomicBool::new(false));
+        let flag = closed.clone();
+        tokio::spawn(async move {
+            let (sock, _) = listener.accept().await.unwrap();
+            let service = hyper::service::service_fn(move |_| async move {
+                let body = stream::unfold(0, move |i| async move {
+                    if i == parts {
+                        return None;
+                    }
+                    tokio::time::sleep(gap).await;
+                    let part = Ok::<_, std::convert::Infallible>(Frame::data(Bytes::from("x")));
+                    Some((part, i + 1))
+                });
+                Ok::<_, std::convert::Infallible>(http::Response::new(StreamBody::new(body)))
+            });
+            let _ = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                .serve_connection(TokioIo::new(sock), service)
+                .await;
+            flag.store(true, Ordering::SeqCst);
+        });
+        let io = TokioIo::new(tokio::net::TcpStream::connect(addr).await.unwrap());
+        let (sender, conn) = http2::Builder::new(TokioExecutor::new())
+            .handshake(io)
+            .await
+            .unwrap();
+        tokio::spawn(conn);
+        (sender, closed)
+    }
+
+    fn request() -> http::Request<Body> {
+        let mut request = http::Request::new(Body::default());
+        *request.uri_mut() = Uri::from_static("http://api.example/");
+        request
+    }
+
+    #[tokio::test]
+    async fn the_shared_http2_connection_is_let_go_once_no_request_took_it_for_long() {
+        let pool = Pool::new(Duration::from_millis(200)); // swept every 100 ms
+        let slot = slot(&pool, "https://api.example/");
+        let (sender, closed) = h2_connection(0, Duration::ZERO).await;
+        pool.share(&slot, &sender, false);
+        drop(sender);
+        // Taken every 10 ms for 400 ms: kept.
+        for _ in 0..40 {
+            assert!(pool.take(&slot).is_some(), "kept while in use");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        // Not taken: let go within two or three sweeps, and then closed.
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        assert!(pool.take(&slot).is_none());
+        for _ in 0..300 {
+            if closed.load(Ordering::SeqCst) {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        panic!("the connection let go was not closed");
+    }
+
+    #[tokio::test]
+    async fn a_stream_still_open_outlives_its_connection_being_let_go() {
+        let pool = Pool::new(Duration::from_millis(100)); // swept every 50 ms
+        let slot = slot(&pool, "https://api.example/");
+        let (sender, closed) = h2_connection(10, Duration::from_millis(60)).await;
+        pool.share(&slot, &sender, false);
+        drop(sender);
+        let Some(Pooled {
+            sender: Sender::H2(mut sender),
+            ..
+        }) = pool.take(&slot)
+        else {
+            panic!("the shared connection");
+        };
+        let response = sender.send_request(request()).await.unwrap();
+        drop(sender);
+        // The pool lets the connection go while the body is still coming
+        // (10 parts 60 ms apart); the body still arrives whole.
+        let body = response.into_body().collect().await.unwrap().to_bytes();
+        assert!(pool.take(&slot).is_none(), "let go meanwhile");
+        assert_eq!(body, "x".repeat(10));
+        for _ in 0..300 {
+            if closed.load(Ordering::SeqCst) {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        panic!("not closed once its stream ended");
     }
 
     #[tokio::test]
