@@ -458,6 +458,15 @@ mod tests {
         (sender, closed)
     }
 
+    /// Whether `flag` is set within `seconds`.
+    async fn set_within(flag: &AtomicBool, seconds: u64) -> bool {
+        let deadline = Instant::now() + Duration::from_secs(seconds);
+        while !flag.load(Ordering::SeqCst) && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        flag.load(Ordering::SeqCst)
+    }
+
     fn request() -> http::Request<Body> {
         let mut request = http::Request::new(Body::default());
         *request.uri_mut() = Uri::from_static("http://api.example/");
@@ -479,13 +488,7 @@ mod tests {
         // Not taken: let go within two or three sweeps, and then closed.
         tokio::time::sleep(Duration::from_millis(500)).await;
         assert!(pool.take(&slot).is_none());
-        for _ in 0..300 {
-            if closed.load(Ordering::SeqCst) {
-                return;
-            }
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-        panic!("the connection let go was not closed");
+        assert!(set_within(&closed, 3).await, "the connection let go closes");
     }
 
     #[tokio::test]
@@ -509,13 +512,7 @@ mod tests {
         let body = response.into_body().collect().await.unwrap().to_bytes();
         assert!(pool.take(&slot).is_none(), "let go meanwhile");
         assert_eq!(body, "x".repeat(10));
-        for _ in 0..300 {
-            if closed.load(Ordering::SeqCst) {
-                return;
-            }
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-        panic!("not closed once its stream ended");
+        assert!(set_within(&closed, 3).await, "closed once its stream ended");
     }
 
     #[tokio::test]
