@@ -1,8 +1,8 @@
 """Instructions per request, counted by callgrind: the native server against the bare hyper
 proxy (hyper with none of keyfailover's policy) on the same small requests.
 
-Counts, not seconds: for the same build and the same requests they come out the same
-whatever else this shared machine is doing (two runs differ by well under 0.1%), so a
+Counts, not seconds: for the same build and the same requests they come out nearly the same
+whatever else this shared machine is doing (two runs of one build differ by under 1%), so a
 change to the request path shows in them when requests per second, which move by 5-10%
 from run to run here, cannot show it. They cover the server's own code only (user space,
 not the kernel's share of each request), and weigh every instruction the same: a byte
