@@ -390,7 +390,7 @@ impl Decoder {
                 .and_then(|()| d.flush())
                 .map(|()| std::mem::take(d.get_mut())),
         };
-        written.map_err(|e| self.broken(&e))
+        written.map_err(|e| broken(self.coding, &e))
     }
 
     /// The rest, at the end of the body.
@@ -403,19 +403,14 @@ impl Decoder {
             Decoding::Gzip(d) => d.finish(),
             Decoding::Deflate(d) => d.finish(),
         };
-        finished.map_err(|e| {
-            Error::Upstream(format!(
-                "upstream's {coding} error body does not decode: {e}"
-            ))
-        })
+        finished.map_err(|e| broken(coding, &e))
     }
+}
 
-    fn broken(&self, e: &std::io::Error) -> Error {
-        Error::Upstream(format!(
-            "upstream's {} error body does not decode: {e}",
-            self.coding
-        ))
-    }
+fn broken(coding: &str, e: &std::io::Error) -> Error {
+    Error::Upstream(format!(
+        "upstream's {coding} error body does not decode: {e}"
+    ))
 }
 
 /// `haystack` with every `needle` replaced, or None when there is none.
