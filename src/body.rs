@@ -324,6 +324,8 @@ impl Scrubber {
 pub(crate) struct Decoder {
     coding: &'static str,
     inner: Decoding,
+    /// Bytes decoded so far (at most [`DECODED_LIMIT`]).
+    decoded: usize,
     /// Whether any byte came: a body with none (a HEAD's answer, a 304) is
     /// empty, not a coding cut short.
     seen: bool,
@@ -359,12 +361,14 @@ impl Decoder {
             Self {
                 coding: "gzip",
                 inner: Decoding::Gzip(flate2::write::GzDecoder::new(Vec::new())),
+                decoded: 0,
                 seen: false,
             }
         } else if is(b"deflate") {
             Self {
                 coding: "deflate",
                 inner: Decoding::Deflate(flate2::write::ZlibDecoder::new(Vec::new())),
+                decoded: 0,
                 seen: false,
             }
         } else if codings.is_empty() {
@@ -376,21 +380,40 @@ impl Decoder {
     }
 
     /// The bytes `chunk` decodes to (often none until enough has come).
+    /// Fed a KiB at a time, so that no more than about a MiB (deflate's
+    /// largest ratio) is decoded past [`DECODED_LIMIT`] before it is caught.
     pub fn push(&mut self, chunk: &[u8]) -> Result<Vec<u8>> {
         use std::io::Write;
         self.seen |= !chunk.is_empty();
-        // Flushed: flate2's writers hold what a write decodes until the next.
-        let written = match &mut self.inner {
-            Decoding::Gzip(d) => d
-                .write_all(chunk)
-                .and_then(|()| d.flush())
-                .map(|()| std::mem::take(d.get_mut())),
-            Decoding::Deflate(d) => d
-                .write_all(chunk)
-                .and_then(|()| d.flush())
-                .map(|()| std::mem::take(d.get_mut())),
-        };
-        written.map_err(|e| broken(self.coding, &e))
+        let mut out = Vec::new();
+        for piece in chunk.chunks(1024) {
+            // Flushed: flate2's writers hold what a write decodes until the next.
+            let written = match &mut self.inner {
+                Decoding::Gzip(d) => d
+                    .write_all(piece)
+                    .and_then(|()| d.flush())
+                    .map(|()| std::mem::take(d.get_mut())),
+                Decoding::Deflate(d) => d
+                    .write_all(piece)
+                    .and_then(|()| d.flush())
+                    .map(|()| std::mem::take(d.get_mut())),
+            };
+            let decoded = written.map_err(|e| broken(self.coding, &e))?;
+            self.decoded += decoded.len();
+            if self.decoded > DECODED_LIMIT {
+                return Err(Error::Upstream(format!(
+                    "upstream's {} error body decodes to more than {} MiB",
+                    self.coding,
+                    DECODED_LIMIT >> 20
+                )));
+            }
+            if out.is_empty() {
+                out = decoded;
+            } else {
+                out.extend_from_slice(&decoded);
+            }
+        }
+        Ok(out)
     }
 
     /// The rest, at the end of the body.
@@ -406,6 +429,10 @@ impl Decoder {
         finished.map_err(|e| broken(coding, &e))
     }
 }
+
+/// The most an error body may decode to: error bodies are small, and a
+/// body that inflates past this is cut off as broken.
+const DECODED_LIMIT: usize = 16 << 20;
 
 fn broken(coding: &str, e: &std::io::Error) -> Error {
     Error::Upstream(format!(
@@ -828,6 +855,22 @@ mod tests {
             let _ = cut.push(&sent[..sent.len() / 2]).unwrap();
             assert!(matches!(cut.finish(), Err(Error::Upstream(_))), "{header}");
         }
+    }
+
+    #[test]
+    fn a_body_that_inflates_past_the_limit_is_cut_off() {
+        let bomb = coded("gzip", &vec![b'0'; DECODED_LIMIT + 1]);
+        assert!(bomb.len() < 64 * 1024, "{} bytes", bomb.len());
+        let mut decoder = Decoder::for_headers(&encoding(&["gzip"])).unwrap().unwrap();
+        let mut total = 0;
+        let err = loop {
+            match decoder.push(&bomb) {
+                Ok(out) => total += out.len(),
+                Err(err) => break err,
+            }
+        };
+        assert!(total <= DECODED_LIMIT);
+        assert!(matches!(err, Error::Upstream(m) if m.contains("more than 16 MiB")));
     }
 
     #[test]
