@@ -56,7 +56,7 @@ pub(crate) struct Stream {
     pub scrubber: Option<Scrubber>,
     /// For an error body upstream content-coded: takes the coding apart
     /// before the scrubber looks at the bytes.
-    pub decoder: Option<Decoder>,
+    pub decoder: Option<Box<Decoder>>,
     /// Set when the client shuts down: the body ends with an error.
     pub shutdown: Latch,
     /// Counts the request's outcome once the body is done with.
@@ -155,7 +155,12 @@ impl Stream {
                 }
             };
             match (read, &mut self.sse) {
-                (Ok(Some(chunk)), None) => return Ok(Some(chunk)),
+                (Ok(Some(chunk)), None) => {
+                    // The last piece, by the body's framing: the end needs
+                    // no read of its own (a small body is whole at once).
+                    self.done = self.resp.is_end();
+                    return Ok(Some(chunk));
+                }
                 (Ok(Some(chunk)), Some((framer, _))) => {
                     if let Some(events) = framer.push(chunk) {
                         return Ok(Some(events));

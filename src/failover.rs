@@ -460,7 +460,7 @@ impl FailoverClient {
         // checked, or not relayed when it cannot be.
         let decoder = match scrubber.as_ref().map(|_| Decoder::for_headers(&upstream)) {
             None | Some(Ok(None)) => None,
-            Some(Ok(Some(decoder))) => Some(decoder),
+            Some(Ok(Some(decoder))) => Some(Box::new(decoder)),
             Some(Err(coding)) => {
                 return self.send_failure(&SendFailure::Uncheckable { status, coding }, byok)
             }
@@ -681,7 +681,8 @@ impl Attempt<'_> {
         let send = self
             .http
             .send(self.method.clone(), uri.clone(), headers, self.body.clone());
-        let result = match tokio::time::timeout(client.timeout, send).await {
+        let deadline = tokio::time::Instant::from_std(started) + client.timeout;
+        let result = match tokio::time::timeout_at(deadline, send).await {
             Err(_) => Err(SendFailure::Timeout),
             // A connect (or TLS handshake) timeout is a failure to connect.
             Ok(Err(e)) if e.is_timeout() && !e.is_connect() => Err(SendFailure::Timeout),

@@ -6,8 +6,8 @@
 
 use bytes::BytesMut;
 use http::header::{
-    HeaderMap, HeaderName, HeaderValue, ACCEPT_ENCODING, CONNECTION, CONTENT_LENGTH,
-    TRANSFER_ENCODING,
+    HeaderMap, HeaderName, HeaderValue, ACCEPT_ENCODING, AUTHORIZATION, CONNECTION, CONTENT_LENGTH,
+    EXPECT, HOST, TRANSFER_ENCODING, UPGRADE,
 };
 
 use crate::error::{Error, Result};
@@ -30,6 +30,14 @@ const HOP_BY_HOP: [&str; 10] = [
 /// never forwarded from a caller except as that caller's own key (BYOK).
 pub const CREDENTIAL_HEADERS: [&str; 4] =
     ["x-api-key", "api-key", "x-goog-api-key", "authorization"];
+
+/// [`CREDENTIAL_HEADERS`] but `Authorization`, as names made once: a lookup
+/// by `&str` parses the name every time.
+const KEY_HEADERS: [HeaderName; 3] = [
+    HeaderName::from_static(CREDENTIAL_HEADERS[0]),
+    HeaderName::from_static(CREDENTIAL_HEADERS[1]),
+    HeaderName::from_static(CREDENTIAL_HEADERS[2]),
+];
 
 /// Request headers the client sets itself (or hyper does).
 #[cfg(test)]
@@ -67,26 +75,48 @@ fn not_forwarded(name: &str) -> bool {
 }
 
 /// The header names that `Connection` header values nominate as hop-by-hop
-/// (RFC 9110, section 7.6.1), lower-case.
+/// (RFC 9110, section 7.6.1), lower-case. Options that are dropped anyway
+/// (`close`, `keep-alive`, the hop-by-hop names) nominate nothing more.
 fn connection_options(headers: &HeaderMap) -> impl Fn(&str) -> bool + '_ {
-    let options = headers.get_all(CONNECTION);
-    let tokens = move || {
-        options
+    let nominated = nominated_options(headers);
+    move |name| {
+        nominated
             .iter()
-            .flat_map(|value| value.as_bytes().split(|&b| b == b','))
-            .map(<[u8]>::trim_ascii)
-    };
-    // Most messages nominate nothing that is not dropped anyway (`close`,
-    // `keep-alive`): then no name needs looking for among them.
-    let nominates = tokens().any(|option| {
-        !(option.is_empty()
-            || option.eq_ignore_ascii_case(b"keep-alive")
-            || option.eq_ignore_ascii_case(b"close")
-            || HOP_BY_HOP
-                .iter()
-                .any(|h| option.eq_ignore_ascii_case(h.as_bytes())))
-    });
-    move |name| nominates && tokens().any(|option| option.eq_ignore_ascii_case(name.as_bytes()))
+            .any(|option| option.eq_ignore_ascii_case(name.as_bytes()))
+    }
+}
+
+/// The options of `headers`' `Connection` fields that name a field to
+/// drop, beyond those dropped anyway. Most messages have no `Connection`
+/// field, or one that nominates nothing: then nothing is allocated.
+fn nominated_options(headers: &HeaderMap) -> Vec<&[u8]> {
+    let mut nominated = Vec::new();
+    if !has(headers, &CONNECTION) {
+        return nominated;
+    }
+    for value in headers.get_all(CONNECTION) {
+        for option in value.as_bytes().split(|&b| b == b',') {
+            let option = option.trim_ascii();
+            let dropped_anyway = option.is_empty()
+                || option.eq_ignore_ascii_case(b"keep-alive")
+                || option.eq_ignore_ascii_case(b"close")
+                || HOP_BY_HOP
+                    .iter()
+                    .any(|h| option.eq_ignore_ascii_case(h.as_bytes()));
+            if !dropped_anyway {
+                nominated.push(option);
+            }
+        }
+    }
+    nominated
+}
+
+/// Whether `headers` have a field named `name`, found by walking the names:
+/// cheaper than a lookup (which hashes the name) for the dozen or so fields
+/// a message usually has, and a comparison of two standard names is one of
+/// two small numbers.
+pub fn has(headers: &HeaderMap, name: &HeaderName) -> bool {
+    headers.keys().any(|n| n == name)
 }
 
 /// A header map from (name, value) byte pairs, as front ends receive them;
@@ -123,32 +153,48 @@ where
 /// are dropped; `Accept-Encoding: identity` is added, so error bodies and
 /// streams can be read as sent. The caller's `Content-Length` stays when it
 /// is the body's length (the client would otherwise write the same anew).
+///
+/// A new map, in the caller's order: copying the fields that stay costs less
+/// than removing the others from the caller's map (each removal moves the
+/// last field and looks it up again) and copying that for each attempt.
 pub fn forwarded(headers: &HeaderMap, body_len: usize) -> HeaderMap {
     let nominated = connection_options(headers);
     let mut map = HeaderMap::with_capacity(headers.len() + 2);
+    let (mut length, mut lengths) = (None, 0);
     for (name, value) in headers {
+        if name == CONTENT_LENGTH {
+            length = Some(value);
+            lengths += 1;
+            continue;
+        }
         let n = name.as_str();
         let dropped = not_forwarded(n) || nominated(n);
         if !dropped {
             map.append(name.clone(), value.clone());
         }
     }
-    let mut lengths = headers.get_all(CONTENT_LENGTH).iter();
-    if let (Some(length), None) = (lengths.next(), lengths.next()) {
+    if let (Some(length), 1) = (length, lengths) {
         if decimal(length.as_bytes()) == Some(body_len as u64) {
-            map.insert(CONTENT_LENGTH, length.clone());
+            map.append(CONTENT_LENGTH, length.clone());
         }
     }
-    map.insert(ACCEPT_ENCODING, HeaderValue::from_static("identity"));
+    map.append(ACCEPT_ENCODING, HeaderValue::from_static("identity"));
     map
 }
 
-/// The number `digits` writes (only ASCII digits, at least one).
+/// The number `digits` writes (only ASCII digits, at least one; None past
+/// `u64`).
 fn decimal(digits: &[u8]) -> Option<u64> {
-    if digits.is_empty() || !digits.iter().all(u8::is_ascii_digit) {
+    if digits.is_empty() {
         return None;
     }
-    std::str::from_utf8(digits).ok()?.parse().ok()
+    digits.iter().try_fold(0u64, |n, &b| {
+        let digit = b.wrapping_sub(b'0');
+        if digit > 9 {
+            return None;
+        }
+        n.checked_mul(10)?.checked_add(u64::from(digit))
+    })
 }
 
 /// The response headers relayed to the caller: hop-by-hop and nominated
@@ -242,14 +288,16 @@ where
 /// 6.3: it overrides the length, which a proxy must then remove), nor for a
 /// status that has no body (RFC 9110, section 8.6).
 pub fn length_holds(status: u16, headers: &HeaderMap) -> bool {
-    status != 204 && !(100..200).contains(&status) && !headers.contains_key(TRANSFER_ENCODING)
+    status != 204 && !(100..200).contains(&status) && !has(headers, &TRANSFER_ENCODING)
 }
 
 /// True when the response is a server-sent event stream.
 pub fn is_event_stream(headers: &HeaderMap) -> bool {
+    // The first value, found by walking the names (see `has`).
     headers
-        .get(http::header::CONTENT_TYPE)
-        .map(|v| v.as_bytes().trim_ascii_start())
+        .iter()
+        .find(|(name, _)| *name == http::header::CONTENT_TYPE)
+        .map(|(_, v)| v.as_bytes().trim_ascii_start())
         .is_some_and(|v| v.len() >= 17 && v[..17].eq_ignore_ascii_case(b"text/event-stream"))
 }
 
@@ -257,7 +305,7 @@ pub fn is_event_stream(headers: &HeaderMap) -> bool {
 /// `h2c` (which a server may ignore); such requests cannot be proxied.
 pub fn upgrade_requested(headers: &HeaderMap) -> Option<String> {
     headers
-        .get_all(http::header::UPGRADE)
+        .get_all(UPGRADE)
         .iter()
         .flat_map(|v| v.as_bytes().split(|&b| b == b','))
         .map(|p| String::from_utf8_lossy(p.trim_ascii()).into_owned())
@@ -270,7 +318,7 @@ pub fn upgrade_requested(headers: &HeaderMap) -> Option<String> {
 /// nothing to say it is coded.
 pub fn unsupported_transfer_coding(headers: &HeaderMap) -> Option<String> {
     headers
-        .get_all(http::header::TRANSFER_ENCODING)
+        .get_all(TRANSFER_ENCODING)
         .iter()
         .flat_map(|v| v.as_bytes().split(|&b| b == b','))
         .map(<[u8]>::trim_ascii)
@@ -304,12 +352,6 @@ impl CallerCredential {
 /// against its client tokens, and sends it once as the caller's own key when
 /// BYOK is allowed.
 pub fn caller_credential(headers: &HeaderMap) -> Option<CallerCredential> {
-    // Names made once: a lookup by `&str` parses the name every time.
-    const KEY_HEADERS: [HeaderName; 3] = [
-        HeaderName::from_static(CREDENTIAL_HEADERS[0]),
-        HeaderName::from_static(CREDENTIAL_HEADERS[1]),
-        HeaderName::from_static(CREDENTIAL_HEADERS[2]),
-    ];
     for name in KEY_HEADERS {
         if let Some(value) = headers
             .get_all(&name)
@@ -323,13 +365,90 @@ pub fn caller_credential(headers: &HeaderMap) -> Option<CallerCredential> {
         }
     }
     headers
-        .get_all(http::header::AUTHORIZATION)
+        .get_all(AUTHORIZATION)
         .iter()
         .find(|v| is_bearer(v.as_bytes()))
         .map(|value| CallerCredential {
-            header: http::header::AUTHORIZATION,
+            header: AUTHORIZATION,
             value: value.clone(),
         })
+}
+
+/// What the gateway's rules read in a request's head, gathered in one walk
+/// over its fields: looking each up by name would hash a dozen names a
+/// request, mostly for fields it does not have.
+#[derive(Debug, Default)]
+pub struct RequestHead {
+    /// How many `Host` fields there are.
+    pub hosts: usize,
+    /// Whether the first `Expect` field is `100-continue`.
+    pub expects_continue: bool,
+    /// The caller's credential, as [`caller_credential`] finds it.
+    pub credential: Option<CallerCredential>,
+    /// The first `Content-Length` field's value as a number (surrounding
+    /// blanks allowed); None when there is none or it is not one.
+    pub content_length: Option<u64>,
+    /// Whether an `Upgrade` field is present (see [`upgrade_requested`]).
+    pub upgrade: bool,
+    /// Whether a `Transfer-Encoding` field is present (see
+    /// [`unsupported_transfer_coding`]).
+    pub transfer_encoding: bool,
+}
+
+impl RequestHead {
+    pub fn of(headers: &HeaderMap) -> Self {
+        let mut head = Self::default();
+        let (mut expect_seen, mut length_seen) = (false, false);
+        // The credential's rank in `caller_credential`'s order of preference.
+        let mut rank = usize::MAX;
+        // Names compared as names, not strings: two standard names compare
+        // as two small numbers.
+        for (name, value) in headers {
+            let found = if name == HOST {
+                head.hosts += 1;
+                continue;
+            } else if name == CONTENT_LENGTH {
+                if !length_seen {
+                    length_seen = true;
+                    head.content_length = decimal(value.as_bytes().trim_ascii());
+                }
+                continue;
+            } else if name == EXPECT {
+                if !expect_seen {
+                    expect_seen = true;
+                    head.expects_continue = value.as_bytes().eq_ignore_ascii_case(b"100-continue");
+                }
+                continue;
+            } else if name == UPGRADE {
+                head.upgrade = true;
+                continue;
+            } else if name == TRANSFER_ENCODING {
+                head.transfer_encoding = true;
+                continue;
+            } else if name == AUTHORIZATION {
+                3
+            } else if let Some(rank) = KEY_HEADERS.iter().position(|key| name == key) {
+                rank
+            } else {
+                continue;
+            };
+            let usable = if found == 3 {
+                is_bearer(value.as_bytes())
+            } else {
+                !value.as_bytes().trim_ascii().is_empty()
+            };
+            // The first usable value of the most preferred name: a name's
+            // values come one after another, in order.
+            if usable && found < rank {
+                rank = found;
+                head.credential = Some(CallerCredential {
+                    header: name.clone(),
+                    value: value.clone(),
+                });
+            }
+        }
+        head
+    }
 }
 
 fn is_bearer(value: &[u8]) -> bool {
@@ -388,6 +507,66 @@ mod tests {
     }
 
     #[test]
+    fn a_request_head_reads_what_the_lookups_would() {
+        let tables: [&[(&str, &[u8])]; 9] = [
+            &[],
+            &[("x-api-key", b" sk-1 "), ("host", b"a")],
+            &[("authorization", b"Bearer tok"), ("X-Api-Key", b"sk-1")],
+            &[("x-goog-api-key", b"g"), ("api-key", b"az")],
+            &[("authorization", b"Basic dXNlcg=="), ("x-api-key", b"  ")],
+            &[
+                ("x-api-key", b" "),
+                ("x-api-key", b"second"),
+                ("api-key", b"az"),
+            ],
+            &[
+                ("authorization", b"Bearer  "),
+                ("authorization", b"bearer t2"),
+            ],
+            &[
+                ("api-key", b"az"),
+                ("x-goog-api-key", b"g"),
+                ("x-api-key", b"k"),
+            ],
+            &[("authorization", b"Bearer a"), ("x-goog-api-key", b"g")],
+        ];
+        for pairs in tables {
+            let headers = map(pairs);
+            assert_eq!(
+                RequestHead::of(&headers).credential,
+                caller_credential(&headers),
+                "{pairs:?}"
+            );
+        }
+        let head = RequestHead::of(&map(&[
+            ("Host", b"a"),
+            ("host", b"b"),
+            ("expect", b"100-Continue"),
+            ("expect", b"other"),
+            ("content-length", b" 12 "),
+            ("content-length", b"13"),
+            ("upgrade", b"h2c"),
+        ]));
+        assert_eq!(head.hosts, 2);
+        assert!(head.expects_continue, "the first Expect field counts");
+        assert_eq!(head.content_length, Some(12), "the first length, trimmed");
+        assert!(head.upgrade && !head.transfer_encoding);
+        let head = RequestHead::of(&map(&[
+            ("expect", b"other"),
+            ("expect", b"100-continue"),
+            ("content-length", b"1x"),
+            ("transfer-encoding", b"chunked"),
+        ]));
+        assert_eq!(head.hosts, 0);
+        assert!(!head.expects_continue);
+        assert_eq!(head.content_length, None, "not a number");
+        assert!(!head.upgrade && head.transfer_encoding);
+        let huge = map(&[("content-length", b"99999999999999999999999")]);
+        assert_eq!(RequestHead::of(&huge).content_length, None);
+        assert!(has(&huge, &CONTENT_LENGTH) && !has(&huge, &CONNECTION));
+    }
+
+    #[test]
     fn the_names_not_forwarded_are_the_lists() {
         let listed: Vec<&str> = HOP_BY_HOP
             .iter()
@@ -440,30 +619,49 @@ mod tests {
             ("accept-encoding", b"gzip"),
             ("te", b"trailers"),
             ("x-foo", b"caf\xe9"),
+            ("x-multi", b"first"),
             ("anthropic-version", b"2023-06-01"),
+            ("x-multi", b"second"),
         ]);
-        let out = forwarded(&headers, 3);
-        let names: Vec<&str> = out.keys().map(|n| n.as_str()).collect();
-        assert_eq!(names, ["x-foo", "anthropic-version", "accept-encoding"]);
-        assert_eq!(out["x-foo"].as_bytes(), b"caf\xe9", "bytes unchanged");
-        assert_eq!(out["accept-encoding"], "identity");
+        // The fields that stay, sorted by name (their order carries no
+        // meaning); the values of one name in their order.
+        let fields = |out: HeaderMap| {
+            let mut fields: Vec<(String, Vec<u8>)> = out
+                .iter()
+                .map(|(n, v)| (n.as_str().to_owned(), v.as_bytes().to_vec()))
+                .collect();
+            fields.sort_by(|a, b| a.0.cmp(&b.0));
+            fields
+        };
+        let field = |n: &str, v: &[u8]| (n.to_owned(), v.to_vec());
+        assert_eq!(
+            fields(forwarded(&headers, 3)),
+            [
+                field("accept-encoding", b"identity"),
+                field("anthropic-version", b"2023-06-01"),
+                field("x-foo", b"caf\xe9"),
+                field("x-multi", b"first"),
+                field("x-multi", b"second"),
+            ],
+            "bytes unchanged; the caller's Accept-Encoding replaced"
+        );
         // The caller's length goes when it is the body's (the client sets it
         // otherwise), and only then.
-        let names = |out: HeaderMap| {
-            out.keys()
-                .map(|n| n.as_str().to_owned())
-                .collect::<Vec<_>>()
-        };
+        let out = forwarded(&headers, 2);
+        let names: Vec<&str> = out.keys().map(HeaderName::as_str).collect();
         assert_eq!(
-            names(forwarded(&headers, 2)),
+            names,
             [
                 "x-foo",
+                "x-multi",
                 "anthropic-version",
                 "content-length",
                 "accept-encoding"
-            ]
+            ],
+            "in the caller's order"
         );
-        assert_eq!(forwarded(&headers, 2)["content-length"], "2");
+        assert_eq!(out["content-length"], "2");
+        assert_eq!(out.len(), 6);
         for length in [
             &b"+2"[..],
             b"2 ",
@@ -483,6 +681,15 @@ mod tests {
         assert_eq!(
             forwarded(&map(&[("content-length", b"02")]), 2)["content-length"],
             "02"
+        );
+        // Nothing to drop: the map as it came, with Accept-Encoding set.
+        let plain = map(&[("content-type", b"application/json")]);
+        assert_eq!(
+            fields(forwarded(&plain, 0)),
+            [
+                field("accept-encoding", b"identity"),
+                field("content-type", b"application/json"),
+            ]
         );
     }
 

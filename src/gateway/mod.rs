@@ -14,11 +14,11 @@ use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
 use bytes::Bytes;
-use http::header::{HeaderMap, HeaderValue, CONNECTION, CONTENT_LENGTH};
+use http::header::{HeaderMap, HeaderValue, CONNECTION};
 
 use crate::error::{Error, ErrorKind, Result};
 use crate::failover::{Credential, FailoverClient, Request, Response};
-use crate::headers::{caller_credential, unsupported_transfer_coding, upgrade_requested};
+use crate::headers::{unsupported_transfer_coding, upgrade_requested, RequestHead};
 use crate::metrics::Outcome;
 use crate::target::normalize_target;
 
@@ -117,6 +117,8 @@ pub enum Step {
 pub struct Forward {
     request: Request,
     byok: bool,
+    /// The request's `Content-Length`, as [`RequestHead`] read it.
+    content_length: Option<u64>,
 }
 
 impl Forward {
@@ -233,6 +235,19 @@ impl Gateway {
     /// Decides what to do with a request from its head: `target` is the
     /// path below the mount with its query, as the caller encoded it.
     pub fn begin(&self, method: &str, target: &str, headers: HeaderMap) -> Step {
+        let head = RequestHead::of(&headers);
+        self.begin_with(method, target, headers, head)
+    }
+
+    /// [`Gateway::begin`] with the head's fields already read (the native
+    /// server reads them first, for checks of its own).
+    pub fn begin_with(
+        &self,
+        method: &str,
+        target: &str,
+        headers: HeaderMap,
+        head: RequestHead,
+    ) -> Step {
         self.ensure_sampler();
         let path = target.split('?').next().unwrap_or(target);
         if self.admin
@@ -240,7 +255,7 @@ impl Gateway {
         {
             return Step::Respond(self.admin(method, path, &headers));
         }
-        let credential = caller_credential(&headers);
+        let credential = head.credential;
         let authorized = credential
             .as_ref()
             .is_some_and(|c| self.is_client_token(c.token()));
@@ -248,7 +263,7 @@ impl Gateway {
             return self.refuse(ErrorKind::Authentication, "invalid or missing client token");
         }
 
-        if let Some(protocol) = upgrade_requested(&headers) {
+        if let Some(protocol) = head.upgrade.then(|| upgrade_requested(&headers)).flatten() {
             // The client may go on in the protocol it asked for: end the
             // connection after the answer rather than read that as HTTP.
             self.client.pool().counters().outcome(Outcome::Rejected);
@@ -261,7 +276,11 @@ impl Gateway {
                 .insert(CONNECTION, HeaderValue::from_static("close"));
             return Step::Respond(response);
         }
-        if let Some(coding) = unsupported_transfer_coding(&headers) {
+        if let Some(coding) = head
+            .transfer_encoding
+            .then(|| unsupported_transfer_coding(&headers))
+            .flatten()
+        {
             // The body cannot be read as the caller meant it, nor skipped
             // for certain: answered, and the connection ended.
             self.client.pool().counters().outcome(Outcome::Rejected);
@@ -271,7 +290,7 @@ impl Gateway {
             );
             return Step::Respond(closing(self.answer(ErrorKind::NotImplemented, &message)));
         }
-        if let Some(length) = content_length(&headers) {
+        if let Some(length) = head.content_length {
             if length > self.max_body_bytes {
                 return Step::Respond(self.too_large());
             }
@@ -289,7 +308,11 @@ impl Gateway {
         if let (true, Some(credential)) = (byok, credential) {
             request.credential = Credential::Caller(credential);
         }
-        Step::Forward(Forward { request, byok })
+        Step::Forward(Forward {
+            request,
+            byok,
+            content_length: head.content_length,
+        })
     }
 
     fn reject(&self, err: &Error) -> Step {
@@ -338,7 +361,7 @@ impl Gateway {
         // A server that lost part of the body (uvicorn's httptools parser
         // drops the body of a request that asks for an upgrade) must not
         // have the rest sent upstream, with a pool key, as if it were whole.
-        if let Some(length) = content_length(&request.headers) {
+        if let Some(length) = forward.content_length {
             if length != body.len() as u64 {
                 self.client.pool().counters().outcome(Outcome::Rejected);
                 let message = format!(
@@ -423,13 +446,6 @@ fn token_list(
         )));
     }
     Ok(Some(tokens.into_iter().map(String::into_bytes).collect()))
-}
-
-fn content_length(headers: &HeaderMap) -> Option<u64> {
-    headers
-        .get(CONTENT_LENGTH)
-        .and_then(|v| std::str::from_utf8(v.as_bytes()).ok())
-        .and_then(|v| v.trim().parse().ok())
 }
 
 pub(crate) fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {

@@ -234,9 +234,12 @@ impl Key {
         if self.slot.group.is_none() && self.slot.learned_group.get().is_none() {
             const ORGANIZATION: http::HeaderName =
                 http::HeaderName::from_static("anthropic-organization-id");
+            // Found by walking the names: most upstreams never send it, and
+            // a lookup that finds nothing still hashes the name.
             let org = headers
-                .get(ORGANIZATION)
-                .and_then(|v| std::str::from_utf8(v.as_bytes()).ok())
+                .iter()
+                .find(|(name, _)| *name == ORGANIZATION)
+                .and_then(|(_, v)| std::str::from_utf8(v.as_bytes()).ok())
                 .map(str::trim)
                 .filter(|v| !v.is_empty() && v.len() <= 128);
             if let Some(org) = org {

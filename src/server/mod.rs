@@ -45,6 +45,7 @@ use crate::error::{Error, ErrorKind, Result};
 use crate::events::{self, Level, Record};
 use crate::failover::Response;
 use crate::gateway::{Gateway, Step};
+use crate::headers::RequestHead;
 use crate::latch::Latch;
 use access_log::{AccessLog, Entry};
 
@@ -280,16 +281,18 @@ impl Server {
     async fn handle(&self, request: hyper::Request<Incoming>) -> hyper::Response<Body> {
         let started = self.options.access_log.is_some().then(Instant::now);
         let (parts, body) = request.into_parts();
+        let head = RequestHead::of(&parts.headers);
         // The client waits for a 100 Continue before it sends the body, which
         // hyper sends once the body is read: a body not needed is not asked for.
-        let waits = parts
-            .headers
-            .get(hyper::header::EXPECT)
-            .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"100-continue"));
+        let waits = head.expects_continue;
         let target = parts.uri.path_and_query().map_or("/", |pq| pq.as_str());
         let routes = self.routes.load_full();
         let method = parts.method.as_str();
-        let host_ok = parts.version != http::Version::HTTP_11 || one_host(&parts.headers);
+        // An HTTP/1.1 request has exactly one Host (RFC 9112, section 3.2: a
+        // server answers 400 otherwise; hyper leaves the check to its user).
+        // Its value is not looked at: requests go to the route's upstream
+        // whatever host the caller named.
+        let host_ok = parts.version != http::Version::HTTP_11 || head.hosts == 1;
         let (route, target) = match route(&routes, target) {
             Some(found) if host_ok => found,
             // `OPTIONS *` and the like: the gateway refuses them (400), as it
@@ -329,7 +332,8 @@ impl Server {
         };
         let gateway = &route.gateway;
         // A body left unread is held until the answer is sent (see `Out`).
-        let (response, byok, unread) = match gateway.begin(method, &target, parts.headers) {
+        let step = gateway.begin_with(method, &target, parts.headers, head);
+        let (response, byok, unread) = match step {
             Step::Respond(response) => {
                 let (response, unread) = unneeded(response, body, waits).await;
                 (response, false, unread)
@@ -377,15 +381,6 @@ impl Server {
         }
         into_hyper(response, (parts.method, parts.uri), unread)
     }
-}
-
-/// Whether `headers` hold exactly one `Host`, as an HTTP/1.1 request must
-/// (RFC 9112, section 3.2: a server answers 400 otherwise; hyper leaves the
-/// check to its user). Its value is not looked at: requests go to the
-/// route's upstream whatever host the caller named.
-fn one_host(headers: &http::HeaderMap) -> bool {
-    let mut hosts = headers.get_all(http::header::HOST).iter();
-    hosts.next().is_some() && hosts.next().is_none()
 }
 
 /// Checks `routes` (at least one; prefixes start with `/`, none twice) and
@@ -595,7 +590,9 @@ fn into_hyper(
         // Whole already, with no request body left to hold: sent as is. Only
         // with its length said: hyper would add one that the ASGI app, which
         // sends such a body chunked, does not.
-        (Direct::Full(bytes), None) if headers.contains_key(hyper::header::CONTENT_LENGTH) => {
+        (Direct::Full(bytes), None)
+            if crate::headers::has(&headers, &hyper::header::CONTENT_LENGTH) =>
+        {
             UnsyncBoxBody::new(
                 http_body_util::Full::new(bytes).map_err(|never: Infallible| match never {}),
             )

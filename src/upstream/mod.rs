@@ -247,10 +247,11 @@ impl Http {
                 };
                 // HTTP/1.1 names the host in a header (in absolute form too);
                 // HTTP/2 in the URL's authority.
-                if form != Form::H2 && !request.headers().contains_key(http::header::HOST) {
+                if form != Form::H2 && !crate::headers::has(request.headers(), &http::header::HOST)
+                {
                     request
                         .headers_mut()
-                        .insert(http::header::HOST, slot.header.clone());
+                        .append(http::header::HOST, slot.header.clone());
                 }
                 request
             };
@@ -478,6 +479,12 @@ impl Response {
 
     pub fn headers_mut(&mut self) -> &mut HeaderMap {
         &mut self.headers
+    }
+
+    /// Whether the body has ended: its last piece (by its length, or the
+    /// end of its chunks) was read.
+    pub fn is_end(&self) -> bool {
+        self.body.is_end_stream()
     }
 
     /// Gives the connection back to the pool (the body has ended).
