@@ -681,8 +681,9 @@ impl Attempt<'_> {
         let send = self
             .http
             .send(self.method.clone(), uri.clone(), headers, self.body.clone());
-        let deadline = tokio::time::Instant::from_std(started) + client.timeout;
-        let result = match tokio::time::timeout_at(deadline, send).await {
+        // Met by almost every attempt: kept coarsely (see `timer`).
+        let deadline = crate::timer::later(started, client.timeout);
+        let result = match crate::timer::timeout_at(deadline, send).await {
             Err(_) => Err(SendFailure::Timeout),
             // A connect (or TLS handshake) timeout is a failure to connect.
             Ok(Err(e)) if e.is_timeout() && !e.is_connect() => Err(SendFailure::Timeout),

@@ -26,6 +26,7 @@ pub mod sse;
 pub mod state;
 pub mod stats;
 pub mod target;
+pub mod timer;
 mod upstream;
 pub mod verdict;
 

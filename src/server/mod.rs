@@ -31,7 +31,7 @@ use http_body_util::combinators::UnsyncBoxBody;
 use http_body_util::{BodyExt, StreamBody};
 use hyper::body::{Frame, Incoming};
 use hyper::service::service_fn;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto;
 use std::pin::Pin;
 use std::task::{Context, Poll};
@@ -162,14 +162,16 @@ impl Server {
             return Err(Error::Config("max_connections must be at least 1".into()));
         }
         let mut http = auto::Builder::new(TokioExecutor::new());
+        // The header read timeout is set for every request and met by all
+        // but a slowloris: kept coarsely (see `timer`).
         http.http1()
-            .timer(TokioTimer::new())
+            .timer(crate::timer::Coarse)
             .header_read_timeout(options.header_timeout)
             .max_buf_size(options.max_header_bytes.max(8192));
         // Not `pipeline_flush`: with it, hyper 1.x never sends the 400 or 431
         // it writes for a request head that does not parse.
         http.http2()
-            .timer(TokioTimer::new())
+            .timer(crate::timer::Coarse)
             .max_header_list_size(u32::try_from(options.max_header_bytes).unwrap_or(u32::MAX));
         if !options.http2 {
             http = http.http1_only();
@@ -503,7 +505,7 @@ async fn read_body(
     let mut rest = BytesMut::new();
     let mut size: u64 = 0;
     loop {
-        let frame = match tokio::time::timeout(pause, body.frame()).await {
+        let frame = match crate::timer::timeout(pause, body.frame()).await {
             Ok(Some(frame)) => frame,
             Ok(None) => break,
             Err(_) => return Err(BodyError::Stalled),
@@ -524,6 +526,10 @@ async fn read_body(
                 }
                 rest.extend_from_slice(&data);
             }
+        }
+        // Its length says it is complete: no read for its end.
+        if hyper::body::Body::is_end_stream(&body) {
+            break;
         }
     }
     Ok(if rest.is_empty() {

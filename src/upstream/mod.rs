@@ -505,7 +505,7 @@ impl Response {
             let ready = std::future::poll_fn(|cx| Poll::Ready(next.as_mut().poll(cx))).await;
             let read = match ready {
                 Poll::Ready(frame) => Ok(frame),
-                Poll::Pending => tokio::time::timeout(self.read_timeout, next).await,
+                Poll::Pending => crate::timer::timeout(self.read_timeout, next).await,
             };
             let frame = match read {
                 Err(_) => {
