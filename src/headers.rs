@@ -95,7 +95,12 @@ fn nominated_options(headers: &HeaderMap) -> Vec<&[u8]> {
         return nominated;
     }
     for value in headers.get_all(CONNECTION) {
-        for option in value.as_bytes().split(|&b| b == b',') {
+        let value = value.as_bytes();
+        // What servers mostly send, whole: nothing to take apart.
+        if value.eq_ignore_ascii_case(b"keep-alive") || value.eq_ignore_ascii_case(b"close") {
+            continue;
+        }
+        for option in value.split(|&b| b == b',') {
             let option = option.trim_ascii();
             let dropped_anyway = option.is_empty()
                 || option.eq_ignore_ascii_case(b"keep-alive")
