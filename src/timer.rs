@@ -357,8 +357,13 @@ mod tests {
     fn deadlines_added_in_any_order_each_fire_on_time() {
         runtime().block_on(async {
             let started = Instant::now();
-            // A far one first: an earlier one added after must wake the thread.
-            let far = Deadline::after(Duration::from_secs(3600));
+            // A far one waited on first: each earlier one added after must
+            // wake the thread, which would otherwise sleep until the far one.
+            let mut far = Deadline::after(Duration::from_secs(3600));
+            let waker = futures_util::task::noop_waker();
+            assert!(Pin::new(&mut far)
+                .poll(&mut Context::from_waker(&waker))
+                .is_pending());
             let mut waits = Vec::new();
             for ms in [240u64, 40, 160, 80, 200, 120] {
                 waits.push(tokio::spawn(async move {

@@ -53,6 +53,36 @@ def test_a_client_used_before_fork_works_in_the_child(up: MockUpstream) -> None:
     assert pool.key("key-0").state.value == "temporary"
 
 
+def _child_times_out(client, queue) -> None:  # type: ignore[no-untyped-def]
+    started = time.monotonic()
+    status = client.request_sync("POST", "/v1/messages", body=b"{}").status
+    queue.put((status, time.monotonic() - started))
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")
+def test_a_timeout_fires_in_a_child_forked_after_deadlines_were_kept(up: MockUpstream) -> None:
+    # Deadlines are kept by a thread of the core's own, which a forked child does not
+    # inherit: the child's first deadline must start its own, or a stalled upstream
+    # would hold the child's request for good.
+    client, _ = make_client(up, "anthropic", 1, timeout=0.3)
+    assert client.request_sync("POST", "/v1/messages", body=b"{}").status == 200
+    up.enqueue(Reply(stall=10))
+    context = multiprocessing.get_context("fork")
+    queue = context.Queue()
+    child = context.Process(target=_child_times_out, args=(client, queue))
+    child.start()
+    child.join(10)
+    assert child.exitcode == 0, "the child hung or failed"
+    status, took = queue.get(timeout=1)
+    assert status == 504
+    assert 0.3 <= took < 3
+    # The parent's deadlines still fire too.
+    up.enqueue(Reply(stall=10))
+    started = time.monotonic()
+    assert client.request_sync("POST", "/v1/messages", body=b"{}").status == 504
+    assert time.monotonic() - started < 3
+
+
 def test_ctrl_c_interrupts_a_blocking_request_and_drops_it(up: MockUpstream) -> None:
     up.set_reply("sk-ant-slow-key-000000000000000000000", Reply(stall=20))
     script = textwrap.dedent(
