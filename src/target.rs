@@ -140,7 +140,8 @@ impl BaseUrl {
     /// without a query seen before costs no parsing and no allocation: its
     /// `Uri` is kept with its URL and shares their bytes.
     pub fn uri(&self, target: &str) -> Result<http::Uri> {
-        if !target.contains('?') {
+        // A byte loop: `str::contains` costs more on a target this short.
+        if !target.bytes().any(|b| b == b'?') {
             // A path kept was checked (normalized) when it was first seen.
             if let Some((_, Some(uri))) = self.parsed.load().get(target) {
                 return Ok(uri.clone());
@@ -209,16 +210,23 @@ pub fn normalize_target(target: &str) -> Result<Cow<'_, str>> {
             shown(target)
         )));
     }
-    check_bytes(target)?;
-    let (path, query) = match target.find('?') {
-        Some(i) => target.split_at(i),
-        None => (target, ""),
-    };
-    // A dot segment holds a dot, plain or percent-encoded: most paths have
-    // neither, and need no look at their segments.
-    if memchr::memchr2(b'.', b'%', path.as_bytes()).is_none()
-        || !path[1..].split('/').any(|s| dot_segment(s).is_some())
-    {
+    // One pass over the bytes (targets are short), a table lookup each: any
+    // a request line cannot carry, where the query starts, and whether the
+    // path holds a dot or a percent sign, without which it has no dot
+    // segment.
+    let mut query_at = None;
+    let mut dotted = false;
+    for (i, &b) in target.as_bytes().iter().enumerate() {
+        match TARGET_BYTES[usize::from(b)] {
+            0 => {}
+            BAD => return Err(bad_byte(target, b)),
+            QUERY if query_at.is_none() => query_at = Some(i),
+            DOT if query_at.is_none() => dotted = true,
+            _ => {}
+        }
+    }
+    let (path, query) = target.split_at(query_at.unwrap_or(target.len()));
+    if !dotted || !path[1..].split('/').any(|s| dot_segment(s).is_some()) {
         return Ok(Cow::Borrowed(target));
     }
     let segments: Vec<&str> = path[1..].split('/').collect();
@@ -257,13 +265,51 @@ fn check_bytes(target: &str) -> Result<()> {
         .bytes()
         .find(|&b| !b.is_ascii_graphic() || b == b'\\' || b == b'#')
     {
-        Some(bad) => Err(Error::BadRequest(format!(
-            "path {:?} holds a character a request target cannot carry ({:?})",
-            shown(target),
-            char::from(bad)
-        ))),
+        Some(bad) => Err(bad_byte(target, bad)),
         None => Ok(()),
     }
+}
+
+/// The path of a request target: up to its query.
+pub fn path_of(target: &str) -> &str {
+    // A byte loop: `split('?')` costs more on a target this short.
+    match target.bytes().position(|b| b == b'?') {
+        Some(at) => &target[..at],
+        None => target,
+    }
+}
+
+const BAD: u8 = 1;
+const QUERY: u8 = 2;
+const DOT: u8 = 3;
+
+/// What each byte is to [`normalize_target`]: one a request target cannot
+/// carry (`BAD`, as [`check_bytes`] has it), `?`, `.` or `%`, or 0.
+static TARGET_BYTES: [u8; 256] = {
+    let mut table = [0u8; 256];
+    let mut i = 0;
+    while i < 256 {
+        let b = i as u8;
+        table[i] = if !b.is_ascii_graphic() || b == b'\\' || b == b'#' {
+            BAD
+        } else if b == b'?' {
+            QUERY
+        } else if b == b'.' || b == b'%' {
+            DOT
+        } else {
+            0
+        };
+        i += 1;
+    }
+    table
+};
+
+fn bad_byte(target: &str, bad: u8) -> Error {
+    Error::BadRequest(format!(
+        "path {:?} holds a character a request target cannot carry ({:?})",
+        shown(target),
+        char::from(bad)
+    ))
 }
 
 /// `.` or `..`, either dot also percent-encoded (`%2e`, `%2E`).
@@ -537,6 +583,36 @@ mod tests {
         ] {
             assert_eq!(masked_url(raw), shown, "{raw}");
         }
+    }
+
+    #[test]
+    fn targets_normalize_in_one_pass_over_their_bytes() {
+        for (target, normal) in [
+            ("/v1/messages", Some("/v1/messages")),
+            // Dots and percent signs in the query are not the path's.
+            (
+                "/v1/models?v=1.0&x=%2e%2e",
+                Some("/v1/models?v=1.0&x=%2e%2e"),
+            ),
+            ("/a/./b?x=..", Some("/a/b?x=..")),
+            ("/a/%2E%2e/b", Some("/b")),
+            ("/a%2e/b.c", Some("/a%2e/b.c")),
+            ("/", Some("/")),
+            ("/..", None),
+            ("/a/b c", None),
+            ("/a?b#c", None),
+            ("/a?b\\c", None),
+            ("/a\u{e9}", None),
+        ] {
+            let got = normalize_target(target);
+            assert_eq!(got.as_deref().ok(), normal, "{target:?}");
+            if normal == Some(target) {
+                assert!(matches!(got, Ok(Cow::Borrowed(_))), "{target:?}");
+            }
+        }
+        // The first byte a request line cannot carry is the one named.
+        let err = normalize_target("/a b\tc").unwrap_err().to_string();
+        assert!(err.ends_with("(' ')"), "{err}");
     }
 
     #[test]

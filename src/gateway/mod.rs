@@ -249,7 +249,7 @@ impl Gateway {
         head: RequestHead,
     ) -> Step {
         self.ensure_sampler();
-        let path = target.split('?').next().unwrap_or(target);
+        let path = crate::target::path_of(target);
         if self.admin
             && (path.starts_with(ADMIN_PREFIX) || path == &ADMIN_PREFIX[..ADMIN_PREFIX.len() - 1])
         {
