@@ -91,10 +91,12 @@ fn connection_options(headers: &HeaderMap) -> impl Fn(&str) -> bool + '_ {
 /// field, or one that nominates nothing: then nothing is allocated.
 fn nominated_options(headers: &HeaderMap) -> Vec<&[u8]> {
     let mut nominated = Vec::new();
-    if !has(headers, &CONNECTION) {
-        return nominated;
-    }
-    for value in headers.get_all(CONNECTION) {
+    // Found by walking the fields: a lookup hashes the name, even to find
+    // nothing.
+    for (name, value) in headers {
+        if *name != CONNECTION {
+            continue;
+        }
         let value = value.as_bytes();
         // What servers mostly send, whole: nothing to take apart.
         if value.eq_ignore_ascii_case(b"keep-alive") || value.eq_ignore_ascii_case(b"close") {
@@ -736,6 +738,20 @@ mod tests {
         let values: Vec<_> = kept.get_all("x-multi").iter().collect();
         assert_eq!(values, ["a", "b"]);
         assert_eq!(kept.get("content-length").unwrap(), "10");
+        // Each Connection field counts, the second as much as the first.
+        let mut two = map(&[
+            ("connection", b"keep-alive"),
+            ("x-one", b"1"),
+            ("x-two", b"2"),
+            ("content-type", b"application/json"),
+        ]);
+        two.append("connection", HeaderValue::from_static("x-two"));
+        assert_eq!(
+            names(relayed(two.clone(), false, false)),
+            ["x-one", "content-type"]
+        );
+        assert!(forwarded(&two, 0).get("x-two").is_none());
+        assert!(forwarded(&two, 0).get("x-one").is_some());
     }
 
     #[test]
