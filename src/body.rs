@@ -560,7 +560,10 @@ impl ResponseBody {
     /// arrives with its head: it is then held whole, and a server sends it
     /// with the head in one write.
     pub(crate) fn stream(mut stream: Stream) -> Self {
-        let mut ready = Vec::new();
+        // The first chunk on its own: a small body is mostly one, and needs
+        // no list.
+        let mut first: Option<Bytes> = None;
+        let mut more = Vec::new();
         let mut size = 0;
         let mut deferred = None;
         while size < BATCH_LIMIT {
@@ -569,14 +572,25 @@ impl ResponseBody {
             match stream.next_chunk().now_or_never() {
                 Some(Ok(Some(chunk))) => {
                     size += chunk.len();
-                    ready.push(chunk);
+                    match first {
+                        None => first = Some(chunk),
+                        Some(_) => more.push(chunk),
+                    }
                 }
                 Some(Ok(None)) => {
                     // Complete: counted as done now, as the pump would.
                     drop(stream);
-                    return Self::full(match ready.len() {
-                        1 => ready.pop().unwrap_or_default(),
-                        _ => Bytes::from(ready.concat()),
+                    return Self::full(match first {
+                        None => Bytes::new(),
+                        Some(one) if more.is_empty() => one,
+                        Some(one) => {
+                            let mut all = Vec::with_capacity(size);
+                            all.extend_from_slice(&one);
+                            for chunk in &more {
+                                all.extend_from_slice(chunk);
+                            }
+                            Bytes::from(all)
+                        }
                     });
                 }
                 Some(Err(err)) => {
@@ -586,7 +600,10 @@ impl ResponseBody {
                 None => break,
             }
         }
-        let ready = (!ready.is_empty()).then_some(ready);
+        let ready = first.map(|one| {
+            more.insert(0, one);
+            more
+        });
         let source = match deferred {
             // Broken: the chunks before the break, then the error.
             Some(err) => {
