@@ -35,6 +35,23 @@ pub fn monotonic_nanos() -> u64 {
     nanos.max(1)
 }
 
+/// The system's monotonic clock as of its last tick (a few milliseconds
+/// coarse), in nanoseconds since boot: about a quarter of a precise
+/// reading's cost, for times kept in seconds (idle connections).
+pub fn coarse_monotonic_nanos() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    #[cfg(any(target_os = "linux", target_os = "android"))]
+    let id = libc::CLOCK_MONOTONIC_COARSE;
+    #[cfg(not(any(target_os = "linux", target_os = "android")))]
+    let id = libc::CLOCK_MONOTONIC;
+    // SAFETY: a valid timespec and a clock that exists.
+    unsafe { libc::clock_gettime(id, &mut ts) };
+    u64::try_from(ts.tv_sec).unwrap_or(0) * 1_000_000_000 + u64::try_from(ts.tv_nsec).unwrap_or(0)
+}
+
 /// The default clock: the system's monotonic clock, so wall-clock jumps
 /// never touch a cooldown.
 #[derive(Debug, Default)]
@@ -107,6 +124,16 @@ mod tests {
         assert_eq!(clock.now(), Duration::from_millis(6500));
         clock.advance(Duration::MAX);
         assert_eq!(clock.now_nanos(), u64::MAX);
+    }
+
+    #[test]
+    fn the_coarse_clock_is_the_precise_one_to_a_tick() {
+        let coarse = coarse_monotonic_nanos();
+        let precise = monotonic_nanos();
+        // Read after it, the precise clock is no earlier, and a tick (at
+        // most 10 ms, at 100 Hz) at the most later.
+        assert!(precise >= coarse, "{precise} < {coarse}");
+        assert!(precise - coarse < 20_000_000, "{precise} - {coarse}");
     }
 
     #[test]

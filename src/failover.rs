@@ -126,10 +126,25 @@ pub struct AttemptRecord {
     pub status: Option<u16>,
     /// Why the request moved on to the next key, if it did.
     pub reason: Option<Reason>,
-    /// When the attempt began (Unix time, nanoseconds).
-    pub started: u64,
+    /// When the attempt began ([`AttemptRecord::started_unix_nanos`] in
+    /// Unix time): kept as an `Instant`, since a wall-clock reading on every
+    /// attempt costs time that only traces need.
+    pub started: Instant,
     /// Seconds from sending to the response head (or to the failure).
     pub seconds: f64,
+}
+
+impl AttemptRecord {
+    /// When the attempt began, in Unix time (nanoseconds), from `now`: one
+    /// reading of the wall clock and the monotonic one, the same for every
+    /// record of a log (their times then keep their order exactly).
+    pub fn started_unix_nanos(&self, now: (SystemTime, Instant)) -> u64 {
+        let (wall, monotonic) = now;
+        let wall = wall.checked_sub(monotonic.saturating_duration_since(self.started));
+        wall.unwrap_or(std::time::UNIX_EPOCH)
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX))
+    }
 }
 
 impl Response {
@@ -550,7 +565,8 @@ enum Judged {
 
 impl Attempt<'_> {
     async fn run(&self, credential: Credential) -> Response {
-        let mut log = Vec::new();
+        // Room for the one attempt most requests make.
+        let mut log = Vec::with_capacity(1);
         let (mut response, key_label) = match credential {
             Credential::Caller(caller) => (self.byok(caller, &mut log).await, None),
             Credential::Pool => self.walk(&mut log).await,
@@ -626,7 +642,7 @@ impl Attempt<'_> {
                 Err(failure) => break client.send_failure(&failure, false),
             };
             let status = resp.status().as_u16();
-            key.observe(resp.headers(), status, SystemTime::now());
+            key.observe_now(resp.headers(), status);
             match self.judge(resp).await {
                 Judged::Failover(verdict) => {
                     other_failover = true;
@@ -675,9 +691,6 @@ impl Attempt<'_> {
         let client = self.client;
         bump(&client.stats.attempts);
         let started = Instant::now();
-        let started_wall = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX));
         let send = self
             .http
             .send(self.method.clone(), uri.clone(), headers, self.body.clone());
@@ -702,7 +715,7 @@ impl Attempt<'_> {
             key_label: key.map(Key::shared_label),
             status,
             reason: None,
-            started: started_wall,
+            started,
             seconds: took.as_secs_f64(),
         });
         result
@@ -856,4 +869,34 @@ async fn read_prefix(resp: &mut upstream::Response, limit: usize, deadline: Dura
     };
     let _ = tokio::time::timeout(deadline, read).await;
     buf.freeze()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::UNIX_EPOCH;
+
+    #[test]
+    fn an_attempts_start_is_told_in_unix_time_from_one_reading() {
+        let monotonic = Instant::now();
+        let wall = UNIX_EPOCH + Duration::from_secs(1_800_000_000);
+        let record = |ago: Duration| AttemptRecord {
+            key_label: None,
+            status: Some(200),
+            reason: None,
+            started: monotonic - ago,
+            seconds: 0.0,
+        };
+        let now = (wall, monotonic);
+        let first = record(Duration::from_millis(2500)).started_unix_nanos(now);
+        let second = record(Duration::from_millis(1000)).started_unix_nanos(now);
+        assert_eq!(first, 1_799_999_997_500_000_000);
+        assert_eq!(second - first, 1_500_000_000);
+        // A start after the reading (none is) would not go past it.
+        let later = AttemptRecord {
+            started: monotonic + Duration::from_secs(1),
+            ..record(Duration::ZERO)
+        };
+        assert_eq!(later.started_unix_nanos(now), 1_800_000_000_000_000_000);
+    }
 }

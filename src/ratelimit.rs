@@ -118,6 +118,15 @@ pub fn parse<'a, I>(headers: I, now: SystemTime) -> RateLimits
 where
     I: IntoIterator<Item = (&'a str, &'a [u8])>,
 {
+    parse_with(headers, || now)
+}
+
+/// [`parse`], asking `now` for the time only for a reset header (most
+/// answers have none, and a clock read is not free).
+pub fn parse_with<'a, I>(headers: I, now: impl Fn() -> SystemTime) -> RateLimits
+where
+    I: IntoIterator<Item = (&'a str, &'a [u8])>,
+{
     let mut out = RateLimits::default();
     // A value is read only for a rate-limit header's name: every answer
     // carries headers, few of them these.
@@ -138,7 +147,7 @@ where
                 match field {
                     "limit" => limit.limit = value.parse().ok(),
                     "remaining" => limit.remaining = value.parse().ok(),
-                    "reset" => limit.reset = rfc3339_from_now(value, now),
+                    "reset" => limit.reset = rfc3339_from_now(value, now()),
                     _ => {}
                 }
             }
@@ -150,7 +159,7 @@ where
             match field {
                 "limit" => limit.limit = value.parse().ok(),
                 "remaining" => limit.remaining = value.parse().ok(),
-                "reset" => limit.reset = reset_from_now(value, now),
+                "reset" => limit.reset = reset_from_now(value, now()),
                 _ => {}
             }
         }

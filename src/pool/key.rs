@@ -217,8 +217,23 @@ impl Key {
     /// and a used-up limit cools the key until it resets, reason `depleted`)
     /// and the organization it belongs to (its group, unless configured).
     pub fn observe(&self, headers: &http::header::HeaderMap, status: u16, now: SystemTime) {
+        self.observe_with(headers, status, || now);
+    }
+
+    /// [`Key::observe`] at the present time, the clock read only if a
+    /// header needs it.
+    pub fn observe_now(&self, headers: &http::header::HeaderMap, status: u16) {
+        self.observe_with(headers, status, SystemTime::now);
+    }
+
+    fn observe_with(
+        &self,
+        headers: &http::header::HeaderMap,
+        status: u16,
+        now: impl Fn() -> SystemTime,
+    ) {
         let pairs = || headers.iter().map(|(n, v)| (n.as_str(), v.as_bytes()));
-        let limits = ratelimit::parse(pairs(), now);
+        let limits = ratelimit::parse_with(pairs(), now);
         if !limits.is_empty() {
             self.counters().observe(&limits);
             // A 429 is the verdict's to mark (as rate-limited); this is for

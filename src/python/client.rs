@@ -348,12 +348,13 @@ macro_rules! response_methods {
 
 fn attempt_log<'py>(py: Python<'py>, log: &[AttemptRecord]) -> PyResult<Bound<'py, PyList>> {
     let list = PyList::empty(py);
+    let now = (std::time::SystemTime::now(), std::time::Instant::now());
     for attempt in log {
         let entry = PyDict::new(py);
         entry.set_item("key", attempt.key_label.as_deref())?;
         entry.set_item("status", attempt.status)?;
         entry.set_item("reason", attempt.reason.map(|r| r.as_str()))?;
-        entry.set_item("started", attempt.started as f64 / 1e9)?;
+        entry.set_item("started", attempt.started_unix_nanos(now) as f64 / 1e9)?;
         entry.set_item("seconds", attempt.seconds)?;
         list.append(entry)?;
     }

@@ -23,7 +23,7 @@ use std::collections::HashMap;
 use std::hash::{BuildHasherDefault, Hasher};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, Weak};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use bytes::Bytes;
 use http::uri::{Authority, Scheme};
@@ -70,7 +70,8 @@ pub(super) struct Pooled {
 struct Idle {
     sender: http1::SendRequest<Body>,
     proxied: bool,
-    since: Instant,
+    /// [`crate::clock::coarse_monotonic_nanos`] when given back.
+    since: u64,
 }
 
 /// One host's connections, and its `Host` header. A response's reader holds
@@ -107,15 +108,21 @@ struct Shared {
     quiet: u8,
 }
 
+/// Whether a connection idle since `since` (coarse monotonic nanoseconds,
+/// as `now`) has been for `timeout` or longer.
+fn idle_too_long(now: u64, since: u64, timeout: Duration) -> bool {
+    u128::from(now.saturating_sub(since)) >= timeout.as_nanos()
+}
+
 /// Sweeps in a row that find the shared HTTP/2 connection untaken before it
 /// is let go: sweeps come every half idle timeout, so at least that long.
 const QUIET_SWEEPS: u8 = 2;
 
 impl Host {
     /// Called every half `timeout` (see [`sweep`]).
-    fn sweep(&mut self, now: Instant, timeout: Duration) {
+    fn sweep(&mut self, now: u64, timeout: Duration) {
         self.idle
-            .retain(|c| !c.sender.is_closed() && now.duration_since(c.since) < timeout);
+            .retain(|c| !c.sender.is_closed() && !idle_too_long(now, c.since, timeout));
         if let Some(shared) = &mut self.h2 {
             if shared.taken == shared.swept {
                 shared.quiet += 1;
@@ -206,8 +213,8 @@ impl Pool {
         let mut host = slot.lock();
         let mut now = None;
         while let Some(idle) = host.idle.pop() {
-            let now = *now.get_or_insert_with(Instant::now);
-            if idle.sender.is_closed() || now.duration_since(idle.since) >= self.0.idle_timeout {
+            let now = *now.get_or_insert_with(crate::clock::coarse_monotonic_nanos);
+            if idle.sender.is_closed() || idle_too_long(now, idle.since, self.0.idle_timeout) {
                 continue;
             }
             return Some(Pooled {
@@ -280,7 +287,7 @@ impl Pool {
         let idle = Idle {
             sender,
             proxied,
-            since: Instant::now(),
+            since: crate::clock::coarse_monotonic_nanos(),
         };
         slot.lock().idle.push(idle);
         self.sweep_later();
@@ -374,7 +381,7 @@ async fn sweep(pool: Weak<Inner>, every: Duration) {
     loop {
         tick.tick().await;
         let Some(inner) = pool.upgrade() else { return };
-        let now = Instant::now();
+        let now = crate::clock::coarse_monotonic_nanos();
         let mut hosts = inner.hosts.lock().unwrap_or_else(|e| e.into_inner());
         // A slot no response holds, with nothing left in it, goes (the
         // last one looked up is looked up in the map again).
@@ -487,8 +494,8 @@ mod tests {
 
     /// Whether `flag` is set within `seconds`.
     async fn set_within(flag: &AtomicBool, seconds: u64) -> bool {
-        let deadline = Instant::now() + Duration::from_secs(seconds);
-        while !flag.load(Ordering::SeqCst) && Instant::now() < deadline {
+        let deadline = std::time::Instant::now() + Duration::from_secs(seconds);
+        while !flag.load(Ordering::SeqCst) && std::time::Instant::now() < deadline {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
         flag.load(Ordering::SeqCst)
