@@ -55,13 +55,20 @@ def machine() -> str:
     )
 
 
-def run(smoke: bool, with_litellm: bool) -> dict[str, Any]:
+def run(smoke: bool, with_litellm: bool, plain_build: str | None = None) -> dict[str, Any]:
     plan = SMOKE if smoke else FULL
     started = time.monotonic()
     notes = Notes()
     timings: dict[str, float] = {}
     r: dict[str, Any] = {"plan": plan.__dict__, "notes": notes, "timings": timings}
     r["env"] = {"date": time.strftime("%Y-%m-%d %H:%M"), "machine": machine()}
+    r["env"]["build"] = (
+        "the profile-guided build (`benches/pgo.py`, as `make wheel` builds it), and in the "
+        "native rounds and the instruction count the plain build too (`maturin develop "
+        "--release`, as `pip install .` builds it)"
+        if plain_build
+        else "the build installed"
+    )
     if LOAD_CPU is not None:
         os.sched_setaffinity(0, {int(LOAD_CPU)})  # this process is a client too
     else:
@@ -102,7 +109,7 @@ def run(smoke: bool, with_litellm: bool) -> dict[str, Any]:
             r["labels"] = {setup.key: setup.label for setup in setups}
             r["setup_notes"] = {setup.key: setup.note for setup in setups}
 
-        bench = Bench(plan, smoke, gen, procs, setups, fast, mock, notes)
+        bench = Bench(plan, smoke, gen, procs, setups, fast, mock, notes, plain_build=plain_build)
         for m in MEASUREMENTS:
             if m.needs_setups:
                 with section(timings, m.name):
@@ -138,8 +145,19 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=suite_doc.splitlines()[0])
     parser.add_argument("--smoke", action="store_true", help="tiny counts, no external tools")
     parser.add_argument("--no-litellm", action="store_true", help="skip LiteLLM's proxy")
+    parser.add_argument(
+        "--plain-build",
+        metavar="DIR",
+        help="the installed extension is the profile-guided build and DIR holds the plain "
+        "build's `keyfailover` package, which the native rounds run beside it (`make bench`)",
+    )
     args = parser.parse_args()
-    r = run(args.smoke, not args.no_litellm)
+    plain = args.plain_build
+    if plain is not None:
+        plain = str(Path(plain).resolve())
+        if not (Path(plain) / "keyfailover").is_dir():
+            parser.error(f"--plain-build {args.plain_build}: no keyfailover package there")
+    r = run(args.smoke, not args.no_litellm, plain)
     RESULTS.mkdir(exist_ok=True)
     prefix = "smoke_" if args.smoke else ""
     r["plots"] = plot(r, prefix)

@@ -11,6 +11,7 @@ copied counts as one, a cache miss as none.
 
 from __future__ import annotations
 
+import functools
 import re
 import subprocess
 import tempfile
@@ -33,8 +34,12 @@ def instructions(bench: Bench) -> dict[str, Any] | None:
     if not ensure_tool("valgrind", "valgrind", bench.notes):
         return None
     out: dict[str, Any] = {}
+    setups: list[tuple[str, Any]] = [("kf-native", start_native)]
+    if bench.plain_build is not None:  # the profile-guided build is installed: the plain too
+        setups.append(("kf-native-plain", functools.partial(start_native, build=bench.plain_build)))
+    setups.append(("hyper-floor", start_hyper_floor))
     with tempfile.TemporaryDirectory(prefix="kf-bench-callgrind-") as workdir:
-        for key, start in (("kf-native", start_native), ("hyper-floor", start_hyper_floor)):
+        for key, start in setups:
             try:
                 out[key] = count(bench, key, start, Path(workdir) / key)
             except (OSError, RuntimeError, subprocess.SubprocessError) as exc:
@@ -56,7 +61,7 @@ def count(bench: Bench, key: str, start: Any, workdir: Path) -> dict[str, Any]:
         "--compress-strings=no",
         "--compress-pos=no",
     )
-    if key == "kf-native":
+    if key.startswith("kf-native"):
         setup = start(bench.procs, bench.fast, bench.slow, under=under)
     else:
         setup = start(bench.procs, bench.fast, under=under)

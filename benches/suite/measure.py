@@ -52,6 +52,10 @@ class Bench:
     notes: Notes
     # What a measurement starts once for others to use too (the Redis server), by name.
     shared: dict[str, Any] = field(default_factory=dict)
+    # The plain build of the extension (a directory holding the `keyfailover` package) when
+    # the one installed is the profile-guided build (`make bench`): the native rounds and the
+    # instruction count run it too.
+    plain_build: str | None = None
 
     def setup(self, key: str) -> Setup:
         return next(setup for setup in self.setups if setup.key == key)

@@ -214,9 +214,10 @@ class Upstream:
         return int(self.proc.stdout.readline())
 
 
-def start_mock(procs: Processes, workdir: Path) -> Upstream:
+def start_mock(procs: Processes, workdir: Path, replies: dict[str, Any] | None = None) -> Upstream:
+    """MockUpstream answering `replies` (a scenario; by default `scenario()`)."""
     path = workdir / "scenario.json"
-    path.write_text(json.dumps(scenario()))
+    path.write_text(json.dumps(scenario() if replies is None else replies))
     proc = procs.start(
         [sys.executable, str(SCRIPT), "_mock", json.dumps({"scenario": str(path)})],
         cpus=LOAD_CPU,
@@ -432,19 +433,27 @@ def start_native(
     threads: int = 1,
     cpus: str | None = SERVER_CPU,
     under: tuple[str, ...] = (),
+    build: str | None = None,
 ) -> Setup:
     """The same proxies on keyfailover's native server (`python -m suite.app`: the routes of
     `asgi_app`, one `Server` route each), `threads` runtime threads, pinned to `cpus`; run
-    `under` a tool (valgrind) when given."""
+    `under` a tool (valgrind) when given. With `build` (a directory holding a `keyfailover`
+    package: `make bench` keeps the plain build there), that build rather than the one
+    installed (`make bench` installs the profile-guided build)."""
     port = free_port()
     env = {"KFB_FAST": fast.url, "KFB_SLOW": slow.url, "KFB_HOST": HOST}
+    if build is not None:
+        env["PYTHONPATH"] = build
     args = [*under, sys.executable, "-m", "suite.app", str(port), str(threads)]
     proc = procs.start(args, cpus=cpus, env=env, cwd=str(HERE))
     note = (
         f"keyfailover's native server (what `keyfailover serve` runs) with --threads {threads}, "
         "no access log, one process"
     )
-    setup = Setup("kf-native", "FailoverProxy, native server", port, proxy_targets(), proc, note)
+    key, label = "kf-native", "FailoverProxy, native server"
+    if build is not None:
+        key, label, note = f"{key}-plain", f"{label}, plain build", f"{note}; the plain build"
+    setup = Setup(key, label, port, proxy_targets(), proc, note)
     path, credential, _ = setup.targets["json"]
     wait_ready(port, path, credential, proc, timeout=READY_UNDER_TOOL if under else 60.0)
     return setup

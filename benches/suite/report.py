@@ -238,6 +238,8 @@ def strategy_goals(r: dict[str, Any]) -> list[tuple[str, str, bool | None]]:
     return goals
 
 
+# The native server's plain build, run beside the profile-guided one (`make bench`).
+PLAIN = "kf-native-plain"
 # The goals of issue 14, for the native server (`keyfailover serve`, setup "kf-native").
 NATIVE_VS_FLOOR = 0.5  # req/s on one core, over nginx proxy_pass's
 NATIVE_VS_UVICORN = 8.0  # over FailoverProxy + uvicorn's
@@ -271,12 +273,18 @@ def native_goals(r: dict[str, Any]) -> list[tuple[str, str, bool | None]]:
                 goals.append((goal, "not run", None))
                 continue
             ok, how = decide(ratios, factor)
+            plain = round_ratios(rounds.get(c, {}), PLAIN, key)
+            also = (
+                f"; the plain build (`pip install .`) {statistics.median(plain):.2f}x"
+                if plain
+                else ""
+            )
             goals.append(
                 (
                     goal,
                     f"{statistics.median(ratios):.2f}x (rounds {spread(ratios)}{how}; "
                     f"{median_rps(rounds[c], 'kf-native'):,.0f} vs "
-                    f"{median_rps(rounds[c], key):,.0f} req/s)",
+                    f"{median_rps(rounds[c], key):,.0f} req/s{also})",
                     ok,
                 )
             )
@@ -456,6 +464,7 @@ def instructions_section(r: dict[str, Any]) -> list[str]:
     native, floor = counted.get("kf-native"), counted.get("hyper-floor")
     if native is None:
         return []
+    plain = counted.get(PLAIN)
     from .instructions import CONNECTIONS, COUNTED
 
     out = [
@@ -473,19 +482,22 @@ def instructions_section(r: dict[str, Any]) -> list[str]:
         "| setup | requests counted | instructions per request | x bare hyper |",
         "| --- | ---: | ---: | ---: |",
     ]
-    for key, row in (("kf-native", native), ("hyper-floor", floor)):
+    labels = {**r["labels"], PLAIN: "FailoverProxy, native server, plain build"}
+    for key, row in (("kf-native", native), (PLAIN, plain), ("hyper-floor", floor)):
         if row is None:
             continue
         ratio = f"{row['per_request'] / floor['per_request']:.2f}" if floor else "-"
         out.append(
-            f"| {r['labels'].get(key, key)} | {row['requests']:,} | "
+            f"| {labels.get(key, key)} | {row['requests']:,} | "
             f"{row['per_request']:,.0f} | {ratio} |"
         )
     if floor:
+        # Like for like: the bare proxy is built without a profile, as the plain build is.
+        mine, what = (plain, "the plain build") if plain else (native, "native")
         out += [
             "",
-            f"keyfailover's own work (native - bare hyper): "
-            f"{native['per_request'] - floor['per_request']:,.0f} instructions per request.",
+            f"keyfailover's own work ({what} - bare hyper): "
+            f"{mine['per_request'] - floor['per_request']:,.0f} instructions per request.",
         ]
     return out
 
@@ -519,7 +531,10 @@ def header(r: dict[str, Any], smoke: bool) -> list[str]:
         "| --- | --- |",
     ]
     out += [f"| {labels[key]} | {note} |" for key, note in r["setup_notes"].items()]
-    out += ["", f"Load: {r['env']['load']}. Upstream: {r['env']['upstream']}.", ""]
+    out += ["", f"Load: {r['env']['load']}. Upstream: {r['env']['upstream']}."]
+    if "build" in r["env"]:
+        out += ["", f"keyfailover: {r['env']['build']}."]
+    out += [""]
 
     out += ["## Goals", "", "| goal | measured | result |", "| --- | --- | --- |"]
     out += [f"| {goal} | {figure} | {verdict(ok)} |" for goal, figure, ok in check_goals(r, smoke)]
@@ -596,6 +611,7 @@ def native_rounds_section(r: dict[str, Any]) -> list[str]:
         "| bare hyper / nginx proxy_pass | bare hyper / uvicorn |",
         "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
+    plain = any((rounds.get(str(c)) or {}).get(PLAIN) for c in r["plan"]["concurrencies"] if c > 1)
 
     def rps(runs: dict[str, Any], key: str) -> str:
         return f"{median_rps(runs, key):,.0f}" if runs.get(key) else "-"
@@ -622,16 +638,44 @@ def native_rounds_section(r: dict[str, Any]) -> list[str]:
             ratio(runs, "hyper-floor", "kf-uvicorn"),
         ]
         out.append("| " + " | ".join(cells) + " |")
+    if plain:
+        out += [
+            "",
+            "The native server above is the profile-guided build (`make wheel`'s); the same "
+            "commit's plain build (`pip install .`'s) ran in the same rounds:",
+            "",
+            "| conc. | plain build req/s | profile-guided / plain | plain / nginx proxy_pass "
+            "| plain / uvicorn | plain / bare hyper |",
+            "| ---: | ---: | ---: | ---: | ---: | ---: |",
+        ]
+        for c in r["plan"]["concurrencies"]:
+            runs = rounds.get(str(c)) or {}
+            if not runs.get(PLAIN):
+                continue
+            cells = [str(c), rps(runs, PLAIN), ratio(runs, "kf-native", PLAIN)]
+            cells += [
+                ratio(runs, PLAIN, key) for key in ("nginx-proxy", "kf-uvicorn", "hyper-floor")
+            ]
+            out.append("| " + " | ".join(cells) + " |")
+    # keyfailover's own work: the plain build against the bare proxy (built plain too).
+    own = PLAIN if plain else "kf-native"
     out += [
         "",
         "CPU time of each server (all its threads and processes) per request answered, the "
         "median over the rounds: steadier than req/s on a shared machine, and what each "
-        "costs per request whoever else runs. Native - bare hyper is keyfailover's own work "
-        "per request.",
+        "costs per request whoever else runs. "
+        + (
+            "Plain - bare hyper (both built without a profile) is keyfailover's own work per "
+            "request."
+            if plain
+            else "Native - bare hyper is keyfailover's own work per request."
+        ),
         "",
-        "| conc. | native µs | bare hyper µs | nginx proxy_pass µs | FailoverProxy + uvicorn µs "
-        "| native - bare hyper |",
-        "| ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| conc. | native µs | "
+        + ("plain build µs | " if plain else "")
+        + "bare hyper µs | nginx proxy_pass µs | FailoverProxy + uvicorn µs "
+        + ("| plain - bare hyper |" if plain else "| native - bare hyper |"),
+        "| ---: | ---: | ---: | ---: | ---: | ---: |" + (" ---: |" if plain else ""),
     ]
     for c in r["plan"]["concurrencies"]:
         runs = rounds.get(str(c)) or {}
@@ -639,10 +683,11 @@ def native_rounds_section(r: dict[str, Any]) -> list[str]:
         if cpu.get("kf-native") is None:
             continue
         cells = [str(c)]
-        for key in ("kf-native", "hyper-floor", "nginx-proxy", "kf-uvicorn"):
+        keys = ("kf-native", *((PLAIN,) if plain else ()), "hyper-floor", "nginx-proxy")
+        for key in (*keys, "kf-uvicorn"):
             cells.append(f"{cpu[key]:.1f}" if cpu.get(key) is not None else "-")
-        floor = cpu.get("hyper-floor")
-        cells.append(f"{cpu['kf-native'] - floor:+.1f}" if floor is not None else "-")
+        floor, mine = cpu.get("hyper-floor"), cpu.get(own)
+        cells.append(f"{mine - floor:+.1f}" if floor is not None and mine is not None else "-")
         out.append("| " + " | ".join(cells) + " |")
     from .shared import ONE_CPU
 

@@ -62,7 +62,7 @@ from .config import (
 )
 from .load import percentile
 from .measure import Bench, closed_loop, load_dict
-from .procs import Processes, Setup, run_role, start_asgi
+from .procs import Processes, Setup, run_role, start_asgi, start_native
 from .wire import free_port, wait_ready
 
 # The throughput goal: a shared backend costs at most this fraction of state=None's req/s.
@@ -795,6 +795,14 @@ def native_rounds(bench: Bench) -> dict[str, Any] | None:
         return None  # the blocking table notes why it is missing
     plan = bench.plan
     out: dict[str, Any] = {}
+    # The plain build (what `pip install .` builds) beside the profile-guided one, at the
+    # concurrencies where throughput is judged.
+    plain = []
+    if bench.plain_build is not None:
+        try:
+            plain = [start_native(bench.procs, bench.fast, bench.slow, build=bench.plain_build)]
+        except (OSError, RuntimeError) as exc:
+            bench.notes.append(f"The plain build's native server did not start: {exc}")
     for connections in plan.concurrencies:
 
         def run(setup: Setup, first: bool, connections: int = connections) -> dict[str, Any]:
@@ -810,14 +818,18 @@ def native_rounds(bench: Bench) -> dict[str, Any] | None:
                 row["cpu"] = sum(cpu_seconds(pid) - b for pid, b in zip(pids, before, strict=True))
             return row
 
-        runs = alternate(bench, setups, run, f"rounds at c={connections}")
+        these = setups + (plain if connections > 1 else [])
+        runs = alternate(bench, these, run, f"rounds at c={connections}")
         note_errors(
             bench,
-            setups,
+            these,
             {key: {"errors": sum(row["errors"] for row in rows)} for key, rows in runs.items()},
             f"rounds at c={connections}",
         )
         out[str(connections)] = runs
+    for setup in plain:
+        assert setup.proc is not None
+        bench.procs.stop(setup.proc)
     if 1 in plan.concurrencies and SERVER_CPU is not None and LOAD_CPU is not None:
         out[ONE_CPU] = one_cpu_rounds(bench, setups)
     return out
