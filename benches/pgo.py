@@ -85,7 +85,10 @@ def profile() -> Path:
     TARGET.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="kf-pgo-", dir=TARGET) as tmp:
         work = Path(tmp)
-        raw, wheels, site = work / "raw", work / "wheels", work / "site"
+        wheels, site = work / "wheels", work / "site"
+        # A fixed place for the counts keeps the flags, and so cargo's instrumented
+        # dependencies, the same from one build to the next.
+        raw = TARGET / "raw"
         flags = f"-Cprofile-generate={raw}"
         maturin(["build", "--release", "-o", str(wheels)], flags, TARGET / "instrumented")
         (wheel,) = wheels.glob("*.whl")
