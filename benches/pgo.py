@@ -11,8 +11,8 @@ hot (laid out together, inlined) and which is cold (moved out of the way). The
 training load is what a service does with keyfailover: the native server's routes
 (blocking, a failover, streams), the same routes through FailoverProxy under
 uvicorn, the bare FailoverClient and the anthropic SDK on AsyncFailoverTransport,
-all against MockUpstream on loopback. Nothing is cached: each build trains on the
-code it builds. The counts are merged with the `llvm-profdata` of rustc's own LLVM
+all against MockUpstream on loopback. Each build trains on the code it builds: no
+profile is kept from an earlier one. The counts are merged with the `llvm-profdata` of rustc's own LLVM
 (rustup's `llvm-tools` component, added when missing).
 """
 
@@ -73,7 +73,11 @@ def maturin(args: list[str], rustflags: str, target_dir: Path) -> None:
     env = dict(os.environ)
     env["RUSTFLAGS"] = " ".join(filter(None, [env.get("RUSTFLAGS", ""), rustflags]))
     env["CARGO_TARGET_DIR"] = str(target_dir)
-    command = [str(Path(sys.executable).with_name("maturin")), *args]
+    beside = Path(sys.executable).with_name("maturin")  # this venv's
+    found = str(beside) if beside.exists() else shutil.which("maturin")
+    if found is None:
+        sys.exit('pgo: no maturin here (pip install "maturin>=1.9,<2")')
+    command = [found, *args]
     log("pgo: " + " ".join(command) + f"  (RUSTFLAGS={env['RUSTFLAGS']!r})")
     subprocess.run(command, env=env, cwd=ROOT, check=True)
 
@@ -97,6 +101,7 @@ def profile() -> Path:
         # Build scripts and proc macros ran instrumented too: only the training counts.
         shutil.rmtree(raw, ignore_errors=True)
         env = {**os.environ, "PYTHONPATH": str(site)}
+        env.pop("LLVM_PROFILE_FILE", None)  # it would send the counts elsewhere
         where = subprocess.run(
             [sys.executable, "-c", "import keyfailover; print(keyfailover.__file__)"],
             env=env,
