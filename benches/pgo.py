@@ -12,8 +12,8 @@ training load is what a service does with keyfailover: the native server's route
 (blocking, a failover, streams), the same routes through FailoverProxy under
 uvicorn, the bare FailoverClient and the anthropic SDK on AsyncFailoverTransport,
 all against MockUpstream on loopback. Each build trains on the code it builds: no
-profile is kept from an earlier one. The counts are merged with the `llvm-profdata` of rustc's own LLVM
-(rustup's `llvm-tools` component, added when missing).
+profile is kept from an earlier one. The counts are merged with the `llvm-profdata`
+of rustc's own LLVM (rustup's `llvm-tools` component, added when missing).
 """
 
 from __future__ import annotations
