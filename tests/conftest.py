@@ -88,7 +88,7 @@ _CHILD_REQUEST = textwrap.dedent(
     import asyncio, json, sys
     import keyfailover as kf
 
-    base_url, key, timeout, connect_timeout, count = sys.argv[1:6]
+    base_url, key, timeout, connect_timeout, count, warm = sys.argv[1:7]
     client = kf.FailoverClient(
         kf.KeyPool([key]),
         base_url=base_url,
@@ -103,6 +103,8 @@ _CHILD_REQUEST = textwrap.dedent(
         return {"status": resp.status, "body": (await resp.read()).decode()}
 
     async def all_at_once():
+        if warm == "1":
+            await one()
         return await asyncio.gather(*(one() for _ in range(int(count))))
 
     if count == "1":
@@ -121,13 +123,15 @@ def request_in_child(
     timeout: float = 5.0,
     connect_timeout: float = 5.0,
     requests: int = 1,
+    warm: bool = False,
     **env: str,
 ) -> dict[str, Any]:
     """One request from a fresh Python process whose environment is this one's without any
     proxy or CA variable, plus `env`: for what the client reads from the environment as
     it is built. Returns {"status": ..., "body": ...}, or with `requests` above 1, that
-    many sent at once on a cold pool, {"all": [{"status": ..., "body": ...}, ...]}; checks
-    the key is not in its output."""
+    many sent at once on a cold pool (`warm`: after one request, whose answer is left
+    out), {"all": [{"status": ..., "body": ...}, ...]}; checks the key is not in its
+    output."""
     clean = {
         k: v
         for k, v in os.environ.items()
@@ -143,6 +147,7 @@ def request_in_child(
             str(timeout),
             str(connect_timeout),
             str(requests),
+            "1" if warm else "0",
         ],
         env={**clean, **env},
         capture_output=True,

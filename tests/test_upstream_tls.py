@@ -9,11 +9,14 @@ made here; the cases that trust that CA run in a child process, with SSL_CERT_FI
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import ipaddress
 import json
 import socket
 import ssl
+import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,6 +25,8 @@ import h2.config
 import h2.connection
 import h2.errors
 import h2.events
+import h2.exceptions
+import h2.settings
 import pytest
 from conftest import (
     FAKE_KEYS,
@@ -304,3 +309,117 @@ def test_a_request_an_h2_upstream_refused_unprocessed_is_sent_again(pki: Pki, ho
     assert upstream.requests == 2
     # A GOAWAY ends its connection: the second try opens another.
     assert len(upstream.seen) == (2 if how == "goaway" else 1)
+
+
+class FewStreamsH2Upstream(LoopbackServer):
+    """An HTTP/2 upstream that allows `per_connection` streams open at once on a connection
+    (SETTINGS_MAX_CONCURRENT_STREAMS; more is a protocol error), serves each connection on
+    a thread of its own, and holds every answer until `together` requests are open at once
+    over all its connections, or `hold` seconds passed: answers that can only come once
+    others have ended, as a stream's do."""
+
+    scheme = "https"
+
+    def __init__(self, pki: Pki, per_connection: int, together: int, hold: float) -> None:
+        self.context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        self.context.load_cert_chain(pki.cert, pki.key)
+        self.context.set_alpn_protocols(["h2"])
+        self.per_connection, self.together, self.hold = per_connection, together, hold
+        self.lock = threading.Lock()
+        self.open = self.most_open = self.most_per_connection = self.connections = 0
+        self.errors: list[str] = []
+        self._threads: list[threading.Thread] = []
+        super().__init__()
+
+    def _serve(self) -> None:
+        while not self._stop.is_set():
+            try:
+                conn, _ = self.sock.accept()
+            except TimeoutError:
+                continue
+            thread = threading.Thread(target=self._connection, args=(conn,), daemon=True)
+            thread.start()
+            self._threads.append(thread)
+        for thread in self._threads:
+            thread.join(5)
+
+    def _connection(self, conn: socket.socket) -> None:
+        with conn, contextlib.suppress(OSError):
+            conn.settimeout(5)
+            with self.context.wrap_socket(conn, server_side=True) as tls:
+                with self.lock:
+                    self.connections += 1
+                try:
+                    self._h2(tls)
+                except h2.exceptions.ProtocolError as e:
+                    self.errors.append(repr(e))
+
+    def _h2(self, conn: ssl.SSLSocket) -> None:
+        h2c = h2.connection.H2Connection(h2.config.H2Configuration(client_side=False))
+        h2c.local_settings = h2.settings.Settings(
+            client=False,
+            initial_values={h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS: self.per_connection},
+        )
+        h2c.initiate_connection()
+        conn.sendall(h2c.data_to_send())
+        conn.settimeout(0.02)
+        held: list[int] = []
+        mine = 0
+        since = time.monotonic()
+        while not self._stop.is_set():
+            try:
+                data = conn.recv(65536)
+                if not data:
+                    return
+            except TimeoutError:
+                data = b""
+            for event in h2c.receive_data(data) if data else []:
+                if isinstance(event, h2.events.RequestReceived):
+                    mine += 1
+                    with self.lock:
+                        self.open += 1
+                        self.most_open = max(self.most_open, self.open)
+                        self.most_per_connection = max(self.most_per_connection, mine)
+                    since = time.monotonic()
+                elif isinstance(event, h2.events.StreamEnded):
+                    held.append(event.stream_id)
+                elif isinstance(event, h2.events.DataReceived):
+                    h2c.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
+            with self.lock:
+                release = self.most_open >= self.together
+            if held and (release or time.monotonic() - since > self.hold):
+                for stream in held:
+                    h2c.send_headers(
+                        stream,
+                        [
+                            (":status", "200"),
+                            ("content-type", "application/json"),
+                            ("content-length", str(len(REPLY))),
+                        ],
+                    )
+                    h2c.send_data(stream, REPLY, end_stream=True)
+                mine -= len(held)
+                with self.lock:
+                    self.open -= len(held)
+                held.clear()
+            conn.sendall(h2c.data_to_send())
+
+
+def test_requests_beyond_the_streams_an_h2_connection_allows_go_on_more_connections(
+    pki: Pki,
+) -> None:
+    """The providers' APIs allow some number of streams open at once on one HTTP/2
+    connection (100 or more). Requests beyond it would wait in line on a shared
+    connection behind streams that may stay open for minutes: they go on another
+    connection instead, each connection kept within what the upstream allows. Here 2 a
+    connection, and 6 requests at once after a first (which learns the limit): every one
+    is open upstream at the same time, none waiting for another to end."""
+    with FewStreamsH2Upstream(pki, per_connection=2, together=6, hold=3.0) as upstream:
+        out = request_in_child(
+            upstream.url, KEY, requests=6, warm=True, timeout=20, SSL_CERT_FILE=str(pki.ca)
+        )
+    assert out["all"] == [{"status": 200, "body": REPLY.decode()}] * 6
+    assert upstream.errors == []
+    assert upstream.most_open == 6
+    assert upstream.most_per_connection == 2
+    assert upstream.connections >= 3

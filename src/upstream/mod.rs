@@ -206,7 +206,7 @@ impl Http {
         // Whether this request waited for another's connection (see `pool`).
         let mut waited = false;
         let https = uri.scheme() == Some(&http::uri::Scheme::HTTPS);
-        let (response, back) = loop {
+        let (response, back, stream) = loop {
             let pooled = match (!fresh).then(|| self.pool.take(&slot)).flatten() {
                 Some(pooled) => pooled,
                 None => match self.pool.plan(&slot, https && !fresh, !waited && !fresh) {
@@ -227,6 +227,7 @@ impl Http {
                 sender,
                 proxied,
                 reused,
+                stream,
             } = pooled;
             let mut request = |form: Form| {
                 let mut request = match unsent.take() {
@@ -270,7 +271,7 @@ impl Http {
                             Form::Origin
                         };
                         match sender.try_send_request(request(form)).await {
-                            Ok(response) => break (response, Some((sender, proxied))),
+                            Ok(response) => break (response, Some((sender, proxied)), None),
                             Err(mut err) => {
                                 unsent = err.take_message().map(Box::new);
                                 went_unsent = unsent.is_some();
@@ -282,7 +283,7 @@ impl Http {
                 pool::Sender::H2(mut sender) => match sender.ready().await {
                     Err(err) => err,
                     Ok(()) => match sender.try_send_request(request(Form::H2)).await {
-                        Ok(response) => break (response, None),
+                        Ok(response) => break (response, None, stream),
                         Err(mut err) => {
                             unsent = err.take_message().map(Box::new);
                             went_unsent = unsent.is_some();
@@ -291,10 +292,15 @@ impl Http {
                     },
                 },
             };
+            let unshare = |stream: Option<pool::Stream>| {
+                if let Some(stream) = stream {
+                    self.pool.unshare(&slot, stream.load());
+                }
+            };
             if reused && went_unsent {
                 // Closed before this request reached it: on a new one.
                 fresh = true;
-                self.pool.unshare(&slot);
+                unshare(stream);
             } else if let Some(refused) =
                 refused_unprocessed(&err).filter(|_| retries > 0 && headers.is_some())
             {
@@ -302,7 +308,7 @@ impl Http {
                 if refused == Refused::GoAway {
                     // That connection takes no more: a new one.
                     fresh = true;
-                    self.pool.unshare(&slot);
+                    unshare(stream);
                 }
             } else {
                 return Err(UpstreamError::request(err));
@@ -322,6 +328,7 @@ impl Http {
             body,
             read_timeout: self.read_timeout,
             back,
+            stream,
         };
         if response.body.is_end_stream() {
             response.give_back();
@@ -346,32 +353,72 @@ impl Http {
             .map_err(UpstreamError::connect)?;
         let connected = conn.connected();
         let proxied = connected.is_proxied();
-        let sender = if connected.is_negotiated_h2() {
+        if connected.is_negotiated_h2() {
             // Boxed: HTTP/2's handshake future is several times HTTP/1's, and
             // inline it would size every new HTTP/1 connection's future too.
             let handshake = http2::Builder::new(TokioExecutor::new())
                 .timer(TokioTimer::new())
                 .handshake(conn);
             let (sender, connection) = Box::pin(handshake).await.map_err(UpstreamError::connect)?;
-            tokio::spawn(connection);
-            self.pool.share(slot, &sender, proxied);
+            let said = connection.current_max_send_streams();
+            let load = pool::Load::new(said);
+            tokio::spawn(Streams {
+                connection: Box::pin(connection),
+                load: load.clone(),
+                said,
+            });
+            let stream = self.pool.share(slot, &sender, proxied, load);
             drop(guard);
-            pool::Sender::H2(sender)
-        } else {
-            if let Some(guard) = guard {
-                guard.h1();
-            }
-            let (sender, connection) = http1::handshake(conn)
-                .await
-                .map_err(UpstreamError::connect)?;
-            tokio::spawn(connection);
-            pool::Sender::H1(sender)
-        };
+            return Ok(pool::Pooled {
+                sender: pool::Sender::H2(sender),
+                proxied,
+                reused: false,
+                stream: Some(stream),
+            });
+        }
+        if let Some(guard) = guard {
+            guard.h1();
+        }
+        let (sender, connection) = http1::handshake(conn)
+            .await
+            .map_err(UpstreamError::connect)?;
+        tokio::spawn(connection);
         Ok(pool::Pooled {
-            sender,
+            sender: pool::Sender::H1(sender),
             proxied,
             reused: false,
+            stream: None,
         })
+    }
+}
+
+type H2Connection = http2::Connection<Conn, pool::Body, TokioExecutor>;
+
+/// An HTTP/2 connection's task, which tells its [`pool::Load`] how many
+/// streams the upstream allows open at once whenever that changes (its
+/// SETTINGS may change it at any time; hyper applies them as it drives the
+/// connection).
+struct Streams {
+    connection: Pin<Box<H2Connection>>,
+    load: Arc<pool::Load>,
+    /// What hyper said last (before the upstream's first SETTINGS, its own
+    /// default, which the pool may have lowered to what the host's other
+    /// connections allow).
+    said: usize,
+}
+
+impl Future for Streams {
+    type Output = ();
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        let done = self.connection.as_mut().poll(cx);
+        let now = self.connection.current_max_send_streams();
+        if now != self.said {
+            self.said = now;
+            self.load.set_max(now);
+        }
+        // An error ends the connection; its requests see it.
+        done.map(|_| ())
     }
 }
 
@@ -457,6 +504,9 @@ pub(crate) struct Response {
     body: Incoming,
     read_timeout: Duration,
     back: Option<Back>,
+    /// On HTTP/2: the stream, counted open on its connection until the body
+    /// has ended or the response is dropped.
+    stream: Option<pool::Stream>,
 }
 
 impl std::fmt::Debug for Back {
@@ -488,11 +538,13 @@ impl Response {
         self.body.is_end_stream()
     }
 
-    /// Gives the connection back to the pool (the body has ended).
+    /// Gives the connection back to the pool (the body has ended): an
+    /// HTTP/1 one to be taken again, an HTTP/2 one's stream closed.
     fn give_back(&mut self) {
         if let Some(back) = self.back.take() {
             back.pool.put(&back.slot, back.sender, back.proxied);
         }
+        self.stream = None;
     }
 
     /// The next piece of the body; None at its end. Trailers are skipped.

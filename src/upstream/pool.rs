@@ -7,11 +7,15 @@
 //! connection back once ready. Here an HTTP/1 connection goes back to its
 //! host's stack when the response body ends (the body's reader gives it
 //! back, see `Response::chunk`), is taken newest first, and is checked for
-//! readiness when taken. One HTTP/2 connection per host is shared. Idle
-//! connections close after `idle_timeout`: they are skipped when taken, and
-//! a task started with the first one sweeps them out. The shared HTTP/2
-//! connection is let go once no request took it for that long (its streams
-//! still open finish first: hyper closes it when they have).
+//! readiness when taken. An HTTP/2 connection is shared by every request to
+//! its host, up to the streams the upstream allows open on one connection at
+//! once (its `SETTINGS_MAX_CONCURRENT_STREAMS`, 100 until it says); a request
+//! that finds every shared connection full makes another, rather than queue
+//! behind streams that may stay open for minutes. Idle connections close
+//! after `idle_timeout`: they are skipped when taken, and a task started
+//! with the first one sweeps them out. A shared HTTP/2 connection is let go
+//! once no request took it for that long (its streams still open finish
+//! first: hyper closes it when they have).
 //!
 //! A connection to an HTTPS host may turn out HTTP/2 (ALPN decides), and
 //! then one serves every request: while one is being made, requests that
@@ -21,7 +25,7 @@
 
 use std::collections::HashMap;
 use std::hash::{BuildHasherDefault, Hasher};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
@@ -65,6 +69,72 @@ pub(super) struct Pooled {
     pub proxied: bool,
     /// Taken from the pool (so it may have been closed meanwhile).
     pub reused: bool,
+    /// On an HTTP/2 connection: the stream the request opens, counted until
+    /// the response has ended or is dropped.
+    pub stream: Option<Stream>,
+}
+
+/// An HTTP/2 connection's streams: how many requests have one open, and how
+/// many the upstream allows at once (kept up to date by the connection's
+/// task, see [`Load::set_max`]).
+#[derive(Debug)]
+pub(super) struct Load {
+    open: AtomicUsize,
+    max: AtomicUsize,
+}
+
+impl Load {
+    pub fn new(max: usize) -> Arc<Self> {
+        Arc::new(Self {
+            open: AtomicUsize::new(0),
+            max: AtomicUsize::new(max),
+        })
+    }
+
+    /// The most streams the upstream allows open at once, as it last said.
+    pub fn set_max(&self, max: usize) {
+        self.max.store(max, Ordering::Relaxed);
+    }
+
+    /// A stream, if the connection has room for one more.
+    fn try_open(self: &Arc<Self>) -> Option<Stream> {
+        let max = self.max.load(Ordering::Relaxed);
+        self.open
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |open| {
+                (open < max).then_some(open + 1)
+            })
+            .ok()
+            .map(|_| Stream(self.clone()))
+    }
+
+    /// A stream whether or not there is room (the first request on a new
+    /// connection, which it made for itself).
+    fn open(self: &Arc<Self>) -> Stream {
+        self.open.fetch_add(1, Ordering::AcqRel);
+        Stream(self.clone())
+    }
+
+    #[cfg(test)]
+    fn streams(&self) -> usize {
+        self.open.load(Ordering::Acquire)
+    }
+}
+
+/// A request's stream on an HTTP/2 connection: counted open until dropped.
+#[derive(Debug)]
+pub(super) struct Stream(Arc<Load>);
+
+impl Stream {
+    /// The connection's streams.
+    pub fn load(&self) -> &Arc<Load> {
+        &self.0
+    }
+}
+
+impl Drop for Stream {
+    fn drop(&mut self) {
+        self.0.open.fetch_sub(1, Ordering::AcqRel);
+    }
 }
 
 struct Idle {
@@ -86,8 +156,9 @@ pub(super) struct Slot {
 struct Host {
     /// Idle HTTP/1 connections, the newest last.
     idle: Vec<Idle>,
-    /// The shared HTTP/2 connection, if there is one.
-    h2: Option<Shared>,
+    /// The shared HTTP/2 connections, oldest first (one unless requests
+    /// found it full).
+    h2: Vec<Shared>,
     /// A connection being made that may turn out HTTP/2: notified once it
     /// is made, or failed.
     connecting: Option<Arc<Notify>>,
@@ -95,10 +166,11 @@ struct Host {
     h1: bool,
 }
 
-/// A host's shared HTTP/2 connection.
+/// One of a host's shared HTTP/2 connections.
 struct Shared {
     sender: http2::SendRequest<Body>,
     proxied: bool,
+    load: Arc<Load>,
     /// Requests that took it: counted rather than timed, so taking it reads
     /// no clock.
     taken: u64,
@@ -123,20 +195,18 @@ impl Host {
     fn sweep(&mut self, now: u64, timeout: Duration) {
         self.idle
             .retain(|c| !c.sender.is_closed() && !idle_too_long(now, c.since, timeout));
-        if let Some(shared) = &mut self.h2 {
+        self.h2.retain_mut(|shared| {
             if shared.taken == shared.swept {
                 shared.quiet += 1;
             } else {
                 (shared.swept, shared.quiet) = (shared.taken, 0);
             }
-            if shared.sender.is_closed() || shared.quiet >= QUIET_SWEEPS {
-                self.h2 = None;
-            }
-        }
+            !shared.sender.is_closed() && shared.quiet < QUIET_SWEEPS
+        });
     }
 
     fn is_empty(&self) -> bool {
-        self.idle.is_empty() && self.h2.is_none()
+        self.idle.is_empty() && self.h2.is_empty()
     }
 }
 
@@ -208,7 +278,8 @@ impl Pool {
     }
 
     /// An open connection of `slot`'s host, if one is idle (HTTP/1) or
-    /// shared (HTTP/2). It may still turn out closed when used.
+    /// shared (HTTP/2) with room for another stream. It may still turn out
+    /// closed when used.
     pub fn take(&self, slot: &Slot) -> Option<Pooled> {
         let mut host = slot.lock();
         let mut now = None;
@@ -221,23 +292,23 @@ impl Pool {
                 sender: Sender::H1(idle.sender),
                 proxied: idle.proxied,
                 reused: true,
+                stream: None,
             });
         }
-        match &mut host.h2 {
-            Some(shared) if !shared.sender.is_closed() => {
-                shared.taken += 1;
-                Some(Pooled {
-                    sender: Sender::H2(shared.sender.clone()),
-                    proxied: shared.proxied,
-                    reused: true,
-                })
-            }
-            Some(_) => {
-                host.h2 = None;
-                None
-            }
-            None => None,
+        if host.h2.is_empty() {
+            return None;
         }
+        host.h2.retain(|shared| !shared.sender.is_closed());
+        host.h2.iter_mut().find_map(|shared| {
+            let stream = shared.load.try_open()?;
+            shared.taken += 1;
+            Some(Pooled {
+                sender: Sender::H2(shared.sender.clone()),
+                proxied: shared.proxied,
+                reused: true,
+                stream: Some(stream),
+            })
+        })
     }
 
     /// For a request that found nothing to take: a connection being made
@@ -293,26 +364,47 @@ impl Pool {
         self.sweep_later();
     }
 
-    /// Shares a new HTTP/2 connection, unless the host has one already.
-    pub fn share(&self, slot: &Slot, sender: &http2::SendRequest<Body>, proxied: bool) {
+    /// Shares a new HTTP/2 connection, whose streams `load` counts; returns
+    /// the stream of the request that made it. Until the upstream says how
+    /// many streams it allows on this one, as many as on the host's others.
+    pub fn share(
+        &self,
+        slot: &Slot,
+        sender: &http2::SendRequest<Body>,
+        proxied: bool,
+        load: Arc<Load>,
+    ) -> Stream {
+        let stream = load.open();
         let mut host = slot.lock();
-        if host.h2.as_ref().is_none_or(|s| s.sender.is_closed()) {
-            host.h2 = Some(Shared {
-                sender: sender.clone(),
-                proxied,
-                taken: 0,
-                swept: 0,
-                quiet: 0,
-            });
+        host.h2.retain(|shared| !shared.sender.is_closed());
+        if let Some(known) = host
+            .h2
+            .iter()
+            .map(|s| s.load.max.load(Ordering::Relaxed))
+            .min()
+        {
+            load.max.fetch_min(known, Ordering::Relaxed);
         }
+        host.h2.push(Shared {
+            sender: sender.clone(),
+            proxied,
+            load,
+            taken: 0,
+            swept: 0,
+            quiet: 0,
+        });
         drop(host);
         self.sweep_later();
+        stream
     }
 
-    /// Stops sharing the host's HTTP/2 connection (it refused a request as
-    /// closed, though it did not look so).
-    pub fn unshare(&self, slot: &Slot) {
-        slot.lock().h2 = None;
+    /// Stops sharing the HTTP/2 connection whose streams `load` counts (it
+    /// refused a request as closed, though it did not look so, or is going
+    /// away).
+    pub fn unshare(&self, slot: &Slot, load: &Arc<Load>) {
+        slot.lock()
+            .h2
+            .retain(|shared| !Arc::ptr_eq(&shared.load, load));
     }
 
     /// Starts the task that closes connections idle too long, once, on the
@@ -512,7 +604,7 @@ mod tests {
         let pool = Pool::new(Duration::from_millis(200)); // swept every 100 ms
         let slot = slot(&pool, "https://api.example/");
         let (sender, closed) = h2_connection(0, Duration::ZERO).await;
-        pool.share(&slot, &sender, false);
+        drop(pool.share(&slot, &sender, false, Load::new(100)));
         drop(sender);
         // Taken every 10 ms for 400 ms: kept.
         for _ in 0..40 {
@@ -526,11 +618,78 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn an_http2_connection_takes_no_more_streams_than_the_upstream_allows() {
+        let pool = Pool::new(Duration::from_secs(90));
+        let slot = slot(&pool, "https://api.example/");
+        let (sender, _) = h2_connection(0, Duration::ZERO).await;
+        let load = Load::new(3);
+        // The request that made the connection has the first stream.
+        let first = pool.share(&slot, &sender, false, load.clone());
+        let second = pool.take(&slot).and_then(|p| p.stream).expect("room");
+        let third = pool.take(&slot).and_then(|p| p.stream).expect("room");
+        assert_eq!(load.streams(), 3);
+        assert!(pool.take(&slot).is_none(), "full: no fourth stream on it");
+        assert_eq!(load.streams(), 3, "a request turned away opens none");
+        drop(second);
+        let again = pool.take(&slot).expect("a stream ended: room again");
+        assert!(pool.take(&slot).is_none());
+        // The upstream allowing more (its SETTINGS changed): room at once.
+        load.set_max(5);
+        let more: Vec<_> = (0..2).filter_map(|_| pool.take(&slot)).collect();
+        assert_eq!(more.len(), 2);
+        assert!(pool.take(&slot).is_none());
+        assert_eq!(load.streams(), 5);
+        drop((first, third, again, more));
+        assert_eq!(load.streams(), 0, "every stream ended");
+    }
+
+    #[tokio::test]
+    async fn requests_finding_the_shared_connection_full_make_another_and_share_it() {
+        let pool = Pool::new(Duration::from_secs(90));
+        let slot = slot(&pool, "https://api.example/");
+        let (full, _) = h2_connection(0, Duration::ZERO).await;
+        let (other, _) = h2_connection(0, Duration::ZERO).await;
+        let (a, b) = (Load::new(1), Load::new(2));
+        let _on_a = pool.share(&slot, &full, false, a.clone());
+        assert!(pool.take(&slot).is_none());
+        // The next request makes a connection, and the ones after it wait for
+        // that one rather than each making its own.
+        let Plan::Connect(Some(guard)) = pool.plan(&slot, true, true) else {
+            panic!("a new connection, with a guard to wait on");
+        };
+        assert!(matches!(pool.plan(&slot, true, true), Plan::Wait(_)));
+        let _on_b = pool.share(&slot, &other, false, b.clone());
+        drop(guard);
+        // Until its upstream says otherwise, the new connection allows what
+        // the host's other does: its maker's stream fills it.
+        assert!(pool.take(&slot).is_none());
+        b.set_max(2); // its upstream's SETTINGS said 2
+        let Some(Pooled {
+            stream: Some(stream),
+            reused: true,
+            ..
+        }) = pool.take(&slot)
+        else {
+            panic!("a stream on the new connection");
+        };
+        assert!(Arc::ptr_eq(stream.load(), &b));
+        assert_eq!((a.streams(), b.streams()), (1, 2));
+        // A connection refusing a request as closed is no longer shared; the
+        // other still is.
+        pool.unshare(&slot, &b);
+        drop(stream);
+        assert!(pool.take(&slot).is_none(), "b unshared, a still full");
+        drop(_on_a);
+        let taken = pool.take(&slot).and_then(|p| p.stream).expect("room on a");
+        assert!(Arc::ptr_eq(taken.load(), &a));
+    }
+
+    #[tokio::test]
     async fn a_stream_still_open_outlives_its_connection_being_let_go() {
         let pool = Pool::new(Duration::from_millis(100)); // swept every 50 ms
         let slot = slot(&pool, "https://api.example/");
         let (sender, closed) = h2_connection(10, Duration::from_millis(60)).await;
-        pool.share(&slot, &sender, false);
+        drop(pool.share(&slot, &sender, false, Load::new(100)));
         drop(sender);
         let Some(Pooled {
             sender: Sender::H2(mut sender),
