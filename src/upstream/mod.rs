@@ -356,9 +356,15 @@ impl Http {
         if connected.is_negotiated_h2() {
             // Boxed: HTTP/2's handshake future is several times HTTP/1's, and
             // inline it would size every new HTTP/1 connection's future too.
-            let handshake = http2::Builder::new(TokioExecutor::new())
-                .timer(TokioTimer::new())
-                .handshake(conn);
+            let mut builder = http2::Builder::new(TokioExecutor::new());
+            builder.timer(TokioTimer::new());
+            // Until the upstream's SETTINGS say how many streams it allows
+            // at once, what its other connections were told, if any (hyper
+            // assumes 100).
+            if let Some(allowed) = self.pool.streams_allowed(slot) {
+                builder.initial_max_send_streams(allowed);
+            }
+            let handshake = builder.handshake(conn);
             let (sender, connection) = Box::pin(handshake).await.map_err(UpstreamError::connect)?;
             let said = connection.current_max_send_streams();
             let load = pool::Load::new(said);
@@ -401,9 +407,8 @@ type H2Connection = http2::Connection<Conn, pool::Body, TokioExecutor>;
 struct Streams {
     connection: Pin<Box<H2Connection>>,
     load: Arc<pool::Load>,
-    /// What hyper said last (before the upstream's first SETTINGS, its own
-    /// default, which the pool may have lowered to what the host's other
-    /// connections allow).
+    /// What hyper said last (before the upstream's first SETTINGS, what
+    /// the connection was made to assume).
     said: usize,
 }
 

@@ -365,8 +365,7 @@ impl Pool {
     }
 
     /// Shares a new HTTP/2 connection, whose streams `load` counts; returns
-    /// the stream of the request that made it. Until the upstream says how
-    /// many streams it allows on this one, as many as on the host's others.
+    /// the stream of the request that made it.
     pub fn share(
         &self,
         slot: &Slot,
@@ -377,14 +376,6 @@ impl Pool {
         let stream = load.open();
         let mut host = slot.lock();
         host.h2.retain(|shared| !shared.sender.is_closed());
-        if let Some(known) = host
-            .h2
-            .iter()
-            .map(|s| s.load.max.load(Ordering::Relaxed))
-            .min()
-        {
-            load.max.fetch_min(known, Ordering::Relaxed);
-        }
         host.h2.push(Shared {
             sender: sender.clone(),
             proxied,
@@ -396,6 +387,18 @@ impl Pool {
         drop(host);
         self.sweep_later();
         stream
+    }
+
+    /// The most streams the host's shared HTTP/2 connections allow open at
+    /// once (the least of them), if it has any: what a new connection to it
+    /// assumes until the upstream says otherwise (rather than hyper's 100).
+    pub fn streams_allowed(&self, slot: &Slot) -> Option<usize> {
+        let host = slot.lock();
+        host.h2
+            .iter()
+            .filter(|shared| !shared.sender.is_closed())
+            .map(|shared| shared.load.max.load(Ordering::Relaxed))
+            .min()
     }
 
     /// Stops sharing the HTTP/2 connection whose streams `load` counts (it
@@ -658,12 +661,11 @@ mod tests {
             panic!("a new connection, with a guard to wait on");
         };
         assert!(matches!(pool.plan(&slot, true, true), Plan::Wait(_)));
+        // The new connection assumes what the host's other allows until its
+        // upstream says otherwise.
+        assert_eq!(pool.streams_allowed(&slot), Some(1));
         let _on_b = pool.share(&slot, &other, false, b.clone());
         drop(guard);
-        // Until its upstream says otherwise, the new connection allows what
-        // the host's other does: its maker's stream fills it.
-        assert!(pool.take(&slot).is_none());
-        b.set_max(2); // its upstream's SETTINGS said 2
         let Some(Pooled {
             stream: Some(stream),
             reused: true,
