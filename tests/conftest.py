@@ -175,10 +175,12 @@ def read_head(conn: socket.socket) -> tuple[str, dict[str, str]]:
 
 
 class LoopbackServer:
-    """A TCP listener on 127.0.0.1 whose thread hands each connection, one at a time, to
-    `handle` (which subclasses define) and then closes it. Use as a context manager."""
+    """A TCP listener on 127.0.0.1 whose thread hands each connection, one at a time (or,
+    `threaded`, each on a thread of its own), to `handle` (which subclasses define) and
+    then closes it. Use as a context manager."""
 
     scheme = "http"
+    threaded = False
 
     def __init__(self) -> None:
         self.sock = socket.create_server(("127.0.0.1", 0))
@@ -206,16 +208,26 @@ class LoopbackServer:
         self.close()
 
     def _serve(self) -> None:
+        threads: list[threading.Thread] = []
         while not self._stop.is_set():
             try:
                 conn, _ = self.sock.accept()
             except TimeoutError:
                 continue
-            with conn:
-                conn.settimeout(5)
-                # OSError: the client went; what it sent is recorded already.
-                with contextlib.suppress(OSError):
-                    self.handle(conn)
+            if self.threaded:
+                threads.append(threading.Thread(target=self._handle, args=(conn,), daemon=True))
+                threads[-1].start()
+            else:
+                self._handle(conn)
+        for thread in threads:
+            thread.join(5)
+
+    def _handle(self, conn: socket.socket) -> None:
+        with conn:
+            conn.settimeout(5)
+            # OSError: the client went; what it sent is recorded already.
+            with contextlib.suppress(OSError):
+                self.handle(conn)
 
 
 def free_port() -> int:

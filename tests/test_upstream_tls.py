@@ -9,7 +9,6 @@ made here; the cases that trust that CA run in a child process, with SSL_CERT_FI
 
 from __future__ import annotations
 
-import contextlib
 import datetime
 import ipaddress
 import json
@@ -319,6 +318,7 @@ class FewStreamsH2Upstream(LoopbackServer):
     others have ended, as a stream's do."""
 
     scheme = "https"
+    threaded = True
 
     def __init__(self, pki: Pki, per_connection: int, together: int, hold: float) -> None:
         self.context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
@@ -328,31 +328,16 @@ class FewStreamsH2Upstream(LoopbackServer):
         self.lock = threading.Lock()
         self.open = self.most_open = self.most_per_connection = self.connections = 0
         self.errors: list[str] = []
-        self._threads: list[threading.Thread] = []
         super().__init__()
 
-    def _serve(self) -> None:
-        while not self._stop.is_set():
+    def handle(self, conn: socket.socket) -> None:
+        with self.context.wrap_socket(conn, server_side=True) as tls:
+            with self.lock:
+                self.connections += 1
             try:
-                conn, _ = self.sock.accept()
-            except TimeoutError:
-                continue
-            thread = threading.Thread(target=self._connection, args=(conn,), daemon=True)
-            thread.start()
-            self._threads.append(thread)
-        for thread in self._threads:
-            thread.join(5)
-
-    def _connection(self, conn: socket.socket) -> None:
-        with conn, contextlib.suppress(OSError):
-            conn.settimeout(5)
-            with self.context.wrap_socket(conn, server_side=True) as tls:
-                with self.lock:
-                    self.connections += 1
-                try:
-                    self._h2(tls)
-                except h2.exceptions.ProtocolError as e:
-                    self.errors.append(repr(e))
+                self._h2(tls)
+            except h2.exceptions.ProtocolError as e:
+                self.errors.append(repr(e))
 
     def _h2(self, conn: ssl.SSLSocket) -> None:
         h2c = h2.connection.H2Connection(h2.config.H2Configuration(client_side=False))
