@@ -354,8 +354,6 @@ impl Http {
         let connected = conn.connected();
         let proxied = connected.is_proxied();
         if connected.is_negotiated_h2() {
-            // Boxed: HTTP/2's handshake future is several times HTTP/1's, and
-            // inline it would size every new HTTP/1 connection's future too.
             let mut builder = http2::Builder::new(TokioExecutor::new());
             builder.timer(TokioTimer::new());
             // Until the upstream's SETTINGS say how many streams it allows
@@ -364,6 +362,8 @@ impl Http {
             if let Some(allowed) = self.pool.streams_allowed(slot) {
                 builder.initial_max_send_streams(allowed);
             }
+            // Boxed: HTTP/2's handshake future is several times HTTP/1's, and
+            // inline it would size every new HTTP/1 connection's future too.
             let handshake = builder.handshake(conn);
             let (sender, connection) = Box::pin(handshake).await.map_err(UpstreamError::connect)?;
             let said = connection.current_max_send_streams();
