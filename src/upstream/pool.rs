@@ -186,7 +186,7 @@ fn idle_too_long(now: u64, since: u64, timeout: Duration) -> bool {
     u128::from(now.saturating_sub(since)) >= timeout.as_nanos()
 }
 
-/// Sweeps in a row that find the shared HTTP/2 connection untaken before it
+/// Sweeps in a row that find a shared HTTP/2 connection untaken before it
 /// is let go: sweeps come every half idle timeout, so at least that long.
 const QUIET_SWEEPS: u8 = 2;
 
