@@ -81,71 +81,32 @@ impl Stream {
 
     async fn next_clean(&mut self) -> Result<Option<Bytes>> {
         loop {
-            let chunk = match self.next_raw().await? {
-                Some(chunk) => chunk,
-                None => {
-                    let tail = match self.decoder.take() {
-                        Some(decoder) => decoder.finish()?,
-                        None => Vec::new(),
-                    };
-                    return Ok(match &mut self.scrubber {
-                        None => (!tail.is_empty()).then(|| Bytes::from(tail)),
-                        Some(scrubber) => {
-                            let first = scrubber.push(&tail);
-                            match (first, scrubber.finish()) {
-                                (Some(a), Some(b)) => Some(Bytes::from([a, b].concat())),
-                                (a, b) => a.or(b),
-                            }
-                        }
-                    });
-                }
+            let chunk = self.next_read().await?;
+            let Some(scrubber) = &mut self.scrubber else {
+                return Ok(chunk);
             };
-            let chunk = match &mut self.decoder {
-                None => chunk,
-                Some(decoder) => match decoder.push(&chunk)? {
-                    decoded if decoded.is_empty() => continue,
-                    decoded => Bytes::from(decoded),
-                },
-            };
-            match &mut self.scrubber {
-                None => return Ok(Some(chunk)),
-                Some(scrubber) => {
+            match chunk {
+                Some(chunk) => {
                     if let Some(clean) = scrubber.push(&chunk) {
                         return Ok(Some(clean));
                     }
                 }
+                None => return Ok(scrubber.finish()),
             }
         }
     }
 
-    async fn next_raw(&mut self) -> Result<Option<Bytes>> {
-        let chunk = self.next_read().await?;
-        if let (Some(events), Some(seen), Some((_, provider))) =
-            (&chunk, &mut self.final_event_seen, &self.sse)
-        {
-            // Once the final event has come, the stream is complete: a
-            // Gemini stream's last chunk is known only by its finishReason,
-            // and a trailing event (a ping, a usage-only chunk) after it
-            // does not make the end a break.
-            if !*seen && provider.may_hold_final_event(events) {
-                *seen = crate::sse::events(events).any(|block| {
-                    let event = crate::sse::parse_event(&events[block]);
-                    event.has_fields && provider.is_final_event(&event)
-                });
-            }
-        }
-        Ok(chunk)
-    }
-
+    /// The next piece of the body as the caller reads it: upstream's bytes
+    /// (those read while judging the response first), taken out of an
+    /// unasked content coding, then cut into whole events for a stream.
     async fn next_read(&mut self) -> Result<Option<Bytes>> {
-        if let Some(chunk) = self.pending.pop_front() {
-            return Ok(Some(chunk));
-        }
         while !self.done {
             // Checked before each read, so a stream that always has data
             // ready still ends at shutdown; raced against a read that waits.
             // A read that is ready at once never registers for the shutdown.
-            let read = if self.shutdown.is_set() {
+            let read = if let Some(chunk) = self.pending.pop_front() {
+                Ok(Some(chunk))
+            } else if self.shutdown.is_set() {
                 Err(None)
             } else {
                 tokio::select! {
@@ -154,57 +115,114 @@ impl Stream {
                     _ = self.shutdown.wait() => Err(None),
                 }
             };
-            match (read, &mut self.sse) {
-                (Ok(Some(chunk)), None) => {
-                    // The last piece, by the body's framing: the end needs
-                    // no read of its own (a small body is whole at once).
-                    self.done = self.resp.is_end();
-                    return Ok(Some(chunk));
-                }
-                (Ok(Some(chunk)), Some((framer, _))) => {
-                    if let Some(events) = framer.push(chunk) {
-                        return Ok(Some(events));
-                    }
-                }
-                (Ok(None), None) => self.done = true,
-                (Ok(None), Some((framer, provider))) => {
+            let chunk = match read {
+                Ok(Some(chunk)) => chunk,
+                Ok(None) => {
                     self.done = true;
-                    // Whatever partial event is held was never relayed: a
-                    // stream that ends inside an event broke.
-                    let held = framer.take_held();
-                    if !held.trim_ascii().is_empty() {
-                        self.broke = true;
-                        return Ok(Some(error_event(
-                            *provider,
-                            "upstream stream ended in the middle of an event",
-                        )));
-                    }
-                    if self.final_event_seen == Some(false) {
-                        self.broke = true;
-                        return Ok(Some(error_event(
-                            *provider,
-                            "upstream stream ended before its final event",
-                        )));
-                    }
+                    return self.end();
                 }
-                (Err(cause), sse) => {
-                    self.done = true;
-                    self.broke = true;
+                Err(cause) => {
                     let message = match &cause {
                         Some(e) => format!("upstream stream broke: {}", describe(e)),
                         None => SHUTTING_DOWN.to_owned(),
                     };
-                    return match sse {
-                        Some((_, provider)) => Ok(Some(error_event(*provider, &message))),
-                        None => Err(Error::Upstream(match cause {
-                            Some(e) => describe(&e),
-                            None => message,
-                        })),
-                    };
+                    return self.fail(match cause {
+                        Some(e) if self.sse.is_none() => describe(&e),
+                        _ => message,
+                    });
+                }
+            };
+            let chunk = match &mut self.decoder {
+                None => chunk,
+                Some(decoder) => match decoder.push(&chunk) {
+                    Ok(decoded) => Bytes::from(decoded),
+                    Err(e) => return self.fail(e.to_string()),
+                },
+            };
+            match &mut self.sse {
+                None => {
+                    // The last piece, by the body's framing: the end needs
+                    // no read of its own (a small body is whole at once).
+                    // A coded body's end still has its decoder's rest.
+                    self.done =
+                        self.decoder.is_none() && self.pending.is_empty() && self.resp.is_end();
+                    if !chunk.is_empty() {
+                        return Ok(Some(chunk));
+                    }
+                }
+                Some((framer, _)) => {
+                    if let Some(events) = framer.push(chunk) {
+                        self.watch_for_final_event(&events);
+                        return Ok(Some(events));
+                    }
                 }
             }
         }
         Ok(None)
+    }
+
+    /// Notes whether `events` hold the provider's final event, for a stream
+    /// whose end only a closed connection marks. Once it has come, the
+    /// stream is complete: a Gemini stream's last chunk is known only by its
+    /// finishReason, and a trailing event (a ping, a usage-only chunk) after
+    /// it does not make the end a break.
+    fn watch_for_final_event(&mut self, events: &[u8]) {
+        if let (Some(seen @ false), Some((_, provider))) = (&mut self.final_event_seen, &self.sse) {
+            if provider.may_hold_final_event(events) {
+                *seen = crate::sse::events(events).any(|block| {
+                    let event = crate::sse::parse_event(&events[block]);
+                    event.has_fields && provider.is_final_event(&event)
+                });
+            }
+        }
+    }
+
+    /// The body's end, once upstream's ended: what a decoder still held, and
+    /// for a stream an error event if it ended inside an event or before its
+    /// final one.
+    fn end(&mut self) -> Result<Option<Bytes>> {
+        let tail = match self.decoder.take().map(|decoder| decoder.finish()) {
+            None => Bytes::new(),
+            Some(Ok(tail)) => Bytes::from(tail),
+            Some(Err(e)) => return self.fail(e.to_string()),
+        };
+        let Some((framer, provider)) = &mut self.sse else {
+            return Ok((!tail.is_empty()).then_some(tail));
+        };
+        let provider = *provider;
+        let events = framer.push(tail).unwrap_or_default();
+        // Whatever partial event is held was never relayed: a stream that
+        // ends inside an event broke.
+        let held = framer.take_held();
+        self.watch_for_final_event(&events);
+        let broke = if !held.trim_ascii().is_empty() {
+            Some("upstream stream ended in the middle of an event")
+        } else if self.final_event_seen == Some(false) {
+            Some("upstream stream ended before its final event")
+        } else {
+            None
+        };
+        let Some(message) = broke else {
+            return Ok((!events.is_empty()).then_some(events));
+        };
+        self.broke = true;
+        let error = error_event(provider, message);
+        Ok(Some(if events.is_empty() {
+            error
+        } else {
+            Bytes::from([&events[..], &error[..]].concat())
+        }))
+    }
+
+    /// Ends the body early: a stream with an error event, anything else
+    /// with an error (so that a server aborts rather than end it cleanly).
+    fn fail(&mut self, message: String) -> Result<Option<Bytes>> {
+        self.done = true;
+        self.broke = true;
+        match &self.sse {
+            Some((_, provider)) => Ok(Some(error_event(*provider, &message))),
+            None => Err(Error::Upstream(message)),
+        }
     }
 
     /// Reads the body into `tx` as fast as upstream sends it (up to
@@ -329,8 +347,10 @@ impl Scrubber {
 pub(crate) struct Decoder {
     coding: &'static str,
     inner: Decoding,
-    /// Bytes decoded so far (at most [`DECODED_LIMIT`]).
+    /// Bytes decoded so far, and the most it may come to: [`DECODED_LIMIT`]
+    /// for an error body, none for an event stream.
     decoded: usize,
+    limit: usize,
     /// Whether any byte came: a body with none (a HEAD's answer, a 304) is
     /// empty, not a coding cut short.
     seen: bool,
@@ -367,6 +387,7 @@ impl Decoder {
                 coding: "gzip",
                 inner: Decoding::Gzip(flate2::write::GzDecoder::new(Vec::new())),
                 decoded: 0,
+                limit: DECODED_LIMIT,
                 seen: false,
             }
         } else if is(b"deflate") {
@@ -374,6 +395,7 @@ impl Decoder {
                 coding: "deflate",
                 inner: Decoding::Deflate(flate2::write::ZlibDecoder::new(Vec::new())),
                 decoded: 0,
+                limit: DECODED_LIMIT,
                 seen: false,
             }
         } else if codings.is_empty() {
@@ -384,9 +406,18 @@ impl Decoder {
         }))
     }
 
+    /// The same decoder without a limit on what the body decodes to: an event
+    /// stream may run long, and is relayed as it is decoded.
+    pub fn unlimited(self) -> Self {
+        Self {
+            limit: usize::MAX,
+            ..self
+        }
+    }
+
     /// The bytes `chunk` decodes to (often none until enough has come).
     /// Fed a KiB at a time, so that no more than about a MiB (deflate's
-    /// largest ratio) is decoded past [`DECODED_LIMIT`] before it is caught.
+    /// largest ratio) is decoded past the limit before it is caught.
     pub fn push(&mut self, chunk: &[u8]) -> Result<Vec<u8>> {
         use std::io::Write;
         self.seen |= !chunk.is_empty();
@@ -405,11 +436,11 @@ impl Decoder {
             };
             let decoded = written.map_err(|e| broken(self.coding, &e))?;
             self.decoded += decoded.len();
-            if self.decoded > DECODED_LIMIT {
+            if self.decoded > self.limit {
                 return Err(Error::Upstream(format!(
                     "upstream's {} error body decodes to more than {} MiB",
                     self.coding,
-                    DECODED_LIMIT >> 20
+                    self.limit >> 20
                 )));
             }
             if out.is_empty() {
@@ -440,9 +471,7 @@ impl Decoder {
 const DECODED_LIMIT: usize = 16 << 20;
 
 fn broken(coding: &str, e: &std::io::Error) -> Error {
-    Error::Upstream(format!(
-        "upstream's {coding} error body does not decode: {e}"
-    ))
+    Error::Upstream(format!("upstream's {coding} body does not decode: {e}"))
 }
 
 /// `haystack` with every `needle` replaced, or None when there is none.
@@ -901,7 +930,9 @@ mod tests {
         let broken = decoder
             .push(b"not gzip at all, not even its header")
             .and_then(|_| decoder.finish());
-        assert!(matches!(broken, Err(Error::Upstream(m)) if m.contains("gzip error body")));
+        assert!(
+            matches!(broken, Err(Error::Upstream(m)) if m.contains("gzip body does not decode"))
+        );
     }
 
     #[test]

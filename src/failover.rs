@@ -441,12 +441,11 @@ impl FailoverClient {
         Response::error(self.provider, kind, &message)
     }
 
-    /// Relays upstream's response, starting with what was already read of it.
+    /// Relays upstream's response, starting with the bytes already read of it.
     fn relay(
         &self,
         mut resp: upstream::Response,
         pending: VecDeque<Bytes>,
-        framer: Option<Framer>,
         in_flight: Option<InFlight>,
     ) -> Response {
         // Only a pool key's request counts as in flight; BYOK has none.
@@ -455,14 +454,6 @@ impl FailoverClient {
         // Taken out: a stream holds its response for as long as it is open,
         // and needs its headers no longer than this.
         let upstream = std::mem::take(resp.headers_mut());
-        let stream = headers::is_event_stream(&upstream);
-        let close_delimited = stream
-            && resp.version() <= http::Version::HTTP_11
-            && !upstream.contains_key(http::header::CONTENT_LENGTH)
-            && !upstream
-                .get_all(http::header::TRANSFER_ENCODING)
-                .iter()
-                .any(|v| v.as_bytes().eq_ignore_ascii_case(b"chunked"));
         // Error bodies are small and may echo the key that was sent.
         let scrub = !(200..300).contains(&status);
         let keys = self.pool.key_set();
@@ -471,15 +462,35 @@ impl FailoverClient {
         } else {
             None
         };
-        // One that upstream content-coded (unasked) is taken apart to be
-        // checked, or not relayed when it cannot be.
-        let decoder = match scrubber.as_ref().map(|_| Decoder::for_headers(&upstream)) {
-            None | Some(Ok(None)) => None,
-            Some(Ok(Some(decoder))) => Some(Box::new(decoder)),
-            Some(Err(coding)) => {
+        let mut stream = headers::is_event_stream(&upstream);
+        // A body upstream content-coded unasked is taken apart where it is
+        // read on the way: an error body to be scrubbed, and a stream to be
+        // relayed in whole events. In a coding this cannot take apart, the
+        // one is not relayed and the other is relayed as it came, unread.
+        let coding = if scrubber.is_some() || stream {
+            Decoder::for_headers(&upstream)
+        } else {
+            Ok(None)
+        };
+        let decoder = match coding {
+            Ok(None) => None,
+            Ok(Some(decoder)) if scrubber.is_some() => Some(Box::new(decoder)),
+            Ok(Some(decoder)) => Some(Box::new(decoder.unlimited())),
+            Err(coding) if scrubber.is_some() => {
                 return self.send_failure(&SendFailure::Uncheckable { status, coding }, byok)
             }
+            Err(_) => {
+                stream = false;
+                None
+            }
         };
+        let close_delimited = stream
+            && resp.version() <= http::Version::HTTP_11
+            && !upstream.contains_key(http::header::CONTENT_LENGTH)
+            && !upstream
+                .get_all(http::header::TRANSFER_ENCODING)
+                .iter()
+                .any(|v| v.as_bytes().eq_ignore_ascii_case(b"chunked"));
         // A body keyfailover may rewrite (an error event added to a stream, a
         // key scrubbed) no longer has upstream's length, nor has one whose
         // length upstream gave wrongly.
@@ -514,7 +525,7 @@ impl FailoverClient {
             body: ResponseBody::stream(Stream {
                 resp,
                 pending,
-                sse: stream.then(|| (framer.unwrap_or_default(), self.provider)),
+                sse: stream.then(|| (Framer::default(), self.provider)),
                 final_event_seen: close_delimited.then_some(false),
                 broke: false,
                 scrubber,
@@ -559,7 +570,7 @@ enum Judged {
     /// A key-specific failure: mark the key and try the next.
     Failover(Verdict),
     /// Relay this response, starting with what was already read of it.
-    Return(upstream::Response, VecDeque<Bytes>, Option<Framer>),
+    Return(upstream::Response, VecDeque<Bytes>),
     Failed(SendFailure),
 }
 
@@ -586,7 +597,7 @@ impl Attempt<'_> {
         value.set_sensitive(true);
         headers.insert(caller.header, value);
         match self.send(headers, None, self.uri, log).await {
-            Ok(resp) => client.relay(resp, VecDeque::new(), None, None),
+            Ok(resp) => client.relay(resp, VecDeque::new(), None),
             Err(failure) => client.send_failure(&failure, true),
         }
     }
@@ -648,8 +659,8 @@ impl Attempt<'_> {
                     other_failover = true;
                     self.fail_over(&key, verdict, Some(status), log);
                 }
-                Judged::Return(resp, pending, framer) => {
-                    break client.relay(resp, pending, framer, Some(in_flight))
+                Judged::Return(resp, pending) => {
+                    break client.relay(resp, pending, Some(in_flight))
                 }
                 Judged::Failed(failure) => break client.send_failure(&failure, false),
             }
@@ -753,7 +764,7 @@ impl Attempt<'_> {
             return if verdict.is_key_specific() {
                 Judged::Failover(verdict)
             } else {
-                Judged::Return(resp, VecDeque::from([body]), None)
+                Judged::Return(resp, VecDeque::from([body]))
             };
         }
         let verdict = verdict::classify_head(status, None, None);
@@ -761,10 +772,17 @@ impl Attempt<'_> {
             return Judged::Failover(verdict);
         }
         if !(resp.status().is_success() && headers::is_event_stream(resp.headers())) {
-            return Judged::Return(resp, VecDeque::new(), None);
+            return Judged::Return(resp, VecDeque::new());
         }
+        // A stream upstream content-coded unasked is read decoded; one in a
+        // coding this cannot take apart is relayed unread.
+        let decoder = match Decoder::for_headers(resp.headers()) {
+            Ok(decoder) => decoder.map(Decoder::unlimited),
+            Err(_) => return Judged::Return(resp, VecDeque::new()),
+        };
         let timeout = self.client.timeout;
-        match Box::pin(tokio::time::timeout(timeout, peek_first_event(&mut resp))).await {
+        let peek = peek_first_event(&mut resp, decoder);
+        match Box::pin(tokio::time::timeout(timeout, peek)).await {
             Err(_) => Judged::Failed(SendFailure::Timeout),
             // The read timeout (also `timeout`) may fire first.
             Ok(Err(e)) if e.is_timeout() => Judged::Failed(SendFailure::Timeout),
@@ -775,16 +793,11 @@ impl Attempt<'_> {
             Ok(Ok(Peeked {
                 data: Some(data),
                 chunks,
-                framer,
             })) => match verdict::first_event_verdict(&data, retry_after(&resp)) {
-                Verdict::NotKeySpecific => Judged::Return(resp, chunks, Some(framer)),
+                Verdict::NotKeySpecific => Judged::Return(resp, chunks),
                 verdict => Judged::Failover(verdict),
             },
-            Ok(Ok(Peeked {
-                data: None,
-                chunks,
-                framer,
-            })) => Judged::Return(resp, chunks, Some(framer)),
+            Ok(Ok(Peeked { data: None, chunks })) => Judged::Return(resp, chunks),
         }
     }
 }
@@ -820,39 +833,42 @@ fn failover_record(client: &FailoverClient, key: &Key, status: Option<u16>, reas
 /// What was read of a stream while looking for its first event.
 struct Peeked {
     /// The first event's data; None when the stream ended (or passed
-    /// PEEK_LIMIT) first.
+    /// PEEK_LIMIT, or would not decode) first.
     data: Option<Vec<u8>>,
+    /// The bytes read, as upstream sent them: the relay reads them again.
     chunks: VecDeque<Bytes>,
-    framer: Framer,
 }
 
 /// Reads a stream until its first event with fields, keeping what was read.
-async fn peek_first_event(resp: &mut upstream::Response) -> Result<Peeked, UpstreamError> {
+async fn peek_first_event(
+    resp: &mut upstream::Response,
+    mut decoder: Option<Decoder>,
+) -> Result<Peeked, UpstreamError> {
     let mut framer = Framer::default();
     let mut chunks = VecDeque::new();
     let mut seen = 0;
     while let Some(chunk) = resp.chunk().await? {
         seen += chunk.len();
+        chunks.push_back(chunk.clone());
+        let chunk = match &mut decoder {
+            None => chunk,
+            // What will not decode is the relay's to report, in the stream.
+            Some(decoder) => match decoder.push(&chunk) {
+                Ok(decoded) => Bytes::from(decoded),
+                Err(_) => break,
+            },
+        };
         if let Some(events) = framer.push(chunk) {
             let data = first_event_data(&events);
-            chunks.push_back(events);
             if data.is_some() {
-                return Ok(Peeked {
-                    data,
-                    chunks,
-                    framer,
-                });
+                return Ok(Peeked { data, chunks });
             }
         }
         if seen > PEEK_LIMIT {
             break;
         }
     }
-    Ok(Peeked {
-        data: None,
-        chunks,
-        framer,
-    })
+    Ok(Peeked { data: None, chunks })
 }
 
 /// Up to `limit` bytes of the body; whatever arrived if it breaks or stalls

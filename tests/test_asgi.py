@@ -749,6 +749,23 @@ def test_an_error_body_upstream_content_coded_is_decoded_and_scrubbed(up, serve,
     assert leaked_secrets(response) == []
 
 
+def test_an_error_event_stream_upstream_content_coded_is_decoded_and_scrubbed(up, serve):
+    """An error answered as an event stream, gzipped unasked: relayed decoded, in whole,
+    with the echoed key replaced by its hint and no error event of keyfailover's added."""
+    error = {"type": "error", "error": {"type": "overloaded_error", "message": f"bad {KEYS[0]}"}}
+    event = b"event: error\ndata: " + json.dumps(error).encode() + b"\n\n"
+    headers = {"content-encoding": "gzip", "content-type": "text/event-stream"}
+    up.enqueue(Reply(status=529, headers=headers, body=gzip.compress(event)))
+    proxy = serve()
+    with httpx.Client() as http:
+        response = http.post(proxy.url + "/v1/messages", json={**MESSAGE, "stream": True})
+    assert response.status_code == 529
+    assert "content-encoding" not in response.headers
+    hint = proxy.pool.snapshot()[0]["hint"]
+    assert response.content == event.replace(KEYS[0].encode(), hint.encode())
+    assert leaked_secrets(response) == []
+
+
 def test_an_empty_error_body_marked_content_coded_is_relayed_empty(up, serve):
     up.enqueue(Reply(status=404, headers={"content-encoding": "gzip"}, body=b""))
     proxy = serve()

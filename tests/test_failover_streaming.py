@@ -8,9 +8,11 @@ The seed's failover table runs in streaming mode too, in test_failover.py.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import gc
 import json
 import time
+import zlib
 from typing import Any
 
 import pytest
@@ -378,6 +380,107 @@ def test_nothing_after_the_final_error_event(up: MockUpstream) -> None:
     body = run(scenario())
     assert body.startswith(relayed)
     check_error_event("openai", body[len(relayed) :])
+
+
+# --------------------------------------------------------------------------
+# A stream upstream content-coded although asked for identity
+# --------------------------------------------------------------------------
+
+
+def coded(reply: Reply, coding: str, garbage_at: int | None = None) -> Reply:
+    """`reply` with its body chunks in `coding`, flushed after each (as a server coding
+    a stream does), and a Content-Encoding header saying so; with `garbage_at`, that
+    chunk is bytes that do not decode."""
+    compressor = zlib.compressobj(wbits={"gzip": 31, "deflate": 15}[coding])
+    chunks = [compressor.compress(c) + compressor.flush(zlib.Z_SYNC_FLUSH) for c in wire(reply)]
+    chunks[-1] += compressor.flush()
+    if garbage_at is not None:
+        chunks[garbage_at] = b"\xff not the coding at all \xff"
+    headers = [*dict(reply.headers).items(), ("content-encoding", coding)]
+    return dataclasses.replace(reply, body=chunks, headers=headers)
+
+
+async def read_stream(client: kf.FailoverClient, provider: str) -> tuple[kf.Response, bytes]:
+    resp = await stream_request(client, provider)
+    chunks = await collect(resp)
+    assert all(chunk.endswith(b"\n\n") for chunk in chunks), "whole events only"
+    return resp, b"".join(chunks)
+
+
+@pytest.mark.parametrize("coding", ["gzip", "deflate"])
+@pytest.mark.parametrize("provider", PROVIDERS)
+def test_a_coded_stream_is_relayed_decoded_in_whole_events(
+    up: MockUpstream, provider: str, coding: str
+) -> None:
+    client, pool = make_client(up, provider, 1)
+    plain = success_stream(provider)
+    up.enqueue(coded(plain, coding))
+    resp, body = run(read_stream(client, provider))
+    assert resp.status == 200
+    assert body == b"".join(wire(plain))
+    assert header(resp, "content-encoding") is None
+    assert header(resp, "content-length") is None
+    assert header(resp, "content-type") == "text/event-stream"
+    assert states(pool) == ["valid"]
+
+
+@pytest.mark.parametrize("provider", PROVIDERS)
+def test_a_coded_first_event_that_is_a_key_failure_fails_over(
+    up: MockUpstream, provider: str
+) -> None:
+    client, pool = make_client(up, provider)
+    failure = Reply.sse([error_event(provider, envelope(provider, "rate_limit_error"))])
+    up.set_reply(KEYS[0], coded(failure, "gzip"))
+    good = success_stream(provider)
+    up.set_reply(KEYS[1], good)
+    resp, body = run(read_stream(client, provider))
+    assert (resp.status, body) == (200, b"".join(wire(good)))
+    assert seen(up) == ["key-0", "key-1"]
+    assert states(pool) == ["temporary", "valid"]
+
+
+@pytest.mark.parametrize("provider", PROVIDERS)
+def test_a_coded_stream_cut_short_ends_with_an_error_event(up: MockUpstream, provider: str) -> None:
+    client, _ = make_client(up, provider, 1)
+    plain = success_stream(provider, break_after=3)
+    up.enqueue(coded(plain, "gzip"))
+    resp, body = run(read_stream(client, provider))
+    assert resp.status == 200
+    relayed = b"".join(wire(plain)[:3])
+    assert body.startswith(relayed)
+    assert "broke" in check_error_event(provider, body[len(relayed) :])
+
+
+@pytest.mark.parametrize("garbage_at", [0, 2])
+def test_a_coded_stream_that_does_not_decode_ends_with_an_error_event(
+    up: MockUpstream, garbage_at: int
+) -> None:
+    client, pool = make_client(up, "anthropic", 1)
+    plain = success_stream("anthropic")
+    up.enqueue(coded(plain, "gzip", garbage_at=garbage_at))
+    resp, body = run(read_stream(client, "anthropic"))
+    assert resp.status == 200
+    relayed = b"".join(wire(plain)[:garbage_at])
+    assert body.startswith(relayed)
+    message = check_error_event("anthropic", body[len(relayed) :])
+    assert "gzip body does not decode" in message
+    assert states(pool) == ["valid"]  # the coding says nothing about the key
+
+
+def test_a_stream_in_a_coding_it_cannot_read_is_relayed_as_it_came(up: MockUpstream) -> None:
+    """Brotli is not taken apart: the bytes and the header go through unread (as events
+    they cannot be checked, nor ended with an error event)."""
+    client, _ = make_client(up, "anthropic", 1)
+    sent = [b"\x8b\x01\x80opaque", b"\n\n\x03 more", b"\x00 end"]
+    up.enqueue(Reply(headers={**SSE, "content-encoding": "br"}, body=sent, chunk_delay=0.01))
+
+    async def scenario() -> tuple[kf.Response, bytes]:
+        resp = await stream_request(client, "anthropic")
+        return resp, b"".join(await collect(resp))
+
+    resp, body = run(scenario())
+    assert (resp.status, body) == (200, b"".join(sent))
+    assert header(resp, "content-encoding") == "br"
 
 
 # --------------------------------------------------------------------------
