@@ -402,7 +402,7 @@ mod tests {
 
     #[test]
     fn a_gemini_key_in_the_query_is_never_forwarded() {
-        let strip = |t: &'static str| Provider::Gemini.strip_credential_query(t).into_owned();
+        let strip = |t: &str| Provider::Gemini.strip_credential_query(t).into_owned();
         assert_eq!(
             strip("/v1beta/models/m:streamGenerateContent?alt=sse&key=AIzaSy-callers-own"),
             "/v1beta/models/m:streamGenerateContent?alt=sse"
@@ -416,6 +416,18 @@ mod tests {
             strip("/v1beta/models?pageSize=5"),
             "/v1beta/models?pageSize=5"
         );
+        // However the name is spelled: a server decodes it before it looks.
+        for spelled in ["k%65y", "%6Bey", "%6b%65%79", "KEY", "Key", "k%45y"] {
+            assert_eq!(
+                strip(&format!("/v1beta/models?pageSize=5&{spelled}=AIza-x")),
+                "/v1beta/models?pageSize=5",
+                "{spelled}"
+            );
+        }
+        for other in ["keys=1", "k%65y2=1", "ke%79%=1", "%=1", "ke=y", "k+ey=1"] {
+            let target = format!("/v1beta/models?{other}");
+            assert_eq!(strip(&target), target, "{other}");
+        }
         assert_eq!(
             Provider::OpenAi.strip_credential_query("/v1/x?key=1"),
             "/v1/x?key=1"

@@ -362,13 +362,43 @@ fn shown(target: &str) -> String {
 }
 
 /// Whether a query string pair (`name=value`) is the parameter `name`.
+/// Whether a query's `pair` is parameter `name` (lowercase ASCII), as a
+/// server reading the query would take it: the name percent-decoded (`k%65y`
+/// is `key`), `+` a space, and in any case, so that no spelling of it slips
+/// through.
 fn is_param(pair: &str, name: &str) -> bool {
-    pair.split('=').next() == Some(name)
+    let sent = pair.split('=').next().unwrap_or_default().as_bytes();
+    if !sent.contains(&b'%') && !sent.contains(&b'+') {
+        return sent.eq_ignore_ascii_case(name.as_bytes());
+    }
+    let mut decoded = Vec::with_capacity(sent.len());
+    let mut i = 0;
+    while i < sent.len() {
+        let hex = |b: u8| (b as char).to_digit(16);
+        match (
+            sent[i],
+            sent.get(i + 1).copied().and_then(hex),
+            sent.get(i + 2).copied().and_then(hex),
+        ) {
+            (b'%', Some(hi), Some(lo)) => {
+                decoded.push((hi * 16 + lo) as u8);
+                i += 3;
+            }
+            (b'+', _, _) => {
+                decoded.push(b' ');
+                i += 1;
+            }
+            (b, _, _) => {
+                decoded.push(b);
+                i += 1;
+            }
+        }
+    }
+    decoded.eq_ignore_ascii_case(name.as_bytes())
 }
 
 /// `target` without every `name` query parameter (a `?` left with nothing
-/// after it is dropped too). Parameter names are compared as sent (not
-/// percent-decoded), as servers compare them.
+/// after it is dropped too), however its name is spelled (see [`is_param`]).
 pub fn without_query_param<'a>(target: &'a str, name: &str) -> Cow<'a, str> {
     let Some((path, query)) = target.split_once('?') else {
         return Cow::Borrowed(target);
