@@ -27,7 +27,6 @@ use crate::latch::Latch;
 use crate::metrics::Outcome;
 use crate::pool::{InFlight, Key, KeyPool, Reason};
 use crate::provider::Provider;
-use crate::retry_after::parse_retry_after;
 use crate::sse::{first_event_data, Framer};
 use crate::stats::{bump, Stats, StatsSnapshot};
 use crate::target::BaseUrl;
@@ -741,12 +740,12 @@ impl Attempt<'_> {
             return Judged::Failed(SendFailure::BadStatus(status));
         }
         let retry_after = |resp: &upstream::Response| {
-            parse_retry_after(
+            let headers = || {
                 resp.headers()
                     .iter()
-                    .map(|(n, v)| (n.as_str(), v.as_bytes())),
-                SystemTime::now(),
-            )
+                    .map(|(n, v)| (n.as_str(), v.as_bytes()))
+            };
+            verdict::head_cooldown(headers, SystemTime::now())
         };
         if verdict::needs_body(status) {
             let deadline = self.client.timeout.min(ERROR_BODY_DEADLINE);

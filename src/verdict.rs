@@ -161,7 +161,23 @@ pub fn classify<'a, I>(status: u16, headers: I, body: Option<&[u8]>, now: System
 where
     I: IntoIterator<Item = (&'a str, &'a [u8])>,
 {
-    classify_head(status, parse_retry_after(headers, now), body)
+    let headers: Vec<_> = headers.into_iter().collect();
+    classify_head(status, head_cooldown(|| headers.iter().copied(), now), body)
+}
+
+/// How long a response's head says to wait: its Retry-After (see
+/// [`parse_retry_after`]), else the reset of a rate limit the head says is
+/// used up (`x-ratelimit-*`, `anthropic-ratelimit-*`; the latest such reset),
+/// as a 429 may carry only those. `headers` gives the head's fields.
+pub fn head_cooldown<'a, I>(headers: impl Fn() -> I, now: SystemTime) -> Option<Duration>
+where
+    I: IntoIterator<Item = (&'a str, &'a [u8])>,
+{
+    parse_retry_after(headers(), now).or_else(|| {
+        crate::ratelimit::parse(headers(), now)
+            .depleted()
+            .map(|(_, reset)| reset)
+    })
 }
 
 /// [`classify`] with the head's Retry-After already parsed (the failover
@@ -440,6 +456,55 @@ mod tests {
                 "429_no_headers_uses_default",
                 429,
                 &[],
+                true,
+                KeyState::Temporary,
+                Some(60_000),
+            ),
+            // Without Retry-After, the reset of a limit the head says is used
+            // up (the latest, if several are), else the default.
+            (
+                "429_cools_until_its_used_up_limit_resets",
+                429,
+                &[
+                    ("x-ratelimit-remaining-requests", "0"),
+                    ("x-ratelimit-reset-requests", "6m0s"),
+                    ("x-ratelimit-remaining-tokens", "0"),
+                    ("x-ratelimit-reset-tokens", "1.5s"),
+                ],
+                true,
+                KeyState::Temporary,
+                Some(360_000),
+            ),
+            (
+                "429_cools_until_its_used_up_anthropic_limit_resets",
+                429,
+                &[
+                    ("anthropic-ratelimit-tokens-remaining", "0"),
+                    ("anthropic-ratelimit-tokens-reset", "1970-01-01T00:02:00Z"),
+                ],
+                true,
+                KeyState::Temporary,
+                Some(120_000),
+            ),
+            (
+                "429_retry_after_before_its_limits_reset",
+                429,
+                &[
+                    ("retry-after", "5"),
+                    ("x-ratelimit-remaining-requests", "0"),
+                    ("x-ratelimit-reset-requests", "6m0s"),
+                ],
+                true,
+                KeyState::Temporary,
+                Some(5_000),
+            ),
+            (
+                "429_with_its_limits_left_uses_default",
+                429,
+                &[
+                    ("x-ratelimit-remaining-requests", "3"),
+                    ("x-ratelimit-reset-requests", "6m0s"),
+                ],
                 true,
                 KeyState::Temporary,
                 Some(60_000),

@@ -143,6 +143,41 @@ def test_a_rate_limit_cools_the_keys_group_and_not_other_groups(up: MockUpstream
     assert "group_rate_limited" in client.metrics()
 
 
+@pytest.mark.parametrize("provider", ["openai", "anthropic"])
+def test_a_429_without_retry_after_cools_until_its_used_up_limit_resets(
+    up: MockUpstream, provider: str
+) -> None:
+    """A 429 that says only, in its rate-limit headers, that a limit is used up and when
+    it resets: the key cools that long, not the 60 s default, and the caller is told so."""
+    in_6m = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(time.time() + 360))
+    limits = {
+        "openai": {"x-ratelimit-remaining-requests": "0", "x-ratelimit-reset-requests": "6m0s"},
+        "anthropic": {
+            "anthropic-ratelimit-requests-remaining": "0",
+            "anthropic-ratelimit-requests-reset": in_6m,
+        },
+    }[provider]
+    pool = kf.KeyPool(KEYS[:2])
+    client = kf.FailoverClient(pool, base_url=up.url, provider=provider)
+    for key in KEYS[:2]:
+        up.set_reply(key, Reply.error(429, "rate_limit_error", "slow", headers=limits))
+    response, _ = send(client)
+    assert (response.status, response.attempts) == (429, 2)
+    assert 340 < int(header_of(response, "retry-after")) <= 360
+    assert all(340 < pool.key(f"key-{i}").cooldown_remaining <= 360 for i in (0, 1))
+
+    # With a limit left, a 429 still says nothing of how long: the default.
+    left = {name: "3" if "remaining" in name else value for name, value in limits.items()}
+    up.set_reply(KEYS[2], Reply.error(429, "rate_limit_error", "slow", headers=left))
+    pool = kf.KeyPool([KEYS[2]])
+    send(kf.FailoverClient(pool, base_url=up.url, provider=provider))
+    assert pool.key("key-0").cooldown_remaining == pytest.approx(60, abs=1)
+
+
+def header_of(response: kf.SyncResponse, name: str) -> str:
+    return next(value for key, value in response.headers if key == name)
+
+
 def test_groups_from_a_keys_file_and_learned_from_the_organization_header() -> None:
     keys = kf.parse_keys(f"a={KEYS[0]} group=org-1\nb={KEYS[1]}\nc={KEYS[2]}\n")
     assert isinstance(keys, dict)
