@@ -21,7 +21,7 @@ use std::sync::Arc;
 use crate::error::{Error, ErrorKind, Result};
 use crate::latch::Latch;
 use crate::metrics::Outcome;
-use crate::pool::KeyPool;
+use crate::pool::{KeyPool, KeySet};
 use crate::provider::Provider;
 use crate::sse::Framer;
 
@@ -54,6 +54,11 @@ pub(crate) struct Stream {
     pub broke: bool,
     /// For error (non-2xx) bodies: replaces the pool's keys by their hints.
     pub scrubber: Option<Scrubber>,
+    /// For a successful event stream whose first event is an error (not the
+    /// key's, or it would have failed over): the pool's keys, replaced by
+    /// their hints in a batch of whole events that may hold an error event
+    /// (one look for `error` first). Other streams go by unread.
+    pub error_keys: Option<Keys>,
     /// For an error body upstream content-coded: takes the coding apart
     /// before the scrubber looks at the bytes.
     pub decoder: Option<Box<Decoder>>,
@@ -153,7 +158,7 @@ impl Stream {
                 Some((framer, _)) => {
                     if let Some(events) = framer.push(chunk) {
                         self.watch_for_final_event(&events);
-                        return Ok(Some(events));
+                        return Ok(Some(self.scrub_error_events(events)));
                     }
                 }
             }
@@ -177,6 +182,17 @@ impl Stream {
         }
     }
 
+    /// `events` with the pool's keys replaced by their hints, for a
+    /// successful stream's batch that may hold an error event.
+    fn scrub_error_events(&self, events: Bytes) -> Bytes {
+        match &self.error_keys {
+            Some(Keys(keys)) if memchr::memmem::find(&events, b"error").is_some() => {
+                scrub_value(&events, keys.secrets()).map_or(events, Bytes::from)
+            }
+            _ => events,
+        }
+    }
+
     /// The body's end, once upstream's ended: what a decoder still held, and
     /// for a stream an error event if it ended inside an event or before its
     /// final one.
@@ -195,6 +211,7 @@ impl Stream {
         // ends inside an event broke.
         let held = framer.take_held();
         self.watch_for_final_event(&events);
+        let events = self.scrub_error_events(events);
         let broke = if !held.trim_ascii().is_empty() {
             Some("upstream stream ended in the middle of an event")
         } else if self.final_event_seen == Some(false) {
@@ -244,6 +261,15 @@ impl Stream {
         // end, so a scrape right after a body was read includes it.
         drop(self);
         drop(tx);
+    }
+}
+
+/// A pool's keys, to scrub a stream's error events with; shown by count.
+pub(crate) struct Keys(pub Arc<KeySet>);
+
+impl std::fmt::Debug for Keys {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Keys({})", self.0.secrets().count())
     }
 }
 

@@ -19,7 +19,9 @@ use http::Method;
 use std::sync::atomic::AtomicBool;
 use std::time::Instant;
 
-use crate::body::{describe, scrub_value, Decoder, OutcomeOnDrop, ResponseBody, Scrubber, Stream};
+use crate::body::{
+    describe, scrub_value, Decoder, Keys, OutcomeOnDrop, ResponseBody, Scrubber, Stream,
+};
 use crate::error::{Error, ErrorKind, Exhaustion, Result};
 use crate::events::{self, Field, Level, Record};
 use crate::headers::{self, CallerCredential};
@@ -445,6 +447,7 @@ impl FailoverClient {
         &self,
         mut resp: upstream::Response,
         pending: VecDeque<Bytes>,
+        error_first: bool,
         in_flight: Option<InFlight>,
     ) -> Response {
         // Only a pool key's request counts as in flight; BYOK has none.
@@ -527,6 +530,10 @@ impl FailoverClient {
                 sse: stream.then(|| (Framer::default(), self.provider)),
                 final_event_seen: close_delimited.then_some(false),
                 broke: false,
+                // Error bodies have the scrubber; a successful stream that
+                // starts with an error event has its events looked at.
+                error_keys: (error_first && stream && scrubber.is_none())
+                    .then(|| Keys(keys.clone())),
                 scrubber,
                 decoder,
                 shutdown: self.shutdown.clone(),
@@ -569,7 +576,9 @@ enum Judged {
     /// A key-specific failure: mark the key and try the next.
     Failover(Verdict),
     /// Relay this response, starting with what was already read of it.
-    Return(upstream::Response, VecDeque<Bytes>),
+    /// The flag: a successful stream whose first event is an error, whose
+    /// events are looked at for the pool's keys as an error body's bytes are.
+    Return(upstream::Response, VecDeque<Bytes>, bool),
     Failed(SendFailure),
 }
 
@@ -596,7 +605,7 @@ impl Attempt<'_> {
         value.set_sensitive(true);
         headers.insert(caller.header, value);
         match self.send(headers, None, self.uri, log).await {
-            Ok(resp) => client.relay(resp, VecDeque::new(), None),
+            Ok(resp) => client.relay(resp, VecDeque::new(), false, None),
             Err(failure) => client.send_failure(&failure, true),
         }
     }
@@ -658,8 +667,8 @@ impl Attempt<'_> {
                     other_failover = true;
                     self.fail_over(&key, verdict, Some(status), log);
                 }
-                Judged::Return(resp, pending) => {
-                    break client.relay(resp, pending, Some(in_flight))
+                Judged::Return(resp, pending, error_first) => {
+                    break client.relay(resp, pending, error_first, Some(in_flight))
                 }
                 Judged::Failed(failure) => break client.send_failure(&failure, false),
             }
@@ -763,7 +772,7 @@ impl Attempt<'_> {
             return if verdict.is_key_specific() {
                 Judged::Failover(verdict)
             } else {
-                Judged::Return(resp, VecDeque::from([body]))
+                Judged::Return(resp, VecDeque::from([body]), false)
             };
         }
         let verdict = verdict::classify_head(status, None, None);
@@ -771,13 +780,13 @@ impl Attempt<'_> {
             return Judged::Failover(verdict);
         }
         if !(resp.status().is_success() && headers::is_event_stream(resp.headers())) {
-            return Judged::Return(resp, VecDeque::new());
+            return Judged::Return(resp, VecDeque::new(), false);
         }
         // A stream upstream content-coded unasked is read decoded; one in a
         // coding this cannot take apart is relayed unread.
         let decoder = match Decoder::for_headers(resp.headers()) {
             Ok(decoder) => decoder.map(Decoder::unlimited),
-            Err(_) => return Judged::Return(resp, VecDeque::new()),
+            Err(_) => return Judged::Return(resp, VecDeque::new(), false),
         };
         let timeout = self.client.timeout;
         let peek = peek_first_event(&mut resp, decoder);
@@ -793,10 +802,13 @@ impl Attempt<'_> {
                 data: Some(data),
                 chunks,
             })) => match verdict::first_event_verdict(&data, retry_after(&resp)) {
-                Verdict::NotKeySpecific => Judged::Return(resp, chunks),
+                Verdict::NotKeySpecific => {
+                    let error_first = memchr::memmem::find(&data, b"error").is_some();
+                    Judged::Return(resp, chunks, error_first)
+                }
                 verdict => Judged::Failover(verdict),
             },
-            Ok(Ok(Peeked { data: None, chunks })) => Judged::Return(resp, chunks),
+            Ok(Ok(Peeked { data: None, chunks })) => Judged::Return(resp, chunks, false),
         }
     }
 }

@@ -232,6 +232,29 @@ def test_non_key_error_event_relayed_unchanged(
     assert client.stats()["attempts"] == 1
 
 
+@pytest.mark.parametrize("provider", PROVIDERS)
+def test_a_key_echoed_in_a_streams_first_error_event_is_replaced_by_its_hint(
+    up: MockUpstream, provider: str
+) -> None:
+    """An error event that is not the key's is relayed, with any of the pool's keys in it
+    replaced by its hint, as in an error body; so are the stream's later events."""
+    client, pool = make_client(up, provider)
+    echoed = envelope(provider, "overloaded_error", f"busy, key {KEYS[0]} and {KEYS[1]}")
+    reply = Reply.sse([error_event(provider, echoed), error_event(provider, echoed)])
+    up.set_reply(KEYS[0], reply)
+
+    async def scenario() -> bytes:
+        return b"".join(await collect(await stream_request(client, provider)))
+
+    body = run(scenario())
+    hints = [key["hint"] for key in pool.snapshot()]
+    expected = b"".join(wire(reply))
+    for key, hint in zip(KEYS, hints, strict=True):
+        expected = expected.replace(key.encode(), hint.encode())
+    assert body == expected
+    assert not any(key.encode() in body for key in KEYS)
+
+
 def test_stream_relayed_byte_for_byte_in_whole_events(up: MockUpstream) -> None:
     """Comments, CRLF and events split across network chunks all pass through unchanged."""
     client, _ = make_client(up, "anthropic", 1)
