@@ -205,7 +205,16 @@ impl Provider {
             Provider::Anthropic => {
                 matches!(event.name.as_deref(), Some("message_stop") | Some("error"))
             }
-            Provider::OpenAi | Provider::AzureOpenAi => openai_final(),
+            // The Responses API ends its streams with one of its own events,
+            // and no `[DONE]`.
+            Provider::OpenAi | Provider::AzureOpenAi => {
+                openai_final()
+                    || matches!(
+                        event.name.as_deref(),
+                        Some("response.completed" | "response.incomplete" | "response.failed")
+                            | Some("error")
+                    )
+            }
             Provider::Gemini => openai_final() || gemini_final_chunk(data),
         }
     }
@@ -219,7 +228,12 @@ impl Provider {
         let openai = || has(b"[DONE]") || has(b"error");
         match self {
             Provider::Anthropic => has(b"message_stop") || has(b"error"),
-            Provider::OpenAi | Provider::AzureOpenAi => openai(),
+            Provider::OpenAi | Provider::AzureOpenAi => {
+                openai()
+                    || has(b"response.completed")
+                    || has(b"response.incomplete")
+                    || has(b"response.failed")
+            }
             Provider::Gemini => openai() || has(b"finishReason") || has(b"blockReason"),
         }
     }
@@ -450,7 +464,17 @@ mod tests {
 
     #[test]
     fn the_quick_look_finds_each_final_event_and_passes_ordinary_ones() {
-        let finals: [(Provider, &[u8]); 8] = [
+        let finals: [(Provider, &[u8]); 11] = [
+            // The Responses API's three ends.
+            (
+                Provider::OpenAi,
+                b"event: response.completed\ndata: {\"type\":\"response.completed\"}\n\n",
+            ),
+            (
+                Provider::AzureOpenAi,
+                b"event: response.incomplete\ndata: {}\n\n",
+            ),
+            (Provider::OpenAi, b"event: response.failed\ndata: {}\n\n"),
             (
                 Provider::Anthropic,
                 b"event: message_stop\ndata: {\"type\":\"message_stop\"}\n\n",
@@ -476,7 +500,11 @@ mod tests {
             assert!(holds_final(provider, buf), "{provider:?} {buf:?}");
             assert!(provider.may_hold_final_event(buf), "{provider:?} {buf:?}");
         }
-        let ordinary: [(Provider, &[u8]); 3] = [
+        let ordinary: [(Provider, &[u8]); 4] = [
+            (
+                Provider::OpenAi,
+                b"event: response.output_text.delta\ndata: {\"delta\":\"hi\"}\n\n",
+            ),
             (
                 Provider::Anthropic,
                 b"event: content_block_delta\ndata: {\"delta\":{\"text\":\"hi\"}}\n\n",
@@ -511,6 +539,7 @@ mod tests {
                                 "{\"candidates\":[{\"finishReason\":\"STOP\"}]}",
                                 "{\"promptFeedback\":{\"blockReason\":\"x\"}}",
                                 "finishReason", "null", " ", "x", "{",
+                                "response.completed", "response.incomplete", "response.failed",
                             ]), 0..3),
                             proptest::sample::select(vec!["\n", "\r\n", "\r"]),
                         ),

@@ -405,6 +405,38 @@ def test_nothing_after_the_final_error_event(up: MockUpstream) -> None:
     check_error_event("openai", body[len(relayed) :])
 
 
+def responses_api_events(end: str | None) -> list[Any]:
+    """A Responses API stream (`POST /v1/responses`): named events, no `[DONE]`; ending
+    with `end` (one of its final events) or, for None, cut before it."""
+    events: list[Any] = [
+        ("response.created", {"type": "response.created", "sequence_number": 0}),
+        ("response.output_text.delta", {"type": "response.output_text.delta", "delta": "Hi"}),
+    ]
+    if end is not None:
+        events.append((end, {"type": end, "sequence_number": 2}))
+    return events
+
+
+@pytest.mark.parametrize("end", ["response.completed", "response.incomplete", "response.failed"])
+def test_a_responses_api_stream_ends_with_its_own_final_event(up: MockUpstream, end: str) -> None:
+    """Close-delimited, where only the final event tells a whole stream from a cut one:
+    the Responses API's own ends count, with no `[DONE]` after them."""
+    client, _ = make_client(up, "openai", 1)
+    whole = Reply.sse(responses_api_events(end), framing="close")
+    up.enqueue(whole)
+    up.enqueue(Reply.sse(responses_api_events(None), framing="close"))
+
+    async def scenario() -> bytes:
+        resp = await client.request("POST", "/v1/responses", body=stream_body("openai"))
+        return b"".join(await collect(resp))
+
+    assert run(scenario()) == b"".join(wire(whole))
+    cut = run(scenario())
+    assert cut.startswith(b"".join(wire(whole)[:2]))
+    message = check_error_event("openai", cut[len(b"".join(wire(whole)[:2])) :])
+    assert "before its final event" in message
+
+
 # --------------------------------------------------------------------------
 # A stream upstream content-coded although asked for identity
 # --------------------------------------------------------------------------
