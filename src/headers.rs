@@ -231,7 +231,15 @@ pub fn relayed(mut headers: HeaderMap, rewritten: bool, detach: bool) -> HeaderM
             || !dropped_tail(headers.keys(), dropped, &mut tail)
         {
             let kept = || headers.iter().filter(|(name, _)| !dropped(name.as_str()));
-            return copied(kept, headers.len(), detach);
+            let mut map = copied(kept, headers.len(), detach);
+            // A Content-Length upstream repeated (with one value: hyper's
+            // client refuses others) goes on once, as hyper's server sends it.
+            if map.get_all(CONTENT_LENGTH).iter().nth(1).is_some() {
+                if let Some(length) = map.get(CONTENT_LENGTH).cloned() {
+                    map.insert(CONTENT_LENGTH, length);
+                }
+            }
+            return map;
         }
     }
     // Last first: each is the map's last field when it goes.
@@ -738,6 +746,14 @@ mod tests {
         let values: Vec<_> = kept.get_all("x-multi").iter().collect();
         assert_eq!(values, ["a", "b"]);
         assert_eq!(kept.get("content-length").unwrap(), "10");
+        // A Content-Length repeated goes on once, streams (detached) too.
+        for detach in [false, true] {
+            let mut twice = headers.clone();
+            twice.append("content-length", HeaderValue::from_static("10"));
+            let once = relayed(twice, false, detach);
+            let lengths: Vec<_> = once.get_all("content-length").iter().collect();
+            assert_eq!(lengths, ["10"], "detach {detach}");
+        }
         // Each Connection field counts, the second as much as the first.
         let mut two = map(&[
             ("connection", b"keep-alive"),

@@ -67,6 +67,29 @@ def request_head(method: str, target: str, *extra: str) -> bytes:
     return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
 
 
+def test_a_content_length_upstream_repeats_goes_on_once(up, proxy_url):
+    up.enqueue(
+        Reply.raw(
+            b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 2\r\n"
+            b"content-length: 2\r\n\r\n{}",
+            close=False,
+        )
+    )
+    host, port = proxy_url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=10) as sock:
+        sock.sendall(request_head("POST", "/v1/messages", "content-length: 2") + b"{}")
+        data = b""
+        while not data.endswith(b"\r\n\r\n{}"):
+            chunk = sock.recv(65536)
+            assert chunk, data
+            data += chunk
+    lines = data.split(b"\r\n")
+    assert lines[0].startswith(b"HTTP/1.1 200")
+    assert [line.lower() for line in lines if line.lower().startswith(b"content-length")] == [
+        b"content-length: 2"
+    ]
+
+
 @pytest.mark.parametrize("method", ["CONNECT", "TRACE"])
 def test_connect_and_trace_are_405_without_an_upstream_call(up, proxy_url, method):
     target = "upstream.example:443" if method == "CONNECT" else "/v1/messages"
