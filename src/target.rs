@@ -371,30 +371,37 @@ fn is_param(pair: &str, name: &str) -> bool {
     if !sent.contains(&b'%') && !sent.contains(&b'+') {
         return sent.eq_ignore_ascii_case(name.as_bytes());
     }
-    let mut decoded = Vec::with_capacity(sent.len());
+    percent_decoded(sent, true).eq_ignore_ascii_case(name.as_bytes())
+}
+
+/// `bytes` with their `%XX` escapes decoded (a `%` without two hex digits
+/// after it stays as it is), and, with `plus_is_space`, `+` a space (as in a
+/// query).
+pub(crate) fn percent_decoded(bytes: &[u8], plus_is_space: bool) -> Vec<u8> {
+    let mut out = Vec::with_capacity(bytes.len());
     let mut i = 0;
-    while i < sent.len() {
+    while i < bytes.len() {
         let hex = |b: u8| (b as char).to_digit(16);
         match (
-            sent[i],
-            sent.get(i + 1).copied().and_then(hex),
-            sent.get(i + 2).copied().and_then(hex),
+            bytes[i],
+            bytes.get(i + 1).copied().and_then(hex),
+            bytes.get(i + 2).copied().and_then(hex),
         ) {
             (b'%', Some(hi), Some(lo)) => {
-                decoded.push((hi * 16 + lo) as u8);
+                out.push((hi * 16 + lo) as u8);
                 i += 3;
             }
-            (b'+', _, _) => {
-                decoded.push(b' ');
+            (b'+', ..) if plus_is_space => {
+                out.push(b' ');
                 i += 1;
             }
-            (b, _, _) => {
-                decoded.push(b);
+            (b, ..) => {
+                out.push(b);
                 i += 1;
             }
         }
     }
-    decoded.eq_ignore_ascii_case(name.as_bytes())
+    out
 }
 
 /// `target` without every `name` query parameter (a `?` left with nothing
