@@ -434,14 +434,19 @@ def start_native(
     cpus: str | None = SERVER_CPU,
     under: tuple[str, ...] = (),
     build: str | None = None,
+    over: tuple[str, str, str, dict[str, str]] | None = None,
 ) -> Setup:
     """The same proxies on keyfailover's native server (`python -m suite.app`: the routes of
     `asgi_app`, one `Server` route each), `threads` runtime threads, pinned to `cpus`; run
     `under` a tool (valgrind) when given. With `build` (a directory holding a `keyfailover`
     package: `make bench` keeps the plain build there), that build rather than the one
-    installed (`make bench` installs the profile-guided build)."""
+    installed (`make bench` installs the profile-guided build). With `over` (key, label,
+    the fast upstream's URL, more environment), in front of that URL instead (`tls.py`)."""
     port = free_port()
-    env = {"KFB_FAST": fast.url, "KFB_SLOW": slow.url, "KFB_HOST": HOST}
+    fast_url = fast.url if over is None else over[2]
+    env = {"KFB_FAST": fast_url, "KFB_SLOW": slow.url, "KFB_HOST": HOST}
+    if over is not None:
+        env.update(over[3])
     if build is not None:
         env["PYTHONPATH"] = build
     args = [*under, sys.executable, "-m", "suite.app", str(port), str(threads)]
@@ -453,6 +458,8 @@ def start_native(
     key, label = "kf-native", "FailoverProxy, native server"
     if build is not None:
         key, label, note = f"{key}-plain", f"{label}, plain build", f"{note}; the plain build"
+    if over is not None:
+        key, label, note = over[0], over[1], f"{note}; upstream {fast_url}"
     setup = Setup(key, label, port, proxy_targets(), proc, note)
     path, credential, _ = setup.targets["json"]
     wait_ready(port, path, credential, proc, timeout=READY_UNDER_TOOL if under else 60.0)

@@ -15,7 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from . import inprocess, instructions, load, measure, procs, report, shared, strategies
+from . import inprocess, instructions, load, measure, procs, report, shared, strategies, tls
 
 
 @dataclass(frozen=True)
@@ -52,6 +52,7 @@ MEASUREMENTS: list[Measurement] = [
     Measurement("state backends", "state", shared.state_throughput, report.state_section),
     Measurement("propagation", "propagation", shared.propagation, report.propagation_section),
     Measurement("serve --workers", "workers", shared.workers, report.workers_section),
+    Measurement("upstream over TLS", "tls", tls.upstream_tls, report.tls_section),
     Measurement(
         "strategies",
         "strategies",

@@ -1149,6 +1149,50 @@ def workers_section(r: dict[str, Any]) -> list[str]:
     return out + native_cores_section(r)
 
 
+def tls_section(r: dict[str, Any]) -> list[str]:
+    """The native server in front of an upstream over TLS (HTTP/1.1 and HTTP/2)."""
+    tls = r.get("tls")
+    if not tls:
+        return []
+    plan, labels = r["plan"], tls["labels"]
+    out = [
+        "",
+        "## The native server to an upstream over TLS",
+        "",
+        "The native server (one runtime thread, one CPU) in front of nginx answering the same "
+        "small JSON reply in plain HTTP (every other table's upstream), over TLS 1.3 with "
+        "HTTP/1.1 only, and over TLS 1.3 offering HTTP/2 (ALPN), as the providers' APIs do; "
+        "a certificate authority of the run's own, trusted through `SSL_CERT_FILE`. "
+        f"{runs(plan)} of {plan['shared_duration']:g} s per setup, alternating; the "
+        "connections' handshakes are in the warm-up.",
+        "",
+        "| conc. | upstream | req/s | x plain HTTP | runs x plain HTTP | CPU µs / request "
+        "| p50 ms | p99 ms | errors |",
+        "| ---: | --- | ---: | ---: | --- | ---: | ---: | ---: | ---: |",
+    ]
+    for c, rows in tls["concurrencies"].items():
+        for key, row in rows.items():
+            cells = [
+                c,
+                labels.get(key, key),
+                f"{row['rps']:,.0f}",
+                f"{row['ratio']:.2f}" if "ratio" in row else "-",
+                ", ".join(f"{x:.2f}" for x in row.get("ratios", [])),
+                f"{row['cpu_per_request'] * 1e6:.1f}" if "cpu_per_request" in row else "-",
+                f"{row['p50']:.2f}",
+                f"{row['p99']:.2f}",
+                str(row["errors"]),
+            ]
+            out.append("| " + " | ".join(cells) + " |")
+    out += [
+        "",
+        "x plain HTTP: the median of the ratios of runs in the same round. CPU per request: "
+        "the native server's process (all threads) over the requests answered; nginx's TLS "
+        "work is the upstream's, not counted.",
+    ]
+    return out
+
+
 def native_cores_section(r: dict[str, Any]) -> list[str]:
     """The native server on both CPUs against one."""
     from .shared import NATIVE_BASE, NATIVE_BOTH
