@@ -109,6 +109,27 @@ pub fn parse(text: &str, source: &str, separators: &[char]) -> Result<Keys> {
                 labelled.push((n, label.to_owned(), settings));
             }
             None => {
+                // `name=` alone could be a base64 key with its padding, but
+                // not one shorter than any key: a label whose key is missing.
+                if let Some((name, _)) = first.split_once('=').filter(|(name, padding)| {
+                    name.len() < 8
+                        && split_label(&format!("{name}=k")).is_some()
+                        && padding.bytes().all(|b| b == b'=')
+                }) {
+                    return Err(at(format!(
+                        "a label with no key after its `=` ({name:?}; a key is 8 \
+                         characters or more)"
+                    )));
+                }
+                // `prod:east=sk-...`: a label of characters labels cannot
+                // have, or a key holding `=`, which must be labelled.
+                if first.trim_end_matches('=').contains('=') {
+                    return Err(at(
+                        "a label of other characters than letters, digits, `_`, \
+                         `.` and `-`, or a key holding `=` (which must be labelled: label=key)"
+                            .to_owned(),
+                    ));
+                }
                 settings.value = first.to_owned();
                 bare.push((n, settings));
             }
@@ -202,6 +223,23 @@ mod tests {
             lines("c2stYmFzZTY0a2V5==\nc2stb3RoZXI=\n").unwrap(),
             Keys::Bare(vec![e("c2stYmFzZTY0a2V5=="), e("c2stb3RoZXI=")])
         );
+        // Too short to be a key with its padding: a label whose key is missing
+        // (a file caught half written), with or without other lines.
+        for bad in ["prod:east", "\u{fc}", "a/b"] {
+            let err = lines(&format!("{bad}={A}\n")).unwrap_err().to_string();
+            assert!(
+                err.contains("line 1: a label of other characters"),
+                "{bad:?}: {err}"
+            );
+            assert!(!err.contains(A), "{err}");
+        }
+        for text in ["c=\n", "prod=\n", "a=\nb=\n", "c==\n"] {
+            let err = lines(text).unwrap_err().to_string();
+            assert!(
+                err.contains("line 1: a label with no key"),
+                "{text:?}: {err}"
+            );
+        }
         assert_eq!(
             parse(&format!("{A}, {B}\n"), "x", &[',', '\n']).unwrap(),
             Keys::Bare(vec![e(A), e(B)])

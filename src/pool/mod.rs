@@ -322,6 +322,17 @@ pub(crate) struct KeySet {
 }
 
 impl KeySet {
+    /// `text` with every key replaced by its hint.
+    fn replaced<'t>(&self, text: std::borrow::Cow<'t, str>) -> std::borrow::Cow<'t, str> {
+        self.slots.iter().fold(text, |out, slot| {
+            if out.contains(slot.value.as_str()) {
+                std::borrow::Cow::Owned(out.replace(slot.value.as_str(), &slot.hint))
+            } else {
+                out
+            }
+        })
+    }
+
     /// Every key's value with its hint, for scrubbing keys out of text.
     pub fn secrets(&self) -> impl Iterator<Item = (&str, &str)> + '_ {
         self.slots
@@ -542,10 +553,19 @@ impl KeyPool {
     /// `text` with every key of the pool replaced by its hint: for messages
     /// that echo what a caller passed, which may be a key in the wrong place.
     pub fn redact<'a>(&self, text: &'a str) -> std::borrow::Cow<'a, str> {
-        let mut out = std::borrow::Cow::Borrowed(text);
-        for slot in self.inner.keys.load().slots.iter() {
-            if out.contains(slot.value.as_str()) {
-                out = std::borrow::Cow::Owned(out.replace(slot.value.as_str(), &slot.hint));
+        let keys = self.inner.keys.load();
+        let out = keys.replaced(std::borrow::Cow::Borrowed(text));
+        // A key may come percent-encoded (in a path, a query): a text that
+        // holds one once decoded is shown decoded, with it replaced.
+        if out.contains('%') {
+            let decoded = crate::target::percent_decoded(out.as_bytes(), false);
+            let decoded = String::from_utf8_lossy(&decoded);
+            if keys
+                .slots
+                .iter()
+                .any(|slot| decoded.contains(slot.value.as_str()))
+            {
+                return std::borrow::Cow::Owned(keys.replaced(decoded).into_owned());
             }
         }
         out
@@ -753,6 +773,21 @@ fn validated(keys: impl IntoIterator<Item = KeySpec>) -> Result<Vec<KeySpec>> {
     }
     if out.is_empty() {
         return Err(Error::Config("a key pool needs at least one key".into()));
+    }
+    // Labels are shown where keys are not (logs, metrics, snapshots, the
+    // admin endpoints): a label that holds a key of the pool would show it.
+    for (i, spec) in out.iter().enumerate() {
+        let holds = |key: &KeySpec| {
+            spec.label == key.value || (key.value.len() >= 8 && spec.label.contains(&key.value))
+        };
+        if let Some(key) = out.iter().find(|key| holds(key)) {
+            return Err(Error::Config(format!(
+                "the label of the pool's key number {} holds one of its keys ({}): \
+                 a label is shown where keys are not",
+                i + 1,
+                mask(&key.value)
+            )));
+        }
     }
     Ok(out)
 }
@@ -964,6 +999,15 @@ mod tests {
         assert!(config_error(vec![("a", "sk-ab cd")], d).contains("whitespace"));
         let dup = config_error(vec![("a", "sk-secret-1"), ("b", "sk-secret-1")], d);
         assert_eq!(dup, "a and b hold the same key");
+        // A label that is, or holds, one of the pool's keys, its own or another's.
+        let key_a = "sk-ant-aaaaaaaaaaaaaaaaaaaa";
+        let key_b = "sk-ant-bbbbbbbbbbbbbbbbbbbb";
+        let holder = format!("x{key_a}y");
+        for labels in [[key_b, "b"], ["a", key_b], [holder.as_str(), "b"]] {
+            let err = config_error(vec![(labels[0], key_a), (labels[1], key_b)], d);
+            assert!(err.contains("holds one of its keys"), "{err}");
+            assert!(!err.contains(key_a) && !err.contains(key_b), "{err}");
+        }
         assert!(!dup.contains("sk-secret"));
         assert!(config_error(vec![("a", "sk-1"), ("a", "sk-2")], d).contains("duplicate label"));
         assert!(config_error(vec![(" ", "sk-1")], d).contains("labels"));
@@ -1406,6 +1450,18 @@ mod tests {
             "https://up/sk-a...wxyz/x"
         );
         assert_eq!(pool.redact("nothing"), "nothing");
+        // Percent-encoded, wholly or in part: shown decoded, the key replaced.
+        let hint = "sk-a...wxyz";
+        let encoded: String = secret.bytes().map(|b| format!("%{b:02X}")).collect();
+        let last = secret.len() - 1;
+        for path in [
+            format!("/a/{encoded}/b?x=%20"),
+            format!("/a/{}%{:02x}", &secret[..last], secret.as_bytes()[last]),
+        ] {
+            let shown = pool.redact(&path);
+            assert!(!shown.contains(secret) && shown.contains(hint), "{shown}");
+        }
+        assert_eq!(pool.redact("/a%20b/%zz"), "/a%20b/%zz");
     }
 
     #[test]
