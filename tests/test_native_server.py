@@ -411,6 +411,22 @@ def test_the_access_log_has_one_line_per_request(up, native, capfd):
     assert all(key not in "\n".join(lines) for key in FAKE_KEYS)
 
 
+def test_a_key_percent_encoded_in_a_path_is_neither_logged_nor_answered(up, native, capfd):
+    """Escaped (one character or all), a key in a path is still a key: the access log and
+    the admin area's 404 show the path decoded, the key replaced by its hint."""
+    url = native(access_log="text")
+    key = FAKE_KEYS[0]
+    escaped = [key[:-1] + f"%{ord(key[-1]):02X}", "".join(f"%{b:02x}" for b in key.encode())]
+    for path in escaped:
+        answer = httpx.get(f"{url}/_keyfailover/{path}")
+        assert answer.status_code == 404
+        assert key not in answer.text
+        assert "no admin endpoint" in answer.text
+    lines = access_lines(capfd, 2)
+    assert len(lines) == 2, lines
+    assert all(key not in line and "..." in line for line in lines), lines
+
+
 def test_the_access_log_in_json(up, native, capfd):
     url = native(access_log="json")
     assert httpx.post(url + "/v1/messages", json=MESSAGE).status_code == 200
@@ -425,6 +441,24 @@ def test_the_access_log_in_json(up, native, capfd):
     assert entry["key"] == "key-0"
     assert entry["duration_ms"] >= 0
     assert entry["message"].startswith("POST /v1/messages -> 200 (attempts=1, key=key-0, ")
+
+
+@pytest.mark.parametrize(
+    ("prefix", "message"),
+    [
+        ("/_keyfailover", "is in an admin area"),
+        ("/v1/_keyfailover/x", "is in an admin area"),
+        ("/a b", "URL path"),
+        ("/a%2Fb", "URL path"),
+    ],
+)
+def test_a_route_where_no_request_reaches_it_or_over_an_admin_area_is_refused(up, prefix, message):
+    from keyfailover import ConfigError
+    from keyfailover._native import Server
+
+    app = FailoverProxy(make_client(up)[0])
+    with pytest.raises(ConfigError, match=message):
+        Server([(prefix, app.gateway)])
 
 
 def test_an_unknown_access_log_format_is_a_clear_error(up):

@@ -24,6 +24,8 @@ use crate::target::normalize_target;
 
 /// Where the admin endpoints live, below the proxy's mount.
 pub const ADMIN_PREFIX: &str = "/_keyfailover/";
+/// The admin area's path segment.
+pub const ADMIN_SEGMENT: &str = "_keyfailover";
 
 /// Settings of a [`Gateway`].
 #[derive(Clone)]

@@ -44,7 +44,7 @@ use crate::body::Direct;
 use crate::error::{Error, ErrorKind, Result};
 use crate::events::{self, Level, Record};
 use crate::failover::Response;
-use crate::gateway::{Gateway, Step};
+use crate::gateway::{Gateway, Step, ADMIN_SEGMENT};
 use crate::headers::RequestHead;
 use crate::latch::Latch;
 use access_log::{AccessLog, Entry};
@@ -396,6 +396,23 @@ fn checked(mut routes: Vec<Route>) -> Result<Vec<Route>> {
         if !prefix.is_empty() && !prefix.starts_with('/') {
             return Err(Error::Config(format!(
                 "route {:?} must start with /",
+                route.prefix
+            )));
+        }
+        // What a request line can carry as it is (RFC 3986's path characters,
+        // no escapes): a prefix with anything else is never matched.
+        let path_char = |b: u8| b.is_ascii_alphanumeric() || b"-._~!$&'()*+,;=:@/".contains(&b);
+        if !prefix.bytes().all(path_char) {
+            return Err(Error::Config(format!(
+                "route {:?} holds characters a URL path does not carry as they are",
+                route.prefix
+            )));
+        }
+        // The admin areas (the server's, and each route's below its prefix)
+        // are the server's: a route there would take their requests upstream.
+        if prefix.split('/').any(|segment| segment == ADMIN_SEGMENT) {
+            return Err(Error::Config(format!(
+                "route {:?} is in an admin area (/{ADMIN_SEGMENT})",
                 route.prefix
             )));
         }
@@ -861,6 +878,13 @@ mod tests {
         assert!(error(vec![route(""), route("/")]).contains("two routes at \"/\""));
         let only = checked(vec![route("/a")]).unwrap();
         assert!(found(&only, "/b").is_none());
+        for admin in ["/_keyfailover", "/_keyfailover/x", "/v1/_keyfailover"] {
+            assert!(error(vec![route(admin)]).contains("admin area"), "{admin}");
+        }
+        for odd in ["/a b", "/caf\u{e9}", "/a%20b", "/a?b", "/a#b", "/a\tb"] {
+            assert!(error(vec![route(odd)]).contains("URL path"), "{odd:?}");
+        }
+        assert!(checked(vec![route("/_keyfailover2"), route("/v1/x_keyfailover")]).is_ok());
     }
 
     #[test]
