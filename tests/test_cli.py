@@ -92,11 +92,36 @@ ARGUMENT_ERRORS = [
 
 ARGUMENT_ERRORS += [
     ((serve_args("--keys-env", "K", "--port", "99999"), {"K": KEY_A}), "is not a port"),
-    ((serve_args("--keys-env", "K", "--timeout", "0"), {"K": KEY_A}), "positive number"),
+    ((serve_args("--keys-env", "K", "--timeout", "0"), {"K": KEY_A}), "number of seconds"),
     (
         (serve_args("--keys-env", "K", "--limit-concurrency", "-3"), {"K": KEY_A}),
-        "positive whole number",
+        "is not a whole number from 1",
     ),
+    # Out of range for the server: refused by the parser, not by the server once started.
+    ((serve_args("--keys-env", "K", "--grace", "1e300"), {"K": KEY_A}), "from 0.001 to 1e+09"),
+    (
+        (serve_args("--keys-env", "K", "--header-timeout", "1e-300"), {"K": KEY_A}),
+        "from 0.001 to 1e+09",
+    ),
+    (
+        (serve_args("--keys-env", "K", "--limit-concurrency", "9" * 23), {"K": KEY_A}),
+        "is not a whole number from 1 to 1,000,000",
+    ),
+    (
+        (serve_args("--keys-env", "K", "--max-body-bytes", "9" * 20), {"K": KEY_A}),
+        "is not a number of bytes from 0 to 2**53",
+    ),
+    (
+        (serve_args("--keys-env", "K", "--workers", "100000"), {"K": KEY_A}),
+        "is not a whole number from 1 to 1,024",
+    ),
+    # A label that is a key would be shown wherever labels are.
+    (
+        keys_env(f"{KEY_A}={KEY_B},b={KEY_A}"),
+        "the label of the pool's key number 1 holds one of its keys",
+    ),
+    (keys_env(f"prod:east={KEY_A}"), "entry 1: a label of other characters"),
+    (keys_env("c=,d="), "entry 1: a label with no key after its `=`"),
     (
         keys_env(f"a={KEY_A},{KEY_B}"),
         "environment variable KF_TEST_KEYS, entry 2: a bare key among labelled ones",
@@ -115,6 +140,18 @@ def test_serve_argument_errors_are_one_line(command, message):
     assert lines[0].startswith("keyfailover serve: error: ")
     assert message in lines[0]
     assert KEY_A not in result.stderr
+    assert KEY_B not in result.stderr
+
+
+def test_a_keys_file_that_is_not_utf8_is_one_line(tmp_path: Path):
+    keys = tmp_path / "keys.txt"
+    keys.write_bytes(f"a={KEY_A}\nb=".encode() + b"\xff\xfe\n")
+    result = run_cli(*serve_args("--keys-file", str(keys)))
+    assert result.returncode == 2
+    assert result.stderr.strip() == (
+        f"keyfailover serve: error: keys file {str(keys)!r}: not UTF-8 text (byte {len(KEY_A) + 6}"
+        f" of {len(KEY_A) + 8})"
+    )
 
 
 def test_serve_needs_a_keys_source():

@@ -330,8 +330,15 @@ def test_check_validates_and_exits(config_dir: Path) -> None:
         ('upstream = "https://u:secret@x"', "upstream: must not contain credentials"),
         ('keys_env = "KF_TEST_DUP"', "keys_env: key-0 and key-1 hold the same key"),
         ('client_tokens_env = "KF_TEST_ANTHROPIC"', "client_tokens_env: a token is the route's"),
-        ("timeout = inf", "timeout: must be a finite number of seconds above 0"),
-        ("timeout = 1e300", "timeout is too large"),  # found by building the route
+        ("timeout = inf", "timeout: must be a number of seconds from 0.001 to 1e+09"),
+        ("timeout = 1e300", "timeout: must be a number of seconds from 0.001 to 1e+09"),
+        ("max_body_bytes = 99999999999999999999", "max_body_bytes: must be a number of bytes"),
+        ('state = "redis://"', "state: a Redis URL needs a host"),
+        ('state = "unix://"', "state: a unix:// URL needs the socket's path"),
+        ('path = "/_keyfailover"', "path: /_keyfailover is the admin area's"),
+        ('path = "/v1/_keyfailover/x"', "path: /_keyfailover is the admin area's"),
+        ('path = "/a b"', "path: must be an absolute path"),
+        ('path = "/caf\u00e9"', "path: must be an absolute path"),
     ],
 )
 def test_check_refuses_what_serve_would(tmp_path: Path, field: str, message: str) -> None:

@@ -191,6 +191,66 @@ def test_the_watcher_logs_a_removed_keys_file_once_and_keeps_the_keys(
     assert list(by_label(pool)) == ["b"]
 
 
+def test_a_keys_file_that_is_not_utf8_keeps_the_keys_and_later_edits_reload(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+):
+    from keyfailover._reload import KeysFileReloader
+
+    keys_file = tmp_path / "keys"
+    keys_file.write_text(f"a={A}\n")
+    pool = kf.KeyPool({"a": A})
+    reloader = KeysFileReloader(keys_file, pool)
+    keys_file.write_bytes(f"a={A}\nb=".encode() + b"\xff\n")
+    kf._logging.flush()
+    with caplog.at_level(logging.INFO, logger="keyfailover"):
+        reloader.reload_if_changed()
+        (message,) = [r.getMessage() for r in caplog.records if r.name == "keyfailover"]
+    assert message.startswith("not reloading the keys (the file changed): keys file")
+    assert "not UTF-8 text" in message
+    assert "the old keys stay" in message
+    assert A not in message
+    assert list(by_label(pool)) == ["a"]
+    keys_file.write_text(f"b={B}\n")
+    reloader.reload_if_changed()
+    assert list(by_label(pool)) == ["b"]
+
+
+def test_the_watching_thread_outlives_a_reload_that_fails_unexpectedly(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+):
+    """Whatever one reload raises, the file is still watched (and the error logged)."""
+    from keyfailover._reload import FileWatcher
+
+    path = tmp_path / "watched"
+    path.write_text("1")
+    reloads: list[str] = []
+
+    class Failing(FileWatcher):
+        def files(self) -> list[Path]:
+            return [path]
+
+        def _reload(self, why: str) -> None:
+            reloads.append(path.read_text())
+            if len(reloads) == 1:
+                raise RuntimeError("a bug of the first reload")
+
+    watcher = Failing(interval=0.02)
+    with caplog.at_level(logging.ERROR, logger="keyfailover"):
+        watcher.watch()
+        try:
+            path.write_text("22")
+            deadline = time.monotonic() + 5
+            while not reloads and time.monotonic() < deadline:
+                time.sleep(0.01)
+            path.write_text("three")
+            while len(reloads) < 2 and time.monotonic() < deadline:
+                time.sleep(0.01)
+        finally:
+            watcher.stop()
+    assert reloads == ["22", "three"]
+    assert any("reloading failed (RuntimeError: a bug" in r.getMessage() for r in caplog.records)
+
+
 # --- keyfailover serve --------------------------------------------------------
 
 TOKEN = "client-token-for-tests-0001"

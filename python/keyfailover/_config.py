@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import math
 import os
 import re
 import stat
@@ -38,7 +37,7 @@ from keyfailover._native import (
     Server,
     parse_keys,
 )
-from keyfailover._reload import FileWatcher
+from keyfailover._reload import FileWatcher, read_text
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -80,6 +79,9 @@ ROUTE_FIELDS = {
     "connect_timeout",
 }
 # The forms of a Redis URL the pools take (checked here, so that `--check` connects to none).
+# A route's path: a URL path as the request line carries it (RFC 3986's
+# characters, no escapes, no query).
+ROUTE_PATH = re.compile(r"/[A-Za-z0-9._~!$&'()*+,;=:@/-]*")
 REDIS_SCHEMES = ("redis://", "rediss://", "unix://", "redis+unix://")
 NAME = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 
@@ -208,9 +210,11 @@ def _keys(
                 raise where.error(field, "must be a path")
             path = base / value
             try:
-                text = path.read_text()
+                text = read_text(path)
             except OSError as exc:
                 raise where.error(field, f"cannot read {str(path)!r}: {exc.strerror}") from None
+            except ValueError as exc:
+                raise where.error(field, f"{str(path)!r}: {exc}") from None
             return parse_keys(text, source=f"keys file {str(path)!r}"), path
         if mode & (stat.S_IRWXG | stat.S_IRWXO):
             raise where.error(
@@ -256,9 +260,11 @@ def _route(
         )
     name = where.route or ""
     path = _typed(where, table, "path", str, f"/{name}")
-    if not path.startswith("/") or "?" in path or "//" in path:
+    if not ROUTE_PATH.fullmatch(path) or "//" in path:
         raise where.error("path", f"must be an absolute path such as /{name}, not {path!r}")
     path = path.rstrip("/") or "/"
+    if "_keyfailover" in path.split("/"):
+        raise where.error("path", "/_keyfailover is the admin area's: a route cannot be there")
     provider = _typed(where, table, "provider", str, "anthropic")
     if provider not in PROVIDERS:
         raise where.error(
@@ -296,8 +302,8 @@ def _route(
                 label = label if isinstance(keys, dict) else f"key-{label}"
                 raise where.error("client_tokens_env", f"a token is the route's key {label}")
     max_body = _typed(where, table, "max_body_bytes", int, 32 * 1024 * 1024)
-    if max_body < 0:
-        raise where.error("max_body_bytes", "must not be negative")
+    if not 0 <= max_body <= 2**53:
+        raise where.error("max_body_bytes", "must be a number of bytes from 0 to 2**53")
     timeout = _typed(where, table, "timeout", float, 600.0)
     connect_timeout = _typed(where, table, "connect_timeout", float, 10.0)
     body_timeout = _typed(where, table, "body_timeout", float, 30.0)
@@ -306,11 +312,22 @@ def _route(
         ("connect_timeout", connect_timeout),
         ("body_timeout", body_timeout),
     ):
-        if not (value > 0 and math.isfinite(value)):
-            raise where.error(field, "must be a finite number of seconds above 0")
+        if not 0.001 <= value <= 1e9:
+            raise where.error(field, "must be a number of seconds from 0.001 to 1e+09")
     state = _typed(where, table, "state", str, None)
-    if state is not None and state not in ("local", "shm") and not state.startswith(REDIS_SCHEMES):
-        raise where.error("state", 'must be "shm" or a redis://, rediss:// or unix:// URL')
+    if state is not None and state not in ("local", "shm"):
+        if not state.startswith(REDIS_SCHEMES):
+            raise where.error("state", 'must be "shm" or a redis://, rediss:// or unix:// URL')
+        try:
+            url = urllib.parse.urlsplit(state)
+            host = url.hostname
+        except ValueError as exc:
+            raise where.error("state", f"not a URL: {exc}") from None
+        unix = url.scheme in ("unix", "redis+unix")
+        if unix and not url.path:
+            raise where.error("state", "a unix:// URL needs the socket's path")
+        if not unix and not host:
+            raise where.error("state", "a Redis URL needs a host")
     namespace = _typed(where, table, "namespace", str, name)
     if not namespace or any(c.isspace() or not c.isprintable() for c in namespace):
         raise where.error("namespace", f"must be a name without spaces, not {namespace!r}")

@@ -20,6 +20,16 @@ log = logging.getLogger("keyfailover")
 Stamp = tuple[int, int, int] | None
 
 
+def read_text(path: Path) -> str:
+    """The text of `path`, which must be UTF-8: OSError, or ValueError saying where it
+    is not UTF-8 (without the bytes around: a keys file's bytes are secrets)."""
+    raw = path.read_bytes()
+    try:
+        return raw.decode()
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"not UTF-8 text (byte {exc.start + 1} of {len(raw)})") from None
+
+
 def stamp(path: Path) -> Stamp:
     """What tells that a file changed: mtime, size, inode (None when missing)."""
     try:
@@ -74,11 +84,16 @@ class FileWatcher:
                 hup = self._hup.wait(self.interval)
                 if self._stop.is_set():
                     return
-                if hup:
-                    self._hup.clear()
-                    self.reload("SIGHUP")
-                else:
-                    self.reload_if_changed()
+                # Whatever goes wrong with one reload, the next is still watched for.
+                try:
+                    if hup:
+                        self._hup.clear()
+                        self.reload("SIGHUP")
+                    else:
+                        self.reload_if_changed()
+                except Exception as exc:  # the thread must not die of it
+                    what = type(exc).__name__
+                    log.error("reloading failed (%s: %s); what is in service stays", what, exc)
 
         threading.Thread(target=loop, name=self.name, daemon=True).start()
 
@@ -109,9 +124,11 @@ class KeysFileReloader(FileWatcher):
     def keys(self) -> list[str | Key] | dict[str, str | Key]:
         """The keys the file holds now; ConfigError naming the file and line."""
         try:
-            text = self.path.read_text()
+            text = read_text(self.path)
         except OSError as exc:
             raise ConfigError(f"cannot read keys file {str(self.path)!r}: {exc.strerror}") from None
+        except ValueError as exc:
+            raise ConfigError(f"keys file {str(self.path)!r}: {exc}") from None
         return parse_keys(text, source=f"keys file {str(self.path)!r}")
 
     def _reload(self, why: str) -> None:

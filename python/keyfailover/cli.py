@@ -26,7 +26,7 @@ from keyfailover import __version__, _native
 from keyfailover._config import PROVIDERS, default_upstream, unset_variable
 from keyfailover._native import ConfigError, FailoverClient, Key, KeyPool
 from keyfailover._native import parse_keys as _parse_keys
-from keyfailover._reload import KeysFileReloader
+from keyfailover._reload import KeysFileReloader, read_text
 
 if TYPE_CHECKING:
     from keyfailover.asgi import FailoverProxy
@@ -60,11 +60,13 @@ def load_keys(args: argparse.Namespace) -> list[str | Key] | dict[str, str | Key
     if args.keys_file:
         path = Path(args.keys_file)
         try:
-            text = path.read_text()
+            text = read_text(path)
         except FileNotFoundError:
             raise CliError(f"keys file {str(path)!r} not found") from None
         except OSError as exc:
             raise CliError(f"cannot read keys file {str(path)!r}: {exc.strerror}") from None
+        except ValueError as exc:
+            raise CliError(f"keys file {str(path)!r}: {exc}") from None
         return parse_keys(text, source=f"keys file {str(path)!r}")
     value = os.environ.get(args.keys_env)
     if value is None:
@@ -385,19 +387,39 @@ def port(text: str) -> int:
     return value
 
 
+# The range of every seconds option: from a millisecond to about 31 years.
+SECONDS = (0.001, 1e9)
+
+
 def seconds(text: str) -> float:
     try:
         value = float(text)
     except ValueError:
         value = -1.0
-    if not (value > 0 and value != float("inf")):
-        raise argparse.ArgumentTypeError(f"{text!r} is not a positive number of seconds")
+    low, high = SECONDS
+    if not low <= value <= high:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a number of seconds from {low:g} to {high:g}"
+        )
     return value
 
 
-def count(text: str) -> int:
-    if not text.isdigit() or int(text) < 1:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a positive whole number")
+def count(text: str, most: int = 1_000_000) -> int:
+    if not text.isdigit() or not 1 <= int(text) <= most:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number from 1 to {most:,}")
+    return int(text)
+
+
+def processes(text: str) -> int:
+    """Workers or threads: a few per core at the most is sensible; this refuses a typo's
+    thousands (each is a process or a thread, started at once)."""
+    return count(text, most=1024)
+
+
+def size(text: str) -> int:
+    """Bytes, 0 or more (up to 2**53)."""
+    if not text.isdigit() or int(text) > 2**53:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of bytes from 0 to 2**53")
     return int(text)
 
 
@@ -438,7 +460,7 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="listen on a non-loopback address without client tokens",
     )
-    serve.add_argument("--max-body-bytes", type=int, default=32 * 1024 * 1024, metavar="N")
+    serve.add_argument("--max-body-bytes", type=size, default=32 * 1024 * 1024, metavar="N")
     serve.add_argument(
         "--timeout",
         type=seconds,
@@ -469,7 +491,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     serve.add_argument(
         "--threads",
-        type=count,
+        type=processes,
         metavar="N",
         help="native server: threads serving requests (default: one per core)",
     )
@@ -517,7 +539,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     serve.add_argument(
         "--workers",
-        type=count,
+        type=processes,
         default=1,
         metavar="N",
         help="worker processes (default 1; the native server uses every core in one)",
