@@ -165,8 +165,9 @@ def test_with_shared_state_reloaded_keys_find_their_state_by_value():
     assert by_label(first)["b"]["state"] == "valid"
 
 
-def test_the_watcher_logs_a_removed_keys_file_once_and_keeps_the_keys(
-    tmp_path: Path, caplog: pytest.LogCaptureFixture
+@pytest.mark.parametrize("spoiled", ["removed", "not UTF-8"])
+def test_the_watcher_logs_a_spoiled_keys_file_once_and_keeps_the_keys(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, spoiled: str
 ):
     from keyfailover._reload import KeysFileReloader
 
@@ -174,44 +175,24 @@ def test_the_watcher_logs_a_removed_keys_file_once_and_keeps_the_keys(
     keys_file.write_text(f"a={A}\n")
     pool = kf.KeyPool({"a": A})
     reloader = KeysFileReloader(keys_file, pool)
-    keys_file.unlink()
+    if spoiled == "removed":
+        keys_file.unlink()
+        why = f"cannot read keys file {str(keys_file)!r}: No such file or directory"
+    else:
+        keys_file.write_bytes(f"a={A}\nb=".encode() + b"\xff\n")
+        why = f"keys file {str(keys_file)!r}: not UTF-8 text (byte {len(A) + 6} of {len(A) + 7})"
     # The core's records of earlier tests (their keys' transitions) reach logging from
     # a drain thread: logged now, and only the reloader's own logger looked at.
     kf._logging.flush()
     with caplog.at_level(logging.INFO, logger="keyfailover"):
         reloader.reload_if_changed()
-        reloader.reload_if_changed()  # still missing: said once
+        reloader.reload_if_changed()  # still as it was: said once
         assert [r.getMessage() for r in caplog.records if r.name == "keyfailover"] == [
-            f"not reloading the keys (the file changed): cannot read keys file {str(keys_file)!r}"
-            ": No such file or directory; the old keys stay"
+            f"not reloading the keys (the file changed): {why}; the old keys stay"
         ]
         assert list(by_label(pool)) == ["a"]
         keys_file.write_text(f"b={B}\n")
         reloader.reload_if_changed()
-    assert list(by_label(pool)) == ["b"]
-
-
-def test_a_keys_file_that_is_not_utf8_keeps_the_keys_and_later_edits_reload(
-    tmp_path: Path, caplog: pytest.LogCaptureFixture
-):
-    from keyfailover._reload import KeysFileReloader
-
-    keys_file = tmp_path / "keys"
-    keys_file.write_text(f"a={A}\n")
-    pool = kf.KeyPool({"a": A})
-    reloader = KeysFileReloader(keys_file, pool)
-    keys_file.write_bytes(f"a={A}\nb=".encode() + b"\xff\n")
-    kf._logging.flush()
-    with caplog.at_level(logging.INFO, logger="keyfailover"):
-        reloader.reload_if_changed()
-        (message,) = [r.getMessage() for r in caplog.records if r.name == "keyfailover"]
-    assert message.startswith("not reloading the keys (the file changed): keys file")
-    assert "not UTF-8 text" in message
-    assert "the old keys stay" in message
-    assert A not in message
-    assert list(by_label(pool)) == ["a"]
-    keys_file.write_text(f"b={B}\n")
-    reloader.reload_if_changed()
     assert list(by_label(pool)) == ["b"]
 
 

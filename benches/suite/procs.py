@@ -229,7 +229,9 @@ def start_mock(procs: Processes, workdir: Path, replies: dict[str, Any] | None =
     return Upstream("MockUpstream", port, proc)
 
 
-NGINX_CONF = """
+# What every nginx of the suite starts with: one worker, its files in {dir}, keep-alive
+# connections kept as long as a run lasts; an `http` block the rest of a config closes.
+NGINX_HEAD = """
 worker_processes 1;
 pid {dir}/nginx.pid;
 error_log {dir}/error.log warn;
@@ -239,7 +241,11 @@ http {{
     keepalive_requests 10000000;
     keepalive_timeout 120s;
     client_body_temp_path {dir}/body;
-    map $http_x_api_key $limited {{ "{limited}" 1; default 0; }}
+"""
+
+NGINX_CONF = (
+    NGINX_HEAD
+    + """    map $http_x_api_key $limited {{ "{limited}" 1; default 0; }}
     server {{
         listen {host}:{port} backlog=4096;
         location = /nginx_status {{ stub_status; }}
@@ -264,6 +270,7 @@ http {{
     }}
 }}
 """
+)
 
 
 def start_nginx(procs: Processes, workdir: Path) -> Upstream:
@@ -470,17 +477,9 @@ def start_native(
 READY_UNDER_TOOL = 300.0
 
 
-NGINX_PROXY_CONF = """
-worker_processes 1;
-pid {dir}/nginx.pid;
-error_log {dir}/error.log warn;
-events {{ worker_connections 8192; }}
-http {{
-    access_log off;
-    keepalive_requests 10000000;
-    keepalive_timeout 120s;
-    client_body_temp_path {dir}/body;
-    proxy_temp_path {dir}/proxy;
+NGINX_PROXY_CONF = (
+    NGINX_HEAD
+    + """    proxy_temp_path {dir}/proxy;
     upstream fast {{ server {host}:{fast}; keepalive 128; keepalive_requests 10000000; }}
     server {{
         listen {host}:{port} backlog=4096;
@@ -499,6 +498,7 @@ http {{
     }}
 }}
 """
+)
 
 
 def start_nginx_proxy(procs: Processes, workdir: Path, fast: Upstream) -> Setup:

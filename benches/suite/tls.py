@@ -13,8 +13,6 @@ its body ends)."""
 from __future__ import annotations
 
 import contextlib
-import datetime
-import ipaddress
 import json
 import shutil
 import socket
@@ -26,7 +24,7 @@ from typing import Any
 
 from .config import HOST, LOAD_CPU, log
 from .measure import Bench, closed_loop
-from .procs import Processes, Setup, Upstream, start_native
+from .procs import NGINX_HEAD, Processes, Setup, Upstream, start_native
 from .shared import alternate, children, cpu_seconds, note_errors, summarize
 from .wire import free_port
 
@@ -37,18 +35,10 @@ SETUPS = (
     ("kf-native-tls-h2", "upstream over TLS, HTTP/2", "h2"),
 )
 
-NGINX_TLS_CONF = """
-worker_processes 1;
-pid {dir}/nginx.pid;
-error_log {dir}/error.log warn;
-events {{ worker_connections 8192; }}
-http {{
-    access_log off;
-    keepalive_requests 10000000;
-    keepalive_timeout 120s;
-    client_body_temp_path {dir}/body;
-    ssl_certificate {dir}/server.pem;
-    ssl_certificate_key {dir}/server.key;
+NGINX_TLS_CONF = (
+    NGINX_HEAD
+    + """    ssl_certificate {dir}/cert.pem;
+    ssl_certificate_key {dir}/key.pem;
     ssl_protocols TLSv1.3;
     server {{
         listen {host}:{h1} ssl backlog=4096;
@@ -61,73 +51,17 @@ http {{
     }}
 }}
 """
-
-
-def write_pki(directory: Path) -> Path:
-    """A certificate authority and a certificate it signed for HOST (P-256 keys): the
-    server's certificate and key beside the CA's certificate, whose path is returned."""
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
-
-    now = datetime.datetime.now(datetime.UTC)
-
-    def name(common: str) -> x509.Name:
-        return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common)])
-
-    ca_key = ec.generate_private_key(ec.SECP256R1())
-    ca = (
-        x509.CertificateBuilder()
-        .subject_name(name("keyfailover bench CA"))
-        .issuer_name(name("keyfailover bench CA"))
-        .public_key(ca_key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(hours=1))
-        .not_valid_after(now + datetime.timedelta(days=2))
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-        .add_extension(
-            x509.KeyUsage(
-                digital_signature=True, content_commitment=False, key_encipherment=False,
-                data_encipherment=False, key_agreement=False, key_cert_sign=True,
-                crl_sign=True, encipher_only=False, decipher_only=False,
-            ),
-            critical=True,
-        )
-        .sign(ca_key, hashes.SHA256())
-    )  # fmt: skip
-    key = ec.generate_private_key(ec.SECP256R1())
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(name(HOST))
-        .issuer_name(ca.subject)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(hours=1))
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(
-            x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address(HOST))]),
-            critical=False,
-        )
-        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
-        .sign(ca_key, hashes.SHA256())
-    )
-    pem = serialization.Encoding.PEM
-    (directory / "server.pem").write_bytes(cert.public_bytes(pem))
-    (directory / "server.key").write_bytes(
-        key.private_bytes(pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
-    )
-    (directory / "ca.pem").write_bytes(ca.public_bytes(pem))
-    return directory / "ca.pem"
+)
 
 
 def start_nginx_tls(procs: Processes, directory: Path) -> tuple[Upstream, dict[str, int], Path]:
     """nginx with the HTTP/1.1 and the HTTP/2 listener (on the load's CPU, as the plain
     upstream); its ports by listener, and the CA's certificate."""
     from keyfailover.testing import anthropic_message
+    from keyfailover.testing.pki import write_pki
 
     directory.chmod(0o755)  # nginx's workers run as an unprivileged user
-    ca = write_pki(directory)
+    pki = write_pki(directory, HOST)
     ports = {"h1": free_port(), "h2": free_port()}
     conf = NGINX_TLS_CONF.format(
         dir=directory,
@@ -143,7 +77,7 @@ def start_nginx_tls(procs: Processes, directory: Path) -> tuple[Upstream, dict[s
     upstream = Upstream("nginx-tls", ports["h1"], proc)
     for port in ports.values():
         wait_listening(port, proc)
-    return upstream, ports, ca
+    return upstream, ports, pki.ca
 
 
 def wait_listening(port: int, proc: subprocess.Popen[str], timeout: float = 10.0) -> None:
