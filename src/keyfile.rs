@@ -223,8 +223,7 @@ mod tests {
             lines("c2stYmFzZTY0a2V5==\nc2stb3RoZXI=\n").unwrap(),
             Keys::Bare(vec![e("c2stYmFzZTY0a2V5=="), e("c2stb3RoZXI=")])
         );
-        // Too short to be a key with its padding: a label whose key is missing
-        // (a file caught half written), with or without other lines.
+        // A label of other characters is not a bare key holding `=`.
         for bad in ["prod:east", "\u{fc}", "a/b"] {
             let err = lines(&format!("{bad}={A}\n")).unwrap_err().to_string();
             assert!(
@@ -233,6 +232,8 @@ mod tests {
             );
             assert!(!err.contains(A), "{err}");
         }
+        // Too short to be a key with its padding: a label whose key is missing
+        // (a file caught half written), with or without other lines.
         for text in ["c=\n", "prod=\n", "a=\nb=\n", "c==\n"] {
             let err = lines(text).unwrap_err().to_string();
             assert!(

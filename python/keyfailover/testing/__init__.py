@@ -52,7 +52,9 @@ Modules: `bodies` (API-shaped response bodies), `replies` (`Reply`),
 (default replies), `http11` (request parsing), `wire` (a reply as bytes on the
 wire, faults included), `server` (`MockUpstream`), `asgi_server`
 (`serve_asgi`), `native_server` (`serve_native`: the native server that
-`keyfailover serve` runs) and `plugin` (the pytest fixture). Scenario files
+`keyfailover serve` runs), `pki` (`write_pki`: a certificate authority of a
+test's own, for upstreams over TLS; needs `cryptography`) and `plugin` (the
+pytest fixture). Scenario files
 and faults are documented in docs/mock-upstream.md.
 """
 
