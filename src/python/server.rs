@@ -12,8 +12,10 @@ use crate::server::access_log::{AccessLog, Format};
 use crate::server::{listener_from_fd, Route, Server, ServerOptions};
 
 /// The native HTTP server: `routes` are (prefix, Gateway) pairs ("" takes
-/// every path). `serve(fd)` blocks until `shutdown()` (or Ctrl-C) and the
-/// drain after it, with the GIL released.
+/// every path; a prefix is a URL path without escapes and outside the admin
+/// areas, no `_keyfailover` segment, else ConfigError). `serve(fd)` blocks
+/// until `shutdown()` (or Ctrl-C) and the drain after it, with the GIL
+/// released.
 #[pyclass(name = "Server", module = "keyfailover", frozen)]
 pub struct PyServer {
     server: Arc<Server>,
