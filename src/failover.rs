@@ -604,8 +604,13 @@ impl Attempt<'_> {
         let mut value = caller.value;
         value.set_sensitive(true);
         headers.insert(caller.header, value);
+        // Not judged, but a body that breaks before its first byte is no
+        // answer here either.
         match self.send(headers, None, self.uri, log).await {
-            Ok(resp) => client.relay(resp, VecDeque::new(), false, None),
+            Ok(mut resp) => match resp.read_ahead().await {
+                Ok(()) => client.relay(resp, VecDeque::new(), false, None),
+                Err(e) => client.send_failure(&broke_before_its_first_byte(&e), true),
+            },
             Err(failure) => client.send_failure(&failure, true),
         }
     }
@@ -780,7 +785,13 @@ impl Attempt<'_> {
             return Judged::Failover(verdict);
         }
         if !(resp.status().is_success() && headers::is_event_stream(resp.headers())) {
-            return Judged::Return(resp, VecDeque::new(), false);
+            // Relayed from its first bytes: a small body has come with its
+            // head, so this mostly waits for nothing; a slower one's head
+            // goes out with its first bytes.
+            return match resp.read_ahead().await {
+                Ok(()) => Judged::Return(resp, VecDeque::new(), false),
+                Err(e) => Judged::Failed(broke_before_its_first_byte(&e)),
+            };
         }
         // A stream upstream content-coded unasked is read decoded; one in a
         // coding this cannot take apart is relayed unread.
@@ -839,6 +850,21 @@ fn failover_record(client: &FailoverClient, key: &Key, status: Option<u16>, reas
             ("reason", Field::from(reason.as_str())),
         ],
     });
+}
+
+/// A body that breaks before its first byte is no answer: a 502, as a
+/// connection closed before the head is. (Relaying its head would leave the
+/// caller a status and an aborted body, or, from a server that had not yet
+/// written the head, nothing at all.)
+fn broke_before_its_first_byte(e: &UpstreamError) -> SendFailure {
+    if e.is_timeout() {
+        SendFailure::Timeout
+    } else {
+        SendFailure::Connect(format!(
+            "the response body broke before its first byte: {}",
+            describe(e)
+        ))
+    }
 }
 
 /// What was read of a stream while looking for its first event.

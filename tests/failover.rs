@@ -141,6 +141,34 @@ async fn a_stream_broken_before_its_first_event_is_a_502_and_marks_nothing() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_body_broken_before_its_first_byte_is_a_502_however_late_the_break() {
+    // The close comes with the head, or a while after it: either way nothing
+    // of the body was sent, and the caller gets a 502 rather than the head.
+    for pause in [None, Some(Duration::from_millis(100))] {
+        let up = Upstream::start(move |_| {
+            let mut steps = vec![Step::Send(
+                b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 40\r\n\r\n"
+                    .to_vec(),
+            )];
+            steps.extend(pause.map(Step::Sleep));
+            steps.push(Step::Close);
+            steps
+        })
+        .await;
+        let client = make_client(&up, 2, Duration::from_secs(5));
+        let (resp, body) = send(&client).await;
+        assert_eq!((resp.status, resp.attempts), (502, 1), "pause {pause:?}");
+        assert!(
+            text(&body).contains("the response body broke before its first byte"),
+            "{}",
+            text(&body)
+        );
+        assert_eq!(state(&client, "key-0"), KeyState::Valid);
+        assert_eq!(up.seen().len(), 1, "no failover");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_rate_limit_as_the_first_event_fails_over() {
     let up = Upstream::start(|seen| match key_index(seen) {
         0 => {

@@ -578,6 +578,21 @@ def test_byok_success_and_auth_failure_relayed(up: MockUpstream, status: int) ->
     assert states(pool) == ["valid"]
 
 
+@pytest.mark.parametrize("framing", ["length", "chunked"])
+def test_byok_body_broken_before_its_first_byte_is_a_502(up: MockUpstream, framing: str) -> None:
+    """Not judged, but no answer either: the caller's own key gets the same 502 as a
+    connection closed before the head, not a 200 whose body breaks at once."""
+    client, pool = make_client(up, OPENAI.provider, 1)
+    body = json.dumps({"id": "chatcmpl-1"}).encode()
+    up.set_reply(BYOK, Reply(body=body, framing=framing, break_after_bytes=0))
+    resp = client.request_sync("POST", OPENAI.path, body=OPENAI.body(), credential=BYOK)
+    assert (resp.status, resp.attempts, resp.key_label) == (502, 1, None)
+    message = check_envelope(OPENAI, resp.read(), "api_error")
+    assert "broke before its first byte" in message
+    assert seen(up) == [BYOK]
+    assert states(pool) == ["valid"]
+
+
 @pytest.mark.parametrize(
     "headers",
     [

@@ -237,6 +237,14 @@ UPSTREAM_FAULTS = [
         headers=(("location", "/v1/elsewhere"),),
     ),
     # ---- a JSON body that breaks after the head: never a clean short body
+    # A body that breaks before its first byte: nothing reached the caller, a plain 502.
+    envelope("json_length_cut_before_first_byte", json_reply(break_after_bytes=0), cause="body"),
+    envelope(
+        "json_chunked_cut_before_first_byte",
+        json_reply(framing="chunked", break_after_bytes=0),
+        cause="body",
+    ),
+    envelope("json_bad_first_chunk", chunked_json_reply(bad_chunk_at=0), cause="body"),
     broken("json_length_cut", json_reply(break_after_bytes=100)),
     broken("json_chunked_cut", json_reply(framing="chunked", break_after_bytes=100)),
     broken(

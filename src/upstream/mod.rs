@@ -326,6 +326,7 @@ impl Http {
             version: head.version,
             headers: head.headers,
             body,
+            ahead: None,
             read_timeout: self.read_timeout,
             back,
             stream,
@@ -507,6 +508,9 @@ pub(crate) struct Response {
     version: Version,
     headers: HeaderMap,
     body: Incoming,
+    /// The body's first piece, read ahead ([`Response::read_ahead`]): the
+    /// next [`Response::chunk`] returns it.
+    ahead: Option<Bytes>,
     read_timeout: Duration,
     back: Option<Back>,
     /// On HTTP/2: the stream, counted open on its connection until the body
@@ -540,7 +544,17 @@ impl Response {
     /// Whether the body has ended: its last piece (by its length, or the
     /// end of its chunks) was read.
     pub fn is_end(&self) -> bool {
-        self.body.is_end_stream()
+        self.ahead.is_none() && self.body.is_end_stream()
+    }
+
+    /// Reads the body's first piece now, for the next [`Response::chunk`]
+    /// to return, so that a body that breaks before it is known as broken
+    /// before anything of the response is relayed.
+    pub async fn read_ahead(&mut self) -> Result<(), UpstreamError> {
+        if self.ahead.is_none() && !self.body.is_end_stream() {
+            self.ahead = self.chunk().await?;
+        }
+        Ok(())
     }
 
     /// Gives the connection back to the pool (the body has ended): an
@@ -556,6 +570,9 @@ impl Response {
     /// Once the body has ended the connection goes back to the pool: a
     /// response dropped before then closes it.
     pub async fn chunk(&mut self) -> Result<Option<Bytes>, UpstreamError> {
+        if let Some(data) = self.ahead.take() {
+            return Ok(Some(data));
+        }
         loop {
             // A frame already read off the socket (a small body arrives with
             // its head) is taken without arming the read timer.
