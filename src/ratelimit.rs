@@ -305,13 +305,24 @@ pub fn rfc3339(text: &str) -> Option<SystemTime> {
         nanos = padded.parse().ok()?;
         rest = &fraction[digits..];
     }
-    let offset = match rest {
-        "Z" | "z" => 0,
-        _ if rest.len() == 6 && matches!(&rest[..1], "+" | "-") && &rest[3..4] == ":" => {
-            let sign = if rest.starts_with('-') { -1 } else { 1 };
-            let h: i64 = rest[1..3].parse().ok()?;
-            let m: i64 = rest[4..6].parse().ok()?;
-            sign * (h * 3600 + m * 60)
+    // Compared as bytes: what follows the seconds may be any text, and a
+    // string cut inside a character would panic.
+    let offset = match rest.as_bytes() {
+        b"Z" | b"z" => 0,
+        [sign @ (b'+' | b'-'), h1, h2, b':', m1, m2] => {
+            let two = |a: u8, b: u8| -> Option<i64> {
+                (a.is_ascii_digit() && b.is_ascii_digit())
+                    .then(|| i64::from(a - b'0') * 10 + i64::from(b - b'0'))
+            };
+            let (h, m) = (two(*h1, *h2)?, two(*m1, *m2)?);
+            if h > 23 || m > 59 {
+                return None;
+            }
+            if *sign == b'-' {
+                -(h * 3600 + m * 60)
+            } else {
+                h * 3600 + m * 60
+            }
         }
         _ => return None,
     };
@@ -575,9 +586,21 @@ mod tests {
             "2026-12-02 05:00",
             "2026-12-02T05:00:00",
             "x",
+            // Text after the seconds, cut inside a character by a naive
+            // slice (the bytes of an offset's sign and colon).
+            "2030-01-01T00:00:00\u{e9}\u{e9}\u{e9}",
+            "2030-01-01T00:00:00+\u{e9}\u{e9}:",
+            "2030-01-01T00:00:00+01\u{e9}0",
+            "2030-01-01T00:00:00.5\u{e9}\u{e9}\u{e9}",
+            "2030-01-01T00:00:00+24:00",
+            "2030-01-01T00:00:00+01:60",
+            "2030-01-01T00:00:00+1:000",
         ] {
             assert_eq!(rfc3339(bad), None, "{bad}");
         }
+        let east = rfc3339("2026-12-02T07:30:00+02:30").unwrap();
+        let west = rfc3339("2026-12-02T02:00:00-03:00").unwrap();
+        assert_eq!((east, west), (now(), now()));
     }
 
     proptest! {
@@ -586,6 +609,13 @@ mod tests {
             let _ = parse([(name.as_str(), value.as_bytes())], now());
             let _ = go_duration(&value);
             let _ = rfc3339(&value);
+        }
+
+        #[test]
+        fn a_date_followed_by_any_text_never_panics(tail in "\\PC{0,8}") {
+            let value = format!("2030-01-01T00:00:00{tail}");
+            let _ = rfc3339(&value);
+            let _ = parse([("anthropic-ratelimit-requests-reset", value.as_bytes())], now());
         }
 
         #[test]

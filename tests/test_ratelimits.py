@@ -174,6 +174,33 @@ def test_a_429_without_retry_after_cools_until_its_used_up_limit_resets(
     assert pool.key("key-0").cooldown_remaining == pytest.approx(60, abs=1)
 
 
+@pytest.mark.parametrize(
+    "reset",
+    [
+        "2030-01-01T00:00:00\u00e9\u00e9\u00e9",  # cut inside a character, it panicked
+        "2030-01-01T00:00:00+\u00e9\u00e9:",
+        "2030-01-01T00:00:00+99:99",
+        "\u00e9" * 30,
+    ],
+)
+def test_a_rate_limit_header_that_does_not_parse_is_ignored(up: MockUpstream, reset: str) -> None:
+    """Any text upstream sends as a reset, on any answer: the request is answered as if the
+    header were not there, and the key stays in use."""
+    headers = {"anthropic-ratelimit-requests-remaining": "0"}
+    headers["anthropic-ratelimit-requests-reset"] = reset
+    up.set_reply(KEYS[0], Reply.json({"ok": True}, headers=headers))
+    pool = kf.KeyPool(KEYS[:2])
+    client = kf.FailoverClient(pool, base_url=up.url)
+    for _ in range(2):
+        response, read = send(client)
+        assert (response.status, response.key_label, json.loads(read)) == (
+            200,
+            "key-0",
+            {"ok": True},
+        )
+    assert pool.key("key-0").state == kf.KeyState.VALID
+
+
 def header_of(response: kf.SyncResponse, name: str) -> str:
     return next(value for key, value in response.headers if key == name)
 

@@ -26,13 +26,14 @@ use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
 use bytes::{Bytes, BytesMut};
-use futures_util::stream;
+use futures_util::{stream, FutureExt};
 use http_body_util::combinators::UnsyncBoxBody;
 use http_body_util::{BodyExt, StreamBody};
 use hyper::body::{Frame, Incoming};
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto;
+use std::panic::AssertUnwindSafe;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
@@ -266,7 +267,9 @@ impl Server {
             // Boxed: a connection holds its service's future for as long as
             // it is open, and a request's (about 4 KB) is only needed until
             // the response head is out, not for the rest of a stream.
-            Box::pin(async move { Ok::<_, Infallible>(server.handle(request).await) })
+            Box::pin(
+                async move { Ok::<_, Infallible>(server.unpanicked(server.handle(request)).await) },
+            )
         });
         let conn = self
             .http
@@ -278,6 +281,33 @@ impl Server {
         // Shutting down: finish the request in flight (if any), then close.
         conn.as_mut().graceful_shutdown();
         let _ = conn.await;
+    }
+
+    /// `handling`'s answer; if it panicked (a bug), a 500 in the provider's
+    /// envelope and an error logged, not a connection closed unanswered.
+    async fn unpanicked(
+        &self,
+        handling: impl std::future::Future<Output = hyper::Response<Body>>,
+    ) -> hyper::Response<Body> {
+        match AssertUnwindSafe(handling).catch_unwind().await {
+            Ok(response) => response,
+            Err(_) => {
+                events::emit(Record {
+                    logger: "keyfailover.proxy",
+                    level: Level::Error,
+                    message: "a request failed with an internal error (a bug, see the \
+                              panic above): answered 500"
+                        .to_owned(),
+                    fields: Vec::new(),
+                });
+                let routes = self.routes.load();
+                let gateway = &routes[routes.len() - 1].gateway;
+                let mut response =
+                    closing(gateway.answer(ErrorKind::Api, "keyfailover internal error (a bug)"));
+                response.status = 500;
+                into_hyper(response, (hyper::Method::GET, hyper::Uri::default()), None)
+            }
+        }
     }
 
     async fn handle(&self, request: hyper::Request<Incoming>) -> hyper::Response<Body> {
@@ -942,5 +972,23 @@ mod tests {
         // A bad set changes nothing.
         assert!(server.set_routes(vec![]).is_err());
         assert_eq!(server.routes.load().len(), 2);
+    }
+
+    #[tokio::test]
+    async fn a_request_whose_handling_panics_is_answered_500() {
+        let server = Server::new(vec![route("/a")], ServerOptions::default()).unwrap();
+        let response = server
+            .unpanicked(async { panic!("a bug in handling a request") })
+            .await;
+        assert_eq!(response.status(), 500);
+        assert_eq!(response.headers()["connection"], "close");
+        let body = response.into_body().collect().await.unwrap().to_bytes();
+        let body: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(body["type"], "error");
+        assert_eq!(body["error"]["type"], "api_error");
+        assert_eq!(
+            body["error"]["message"],
+            "keyfailover internal error (a bug)"
+        );
     }
 }
