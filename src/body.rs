@@ -798,15 +798,28 @@ impl ResponseBody {
         self.next_batch().now_or_never()
     }
 
-    /// The rest of the body.
+    /// The rest of the body. A read cancelled midway (a timeout around it)
+    /// gives back what it had read: the next read starts where it started.
     pub async fn read_all(&self) -> Result<Bytes> {
-        let mut out = BytesMut::new();
+        let mut read = Unread {
+            body: self,
+            chunks: Vec::new(),
+        };
         while let Some(batch) = self.next_batch().await? {
-            for chunk in batch {
-                out.extend_from_slice(&chunk);
-            }
+            read.chunks.extend(batch);
         }
-        Ok(out.freeze())
+        let chunks = std::mem::take(&mut read.chunks);
+        Ok(match chunks.as_slice() {
+            [] => Bytes::new(),
+            [one] => one.clone(),
+            all => {
+                let mut out = BytesMut::with_capacity(all.iter().map(Bytes::len).sum());
+                for chunk in all {
+                    out.extend_from_slice(chunk);
+                }
+                out.freeze()
+            }
+        })
     }
 
     /// Closes the body and its upstream connection at once.
@@ -826,6 +839,31 @@ impl ResponseBody {
 
     pub fn is_closed(&self) -> bool {
         self.closed.is_set()
+    }
+}
+
+/// What a [`ResponseBody::read_all`] in progress has read: put back ahead of
+/// the rest if the read is dropped before it ends (by then the read holds no
+/// lock on the body's source). A body that ended or broke has nothing to put
+/// it back into: the error was raised.
+struct Unread<'a> {
+    body: &'a ResponseBody,
+    chunks: Chunks,
+}
+
+impl Drop for Unread<'_> {
+    fn drop(&mut self) {
+        if self.chunks.is_empty() {
+            return;
+        }
+        let Ok(mut source) = self.body.source.try_lock() else {
+            return;
+        };
+        if let Source::Channel { ready, .. } = &mut *source {
+            let mut chunks = std::mem::take(&mut self.chunks);
+            chunks.extend(ready.take().unwrap_or_default());
+            *ready = Some(chunks);
+        }
     }
 }
 
@@ -989,5 +1027,19 @@ mod tests {
             scrub_value(format!("key={KEY}").as_bytes(), secrets).unwrap(),
             format!("key={HINT}").as_bytes()
         );
+    }
+
+    #[tokio::test]
+    async fn a_read_all_cancelled_midway_gives_back_what_it_had_read() {
+        let (tx, rx) = mpsc::channel(4);
+        let body = ResponseBody::from_channel(rx, tokio::spawn(async {}).abort_handle());
+        tx.send(Ok(Bytes::from_static(b"abc"))).await.unwrap();
+        tx.send(Ok(Bytes::from_static(b"def"))).await.unwrap();
+        let timed_out =
+            tokio::time::timeout(std::time::Duration::from_millis(50), body.read_all()).await;
+        assert!(timed_out.is_err(), "the body has not ended: the read waits");
+        tx.send(Ok(Bytes::from_static(b"ghi"))).await.unwrap();
+        drop(tx);
+        assert_eq!(body.read_all().await.unwrap(), &b"abcdefghi"[..]);
     }
 }

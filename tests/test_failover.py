@@ -1160,6 +1160,48 @@ def test_response_reading_styles(up: MockUpstream) -> None:
     assert resp.closed
 
 
+def test_a_responses_awaitables_work_with_asyncio_and_anext(up: MockUpstream) -> None:
+    """What `__anext__`, `__aenter__` and `aclose` return is awaited like a coroutine
+    whether its outcome is known at once or not: by asyncio's helpers, and by
+    `anext(response, default)`, which the end of a body raised early crashed."""
+    client, _ = make_client(up, ANTHROPIC.provider, 1)
+    up.enqueue(Reply.json({"a": 1}), broken_json_reply())
+
+    async def scenario() -> None:
+        resp = await client.request("POST", "/v1/messages", body=b"{}")
+        assert await asyncio.ensure_future(resp.__aenter__()) is resp
+        assert await asyncio.wait_for(resp.__anext__(), 5) == b'{"a":1}'
+        assert await anext(resp, None) is None
+        assert await anext(resp, "end") == "end", "and again"
+        with pytest.raises(StopAsyncIteration):
+            await resp.__anext__()
+        assert await asyncio.gather(resp.aclose(), resp.aclose()) == [None, None]
+        assert resp.closed
+
+        resp = await client.request("POST", "/v1/messages", body=b"{}")
+        with pytest.raises(kf.UpstreamError):  # noqa: PT012 - chunks arrive before the break
+            while await anext(resp, None) is not None:
+                pass
+
+    run(scenario())
+
+
+def test_a_read_cancelled_midway_loses_nothing(up: MockUpstream) -> None:
+    """`wait_for(resp.read(), t)` timing out after some of the body came: the next read
+    returns all of it, not silently what came after."""
+    client, _ = make_client(up, ANTHROPIC.provider, 1)
+    pieces = [b'{"a":"' + b"x" * 50, b"y" * 50, b'"}']
+    up.enqueue(Reply(headers={"content-type": "application/json"}, body=pieces, chunk_delay=0.3))
+
+    async def scenario() -> None:
+        resp = await client.request("POST", "/v1/messages", body=b"{}")
+        with pytest.raises(asyncio.TimeoutError):
+            await asyncio.wait_for(resp.read(), 0.45)
+        assert await resp.read() == b"".join(pieces)
+
+    run(scenario())
+
+
 def test_stats_count_every_outcome(up: MockUpstream) -> None:
     client, pool = make_client(up, ANTHROPIC.provider, 3)
     up.set_reply(KEYS[0], ANTHROPIC.error(429, "rate_limit_error", "5"))

@@ -50,10 +50,22 @@ impl<'py> IntoPyObject<'py> for Chunk {
     }
 }
 
-/// An awaitable whose result is already known: `await` returns it at once,
-/// with no round trip through the runtime.
+/// An awaitable whose outcome is already known: `await` returns it (or
+/// raises it) at once, with no round trip through the runtime. Its own
+/// iterator, as asyncio's helpers (`ensure_future`, `wait_for`, `gather`)
+/// need an awaitable's to be.
 #[pyclass(module = "keyfailover", frozen)]
-struct Ready(Py<PyAny>);
+struct Ready(std::result::Result<Py<PyAny>, PyErr>);
+
+impl Ready {
+    fn value(value: Py<PyAny>) -> Self {
+        Self(Ok(value))
+    }
+
+    fn raising(err: PyErr) -> Self {
+        Self(Err(err))
+    }
+}
 
 #[pymethods]
 impl Ready {
@@ -61,8 +73,15 @@ impl Ready {
         slf
     }
 
+    fn __iter__(slf: Py<Self>) -> Py<Self> {
+        slf
+    }
+
     fn __next__(&self, py: Python<'_>) -> PyResult<()> {
-        Err(PyStopIteration::new_err((self.0.clone_ref(py),)))
+        match &self.0 {
+            Ok(value) => Err(PyStopIteration::new_err((value.clone_ref(py),))),
+            Err(err) => Err(err.clone_ref(py)),
+        }
     }
 }
 
@@ -410,13 +429,18 @@ response_methods!(PyResponse, {
         // Chunks already received are handed over at once; only a wait for
         // the network goes through the runtime.
         match body.try_next_batch() {
+            // The end and an error too are raised by the awaitable, not by
+            // this call: `anext(response, default)` (which crashed the
+            // interpreter on a StopAsyncIteration raised here) and the like
+            // rely on it.
             Some(Ok(Some(chunks))) => {
-                Ok(Ready(Chunk(chunks).into_pyobject(py)?.into_any().unbind())
-                    .into_pyobject(py)?
-                    .into_any())
+                Ready::value(Chunk(chunks).into_pyobject(py)?.into_any().unbind())
+                    .into_bound_py_any(py)
             }
-            Some(Ok(None)) => Err(PyStopAsyncIteration::new_err(())),
-            Some(Err(err)) => Err(err.into()),
+            Some(Ok(None)) => {
+                Ready::raising(PyStopAsyncIteration::new_err(())).into_bound_py_any(py)
+            }
+            Some(Err(err)) => Ready::raising(err.into()).into_bound_py_any(py),
             None => bridge::spawn(py, async move {
                 match body.next_batch().await? {
                     Some(chunks) => Ok(Chunk(chunks)),
@@ -429,12 +453,12 @@ response_methods!(PyResponse, {
     /// Closes the response and its upstream connection at once.
     fn aclose<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
         self.0.body.close();
-        Ready(py.None()).into_bound_py_any(py)
+        Ready::value(py.None()).into_bound_py_any(py)
     }
 
     fn __aenter__<'py>(slf: Bound<'py, Self>) -> PyResult<Bound<'py, PyAny>> {
         let py = slf.py();
-        Ready(slf.into_any().unbind()).into_bound_py_any(py)
+        Ready::value(slf.into_any().unbind()).into_bound_py_any(py)
     }
 
     #[pyo3(signature = (*_args))]
