@@ -224,6 +224,28 @@ def test_groups_from_a_keys_file_and_learned_from_the_organization_header() -> N
         assert pool.key("c").group is None, "not heard from yet"
 
 
+def test_a_group_never_shows_a_key(up: MockUpstream) -> None:
+    """A group is shown where keys are not (snapshots, metrics, the admin pages): an
+    organization header echoing the key is not learned, and a configured group holding
+    a key is refused without showing it."""
+    reply = Reply.json({"ok": True}, headers={"anthropic-organization-id": KEYS[0]})
+    up.set_reply(KEYS[0], reply)
+    pool = kf.KeyPool(KEYS[:2])
+    client = kf.FailoverClient(pool, base_url=up.url)
+    assert send(client)[0].status == 200
+    assert pool.snapshot()[0]["group"] is None
+    assert KEYS[0] not in client.metrics()
+    assert KEYS[0] not in repr(pool.key("key-0"))
+    for make in (
+        lambda: kf.Key(KEYS[0], group=KEYS[0]),
+        lambda: kf.KeyPool({"a": kf.Key(KEYS[0], group=f"org {KEYS[1]}"), "b": KEYS[1]}),
+    ):
+        with pytest.raises(kf.ConfigError, match="holds") as info:
+            make()
+        assert KEYS[0] not in str(info.value)
+        assert KEYS[1] not in str(info.value)
+
+
 QUOTA_CASES = [
     pytest.param(
         "anthropic",

@@ -257,7 +257,11 @@ impl Key {
                 .and_then(|(_, v)| std::str::from_utf8(v.as_bytes()).ok())
                 .map(str::trim)
                 .filter(|v| !v.is_empty() && v.len() <= 128);
-            if let Some(org) = org {
+            // A group is shown where keys are not: an upstream echoing the
+            // key it was sent there is not heard.
+            if let Some(org) =
+                org.filter(|org| matches!(self.pool.redact(org), std::borrow::Cow::Borrowed(_)))
+            {
                 let _ = self.slot.learned_group.set(org.to_owned());
             }
         }

@@ -754,9 +754,7 @@ fn validated(keys: impl IntoIterator<Item = KeySpec>) -> Result<Vec<KeySpec>> {
         validate_label(label)?;
         validate_key(label, &spec.value)?;
         if let Some(group) = &spec.group {
-            if group.trim().is_empty() || group.chars().any(char::is_control) {
-                return Err(Error::Config(format!("{label}: the group name is empty")));
-            }
+            validate_group(label, group, &spec.value)?;
         }
         for other in &out {
             if other.label == *label {
@@ -774,19 +772,24 @@ fn validated(keys: impl IntoIterator<Item = KeySpec>) -> Result<Vec<KeySpec>> {
     if out.is_empty() {
         return Err(Error::Config("a key pool needs at least one key".into()));
     }
-    // Labels are shown where keys are not (logs, metrics, snapshots, the
-    // admin endpoints): a label that holds a key of the pool would show it.
+    // Labels and groups are shown where keys are not (logs, metrics,
+    // snapshots, the admin endpoints): one that holds a key of the pool
+    // would show it.
     for (i, spec) in out.iter().enumerate() {
-        let holds = |key: &KeySpec| {
-            spec.label == key.value || (key.value.len() >= 8 && spec.label.contains(&key.value))
-        };
-        if let Some(key) = out.iter().find(|key| holds(key)) {
-            return Err(Error::Config(format!(
-                "the label of the pool's key number {} holds one of its keys ({}): \
-                 a label is shown where keys are not",
-                i + 1,
-                mask(&key.value)
-            )));
+        let shown = [("label", Some(&spec.label)), ("group", spec.group.as_ref())];
+        for (what, text) in shown {
+            let Some(text) = text else { continue };
+            let holds = |key: &KeySpec| {
+                *text == key.value || (key.value.len() >= 8 && text.contains(&key.value))
+            };
+            if let Some(key) = out.iter().find(|key| holds(key)) {
+                return Err(Error::Config(format!(
+                    "the {what} of the pool's key number {} holds one of its keys ({}): \
+                     a {what} is shown where keys are not",
+                    i + 1,
+                    mask(&key.value)
+                )));
+            }
         }
     }
     Ok(out)
@@ -943,6 +946,25 @@ pub(crate) fn validate_key(label: &str, value: &str) -> Result<()> {
     if !value.chars().all(|c| c.is_ascii_graphic()) {
         return Err(Error::Config(format!(
             "{label}: the key contains whitespace, control or non-ASCII characters"
+        )));
+    }
+    Ok(())
+}
+
+/// A key's group: a name, shown where the key is not (so not holding it).
+pub(crate) fn validate_group(label: &str, group: &str, value: &str) -> Result<()> {
+    if group.trim().is_empty() {
+        return Err(Error::Config(format!("{label}: the group name is empty")));
+    }
+    if group.chars().any(char::is_control) {
+        return Err(Error::Config(format!(
+            "{label}: the group name holds a control character"
+        )));
+    }
+    if group.contains(value) {
+        return Err(Error::Config(format!(
+            "{label}: the group holds the key ({}): a group is shown where keys are not",
+            mask(value)
         )));
     }
     Ok(())
@@ -1784,6 +1806,50 @@ mod tests {
             "learned group shares it"
         );
         assert_eq!(pool.statuses()[2].state, KeyState::Valid);
+    }
+
+    #[test]
+    fn a_group_never_holds_a_key_of_the_pool() {
+        // Learned: an upstream that echoes a key in the header is not heard.
+        let pool = pool_of(2, Strategy::Ordered, &[]);
+        let now = std::time::SystemTime::now();
+        for echoed in ["value-0-xxxxxxxx", "org value-1-xxxxxxxx"] {
+            let mut headers = http::header::HeaderMap::new();
+            headers.insert("anthropic-organization-id", echoed.parse().unwrap());
+            pool.key("key-0").unwrap().observe(&headers, 200, now);
+        }
+        assert_eq!(pool.snapshot()[0].group, None);
+        // Configured: refused, as a label that holds one is.
+        let cases = [
+            (
+                "value-1-xxxxxxxx",
+                "the group of the pool's key number 1 holds one of its keys",
+            ),
+            ("org-value-0-xxxxxxxx", "a: the group holds the key"),
+        ];
+        for (group, message) in cases {
+            let specs = [
+                KeySpec {
+                    group: Some(group.into()),
+                    ..KeySpec::new("a", "value-0-xxxxxxxx")
+                },
+                KeySpec::new("b", "value-1-xxxxxxxx"),
+            ];
+            let err = KeyPool::build(specs, PoolOptions::default())
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains(message), "{err}");
+            assert!(!err.contains("value-"), "{err}");
+        }
+        let control = KeySpec {
+            group: Some("org\n1".into()),
+            ..KeySpec::new("a", "value-0-xxxxxxxx")
+        };
+        let err = KeyPool::build([control], PoolOptions::default()).unwrap_err();
+        assert!(
+            err.to_string().contains("holds a control character"),
+            "{err}"
+        );
     }
 
     #[test]

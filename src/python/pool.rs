@@ -12,7 +12,8 @@ use super::runtime::runtime;
 use crate::clock::{Clock, ManualClock};
 use crate::error::Error;
 use crate::pool::{
-    mask, validate_key, Cooldowns, Key, KeyPool, KeySpec, KeyState, PoolOptions, Walker,
+    mask, validate_group, validate_key, Cooldowns, Key, KeyPool, KeySpec, KeyState, PoolOptions,
+    Walker,
 };
 use crate::state::StateSpec;
 
@@ -409,6 +410,9 @@ impl PyKey {
     #[pyo3(signature = (value, *, group = None, base_url = None))]
     fn new(value: String, group: Option<String>, base_url: Option<String>) -> PyResult<Self> {
         validate_key("key", &value)?;
+        if let Some(group) = &group {
+            validate_group("key", group, &value)?;
+        }
         if let Some(url) = &base_url {
             crate::target::BaseUrl::parse(url)
                 .map_err(|e| Error::Config(e.to_string().replace(&value, &mask(&value))))?;
