@@ -159,6 +159,17 @@ def test_three_routes_each_fail_over_on_their_own(up: MockUpstream, serve: Serve
         ready = http.get("/_keyfailover/readyz")
         # Each route keeps its own area below its prefix.
         route_keys = http.get("/oai/_keyfailover/keys", headers={"x-api-key": TOKEN}).json()
+        # A key where a label or endpoint goes is not echoed, in either area.
+        echoed = [
+            http.get(f"/_keyfailover/{OPENAI[0]}"),
+            http.get(f"/_keyfailover/keys/{GEMINI[1]}/retire"),
+            http.get(f"/oai/_keyfailover/keys/{OPENAI[1]}/retire", headers=admin),
+            http.put(f"/oai/_keyfailover/keys/{OPENAI[1]}/retire", headers=admin),
+        ]
+    assert [answer.status_code for answer in echoed] == [404, 404, 405, 405]
+    for answer in echoed:
+        assert not any(key in answer.text for key in ALL_KEYS), answer.text
+        assert "..." in answer.text, answer.text
     assert {pool: [k["state"] for k in ks] for pool, ks in keys.items()} == {
         "anthropic": ["temporary", "valid"],
         "openai": ["permanent", "valid"],

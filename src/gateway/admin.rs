@@ -67,17 +67,18 @@ impl Gateway {
                 Access::Refused(answer) => *answer,
                 Access::Granted(who) => self.reload(&who),
             },
+            // The path echoed may hold a key (in place of a label).
             ("" | "livez" | "readyz" | "health" | "keys" | "metrics" | "events", _) => self.answer(
                 ErrorKind::MethodNotAllowed,
-                &format!("{path} answers GET only"),
+                &format!("{} answers GET only", self.client.pool().redact(path)),
             ),
             (_, Some(_)) => self.answer(
                 ErrorKind::MethodNotAllowed,
-                &format!("{path} answers POST only"),
+                &format!("{} answers POST only", self.client.pool().redact(path)),
             ),
             ("reload", _) if self.reload.is_some() => self.answer(
                 ErrorKind::MethodNotAllowed,
-                &format!("{path} answers POST only"),
+                &format!("{} answers POST only", self.client.pool().redact(path)),
             ),
             _ => {
                 let shown = self.client.pool().redact(path);

@@ -41,12 +41,14 @@ impl Server {
             .unwrap_or_default()
             .trim_end_matches('/');
         let known = matches!(endpoint, "livez" | "readyz" | "health" | "keys" | "metrics");
+        // The path echoed may hold a key (in place of a label).
         if !known {
             return gateway.answer(
                 ErrorKind::NotFound,
                 &format!(
-                    "no admin endpoint {path} (the server-wide area has livez, readyz, health, \
-                     keys and metrics; each route has its own below its prefix)"
+                    "no admin endpoint {} (the server-wide area has livez, readyz, health, \
+                     keys and metrics; each route has its own below its prefix)",
+                    super::redacted(routes, path)
                 ),
             );
         }
