@@ -271,6 +271,10 @@ def write(tmp_path: Path, text: str, mode: int = 0o644) -> Path:
             "[routes.a]\nkeys_env = 'K'\n[routes.b]\nkeys_env = 'K'\npath = '/a'",
             "route 'b': path: /a is route 'a''s too",
         ),
+        (
+            "[routes.a]\nkeys_env = 'K'\n[routes.root]\nkeys_env = 'K'\npath = '/'",
+            "route 'root': path: / beside other routes would take the server-wide admin area",
+        ),
         ("[routes.a]\nkeys_file = 'missing.keys'", "route 'a': keys_file: cannot read"),
         (
             "[routes.a]\nkeys_env = 'K'\nprovider = 'azure_openai'",

@@ -391,6 +391,12 @@ def load_config(path: str | os.PathLike[str], *, environ: dict[str, str] | None 
                 "path", f"{route.path} is route {paths[route.path]!r}'s too"
             )
         paths[route.path] = route.name
+    if "/" in paths and len(routes) > 1:
+        raise _Where(path, paths["/"]).error(
+            "path",
+            "/ beside other routes would take the server-wide admin area (/_keyfailover/): "
+            "with several routes, each needs a prefix",
+        )
     return Config(path=path, routes=tuple(routes), admin_tokens=admin)
 
 

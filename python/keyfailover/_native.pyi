@@ -297,8 +297,9 @@ class Gateway:
 @final
 class Server:
     """The native HTTP server: `routes` are (prefix, Gateway) pairs ("" takes
-    every path; a prefix is a URL path without escapes and outside the admin
-    areas, no `_keyfailover` segment, else ConfigError). `serve(fd)` blocks
+    every path, and is then the only route; a prefix is a URL path without
+    escapes and outside the admin areas, no `_keyfailover` segment, else
+    ConfigError). `serve(fd)` blocks
     until `shutdown()` (or Ctrl-C) and the drain after it, with the GIL
     released."""
 

@@ -12,8 +12,9 @@ use crate::server::access_log::{AccessLog, Format};
 use crate::server::{listener_from_fd, Route, Server, ServerOptions};
 
 /// The native HTTP server: `routes` are (prefix, Gateway) pairs ("" takes
-/// every path; a prefix is a URL path without escapes and outside the admin
-/// areas, no `_keyfailover` segment, else ConfigError). `serve(fd)` blocks
+/// every path, and is then the only route; a prefix is a URL path without
+/// escapes and outside the admin areas, no `_keyfailover` segment, else
+/// ConfigError). `serve(fd)` blocks
 /// until `shutdown()` (or Ctrl-C) and the drain after it, with the GIL
 /// released.
 #[pyclass(name = "Server", module = "keyfailover", frozen)]

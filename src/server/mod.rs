@@ -449,6 +449,14 @@ fn checked(mut routes: Vec<Route>) -> Result<Vec<Route>> {
         route.prefix = prefix.to_owned();
     }
     routes.sort_by_key(|r| std::cmp::Reverse(r.prefix.len()));
+    // With several routes `/_keyfailover/` is the server-wide area, over
+    // every pool: a route at `/` would take it for its own.
+    if routes.len() > 1 && routes[routes.len() - 1].prefix.is_empty() {
+        return Err(Error::Config(format!(
+            "a route at \"/\" beside others would take the server-wide admin area \
+             (/{ADMIN_SEGMENT}/): with several routes, each needs a prefix"
+        )));
+    }
     if let Some(pair) = routes.windows(2).find(|w| w[0].prefix == w[1].prefix) {
         return Err(Error::Config(format!(
             "two routes at {:?}",
@@ -879,10 +887,10 @@ mod tests {
 
     #[test]
     fn the_longest_prefix_takes_a_path_cut_at_a_segment() {
-        let routes = checked(vec![route("/a"), route("/a/b/"), route("")]).unwrap();
+        let routes = checked(vec![route("/a"), route("/a/b/")]).unwrap();
         assert_eq!(
             routes.iter().map(|r| r.prefix.as_str()).collect::<Vec<_>>(),
-            ["/a/b", "/a", ""]
+            ["/a/b", "/a"]
         );
         let at = |target| found(&routes, target).map(|(p, rest)| (p, rest.into_owned()));
         assert_eq!(
@@ -892,8 +900,11 @@ mod tests {
         assert_eq!(at("/a/v1"), Some(("/a".into(), "/v1".into())));
         assert_eq!(at("/a"), Some(("/a".into(), "/".into())));
         assert_eq!(at("/a?x=1"), Some(("/a".into(), "/?x=1".into())));
-        // "/ab" is not below "/a": the empty prefix takes it whole.
-        assert_eq!(at("/ab/v1"), Some(("".into(), "/ab/v1".into())));
+        // "/ab" is not below "/a".
+        assert_eq!(at("/ab/v1"), None);
+        // A route at "/", alone, takes every path whole.
+        let root = checked(vec![route("/")]).unwrap();
+        assert_eq!(found(&root, "/ab/v1"), Some(("".into(), "/ab/v1".into())));
     }
 
     #[test]
@@ -905,7 +916,8 @@ mod tests {
         assert!(error(vec![]).contains("at least one route"));
         assert!(error(vec![route("a")]).contains("must start with /"));
         assert!(error(vec![route("/a"), route("/a/")]).contains("two routes at \"/a\""));
-        assert!(error(vec![route(""), route("/")]).contains("two routes at \"/\""));
+        assert!(error(vec![route(""), route("/")]).contains("a route at \"/\" beside others"));
+        assert!(error(vec![route("/a"), route("/")]).contains("server-wide admin area"));
         let only = checked(vec![route("/a")]).unwrap();
         assert!(found(&only, "/b").is_none());
         for admin in ["/_keyfailover", "/_keyfailover/x", "/v1/_keyfailover"] {
@@ -951,7 +963,7 @@ mod tests {
 
     #[test]
     fn access_log_paths_show_hints_of_any_routes_keys() {
-        let routes = checked(vec![route("/a"), route("")]).unwrap();
+        let routes = checked(vec![route("/a"), route("/b")]).unwrap();
         let path = "/_keyfailover/keys/sk-ant-server-key-0-xxxxxxxx/retire";
         let shown = redacted(&routes, path);
         assert!(!shown.contains("server-key-0"), "{shown}");
