@@ -1,6 +1,6 @@
 //! The server-wide admin area: `/_keyfailover/` of a server with several
-//! routes (none at `/`: refused), over every route's pool. Each route keeps its own
-//! full admin area (dashboard, actions) below its prefix.
+//! routes (none at `/`: refused), over every route's pool. Each route keeps
+//! its own full admin area (dashboard, actions) below its prefix.
 //!
 //! | path | method | |
 //! | --- | --- | --- |
