@@ -4,6 +4,7 @@ field), `--check`, and reloads that keep key state or, on an error, change nothi
 
 from __future__ import annotations
 
+import http.client
 import json
 import os
 import re
@@ -185,6 +186,23 @@ def test_three_routes_each_fail_over_on_their_own(up: MockUpstream, serve: Serve
     for key in ALL_KEYS:
         assert key not in err + json.dumps(keys) + metrics
     assert "route /oai (openai, openai): forwarding to" in err
+
+
+def test_a_request_goes_to_the_route_of_its_path_with_dot_segments_resolved(
+    up: MockUpstream, serve: Served
+) -> None:
+    """Sent as they are (httpx would resolve them first): `/oai/../anthropic/...` is the
+    anthropic route's, with its key, and `/anthropic/./x/../v1/...` too."""
+    port = int(serve.url.rsplit(":", 1)[1])
+    seen = []
+    for target in ("/oai/../anthropic/v1/messages", "/anthropic/./x/../v1/messages"):
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+        conn.request("POST", target, body=json.dumps(MESSAGE))
+        answer = conn.getresponse()
+        seen.append((answer.status, json.loads(answer.read())["type"]))
+        conn.close()
+    assert seen == [(200, "message"), (200, "message")]
+    assert [(r.path, credential_of(r)) for r in up.requests] == 2 * [("/v1/messages", ANTHROPIC[0])]
 
 
 def test_sighup_reloads_the_config_keeping_key_state(

@@ -325,6 +325,15 @@ impl Server {
         // Its value is not looked at: requests go to the route's upstream
         // whatever host the caller named.
         let host_ok = parts.version != http::Version::HTTP_11 || head.hosts == 1;
+        // Routed as the route will forward it, dot segments resolved
+        // (`/x/../a/v1` is route /a's); a target that will not resolve is
+        // left for the route to refuse.
+        let resolved = if routes.len() > 1 || !routes[0].prefix.is_empty() {
+            crate::target::normalize_target(target).unwrap_or(Cow::Borrowed(target))
+        } else {
+            Cow::Borrowed(target)
+        };
+        let target = &*resolved;
         let (route, target) = match route(&routes, target) {
             Some(found) if host_ok => found,
             // `OPTIONS *` and the like: the gateway refuses them (400), as it
