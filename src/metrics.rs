@@ -92,10 +92,12 @@ const LIMITS: usize = REASON_SLOTS + CODES.len() + 1;
 const LAST_ERROR: usize = LIMITS + 2 * LimitKind::ALL.len();
 /// Requests that failed over from a key.
 const FAILOVERS: usize = LAST_ERROR + 2;
+/// When (the pool's clock, plus one) a key last said it had no requests left.
+const RAN_OUT: usize = FAILOVERS + 1;
 /// A key's counters: transitions by reason, responses by code, then its
 /// latest rate-limit values and last error (gauges, kept with them so that
-/// workers share them), then its failovers.
-pub const KEY_COUNTERS: usize = FAILOVERS + 1;
+/// workers share them), then its failovers and when it last ran out.
+pub const KEY_COUNTERS: usize = RAN_OUT + 1;
 
 /// How a request ended, for `keyfailover_requests_total`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -262,15 +264,24 @@ impl KeyCounters {
         )
     }
 
+    /// Notes that the key said, at `now` (the pool's clock), that it had no
+    /// requests left.
+    pub fn ran_out(&self, now: u64) {
+        self.0.set(RAN_OUT, now.saturating_add(1));
+    }
+
     /// The share of the request limit expected left, for a key that is
     /// available now: the latest remaining less the `in_flight` requests
     /// (sent since it was reported, mostly), so that concurrent walks do not
-    /// all start at the key that answered last. 1.0 when not heard of, and
-    /// when the latest answer had none left: a key available again after
-    /// that has waited out its reset (or its 429).
-    pub fn headroom(&self, in_flight: u32) -> f64 {
+    /// all start at the key that answered last. 1.0 when not heard of.
+    /// When the latest answer had none left: 1.0 if the key has cooled down
+    /// since (`cooled_until`, its latest cooldown's end, is after that
+    /// answer), as it waited out its reset or its 429; else 0.0, last (an
+    /// upstream that says none is left but not when more will be).
+    pub fn headroom(&self, in_flight: u32, cooled_until: u64) -> f64 {
         match self.limit(LimitKind::Requests) {
-            (_, Some(0)) => 1.0,
+            (_, Some(0)) if cooled_until >= self.0.get(RAN_OUT) => 1.0,
+            (_, Some(0)) => 0.0,
             (Some(limit), Some(remaining)) if limit > 0 => {
                 (remaining as f64 - f64::from(in_flight)) / limit as f64
             }

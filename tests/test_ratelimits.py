@@ -334,6 +334,22 @@ def test_every_other_400_goes_back_to_the_caller_unchanged(up: MockUpstream) -> 
     assert pool.key("key-0").state == kf.KeyState.VALID
 
 
+def test_headroom_puts_a_key_that_says_it_ran_out_last(up: MockUpstream) -> None:
+    """Remaining 0 and no reset time (Azure, Mistral's minute limits): the key is not
+    cooled, but neither is it the first choice, as it was, counted full."""
+    pool = kf.KeyPool(KEYS[:2], strategy="headroom")
+    client = kf.FailoverClient(pool, base_url=up.url, provider="openai")
+    limits = {"x-ratelimit-limit-requests": "100"}
+    up.set_reply(KEYS[0], Reply.json({}, headers={**limits, "x-ratelimit-remaining-requests": "0"}))
+    up.set_reply(
+        KEYS[1], Reply.json({}, headers={**limits, "x-ratelimit-remaining-requests": "90"})
+    )
+    path = "/v1/chat/completions"
+    labels = [send(client, path=path)[0].key_label for _ in range(4)]
+    assert labels == ["key-0", "key-1", "key-1", "key-1"]
+    assert pool.key("key-0").state == kf.KeyState.VALID
+
+
 def test_the_headroom_strategy_keeps_clear_of_429s() -> None:
     """4 keys of 5 requests per window, 60 requests: headroom spreads them and never
     sees a 429 while capacity lasts."""

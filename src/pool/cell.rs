@@ -139,7 +139,10 @@ impl Cell {
     }
 
     pub fn headroom(&self) -> f64 {
-        self.counters.headroom(self.in_flight())
+        // The word of an available key: VALID, or the end of its latest
+        // cooldown (kept until the next mark).
+        let cooled_until = self.word.load(Ordering::Acquire);
+        self.counters.headroom(self.in_flight(), cooled_until)
     }
 
     pub fn status(&self, now: u64) -> KeyStatus {

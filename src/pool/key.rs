@@ -236,6 +236,9 @@ impl Key {
         let limits = ratelimit::parse_with(pairs(), now);
         if !limits.is_empty() {
             self.counters().observe(&limits);
+            if limits.get(ratelimit::LimitKind::Requests).remaining == Some(0) {
+                self.counters().ran_out(self.pool.clock().now_nanos());
+            }
             // A 429 is the verdict's to mark (as rate-limited); this is for
             // answers that went through but used the last of a limit.
             if let (true, Some((_, reset))) = (status != 429, limits.depleted()) {

@@ -1708,17 +1708,40 @@ mod tests {
     }
 
     #[test]
-    fn a_key_available_again_after_its_limit_ran_out_counts_as_full() {
-        let pool = pool_of(2, Strategy::Headroom, &[]);
+    fn a_key_that_ran_out_is_last_until_it_has_cooled_down() {
+        let clock = ManualClock::new(S(1));
+        let options = PoolOptions {
+            strategy: Strategy::Headroom,
+            clock: Some(clock.clone()),
+            ..PoolOptions::default()
+        };
+        let specs = ["value-0-xxxxxxxx", "value-1-xxxxxxxx"]
+            .iter()
+            .enumerate()
+            .map(|(i, v)| KeySpec::new(format!("key-{i}"), *v));
+        let pool = KeyPool::build(specs, options).unwrap();
         let mut headers = http::header::HeaderMap::new();
         headers.insert("x-ratelimit-limit-requests", "10".parse().unwrap());
         headers.insert("x-ratelimit-remaining-requests", "5".parse().unwrap());
         let now = std::time::SystemTime::now();
-        pool.key("key-1").unwrap().observe(&headers, 200, now);
-        // key-0's last answer had none left (a 429, whose cooldown is over).
+        let (first, second) = (pool.key("key-0").unwrap(), pool.key("key-1").unwrap());
+        second.observe(&headers, 200, now);
+        // key-0 says it has none left, and not when more come (no reset, as
+        // Azure and Mistral's minute limits): it is last, not full.
         headers.insert("x-ratelimit-remaining-requests", "0".parse().unwrap());
-        pool.key("key-0").unwrap().observe(&headers, 429, now);
-        assert_eq!(walk(&pool)[0], "key-0");
+        first.observe(&headers, 200, now);
+        assert_eq!(walk(&pool), ["key-1", "key-0"]);
+        // Its next answer is a 429 that cools it; once that is over, it has
+        // waited out its limit and counts as full again.
+        clock.advance(S(1));
+        first.observe(&headers, 429, now);
+        first.cool(Some(S(5)), Cause::new(Reason::RateLimited, Some(429)));
+        assert_eq!(walk(&pool), ["key-1"]);
+        clock.advance(S(6));
+        assert_eq!(walk(&pool), ["key-0", "key-1"]);
+        // Another answer with none left, with no cooldown after it: last again.
+        first.observe(&headers, 200, now);
+        assert_eq!(walk(&pool), ["key-1", "key-0"]);
     }
 
     #[test]
