@@ -89,6 +89,7 @@ impl Request {
         headers: HeaderMap,
         body: Bytes,
     ) -> Result<Self> {
+        // A message that echoes a caller's text: see `FailoverClient::redacted`.
         let method = Method::from_bytes(method.as_bytes())
             .map_err(|_| Error::BadRequest(format!("invalid HTTP method {:?}", method)))?;
         Ok(Self {
@@ -218,6 +219,19 @@ impl std::fmt::Debug for FailoverClient {
 
 impl FailoverClient {
     pub fn new(pool: KeyPool, options: ClientOptions) -> Result<Self> {
+        // Both are shown (a repr, the metrics' pool label): neither may hold
+        // a key.
+        let shown = [
+            ("base_url", Some(&options.base_url)),
+            ("name", options.name.as_ref()),
+        ];
+        for (what, text) in shown {
+            if let Some(std::borrow::Cow::Owned(masked)) = text.map(|t| pool.redact(t)) {
+                return Err(Error::Config(format!(
+                    "{what} {masked:?} holds one of the pool's keys"
+                )));
+            }
+        }
         let base_url = BaseUrl::parse(&options.base_url).map_err(|e| match e {
             Error::Config(message) => Error::Config(pool.redact(&message).into_owned()),
             other => other,
@@ -322,6 +336,19 @@ impl FailoverClient {
 
     /// Sends `request`, failing over across the pool's keys.
     ///
+    /// `err` with any of the pool's keys in its message replaced by their
+    /// hints: for errors that echo what a caller passed (a header name, a
+    /// method), which may be a key in the wrong place.
+    pub fn redacted(&self, err: Error) -> Error {
+        match err {
+            Error::BadRequest(message) => {
+                Error::BadRequest(self.pool.redact(&message).into_owned())
+            }
+            Error::Config(message) => Error::Config(self.pool.redact(&message).into_owned()),
+            other => other,
+        }
+    }
+
     /// Errors only for a request that cannot be sent (bad method or path);
     /// every upstream problem becomes a response in the provider's envelope.
     pub async fn request(&self, request: Request) -> Result<Response> {
@@ -331,12 +358,7 @@ impl FailoverClient {
         // A Gemini key in the query string (`?key=`) is the caller's: it is
         // never forwarded (nor logged), whoever's key the request goes with.
         let target = self.provider.strip_credential_query(&request.target);
-        let uri = self.base_url.uri(&target).map_err(|e| match e {
-            Error::BadRequest(message) => {
-                Error::BadRequest(self.pool.redact(&message).into_owned())
-            }
-            other => other,
-        })?;
+        let uri = self.base_url.uri(&target).map_err(|e| self.redacted(e))?;
         let http = self.http()?;
         bump(&self.stats.requests);
         if self.shutdown.is_set() {
@@ -507,6 +529,25 @@ impl FailoverClient {
             if let Some(clean) = scrub_value(value.as_bytes(), keys.secrets()) {
                 *value = HeaderValue::from_bytes(&clean).unwrap_or(HeaderValue::from_static(""));
             }
+        }
+        // A name cannot be scrubbed: one that holds a key (lower-cased, as
+        // names are) is dropped. Names are short, so rarely even compared.
+        let echoed: Vec<HeaderName> = relayed
+            .keys()
+            .filter(|name| {
+                keys.secrets().any(|(secret, _)| {
+                    let name = name.as_str().as_bytes();
+                    !secret.is_empty()
+                        && name.len() >= secret.len()
+                        && name
+                            .windows(secret.len())
+                            .any(|w| w.eq_ignore_ascii_case(secret.as_bytes()))
+                })
+            })
+            .cloned()
+            .collect();
+        for name in echoed {
+            relayed.remove(name);
         }
         let outcome = if byok {
             self.pool.counters().outcome(Outcome::Byok);

@@ -62,7 +62,8 @@ impl FromStr for Provider {
             .find(|p| p.as_str() == s)
             .ok_or_else(|| {
                 Error::Config(format!(
-                    "unknown provider {s:?}: expected one of {}",
+                    "unknown provider {:?}: expected one of {}",
+                    crate::pool::echoed(s),
                     Provider::ALL
                         .iter()
                         .map(|p| format!("{:?}", p.as_str()))

@@ -954,6 +954,63 @@ def test_malformed_requests_raise_invalid_request_error_without_secrets(
     assert client.stats()["requests"] == 0
 
 
+def test_a_pool_key_in_a_bad_request_or_setting_is_never_echoed(up: MockUpstream) -> None:
+    """A key where a method, header name or value, provider, name or base URL goes (a
+    caller's mistake), or in text that is not valid UTF-8 (a lone surrogate, as text decoded
+    with surrogateescape holds): the error is a KeyfailoverError that masks it, not one
+    that echoes it, as Python's UnicodeEncodeError would."""
+    client, pool = make_client(up, ANTHROPIC.provider, 2)
+    key = KEYS[0]
+    bad_requests = [
+        (key + " ", "/v1", None),
+        ("GET", "/v1", {key + " ": "1"}),
+        ("GET", "/v1", {"x-h": key + "\udc80"}),
+        ("GET", "/v1", {key + "\udc80": "1"}),
+    ]
+    raised: list[BaseException] = []
+    for method, path, headers in bad_requests:
+        with pytest.raises(kf.InvalidRequestError) as info:
+            client.request_sync(method, path, headers=headers)
+        raised.append(info.value)
+    bad_settings = [
+        lambda: kf.FailoverClient(pool, base_url=up.url, provider=key),
+        lambda: kf.FailoverClient(pool, base_url=up.url, name=key),
+        lambda: kf.FailoverClient(pool, base_url=f"{up.url}/{key}"),
+        lambda: kf.KeyPool(KEYS[:2], strategy=key),
+        lambda: kf.KeyPool([key + "\udc80"]),
+        lambda: kf.KeyPool({"a\udc80": key}),
+        lambda: kf.Key(key + "\udc80"),
+        lambda: pool.reload([key, KEYS[1] + "\udc80"]),
+        lambda: kf.parse_keys(f"{key}\n{KEYS[1]}\udc80"),
+    ]
+    for make in bad_settings:
+        with pytest.raises(kf.ConfigError) as info:
+            make()
+        raised.append(info.value)
+    with pytest.raises(kf.UnknownKeyError) as info:
+        pool.key(key + "\udc80")
+    raised.append(info.value)
+    for error in raised:
+        shown = f"{error}{error!r}{error.args}"
+        assert not any(k in shown for k in KEYS), shown
+    assert up.requests == []
+    assert states(pool) == ["valid", "valid"]
+
+
+def test_a_response_header_named_after_a_key_is_not_relayed(up: MockUpstream) -> None:
+    """A value is scrubbed; a name cannot be, and goes. Azure's keys (32 lower-case hex
+    digits) are valid header names as they are."""
+    key = "0123456789abcdef0123456789abcdef"
+    pool = kf.KeyPool([key])
+    client = kf.FailoverClient(pool, base_url=up.url)
+    up.set_reply(key, Reply.json({}, headers={f"x-{key}": "1", "x-kept": "yes"}))
+    resp = client.request_sync("POST", "/v1/messages", body=b"{}")
+    assert resp.status == 200
+    names = [name for name, _ in resp.headers]
+    assert "x-kept" in names
+    assert not any(key in name for name in names), names
+
+
 # --------------------------------------------------------------------------
 # Error mappings: upstream unreachable, slow or broken
 # --------------------------------------------------------------------------

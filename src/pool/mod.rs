@@ -890,11 +890,10 @@ impl std::str::FromStr for Strategy {
             "round_robin" => Strategy::RoundRobin,
             "least_loaded" => Strategy::LeastLoaded,
             "headroom" => Strategy::Headroom,
-            other => {
-                return Err(Error::Config(format!(
-                    "unknown strategy {other:?}: expected ordered, round_robin, least_loaded or headroom"
-                )))
-            }
+            other => return Err(Error::Config(format!(
+                "unknown strategy {:?}: expected ordered, round_robin, least_loaded or headroom",
+                echoed(other)
+            ))),
         })
     }
 }
@@ -907,6 +906,16 @@ impl Strategy {
             Strategy::LeastLoaded => "least_loaded",
             Strategy::Headroom => "headroom",
         }
+    }
+}
+
+/// A name the caller gave that is none of those expected, as an error shows
+/// it: masked when longer than any name is, as a key in the wrong place is.
+pub(crate) fn echoed(given: &str) -> std::borrow::Cow<'_, str> {
+    if given.chars().count() > 24 {
+        std::borrow::Cow::Owned(mask(given))
+    } else {
+        std::borrow::Cow::Borrowed(given)
     }
 }
 

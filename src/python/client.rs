@@ -15,7 +15,7 @@ use pyo3::IntoPyObjectExt;
 use super::bridge::{self, Failure};
 use super::errors::class;
 use super::pool::{positive_seconds, PyKeyPool};
-use super::rules::extract_headers;
+
 use super::runtime::block_on;
 use crate::body::{Chunks, ResponseBody};
 use crate::error::{Error, ErrorKind, Exhaustion};
@@ -111,7 +111,12 @@ fn build_request(
     body: Option<&Bound<'_, PyAny>>,
     credential: Option<&str>,
 ) -> PyResult<Request> {
-    let mut request = Request::new(method, path, extract_headers(headers)?, extract_body(body)?)?;
+    // The caller's method and header names, echoed by an error, may be a
+    // key in the wrong place.
+    let headers = crate::headers::header_map(super::rules::extract_pairs(headers)?)
+        .map_err(|e| client.redacted(e))?;
+    let mut request =
+        Request::new(method, path, headers, extract_body(body)?).map_err(|e| client.redacted(e))?;
     if let Some(credential) = credential {
         let (name, value) = client.caller_key_header(path, credential);
         let value = HeaderValue::from_str(&value).map_err(|_| {

@@ -118,7 +118,19 @@ fn key_string(item: &Bound<'_, PyAny>, what: &str) -> PyResult<String> {
     let text = item
         .cast::<PyString>()
         .map_err(|_| Error::Config(format!("{what} must be str, not {}", type_name(item))))?;
-    Ok(text.to_str()?.to_owned())
+    Ok(utf8(text, what).map_err(Error::Config)?.to_owned())
+}
+
+/// `text` as UTF-8. A str that is not (it holds a lone surrogate, as text
+/// decoded with `surrogateescape` does) is refused with a message that does
+/// not echo it, unlike Python's own `UnicodeEncodeError`: it may hold a key.
+pub(crate) fn utf8<'a>(text: &'a Bound<'_, PyString>, what: &str) -> Result<&'a str, String> {
+    text.to_str().map_err(|_| {
+        format!(
+            "{what}: not valid text (it holds a lone surrogate, as text decoded with \
+             errors=\"surrogateescape\" does)"
+        )
+    })
 }
 
 fn type_name(obj: &Bound<'_, PyAny>) -> String {
@@ -278,7 +290,9 @@ impl PyKeyPool {
     }
 
     /// The key with this label; `KeyError` if there is none.
-    fn key(&self, label: &str) -> PyResult<PyKey> {
+    fn key(&self, label: &Bound<'_, PyString>) -> PyResult<PyKey> {
+        let label = utf8(label, "label")
+            .map_err(|_| Error::UnknownLabel("(not valid text: a lone surrogate)".into()))?;
         Ok(PyKey {
             key: KeyRef::Bound(self.pool.key(label)?),
         })
@@ -408,7 +422,19 @@ impl PyKey {
     /// A key to build a pool with: `KeyPool({"a": Key("sk-...", group="org-1")})`.
     #[new]
     #[pyo3(signature = (value, *, group = None, base_url = None))]
-    fn new(value: String, group: Option<String>, base_url: Option<String>) -> PyResult<Self> {
+    fn new(
+        value: &Bound<'_, PyString>,
+        group: Option<&Bound<'_, PyString>>,
+        base_url: Option<&Bound<'_, PyString>>,
+    ) -> PyResult<Self> {
+        let value = utf8(value, "key").map_err(Error::Config)?.to_owned();
+        let text = |s: Option<&Bound<'_, PyString>>, what| -> PyResult<Option<String>> {
+            Ok(match s {
+                Some(s) => Some(utf8(s, what).map_err(Error::Config)?.to_owned()),
+                None => None,
+            })
+        };
+        let (group, base_url) = (text(group, "group")?, text(base_url, "base_url")?);
         validate_key("key", &value)?;
         if let Some(group) = &group {
             validate_group("key", group, &value)?;

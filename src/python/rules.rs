@@ -18,7 +18,8 @@ use crate::verdict;
 /// A header name or value given as `str` or `bytes` (as ASGI servers do).
 fn header_part(obj: &Bound<'_, PyAny>) -> PyResult<Vec<u8>> {
     if let Ok(s) = obj.cast::<PyString>() {
-        Ok(s.to_str()?.as_bytes().to_vec())
+        let text = super::pool::utf8(s, "a header").map_err(crate::error::Error::BadRequest)?;
+        Ok(text.as_bytes().to_vec())
     } else if let Ok(b) = obj.cast::<PyBytes>() {
         Ok(b.as_bytes().to_vec())
     } else {
@@ -113,10 +114,11 @@ pub fn mark_key_on_response(
 #[pyo3(signature = (text, *, source = "keys", separators = "\n"))]
 pub fn parse_keys<'py>(
     py: Python<'py>,
-    text: &str,
+    text: &Bound<'py, PyString>,
     source: &str,
     separators: &str,
 ) -> PyResult<Bound<'py, PyAny>> {
+    let text = super::pool::utf8(text, source).map_err(crate::error::Error::Config)?;
     let separators: Vec<char> = separators.chars().collect();
     // A key with settings comes as a Key(value, group=..., base_url=...).
     let entry = |py: Python<'py>, e: keyfile::Entry| -> PyResult<Bound<'py, PyAny>> {
