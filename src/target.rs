@@ -51,6 +51,15 @@ const PARSED_TARGET_LEN: usize = 256;
 impl BaseUrl {
     pub fn parse(raw: &str) -> Result<Self> {
         let shown = masked_url(raw);
+        // Refused rather than dropped, as the URL parser would (it trims
+        // spaces and controls at the ends and drops tabs and newlines
+        // inside): a URL read with its newline is a mistake to point out.
+        if raw.chars().any(|c| c.is_whitespace() || c.is_control()) {
+            return Err(Error::Config(format!(
+                "base_url {shown:?} holds whitespace or a control character (a newline read \
+                 with it?)"
+            )));
+        }
         let url = url::Url::parse(raw)
             .map_err(|e| Error::Config(format!("base_url {shown:?} is not a URL: {e}")))?;
         if !url.username().is_empty() || url.password().is_some() {
@@ -675,5 +684,17 @@ mod tests {
         assert!(message.contains("credentials"), "{message}");
         assert!(message.contains("https://***@up.example/p"), "{message}");
         assert!(!message.contains("hunter2"), "{message}");
+        for spaced in [
+            "https://up.example/v1\n",
+            "https://up.example/v1 ",
+            " https://up.example",
+            "https://up.exa\tmple",
+        ] {
+            let message = BaseUrl::parse(spaced).unwrap_err().to_string();
+            assert!(
+                message.contains("whitespace or a control character"),
+                "{message}"
+            );
+        }
     }
 }

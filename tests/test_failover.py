@@ -997,6 +997,15 @@ def test_a_pool_key_in_a_bad_request_or_setting_is_never_echoed(up: MockUpstream
     assert states(pool) == ["valid", "valid"]
 
 
+@pytest.mark.parametrize("suffix", ["\n", " ", "\t"])
+def test_a_base_url_with_whitespace_is_refused(up: MockUpstream, suffix: str) -> None:
+    """Read from a file with its newline: refused at once, not accepted and then joined
+    wrongly (`/v1/v1/...`) or blamed on every request's path."""
+    pool = kf.KeyPool(KEYS[:1])
+    with pytest.raises(kf.ConfigError, match="whitespace or a control character"):
+        kf.FailoverClient(pool, base_url=f"{up.url}/v1{suffix}")
+
+
 def test_a_response_header_named_after_a_key_is_not_relayed(up: MockUpstream) -> None:
     """A value is scrubbed; a name cannot be, and goes. Azure's keys (32 lower-case hex
     digits) are valid header names as they are."""

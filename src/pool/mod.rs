@@ -890,10 +890,12 @@ impl std::str::FromStr for Strategy {
             "round_robin" => Strategy::RoundRobin,
             "least_loaded" => Strategy::LeastLoaded,
             "headroom" => Strategy::Headroom,
-            other => return Err(Error::Config(format!(
+            other => {
+                return Err(Error::Config(format!(
                 "unknown strategy {:?}: expected ordered, round_robin, least_loaded or headroom",
                 echoed(other)
-            ))),
+            )))
+            }
         })
     }
 }
