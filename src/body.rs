@@ -329,12 +329,18 @@ pub(crate) struct Scrubber {
 
 impl Scrubber {
     /// None when there is nothing to scrub for.
+    /// A key with a `/` (base64) is also looked for as JSON may write it,
+    /// `\/` (PHP's encoder and others escape every slash).
     pub fn new<'a>(secrets: impl IntoIterator<Item = (&'a str, &'a str)>) -> Option<Self> {
-        let secrets: Vec<(Vec<u8>, Vec<u8>)> = secrets
-            .into_iter()
-            .filter(|(value, _)| !value.is_empty())
-            .map(|(v, h)| (v.as_bytes().to_vec(), h.as_bytes().to_vec()))
-            .collect();
+        let mut all: Vec<(Vec<u8>, Vec<u8>)> = Vec::new();
+        for (value, hint) in secrets.into_iter().filter(|(value, _)| !value.is_empty()) {
+            if value.contains('/') {
+                let escaped = value.replace('/', "\\/");
+                all.push((escaped.into_bytes(), hint.as_bytes().to_vec()));
+            }
+            all.push((value.as_bytes().to_vec(), hint.as_bytes().to_vec()));
+        }
+        let secrets = all;
         let longest = secrets.iter().map(|(v, _)| v.len()).max()?;
         Some(Self {
             secrets,
@@ -880,6 +886,22 @@ impl Drop for ResponseBody {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_key_with_slashes_is_scrubbed_as_json_may_escape_it() {
+        let key = "sk-ant-api03-ab/cd+ef/0001";
+        let mut scrubber = Scrubber::new([(key, "sk-a...0001")]).unwrap();
+        let body = br#"{"error":{"message":"bad key sk-ant-api03-ab\/cd+ef\/0001 or sk-ant-api03-ab/cd+ef/0001"}}"#;
+        let mut out = Vec::new();
+        for piece in body.chunks(7) {
+            out.extend_from_slice(&scrubber.push(piece).unwrap_or_default());
+        }
+        out.extend_from_slice(&scrubber.finish().unwrap_or_default());
+        assert_eq!(
+            String::from_utf8(out).unwrap(),
+            r#"{"error":{"message":"bad key sk-a...0001 or sk-a...0001"}}"#
+        );
+    }
 
     const KEY: &str = "sk-ant-api03-secret-value-0001";
     const HINT: &str = "sk-a...0001";
