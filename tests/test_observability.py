@@ -355,6 +355,29 @@ def test_spans_for_a_request_that_failed_over(up: MockUpstream, spans) -> None:
     assert first.end_time <= second.start_time
 
 
+def test_an_attempt_span_names_the_endpoint_its_key_went_to(up: MockUpstream, spans) -> None:
+    """Keys with endpoints of their own: each attempt's `server.address` is the host it
+    went to, not the client's base URL's."""
+    spans.clear()
+    port = up.url.rsplit(":", 1)[1]
+    pool = kf.KeyPool(
+        {
+            "east": kf.Key(KEYS[0], base_url=f"http://localhost:{port}"),
+            "west": kf.Key(KEYS[1], base_url=f"http://127.0.0.1:{port}"),
+        }
+    )
+    client = kf.FailoverClient(pool, base_url="http://default-endpoint.invalid")
+    up.set_reply(KEYS[0], rate_limited())
+    with serve_asgi(FailoverProxy(client)) as url:
+        response = httpx.post(url + "/v1/messages", json={"model": "m", "messages": []})
+    assert response.status_code == 200
+    attempts = [s for s in spans.get_finished_spans() if s.name == "chat m"]
+    shown = sorted(
+        (s.attributes["keyfailover.key"], s.attributes["server.address"]) for s in attempts
+    )
+    assert shown == [("east", "localhost"), ("west", "127.0.0.1")]
+
+
 def test_transport_spans_are_client_spans(up: MockUpstream, spans) -> None:
     import anthropic
     import httpx2

@@ -87,6 +87,7 @@ class RequestSpan:
         from opentelemetry import context, propagate, trace
 
         self._trace = trace
+        self._pool = client.pool
         self.tracer = tracer
         self.operation = operation(path)
         found = _PATH_MODEL.search(path.split("?", 1)[0])
@@ -108,6 +109,15 @@ class RequestSpan:
         )
         self._context = context
 
+    def _endpoint(self, label: str) -> str | None:
+        """The host of the key's own endpoint (`base_url=`), where it has one and is still
+        in the pool."""
+        try:
+            base_url = self._pool.key(label).base_url
+        except KeyError:
+            return None
+        return urlsplit(base_url).hostname if base_url else None
+
     def attempts(self, response: Response | SyncResponse) -> None:
         """Adds one child span per upstream attempt, and the status to the request span."""
         trace = self._trace
@@ -120,6 +130,9 @@ class RequestSpan:
             attributes["keyfailover.attempt"] = number
             if attempt["key"] is not None:
                 attributes["keyfailover.key"] = attempt["key"]
+                endpoint = self._endpoint(str(attempt["key"]))
+                if endpoint:
+                    attributes["server.address"] = endpoint
             if attempt["status"] is not None:
                 attributes["http.response.status_code"] = attempt["status"]
                 if int(attempt["status"]) >= 400:
