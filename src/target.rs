@@ -314,10 +314,15 @@ static TARGET_BYTES: [u8; 256] = {
 };
 
 fn bad_byte(target: &str, bad: u8) -> Error {
+    // The character the byte starts (a non-ASCII one is several bytes).
+    let at = target.bytes().position(|b| b == bad).unwrap_or(0);
+    let character = target
+        .get(at..)
+        .and_then(|rest| rest.chars().next())
+        .unwrap_or(char::from(bad));
     Error::BadRequest(format!(
-        "path {:?} holds a character a request target cannot carry ({:?})",
+        "path {:?} holds a character a request target cannot carry ({character:?})",
         shown(target),
-        char::from(bad)
     ))
 }
 
@@ -439,6 +444,18 @@ mod tests {
 
     fn join(base: &str, target: &str) -> Result<String> {
         BaseUrl::parse(base)?.join(target)
+    }
+
+    #[test]
+    fn a_bad_character_is_named_as_it_was_sent() {
+        for (target, named) in [
+            ("/caf\u{e9}", "'\u{e9}'"),
+            ("/a b", "' '"),
+            ("/x\u{1f600}", "'\u{1f600}'"),
+        ] {
+            let message = normalize_target(target).unwrap_err().to_string();
+            assert!(message.ends_with(&format!("({named})")), "{message}");
+        }
     }
 
     #[test]

@@ -149,9 +149,10 @@ def test_all_keys_permanent_is_permanent_exhaustion(make_pool):
         pool.walker().next()
 
 
-@pytest.mark.parametrize("cooldown", [None, 0, -10, float("nan")])
+@pytest.mark.parametrize("cooldown", [None, 0, -10])
 def test_a_cooldown_that_is_not_positive_means_the_default(make_pool, clock, cooldown):
-    # The binding passes None, zero, negative and NaN cooldowns on as "the pool's default".
+    # The binding passes None, zero and negative cooldowns on as "the pool's default"
+    # (NaN is a ConfigError: see test_bad_numbers_are_config_errors_not_silent_defaults).
     key = make_pool(1).key("key-0")
     assert key.mark_temporary(cooldown) is True
     assert key.cooldown_remaining == pytest.approx(60)
@@ -285,6 +286,31 @@ def test_exceptions_form_one_hierarchy():
     clone = pickle.loads(pickle.dumps(err))
     assert (type(clone), clone.retry_after, str(clone)) == (kf.TransientExhaustion, 2.5, str(err))
     assert str(kf.PermanentExhaustion()) == "all configured keys failed authentication"
+
+
+def test_bad_numbers_are_config_errors_not_silent_defaults(make_pool):
+    """NaN and out-of-range numbers: a ConfigError naming the argument, where they were a
+    silent default, a clock stuck at its end, 1970 as "now", or a bare OverflowError."""
+    key = make_pool(1).key("key-0")
+    with pytest.raises(kf.ConfigError, match="cooldown must be a number of seconds, not NaN"):
+        key.mark_temporary(float("nan"))
+    assert key.state == kf.KeyState.VALID
+    for status in (-1, 99, 600, 2**40):
+        with pytest.raises(kf.ConfigError, match="status must be an HTTP status code"):
+            kf.mark_key_on_response(key, status)
+    for now in (float("nan"), float("inf"), -1.0):
+        with pytest.raises(kf.ConfigError, match="now must be a Unix time"):
+            kf.parse_retry_after({"retry-after": "Wed, 21 Oct 2015 07:28:00 GMT"}, now=now)
+    with pytest.raises(kf.ConfigError, match="100 years"):
+        kf.ManualClock(1e19)
+    clock = kf.ManualClock(10.0)
+    with pytest.raises(kf.ConfigError, match="100 years"):
+        clock.advance(1e19)
+    assert clock.now() == 10.0, "a refused advance moves nothing"
+    with pytest.raises(kf.ConfigError, match="unknown error type") as info:
+        kf.error_response("nope", "m")
+    known = str(info.value).split("expected one of ", 1)[1].split(", ")
+    assert len(known) == len(set(known)), known
 
 
 def test_manual_clock():

@@ -7,6 +7,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+import keyfailover as kf
 from keyfailover import parse_retry_after
 
 NOW = 784111777.0  # Sun, 06 Nov 1994 08:49:37 GMT
@@ -68,6 +69,10 @@ text = st.text(max_size=40) | st.sampled_from(
 
 @given(ms=text, seconds=text, now=st.floats(allow_nan=True, allow_infinity=True))
 def test_parser_never_fails_or_goes_negative(ms, seconds, now):
+    if not (now >= 0 and now != float("inf")):  # NaN, infinite or before 1970: refused
+        with pytest.raises(kf.ConfigError, match="now must be a Unix time"):
+            parse_retry_after({"retry-after": seconds}, now=now)
+        return
     got = parse_retry_after({"retry-after-ms": ms, "retry-after": seconds}, now=now)
     assert got is None or (got > 0 and got != float("inf"))
 

@@ -550,7 +550,10 @@ fn exception_answer(error: &Bound<'_, PyAny>) -> PyResult<(ErrorKind, String)> {
 
 fn error_kind(error_type: &str) -> PyResult<ErrorKind> {
     ErrorKind::from_type_name(error_type).ok_or_else(|| {
-        let known: Vec<&str> = ErrorKind::ALL.iter().map(|k| k.type_name()).collect();
+        // Several kinds share a type name (api_error): each named once.
+        let mut known: Vec<&str> = ErrorKind::ALL.iter().map(|k| k.type_name()).collect();
+        known.sort_unstable();
+        known.dedup();
         Error::Config(format!(
             "unknown error type {error_type:?}: expected one of {}",
             known.join(", ")

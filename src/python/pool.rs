@@ -83,19 +83,36 @@ fn non_negative_seconds(name: &str, seconds: f64) -> Result<Duration, Error> {
     }
 }
 
+/// How far a manual clock may go: with room for cooldowns after it (the
+/// pool's clock counts nanoseconds in 64 bits, about 584 years).
+const MANUAL_CLOCK_LIMIT: Duration = Duration::from_secs(100 * 365 * 86_400);
+
+fn within_limit(at: Duration) -> Result<Duration, Error> {
+    if at > MANUAL_CLOCK_LIMIT {
+        return Err(Error::Config(format!(
+            "a ManualClock goes up to {} s (100 years), not {} s",
+            MANUAL_CLOCK_LIMIT.as_secs(),
+            at.as_secs_f64()
+        )));
+    }
+    Ok(at)
+}
+
 #[pymethods]
 impl PyManualClock {
     #[new]
     #[pyo3(signature = (start = 0.0))]
     fn new(start: f64) -> PyResult<Self> {
+        let start = within_limit(non_negative_seconds("start", start)?)?;
         Ok(Self {
-            clock: ManualClock::new(non_negative_seconds("start", start)?),
+            clock: ManualClock::new(start),
         })
     }
 
     fn advance(&self, seconds: f64) -> PyResult<()> {
-        self.clock
-            .advance(non_negative_seconds("seconds", seconds)?);
+        let by = non_negative_seconds("seconds", seconds)?;
+        within_limit(self.clock.now().saturating_add(by))?;
+        self.clock.advance(by);
         Ok(())
     }
 
@@ -506,7 +523,14 @@ impl PyKey {
     /// Cools the key down; None, zero or negative means the pool's default.
     #[pyo3(signature = (cooldown = None))]
     fn mark_temporary(&self, cooldown: Option<f64>) -> PyResult<bool> {
+        // Infinite (or too large to count): as long as a cooldown may be,
+        // `max_cooldown` if set.
         let cooldown = match cooldown {
+            Some(c) if c.is_nan() => {
+                return Err(
+                    Error::Config("cooldown must be a number of seconds, not NaN".into()).into(),
+                )
+            }
             Some(c) if c > 0.0 => Some(Duration::try_from_secs_f64(c).unwrap_or(Duration::MAX)),
             _ => None,
         };

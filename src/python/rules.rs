@@ -69,8 +69,15 @@ fn pairs(headers: &[(Vec<u8>, Vec<u8>)]) -> Vec<(String, &[u8])> {
         .collect()
 }
 
-fn now_or_wall_clock(now: Option<f64>) -> SystemTime {
-    now.map_or_else(SystemTime::now, unix_time)
+fn now_or_wall_clock(now: Option<f64>) -> PyResult<SystemTime> {
+    match now {
+        None => Ok(SystemTime::now()),
+        Some(now) if now.is_finite() && now >= 0.0 => Ok(unix_time(now)),
+        Some(now) => Err(crate::error::Error::Config(format!(
+            "now must be a Unix time in seconds (a finite number, 0 or more), not {now}"
+        ))
+        .into()),
+    }
 }
 
 /// The cooldown in seconds that response headers ask for, or None.
@@ -81,7 +88,7 @@ pub fn parse_retry_after(headers: &Bound<'_, PyAny>, now: Option<f64>) -> PyResu
     let pairs = pairs(&headers);
     Ok(retry_after::parse_retry_after(
         pairs.iter().map(|(n, v)| (n.as_str(), *v)),
-        now_or_wall_clock(now),
+        now_or_wall_clock(now)?,
     )
     .map(|d| d.as_secs_f64()))
 }
@@ -92,10 +99,18 @@ pub fn parse_retry_after(headers: &Bound<'_, PyAny>, now: Option<f64>) -> PyResu
 #[pyo3(signature = (key, status, headers = None, body = None))]
 pub fn mark_key_on_response(
     key: &PyKey,
-    status: u16,
+    status: i64,
     headers: Option<&Bound<'_, PyAny>>,
     body: Option<&Bound<'_, PyAny>>,
 ) -> PyResult<bool> {
+    let status = u16::try_from(status)
+        .ok()
+        .filter(|s| (100..=599).contains(s))
+        .ok_or_else(|| {
+            crate::error::Error::Config(format!(
+                "status must be an HTTP status code (100 to 599), not {status}"
+            ))
+        })?;
     let headers = extract_pairs(headers)?;
     let pairs = pairs(&headers);
     let body = body.filter(|b| !b.is_none()).map(header_part).transpose()?;
