@@ -578,6 +578,14 @@ def test_byok_success_and_auth_failure_relayed(up: MockUpstream, status: int) ->
     assert states(pool) == ["valid"]
 
 
+@pytest.mark.parametrize("credential", ["", "  "])
+def test_an_empty_byok_credential_is_refused(up: MockUpstream, credential: str) -> None:
+    client, _ = make_client(up, OPENAI.provider, 1)
+    with pytest.raises(kf.InvalidRequestError, match="the credential is empty"):
+        client.request_sync("POST", OPENAI.path, body=OPENAI.body(), credential=credential)
+    assert up.requests == []
+
+
 @pytest.mark.parametrize("framing", ["length", "chunked"])
 def test_byok_body_broken_before_its_first_byte_is_a_502(up: MockUpstream, framing: str) -> None:
     """Not judged, but no answer either: the caller's own key gets the same 502 as a

@@ -118,6 +118,12 @@ fn build_request(
     let mut request =
         Request::new(method, path, headers, extract_body(body)?).map_err(|e| client.redacted(e))?;
     if let Some(credential) = credential {
+        if credential.trim().is_empty() {
+            return Err(Error::BadRequest(
+                "the credential is empty: pass the caller's key, or None to use the pool".into(),
+            )
+            .into());
+        }
         let (name, value) = client.caller_key_header(path, credential);
         let value = HeaderValue::from_str(&value).map_err(|_| {
             Error::BadRequest("the credential holds bytes a header cannot carry".into())
