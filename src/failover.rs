@@ -334,8 +334,6 @@ impl FailoverClient {
         Ok(fresh)
     }
 
-    /// Sends `request`, failing over across the pool's keys.
-    ///
     /// `err` with any of the pool's keys in its message replaced by their
     /// hints: for errors that echo what a caller passed (a header name, a
     /// method), which may be a key in the wrong place.
@@ -349,6 +347,8 @@ impl FailoverClient {
         }
     }
 
+    /// Sends `request`, failing over across the pool's keys.
+    ///
     /// Errors only for a request that cannot be sent (bad method or path);
     /// every upstream problem becomes a response in the provider's envelope.
     pub async fn request(&self, request: Request) -> Result<Response> {
