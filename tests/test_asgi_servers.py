@@ -132,6 +132,66 @@ def test_a_body_from_a_next_only_awaitable_is_read_whole(up, messages):
     assert up.requests[0].json() == MESSAGE
 
 
+# --------------------------------------------------------------------------
+# Middleware around the proxy
+# --------------------------------------------------------------------------
+
+
+def test_behind_starlettes_base_http_middleware_requests_go_through(up):
+    """`@app.middleware("http")` wraps `receive` in an anyio cancel scope that must be
+    left in the task that entered it: the proxy reads the body in the request's task."""
+    import httpx
+    from fastapi import FastAPI
+
+    from keyfailover.testing import serve_asgi
+
+    client, _ = make_client(up, "anthropic", 1)
+    app = FastAPI()
+
+    @app.middleware("http")
+    async def passthrough(request: Any, call_next: Any) -> Any:
+        return await call_next(request)
+
+    app.mount("/anthropic", FailoverProxy(client, client_tokens=[TOKEN]))
+
+    def slow_body() -> Iterator[bytes]:  # chunked, the rest a while later: a receive waits
+        yield BODY[:10]
+        time.sleep(0.2)
+        yield BODY[10:]
+
+    headers = {"x-api-key": TOKEN}
+    with serve_asgi(app) as url, httpx.Client(base_url=url, headers=headers) as http:
+        posted = http.post("/anthropic/v1/messages", content=BODY)
+        slow = http.post("/anthropic/v1/messages", content=slow_body())
+        listed = http.get("/anthropic/v1/models")
+    assert [posted.status_code, slow.status_code, listed.status_code] == [200, 200, 200]
+    assert slow.json()["type"] == "message"
+    assert [r.json() for r in up.requests[:2]] == [MESSAGE, MESSAGE]
+
+
+def test_a_receive_that_sets_and_resets_a_context_variable_works(up):
+    """As OpenTelemetry's ASGI middleware does around each receive: the reset must happen
+    in the context (the task) of the set, also for a receive that has to wait."""
+    import contextvars
+
+    current: contextvars.ContextVar[str] = contextvars.ContextVar("current", default="")
+    client, _ = make_client(up, "anthropic", 1)
+    proxy = FailoverProxy(client, client_tokens=[TOKEN])
+    inner = granian_like([(0, {"type": "http.request", "body": BODY[:10], "more_body": True}),
+                          (0.1, {"type": "http.request", "body": BODY[10:]})])  # fmt: skip
+
+    async def receive() -> dict[str, Any]:
+        token = current.set("receiving")
+        try:
+            return await inner()  # type: ignore[no-any-return]
+        finally:
+            current.reset(token)
+
+    status, answer = run_request(proxy, receive)
+    assert status == 200, answer
+    assert up.requests[0].json() == MESSAGE
+
+
 def test_a_next_only_awaitable_that_stalls_gets_408(up):
     client, _ = make_client(up, "anthropic", 1)
     proxy = FailoverProxy(client, client_tokens=[TOKEN], body_timeout=0.2)

@@ -110,7 +110,7 @@ class FailoverProxy:
         self.client = client
         # Receives of request bodies that had to wait (see `_receive`): the grace
         # period's end interrupts them.
-        self._waiting: set[asyncio.Future[Message]] = set()
+        self._waiting: set[_Interrupt] = set()
 
     def __repr__(self) -> str:
         auth = "client tokens" if self.gateway.has_client_tokens else "no client tokens"
@@ -126,7 +126,7 @@ class FailoverProxy:
         # Called from any thread (`serve` calls it from a timer's): each receive is
         # cancelled on its own loop.
         for waiting in list(self._waiting):
-            waiting.get_loop().call_soon_threadsafe(waiting.cancel)
+            waiting.task.get_loop().call_soon_threadsafe(waiting.fire, _Expired)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http":
@@ -275,19 +275,42 @@ class FailoverProxy:
         except StopIteration as done:
             message: Message = done.value
             return message
-        waiting = asyncio.ensure_future(_Resumed(step, blocked_on))
-        self._waiting.add(waiting)
+        # It waits: the rest of it runs in this task too, as it must (a receive may
+        # enter a cancel scope or set a context variable that it leaves when done, as
+        # Starlette's BaseHTTPMiddleware and OpenTelemetry's do), under a timer that
+        # interrupts it.
+        task = asyncio.current_task()
+        assert task is not None  # an ASGI app runs in a task
+        interrupt = _Interrupt(task)
+        timer = task.get_loop().call_later(self.gateway.body_timeout, interrupt.fire, _BodyStalled)
+        self._waiting.add(interrupt)
         try:
-            finished, _ = await asyncio.wait((waiting,), timeout=self.gateway.body_timeout)
+            message = await _Resumed(step, blocked_on)
+        except asyncio.CancelledError:
+            if interrupt.why is None:
+                raise
+            uncancel = getattr(task, "uncancel", None)  # Python 3.11+
+            if uncancel is not None:
+                uncancel()
+            raise interrupt.why from None
         finally:
-            self._waiting.discard(waiting)
-            if not waiting.done():
-                waiting.cancel()
-        if not finished:
-            raise _BodyStalled
-        if waiting.cancelled():
-            raise _Expired
-        return waiting.result()
+            timer.cancel()
+            self._waiting.discard(interrupt)
+        return message
+
+
+class _Interrupt:
+    """Interrupts a task's receive of its request body, for `why`: the body stalled, or
+    the grace period ended. Fired on the task's loop; once only."""
+
+    def __init__(self, task: asyncio.Task[Any]) -> None:
+        self.task = task
+        self.why: type[Exception] | None = None
+
+    def fire(self, why: type[Exception]) -> None:
+        if self.why is None and not self.task.done():
+            self.why = why
+            self.task.cancel()
 
 
 class _Resumed:
