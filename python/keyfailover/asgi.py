@@ -134,9 +134,37 @@ class FailoverProxy:
         elif scope["type"] == "lifespan":
             await self._lifespan(receive, send)
         elif scope["type"] == "websocket":
-            await send({"type": "websocket.close", "code": 1003})
+            await self._websocket(scope, receive, send)
         else:
             raise ValueError(f"unsupported ASGI scope type {scope['type']!r}")
+
+    async def _websocket(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """A WebSocket handshake gets the gateway's answer to a protocol upgrade, as on the
+        native server (401 without a client token, else 400, in the provider's envelope),
+        where the server can send an HTTP answer to a handshake (the ASGI extension
+        `websocket.http.response`: uvicorn's); elsewhere it is closed before it is accepted,
+        which the server answers with a bare 403."""
+        if "websocket.http.response" not in scope.get("extensions", {}):
+            await send({"type": "websocket.close", "code": 1003})
+            return
+        if (await receive())["type"] != "websocket.connect":
+            return  # the client left
+        started = time.perf_counter()
+        target = _target(scope)
+        step = self.gateway.begin("GET", target, scope["headers"])
+        if not isinstance(step, Response):  # never for a handshake (it asks for an upgrade)
+            await send({"type": "websocket.close", "code": 1003})
+            return
+        self._access("GET", target, step, started, byok=False)
+        body = await step.read()
+        await send(
+            {
+                "type": "websocket.http.response.start",
+                "status": step.status,
+                "headers": step.raw_headers,
+            }
+        )
+        await send({"type": "websocket.http.response.body", "body": body, "more_body": False})
 
     async def _lifespan(self, receive: Receive, send: Send) -> None:
         while True:
