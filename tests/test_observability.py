@@ -378,6 +378,22 @@ def test_an_attempt_span_names_the_endpoint_its_key_went_to(up: MockUpstream, sp
     assert shown == [("east", "localhost"), ("west", "127.0.0.1")]
 
 
+def test_a_body_nested_deeper_than_json_can_go_is_forwarded_with_tracing_on(
+    up: MockUpstream, spans
+) -> None:
+    """Looking for the model must not fail the request: the body goes upstream as any."""
+    spans.clear()
+    client, _ = make_client(up, "anthropic", 1)
+    deep = b'{"model":"m","x":' + b"[" * 100_000 + b"]" * 100_000 + b"}"
+    up.enqueue(Reply.json({"ok": True}))
+    with serve_asgi(FailoverProxy(client)) as url:
+        response = httpx.post(url + "/v1/messages", content=deep)
+    assert response.status_code == 200
+    assert up.requests[0].body == deep
+    (request,) = [s for s in spans.get_finished_spans() if s.name == "keyfailover.request"]
+    assert "gen_ai.request.model" not in request.attributes
+
+
 def test_transport_spans_are_client_spans(up: MockUpstream, spans) -> None:
     import anthropic
     import httpx2

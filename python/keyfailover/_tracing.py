@@ -66,7 +66,7 @@ def model(body: bytes) -> str | None:
         return None
     try:
         value = json.loads(body).get("model")
-    except (ValueError, AttributeError):
+    except (ValueError, AttributeError, RecursionError):  # nested deeper than json can go
         return None
     return value if isinstance(value, str) else None
 

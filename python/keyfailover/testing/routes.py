@@ -45,7 +45,7 @@ _GEMINI_OPENAI = re.compile(r"/(?:v1|v1beta)/openai(/.*)")
 def _json_object(body: bytes) -> dict[str, Any] | None:
     try:
         payload = json.loads(body)
-    except ValueError:
+    except (ValueError, RecursionError):  # nested deeper than json can go
         return None
     return payload if isinstance(payload, dict) else None
 
