@@ -292,7 +292,10 @@ impl Gateway {
             );
             return Step::Respond(closing(self.answer(ErrorKind::NotImplemented, &message)));
         }
-        if let Some(length) = head.content_length {
+        // Beside a Transfer-Encoding, a Content-Length says nothing of the
+        // body (RFC 9112, section 6.3): the chunks say how long it is.
+        let content_length = head.content_length.filter(|_| !head.transfer_encoding);
+        if let Some(length) = content_length {
             if length > self.max_body_bytes {
                 return Step::Respond(self.too_large());
             }
@@ -313,7 +316,7 @@ impl Gateway {
         Step::Forward(Forward {
             request,
             byok,
-            content_length: head.content_length,
+            content_length,
         })
     }
 
@@ -595,6 +598,24 @@ mod tests {
             None
         );
         assert_eq!(g.too_large().status, 413);
+    }
+
+    #[test]
+    fn a_content_length_beside_chunked_is_not_the_bodys_length() {
+        // RFC 9112, section 6.3: the chunks say how long the body is; the
+        // length is neither held against it nor against the limit.
+        let g = gateway(GatewayOptions {
+            max_body_bytes: 100,
+            ..GatewayOptions::default()
+        })
+        .unwrap();
+        let both = head(&[("content-length", "1000"), ("transfer-encoding", "chunked")]);
+        match g.begin("POST", "/v1/x", both) {
+            Step::Forward(forward) => assert_eq!(forward.content_length, None),
+            Step::Respond(r) => panic!("answered {}", r.status),
+        }
+        let alone = head(&[("content-length", "1000")]);
+        assert_eq!(status(&g.begin("POST", "/v1/x", alone)), Some(413));
     }
 
     #[test]
