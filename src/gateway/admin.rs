@@ -135,12 +135,18 @@ impl Gateway {
     }
 
     /// 200 while a key is valid or will be by itself; 503 when every key is
-    /// retired.
+    /// retired, or once the proxy is shut down (it refuses every request).
     fn readyz(&self) -> Response {
         let health = self.client.pool().health();
-        let ready = health.valid + health.temporary > 0;
+        let shut_down = self.client.is_shut_down();
+        let ready = health.valid + health.temporary > 0 && !shut_down;
+        let status = match (ready, shut_down) {
+            (true, _) => "ready",
+            (false, true) => "shutting_down",
+            (false, false) => "unavailable",
+        };
         let body = json!({
-            "status": if ready { "ready" } else { "unavailable" },
+            "status": status,
             "keys": {"valid": health.valid, "temporary": health.temporary, "permanent": health.permanent},
         });
         Response::json(if ready { 200 } else { 503 }, body.to_string())
@@ -455,6 +461,22 @@ mod tests {
             call(&g, "GET", "/_keyfailover/health", Some("team")).status,
             503
         );
+    }
+
+    #[test]
+    fn a_proxy_shut_down_is_not_ready() {
+        let g = gateway(tokens(&["team"], None));
+        g.client.shutdown();
+        let answer = call(&g, "GET", "/_keyfailover/readyz", None);
+        assert_eq!(answer.status, 503);
+        let body: serde_json::Value = serde_json::from_slice(
+            &futures_util::FutureExt::now_or_never(answer.body.read_all())
+                .unwrap()
+                .unwrap(),
+        )
+        .unwrap();
+        assert_eq!(body["status"], "shutting_down");
+        assert_eq!(call(&g, "GET", "/_keyfailover/livez", None).status, 200);
     }
 
     #[test]
