@@ -4,6 +4,7 @@ field), `--check`, and reloads that keep key state or, on an error, change nothi
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import json
 import os
@@ -94,10 +95,17 @@ class Served:
 
 @pytest.fixture
 def serve(config_dir: Path) -> Iterator[Served]:
+    with serving(config_dir) as served:
+        yield served
+
+
+@contextlib.contextmanager
+def serving(config_dir: Path, *options: str) -> Iterator[Served]:
+    """`keyfailover serve --config` with `options`, once it listens."""
     port = free_port()
     proc = subprocess.Popen(
         [sys.executable, "-m", "keyfailover", "serve", "--config", str(config_dir / "kf.toml"),
-         "--port", str(port), "--grace", "1"],
+         "--port", str(port), "--grace", "1", *options],
         env={**os.environ, **ENV},
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
@@ -117,6 +125,16 @@ def serve(config_dir: Path) -> Iterator[Served]:
     if proc.poll() is None:
         proc.kill()
         proc.communicate()
+
+
+def test_a_config_served_on_the_threads_given(up: MockUpstream, config_dir: Path) -> None:
+    """`--threads` with `--config`: the threads are set before the config's checks start
+    the runtime (it exited at once, "the runtime has started already")."""
+    with serving(config_dir, "--threads", "2") as served:
+        answer = httpx.post(served.url + "/anthropic/v1/messages", json=MESSAGE, timeout=10)
+        assert answer.status_code == 200
+        assert served.stop() is not None
+    assert served.proc.returncode == 0
 
 
 def credential_of(request: object) -> str | None:

@@ -285,6 +285,8 @@ def serve_config(args: argparse.Namespace) -> int:
         raise CliError(f"{option} is a route's setting: with --config, set it in the file")
     if args.server != "native":
         raise CliError("--config runs the native server (--server native)")
+    if args.threads is not None:  # before the config's checks, which start the runtime
+        _native._set_worker_threads(args.threads)
     try:
         config = _config.load_config(args.config)
     except ConfigError as exc:
@@ -309,8 +311,6 @@ def serve_config(args: argparse.Namespace) -> int:
             )
         )
         return 0
-    if args.threads is not None:
-        _native._set_worker_threads(args.threads)
     configure_logging(args.log_level, args.log_format)
     default_state = "shm" if args.workers > 1 else None
     try:

@@ -45,8 +45,13 @@ pub(crate) fn set_worker_threads(threads: usize) -> PyResult<()> {
         let runtime = builder()
             .build()
             .map_err(|e| crate::Error::Config(format!("cannot start a tokio runtime: {e}")))?;
-        // Leaked: the runtime lives as long as the process.
-        if pyo3_async_runtimes::tokio::init_with_runtime(Box::leak(Box::new(runtime))).is_err() {
+        // Leaked: the runtime lives as long as the process, unless it is
+        // refused (one has started already), when its threads are ended.
+        let runtime: *mut Runtime = Box::into_raw(Box::new(runtime));
+        // SAFETY: from the Box just made; never freed while it is in use.
+        if pyo3_async_runtimes::tokio::init_with_runtime(unsafe { &*runtime }).is_err() {
+            // SAFETY: refused, so nothing holds a reference to it.
+            unsafe { Box::from_raw(runtime) }.shutdown_background();
             return Err(crate::Error::Config(
                 "the runtime has started already: set its threads before any request".into(),
             )
