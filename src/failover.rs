@@ -534,6 +534,7 @@ impl FailoverClient {
         // names are) is dropped. Names are short, so rarely even compared.
         let echoed: Vec<HeaderName> = relayed
             .keys()
+            .filter(|name| name.as_str().len() >= keys.shortest)
             .filter(|name| {
                 keys.secrets().any(|(secret, _)| {
                     let name = name.as_str().as_bytes();

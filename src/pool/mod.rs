@@ -319,6 +319,8 @@ impl Slot {
 /// The pool's keys at one moment; replaced whole by a reload.
 pub(crate) struct KeySet {
     pub slots: Box<[Arc<Slot>]>,
+    /// The length of the shortest key: text shorter cannot hold one.
+    pub shortest: usize,
 }
 
 impl KeySet {
@@ -854,8 +856,15 @@ fn key_set(
             }))
         })
         .collect::<Result<Vec<_>>>()?;
+    let shortest = slots
+        .iter()
+        .map(|s| s.value.len())
+        .min()
+        .unwrap_or(0)
+        .max(1);
     Ok(KeySet {
         slots: slots.into_boxed_slice(),
+        shortest,
     })
 }
 

@@ -328,7 +328,9 @@ impl Server {
         // Routed as the route will forward it, dot segments resolved
         // (`/x/../a/v1` is route /a's); a target that will not resolve is
         // left for the route to refuse.
-        let resolved = if routes.len() > 1 || !routes[0].prefix.is_empty() {
+        // Without a dot or a percent sign there is no dot segment.
+        let dotted = || memchr::memchr2(b'.', b'%', target.as_bytes()).is_some();
+        let resolved = if (routes.len() > 1 || !routes[0].prefix.is_empty()) && dotted() {
             crate::target::normalize_target(target).unwrap_or(Cow::Borrowed(target))
         } else {
             Cow::Borrowed(target)
