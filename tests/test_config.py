@@ -333,6 +333,15 @@ def test_config_errors_name_the_file_the_route_and_the_field(
     assert message in str(raised.value)
 
 
+@pytest.mark.parametrize("field", ["provider", "strategy", "timeout"])
+def test_a_key_written_in_the_wrong_field_is_not_quoted_whole(tmp_path: Path, field: str) -> None:
+    path = write(tmp_path, f"[routes.a]\nkeys_env = 'K'\n{field} = '{ANTHROPIC[1]}'")
+    with pytest.raises(ConfigError, match=f"route 'a': {field}: ") as raised:
+        load_config(path, environ={"K": ANTHROPIC[0]})
+    assert ANTHROPIC[1] not in str(raised.value)
+    assert f"'{ANTHROPIC[1][:4]}...{ANTHROPIC[1][-4:]}'" in str(raised.value)
+
+
 def test_keys_in_the_config_only_when_its_owner_alone_can_read_it(tmp_path: Path) -> None:
     text = f"[routes.a]\nkeys = ['{ANTHROPIC[0]}', '{ANTHROPIC[1]}']\n"
     with pytest.raises(ConfigError, match="readable by its owner only") as raised:

@@ -168,6 +168,13 @@ def _tokens(where: _Where, field: str, var: Any, environ: dict[str, str]) -> tup
     return tokens
 
 
+def _shown(value: object) -> str:
+    """`value` as an error quotes it: masked when longer than any name or setting, as a key
+    written in the wrong field would be (an error is printed and logged; a key never is)."""
+    text = repr(value)
+    return f"{text[:5]}...{text[-5:]}" if len(text) > 26 else text
+
+
 def _typed(where: _Where, table: dict[str, Any], field: str, kind: type, default: Any) -> Any:
     """`table[field]` if it is a `kind` (an int does for a float; a bool is no int),
     else `default` when absent."""
@@ -177,7 +184,7 @@ def _typed(where: _Where, table: dict[str, Any], field: str, kind: type, default
     if kind is float and type(value) is int:
         value = float(value)
     if type(value) is not kind:
-        raise where.error(field, f"must be {_KIND_NAMES[kind]}, not {value!r}")
+        raise where.error(field, f"must be {_KIND_NAMES[kind]}, not {_shown(value)}")
     return value
 
 
@@ -268,7 +275,7 @@ def _route(
     provider = _typed(where, table, "provider", str, "anthropic")
     if provider not in PROVIDERS:
         raise where.error(
-            "provider", f"unknown provider {provider!r} (one of {', '.join(PROVIDERS)})"
+            "provider", f"unknown provider {_shown(provider)} (one of {', '.join(PROVIDERS)})"
         )
     keys, keys_file = _keys(where, table, base, mode, environ)
     try:
@@ -291,7 +298,7 @@ def _route(
     strategy = _typed(where, table, "strategy", str, "ordered")
     if strategy not in STRATEGIES:
         raise where.error(
-            "strategy", f"unknown strategy {strategy!r} (one of {', '.join(STRATEGIES)})"
+            "strategy", f"unknown strategy {_shown(strategy)} (one of {', '.join(STRATEGIES)})"
         )
     tokens = None
     if "client_tokens_env" in table:
