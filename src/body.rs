@@ -721,82 +721,149 @@ impl ResponseBody {
             source = self.source.lock() => source,
             _ = self.closed.wait() => return Ok(None),
         };
-        let (rx, deferred) = match &mut *source {
+        self.start_pump(&mut source);
+        let (ready, rx, deferred) = match &mut *source {
             Source::Done => return Ok(None),
             Source::Full(bytes) => {
                 let bytes = std::mem::take(bytes);
                 *source = Source::Done;
                 return Ok((!bytes.is_empty()).then(|| vec![bytes]));
             }
-            Source::Idle { .. } => {
-                let Source::Idle {
-                    ready,
-                    stream,
-                    runtime,
-                } = std::mem::replace(&mut *source, Source::Done)
-                else {
-                    unreachable!("matched above")
-                };
-                let (tx, rx) = mpsc::channel(READ_AHEAD);
-                let pump = runtime.spawn(stream.pump(tx)).abort_handle();
-                if self.closed.is_set() {
-                    pump.abort();
-                }
-                let _ = self.pump.set(pump);
-                *source = Source::Channel {
-                    ready,
-                    rx,
-                    deferred: None,
-                };
-                match &mut *source {
-                    Source::Channel { ready, .. } if ready.is_some() => return Ok(ready.take()),
-                    Source::Channel { rx, deferred, .. } => (rx, deferred),
-                    _ => unreachable!("set above"),
-                }
-            }
-            Source::Channel { ready, .. } if ready.is_some() => return Ok(ready.take()),
-            Source::Channel { rx, deferred, .. } => (rx, deferred),
+            Source::Idle { .. } => unreachable!("started above"),
+            Source::Channel {
+                ready,
+                rx,
+                deferred,
+            } => (ready, rx, deferred),
         };
-        if let Some(err) = deferred.take() {
-            *source = Source::Done;
-            return Err(err);
-        }
-        let first = if self.closed.is_set() {
-            None
-        } else {
-            tokio::select! {
-                biased;
-                item = rx.recv() => item,
-                _ = self.closed.wait() => None,
-            }
-        };
-        let first = match first {
-            Some(Ok(chunk)) => chunk,
-            Some(Err(err)) => {
-                *source = Source::Done;
-                return Err(err);
-            }
+        let mut batch = match ready.take() {
+            Some(ready) => ready,
             None => {
-                *source = Source::Done;
-                return Ok(None);
+                if let Some(err) = deferred.take() {
+                    *source = Source::Done;
+                    return Err(err);
+                }
+                let first = if self.closed.is_set() {
+                    None
+                } else {
+                    tokio::select! {
+                        biased;
+                        item = rx.recv() => item,
+                        _ = self.closed.wait() => None,
+                    }
+                };
+                match first {
+                    Some(Ok(chunk)) => vec![chunk],
+                    Some(Err(err)) => {
+                        *source = Source::Done;
+                        return Err(err);
+                    }
+                    None => {
+                        *source = Source::Done;
+                        return Ok(None);
+                    }
+                }
             }
         };
-        let mut size = first.len();
-        let mut batch = vec![first];
-        while size < BATCH_LIMIT {
+        // With any others already received.
+        let mut size: usize = batch.iter().map(Bytes::len).sum();
+        while size < BATCH_LIMIT && deferred.is_none() {
             match rx.try_recv() {
                 Ok(Ok(chunk)) => {
                     size += chunk.len();
                     batch.push(chunk);
                 }
-                Ok(Err(err)) => {
-                    *deferred = Some(err);
-                    break;
-                }
+                Ok(Err(err)) => *deferred = Some(err),
                 Err(_) => break,
             }
         }
         Ok(Some(batch))
+    }
+
+    /// Starts the pump of an upstream body not read yet.
+    fn start_pump(&self, source: &mut Source) {
+        if !matches!(source, Source::Idle { .. }) {
+            return;
+        }
+        let Source::Idle {
+            ready,
+            stream,
+            runtime,
+        } = std::mem::replace(source, Source::Done)
+        else {
+            unreachable!("matched above")
+        };
+        let (tx, rx) = mpsc::channel(READ_AHEAD);
+        let pump = runtime.spawn(stream.pump(tx)).abort_handle();
+        if self.closed.is_set() {
+            pump.abort();
+        }
+        let _ = self.pump.set(pump);
+        *source = Source::Channel {
+            ready,
+            rx,
+            deferred: None,
+        };
+    }
+
+    /// Waits until `next_batch` (or, with `whole`, `read_all`) can answer
+    /// without waiting, taking nothing: what arrives meanwhile is kept in the
+    /// body. So a wait that is abandoned (its caller cancelled) loses
+    /// nothing, which a read abandoned after it took chunks would: the
+    /// Python awaitables wait here, then take in the awaiting task.
+    pub async fn wait_ready(&self, whole: bool) {
+        if self.closed.is_set() {
+            return;
+        }
+        let mut source = tokio::select! {
+            biased;
+            source = self.source.lock() => source,
+            _ = self.closed.wait() => return,
+        };
+        self.start_pump(&mut source);
+        loop {
+            let Source::Channel {
+                ready,
+                rx,
+                deferred,
+            } = &mut *source
+            else {
+                return; // complete or ended
+            };
+            if deferred.is_some() || (ready.is_some() && !whole) {
+                return;
+            }
+            let item = tokio::select! {
+                biased;
+                item = rx.recv() => item,
+                _ = self.closed.wait() => return,
+            };
+            match item {
+                Some(Ok(chunk)) => ready.get_or_insert_with(Vec::new).push(chunk),
+                // Raised after the chunks before it, as `next_batch` raises it.
+                Some(Err(err)) => *deferred = Some(err),
+                None if ready.is_none() => *source = Source::Done,
+                None => return,
+            }
+        }
+    }
+
+    /// True when `read_all` would answer without waiting: the rest of the
+    /// body is here, or the body broke or was closed.
+    pub fn is_complete(&self) -> bool {
+        if self.closed.is_set() {
+            return true;
+        }
+        let Ok(source) = self.source.try_lock() else {
+            return false;
+        };
+        match &*source {
+            Source::Full(_) | Source::Done => true,
+            Source::Idle { .. } => false,
+            Source::Channel { rx, deferred, .. } => {
+                deferred.is_some() || (rx.is_closed() && rx.is_empty())
+            }
+        }
     }
 
     /// `next_batch` when it can answer without waiting; None when it would wait.
@@ -807,14 +874,7 @@ impl ResponseBody {
     /// The rest of the body. A read cancelled midway (a timeout around it)
     /// gives back what it had read: the next read starts where it started.
     pub async fn read_all(&self) -> Result<Bytes> {
-        let mut read = Unread {
-            body: self,
-            chunks: Vec::new(),
-        };
-        while let Some(batch) = self.next_batch().await? {
-            read.chunks.extend(batch);
-        }
-        let chunks = std::mem::take(&mut read.chunks);
+        let chunks = self.read_chunks().await?;
         Ok(match chunks.as_slice() {
             [] => Bytes::new(),
             [one] => one.clone(),
@@ -826,6 +886,19 @@ impl ResponseBody {
                 out.freeze()
             }
         })
+    }
+
+    /// `read_all` as the chunks that came, for a consumer that copies them
+    /// anyway.
+    pub async fn read_chunks(&self) -> Result<Chunks> {
+        let mut read = Unread {
+            body: self,
+            chunks: Vec::new(),
+        };
+        while let Some(batch) = self.next_batch().await? {
+            read.chunks.extend(batch);
+        }
+        Ok(std::mem::take(&mut read.chunks))
     }
 
     /// Closes the body and its upstream connection at once.
@@ -886,6 +959,7 @@ impl Drop for ResponseBody {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::time::Duration;
 
     #[test]
     fn a_key_with_slashes_is_scrubbed_as_json_may_escape_it() {
@@ -1063,5 +1137,83 @@ mod tests {
         tx.send(Ok(Bytes::from_static(b"ghi"))).await.unwrap();
         drop(tx);
         assert_eq!(body.read_all().await.unwrap(), &b"abcdefghi"[..]);
+    }
+
+    fn channel_body() -> (mpsc::Sender<Result<Bytes>>, ResponseBody) {
+        let (tx, rx) = mpsc::channel(4);
+        let body = ResponseBody::from_channel(rx, tokio::spawn(async {}).abort_handle());
+        (tx, body)
+    }
+
+    fn chunk(text: &'static str) -> Result<Bytes> {
+        Ok(Bytes::from_static(text.as_bytes()))
+    }
+
+    #[tokio::test]
+    async fn a_wait_takes_nothing_and_an_abandoned_wait_loses_nothing() {
+        let (tx, body) = channel_body();
+        assert!(body.try_next_batch().is_none(), "nothing has come");
+        let waited = tokio::time::timeout(Duration::from_millis(20), body.wait_ready(false)).await;
+        assert!(waited.is_err(), "nothing to wait for yet");
+        tx.send(chunk("abc")).await.unwrap();
+        tx.send(chunk("def")).await.unwrap();
+        body.wait_ready(false).await;
+        body.wait_ready(false).await; // again: still there, taken by nobody
+        assert!(!body.is_complete(), "the body goes on");
+        tx.send(chunk("ghi")).await.unwrap();
+        // The take has what the wait kept and what came since, in order.
+        let batch = body.try_next_batch().unwrap().unwrap().unwrap();
+        assert_eq!(batch.concat(), b"abcdefghi");
+        assert!(body.try_next_batch().is_none());
+    }
+
+    #[tokio::test]
+    async fn a_wait_for_the_whole_body_keeps_its_chunks_then_its_end_or_break() {
+        let (tx, body) = channel_body();
+        tx.send(chunk("abc")).await.unwrap();
+        let waiting = tokio::spawn({
+            let body = Arc::new(body);
+            let waited = body.clone();
+            async move {
+                waited.wait_ready(true).await;
+                body
+            }
+        });
+        tx.send(chunk("def")).await.unwrap();
+        tx.send(Err(Error::Upstream("cut".into()))).await.unwrap();
+        let body = waiting.await.unwrap();
+        assert!(body.is_complete(), "broken: nothing more to wait for");
+        // The chunks first, then the break, as a read would have met them.
+        let batch = body.try_next_batch().unwrap().unwrap().unwrap();
+        assert_eq!(batch.concat(), b"abcdef");
+        assert!(matches!(body.try_next_batch(), Some(Err(Error::Upstream(_)))));
+        assert!(matches!(body.try_next_batch(), Some(Ok(None))));
+
+        let (tx, body) = channel_body();
+        tx.send(chunk("abc")).await.unwrap();
+        drop(tx);
+        body.wait_ready(true).await;
+        assert!(body.is_complete(), "ended");
+        assert_eq!(body.read_chunks().now_or_never().unwrap().unwrap().concat(), b"abc");
+        assert!(body.is_complete());
+        assert!(matches!(body.try_next_batch(), Some(Ok(None))));
+    }
+
+    #[tokio::test]
+    async fn a_wait_ends_when_the_body_is_closed() {
+        let (_tx, body) = channel_body();
+        let body = Arc::new(body);
+        let waiting = tokio::spawn({
+            let body = body.clone();
+            async move { body.wait_ready(true).await }
+        });
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        body.close();
+        tokio::time::timeout(Duration::from_secs(1), waiting)
+            .await
+            .expect("the wait ends on close")
+            .unwrap();
+        assert!(body.is_complete());
+        assert!(matches!(body.try_next_batch(), Some(Ok(None))));
     }
 }

@@ -1276,6 +1276,47 @@ def test_a_read_cancelled_midway_loses_nothing(up: MockUpstream) -> None:
     run(scenario())
 
 
+@pytest.mark.parametrize("read", ["anext", "read"])
+@pytest.mark.parametrize("cut", [False, True])
+def test_a_read_cancelled_as_its_wait_ends_loses_nothing(
+    up: MockUpstream, read: str, cut: bool
+) -> None:
+    """A wait for the body cancelled in the instant its chunks arrive (the runtime
+    has them, the loop has not yet run on): the next read returns them, or raises the
+    break that came, and never silently goes on without them."""
+    client, _ = make_client(up, ANTHROPIC.provider, 1)
+    pieces = [b'{"a":"' + b"x" * 50, b"y" * 50, b'"}']
+    up.enqueue(
+        Reply(
+            headers={"content-type": "application/json"},
+            body=pieces,
+            chunk_delay=0.2,
+            break_after=2 if cut else None,
+        )
+    )
+
+    async def scenario() -> None:
+        resp = await client.request("POST", "/v1/messages", body=b"{}")
+        first = await resp.__anext__()
+        assert first == pieces[0]
+        waiting = asyncio.ensure_future(resp.__anext__() if read == "anext" else resp.read())
+        await asyncio.sleep(0)  # the wait starts
+        time.sleep(0.7)  # the loop is busy while the rest of the body (or its break) arrives  # noqa: ASYNC251
+        waiting.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await waiting
+        if cut:
+            with pytest.raises(kf.UpstreamError):  # noqa: PT012 - chunks come first
+                rest = b""
+                async for chunk in resp:
+                    rest += chunk
+            assert rest == pieces[1]
+        else:
+            assert first + await resp.read() == b"".join(pieces)
+
+    run(scenario())
+
+
 def test_stats_count_every_outcome(up: MockUpstream) -> None:
     client, pool = make_client(up, ANTHROPIC.provider, 3)
     up.set_reply(KEYS[0], ANTHROPIC.error(429, "rate_limit_error", "5"))

@@ -32,7 +32,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 use futures_util::FutureExt;
-use pyo3::exceptions::{PyNotImplementedError, PyStopAsyncIteration};
+use pyo3::exceptions::PyNotImplementedError;
 use pyo3::prelude::*;
 use pyo3::sync::PyOnceLock;
 use pyo3::types::PyCFunction;
@@ -198,7 +198,7 @@ fn panicked(py: Python<'_>, panic: Box<dyn std::any::Any + Send>) -> PyErr {
 /// Cancelling the asyncio future aborts the task, which drops `fut`.
 pub(crate) fn spawn<'py, F, T>(py: Python<'py>, fut: F) -> PyResult<Bound<'py, PyAny>>
 where
-    F: Future<Output = Result<T, Failure>> + Send + 'static,
+    F: Future<Output = Result<T, crate::error::Error>> + Send + 'static,
     T: for<'a> IntoPyObject<'a> + Send + 'static,
 {
     static GET_RUNNING_LOOP: PyOnceLock<Py<PyAny>> = PyOnceLock::new();
@@ -215,7 +215,7 @@ where
             future: target,
             outcome: Box::new(move |py| match output {
                 Ok(Ok(value)) => value.into_py_any(py),
-                Ok(Err(failure)) => Err(failure.into_pyerr()),
+                Ok(Err(err)) => Err(err.into()),
                 Err(panic) => Err(panicked(py, panic)),
             }),
         });
@@ -230,27 +230,4 @@ where
     })?;
     future.call_method1(pyo3::intern!(py, "add_done_callback"), (on_done,))?;
     Ok(future)
-}
-
-/// Why an awaitable failed, decided in a tokio thread and turned into a
-/// Python exception in the loop thread.
-pub(crate) enum Failure {
-    Core(crate::error::Error),
-    /// The end of an async iteration.
-    StopAsyncIteration,
-}
-
-impl From<crate::error::Error> for Failure {
-    fn from(err: crate::error::Error) -> Self {
-        Failure::Core(err)
-    }
-}
-
-impl Failure {
-    fn into_pyerr(self) -> PyErr {
-        match self {
-            Failure::Core(err) => err.into(),
-            Failure::StopAsyncIteration => PyStopAsyncIteration::new_err(()),
-        }
-    }
 }

@@ -12,7 +12,7 @@ use pyo3::prelude::*;
 use pyo3::types::{PyByteArray, PyBytes, PyDict, PyList, PyString, PyTuple};
 use pyo3::IntoPyObjectExt;
 
-use super::bridge::{self, Failure};
+use super::bridge;
 use super::errors::class;
 use super::pool::{positive_seconds, PyKeyPool};
 
@@ -50,22 +50,11 @@ impl<'py> IntoPyObject<'py> for Chunk {
     }
 }
 
-/// An awaitable whose outcome is already known: `await` returns it (or
-/// raises it) at once, with no round trip through the runtime. Its own
-/// iterator, as asyncio's helpers (`ensure_future`, `wait_for`, `gather`)
-/// need an awaitable's to be.
+/// An awaitable whose value is already known: `await` returns it at once,
+/// with no round trip through the runtime. Its own iterator, as asyncio's
+/// helpers (`ensure_future`, `wait_for`, `gather`) need an awaitable's to be.
 #[pyclass(module = "keyfailover", frozen)]
-struct Ready(std::result::Result<Py<PyAny>, PyErr>);
-
-impl Ready {
-    fn value(value: Py<PyAny>) -> Self {
-        Self(Ok(value))
-    }
-
-    fn raising(err: PyErr) -> Self {
-        Self(Err(err))
-    }
-}
+struct Ready(Py<PyAny>);
 
 #[pymethods]
 impl Ready {
@@ -78,9 +67,59 @@ impl Ready {
     }
 
     fn __next__(&self, py: Python<'_>) -> PyResult<()> {
-        match &self.0 {
-            Ok(value) => Err(PyStopIteration::new_err((value.clone_ref(py),))),
-            Err(err) => Err(err.clone_ref(py)),
+        Err(PyStopIteration::new_err((self.0.clone_ref(py),)))
+    }
+}
+
+/// An awaitable taking from a response body (the next chunks, or with
+/// `whole` the rest). What has arrived is taken at once; otherwise it waits on
+/// the runtime, taking nothing (`ResponseBody::wait_ready`), and takes when
+/// the awaiting task resumes. So a task cancelled while waiting, or after its
+/// wait ended but before it ran on, has taken nothing and lost nothing: the
+/// next read starts where this one would have.
+#[pyclass(module = "keyfailover", frozen)]
+struct Take {
+    body: Arc<ResponseBody>,
+    whole: bool,
+}
+
+#[pymethods]
+impl Take {
+    fn __await__(slf: Py<Self>) -> Py<Self> {
+        slf
+    }
+
+    fn __iter__(slf: Py<Self>) -> Py<Self> {
+        slf
+    }
+
+    /// The outcome (as StopIteration, or the error raised), or else the
+    /// asyncio future of a wait, yielded to the task as `await` would.
+    fn __next__<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
+        let body = &self.body;
+        let taken = if self.whole {
+            // Taken only when all of it is here: a take that met a wait
+            // midway would have to give back what it took.
+            body.is_complete()
+                .then(|| futures_util::FutureExt::now_or_never(body.read_chunks()))
+                .flatten()
+                .map(|rest| rest.map(Some))
+        } else {
+            body.try_next_batch()
+        };
+        match taken {
+            Some(Ok(Some(chunks))) => Err(PyStopIteration::new_err((Chunk(chunks),))),
+            Some(Ok(None)) => Err(PyStopAsyncIteration::new_err(())),
+            Some(Err(err)) => Err(err.into()),
+            None => {
+                let (body, whole) = (body.clone(), self.whole);
+                let wait = bridge::spawn(py, async move {
+                    body.wait_ready(whole).await;
+                    Ok(())
+                })?;
+                wait.setattr(pyo3::intern!(py, "_asyncio_future_blocking"), true)?;
+                Ok(wait)
+            }
         }
     }
 }
@@ -426,50 +465,35 @@ impl From<Response> for PyResponse {
 
 response_methods!(PyResponse, {
     /// The rest of the body.
-    fn read<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
-        let body = self.0.body.clone();
-        bridge::spawn(py, async move { Ok(Chunk(vec![body.read_all().await?])) })
+    fn read(&self) -> Take {
+        Take {
+            body: self.0.body.clone(),
+            whole: true,
+        }
     }
 
     fn __aiter__(slf: Py<Self>) -> Py<Self> {
         slf
     }
 
-    fn __anext__<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
-        let body = self.0.body.clone();
-        // Chunks already received are handed over at once; only a wait for
-        // the network goes through the runtime.
-        match body.try_next_batch() {
-            // The end and an error too are raised by the awaitable, not by
-            // this call: `anext(response, default)` (which crashed the
-            // interpreter on a StopAsyncIteration raised here) and the like
-            // rely on it.
-            Some(Ok(Some(chunks))) => {
-                Ready::value(Chunk(chunks).into_pyobject(py)?.into_any().unbind())
-                    .into_bound_py_any(py)
-            }
-            Some(Ok(None)) => {
-                Ready::raising(PyStopAsyncIteration::new_err(())).into_bound_py_any(py)
-            }
-            Some(Err(err)) => Ready::raising(err.into()).into_bound_py_any(py),
-            None => bridge::spawn(py, async move {
-                match body.next_batch().await? {
-                    Some(chunks) => Ok(Chunk(chunks)),
-                    None => Err(Failure::StopAsyncIteration),
-                }
-            }),
+    /// The next chunks; the end and an error too are raised by the
+    /// awaitable, not by this call (`anext(response, default)` relies on it).
+    fn __anext__(&self) -> Take {
+        Take {
+            body: self.0.body.clone(),
+            whole: false,
         }
     }
 
     /// Closes the response and its upstream connection at once.
     fn aclose<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
         self.0.body.close();
-        Ready::value(py.None()).into_bound_py_any(py)
+        Ready(py.None()).into_bound_py_any(py)
     }
 
     fn __aenter__<'py>(slf: Bound<'py, Self>) -> PyResult<Bound<'py, PyAny>> {
         let py = slf.py();
-        Ready::value(slf.into_any().unbind()).into_bound_py_any(py)
+        Ready(slf.into_any().unbind()).into_bound_py_any(py)
     }
 
     #[pyo3(signature = (*_args))]
