@@ -1186,7 +1186,10 @@ mod tests {
         // The chunks first, then the break, as a read would have met them.
         let batch = body.try_next_batch().unwrap().unwrap().unwrap();
         assert_eq!(batch.concat(), b"abcdef");
-        assert!(matches!(body.try_next_batch(), Some(Err(Error::Upstream(_)))));
+        assert!(matches!(
+            body.try_next_batch(),
+            Some(Err(Error::Upstream(_)))
+        ));
         assert!(matches!(body.try_next_batch(), Some(Ok(None))));
 
         let (tx, body) = channel_body();
@@ -1194,7 +1197,10 @@ mod tests {
         drop(tx);
         body.wait_ready(true).await;
         assert!(body.is_complete(), "ended");
-        assert_eq!(body.read_chunks().now_or_never().unwrap().unwrap().concat(), b"abc");
+        assert_eq!(
+            body.read_chunks().now_or_never().unwrap().unwrap().concat(),
+            b"abc"
+        );
         assert!(body.is_complete());
         assert!(matches!(body.try_next_batch(), Some(Ok(None))));
     }

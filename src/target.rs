@@ -15,10 +15,12 @@ use crate::error::{Error, Result};
 pub struct BaseUrl {
     /// Without a trailing slash.
     url: String,
-    /// When the path ends in `/v1`: the URL without it. Request paths that
-    /// start with `/v1` themselves (as the SDKs' do) are joined to this, so
-    /// `https://api.openai.com/v1` and `https://api.openai.com` both work.
-    without_v1: Option<String>,
+    /// The ends of the URL's path (`/v1`, `/openai/v1`), longest first, each
+    /// with the URL without it. A request path that starts with one (as the
+    /// SDKs' `/v1/...` do) is joined to the URL without it, so
+    /// `https://api.openai.com/v1` and `https://api.openai.com` both work,
+    /// and a path is never doubled (`/openai/openai/...`).
+    overlaps: Vec<(String, String)>,
     /// The parsed URLs of the paths seen first, without queries (an API has
     /// few paths): parsing a URL on every request costs a proxy a few percent.
     /// A fast hash: at most PARSED_TARGETS entries, so no key can flood it.
@@ -80,10 +82,22 @@ impl BaseUrl {
             )));
         }
         let url = raw.trim_end_matches('/').to_owned();
-        let without_v1 = url.strip_suffix("/v1").map(str::to_owned);
+        // The path as written (the parser would have resolved dot segments
+        // and percent-encoded what a request path is compared as sent).
+        let after_scheme = &url[url.find("://").map_or(0, |at| at + 3)..];
+        let path = after_scheme.find('/').map_or("", |at| &after_scheme[at..]);
+        let overlaps = path
+            .match_indices('/')
+            .map(|(at, _)| {
+                (
+                    path[at..].to_owned(),
+                    url[..url.len() - (path.len() - at)].to_owned(),
+                )
+            })
+            .collect();
         Ok(Self {
             url,
-            without_v1,
+            overlaps,
             parsed: Arc::default(),
         })
     }
@@ -97,10 +111,14 @@ impl BaseUrl {
     pub fn join(&self, target: &str) -> Result<String> {
         let target = normalize_target(target)?;
         let path = target.split('?').next().unwrap_or("");
-        let base = match &self.without_v1 {
-            Some(without) if path == "/v1" || path.starts_with("/v1/") => without,
-            _ => &self.url,
-        };
+        let base = self
+            .overlaps
+            .iter()
+            .find(|(end, _)| {
+                path.strip_prefix(end.as_str())
+                    .is_some_and(|rest| rest.is_empty() || rest.starts_with('/'))
+            })
+            .map_or(&self.url, |(_, without)| without);
         Ok(format!("{base}{target}"))
     }
 
@@ -601,6 +619,48 @@ mod tests {
             });
             assert_eq!(found, dots, "{segment:?}");
         }
+    }
+
+    #[test]
+    fn a_path_the_base_url_ends_with_is_not_doubled() {
+        let base = "https://res.openai.azure.com/openai";
+        assert_eq!(
+            join(base, "/openai/deployments/d/chat/completions?api-version=1").unwrap(),
+            "https://res.openai.azure.com/openai/deployments/d/chat/completions?api-version=1"
+        );
+        assert_eq!(
+            join(base, "/deployments/d").unwrap(),
+            "https://res.openai.azure.com/openai/deployments/d"
+        );
+        // The longest overlap: both segments, not the last alone.
+        let groq = "https://api.groq.com/openai/v1";
+        for target in [
+            "/openai/v1/chat/completions",
+            "/v1/chat/completions",
+            "/chat/completions",
+        ] {
+            assert_eq!(
+                join(groq, target).unwrap(),
+                "https://api.groq.com/openai/v1/chat/completions",
+                "{target}"
+            );
+        }
+        assert_eq!(
+            join(
+                "https://g.googleapis.com/v1beta",
+                "/v1beta/models/m:generateContent"
+            )
+            .unwrap(),
+            "https://g.googleapis.com/v1beta/models/m:generateContent"
+        );
+        // Whole segments only, and only the base's end.
+        assert_eq!(
+            join("https://x/openai", "/openaiX/y").unwrap(),
+            "https://x/openai/openaiX/y"
+        );
+        assert_eq!(join("https://x/a/b", "/a/c").unwrap(), "https://x/a/b/a/c");
+        assert_eq!(join("https://x", "/x/y").unwrap(), "https://x/x/y");
+        assert_eq!(join("https://x:8080/", "/y").unwrap(), "https://x:8080/y");
     }
 
     #[test]

@@ -430,6 +430,22 @@ def test_azure_openai_sdk_through_the_transport(up: MockUpstream) -> None:
     assert up.requests[-1].path == "/openai/deployments/gpt-4o-prod/chat/completions"
 
 
+@pytest.mark.parametrize("path", ["/openai", "/openai/v1"])
+def test_an_endpoint_given_with_the_paths_start_is_not_doubled(up: MockUpstream, path: str) -> None:
+    """Azure's endpoint as its portal shows it for the v1 API (`.../openai/v1/`), or
+    with `/openai`: the SDK's paths start with that, and go there once."""
+    pool = kf.KeyPool(KEYS[:1])
+    client = kf.FailoverClient(pool, base_url=up.url + path + "/", provider="azure_openai")
+    sdk = openai.OpenAI(
+        base_url="https://example-resource.openai.azure.com/openai/v1/",
+        api_key="unused",
+        http_client=httpx2.Client(transport=FailoverTransport(client)),
+        max_retries=0,
+    )
+    sdk.chat.completions.create(model="gpt-4o", messages=[{"role": "user", "content": "Hi"}])
+    assert up.requests[-1].path == "/openai/v1/chat/completions"
+
+
 # --------------------------------------------------------------------------
 # Per-key endpoints
 # --------------------------------------------------------------------------
