@@ -391,6 +391,35 @@ def test_a_reload_callbacks_error_shows_no_pool_key(up, serve_proxy, caplog):
     assert not [line for line in logged if FAKE_KEYS[0] in line]
 
 
+async def async_keys() -> list[str]:
+    return FAKE_KEYS[:1]
+
+
+@pytest.mark.parametrize(
+    ("reload", "message"),
+    [
+        (async_keys, "not an async one"),
+        ("keys.json", "a callable returning the keys, not str"),
+    ],
+)
+def test_a_reload_callback_that_cannot_return_keys_is_refused_at_once(up, reload, message):
+    client, _ = make_client(up.url, "anthropic", 1)
+    with pytest.raises(kf.ConfigError, match=message):
+        FailoverProxy(client, client_tokens=[TOKEN], reload=reload)
+
+
+def test_a_reload_callback_returning_an_awaitable_gets_a_clear_error(up, serve_proxy, recwarn):
+    class Keys:  # a callable object whose __call__ is async: not seen until called
+        async def __call__(self) -> list[str]:
+            return FAKE_KEYS[:1]
+
+    with serve_proxy(reload=Keys()) as url:
+        answer = httpx.post(url + "/_keyfailover/reload", headers={"x-api-key": TOKEN})
+    assert answer.status_code == 400
+    assert "returned an awaitable" in answer.json()["error"]["message"]
+    assert not [w for w in recwarn if "never awaited" in str(w.message)]
+
+
 @pytest.mark.parametrize("front_end", ["uvicorn", "native"])
 def test_a_body_still_coming_when_the_grace_period_ends_gets_503(up, front_end):
     client, _ = make_client(up.url, "anthropic", 2)

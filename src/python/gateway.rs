@@ -55,6 +55,36 @@ fn token_list(tokens: Option<&Bound<'_, PyAny>>, name: &str) -> PyResult<Option<
         .map(Some)
 }
 
+/// A reload callback is called as the reload request is answered, and must
+/// return the keys: refused at once when it cannot.
+fn check_reload_callable(callable: &Bound<'_, PyAny>) -> PyResult<()> {
+    let py = callable.py();
+    if !callable.is_callable() {
+        return Err(Error::Config(format!(
+            "reload must be a callable returning the keys, not {}",
+            callable.get_type().name()?
+        ))
+        .into());
+    }
+    let inspect = py.import("inspect")?;
+    if inspect
+        .call_method1("iscoroutinefunction", (callable,))?
+        .is_truthy()?
+        || inspect
+            .call_method1("isasyncgenfunction", (callable,))?
+            .is_truthy()?
+    {
+        return Err(Error::Config(
+            "reload must be a plain function returning the keys, not an async one: it is \
+             called while the reload request waits (read the keys ahead, or in a thread, and \
+             return them)"
+                .into(),
+        )
+        .into());
+    }
+    Ok(())
+}
+
 #[pymethods]
 impl PyGateway {
     #[new]
@@ -90,6 +120,9 @@ impl PyGateway {
                 "body_timeout must be a positive number of seconds, not {body_timeout}"
             ))
         })?;
+        if let Some(callable) = &reload {
+            check_reload_callable(callable.bind(client.py()))?;
+        }
         let reload = reload.map(|callable| -> ReloadHook {
             // Called by the gateway while it answers POST /reload: under the
             // ASGI app on the thread that holds the GIL already; under the
@@ -100,6 +133,18 @@ impl PyGateway {
                     let keys = callable.bind(py).call0().map_err(|e| {
                         crate::Error::Config(format!("the reload callback raised {e}"))
                     })?;
+                    if keys
+                        .hasattr(pyo3::intern!(py, "__await__"))
+                        .unwrap_or(false)
+                    {
+                        // Closed, so Python does not warn it was never awaited.
+                        let _ = keys.call_method0(pyo3::intern!(py, "close"));
+                        return Err(crate::Error::Config(
+                            "the reload callback returned an awaitable: it is called while the \
+                             request waits, so it must return the keys"
+                                .into(),
+                        ));
+                    }
                     key_specs(&keys).map_err(|e| crate::Error::Config(e.to_string()))
                 })
             })
