@@ -6,14 +6,17 @@ empty, a message lost."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import json
 import logging
 import os
 import random
+import socket
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -374,6 +377,146 @@ def test_redis_restarted_empty_gets_the_states_again(workers, redis_server, name
     assert b.ask("wait", label="key-0", state="temporary", timeout=3)
     assert b.ask("wait", label="key-1", state="permanent", timeout=3)
     assert 55 < b.states()[0][1] <= 60
+
+
+@pytest.mark.parametrize("loss", ["flush", "restart"])
+def test_marks_are_shared_after_redis_loses_a_reset(workers, redis_server, namespace, loss):
+    """Redis forgets a reset every process knows of: the processes' next marks carry
+    it back, so they are not taken for marks made before it and ignored."""
+    a, b = workers(2, "redis")
+    b.ask("cool", label="key-0", seconds=60)
+    assert a.ask("wait", label="key-0", state="temporary", timeout=2)
+    b.ask("reset", label="key-0")
+    assert a.ask("wait", label="key-0", state="valid", timeout=2)
+    if loss == "flush":
+        redis_server.client().flushall()
+    else:
+        redis_server.kill()
+        redis_server.start()  # empty
+        assert settle(lambda: a.ask("status")["connected"] and b.ask("status")["connected"], 8)
+    b.ask("cool", label="key-0", seconds=600)
+    b.ask("retire", label="key-1")
+    assert a.ask("wait", label="key-0", state="temporary", timeout=3)
+    assert a.ask("wait", label="key-1", state="permanent", timeout=3)
+    a.ask("retire", label="key-2")
+    assert b.ask("wait", label="key-2", state="permanent", timeout=3)
+
+
+class Relay:
+    """A TCP relay to Redis that can be cut, as a host's network link is."""
+
+    def __init__(self, port: int) -> None:
+        self.target = port
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.open = True
+        self.sockets: list[socket.socket] = []
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                conn, _ = self.listener.accept()
+            except OSError:
+                return
+            if not self.open:
+                conn.close()
+                continue
+            upstream = socket.create_connection(("127.0.0.1", self.target))
+            self.sockets += [conn, upstream]
+            for one, other in ((conn, upstream), (upstream, conn)):
+                threading.Thread(target=self._pipe, args=(one, other), daemon=True).start()
+
+    @staticmethod
+    def _pipe(source: socket.socket, sink: socket.socket) -> None:
+        with contextlib.suppress(OSError):
+            while data := source.recv(65536):
+                sink.sendall(data)
+        for end in (source, sink):
+            with contextlib.suppress(OSError):
+                end.shutdown(socket.SHUT_RDWR)
+        source.close()  # each socket is the source of one pipe
+
+    def cut(self) -> None:
+        self.open = False
+        for conn in self.sockets:
+            with contextlib.suppress(OSError):
+                conn.shutdown(socket.SHUT_RDWR)
+        self.sockets.clear()
+
+    def close(self) -> None:
+        self.cut()
+        self.listener.close()
+
+
+def test_a_host_back_from_an_outage_does_not_undo_a_reset_made_meanwhile(redis_server, namespace):
+    """A holds key-0 cooling; A's link to Redis goes; B resets key-0; A's link comes
+    back. A's re-published cooldown was made before the reset: the reset wins, in A,
+    in B and in Redis."""
+    relay = Relay(redis_server.port)
+    a = kf.KeyPool(KEYS, state=f"redis://127.0.0.1:{relay.port}/0", namespace=namespace)
+    b = kf.KeyPool(KEYS, state=redis_server.url, namespace=namespace)
+    try:
+        assert settle(lambda: a.sync_status()["connected"] and b.sync_status()["connected"], 5)
+        a.key("key-0").mark_temporary(600)
+        assert settle(lambda: b.key("key-0").state == kf.KeyState.TEMPORARY)
+        relay.cut()
+        assert settle(lambda: not a.sync_status()["connected"], 5)
+        b.key("key-0").reset()
+        relay.open = True
+        assert settle(lambda: a.sync_status()["connected"], 10)
+        assert settle(lambda: a.key("key-0").state == kf.KeyState.VALID, 3)
+        time.sleep(1.5)  # a re-read later: nothing stale came back
+        assert [a.key("key-0").state, b.key("key-0").state] == [kf.KeyState.VALID] * 2
+        (name,) = list(redis_server.client().scan_iter(f"kf:{namespace}:k:*"))
+        shared = redis_server.client().hgetall(name)
+        assert shared[b"s"] == b"0"
+        assert int(shared[b"r"]) > 0, "the reset is kept"
+        # And marks go on being shared both ways.
+        b.key("key-0").mark_temporary(30)
+        assert settle(lambda: a.key("key-0").state == kf.KeyState.TEMPORARY)
+    finally:
+        relay.close()
+
+
+def test_a_blip_after_a_long_outage_is_recovered_from_at_once(redis_server, namespace):
+    """The reconnect backoff grows in an outage (to 5 s) and starts over once
+    connected: a later blip costs a reconnect, not the old backoff."""
+    pool = kf.KeyPool(KEYS, state=redis_server.url, namespace=namespace)
+    assert settle(lambda: pool.sync_status()["connected"])
+    redis_server.kill()
+    time.sleep(3.5)  # attempts after 0.1, 0.2, 0.4, 0.8 and 1.6 s: next in 3.2 s
+    redis_server.start()
+    assert settle(lambda: pool.sync_status()["connected"], 8)
+    redis_server.kill()
+    redis_server.start()
+    started = time.monotonic()
+    assert settle(lambda: pool.sync_status()["connected"], 8)
+    assert time.monotonic() - started < 1.5
+
+
+def test_a_server_that_is_not_redis_is_named_so_on_one_line(namespace):
+    listener = socket.create_server(("127.0.0.1", 0))
+
+    def answer() -> None:
+        while True:
+            try:
+                conn, _ = listener.accept()
+            except OSError:
+                return
+            with conn:
+                conn.sendall(b"3\r\n\x16\x03\x01 hello\r\n")
+
+    threading.Thread(target=answer, daemon=True).start()
+    port = listener.getsockname()[1]
+    try:
+        pool = kf.KeyPool(KEYS, state=f"redis://127.0.0.1:{port}/0", namespace=namespace)
+        assert settle(lambda: pool.sync_status()["last_error"] is not None, 5)
+        error = pool.sync_status()["last_error"]
+        assert "did not answer as Redis" in error, error
+        assert "\n" not in error
+    finally:
+        listener.close()
 
 
 def test_a_lost_message_is_repaired_by_the_periodic_re_read(workers, redis_server, namespace):

@@ -39,7 +39,9 @@ use crate::pool::cell::{Cell, Marked, PERMANENT, VALID};
 
 /// Keeps the later deadline, permanent over temporary, and a reset over
 /// every mark made before it (or at the same microsecond); publishes the
-/// result. Times are Unix microseconds. What does not parse (a field that is
+/// result. A mark carries the last reset its writer knows of, which Redis
+/// takes when it has an earlier one (it lost the reset). Times are Unix
+/// microseconds. What does not parse (a field that is
 /// no number in range, a value that is no hash, both put there by hand)
 /// counts as absent and is overwritten: one damaged key must not stop its
 /// writes.
@@ -56,9 +58,17 @@ local s = field('s')
 local u = field('u')
 local w = 0
 local at = tonumber(ARGV[2])
--- A reset more than a day after this transition (clocks differ by seconds)
--- is damage too: kept, it would make the key ignore every mark for good.
-if r > at + 86400000000 then r = 0; s = 0; u = 0 end
+-- A reset more than a day ahead of the server's clock (clocks differ by
+-- seconds) is damage too: kept, it would make the key ignore every mark for
+-- good.
+local now = redis.call('TIME')
+local limit = tonumber(now[1]) * 1000000 + tonumber(now[2]) + 86400000000
+if r > limit then r = 0; s = 0; u = 0 end
+-- The last reset the writer of a mark knows of: a reset Redis lost (flushed,
+-- restarted empty) comes back with it, or every process that knows it would
+-- take the marks published from here on for marks made before it.
+local base = tonumber(ARGV[7]) or 0
+if base > r and base <= limit then r = base end
 if ARGV[1] == 'reset' then
   if at < r or (at == r and s == 0) then return 0 end
   r = at; s = 0; u = 0
@@ -561,10 +571,34 @@ async fn run(sync: Weak<RedisSync>) {
             Ok(()) => return,
             Err(e) => e,
         };
+        // A session that connected starts the backoff over: one long outage
+        // must not slow the recovery from every later blip.
+        if this
+            .status
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .connected
+        {
+            backoff = BACKOFF_MIN;
+        }
         this.set_connected(false, Some(error));
         drop(this);
         tokio::time::sleep(backoff).await;
         backoff = (backoff * 2).min(BACKOFF_MAX);
+    }
+}
+
+/// A Redis error on one line (a parser's message spans several), saying so
+/// when the server did not answer as Redis does.
+fn describe(error: &redis::RedisError) -> String {
+    let text = error
+        .to_string()
+        .split_whitespace()
+        .collect::<Vec<_>>()
+        .join(" ");
+    match error.kind() {
+        redis::ErrorKind::Parse => format!("the server did not answer as Redis does ({text})"),
+        _ => text,
     }
 }
 
@@ -574,7 +608,7 @@ async fn with_timeout<T>(
 ) -> std::result::Result<T, String> {
     match tokio::time::timeout(COMMAND_TIMEOUT, future).await {
         Ok(Ok(value)) => Ok(value),
-        Ok(Err(e)) => Err(format!("{what}: {e}")),
+        Ok(Err(e)) => Err(format!("{what}: {}", describe(&e))),
         Err(_) => Err(format!(
             "{what}: no answer within {} s",
             COMMAND_TIMEOUT.as_secs()
@@ -699,6 +733,13 @@ async fn push(
     for (fp, pending) in &batch {
         let hex = fp.hex();
         let key = format!("{}{hex}", sync.prefix);
+        // The last reset this process knows of, for the marks.
+        let known_reset = sync
+            .cells_of(fp)
+            .iter()
+            .map(|cell| cell.reset_at.load(std::sync::atomic::Ordering::Acquire))
+            .max()
+            .unwrap_or(0);
         let mut call = |op: &str, at: u64, until: u64, unreachable: bool| {
             pipe.cmd("EVALSHA")
                 .arg(sha)
@@ -709,7 +750,8 @@ async fn push(
                 .arg(until)
                 .arg(&sync.channel)
                 .arg(&hex)
-                .arg(u8::from(unreachable));
+                .arg(u8::from(unreachable))
+                .arg(if op == "reset" { 0 } else { known_reset });
             of.push(*fp);
         };
         if let Some(at) = pending.reset {
@@ -728,10 +770,14 @@ async fn push(
     for (fp, result) in of.iter().zip(results) {
         if let Err(e) = result {
             if !key_error(&e) {
-                return Err(format!("write transitions: {e}"));
+                return Err(format!("write transitions: {}", describe(&e)));
             }
             if failed.insert(*fp) {
-                sync.damaged(fp, Damage::Write, &format!("could not be written ({e})"));
+                sync.damaged(
+                    fp,
+                    Damage::Write,
+                    &format!("could not be written ({})", describe(&e)),
+                );
             }
         }
     }
@@ -785,11 +831,15 @@ async fn pull(
         let fields = match state {
             Ok(value) => redis::from_redis_value::<Fields>(value),
             Err(e) if key_error(&e) => {
-                sync.damaged(fp, Damage::Read, &format!("is not a hash ({e})"));
+                sync.damaged(
+                    fp,
+                    Damage::Read,
+                    &format!("is not a hash ({})", describe(&e)),
+                );
                 republish_key(sync, *fp, followers);
                 continue;
             }
-            Err(e) => return Err(format!("read states: {e}")),
+            Err(e) => return Err(format!("read states: {}", describe(&e))),
         };
         let shared = match fields {
             Ok((None, None, None, None)) => {
