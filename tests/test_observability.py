@@ -121,6 +121,37 @@ def test_outcomes_of_every_kind(up: MockUpstream) -> None:
                  outcome="upstream_unreachable") == 1  # fmt: skip
 
 
+def test_shm_pools_of_other_names_in_one_namespace_count_apart(up: MockUpstream) -> None:
+    """Shared memory counts a pool's requests with the pools of its name in every
+    process of the host, and never with a pool of another name."""
+    namespace = f"obs-{uuid.uuid4().hex[:12]}"
+    clients = {
+        name: kf.FailoverClient(
+            kf.KeyPool(keys, state="shm", namespace=namespace),
+            base_url=up.url,
+            provider="openai",
+            name=name,
+        )
+        for name, keys in (("team-a", KEYS[:1]), ("team-b", KEYS[1:2]), ("team-a-too", KEYS[:1]))
+    }
+    twin = kf.FailoverClient(  # another pool of the first's name: as another worker's
+        kf.KeyPool(KEYS[:1], state="shm", namespace=namespace),
+        base_url=up.url,
+        provider="openai",
+        name="team-a",
+    )
+    for _ in range(3):
+        clients["team-a"].request_sync("POST", "/v1/chat/completions", body=b"{}").read()
+    twin.request_sync("POST", "/v1/chat/completions", body=b"{}").read()
+    counted = {
+        name: samples(client.metrics()).get(
+            ("keyfailover_requests_total", frozenset({"pool": name, "outcome": "ok"}.items())), 0
+        )
+        for name, client in clients.items()
+    }
+    assert counted == {"team-a": 4, "team-b": 0, "team-a-too": 0}
+
+
 def test_the_proxy_serves_metrics_behind_its_tokens_and_counts_rejections(up: MockUpstream):
     client, _ = make_client(up, "anthropic", 2)
     with serve_asgi(FailoverProxy(client, client_tokens=[TOKEN])) as url:

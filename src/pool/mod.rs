@@ -354,7 +354,9 @@ struct Inner {
     /// What logs and metrics call the pool: set by the first client that
     /// uses it (`FailoverClient(..., name=)`), "default" until then.
     name: std::sync::OnceLock<String>,
-    counters: crate::metrics::PoolCounters,
+    /// Bound on first use, by then under the pool's name: with shm, the
+    /// pools of one name count together across processes, and only they.
+    counters: std::sync::OnceLock<crate::metrics::PoolCounters>,
     backend: Backend,
 }
 
@@ -440,7 +442,7 @@ impl KeyPool {
                 clock,
                 namespace,
                 name: std::sync::OnceLock::new(),
-                counters: backend.pool_counters(),
+                counters: std::sync::OnceLock::new(),
                 backend,
             }),
         })
@@ -520,7 +522,9 @@ impl KeyPool {
     }
 
     pub(crate) fn counters(&self) -> &crate::metrics::PoolCounters {
-        &self.inner.counters
+        self.inner
+            .counters
+            .get_or_init(|| self.inner.backend.pool_counters(self.name()))
     }
 
     pub(crate) fn backend(&self) -> &Backend {

@@ -222,15 +222,20 @@ impl Backend {
         })
     }
 
-    /// The pool-wide counters: shared by the host's processes with shm,
-    /// this process's own otherwise.
-    pub fn pool_counters(&self) -> PoolCounters {
+    /// The counters of the pool named `name`: with shm, those of the pools
+    /// of that name in every process of the host (this process's own when
+    /// the namespace has no room for another name); this process's own
+    /// otherwise.
+    pub fn pool_counters(&self, name: &str) -> PoolCounters {
         match self {
-            Backend::Shm(region) => PoolCounters(Block::Shared {
-                ptr: region.pool_counters(),
-                len: POOL_COUNTERS.min(shm::POOL_ROOM),
-                _owner: region.clone(),
-            }),
+            Backend::Shm(region) => match region.pool_counters(name) {
+                Some(ptr) => PoolCounters(Block::Shared {
+                    ptr,
+                    len: POOL_COUNTERS,
+                    _owner: region.clone(),
+                }),
+                None => PoolCounters(Block::local(POOL_COUNTERS)),
+            },
             _ => PoolCounters(Block::local(POOL_COUNTERS)),
         }
     }

@@ -9,7 +9,9 @@
 //!
 //! ```text
 //! 0        magic "KFSTATE\x01", version, capacity, slot size; at 64, the
-//!          counters of the namespace's pools (metrics)
+//!          pool counters of versions before pools had blocks of their own
+//!          (unused now); at 512, a table of pools by name: a fingerprint of
+//!          the name (0 = free), then that pool's counters (metrics)
 //! HEADER   slot 0: fingerprint (0 = free), state word, the key's counters;
 //!          in its last word, the latest cooldown deadline set because the
 //!          key's own endpoint was unreachable (0: none)
@@ -43,8 +45,14 @@ const SLOT: usize = 512;
 /// word and its last word.
 pub const KEY_ROOM: usize = SLOT / 8 - 3;
 const _: () = assert!(crate::metrics::KEY_COUNTERS <= KEY_ROOM);
-/// Counters the header has room for, after its fields.
-pub const POOL_ROOM: usize = HEADER / 8 - 8;
+/// Where the table of pools starts (in words): after the fields and the
+/// one block of pool counters earlier versions use.
+const POOLS_AT: usize = 64;
+/// Words a pool's entry takes: its name's fingerprint, then its counters.
+const POOL_ENTRY: usize = 1 + crate::metrics::POOL_COUNTERS;
+/// Pools of different names one namespace can count apart.
+pub const POOL_CAPACITY: usize = (HEADER / 8 - POOLS_AT) / POOL_ENTRY;
+const _: () = assert!(POOL_CAPACITY >= 64);
 const SIZE: usize = HEADER + SLOT * CAPACITY as usize;
 
 /// One namespace's shared mapping.
@@ -167,9 +175,22 @@ impl Region {
         unsafe { &*(self.map.as_ptr().add(offset) as *const AtomicU64) }
     }
 
-    /// The counters of the namespace's pools: after the header fields.
-    pub fn pool_counters(&self) -> NonNull<AtomicU64> {
-        NonNull::from(self.atomic(8 * 8))
+    /// The first of the counters of the pools named `name` (those of every
+    /// process of the namespace), claiming an entry on first use; None when
+    /// [`POOL_CAPACITY`] names have entries.
+    pub fn pool_counters(&self, name: &str) -> Option<NonNull<AtomicU64>> {
+        let digest = Sha256::digest(format!("keyfailover-pool\0{name}").as_bytes());
+        let fingerprint = u64::from_le_bytes(digest[..8].try_into().expect("8 bytes")).max(1);
+        let start = (fingerprint % POOL_CAPACITY as u64) as usize;
+        (0..POOL_CAPACITY).find_map(|probe| {
+            let entry = (POOLS_AT + (start + probe) % POOL_CAPACITY * POOL_ENTRY) * 8;
+            let owner = self.atomic(entry);
+            match owner.compare_exchange(0, fingerprint, Ordering::AcqRel, Ordering::Acquire) {
+                Ok(_) => true,
+                Err(current) => current == fingerprint,
+            }
+            .then(|| NonNull::from(self.atomic(entry + 8)))
+        })
     }
 
     /// The slot of the key with this fingerprint (non-zero), claiming a free
@@ -273,6 +294,39 @@ mod tests {
         let err = region.slot(12345).err().unwrap().to_string();
         assert!(err.contains("full"), "{err}");
         std::fs::remove_file(region.path()).unwrap();
+    }
+
+    #[test]
+    fn pools_count_apart_by_name_in_one_namespace() {
+        let ns = namespace("pools");
+        let a = Region::open(&ns).unwrap();
+        let b = Region::open(&ns).unwrap();
+        let at = |region: &Region, ptr: NonNull<AtomicU64>| {
+            ptr.as_ptr() as usize - region.map.as_ptr() as usize
+        };
+        let first = a.pool_counters("anthropic").unwrap();
+        let found = b.pool_counters("anthropic").unwrap();
+        assert_eq!(at(&b, found), at(&a, first), "one name, one block");
+        let other = a.pool_counters("openai").unwrap();
+        let distance = (other.as_ptr() as usize).abs_diff(first.as_ptr() as usize);
+        assert!(
+            distance >= crate::metrics::POOL_COUNTERS * 8,
+            "blocks do not overlap"
+        );
+        let names: Vec<_> = (0..POOL_CAPACITY)
+            .map(|i| a.pool_counters(&format!("pool-{i}")))
+            .collect();
+        assert_eq!(
+            names.iter().filter(|n| n.is_some()).count(),
+            POOL_CAPACITY - 2
+        );
+        assert!(a.pool_counters("one-too-many").is_none());
+        assert_eq!(
+            a.pool_counters("openai").unwrap(),
+            other,
+            "still found when full"
+        );
+        std::fs::remove_file(a.path()).unwrap();
     }
 
     #[test]
