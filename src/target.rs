@@ -52,7 +52,13 @@ const PARSED_TARGET_LEN: usize = 256;
 
 impl BaseUrl {
     pub fn parse(raw: &str) -> Result<Self> {
-        let shown = masked_url(raw);
+        // A long value with nothing of a host or URL in it may be a key given
+        // in the wrong place: quoted as its hint.
+        let shown = if raw.chars().count() > 24 && !raw.contains(['.', '/', ':']) {
+            Cow::Owned(crate::pool::mask(raw))
+        } else {
+            masked_url(raw)
+        };
         // Refused rather than dropped, as the URL parser would (it trims
         // spaces and controls at the ends and drops tabs and newlines
         // inside): a URL read with its newline is a mistake to point out.
@@ -682,6 +688,19 @@ mod tests {
             join("https://x/v10", "/v1/m").unwrap(),
             "https://x/v10/v1/m"
         );
+    }
+
+    #[test]
+    fn a_key_given_as_a_base_url_is_quoted_as_its_hint() {
+        let key = "sk-ant-api03-SECRETSECRETSECRET1";
+        let message = BaseUrl::parse(key).err().unwrap().to_string();
+        assert!(!message.contains("SECRETSECRET"), "{message}");
+        assert!(message.contains("sk-a...RET1"), "{message}");
+        let message = BaseUrl::parse("api.anthropic.com/v1")
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(message.contains("\"api.anthropic.com/v1\""), "{message}");
     }
 
     #[test]

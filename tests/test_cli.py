@@ -115,6 +115,19 @@ ARGUMENT_ERRORS += [
         (serve_args("--keys-env", "K", "--workers", "100000"), {"K": KEY_A}),
         "is not a whole number from 1 to 1,024",
     ),
+    # A key given in the wrong place is quoted as its hint, never whole.
+    *[
+        ((serve_args("--keys-env", "K", option, KEY_B), {"K": KEY_A}), message)
+        for option, message in [
+            ("--upstream", f'base_url "{KEY_B[:4]}...{KEY_B[-4:]}" is not a URL'),
+            ("--provider", f"invalid choice: '{KEY_B[:4]}...{KEY_B[-4:]}'"),
+            ("--port", "is not a port"),
+            ("--grace", "is not a number of seconds"),
+            ("--workers", "is not a whole number"),
+        ]
+    ],
+    ((serve_args("--keys-file", KEY_A), {}), f"keys file '{KEY_A[:4]}...{KEY_A[-4:]}' not found"),
+    ((["serve", "--config", KEY_A], {}), f"{KEY_A[:4]}...{KEY_A[-4:]}: cannot read it"),
     # A label that is a key would be shown wherever labels are.
     (
         keys_env(f"{KEY_A}={KEY_B},b={KEY_A}"),

@@ -342,6 +342,24 @@ def test_a_key_written_in_the_wrong_field_is_not_quoted_whole(tmp_path: Path, fi
     assert f"'{ANTHROPIC[1][:4]}...{ANTHROPIC[1][-4:]}'" in str(raised.value)
 
 
+@pytest.mark.parametrize(
+    ("text", "where"),
+    [
+        ("[routes.a]\nkeys_env = 'K'\nnamespace = '{key} x'", "route 'a': namespace: "),
+        ("[routes.\"{key}!\"]\nkeys_env = 'K'", "routes."),
+        ("[routes.a]\nkeys_env = 'K'\n{key} = 1", "route 'a': "),
+    ],
+)
+def test_a_key_written_as_a_name_is_not_quoted_whole(tmp_path: Path, text: str, where: str) -> None:
+    key = ANTHROPIC[1]
+    path = write(tmp_path, text.format(key=key))
+    with pytest.raises(ConfigError) as raised:
+        load_config(path, environ={"K": ANTHROPIC[0]})
+    assert where in str(raised.value)
+    assert key not in str(raised.value)
+    assert key[:4] + "..." in str(raised.value)
+
+
 def test_keys_in_the_config_only_when_its_owner_alone_can_read_it(tmp_path: Path) -> None:
     text = f"[routes.a]\nkeys = ['{ANTHROPIC[0]}', '{ANTHROPIC[1]}']\n"
     with pytest.raises(ConfigError, match="readable by its owner only") as raised:

@@ -140,11 +140,11 @@ class _Where:
         self.route = route
 
     def error(self, field: str | None, message: str) -> ConfigError:
-        parts = [str(self.path)]
+        parts = [echo(str(self.path))]
         if self.route is not None:
-            parts.append(f"route {self.route!r}")
+            parts.append(f"route {echo(self.route)!r}")
         if field is not None:
-            parts.append(field)
+            parts.append(echo(field))
         return ConfigError(": ".join([*parts, message]))
 
 
@@ -173,6 +173,20 @@ def _shown(value: object) -> str:
     written in the wrong field would be (an error is printed and logged; a key never is)."""
     text = repr(value)
     return f"{text[:5]}...{text[-5:]}" if len(text) > 26 else text
+
+
+def echo(text: str) -> str:
+    """A name or file as a message shows it: masked as a key's hint is when it could be a
+    key given in the wrong place (longer than a name, with no '/', '.' or ':' of a file,
+    host or URL in it), else as written."""
+    if len(text) > 24 and not re.search(r"[/.:]", text):
+        return f"{text[:4]}...{text[-4:]}"
+    return text
+
+
+def echo_path(path: str) -> str:
+    """A route's path as a message shows it: each segment as `echo` shows a name."""
+    return "/".join(echo(segment) for segment in path.split("/"))
 
 
 def _typed(where: _Where, table: dict[str, Any], field: str, kind: type, default: Any) -> Any:
@@ -337,7 +351,7 @@ def _route(
             raise where.error("state", "a Redis URL needs a host")
     namespace = _typed(where, table, "namespace", str, name)
     if not namespace or any(c.isspace() or not c.isprintable() for c in namespace):
-        raise where.error("namespace", f"must be a name without spaces, not {namespace!r}")
+        raise where.error("namespace", f"must be a name without spaces, not {_shown(namespace)}")
     return RouteConfig(
         name=name,
         path=path,
@@ -389,7 +403,9 @@ def load_config(path: str | os.PathLike[str], *, environ: dict[str, str] | None 
     routes = []
     for name, table in tables.items():
         if not NAME.match(name):
-            raise where.error(f"routes.{name}", "a route's name is letters, digits, '_', '-', '.'")
+            raise where.error(
+                f"routes.{echo(name)}", "a route's name is letters, digits, '_', '-', '.'"
+            )
         routes.append(_route(_Where(path, name), table, path.parent, mode, environ))
     paths: dict[str, str] = {}
     for route in routes:

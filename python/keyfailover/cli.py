@@ -23,7 +23,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
 
 from keyfailover import __version__, _native
-from keyfailover._config import PROVIDERS, default_upstream, unset_variable
+from keyfailover._config import (
+    PROVIDERS,
+    _shown,
+    default_upstream,
+    echo,
+    echo_path,
+    unset_variable,
+)
 from keyfailover._native import ConfigError, FailoverClient, Key, KeyPool
 from keyfailover._native import parse_keys as _parse_keys
 from keyfailover._reload import KeysFileReloader, read_text
@@ -62,12 +69,12 @@ def load_keys(args: argparse.Namespace) -> list[str | Key] | dict[str, str | Key
         try:
             text = read_text(path)
         except FileNotFoundError:
-            raise CliError(f"keys file {str(path)!r} not found") from None
+            raise CliError(f"keys file {echo(str(path))!r} not found") from None
         except OSError as exc:
-            raise CliError(f"cannot read keys file {str(path)!r}: {exc.strerror}") from None
+            raise CliError(f"cannot read keys file {echo(str(path))!r}: {exc.strerror}") from None
         except ValueError as exc:
-            raise CliError(f"keys file {str(path)!r}: {exc}") from None
-        return parse_keys(text, source=f"keys file {str(path)!r}")
+            raise CliError(f"keys file {echo(str(path))!r}: {exc}") from None
+        return parse_keys(text, source=f"keys file {echo(str(path))!r}")
     value = os.environ.get(args.keys_env)
     if value is None:
         raise CliError(f"--keys-env: {unset_variable(args.keys_env)}")
@@ -108,8 +115,11 @@ def plural(n: int, word: str) -> str:
 
 
 def os_error(exc: OSError) -> str:
-    """What went wrong, in the system's words ("Address already in use")."""
-    return os.strerror(exc.errno) if exc.errno else str(exc)
+    """What went wrong, in the system's words ("Address already in use"; a name that does
+    not resolve: "Name or service not known", which `os.strerror` has no words for)."""
+    if isinstance(exc, socket.gaierror) or not exc.errno:
+        return exc.strerror or str(exc)
+    return os.strerror(exc.errno)
 
 
 def listen(host: str, port: int) -> socket.socket:
@@ -306,7 +316,7 @@ def serve_config(args: argparse.Namespace) -> int:
         print(
             f"{args.config}: {plural(len(config.routes), 'route')} OK: "
             + ", ".join(
-                f"{r.name} at {r.path} ({r.provider}, {plural(len(r.keys), 'key')})"
+                f"{r.name} at {echo_path(r.path)} ({r.provider}, {plural(len(r.keys), 'key')})"
                 for r in config.routes
             )
         )
@@ -349,9 +359,9 @@ def cmd_mock_upstream(args: argparse.Namespace) -> int:
         try:
             upstream.load_scenario(args.scenario)
         except FileNotFoundError:
-            raise CliError(f"scenario file {args.scenario!r} not found") from None
+            raise CliError(f"scenario file {echo(args.scenario)!r} not found") from None
         except (ValueError, KeyError, TypeError) as exc:
-            raise CliError(f"bad scenario {args.scenario!r}: {exc}") from None
+            raise CliError(f"bad scenario {echo(args.scenario)!r}: {exc}") from None
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     try:
@@ -377,13 +387,19 @@ class _Parser(argparse.ArgumentParser):
     """argparse, with errors as one line (and exit status 2)."""
 
     def error(self, message: str) -> NoReturn:
+        # argparse quotes a refused choice as given: a key in the wrong place.
+        message = re.sub(
+            r"invalid choice: ('[^']*'|\"[^\"]*\")",
+            lambda m: f"invalid choice: {_shown(m.group(1)[1:-1])}",
+            message,
+        )
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
 def port(text: str) -> int:
     value = int(text) if text.isdigit() else -1
     if not 0 <= value <= 65535:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a port (0 to 65535)")
+        raise argparse.ArgumentTypeError(f"{_shown(text)} is not a port (0 to 65535)")
     return value
 
 
@@ -399,14 +415,14 @@ def seconds(text: str) -> float:
     low, high = SECONDS
     if not low <= value <= high:
         raise argparse.ArgumentTypeError(
-            f"{text!r} is not a number of seconds from {low:g} to {high:g}"
+            f"{_shown(text)} is not a number of seconds from {low:g} to {high:g}"
         )
     return value
 
 
 def count(text: str, most: int = 1_000_000) -> int:
     if not text.isdigit() or not 1 <= int(text) <= most:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number from 1 to {most:,}")
+        raise argparse.ArgumentTypeError(f"{_shown(text)} is not a whole number from 1 to {most:,}")
     return int(text)
 
 
@@ -419,7 +435,7 @@ def processes(text: str) -> int:
 def size(text: str) -> int:
     """Bytes, 0 or more (up to 2**53)."""
     if not text.isdigit() or int(text) > 2**53:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number of bytes from 0 to 2**53")
+        raise argparse.ArgumentTypeError(f"{_shown(text)} is not a number of bytes from 0 to 2**53")
     return int(text)
 
 
