@@ -349,6 +349,43 @@ def test_serve_reloads_the_keys_file_on_sighup_and_on_change_and_keeps_keys_on_e
         assert key not in log
 
 
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_a_storm_of_sighups_leaves_reloading_and_stopping_working(
+    tmp_path: Path, up: MockUpstream, workers: str
+):
+    """Hundreds of SIGHUPs a few ms apart (a handler runs inside the one before it):
+    the next edit is still reloaded, and SIGTERM still ends the process in its grace."""
+    keys_file = tmp_path / "keys"
+    keys_file.write_text(f"a={A}\n")
+    serve = Serve(up, keys_file, "--grace", "2", "--workers", workers)
+    try:
+        if workers == "2":
+            serve.wait_for_log("serving on", timeout=15)
+        for _ in range(400):
+            serve.proc.send_signal(signal.SIGHUP)
+            time.sleep(0.001)
+        time.sleep(0.5)
+        keys_file.write_text(f"a={A}\nb={B}\n")
+        serve.proc.send_signal(signal.SIGHUP)
+        deadline = time.monotonic() + 10
+        while serve.labels() != ["a", "b"] and time.monotonic() < deadline:
+            time.sleep(0.1)
+        # Every worker: connections land on either.
+        assert [serve.labels() for _ in range(6)] == [["a", "b"]] * 6
+    finally:
+        started = time.monotonic()
+        serve.proc.send_signal(signal.SIGTERM)
+        try:
+            status = serve.proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            status = None
+            subprocess.run(["pkill", "-KILL", "-g", str(serve.proc.pid)], check=False)
+            serve.proc.kill()
+        log = serve.stop()
+    assert status == 0, log[-2000:]
+    assert time.monotonic() - started < 5
+
+
 def test_serve_admin_actions_reload_and_probes(tmp_path: Path, up: MockUpstream):
     keys_file = tmp_path / "keys"
     keys_file.write_text(f"a={A}\nb={B}\n")

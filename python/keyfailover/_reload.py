@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import select
 import threading
 from collections.abc import Iterable
 from pathlib import Path
@@ -48,7 +49,7 @@ class FileWatcher:
     def __init__(self, *, interval: float = 2.0) -> None:
         self.interval = interval
         self._stop = threading.Event()
-        self._hup = threading.Event()
+        self._hup: _Wakeup | None = None  # made in the process that watches (after a fork)
         self._lock = threading.Lock()
         self._seen = self._stamps()
 
@@ -79,15 +80,16 @@ class FileWatcher:
         """Reloads, in a thread, on SIGHUP and when a file changes (checked
         every `interval` seconds)."""
 
+        hup = self._wakeup()
+
         def loop() -> None:
             while not self._stop.is_set():
-                hup = self._hup.wait(self.interval)
+                woken = hup.wait(self.interval)
                 if self._stop.is_set():
                     return
                 # Whatever goes wrong with one reload, the next is still watched for.
                 try:
-                    if hup:
-                        self._hup.clear()
+                    if woken:
                         self.reload("SIGHUP")
                     else:
                         self.reload_if_changed()
@@ -99,15 +101,48 @@ class FileWatcher:
 
     def stop(self) -> None:
         self._stop.set()
-        self._hup.set()
+        if self._hup is not None:
+            self._hup.set()
+
+    def _wakeup(self) -> _Wakeup:
+        if self._hup is None or self._hup.pid != os.getpid():
+            self._hup = _Wakeup()
+        return self._hup
 
     def on_sighup(self) -> None:
         """Reloads on SIGHUP: the handler only wakes the watching thread, so a
         signal never runs the reload inside whatever the main thread was doing."""
         import signal
 
+        hup = self._wakeup()
         with contextlib.suppress(ValueError):  # not the main thread: no signals here
-            signal.signal(signal.SIGHUP, lambda *_: self._hup.set())
+            signal.signal(signal.SIGHUP, lambda *_: hup.set())
+
+
+class _Wakeup:
+    """A wake-up a signal handler can give: a byte down a pipe. A handler can run while
+    the main thread is inside another handler's `threading.Event.set`, holding the lock
+    that `set` takes again: a storm of SIGHUPs deadlocked the process that way."""
+
+    def __init__(self) -> None:
+        self.pid = os.getpid()
+        self._read, self._write = os.pipe()
+        os.set_blocking(self._read, False)
+        os.set_blocking(self._write, False)
+
+    def set(self) -> None:
+        with contextlib.suppress(BlockingIOError):  # a full pipe is a wake-up pending
+            os.write(self._write, b"\0")
+
+    def wait(self, timeout: float) -> bool:
+        """Whether woken within `timeout` seconds; takes every wake-up given so far."""
+        ready, _, _ = select.select([self._read], [], [], timeout)
+        if not ready:
+            return False
+        with contextlib.suppress(BlockingIOError):
+            while os.read(self._read, 4096):
+                pass
+        return True
 
 
 class KeysFileReloader(FileWatcher):

@@ -103,13 +103,16 @@ def native_server(
 def serve_native_server(server: Server, sock: socket.socket, args: Any) -> None:
     """Runs `server` on `sock` until SIGINT/SIGTERM and its drain."""
 
+    # A plain flag, not a threading.Event: a handler can run inside another's
+    # `Event.set`, whose lock it would then wait for forever.
+    stopping: list[bool] = []
+
     def stop(signum: int, _frame: Any) -> None:
-        if not server_stopping.is_set():
-            server_stopping.set()
+        if not stopping:
+            stopping.append(True)
             log.info("shutting down: in-flight requests have %g s to finish", args.grace)
         server.shutdown()
 
-    server_stopping = threading.Event()
     signal.signal(signal.SIGINT, stop)
     signal.signal(signal.SIGTERM, stop)
     host, port = sock.getsockname()[:2]
@@ -130,7 +133,7 @@ def supervise(workers: int, serve: Callable[[], None], sock: socket.socket) -> i
     is replaced, unless workers keep dying at once. Returns the exit status.
     """
     children: dict[int, float] = {}
-    stopping = threading.Event()
+    stopping: list[bool] = []  # a plain flag: see serve_native_server
 
     def spawn() -> None:
         pid = os.fork()
@@ -152,9 +155,9 @@ def supervise(workers: int, serve: Callable[[], None], sock: socket.socket) -> i
         children[pid] = time.monotonic()
 
     def stop(signum: int, _frame: Any) -> None:
-        if not stopping.is_set():
+        if not stopping:
             log.info("stopping %d workers", len(children))
-            stopping.set()
+            stopping.append(True)
         for pid in list(children):
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGTERM)
@@ -185,7 +188,7 @@ def supervise(workers: int, serve: Callable[[], None], sock: socket.socket) -> i
         if started is None:
             continue
         exit_status = os.waitstatus_to_exitcode(code)
-        if stopping.is_set():
+        if stopping:
             status = status or (1 if exit_status != 0 else 0)
             continue
         log.warning("worker %d exited with status %d; starting another", pid, exit_status)

@@ -122,6 +122,14 @@ def os_error(exc: OSError) -> str:
     return os.strerror(exc.errno)
 
 
+def ignore_sighup_until_handled() -> None:
+    """SIGHUP ignored from before the port is open until `serve` says what it does
+    (reload, or log): by default it ends the process, and a reload sent as soon as the
+    port answers would. A file edited meanwhile is caught up with (reload_if_changed)."""
+    with contextlib.suppress(ValueError):  # not the main thread: no signals here
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)
+
+
 def listen(host: str, port: int) -> socket.socket:
     """A listening socket, or a RunError that says why not."""
     try:
@@ -258,6 +266,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         ", ".join(f"{k['label']} {k['hint']}" for k in pool.snapshot()),
         pool.state_backend,
     )
+    ignore_sighup_until_handled()
     sock = listen(args.host, args.port)
     raise_open_files_limit()
 
@@ -332,6 +341,7 @@ def serve_config(args: argparse.Namespace) -> int:
     # Made before the fork, it knows the files as the routes were built from them:
     # a worker started after an edit catches up (reload_if_changed).
     reloader = _config.ConfigReloader(routes)
+    ignore_sighup_until_handled()
     sock = listen(args.host, args.port)
     raise_open_files_limit()
 
