@@ -320,6 +320,11 @@ impl FailoverClient {
         self.shutdown.is_set()
     }
 
+    /// Set by [`FailoverClient::shutdown`], for tasks to wait on.
+    pub(crate) fn shutdown_latch(&self) -> Latch {
+        self.shutdown.clone()
+    }
+
     /// The HTTP client of this process: rebuilt after a fork, since the
     /// parent's connections (and the runtime that served them) are not the
     /// child's to use.

@@ -347,6 +347,29 @@ def test_serve_logs_one_key_in_the_singular(up: MockUpstream):
 
 
 @pytest.mark.parametrize("server", ["native", "uvicorn"])
+def test_an_open_dashboard_does_not_hold_the_stop(up: MockUpstream, server: str):
+    """SIGTERM with a dashboard's event stream open: the stream ends at once with an error
+    event saying why, and the process exits without waiting out its grace period."""
+    proc, url = start_serve(up, "--server", server, "--grace", "5", "--allow-unauthenticated")
+    try:
+        with httpx.stream("GET", url + "/_keyfailover/events", timeout=10) as stream:
+            texts = stream.iter_text()
+            assert next(texts).startswith("event: state")
+            started = time.monotonic()
+            proc.send_signal(signal.SIGTERM)
+            rest = "".join(texts)  # to its end: a cut would raise
+        last = rest.strip().split("\n\n")[-1]
+        assert last.startswith("event: error"), rest[-300:]
+        assert "the server is shutting down" in last
+        assert proc.wait(timeout=10) == 0
+        assert time.monotonic() - started < 3, "not the 5 s of grace"
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.communicate()
+
+
+@pytest.mark.parametrize("server", ["native", "uvicorn"])
 def test_no_log_line_shows_a_key_in_a_query_or_path(up: MockUpstream, server: str):
     """A Gemini caller's ?key= and a key named in a path never reach the logs: the access
     lines drop the query and mask pool keys, and uvicorn's own access log is off."""

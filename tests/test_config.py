@@ -267,6 +267,40 @@ def test_sighup_reloads_the_config_keeping_key_state(
     assert serve.proc.returncode == 0
 
 
+def test_dashboard_streams_end_with_an_error_event_on_a_reload_replacing_their_pool_and_a_stop(
+    up: MockUpstream, serve: Served, config_dir: Path
+) -> None:
+    admin = {"x-api-key": ADMIN}
+    events = serve.url + "/anthropic/_keyfailover/events"
+    with httpx.stream("GET", events, headers=admin, timeout=10) as stream:
+        texts = stream.iter_text()
+        assert next(texts).startswith("event: state")
+        # Another strategy: the route gets a new pool, whose dashboard is another.
+        (config_dir / "kf.toml").write_text(
+            config_text(up.url).replace('strategy = "ordered"', 'strategy = "round_robin"')
+        )
+        serve.proc.send_signal(signal.SIGHUP)
+        rest = "".join(texts)  # to its end: a cut would raise
+    last = rest.strip().split("\n\n")[-1]
+    assert last.startswith("event: error"), rest[-500:]
+    assert "a reload replaced this pool" in last
+    with httpx.stream("GET", events, headers=admin, timeout=10) as stream:
+        lines = stream.iter_lines()
+        assert next(lines) == "event: state"
+        assert json.loads(next(lines).removeprefix("data: "))["strategy"] == "round_robin"
+
+    # An open dashboard does not hold the server's stop: its stream ends at once.
+    with httpx.stream("GET", serve.url + "/oai/_keyfailover/events", headers=admin) as stream:
+        texts = stream.iter_text()
+        assert next(texts).startswith("event: state")
+        started = time.monotonic()
+        serve.proc.send_signal(signal.SIGTERM)
+        rest = "".join(texts)
+    assert "the server is shutting down" in rest.strip().split("\n\n")[-1]
+    assert serve.proc.wait(timeout=10) == 0
+    assert time.monotonic() - started < 2.0, "not the grace period (1 s) and 5 s more"
+
+
 def write(tmp_path: Path, text: str, mode: int = 0o644) -> Path:
     path = tmp_path / "kf.toml"
     path.write_text(text)

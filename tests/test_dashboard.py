@@ -407,8 +407,12 @@ def test_it_reconnects_when_the_stream_ends(page: Page, up: MockUpstream, front_
 
         def events(route: Route) -> None:
             opened.append(time.monotonic())
-            if len(opened) == 1:  # one event, then the stream ends
-                body = f"event: state\ndata: {json.dumps(state)}\n\n"
+            if len(opened) == 1:  # one event, then the stream ends, saying why
+                ending = {"type": "error", "error": {"type": "api_error", "message": "going away"}}
+                body = (
+                    f"event: state\ndata: {json.dumps(state)}\n\n"
+                    f"event: error\ndata: {json.dumps(ending)}\n\n"
+                )
                 route.fulfill(status=200, content_type="text/event-stream", body=body)
             else:
                 route.continue_()
@@ -416,7 +420,7 @@ def test_it_reconnects_when_the_stream_ends(page: Page, up: MockUpstream, front_
         page.route(url + ADMIN + "events", events)
         sign_in(page, url)
         expect(page.locator("#pool")).to_have_text("canned")
-        expect(page.locator("#conn")).to_contain_text("reconnecting")
+        expect(page.locator("#conn")).to_contain_text("reconnecting (going away)")
         expect(page.locator("#pool")).to_have_text("anthropic", timeout=3000)
         expect(page.locator("#conn")).to_have_text("live")
         assert len(opened) == 2

@@ -39,6 +39,7 @@ def run_uvicorn(uvicorn: Any, proxy: FailoverProxy, sock: socket.socket, args: A
         def handle_exit(self, sig: int, frame: Any) -> None:
             if self.timer is None:
                 log.info("shutting down: in-flight requests have %g s to finish", args.grace)
+                proxy.gateway.drain()  # dashboards' streams end now, not at the grace's end
                 self.timer = threading.Timer(args.grace, proxy.shutdown)
                 self.timer.daemon = True
                 self.timer.start()

@@ -249,8 +249,23 @@ impl Gateway {
         let client = self.client.clone();
         let reload = self.reload.is_some();
         let history = self.history.clone();
+        let drained = self.drained.clone();
+        let shut_down = self.client.shutdown_latch();
+        let ending = self.drained_why.clone();
         let task = runtime.spawn(async move {
             loop {
+                if drained.is_set() || shut_down.is_set() {
+                    // Ended with an error event, as a stream cut short is.
+                    let why = ending
+                        .get()
+                        .copied()
+                        .unwrap_or("the server is shutting down");
+                    let event = client
+                        .provider()
+                        .sse_error_event(ErrorKind::Unavailable, why);
+                    let _ = tx.send(Ok(Bytes::from(event))).await;
+                    return;
+                }
                 let state = {
                     let history = history
                         .lock()
@@ -263,6 +278,8 @@ impl Gateway {
                 }
                 tokio::select! {
                     _ = tx.closed() => return,
+                    _ = drained.wait() => {}
+                    _ = shut_down.wait() => {}
                     _ = tokio::time::sleep(EVENTS_EVERY) => {}
                 }
             }

@@ -93,6 +93,10 @@ pub struct Gateway {
     /// them (none yet: `u64::MAX`).
     history: Arc<Mutex<history::History>>,
     sampler: AtomicU64,
+    /// Set when the dashboard's event streams are to end (see [`Gateway::drain`]),
+    /// with why.
+    drained: crate::latch::Latch,
+    drained_why: Arc<std::sync::OnceLock<&'static str>>,
 }
 
 impl std::fmt::Debug for Gateway {
@@ -157,6 +161,8 @@ impl Gateway {
             runtime: options.runtime,
             history: Arc::default(),
             sampler: AtomicU64::new(u64::MAX),
+            drained: crate::latch::Latch::new(),
+            drained_why: Arc::default(),
         })
     }
 
@@ -351,6 +357,16 @@ impl Gateway {
             self.body_timeout.as_secs_f64()
         );
         closing(self.answer(ErrorKind::RequestTimeout, &message))
+    }
+
+    /// Ends the dashboard's event streams, each with an error event saying
+    /// `why`: a server that stops ends them at once (they would hold its
+    /// shutdown for the whole grace period), and one whose reload replaced
+    /// this gateway ends them so the dashboards reconnect to the new one.
+    /// Everything else goes on.
+    pub fn drain(&self, why: &'static str) {
+        let _ = self.drained_why.set(why);
+        self.drained.set();
     }
 
     /// The answer for a request still sending its body when the server's

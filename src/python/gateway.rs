@@ -224,6 +224,12 @@ impl PyGateway {
         self.gateway.redact(text).into_owned()
     }
 
+    /// Ends the dashboard's event streams (a server stopping: they would
+    /// hold its shutdown for the grace period); everything else goes on.
+    fn drain(&self) {
+        self.gateway.drain("the server is shutting down");
+    }
+
     /// Ends every request in flight (see `FailoverClient.shutdown`).
     fn shutdown(&self) {
         self.gateway.client().shutdown();

@@ -192,7 +192,16 @@ impl Server {
     /// Replaces the routes (a reloaded configuration): requests from now on
     /// take the new ones; those in flight finish on the old.
     pub fn set_routes(&self, routes: Vec<Route>) -> Result<()> {
-        self.routes.store(Arc::new(checked(routes)?));
+        let old = self.routes.swap(Arc::new(checked(routes)?));
+        let new = self.routes.load();
+        // Dashboards of a pool no route serves any more reconnect, to the new.
+        for route in old.iter() {
+            if !new.iter().any(|r| Arc::ptr_eq(&r.gateway, &route.gateway)) {
+                route
+                    .gateway
+                    .drain("a reload replaced this pool: reconnect to see the new one");
+            }
+        }
         Ok(())
     }
 
@@ -246,6 +255,10 @@ impl Server {
             }
         }
         drop(listener);
+        // Dashboards end now: their streams would hold the drain to the end.
+        for route in self.routes.load().iter() {
+            route.gateway.drain("the server is shutting down");
+        }
         tracker.close();
         if tokio::time::timeout(self.options.grace, tracker.wait())
             .await
