@@ -90,6 +90,14 @@ pub fn parse(text: &str, source: &str, separators: &[char]) -> Result<Keys> {
                 Some((name @ ("group" | "base_url"), _)) => {
                     return Err(at(format!("{name}= needs a value")))
                 }
+                // `my key=sk-...`: a first word too short to be a key is a
+                // label cut by a space (and, being no key, may be named).
+                Some(_) if !first.contains('=') && first.chars().count() < 8 => {
+                    return Err(at(format!(
+                        "{first:?} is too short for a key: a label with a space in it? Labels \
+                         are letters, digits, `_`, `.` and `-` (label=key)"
+                    )))
+                }
                 _ => {
                     return Err(at(format!(
                         "unexpected {} after the key: settings are group=NAME and base_url=URL",
@@ -291,6 +299,11 @@ mod tests {
             (
                 format!("{A} group=\n"),
                 "keys file 'k.txt', line 1: group= needs a value",
+            ),
+            (
+                format!("my key={A}\n"),
+                "keys file 'k.txt', line 1: \"my\" is too short for a key: a label with a \
+                 space in it?",
             ),
             (
                 format!("a={A}\nb=\n"),

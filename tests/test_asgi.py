@@ -432,6 +432,7 @@ def test_admin_is_guarded_by_client_tokens(up, serve):
     assert health.json()["status"] == "ok"
     assert len(keys.json()["keys"]) == 2
     assert_envelope("anthropic", unknown, 405, "invalid_request_error")
+    assert unknown.headers["allow"] == "GET, HEAD"
     assert up.requests == []
 
 

@@ -186,6 +186,11 @@ def test_three_routes_each_fail_over_on_their_own(up: MockUpstream, serve: Serve
             http.put(f"/oai/_keyfailover/keys/{OPENAI[1]}/retire", headers=admin),
         ]
     assert [answer.status_code for answer in echoed] == [404, 404, 405, 405]
+    assert [answer.headers.get("allow") for answer in echoed[2:]] == ["POST", "POST"]
+    with httpx.Client(base_url=serve.url) as http:
+        wrong = http.post("/_keyfailover/health", headers={"x-api-key": ADMIN})
+    assert wrong.status_code == 405, "the server-wide area too"
+    assert wrong.headers["allow"] == "GET, HEAD"
     for answer in echoed:
         assert not any(key in answer.text for key in ALL_KEYS), answer.text
         assert "..." in answer.text, answer.text
@@ -298,6 +303,7 @@ def test_dashboard_streams_end_with_an_error_event_on_a_reload_replacing_their_p
         rest = "".join(texts)
     assert "the server is shutting down" in rest.strip().split("\n\n")[-1]
     assert serve.proc.wait(timeout=10) == 0
+    serve.stop()  # its pipes
     assert time.monotonic() - started < 2.0, "not the grace period (1 s) and 5 s more"
 
 

@@ -397,6 +397,27 @@ def test_no_buttons_when_actions_are_off(page: Page, up: MockUpstream, front_end
         assert httpx.post(url + ADMIN + "keys/key-0/retire").status_code == 403
 
 
+def test_a_long_label_wraps_and_keeps_the_table_in_the_window(page: Page, up: MockUpstream):
+    long = "region-" + "x" * 293  # labels have no length limit
+    pool = kf.KeyPool({long: FAKE_KEYS[0], "short": FAKE_KEYS[1]})
+    pool.key(long).mark_temporary(60)
+    app = FailoverProxy(kf.FailoverClient(pool, base_url=up.url), client_tokens=[TOKEN])
+    with serve_native(app, grace=0.2) as url:
+        try:
+            sign_in(page, url)
+            expect_state(page, "short", "valid")
+            expect(row(page, long).locator(".c-label")).to_have_text(long)
+            table = page.locator("table").first.bounding_box()
+            assert table is not None
+            assert table["x"] + table["width"] <= 1280, table
+            # Every row's actions are on screen.
+            reset = row(page, "short").get_by_role("button", name="Reset short").bounding_box()
+            assert reset is not None
+            assert reset["x"] + reset["width"] <= 1280, reset
+        finally:
+            page.goto("about:blank")
+
+
 def test_it_reconnects_when_the_stream_ends(page: Page, up: MockUpstream, front_end: str) -> None:
     with dashboard(up, page, front_end=front_end, client_tokens=[TOKEN]) as (url, _):
         with httpx.stream("GET", url + ADMIN + "events", headers={"x-api-key": TOKEN}) as r:

@@ -93,11 +93,12 @@ def test_a_content_length_upstream_repeats_goes_on_once(up, proxy_url):
 @pytest.mark.parametrize("method", ["CONNECT", "TRACE"])
 def test_connect_and_trace_are_405_without_an_upstream_call(up, proxy_url, method):
     target = "upstream.example:443" if method == "CONNECT" else "/v1/messages"
-    status, _, body = raw_request(proxy_url, request_head(method, target))
+    status, headers, body = raw_request(proxy_url, request_head(method, target))
     assert status in (400, 405)  # uvicorn itself may refuse an authority-form CONNECT
     if method == "TRACE":
         assert status == 405
         assert json.loads(body)["error"]["type"] == "invalid_request_error"
+        assert headers["allow"] == "GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS"
     assert up.requests == []
 
 

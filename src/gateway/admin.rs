@@ -68,23 +68,31 @@ impl Gateway {
                 Access::Granted(who) => self.reload(&who),
             },
             // The path echoed may hold a key (in place of a label).
-            ("" | "livez" | "readyz" | "health" | "keys" | "metrics" | "events", _) => self.answer(
-                ErrorKind::MethodNotAllowed,
-                &format!("{} answers GET only", self.client.pool().redact(path)),
-            ),
-            (_, Some(_)) => self.answer(
-                ErrorKind::MethodNotAllowed,
-                &format!("{} answers POST only", self.client.pool().redact(path)),
-            ),
-            ("reload", _) if self.reload.is_some() => self.answer(
-                ErrorKind::MethodNotAllowed,
-                &format!("{} answers POST only", self.client.pool().redact(path)),
-            ),
+            ("" | "livez" | "readyz" | "health" | "keys" | "metrics" | "events", _) => {
+                self.not_allowed(path, "GET, HEAD")
+            }
+            (_, Some(_)) => self.not_allowed(path, "POST"),
+            ("reload", _) if self.reload.is_some() => self.not_allowed(path, "POST"),
             _ => {
                 let shown = self.client.pool().redact(path);
                 self.answer(ErrorKind::NotFound, &format!("no admin endpoint {shown}"))
             }
         }
+    }
+
+    /// 405 for an admin endpoint, with the `Allow` header RFC 9110 asks for.
+    fn not_allowed(&self, path: &str, allow: &'static str) -> Response {
+        let only = if allow == "POST" { "POST" } else { "GET" };
+        // The path echoed may hold a key (in place of a label).
+        let shown = self.client.pool().redact(path);
+        let mut answer = self.answer(
+            ErrorKind::MethodNotAllowed,
+            &format!("{shown} answers {only} only"),
+        );
+        answer
+            .headers
+            .insert(http::header::ALLOW, HeaderValue::from_static(allow));
+        answer
     }
 
     /// The token the caller presents, if it is a client or admin token.

@@ -26,6 +26,9 @@ use crate::target::normalize_target;
 pub const ADMIN_PREFIX: &str = "/_keyfailover/";
 /// The admin area's path segment.
 pub const ADMIN_SEGMENT: &str = "_keyfailover";
+/// The `Allow` of a 405 for CONNECT, TRACE and TRACK, which are never
+/// forwarded: the standard methods forwarded (any other is too).
+const FORWARDED_METHODS: &str = "GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS";
 
 /// Settings of a [`Gateway`].
 #[derive(Clone)]
@@ -314,7 +317,14 @@ impl Gateway {
             Err(err) => return self.reject(&err),
         };
         if matches!(request.method.as_str(), "CONNECT" | "TRACE" | "TRACK") {
-            return self.reject(&Error::MethodNotAllowed(request.method.to_string()));
+            let mut answer = self.reject(&Error::MethodNotAllowed(request.method.to_string()));
+            if let Step::Respond(response) = &mut answer {
+                response.headers.insert(
+                    http::header::ALLOW,
+                    http::HeaderValue::from_static(FORWARDED_METHODS),
+                );
+            }
+            return answer;
         }
         if let (true, Some(credential)) = (byok, credential) {
             request.credential = Credential::Caller(credential);

@@ -53,10 +53,14 @@ impl Server {
             );
         }
         if !matches!(method, "GET" | "HEAD") {
-            return gateway.answer(
-                ErrorKind::InvalidRequest,
+            let mut answer = gateway.answer(
+                ErrorKind::MethodNotAllowed,
                 &format!("{path} answers GET only"),
             );
+            answer
+                .headers
+                .insert(http::header::ALLOW, HeaderValue::from_static("GET, HEAD"));
+            return answer;
         }
         let pools = || {
             routes
