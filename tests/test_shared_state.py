@@ -234,6 +234,33 @@ def test_a_mark_made_before_a_reset_does_not_undo_it(workers, redis_server):
     assert [a.states()[0][0], b.states()[0][0]] == ["valid", "valid"]
 
 
+def test_shm_keys_rotated_out_leave_room_for_new_ones(namespace):
+    """The shared memory table holds 1,024 keys at once: keys that no process uses any
+    more (rotated out, a restart with other keys) give their slots to new ones."""
+
+    def keys(batch: str, n: int) -> list[str]:
+        return [f"sk-ant-api03-{batch}-{i:05d}-rotation-test" for i in range(n)]
+
+    pool = kf.KeyPool(keys("a", 600), state="shm", namespace=namespace)
+    pool.key("key-0").mark_permanent()
+    pool.reload(keys("b", 400))  # 1,000 at once while it reloads
+    pool.reload(keys("c", 400))  # the first 600 are no one's: their slots are taken
+    assert len(pool) == 400
+    assert {k["state"] for k in pool.snapshot()} == {"valid"}
+    del pool
+    gc.collect()
+    # A restart with 900 other keys: the old ones' slots are free to take.
+    pool = kf.KeyPool(keys("d", 900), state="shm", namespace=namespace)
+    twin = kf.KeyPool(keys("d", 900), state="shm", namespace=namespace)  # another worker's
+    twin.key("key-899").mark_permanent()
+    assert pool.key("key-899").state == kf.KeyState.PERMANENT, "one slot per key, shared"
+    # More keys in use at once than the table holds: a clear error, nothing lost.
+    with pytest.raises(kf.ConfigError, match="1024 keys in use at once"):
+        pool.reload(keys("e", 200))
+    assert len(pool) == 900
+    assert pool.key("key-899").state == kf.KeyState.PERMANENT
+
+
 def test_shm_processes_with_different_key_lists_share_the_common_keys(workers):
     first = workers(1, "shm", KEYS[:2])[0]
     second = workers(1, "shm", [KEYS[1], KEYS[2]])[0]  # key-0 here is KEYS[1]

@@ -67,6 +67,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
 #[pyfunction(name = "_after_fork_in_child")]
 fn after_fork_in_child(py: Python<'_>) -> PyResult<()> {
     crate::fork::forked();
+    crate::state::after_fork();
     events::after_fork();
     crate::state::redis::restart_after_fork(|| runtime::runtime().handle().clone());
     bridge::after_fork(py)

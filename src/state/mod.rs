@@ -150,6 +150,21 @@ pub(crate) enum Backend {
 /// namespace share one mapping.
 static REGIONS: Mutex<Vec<(String, std::sync::Weak<shm::Region>)>> = Mutex::new(Vec::new());
 
+/// In a forked child: each shared mapping holds its slots on a file
+/// description of the child's own from now on (see `shm::Region`), before
+/// the parent can let go of one the child still uses.
+pub fn after_fork() {
+    let regions: Vec<Arc<shm::Region>> = REGIONS
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .iter()
+        .filter_map(|(_, r)| r.upgrade())
+        .collect();
+    for region in regions {
+        region.own_holds();
+    }
+}
+
 impl Backend {
     /// Opens the backend for `spec`; a Redis backend's task starts on
     /// `runtime` (required for Redis).
@@ -197,20 +212,22 @@ impl Backend {
         Ok(match self {
             Backend::Local => Arc::new(local()),
             Backend::Shm(region) => {
+                // The slot's hold keeps the mapping alive, and the slot this
+                // key's while the cell lives.
                 let slot = region.slot(fingerprint.short())?;
                 Arc::new(Cell::new(
                     Word::Shared {
                         ptr: slot.word,
-                        _owner: region.clone(),
+                        _owner: slot.hold.clone(),
                     },
                     Word::Shared {
                         ptr: slot.unreachable_until,
-                        _owner: region.clone(),
+                        _owner: slot.hold.clone(),
                     },
                     KeyCounters(Block::Shared {
                         ptr: slot.counters,
                         len: KEY_COUNTERS.min(shm::KEY_ROOM),
-                        _owner: region.clone(),
+                        _owner: slot.hold,
                     }),
                 ))
             }
