@@ -389,6 +389,9 @@ def test_a_reload_callbacks_error_shows_no_pool_key(up, serve_proxy, caplog):
     assert FAKE_KEYS[0] not in answer.text
     logged = [r.getMessage() for r in caplog.records if r.name == "keyfailover.admin"]
     assert any("failed: the reload callback raised" in line for line in logged), logged
+    failed = [r for r in caplog.records if r.name == "keyfailover.admin" and "failed" in r.msg]
+    assert failed
+    assert {r.levelname for r in failed} == {"WARNING"}, "a failed action is a warning"
     assert not [line for line in logged if FAKE_KEYS[0] in line]
 
 

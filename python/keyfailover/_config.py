@@ -531,7 +531,7 @@ class Routes:
         added = [n for n in built if n not in old]
         removed = [n for n in old if n not in built]
         kept = [n for n in built if n in old and old[n].pool is built[n].pool]
-        parts = [f"{len(built)} routes"]
+        parts = [f"{len(built)} route{'' if len(built) == 1 else 's'}"]
         if added:
             parts.append("added " + ", ".join(added))
         if removed:

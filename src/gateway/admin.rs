@@ -236,7 +236,8 @@ impl Gateway {
             Err(err) => {
                 // A callback's own message may quote a key it was given.
                 let err = self.client.pool().redact(&err.to_string()).into_owned();
-                admin_record(
+                admin_record_at(
+                    Level::Warning,
                     format!("reload by {who} failed: {err}"),
                     who,
                     "reload",
@@ -399,9 +400,14 @@ pub(super) fn unix_now() -> f64 {
 }
 
 fn admin_record(message: String, who: &str, action: &str, key: Option<&str>) {
+    admin_record_at(Level::Info, message, who, action, key);
+}
+
+/// An admin record at `level` (a failed action is a warning).
+fn admin_record_at(level: Level, message: String, who: &str, action: &str, key: Option<&str>) {
     events::emit(Record {
         logger: "keyfailover.admin",
-        level: Level::Info,
+        level,
         message,
         fields: vec![
             ("who", Field::from(who)),
