@@ -177,9 +177,9 @@ def _shown(value: object) -> str:
 
 def echo(text: str) -> str:
     """A name or file as a message shows it: masked as a key's hint is when it could be a
-    key given in the wrong place (longer than a name, with no '/', '.' or ':' of a file,
+    key given in the wrong place (longer than names are, with no '/', '.' or ':' of a file,
     host or URL in it), else as written."""
-    if len(text) > 24 and not re.search(r"[/.:]", text):
+    if len(text) > 26 and not re.search(r"[/.:]", text):
         return f"{text[:4]}...{text[-4:]}"
     return text
 
