@@ -429,6 +429,56 @@ def test_marks_are_shared_after_redis_loses_a_reset(workers, redis_server, names
     assert b.ask("wait", label="key-2", state="permanent", timeout=3)
 
 
+def test_a_process_that_never_knew_a_reset_redis_lost_is_heard_after_it(
+    workers, redis_server, namespace
+):
+    """Redis forgets a reset a and b know of; c, started afterwards, knows none: its
+    marks were made after the reset all the same, and reach a and b."""
+    a, b = workers(2, "redis")
+    b.ask("cool", label="key-0", seconds=60)
+    assert a.ask("wait", label="key-0", state="temporary", timeout=2)
+    b.ask("reset", label="key-0")
+    assert a.ask("wait", label="key-0", state="valid", timeout=2)
+    redis_server.client().flushall()
+    (c,) = workers(1, "redis")
+    c.ask("cool", label="key-0", seconds=300)
+    for process in (a, b):
+        assert process.ask("wait", label="key-0", state="temporary", timeout=4)
+    time.sleep(1.5)  # a re-read later, all three still agree
+    assert {w.states()[0][0] for w in (a, b, c)} == {"temporary"}
+
+
+def test_redis_restarted_from_a_snapshot_older_than_a_reset_converges(
+    workers, redis_server, namespace
+):
+    """Redis's own persistence: a snapshot saved before a reset comes back on a restart.
+    The reset every process knows of wins over the older state, for processes started
+    afterwards too, and a later mark is shared."""
+    a, b = workers(2, "redis")
+    a.ask("cool", label="key-0", seconds=600)
+    a.ask("retire", label="key-1")
+    assert b.ask("wait", label="key-1", state="permanent", timeout=3)
+    client = redis_server.client()
+    client.save()
+    try:
+        b.ask("reset", label="key-0")
+        b.ask("reset", label="key-1")
+        assert a.ask("wait", label="key-1", state="valid", timeout=3)
+        redis_server.kill()
+        redis_server.start()  # from the snapshot: key-0 cooling, key-1 retired
+    finally:
+        (redis_server.dir / "dump.rdb").unlink(missing_ok=True)
+    assert settle(lambda: a.ask("status")["connected"] and b.ask("status")["connected"], 8)
+    (c,) = workers(1, "redis")
+    everyone = (a, b, c)
+    assert settle(
+        lambda: [w.states()[i][0] for w in everyone for i in (0, 1)] == ["valid"] * 6, 5
+    ), [w.states() for w in everyone]
+    a.ask("cool", label="key-0", seconds=30)
+    for process in (b, c):
+        assert process.ask("wait", label="key-0", state="temporary", timeout=3)
+
+
 class Relay:
     """A TCP relay to Redis that can be cut, as a host's network link is."""
 

@@ -39,12 +39,14 @@ use crate::pool::cell::{Cell, Marked, PERMANENT, VALID};
 
 /// Keeps the later deadline, permanent over temporary, and a reset over
 /// every mark made before it (or at the same microsecond); publishes the
-/// result. A mark carries the last reset its writer knows of, which Redis
-/// takes when it has an earlier one (it lost the reset). Times are Unix
-/// microseconds. What does not parse (a field that is
-/// no number in range, a value that is no hash, both put there by hand)
-/// counts as absent and is overwritten: one damaged key must not stop its
-/// writes.
+/// result. Every write carries the last reset its writer knows of: Redis
+/// takes it when it holds an earlier one (it lost the reset: flushed, or
+/// restarted empty or from an older snapshot), and drops with it the state
+/// of marks made before it (`m`, the time of the mark the state is from). A
+/// `known` write brings back only that. Times are Unix microseconds. What
+/// does not parse (a field that is no number in range, a value that is no
+/// hash, both put there by hand) counts as absent and is overwritten: one
+/// damaged key must not stop its writes.
 const SCRIPT: &str = r#"
 local t = redis.call('TYPE', KEYS[1])['ok']
 if t ~= 'hash' and t ~= 'none' then redis.call('DEL', KEYS[1]) end
@@ -56,37 +58,43 @@ end
 local r = field('r')
 local s = field('s')
 local u = field('u')
-local w = 0
+local w = field('w')
+local m = field('m')
+local op = ARGV[1]
 local at = tonumber(ARGV[2])
+local changed = false
 -- A reset more than a day ahead of the server's clock (clocks differ by
 -- seconds) is damage too: kept, it would make the key ignore every mark for
 -- good.
 local now = redis.call('TIME')
 local limit = tonumber(now[1]) * 1000000 + tonumber(now[2]) + 86400000000
-if r > limit then r = 0; s = 0; u = 0 end
--- The last reset the writer of a mark knows of: a reset Redis lost (flushed,
--- restarted empty) comes back with it, or every process that knows it would
--- take the marks published from here on for marks made before it.
+if r > limit then r = 0; s = 0; u = 0; w = 0; m = 0 end
 local base = tonumber(ARGV[7]) or 0
-if base > r and base <= limit then r = base end
-if ARGV[1] == 'reset' then
-  if at < r or (at == r and s == 0) then return 0 end
-  r = at; s = 0; u = 0
-elseif at <= r then
-  return 0
-elseif ARGV[1] == 'retire' then
-  if s == 2 then return 0 end
-  s = 2; u = 0
+if base > r and base <= limit then
+  r = base
+  changed = true
+  if m <= base then s = 0; u = 0; w = 0; m = base end
+end
+if op == 'reset' then
+  if not (at < r or (at == r and s == 0)) then
+    r = at; s = 0; u = 0; w = 0; m = at; changed = true
+  end
+elseif op == 'known' or at <= r then
+  -- Only the reset above; or a mark made before the last reset.
+elseif op == 'retire' then
+  if s ~= 2 then s = 2; u = 0; w = 0; m = at; changed = true end
 else
   local untl = tonumber(ARGV[3])
-  if s == 2 or (s == 1 and u >= untl) then return 0 end
-  s = 1; u = untl
-  if ARGV[6] == '1' then w = untl end
+  if not (s == 2 or (s == 1 and u >= untl)) then
+    s = 1; u = untl; m = at; changed = true
+    if ARGV[6] == '1' then w = untl else w = 0 end
+  end
 end
+if not changed then return 0 end
 -- Whole numbers: Lua would write 1.8e+15 for a time in microseconds.
 local state = string.format('%.0f %d %.0f %.0f', r, s, u, w)
 redis.call('HSET', KEYS[1], 'r', string.format('%.0f', r), 's', s, 'u', string.format('%.0f', u),
-  'w', string.format('%.0f', w))
+  'w', string.format('%.0f', w), 'm', string.format('%.0f', m))
 redis.call('PUBLISH', ARGV[4], ARGV[5] .. ' ' .. state)
 return 1
 "#;
@@ -114,6 +122,9 @@ struct Pending {
     cooled: Vec<Cooled>,
     /// Retired, at this time.
     retired: Option<u64>,
+    /// Redis holds an earlier reset than this process knows of: write back
+    /// the one known (see the script).
+    known: bool,
 }
 
 /// A cooldown to share.
@@ -152,7 +163,7 @@ impl Pending {
     }
 
     fn is_empty(&self) -> bool {
-        self.reset.is_none() && self.cooled.is_empty() && self.retired.is_none()
+        self.reset.is_none() && self.cooled.is_empty() && self.retired.is_none() && !self.known
     }
 }
 
@@ -377,9 +388,14 @@ impl RedisSync {
     }
 
     /// Applies a key's shared state to its cell; a reset newer than what is
-    /// queued here makes the queued marks stale.
+    /// queued here makes the queued marks stale. A state from before the
+    /// reset this process knows of means Redis lost that reset: it is
+    /// written back, so that every process judges marks by it again.
     fn apply(&self, fingerprint: &Fingerprint, cell: &Cell, shared: Shared) {
         let reset_at = shared.reset_at;
+        if reset_at < cell.reset_at.load(std::sync::atomic::Ordering::Acquire) {
+            self.queue(*fingerprint, |p| p.known = true);
+        }
         if apply(cell, shared) {
             let mut pending = self.pending.lock().unwrap_or_else(|e| e.into_inner());
             if let Some(p) = pending.get_mut(fingerprint) {
@@ -762,6 +778,9 @@ async fn push(
         }
         if let Some(at) = pending.retired {
             call("retire", at, 0, false);
+        }
+        if pending.known {
+            call("known", known_reset, 0, false);
         }
     }
     let results: Vec<redis::RedisResult<redis::Value>> =
