@@ -15,7 +15,9 @@
 //! last reset, Unix µs), `s` (0 valid, 1 temporary, 2 permanent), `u` (the
 //! end of a cooldown, Unix µs) and `w` (the same as `u` when that cooldown is
 //! for the key's own endpoint being unreachable, else 0; a version before it
-//! neither writes nor clears it, and a cooldown it sets has another `u`);
+//! neither writes nor clears it, and a cooldown it sets has another `u`) and
+//! `m` (when the mark the state is from was made: a reset written back
+//! drops the state of marks made before it);
 //! never a key or part of one. A key whose hash does not parse (put there
 //! by hand, or not a hash) has no shared state, is logged once by its
 //! fingerprint, and is overwritten by the next write of the key (a re-read
