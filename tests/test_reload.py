@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -384,6 +385,42 @@ def test_a_storm_of_sighups_leaves_reloading_and_stopping_working(
         log = serve.stop()
     assert status == 0, log[-2000:]
     assert time.monotonic() - started < 5
+
+
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_stop_signals_at_any_moment_end_in_status_0(tmp_path: Path, up: MockUpstream, workers: str):
+    """SIGTERM as soon as the port answers (a worker may not have its handlers yet), then
+    more signals while it stops and after it has stopped: a clean exit, every time, and
+    no worker left behind."""
+    keys_file = tmp_path / "keys"
+    keys_file.write_text(f"a={A}\n")
+    for _ in range(4):
+        serve = Serve(up, keys_file, "--grace", "2", "--workers", workers)
+        serve.proc.send_signal(signal.SIGTERM)
+        for signum in [signal.SIGHUP, signal.SIGTERM, signal.SIGINT] * 30:
+            if serve.proc.poll() is not None:
+                break
+            with contextlib.suppress(ProcessLookupError):
+                serve.proc.send_signal(signum)
+            time.sleep(0.002)
+        try:
+            status = serve.proc.wait(timeout=10)
+        finally:
+            log = serve.stop()
+        assert status == 0, log[-2000:]
+        # Its workers ran in process groups of their own: none is left.
+        assert processes_with(f"--port\0{serve.port}\0") == [], log[-2000:]
+
+
+def processes_with(text: str) -> list[int]:
+    """The processes whose command line holds `text` (arguments joined by NULs)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            with contextlib.suppress(OSError):
+                if text in (entry / "cmdline").read_text():
+                    found.append(int(entry.name))
+    return found
 
 
 def test_serve_admin_actions_reload_and_probes(tmp_path: Path, up: MockUpstream):

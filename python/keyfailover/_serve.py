@@ -74,6 +74,7 @@ def run_uvicorn(uvicorn: Any, proxy: FailoverProxy, sock: socket.socket, args: A
     # cyclic collector's full passes, which otherwise set the p99 latency.
     gc.freeze()
     server.run(sockets=[sock])
+    exiting()
 
 
 def run_native(proxy: FailoverProxy, sock: socket.socket, args: Any) -> None:
@@ -122,6 +123,7 @@ def serve_native_server(server: Server, sock: socket.socket, args: Any) -> None:
     # The server's from here on: it closes the socket when it stops accepting, so new
     # connections are refused during the grace period rather than left unanswered.
     server.serve(sock.detach())
+    exiting()
     log.info("stopped")
 
 
@@ -140,8 +142,10 @@ def supervise(workers: int, serve: Callable[[], None], sock: socket.socket) -> i
         pid = os.fork()
         if pid == 0:  # the worker
             os.setpgid(0, 0)  # Ctrl-C reaches the supervisor only, which passes it on
-            signal.signal(signal.SIGINT, signal.SIG_DFL)
-            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            # Until `serve` installs its own (graceful) handlers, nothing is in flight:
+            # a stop then is a clean exit, not a death by signal.
+            signal.signal(signal.SIGINT, lambda *_: os._exit(0))
+            signal.signal(signal.SIGTERM, lambda *_: os._exit(0))
             # Ignored until `serve` says what SIGHUP does (reload, or log), never fatal.
             signal.signal(signal.SIGHUP, signal.SIG_IGN)
             status = 0
@@ -154,6 +158,9 @@ def supervise(workers: int, serve: Callable[[], None], sock: socket.socket) -> i
                 logging.shutdown()
                 os._exit(status)
         children[pid] = time.monotonic()
+        if stopping:  # a stop that came while it forked: it has the worker to stop too
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGTERM)
 
     def stop(signum: int, _frame: Any) -> None:
         if not stopping:
@@ -176,6 +183,8 @@ def supervise(workers: int, serve: Callable[[], None], sock: socket.socket) -> i
     signal.signal(signal.SIGHUP, reload)
     gc.freeze()
     for _ in range(workers):
+        if stopping:
+            break
         spawn()
     quick_deaths, status = 0, 0
     while children:
@@ -200,4 +209,14 @@ def supervise(workers: int, serve: Callable[[], None], sock: socket.socket) -> i
             status = 1
             continue
         spawn()
+    exiting()
     return status
+
+
+def exiting() -> None:
+    """Signals ignored from here on: the server has stopped, and the interpreter, as it
+    shuts down, gives its handlers back to the default, which a late SIGTERM or SIGHUP
+    would die of (exit status -15 or -1, not 0)."""
+    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        with contextlib.suppress(ValueError):  # not the main thread: none here
+            signal.signal(signum, signal.SIG_IGN)
