@@ -108,6 +108,15 @@ pub fn parse(text: &str, source: &str, separators: &[char]) -> Result<Keys> {
         }
         match split_label(first) {
             Some((label, key)) => {
+                // `sk-ant-...=prod`: label and key swapped (named by line, as
+                // the label is the key then).
+                if key.chars().count() < 8 {
+                    return Err(at(format!(
+                        "the key after `=` is {} characters long; keys are 8 or more (a \
+                         label and its key swapped? label=key)",
+                        key.chars().count()
+                    )));
+                }
                 if let Some((m, ..)) = labelled.iter().find(|(_, l, _)| l == label) {
                     return Err(at(format!(
                         "duplicate label {label:?} (also on {unit} {m})"
@@ -301,6 +310,10 @@ mod tests {
                 "keys file 'k.txt', line 1: group= needs a value",
             ),
             (
+                format!("{A}=prod\n"),
+                "keys file 'k.txt', line 1: the key after `=` is 4 characters long",
+            ),
+            (
                 format!("my key={A}\n"),
                 "keys file 'k.txt', line 1: \"my\" is too short for a key: a label with a \
                  space in it?",
@@ -326,7 +339,7 @@ mod tests {
                 assert!(!message.contains(secret), "{message}");
             }
         }
-        let message = parse("a=x,y", "environment variable K", &[',', '\n'])
+        let message = parse("a=xxxxxxxx,y", "environment variable K", &[',', '\n'])
             .unwrap_err()
             .to_string();
         assert!(

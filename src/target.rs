@@ -52,13 +52,9 @@ const PARSED_TARGET_LEN: usize = 256;
 
 impl BaseUrl {
     pub fn parse(raw: &str) -> Result<Self> {
-        // A long value with nothing of a host or URL in it may be a key given
-        // in the wrong place: quoted as its hint.
-        let shown = if raw.chars().count() > 24 && !raw.contains(['.', '/', ':']) {
-            Cow::Owned(crate::pool::mask(raw))
-        } else {
-            masked_url(raw)
-        };
+        // Credentials masked, and any long run of key characters: a key given
+        // in the wrong place (as the host, a path, a fragment).
+        let shown = masked_url(raw);
         // Refused rather than dropped, as the URL parser would (it trims
         // spaces and controls at the ends and drops tabs and newlines
         // inside): a URL read with its newline is a mistake to point out.
@@ -194,6 +190,44 @@ impl BaseUrl {
 /// or `#`, so the authority's end cannot be trusted to come after it (a path
 /// with an `@` is masked too much, never too little).
 pub(crate) fn masked_url(raw: &str) -> Cow<'_, str> {
+    match masked_credentials(raw) {
+        Cow::Borrowed(raw) => masked_words(raw),
+        Cow::Owned(masked) => Cow::Owned(masked_words(&masked).into_owned()),
+    }
+}
+
+/// `text` with every run of key characters (letters, digits, `-`, `_`)
+/// longer than names and host labels are (26) masked as a key's hint is:
+/// a key given in the wrong place (as a host, a path, a fragment), which a
+/// message quoting `text` would show.
+pub(crate) fn masked_words(text: &str) -> Cow<'_, str> {
+    let key_char = |c: char| c.is_ascii_alphanumeric() || c == '-' || c == '_';
+    let mut out = String::new();
+    let mut last = 0;
+    let mut start = None;
+    for (i, c) in text.char_indices().chain([(text.len(), ' ')]) {
+        match (key_char(c) && i < text.len(), start) {
+            (true, None) => start = Some(i),
+            (false, Some(from)) => {
+                if i - from > 26 {
+                    out.push_str(&text[last..from]);
+                    out.push_str(&crate::pool::mask(&text[from..i]));
+                    last = i;
+                }
+                start = None;
+            }
+            _ => {}
+        }
+    }
+    if last == 0 {
+        return Cow::Borrowed(text);
+    }
+    out.push_str(&text[last..]);
+    Cow::Owned(out)
+}
+
+/// `raw` with its userinfo and secret-named query values masked.
+fn masked_credentials(raw: &str) -> Cow<'_, str> {
     let Some(scheme_end) = raw.find("://") else {
         return Cow::Borrowed(raw);
     };
@@ -693,9 +727,21 @@ mod tests {
     #[test]
     fn a_key_given_as_a_base_url_is_quoted_as_its_hint() {
         let key = "sk-ant-api03-SECRETSECRETSECRET1";
-        let message = BaseUrl::parse(key).err().unwrap().to_string();
-        assert!(!message.contains("SECRETSECRET"), "{message}");
-        assert!(message.contains("sk-a...RET1"), "{message}");
+        for raw in [
+            key.to_owned(),
+            format!("{key}:"),
+            format!("https://x/#{key}"),
+            format!("ftp://x/{key}"),
+            format!("https://{key}/v1 "),
+        ] {
+            let message = BaseUrl::parse(&raw).err().unwrap().to_string();
+            assert!(!message.contains("SECRETSECRET"), "{message}");
+            assert!(message.contains("sk-a...RET1"), "{message}");
+        }
+        assert_eq!(
+            masked_words("https://api.anthropic.com/v1/messages"),
+            "https://api.anthropic.com/v1/messages"
+        );
         let message = BaseUrl::parse("api.anthropic.com/v1")
             .err()
             .unwrap()

@@ -127,6 +127,14 @@ ARGUMENT_ERRORS += [
         ]
     ],
     ((serve_args("--keys-file", KEY_A), {}), f"keys file '{KEY_A[:4]}...{KEY_A[-4:]}' not found"),
+    (
+        (serve_args("--keys-env", "K", "--namespace", f"{KEY_B} x"), {"K": KEY_A}),
+        f'namespace "{KEY_B[:4]}...{KEY_B[-4:]} x" must be a non-empty name',
+    ),
+    (
+        (serve_args("--keys-env", "gsk_" + KEY_B.replace("-", "_")), {}),
+        "--keys-env: is not an environment variable's name",
+    ),
     ((["serve", "--config", KEY_A], {}), f"{KEY_A[:4]}...{KEY_A[-4:]}: cannot read it"),
     # A label that is a key would be shown wherever labels are.
     (
@@ -153,6 +161,14 @@ def test_serve_argument_errors_are_one_line(command, message):
     assert lines[0].startswith("keyfailover serve: error: ")
     assert message in lines[0]
     assert KEY_A not in result.stderr
+    assert KEY_B not in result.stderr
+
+
+def test_a_key_as_an_extra_argument_is_not_echoed():
+    result = run_cli(*serve_args("--keys-env", "K", KEY_B, f"--api-key={KEY_B}"), env={"K": KEY_A})
+    assert result.returncode == 2
+    hint = f"{KEY_B[:4]}...{KEY_B[-4:]}"
+    assert f"error: unrecognized arguments: {hint} --api-key={hint}" in result.stderr
     assert KEY_B not in result.stderr
 
 

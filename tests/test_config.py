@@ -387,6 +387,9 @@ def test_a_key_written_in_the_wrong_field_is_not_quoted_whole(tmp_path: Path, fi
     [
         ("[routes.a]\nkeys_env = 'K'\nnamespace = '{key} x'", "route 'a': namespace: "),
         ("[routes.\"{key}!\"]\nkeys_env = 'K'", "routes."),
+        ("[server]\n\"{key}\" = 1\n[routes.a]\nkeys_env = 'K'", "server."),
+        ("[routes.a]\nkeys_env = 'K'\npath = '{key}'", "route 'a': path: "),
+        ("[routes.a]\nkeys_file = '{key}'", "route 'a': keys_file: cannot read"),
         ("[routes.a]\nkeys_env = 'K'\n{key} = 1", "route 'a': "),
     ],
 )

@@ -140,7 +140,7 @@ class _Where:
         self.route = route
 
     def error(self, field: str | None, message: str) -> ConfigError:
-        parts = [echo(str(self.path))]
+        parts = [echo_file(str(self.path))]
         if self.route is not None:
             parts.append(f"route {echo(self.route)!r}")
         if field is not None:
@@ -151,7 +151,8 @@ class _Where:
 def unset_variable(var: str) -> str:
     """Why `var` gave nothing, naming it only if it looks like a variable's name: a key or
     token given where its name belongs must not be printed."""
-    if re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]{0,63}", var):
+    # Long and not in capitals: a key such as Groq's (`gsk_...`) passes for a name.
+    if re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]{0,63}", var) and (len(var) <= 26 or var.isupper()):
         return f"environment variable {var} is not set"
     return "is not an environment variable's name (a key or token given where a name belongs?)"
 
@@ -182,6 +183,19 @@ def echo(text: str) -> str:
     if len(text) > 26 and not re.search(r"[/.:]", text):
         return f"{text[:4]}...{text[-4:]}"
     return text
+
+
+def masked_words(text: str) -> str:
+    """`text` with every run of key characters (letters, digits, `-`, `_`) longer than
+    names are masked as a key's hint is (as the core's `masked_words`)."""
+    return re.sub(r"[A-Za-z0-9_-]{27,}", lambda m: f"{m.group()[:4]}...{m.group()[-4:]}", text)
+
+
+def echo_file(path: str) -> str:
+    """A file's path as a message shows it: its name as `echo` shows one (a key given
+    where a file belongs), its directories as written."""
+    directory, slash, name = path.rpartition("/")
+    return f"{directory}{slash}{echo(name)}"
 
 
 def echo_path(path: str) -> str:
@@ -233,9 +247,10 @@ def _keys(
             try:
                 text = read_text(path)
             except OSError as exc:
-                raise where.error(field, f"cannot read {str(path)!r}: {exc.strerror}") from None
+                shown = echo_file(str(path))
+                raise where.error(field, f"cannot read {shown!r}: {exc.strerror}") from None
             except ValueError as exc:
-                raise where.error(field, f"{str(path)!r}: {exc}") from None
+                raise where.error(field, f"{echo_file(str(path))!r}: {exc}") from None
             return parse_keys(text, source=f"keys file {str(path)!r}"), path
         if mode & (stat.S_IRWXG | stat.S_IRWXO):
             raise where.error(
@@ -282,7 +297,7 @@ def _route(
     name = where.route or ""
     path = _typed(where, table, "path", str, f"/{name}")
     if not ROUTE_PATH.fullmatch(path) or "//" in path:
-        raise where.error("path", f"must be an absolute path such as /{name}, not {path!r}")
+        raise where.error("path", f"must be an absolute path such as /{name}, not {_shown(path)}")
     path = path.rstrip("/") or "/"
     if "_keyfailover" in path.split("/"):
         raise where.error("path", "/_keyfailover is the admin area's: a route cannot be there")
@@ -393,7 +408,7 @@ def load_config(path: str | os.PathLike[str], *, environ: dict[str, str] | None 
         raise where.error("server", "must be a table")
     unknown = sorted(set(server) - SERVER_FIELDS)
     if unknown:
-        raise where.error(f"server.{unknown[0]}", "unknown field (expected admin_tokens_env)")
+        raise where.error(f"server.{echo(unknown[0])}", "unknown field (expected admin_tokens_env)")
     admin = None
     if "admin_tokens_env" in server:
         admin = _tokens(where, "server.admin_tokens_env", server["admin_tokens_env"], environ)

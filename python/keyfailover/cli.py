@@ -28,7 +28,9 @@ from keyfailover._config import (
     _shown,
     default_upstream,
     echo,
+    echo_file,
     echo_path,
+    masked_words,
     unset_variable,
 )
 from keyfailover._native import ConfigError, FailoverClient, Key, KeyPool
@@ -66,15 +68,16 @@ def parse_keys(
 def load_keys(args: argparse.Namespace) -> list[str | Key] | dict[str, str | Key]:
     if args.keys_file:
         path = Path(args.keys_file)
+        shown = echo_file(str(path))  # a key given in its place is not printed
         try:
             text = read_text(path)
         except FileNotFoundError:
-            raise CliError(f"keys file {echo(str(path))!r} not found") from None
+            raise CliError(f"keys file {shown!r} not found") from None
         except OSError as exc:
-            raise CliError(f"cannot read keys file {echo(str(path))!r}: {exc.strerror}") from None
+            raise CliError(f"cannot read keys file {shown!r}: {exc.strerror}") from None
         except ValueError as exc:
-            raise CliError(f"keys file {echo(str(path))!r}: {exc}") from None
-        return parse_keys(text, source=f"keys file {echo(str(path))!r}")
+            raise CliError(f"keys file {shown!r}: {exc}") from None
+        return parse_keys(text, source=f"keys file {shown!r}")
     value = os.environ.get(args.keys_env)
     if value is None:
         raise CliError(f"--keys-env: {unset_variable(args.keys_env)}")
@@ -176,7 +179,7 @@ def build_proxy(args: argparse.Namespace) -> tuple[FailoverProxy, KeysFileReload
     tokens = load_tokens(args.client_token_env)
     if tokens is None and not is_loopback(args.host) and not args.allow_unauthenticated:
         raise CliError(
-            f"refusing to listen on {args.host} without client tokens: "
+            f"refusing to listen on {echo(args.host)} without client tokens: "
             "set --client-token-env, or pass --allow-unauthenticated"
         )
     try:
@@ -314,7 +317,7 @@ def serve_config(args: argparse.Namespace) -> int:
         open_routes = [r.name for r in config.routes if r.client_tokens is None]
         if open_routes:
             raise CliError(
-                f"refusing to listen on {args.host} with route {open_routes[0]!r} open to "
+                f"refusing to listen on {echo(args.host)} with route {open_routes[0]!r} open to "
                 "anyone: give it client_tokens_env, or pass --allow-unauthenticated"
             )
     if args.check:
@@ -325,7 +328,8 @@ def serve_config(args: argparse.Namespace) -> int:
         print(
             f"{args.config}: {plural(len(config.routes), 'route')} OK: "
             + ", ".join(
-                f"{r.name} at {echo_path(r.path)} ({r.provider}, {plural(len(r.keys), 'key')})"
+                f"{echo(r.name)} at {echo_path(r.path)} ({r.provider}, "
+                f"{plural(len(r.keys), 'key')})"
                 for r in config.routes
             )
         )
@@ -369,9 +373,9 @@ def cmd_mock_upstream(args: argparse.Namespace) -> int:
         try:
             upstream.load_scenario(args.scenario)
         except FileNotFoundError:
-            raise CliError(f"scenario file {echo(args.scenario)!r} not found") from None
+            raise CliError(f"scenario file {echo_file(args.scenario)!r} not found") from None
         except (ValueError, KeyError, TypeError) as exc:
-            raise CliError(f"bad scenario {echo(args.scenario)!r}: {exc}") from None
+            raise CliError(f"bad scenario {echo_file(args.scenario)!r}: {exc}") from None
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     try:
@@ -397,12 +401,9 @@ class _Parser(argparse.ArgumentParser):
     """argparse, with errors as one line (and exit status 2)."""
 
     def error(self, message: str) -> NoReturn:
-        # argparse quotes a refused choice as given: a key in the wrong place.
-        message = re.sub(
-            r"invalid choice: ('[^']*'|\"[^\"]*\")",
-            lambda m: f"invalid choice: {_shown(m.group(1)[1:-1])}",
-            message,
-        )
+        # argparse quotes what it refuses as given (a choice, extra arguments): a key
+        # in the wrong place.
+        message = masked_words(message)
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 

@@ -40,7 +40,8 @@ impl StateSpec {
                 .any(|c| c.is_control() || c.is_whitespace())
         {
             return Err(Error::Config(format!(
-                "namespace {namespace:?} must be a non-empty name without spaces"
+                "namespace {:?} must be a non-empty name without spaces",
+                crate::target::masked_words(namespace)
             )));
         }
         let namespace = namespace.to_owned();
