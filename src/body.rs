@@ -854,16 +854,55 @@ impl ResponseBody {
         if self.closed.is_set() {
             return true;
         }
-        let Ok(source) = self.source.try_lock() else {
-            return false;
-        };
-        match &*source {
-            Source::Full(_) | Source::Done => true,
-            Source::Idle { .. } => false,
-            Source::Channel { rx, deferred, .. } => {
-                deferred.is_some() || (rx.is_closed() && rx.is_empty())
-            }
+        self.source.try_lock().is_ok_and(|source| complete(&source))
+    }
+
+    /// The rest of the body when all of it is here (see `is_complete`),
+    /// taken under one lock, so that no other read can come between its
+    /// batches; None when some of it is still coming or another read holds
+    /// the body. A body that broke raises its error, as `read_all` does.
+    pub fn try_read_rest(&self) -> Option<Result<Chunks>> {
+        if self.closed.is_set() {
+            return Some(Ok(Vec::new()));
         }
+        let mut source = self.source.try_lock().ok()?;
+        if !complete(&source) {
+            return None;
+        }
+        let all = match &mut *source {
+            Source::Done => return Some(Ok(Vec::new())),
+            Source::Idle { .. } => return None,
+            Source::Full(bytes) => {
+                let bytes = std::mem::take(bytes);
+                *source = Source::Done;
+                return Some(Ok(if bytes.is_empty() {
+                    Vec::new()
+                } else {
+                    vec![bytes]
+                }));
+            }
+            Source::Channel {
+                ready,
+                rx,
+                deferred,
+            } => {
+                let mut all = ready.take().unwrap_or_default();
+                while deferred.is_none() {
+                    match rx.try_recv() {
+                        Ok(Ok(chunk)) => all.push(chunk),
+                        Ok(Err(err)) => *deferred = Some(err),
+                        Err(_) => break,
+                    }
+                }
+                if let Some(err) = deferred.take() {
+                    *source = Source::Done;
+                    return Some(Err(err));
+                }
+                all
+            }
+        };
+        *source = Source::Done;
+        Some(Ok(all))
     }
 
     /// `next_batch` when it can answer without waiting; None when it would wait.
@@ -918,6 +957,17 @@ impl ResponseBody {
 
     pub fn is_closed(&self) -> bool {
         self.closed.is_set()
+    }
+}
+
+/// Whether the rest of a body is here (or it broke): nothing more to wait for.
+fn complete(source: &Source) -> bool {
+    match source {
+        Source::Full(_) | Source::Done => true,
+        Source::Idle { .. } => false,
+        Source::Channel { rx, deferred, .. } => {
+            deferred.is_some() || (rx.is_closed() && rx.is_empty())
+        }
     }
 }
 
@@ -1160,6 +1210,10 @@ mod tests {
         body.wait_ready(false).await;
         body.wait_ready(false).await; // again: still there, taken by nobody
         assert!(!body.is_complete(), "the body goes on");
+        assert!(
+            body.try_read_rest().is_none(),
+            "not all of it: nothing taken"
+        );
         tx.send(chunk("ghi")).await.unwrap();
         // The take has what the wait kept and what came since, in order.
         let batch = body.try_next_batch().unwrap().unwrap().unwrap();
@@ -1183,6 +1237,21 @@ mod tests {
         tx.send(Err(Error::Upstream("cut".into()))).await.unwrap();
         let body = waiting.await.unwrap();
         assert!(body.is_complete(), "broken: nothing more to wait for");
+        {
+            // The whole body taken at once: the break, as `read_all` raises it.
+            let (tx, whole) = channel_body();
+            tx.send(chunk("abc")).await.unwrap();
+            tx.send(Err(Error::Upstream("cut".into()))).await.unwrap();
+            whole.wait_ready(true).await;
+            assert!(matches!(
+                whole.try_read_rest(),
+                Some(Err(Error::Upstream(_)))
+            ));
+            assert!(
+                whole.try_read_rest().unwrap().unwrap().is_empty(),
+                "then the end"
+            );
+        }
         // The chunks first, then the break, as a read would have met them.
         let batch = body.try_next_batch().unwrap().unwrap().unwrap();
         assert_eq!(batch.concat(), b"abcdef");
@@ -1197,10 +1266,7 @@ mod tests {
         drop(tx);
         body.wait_ready(true).await;
         assert!(body.is_complete(), "ended");
-        assert_eq!(
-            body.read_chunks().now_or_never().unwrap().unwrap().concat(),
-            b"abc"
-        );
+        assert_eq!(body.try_read_rest().unwrap().unwrap().concat(), b"abc");
         assert!(body.is_complete());
         assert!(matches!(body.try_next_batch(), Some(Ok(None))));
     }

@@ -98,12 +98,9 @@ impl Take {
     fn __next__<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
         let body = &self.body;
         let taken = if self.whole {
-            // Taken only when all of it is here: a take that met a wait
-            // midway would have to give back what it took.
-            body.is_complete()
-                .then(|| futures_util::FutureExt::now_or_never(body.read_chunks()))
-                .flatten()
-                .map(|rest| rest.map(Some))
+            // Taken only when all of it is here, under one lock: a take that
+            // met a wait midway would have to give back what it took.
+            body.try_read_rest().map(|rest| rest.map(Some))
         } else {
             body.try_next_batch()
         };
