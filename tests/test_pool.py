@@ -69,6 +69,12 @@ def test_duplicate_labels_are_rejected():
         kf.KeyPool(Items())
 
 
+def test_a_mapping_with_label_and_key_swapped_is_refused_without_showing_the_key():
+    with pytest.raises(kf.ConfigError, match="the key of entry 2 is 4 characters long") as raised:
+        kf.KeyPool({"a": FAKE_KEYS[0], FAKE_KEYS[1]: "prod"})
+    assert FAKE_KEYS[1] not in str(raised.value)
+
+
 @pytest.mark.parametrize(
     ("keys", "match"),
     [

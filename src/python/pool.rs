@@ -196,9 +196,22 @@ pub(crate) fn key_specs(keys: &Bound<'_, PyAny>) -> PyResult<Vec<KeySpec>> {
         return keys
             .call_method0("items")?
             .try_iter()?
-            .map(|item| {
+            .enumerate()
+            .map(|(i, item)| {
                 let (label, key): (Bound<'_, PyAny>, Bound<'_, PyAny>) = item?.extract()?;
-                key_spec(key_string(&label, "labels")?, &key)
+                let spec = key_spec(key_string(&label, "labels")?, &key)?;
+                // `{key: "prod"}`: label and key swapped. Named by position:
+                // the label is the key then.
+                let length = spec.value.chars().count();
+                if (1..8).contains(&length) {
+                    return Err(Error::Config(format!(
+                        "the key of entry {} is {length} characters long; keys are 8 or more \
+                         (label and key swapped? the mapping is {{label: key}})",
+                        i + 1
+                    ))
+                    .into());
+                }
+                Ok(spec)
             })
             .collect();
     }
