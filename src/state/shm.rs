@@ -151,13 +151,17 @@ impl Region {
         // Its pages taken now: a sparse file would get them at its first write
         // of each, and with /dev/shm full that write is a SIGBUS that kills
         // the process (and every worker after it) instead of this error.
-        // SAFETY: a valid descriptor and range.
-        let taken = unsafe { libc::posix_fallocate(file.as_raw_fd(), 0, SIZE as libc::off_t) };
-        if taken != 0 && taken != libc::EOPNOTSUPP && taken != libc::EINVAL {
-            return Err(fail(
-                "take room for",
-                std::io::Error::from_raw_os_error(taken),
-            ));
+        // (macOS has no posix_fallocate, nor /dev/shm: the file is on disk.)
+        #[cfg(any(target_os = "linux", target_os = "android", target_os = "freebsd"))]
+        {
+            // SAFETY: a valid descriptor and range.
+            let taken = unsafe { libc::posix_fallocate(file.as_raw_fd(), 0, SIZE as libc::off_t) };
+            if taken != 0 && taken != libc::EOPNOTSUPP && taken != libc::EINVAL {
+                return Err(fail(
+                    "take room for",
+                    std::io::Error::from_raw_os_error(taken),
+                ));
+            }
         }
         // SAFETY: the file is ours (0600), sized above, and only ever accessed
         // through atomics at aligned offsets.
