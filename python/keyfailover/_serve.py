@@ -9,6 +9,7 @@ import contextlib
 import gc
 import logging
 import os
+import select
 import signal
 import socket
 import threading
@@ -139,15 +140,25 @@ def supervise(workers: int, serve: Callable[[], None], sock: socket.socket) -> i
     stopping: list[bool] = []  # a plain flag: see serve_native_server
 
     def spawn() -> None:
-        pid = os.fork()
+        # Held back across the fork: in the child, a signal before its own handlers are
+        # set would run the supervisor's (and stop the other workers, or close the socket).
+        signal.pthread_sigmask(signal.SIG_BLOCK, HANDLED)
+        try:
+            pid = os.fork()
+        except BaseException:
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, HANDLED)
+            raise
         if pid == 0:  # the worker
             os.setpgid(0, 0)  # Ctrl-C reaches the supervisor only, which passes it on
+            signal.set_wakeup_fd(-1)  # the supervisor's
+            signal.signal(signal.SIGCHLD, signal.SIG_DFL)
             # Until `serve` installs its own (graceful) handlers, nothing is in flight:
             # a stop then is a clean exit, not a death by signal.
             signal.signal(signal.SIGINT, lambda *_: os._exit(0))
             signal.signal(signal.SIGTERM, lambda *_: os._exit(0))
             # Ignored until `serve` says what SIGHUP does (reload, or log), never fatal.
             signal.signal(signal.SIGHUP, signal.SIG_IGN)
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, HANDLED)
             status = 0
             try:
                 serve()
@@ -158,6 +169,7 @@ def supervise(workers: int, serve: Callable[[], None], sock: socket.socket) -> i
                 logging.shutdown()
                 os._exit(status)
         children[pid] = time.monotonic()
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, HANDLED)
         if stopping:  # a stop that came while it forked: it has the worker to stop too
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGTERM)
@@ -181,6 +193,14 @@ def supervise(workers: int, serve: Callable[[], None], sock: socket.socket) -> i
     signal.signal(signal.SIGINT, stop)
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGHUP, reload)
+    # The loop waits on a pipe every signal writes to, not in os.wait(): a signal taken
+    # by another thread of this process (its log writer, the runtime's) does not
+    # interrupt a wait, and its handler would not run until a worker exited.
+    wake_read, wake_write = os.pipe()
+    for fd in (wake_read, wake_write):
+        os.set_blocking(fd, False)
+    signal.set_wakeup_fd(wake_write, warn_on_full_buffer=False)
+    signal.signal(signal.SIGCHLD, lambda *_: None)  # a worker's exit wakes it too
     gc.freeze()
     for _ in range(workers):
         if stopping:
@@ -188,35 +208,48 @@ def supervise(workers: int, serve: Callable[[], None], sock: socket.socket) -> i
         spawn()
     quick_deaths, status = 0, 0
     while children:
-        try:
-            pid, code = os.wait()
-        except ChildProcessError:
-            break
-        except InterruptedError:
-            continue
-        started = children.pop(pid, None)
-        if started is None:
-            continue
-        exit_status = os.waitstatus_to_exitcode(code)
-        if stopping:
-            status = status or (1 if exit_status != 0 else 0)
-            continue
-        log.warning("worker %d exited with status %d; starting another", pid, exit_status)
-        quick_deaths = quick_deaths + 1 if time.monotonic() - started < 2 else 0
-        if quick_deaths >= 3:
-            log.error("workers keep dying at start; giving up")
-            stop(signal.SIGTERM, None)
-            status = 1
-            continue
-        spawn()
+        select.select([wake_read], [], [], 1.0)
+        with contextlib.suppress(BlockingIOError):
+            while os.read(wake_read, 4096):
+                pass
+        while children:  # every worker that has exited
+            try:
+                pid, code = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                children.clear()
+                break
+            if pid == 0:
+                break
+            started = children.pop(pid, None)
+            if started is None:
+                continue
+            exit_status = os.waitstatus_to_exitcode(code)
+            if stopping:
+                status = status or (1 if exit_status != 0 else 0)
+                continue
+            log.warning("worker %d exited with status %d; starting another", pid, exit_status)
+            quick_deaths = quick_deaths + 1 if time.monotonic() - started < 2 else 0
+            if quick_deaths >= 3:
+                log.error("workers keep dying at start; giving up")
+                stop(signal.SIGTERM, None)
+                status = 1
+                continue
+            spawn()
+    signal.set_wakeup_fd(-1)
+    os.close(wake_read)
+    os.close(wake_write)
     exiting()
     return status
+
+
+# The signals serve handles.
+HANDLED = {signal.SIGINT, signal.SIGTERM, signal.SIGHUP}
 
 
 def exiting() -> None:
     """Signals ignored from here on: the server has stopped, and the interpreter, as it
     shuts down, gives its handlers back to the default, which a late SIGTERM or SIGHUP
     would die of (exit status -15 or -1, not 0)."""
-    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+    for signum in HANDLED:
         with contextlib.suppress(ValueError):  # not the main thread: none here
             signal.signal(signum, signal.SIG_IGN)

@@ -125,12 +125,23 @@ def os_error(exc: OSError) -> str:
     return os.strerror(exc.errno)
 
 
-def ignore_sighup_until_handled() -> None:
-    """SIGHUP ignored from before the port is open until `serve` says what it does
-    (reload, or log): by default it ends the process, and a reload sent as soon as the
-    port answers would. A file edited meanwhile is caught up with (reload_if_changed)."""
+def signals_until_serving() -> None:
+    """Signal handling from before the port is open until the server installs its own:
+    SIGHUP ignored (by default it ends the process, and a reload sent as soon as the port
+    answers would; a file edited meanwhile is caught up with, by reload_if_changed), and
+    SIGTERM or SIGINT a clean exit at once, as nothing is in flight yet (by default
+    SIGTERM ends the process with status -15)."""
+
+    def stop(signum: int, _frame: Any) -> None:
+        from keyfailover import _serve
+
+        _serve.exiting()  # the signals that follow must not end it another way
+        raise SystemExit(0)
+
     with contextlib.suppress(ValueError):  # not the main thread: no signals here
         signal.signal(signal.SIGHUP, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, stop)
+        signal.signal(signal.SIGINT, stop)
 
 
 def listen(host: str, port: int) -> socket.socket:
@@ -269,7 +280,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         ", ".join(f"{k['label']} {k['hint']}" for k in pool.snapshot()),
         pool.state_backend,
     )
-    ignore_sighup_until_handled()
+    signals_until_serving()
     sock = listen(args.host, args.port)
     raise_open_files_limit()
 
@@ -345,7 +356,7 @@ def serve_config(args: argparse.Namespace) -> int:
     # Made before the fork, it knows the files as the routes were built from them:
     # a worker started after an edit catches up (reload_if_changed).
     reloader = _config.ConfigReloader(routes)
-    ignore_sighup_until_handled()
+    signals_until_serving()
     sock = listen(args.host, args.port)
     raise_open_files_limit()
 
