@@ -53,6 +53,9 @@ pub struct ClientOptions {
     /// event), and for each chunk of a body.
     pub timeout: Duration,
     pub connect_timeout: Duration,
+    /// Whether HTTP/2 is offered to `https://` upstreams; if not, they are
+    /// asked for HTTP/1.1 only.
+    pub http2: bool,
     /// What logs and metrics call the pool (the `pool` label); the provider's
     /// name when None.
     pub name: Option<String>,
@@ -203,6 +206,7 @@ pub struct FailoverClient {
     name: String,
     timeout: Duration,
     connect_timeout: Duration,
+    http2: bool,
     stats: Stats,
     shutdown: Latch,
 }
@@ -244,7 +248,7 @@ impl FailoverClient {
                 return Err(Error::Config(format!("{name} must be positive")));
             }
         }
-        let http = build_http(options.timeout, options.connect_timeout)?;
+        let http = build_http(options.timeout, options.connect_timeout, options.http2)?;
         let name = options
             .name
             .unwrap_or_else(|| options.provider.as_str().to_owned());
@@ -262,6 +266,7 @@ impl FailoverClient {
             name,
             timeout: options.timeout,
             connect_timeout: options.connect_timeout,
+            http2: options.http2,
             stats: Stats::default(),
             shutdown: Latch::new(),
         })
@@ -334,7 +339,7 @@ impl FailoverClient {
         if http.generation == generation {
             return Ok(http);
         }
-        let fresh = Arc::new(build_http(self.timeout, self.connect_timeout)?);
+        let fresh = Arc::new(build_http(self.timeout, self.connect_timeout, self.http2)?);
         self.http.store(fresh.clone());
         Ok(fresh)
     }
@@ -592,8 +597,8 @@ impl FailoverClient {
     }
 }
 
-fn build_http(timeout: Duration, connect_timeout: Duration) -> Result<Http> {
-    let client = upstream::Http::new(timeout, connect_timeout)
+fn build_http(timeout: Duration, connect_timeout: Duration, http2: bool) -> Result<Http> {
+    let client = upstream::Http::new(timeout, connect_timeout, http2)
         .map_err(|e| Error::Config(format!("cannot build the HTTP client: {e}")))?;
     Ok(Http {
         generation: crate::fork::generation(),

@@ -88,12 +88,13 @@ _CHILD_REQUEST = textwrap.dedent(
     import asyncio, json, sys
     import keyfailover as kf
 
-    base_url, key, timeout, connect_timeout, count, warm = sys.argv[1:7]
+    base_url, key, timeout, connect_timeout, count, warm, http2 = sys.argv[1:8]
     client = kf.FailoverClient(
         kf.KeyPool([key]),
         base_url=base_url,
         timeout=float(timeout),
         connect_timeout=float(connect_timeout),
+        http2=http2 == "1",
     )
     args = ("POST", "/v1/messages")
     kwargs = {"headers": [("content-type", "application/json")], "body": b"{}"}
@@ -124,6 +125,7 @@ def request_in_child(
     connect_timeout: float = 5.0,
     requests: int = 1,
     warm: bool = False,
+    http2: bool = True,
     **env: str,
 ) -> dict[str, Any]:
     """One request from a fresh Python process whose environment is this one's without any
@@ -148,6 +150,7 @@ def request_in_child(
             str(connect_timeout),
             str(requests),
             "1" if warm else "0",
+            "1" if http2 else "0",
         ],
         env={**clean, **env},
         capture_output=True,

@@ -30,6 +30,7 @@ fn make_client(upstream: &Upstream, keys: usize, timeout: Duration) -> FailoverC
             provider: Provider::Anthropic,
             timeout,
             connect_timeout: Duration::from_secs(2),
+            http2: true,
             name: None,
         },
     )
@@ -368,6 +369,7 @@ async fn upstream_refusing_connections_is_a_502_and_marks_nothing() {
             provider: Provider::OpenAi,
             timeout: Duration::from_secs(2),
             connect_timeout: Duration::from_secs(2),
+            http2: true,
             name: None,
         },
     )
@@ -444,6 +446,7 @@ fn client_with_endpoints(base_url: &str, endpoints: &[Option<&str>]) -> Failover
             provider: Provider::Anthropic,
             timeout: Duration::from_secs(2),
             connect_timeout: Duration::from_secs(2),
+            http2: true,
             name: None,
         },
     )
@@ -577,6 +580,7 @@ async fn gemini_keys_go_in_its_headers_and_a_query_key_is_dropped() {
             provider: Provider::Gemini,
             timeout: Duration::from_secs(2),
             connect_timeout: Duration::from_secs(2),
+            http2: true,
             name: None,
         },
     )

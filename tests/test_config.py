@@ -342,6 +342,10 @@ def write(tmp_path: Path, text: str, mode: int = 0o644) -> Path:
             "[routes.a]\nkeys_env = 'K'\nallow_byok = 1",
             "route 'a': allow_byok: must be true or false, not 1",
         ),
+        (
+            "[routes.a]\nkeys_env = 'K'\nhttp2 = 'no'",
+            "route 'a': http2: must be true or false, not 'no'",
+        ),
         ("[routes.a]\nkeys_env = 'K'\npath = 'a'", "route 'a': path: must be an absolute path"),
         (
             "[routes.a]\nkeys_env = 'K'\n[routes.b]\nkeys_env = 'K'\npath = '/a'",
@@ -495,6 +499,7 @@ def test_a_config_with_an_error_never_starts(config_dir: Path) -> None:
             ["--provider", "openai"],
             "--provider is a route's setting: with --config, set it in the file",
         ),
+        (["--no-http2"], "--no-http2 is a route's setting: with --config, set it in the file"),
         (["--server", "uvicorn"], "--config runs the native server"),
         (
             ["--host", "0.0.0.0"],

@@ -9,13 +9,18 @@ made here; the cases that trust that CA run in a child process, with SSL_CERT_FI
 
 from __future__ import annotations
 
+import http.client
 import json
+import os
 import socket
 import ssl
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import h2.config
 import h2.connection
@@ -27,6 +32,7 @@ import pytest
 from conftest import (
     FAKE_KEYS,
     LoopbackServer,
+    free_port,
     make_client,
     read_head,
     request_in_child,
@@ -166,15 +172,20 @@ def test_an_upstream_with_an_unknown_ca_is_refused_before_any_request(
 
 
 @pytest.mark.parametrize(
-    ("upstream", "protocol"),
-    [(["http/1.1"], "http/1.1"), (["h2", "http/1.1"], "h2")],
+    ("upstream", "http2", "protocol"),
+    [
+        (["http/1.1"], True, "http/1.1"),
+        (["h2", "http/1.1"], True, "h2"),
+        (["h2", "http/1.1"], False, "http/1.1"),
+    ],
     indirect=["upstream"],
-    ids=["http1", "h2"],
+    ids=["http1", "h2", "h2-offered-client-http1-only"],
 )
 def test_a_trusted_upstream_gets_the_request_over_the_protocol_it_offers(
-    pki: Pki, upstream: TlsUpstream, protocol: str
+    pki: Pki, upstream: TlsUpstream, http2: bool, protocol: str
 ) -> None:
-    out = request_in_child(upstream.url, KEY, SSL_CERT_FILE=str(pki.ca))
+    """HTTP/2 when the upstream offers it, unless the client is built with http2=False."""
+    out = request_in_child(upstream.url, KEY, http2=http2, SSL_CERT_FILE=str(pki.ca))
     assert out == {"status": 200, "body": REPLY.decode()}
     [seen] = upstream.seen
     assert seen.handshake_error is None
@@ -183,24 +194,86 @@ def test_a_trusted_upstream_gets_the_request_over_the_protocol_it_offers(
 
 
 @pytest.mark.parametrize(
-    ("upstream", "connections"),
-    [(["h2", "http/1.1"], 1), (["http/1.1"], 20)],
+    ("upstream", "http2", "connections"),
+    [(["h2", "http/1.1"], True, 1), (["http/1.1"], True, 20), (["h2", "http/1.1"], False, 20)],
     indirect=["upstream"],
-    ids=["h2", "http1"],
+    ids=["h2", "http1", "h2-offered-client-http1-only"],
 )
 def test_a_burst_on_a_cold_pool_shares_one_http2_connection(
-    pki: Pki, upstream: TlsUpstream, connections: int
+    pki: Pki, upstream: TlsUpstream, http2: bool, connections: int
 ) -> None:
     """20 requests at once, before any connection exists: over HTTP/2 they wait for the
     first one's connection and share it, rather than each opening one that carries one
     request; an HTTP/1 upstream (which closes after each answer) gets one each, and none
-    is left waiting. (This upstream serves one connection at a time: a second HTTP/2
+    is left waiting; nor is any with a client built with http2=False, which offers only
+    HTTP/1.1. (This upstream serves one connection at a time: a second HTTP/2
     connection would wait, and time out, behind the first, which stays open.)"""
     out = request_in_child(
-        upstream.url, KEY, requests=20, timeout=20, connect_timeout=20, SSL_CERT_FILE=str(pki.ca)
+        upstream.url,
+        KEY,
+        requests=20,
+        timeout=20,
+        connect_timeout=20,
+        http2=http2,
+        SSL_CERT_FILE=str(pki.ca),
     )
     assert out["all"] == [{"status": 200, "body": REPLY.decode()}] * 20
     assert [seen.handshake_error for seen in upstream.seen] == [None] * connections
+    assert {seen.alpn for seen in upstream.seen} == {"h2" if connections == 1 else "http/1.1"}
+
+
+@pytest.mark.parametrize(
+    ("how", "protocol"),
+    [("flag", "h2"), ("flag", "http/1.1"), ("config", "h2"), ("config", "http/1.1")],
+)
+@pytest.mark.parametrize("upstream", [["h2", "http/1.1"]], indirect=True)
+def test_serve_offers_http2_upstream_unless_told_not_to(
+    pki: Pki, upstream: TlsUpstream, tmp_path: Path, how: str, protocol: str
+) -> None:
+    """`keyfailover serve --no-http2`, or `http2 = false` in a route of its config, asks an
+    upstream that offers HTTP/2 for HTTP/1.1."""
+    port = free_port()
+    if how == "flag":
+        options = ["--keys-env", "KF_TLS_KEYS", "--upstream", upstream.url]
+        options += ["--no-http2"] if protocol == "http/1.1" else []
+    else:
+        setting = "http2 = false\n" if protocol == "http/1.1" else ""
+        (tmp_path / "kf.toml").write_text(
+            f'[routes.a]\npath = "/"\nupstream = "{upstream.url}"\nkeys_env = "KF_TLS_KEYS"\n'
+            + setting
+        )
+        options = ["--config", str(tmp_path / "kf.toml")]
+    env = {**os.environ, "KF_TLS_KEYS": KEY, "SSL_CERT_FILE": str(pki.ca)}
+    env = {k: v for k, v in env.items() if not k.lower().endswith("_proxy")}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "keyfailover", "serve", "--port", str(port), *options],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + 15
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port)).close()
+                break
+            except OSError:
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    raise AssertionError(proc.communicate()) from None
+                time.sleep(0.05)
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+        conn.request("POST", "/v1/messages", b"{}", {"content-type": "application/json"})
+        resp = conn.getresponse()
+        assert (resp.status, resp.read()) == (200, REPLY)
+        conn.close()
+    finally:
+        proc.terminate()
+        _, err = proc.communicate(timeout=20)
+    assert proc.returncode == 0, err
+    [seen] = upstream.seen
+    assert seen.alpn == protocol
+    assert seen.headers["x-api-key"] == KEY
 
 
 class RefusingH2Upstream(TlsUpstream):

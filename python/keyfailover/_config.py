@@ -77,6 +77,7 @@ ROUTE_FIELDS = {
     "body_timeout",
     "timeout",
     "connect_timeout",
+    "http2",
 }
 # The forms of a Redis URL the pools take (checked here, so that `--check` connects to none).
 # A route's path: a URL path as the request line carries it (RFC 3986's
@@ -103,6 +104,7 @@ class RouteConfig:
     body_timeout: float
     timeout: float
     connect_timeout: float
+    http2: bool
 
     def pool_settings(self) -> tuple[str, str | None, str]:
         """What a pool is built with, besides its keys."""
@@ -383,6 +385,7 @@ def _route(
         body_timeout=body_timeout,
         timeout=timeout,
         connect_timeout=connect_timeout,
+        http2=_typed(where, table, "http2", bool, True),
     )
 
 
@@ -496,6 +499,7 @@ class Routes:
                     provider=route.provider,
                     timeout=route.timeout,
                     connect_timeout=route.connect_timeout,
+                    http2=route.http2,
                     name=route.name,
                 )
                 proxy = FailoverProxy(

@@ -157,6 +157,7 @@ class FailoverClient:
         provider: str = "anthropic",
         timeout: float = 600.0,
         connect_timeout: float = 10.0,
+        http2: bool = True,
         name: str | None = None,
     ) -> FailoverClient: ...
     def request(

@@ -203,6 +203,7 @@ def build_proxy(args: argparse.Namespace) -> tuple[FailoverProxy, KeysFileReload
             provider=args.provider,
             timeout=args.timeout,
             connect_timeout=args.connect_timeout,
+            http2=args.http2,
         )
         proxy = FailoverProxy(
             client,
@@ -242,6 +243,7 @@ ROUTE_OPTIONS = (
     "body_timeout",
     "timeout",
     "connect_timeout",
+    "http2",
     "strategy",
     "namespace",
     "state",
@@ -314,7 +316,7 @@ def serve_config(args: argparse.Namespace) -> int:
     defaults = build_parser().parse_args(["serve", "--config", args.config])
     given = [name for name in ROUTE_OPTIONS if getattr(args, name) != getattr(defaults, name)]
     if given:
-        option = "--" + given[0].replace("_", "-")
+        option = "--no-http2" if given[0] == "http2" else "--" + given[0].replace("_", "-")
         raise CliError(f"{option} is a route's setting: with --config, set it in the file")
     if args.server != "native":
         raise CliError("--config runs the native server (--server native)")
@@ -512,6 +514,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=10.0,
         metavar="S",
         help="connect to upstream (default 10)",
+    )
+    serve.add_argument(
+        "--no-http2",
+        dest="http2",
+        action="store_false",
+        help="ask https upstreams for HTTP/1.1 only (by default HTTP/2 is offered too)",
     )
     serve.add_argument(
         "--grace",

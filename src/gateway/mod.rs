@@ -510,6 +510,7 @@ mod tests {
                 provider: Provider::Anthropic,
                 timeout: Duration::from_secs(1),
                 connect_timeout: Duration::from_secs(1),
+                http2: true,
                 name: None,
             },
         )?;

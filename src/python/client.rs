@@ -182,13 +182,15 @@ pub struct PyFailoverClient {
 #[pymethods]
 impl PyFailoverClient {
     #[new]
-    #[pyo3(signature = (pool, *, base_url, provider = "anthropic", timeout = 600.0, connect_timeout = 10.0, name = None))]
+    #[pyo3(signature = (pool, *, base_url, provider = "anthropic", timeout = 600.0, connect_timeout = 10.0, http2 = true, name = None))]
+    #[allow(clippy::too_many_arguments)]
     fn new(
         pool: Bound<'_, PyKeyPool>,
         base_url: String,
         provider: &str,
         timeout: f64,
         connect_timeout: f64,
+        http2: bool,
         name: Option<String>,
     ) -> PyResult<Self> {
         let options = ClientOptions {
@@ -196,6 +198,7 @@ impl PyFailoverClient {
             provider: provider.parse()?,
             timeout: positive_seconds("timeout", timeout)?,
             connect_timeout: positive_seconds("connect_timeout", connect_timeout)?,
+            http2,
             name,
         };
         let client = FailoverClient::new(pool.get().pool.clone(), options)?;

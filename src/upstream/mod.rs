@@ -133,11 +133,22 @@ pub(crate) struct Http {
     /// request needs `proxies` asked (which parses the host every time).
     http_proxy: bool,
     read_timeout: Duration,
+    /// Whether HTTP/2 is offered to `https://` upstreams (ALPN); if not,
+    /// every connection is HTTP/1.1.
+    http2: bool,
 }
 
 impl Http {
-    pub fn new(read_timeout: Duration, connect_timeout: Duration) -> Result<Self, String> {
-        let tls = tls_config(&[b"h2", b"http/1.1"])?;
+    pub fn new(
+        read_timeout: Duration,
+        connect_timeout: Duration,
+        http2: bool,
+    ) -> Result<Self, String> {
+        let tls = tls_config(if http2 {
+            &[b"h2", b"http/1.1"]
+        } else {
+            &[b"http/1.1"]
+        })?;
         // To a proxy itself (an `https://` proxy), HTTP/1.1: CONNECT is an
         // HTTP/1.1 request here.
         let tls_proxy = tls_config(&[b"http/1.1"])?;
@@ -162,6 +173,7 @@ impl Http {
             proxies,
             http_proxy,
             read_timeout,
+            http2,
         })
     }
 
@@ -205,7 +217,8 @@ impl Http {
         let mut fresh = false;
         // Whether this request waited for another's connection (see `pool`).
         let mut waited = false;
-        let https = uri.scheme() == Some(&http::uri::Scheme::HTTPS);
+        // Whether a new connection may turn out HTTP/2 (see `Pool::plan`).
+        let https = self.http2 && uri.scheme() == Some(&http::uri::Scheme::HTTPS);
         let (response, back, stream) = loop {
             let pooled = match (!fresh).then(|| self.pool.take(&slot)).flatten() {
                 Some(pooled) => pooled,
@@ -806,7 +819,7 @@ mod tests {
         // carry the space of a CONNECT tunnel's TLS handshake (some 2.4 KB
         // more) or of HTTP/2's handshake (some 3 KB more), which are boxed
         // on their own paths.
-        let http = Http::new(Duration::from_secs(1), Duration::from_secs(1)).unwrap();
+        let http = Http::new(Duration::from_secs(1), Duration::from_secs(1), true).unwrap();
         let uri: Uri = "http://127.0.0.1:9/".parse().unwrap();
         let connecting = http.connector.clone().call(uri.clone());
         assert!(std::mem::size_of_val(&*connecting) < 1024);
