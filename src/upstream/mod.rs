@@ -296,7 +296,15 @@ impl Http {
                 pool::Sender::H2(mut sender) => match sender.ready().await {
                     Err(err) => err,
                     Ok(()) => match sender.try_send_request(request(Form::H2)).await {
-                        Ok(response) => break (response, None, stream),
+                        Ok(response) => {
+                            // An answer on a new connection comes after the
+                            // upstream's SETTINGS: the streams it allows are
+                            // known now, before more requests take it.
+                            if let Some(stream) = stream.as_ref().filter(|_| !reused) {
+                                stream.load().recheck();
+                            }
+                            break (response, None, stream);
+                        }
                         Err(mut err) => {
                             unsent = err.take_message().map(Box::new);
                             went_unsent = unsent.is_some();
@@ -416,8 +424,10 @@ type H2Connection = http2::Connection<Conn, pool::Body, TokioExecutor>;
 
 /// An HTTP/2 connection's task, which tells its [`pool::Load`] how many
 /// streams the upstream allows open at once whenever that changes (its
-/// SETTINGS may change it at any time; hyper applies them as it drives the
-/// connection).
+/// SETTINGS may change it at any time). hyper applies them in a task of its
+/// own, which does not wake this one: it looks each time it runs, as for
+/// every request sent on the connection, and when the first answer on the
+/// connection wakes it ([`pool::Load::recheck`]).
 struct Streams {
     connection: Pin<Box<H2Connection>>,
     load: Arc<pool::Load>,
@@ -430,6 +440,7 @@ impl Future for Streams {
     type Output = ();
 
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        self.load.watched_by(cx.waker());
         let done = self.connection.as_mut().poll(cx);
         let now = self.connection.current_max_send_streams();
         if now != self.said {

@@ -30,6 +30,7 @@ use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
 use bytes::Bytes;
+use futures_util::task::AtomicWaker;
 use http::uri::{Authority, Scheme};
 use http::Uri;
 use http_body_util::Full;
@@ -81,6 +82,8 @@ pub(super) struct Pooled {
 pub(super) struct Load {
     open: AtomicUsize,
     max: AtomicUsize,
+    /// The connection's task, which sets `max` (see [`Load::recheck`]).
+    task: AtomicWaker,
 }
 
 impl Load {
@@ -88,12 +91,25 @@ impl Load {
         Arc::new(Self {
             open: AtomicUsize::new(0),
             max: AtomicUsize::new(max),
+            task: AtomicWaker::new(),
         })
     }
 
     /// The most streams the upstream allows open at once, as it last said.
     pub fn set_max(&self, max: usize) {
         self.max.store(max, Ordering::Relaxed);
+    }
+
+    /// Called by the connection's task each time it runs: `recheck` wakes it.
+    pub fn watched_by(&self, task: &std::task::Waker) {
+        self.task.register(task);
+    }
+
+    /// Has the connection's task look at what the upstream allows now. Its
+    /// SETTINGS are applied by a task of hyper's own, which does not wake the
+    /// connection's: until something does, `max` is what it was before them.
+    pub fn recheck(&self) {
+        self.task.wake();
     }
 
     /// A stream, if the connection has room for one more.
