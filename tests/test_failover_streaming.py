@@ -11,7 +11,9 @@ import asyncio
 import dataclasses
 import gc
 import json
+import os
 import time
+import weakref
 import zlib
 from typing import Any
 
@@ -714,6 +716,53 @@ def test_cancelling_a_pending_request_disconnects_upstream(up: MockUpstream, how
 
     run(scenario())
     assert states(pool) == ["valid"]
+
+
+@pytest.mark.parametrize("loop", ["asyncio", "uvloop"])
+def test_a_request_left_pending_when_its_loop_closes_disconnects_upstream(
+    up: MockUpstream, loop: str
+) -> None:
+    """`asyncio.run` cancels the tasks left when its coroutine returns, not futures: a
+    request left pending (as the loser of `asyncio.wait(..., FIRST_COMPLETED)` is)
+    outlives its loop. Its answer, when it comes, is dropped at once (the upstream sees
+    the connection close), and the loop is freed with its descriptors, not held by a
+    queue that nothing will take from again."""
+    import uvloop
+
+    client, pool = make_client(up, "anthropic", 1)
+    loops: list[weakref.ref[asyncio.AbstractEventLoop]] = []
+
+    async def leave_a_request_pending() -> None:
+        loops.append(weakref.ref(asyncio.get_running_loop()))
+        client.request(
+            "POST",
+            PATH["anthropic"],
+            headers={"content-type": "application/json", "accept": "text/event-stream"},
+            body=stream_body("anthropic"),
+        )
+        assert await up.wait_for_async(lambda u: len(u.requests) == len(loops))
+
+    def descriptors() -> int:
+        return len(os.listdir("/proc/self/fd"))
+
+    run_loop = asyncio.run if loop == "asyncio" else uvloop.run
+    run_loop(leave_a_request_pending())  # the runtime's threads and first sockets
+    assert up.wait_for(lambda u: u.requests[0].completed or u.requests[0].disconnected)
+    gc.collect()
+    before = descriptors()
+    for _ in range(3):
+        up.enqueue(Reply.sse([("ping", {"i": i}) for i in range(100)], stall=0.2, chunk_delay=0.1))
+        run_loop(leave_a_request_pending())
+    # Each answer came after its loop had closed (the stall), and was dropped.
+    assert up.wait_for(lambda u: all(r.disconnected for r in u.requests[1:]), timeout=5)
+    assert not any(r.completed for r in up.requests[1:])
+    # A reference that a tokio thread let go of is let go of in Python at the next call
+    # into keyfailover (pyo3 defers it to a thread holding the GIL).
+    assert states(pool) == ["valid"]
+    gc.collect()
+    assert [ref() for ref in loops] == [None] * 4
+    assert descriptors() <= before
+    assert pool.snapshot()[0]["in_flight"] == 0
 
 
 @pytest.mark.parametrize("how", ["close", "with", "drop"])

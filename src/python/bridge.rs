@@ -18,7 +18,9 @@
 //! future itself is caught and delivered as a `KeyfailoverError`, so the
 //! awaiting coroutine never hangs. A result that completes after its future
 //! was cancelled is dropped in the loop thread, so whatever it holds (an
-//! upstream response) closes at once.
+//! upstream response) closes at once; one for a loop that has closed (a
+//! future left pending by `asyncio.run`, which cancels only tasks) is
+//! dropped as it comes, and what was queued goes with the loop.
 //!
 //! Needs a loop with `add_reader` (the default selector loop, uvloop):
 //! Unix only, as `pyproject.toml` declares.
@@ -35,7 +37,7 @@ use futures_util::FutureExt;
 use pyo3::exceptions::PyNotImplementedError;
 use pyo3::prelude::*;
 use pyo3::sync::PyOnceLock;
-use pyo3::types::PyCFunction;
+use pyo3::types::{PyCFunction, PyWeakrefReference};
 use pyo3::IntoPyObjectExt;
 use tokio::task::AbortHandle;
 
@@ -50,7 +52,9 @@ struct Completion {
 
 /// The completion queue of one asyncio loop.
 struct Inbox {
-    queue: Mutex<Vec<Completion>>,
+    /// None once the loop closed (its `Drain` gone): what comes then is
+    /// dropped, not queued where nothing will take it.
+    queue: Mutex<Option<Vec<Completion>>>,
     /// True while a wake-up byte is pending: one byte per batch is enough.
     signalled: AtomicBool,
     writer: UnixStream,
@@ -63,7 +67,7 @@ impl Inbox {
         reader.set_nonblocking(true)?;
         writer.set_nonblocking(true)?;
         Ok(Self {
-            queue: Mutex::new(Vec::new()),
+            queue: Mutex::new(Some(Vec::new())),
             signalled: AtomicBool::new(false),
             writer,
             reader,
@@ -72,10 +76,13 @@ impl Inbox {
 
     /// Called from tokio threads: no Python here.
     fn push(&self, completion: Completion) {
-        self.queue
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .push(completion);
+        let mut queue = self.queue.lock().unwrap_or_else(|e| e.into_inner());
+        let Some(queue) = queue.as_mut() else {
+            // The loop is closed: the result (an upstream response, say) is
+            // dropped here and now; the future's reference later, by pyo3.
+            return;
+        };
+        queue.push(completion);
         if !self.signalled.swap(true, Ordering::SeqCst) {
             // A full socket buffer means a wake-up is already pending.
             let _ = (&self.writer).write(&[1]);
@@ -97,13 +104,31 @@ impl Inbox {
             }
         }
         self.signalled.store(false, Ordering::SeqCst);
-        std::mem::take(&mut *self.queue.lock().unwrap_or_else(|e| e.into_inner()))
+        let mut queue = self.queue.lock().unwrap_or_else(|e| e.into_inner());
+        queue.as_mut().map(std::mem::take).unwrap_or_default()
+    }
+
+    /// Takes what is queued, and refuses what comes later.
+    fn close(&self) -> Vec<Completion> {
+        let mut queue = self.queue.lock().unwrap_or_else(|e| e.into_inner());
+        queue.take().unwrap_or_default()
     }
 }
 
 /// Registered with the loop's `add_reader`: completes the queued futures.
-#[pyclass(frozen)]
+/// Only the loop holds it (`INBOXES` refers to it weakly), so it goes when
+/// the loop closes and lets go of its readers, and closes the inbox: a
+/// result queued for a closed loop would hold its future, and the future
+/// its loop, in a cycle through Rust that Python's collector cannot see.
+#[pyclass(frozen, weakref)]
 struct Drain(Arc<Inbox>);
+
+impl Drop for Drain {
+    fn drop(&mut self) {
+        // Dropped with the rest of the loop's objects, in a Python thread.
+        drop(self.0.close());
+    }
+}
 
 #[pymethods]
 impl Drain {
@@ -132,7 +157,7 @@ impl Drain {
     }
 }
 
-/// The inbox of `event_loop`, created and registered on first use.
+/// The inbox of each loop: loop -> weak reference to its `Drain`.
 static INBOXES: PyOnceLock<Py<PyAny>> = PyOnceLock::new();
 
 fn inbox_for(event_loop: &Bound<'_, PyAny>) -> PyResult<Arc<Inbox>> {
@@ -146,8 +171,11 @@ fn inbox_for(event_loop: &Bound<'_, PyAny>) -> PyResult<Arc<Inbox>> {
                 .unbind())
         })?
         .bind(py);
-    if let Ok(drain) = inboxes.call_method1("get", (event_loop,))?.cast::<Drain>() {
-        return Ok(drain.get().0.clone());
+    let found = inboxes.call_method1("get", (event_loop,))?;
+    if let Ok(weak) = found.cast::<PyWeakrefReference>() {
+        if let Some(drain) = weak.upgrade_as::<Drain>()? {
+            return Ok(drain.get().0.clone());
+        }
     }
     let inbox = Arc::new(Inbox::new()?);
     let drain = Bound::new(py, Drain(inbox.clone()))?;
@@ -164,7 +192,7 @@ fn inbox_for(event_loop: &Bound<'_, PyAny>) -> PyResult<Arc<Inbox>> {
         }
         other => other?,
     };
-    inboxes.set_item(event_loop, drain)?;
+    inboxes.set_item(event_loop, PyWeakrefReference::new(&drain)?)?;
     Ok(inbox)
 }
 
@@ -176,8 +204,11 @@ pub(crate) fn after_fork(py: Python<'_>) -> PyResult<()> {
     };
     let inboxes = inboxes.bind(py);
     for item in inboxes.call_method0("items")?.try_iter()? {
-        let (event_loop, drain): (Bound<'_, PyAny>, Bound<'_, Drain>) = item?.extract()?;
-        let _ = event_loop.call_method1("remove_reader", (drain.get().0.reader.as_raw_fd(),));
+        let (event_loop, drain): (Bound<'_, PyAny>, Bound<'_, PyWeakrefReference>) =
+            item?.extract()?;
+        if let Some(drain) = drain.upgrade_as::<Drain>()? {
+            let _ = event_loop.call_method1("remove_reader", (drain.get().0.reader.as_raw_fd(),));
+        }
     }
     inboxes.call_method0("clear")?;
     Ok(())
