@@ -425,7 +425,8 @@ impl Server {
         if let Some(log) = &self.options.access_log {
             log.log(&Entry {
                 method,
-                path: &gateway.redact(target.split('?').next().unwrap_or(&target)),
+                // Any route's keys: a caller may name another route's.
+                path: &redacted(&routes, target.split('?').next().unwrap_or(&target)),
                 status: response.status,
                 attempts: response.attempts,
                 key: response.key_label.as_deref(),
