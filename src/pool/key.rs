@@ -144,8 +144,13 @@ impl Key {
         self.cool(cooldown, Cause::manual())
     }
 
-    /// [`mark_temporary`](Self::mark_temporary), for `cause`.
+    /// [`mark_temporary`](Self::mark_temporary), for `cause`. An endpoint
+    /// found unreachable after a reload gave the key another one (a request
+    /// that was out across it) says nothing of the key now: no cooldown.
     pub fn cool(&self, cooldown: Option<Duration>, cause: Cause) -> bool {
+        if cause.reason == Reason::Unreachable && self.endpoint_moved() {
+            return false;
+        }
         let cooldowns = self.pool.cooldowns();
         let mut cooldown = cooldown
             .filter(|d| !d.is_zero())
@@ -207,6 +212,16 @@ impl Key {
     /// The key's own endpoint, if it has one.
     pub fn base_url(&self) -> Option<&crate::target::BaseUrl> {
         self.slot.base_url.as_ref()
+    }
+
+    /// Whether the pool now sends this key elsewhere than this handle does
+    /// (a reload since gave it another endpoint).
+    fn endpoint_moved(&self) -> bool {
+        self.pool
+            .key_set()
+            .slots
+            .iter()
+            .any(|s| s.value == self.slot.value && s.base_url != self.slot.base_url)
     }
 
     pub(crate) fn in_flight(&self) -> InFlight {
