@@ -20,7 +20,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from keyfailover import ConfigError, KeyState
+from keyfailover import ConfigError, KeyPool, KeyState
 from keyfailover._config import load_config
 from keyfailover.testing import MockUpstream, Reply
 
@@ -185,7 +185,13 @@ def test_three_routes_each_fail_over_on_their_own(up: MockUpstream, serve: Serve
             http.get(f"/oai/_keyfailover/keys/{OPENAI[1]}/retire", headers=admin),
             http.put(f"/oai/_keyfailover/keys/{OPENAI[1]}/retire", headers=admin),
         ]
+        # Nor another route's key in a route's path, in the access log (checked below).
+        other = [
+            http.get(f"/anthropic/_keyfailover/keys/{OPENAI[0]}/retire", headers=admin),
+            http.post(f"/gemini/v1/{ANTHROPIC[1]}", json=MESSAGE),
+        ]
     assert [answer.status_code for answer in echoed] == [404, 404, 405, 405]
+    assert [answer.status_code for answer in other] == [405, 404]
     assert [answer.headers.get("allow") for answer in echoed[2:]] == ["POST", "POST"]
     with httpx.Client(base_url=serve.url) as http:
         wrong = http.post("/_keyfailover/health", headers={"x-api-key": ADMIN})
@@ -549,7 +555,9 @@ def test_a_reload_keeps_unchanged_routes_whole_and_rebuilds_changed_ones(
     server = RecordingServer()
     summary = routes.reload(server)  # type: ignore[arg-type]
     after = {name: (b.pool, b.proxy) for name, b in routes.built.items()}
-    assert summary == "3 routes"
+    # What changed in each route's keys is said, as a keys file's reload says it.
+    hint = KeyPool(["sk-openai-route-key-2-gggggggggg"]).snapshot()[0]["hint"]
+    assert summary == f"3 routes; openai [added key-2 ({hint}); 3 keys now]"
     # gemini: unchanged, kept whole; openai: a new key, same client and gateway.
     assert after["gemini"] == before["gemini"]
     assert after["openai"] == before["openai"]
@@ -625,6 +633,62 @@ def test_a_reload_with_an_error_in_one_route_changes_no_route(tmp_path: Path) ->
     assert str(raised.value) == (f"{path}: route 'b': keys_file: b0 and b1 hold the same key")
     assert [k["label"] for k in routes.built["a"].pool.snapshot()] == ["a0"]
     assert server.routes == []
+
+
+def test_a_reload_failing_in_one_route_leaves_the_keys_of_every_route_as_they_were(
+    tmp_path: Path,
+) -> None:
+    """Route b's new keys do not fit in shared memory (1,024 keys a namespace): the
+    reload fails, and route a, whose keys file changed too and comes first, keeps its
+    keys, as the log says ("the routes in service stay")."""
+    from keyfailover._config import Routes
+
+    (tmp_path / "a.keys").write_text(f"a0={ANTHROPIC[0]}\n")
+    (tmp_path / "b.keys").write_text(f"b0={ANTHROPIC[1]}\n")
+    path = tmp_path / "kf.toml"
+    namespace = f"config-atomic-{os.getpid()}"
+    path.write_text(
+        f'[routes.a]\nkeys_file = "a.keys"\nstate = "shm"\nnamespace = "{namespace}-a"\n'
+        f'[routes.b]\nkeys_file = "b.keys"\nstate = "shm"\nnamespace = "{namespace}-b"\n'
+    )
+    routes = Routes(load_config(path))
+    (tmp_path / "a.keys").write_text(f"a0={ANTHROPIC[0]}\na1={OPENAI[0]}\n")
+    (tmp_path / "b.keys").write_text(
+        "".join(f"b{i}=sk-ant-capacity-{i:05d}-xxxxxxxxxxxx\n" for i in range(1100))
+    )
+    server = RecordingServer()
+    with pytest.raises(ConfigError) as raised:
+        routes.reload(server)  # type: ignore[arg-type]
+    assert str(raised.value).startswith(f"{path}: route 'b': ")
+    assert [k["label"] for k in routes.built["a"].pool.snapshot()] == ["a0"]
+    assert [k["label"] for k in routes.built["b"].pool.snapshot()] == ["b0"]
+    assert server.routes == []
+    # Once the error is gone, the reload goes through, a's new key included.
+    (tmp_path / "b.keys").write_text(f"b0={ANTHROPIC[1]}\n")
+    assert routes.reload(server).startswith("2 routes; a [added a1")  # type: ignore[arg-type]
+    assert [k["label"] for k in routes.built["a"].pool.snapshot()] == ["a0", "a1"]
+
+
+def test_a_new_strategy_keeps_the_pool_and_its_key_states(tmp_path: Path) -> None:
+    """A reload that changes only a route's strategy changes it in place: cooling and
+    retired keys stay so (a new pool would start them valid, and a retired key would be
+    sent again)."""
+    from keyfailover._config import Routes
+
+    path = tmp_path / "kf.toml"
+    (tmp_path / "a.keys").write_text(f"a0={ANTHROPIC[0]}\na1={ANTHROPIC[1]}\n")
+    path.write_text('[routes.a]\nkeys_file = "a.keys"\nstrategy = "ordered"\n')
+    routes = Routes(load_config(path))
+    pool = routes.built["a"].pool
+    pool.key("a0").mark_permanent()
+    pool.key("a1").mark_temporary(60)
+    path.write_text('[routes.a]\nkeys_file = "a.keys"\nstrategy = "round_robin"\n')
+    server = RecordingServer()
+    assert routes.reload(server) == "1 route"  # type: ignore[arg-type]
+    assert routes.built["a"].pool is pool
+    assert pool.strategy == "round_robin"
+    assert pool.states() == [KeyState.PERMANENT, KeyState.TEMPORARY]
+    assert [prefix for prefix, _ in server.routes] == ["/a"]
 
 
 def test_a_routes_repr_shows_no_redis_password(tmp_path: Path) -> None:

@@ -35,6 +35,7 @@ from keyfailover._native import (
     Key,
     KeyPool,
     Server,
+    _PreparedReload,
     parse_keys,
 )
 from keyfailover._reload import FileWatcher, read_text
@@ -106,9 +107,10 @@ class RouteConfig:
     connect_timeout: float
     http2: bool
 
-    def pool_settings(self) -> tuple[str, str | None, str]:
-        """What a pool is built with, besides its keys."""
-        return (self.strategy, self.state, self.namespace)
+    def pool_settings(self) -> tuple[str | None, str]:
+        """What a pool is built with, besides its keys and strategy (which a
+        reload changes in place)."""
+        return (self.state, self.namespace)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -459,13 +461,18 @@ class Routes:
         self.default_state = default_state
         self.local = local
         self.config = config
-        self.built = self._build(config, {})
+        self.built, _ = self._build(config, {})
 
-    def _build(self, config: Config, old: dict[str, _Built]) -> dict[str, _Built]:
+    def _build(
+        self, config: Config, old: dict[str, _Built]
+    ) -> tuple[dict[str, _Built], list[tuple[str, _PreparedReload]]]:
+        """The routes of `config`, keeping what `old` has of them, and the reloads
+        of the pools kept (by route), made ready: committed once the routes are
+        in service; dropped, nothing of `old` changed."""
         from keyfailover.asgi import FailoverProxy
 
         built: dict[str, _Built] = {}
-        reloads: list[tuple[_Where, KeyPool, Keys]] = []
+        reloads: list[tuple[RouteConfig, KeyPool, str | None]] = []
         for route in config.routes:
             where = _Where(config.path, route.name)
             previous = old.get(route.name)
@@ -479,7 +486,7 @@ class Routes:
             ):
                 # The same route: keep its client (and its upstream connections)
                 # and gateway (and the dashboard's history); only keys may change.
-                reloads.append((where, previous.pool, route.keys))
+                reloads.append((route, previous.pool, None))
                 built[route.name] = _Built(route, previous.pool, previous.proxy)
                 continue
             try:
@@ -487,8 +494,10 @@ class Routes:
                     previous is not None
                     and previous.config.pool_settings() == route.pool_settings()
                 ):
+                    # Kept, key states and all; its keys and strategy change on commit.
                     pool = previous.pool
-                    reloads.append((where, pool, route.keys))  # once everything else is built
+                    strategy = route.strategy if route.strategy != pool.strategy else None
+                    reloads.append((route, pool, strategy))
                 else:
                     pool = KeyPool(
                         route.keys, state=state, namespace=route.namespace, strategy=route.strategy
@@ -514,13 +523,15 @@ class Routes:
             except ConfigError as exc:
                 raise where.error(None, str(exc)) from None
             built[route.name] = _Built(route, pool, proxy)
-        # The keys were checked as the config was loaded: these do not fail on them.
-        for where, pool, keys in reloads:
+        # The keys were checked as the config was loaded; these fail only when
+        # shared memory has no room for new keys.
+        prepared = []
+        for route, pool, strategy in reloads:
             try:
-                pool.reload(keys)
+                prepared.append((route.name, pool._prepare_reload(route.keys, strategy=strategy)))
             except ConfigError as exc:
-                raise where.error(None, str(exc)) from None
-        return built
+                raise _Where(config.path, route.name).error(None, str(exc)) from None
+        return built, prepared
 
     def _keys_of(self, name: str) -> Callable[[], Keys]:
         """The reload hook of a route's admin area: its keys as the config says now."""
@@ -542,10 +553,11 @@ class Routes:
         ConfigError (and nothing changes) when the config has an error."""
         config = load_config(self.config.path)
         old = self.built
-        # Pools keep their state in place: reloading them is the one change
-        # made before the swap, and only for routes whose pool is kept.
-        built = self._build(config, old)
+        # Pools kept keep their state in place; their new keys go in service
+        # with the new routes, all or (on an error) none.
+        built, prepared = self._build(config, old)
         server.set_routes(_server_routes(built))
+        changes = [(name, p.commit()["summary"]) for name, p in prepared]
         self.config, self.built = config, built
         added = [n for n in built if n not in old]
         removed = [n for n in old if n not in built]
@@ -558,6 +570,7 @@ class Routes:
         renewed = [n for n in built if n in old and n not in kept]
         if renewed:
             parts.append("new pools for " + ", ".join(renewed))
+        parts += [f"{name} [{summary}]" for name, summary in changes if summary != "no change"]
         return "; ".join(parts)
 
     def describe(self) -> list[str]:

@@ -62,6 +62,11 @@ class KeyState:
     def __int__(self) -> int: ...
 
 @final
+class _PreparedReload:
+    def commit(self) -> dict[str, Any]:
+        """Puts the new keys in service; what changed, as `KeyPool.reload` returns it."""
+
+@final
 class ManualClock:
     def __new__(cls, start: float = 0.0) -> ManualClock: ...
     def advance(self, seconds: float) -> None: ...
@@ -121,6 +126,14 @@ class KeyPool:
     def reload(self, keys: Sequence[str | Key] | Mapping[str, str | Key]) -> dict[str, Any]:
         """Replaces the keys, keeping each unchanged key's state; returns what
         changed: {"added", "removed", "relabelled", "moved", "keys", "summary"}."""
+    def _prepare_reload(
+        self,
+        keys: Sequence[str | Key] | Mapping[str, str | Key],
+        *,
+        strategy: str | None = None,
+    ) -> _PreparedReload:
+        """`reload`, made ready to take effect on `commit()`; dropped uncommitted,
+        it changes nothing. `strategy`: the pool's from then on."""
     def sync_status(self) -> dict[str, str | bool | int | None]:
         """{"backend", "connected", "last_error", "pending"}."""
     def __len__(self) -> int: ...

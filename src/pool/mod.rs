@@ -343,10 +343,64 @@ impl KeySet {
     }
 }
 
+/// A reload made ready: see [`KeyPool::prepare_reload`].
+pub struct PreparedReload {
+    pool: KeyPool,
+    keys: KeySet,
+    strategy: Option<Strategy>,
+    report: ReloadReport,
+}
+
+impl fmt::Debug for PreparedReload {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("PreparedReload")
+            .field("pool", &self.pool.name())
+            .field("report", &self.report.summary())
+            .finish()
+    }
+}
+
+impl PreparedReload {
+    /// What the reload changes (keys; not the strategy).
+    pub fn report(&self) -> &ReloadReport {
+        &self.report
+    }
+
+    /// Puts the new keys (and strategy) in service; returns what changed.
+    pub fn commit(self) -> ReloadReport {
+        let Self {
+            pool,
+            keys,
+            strategy,
+            report,
+        } = self;
+        let now = pool.inner.clock.now_nanos();
+        let unreachable: Vec<Arc<Slot>> = keys
+            .slots
+            .iter()
+            .filter(|s| report.moved.iter().any(|(label, _)| **label == *s.label))
+            .filter(|s| s.cell.status_and_unreachable(now).1)
+            .cloned()
+            .collect();
+        if let Some(strategy) = strategy {
+            let index = strategy.index();
+            pool.inner
+                .strategy
+                .store(index, std::sync::atomic::Ordering::Relaxed);
+        }
+        pool.inner.keys.store(Arc::new(keys));
+        for slot in unreachable {
+            Key::new(pool.clone(), slot).reset();
+        }
+        report
+    }
+}
+
 struct Inner {
     keys: ArcSwap<KeySet>,
     cooldowns: Cooldowns,
-    strategy: Strategy,
+    /// A [`Strategy`] (its index in [`Strategy::ALL`]): a reload may change it.
+    strategy: std::sync::atomic::AtomicU8,
     /// Where the next round-robin walk starts.
     turn: std::sync::atomic::AtomicUsize,
     clock: Arc<dyn Clock>,
@@ -437,7 +491,7 @@ impl KeyPool {
             inner: Arc::new(Inner {
                 keys: ArcSwap::from_pointee(keys),
                 cooldowns: options.cooldowns,
-                strategy: options.strategy,
+                strategy: std::sync::atomic::AtomicU8::new(options.strategy.index()),
                 turn: std::sync::atomic::AtomicUsize::new(0),
                 clock,
                 namespace,
@@ -449,13 +503,18 @@ impl KeyPool {
     }
 
     pub fn strategy(&self) -> Strategy {
-        self.inner.strategy
+        let index = self
+            .inner
+            .strategy
+            .load(std::sync::atomic::Ordering::Relaxed);
+        Strategy::ALL[usize::from(index)]
     }
 
     /// Where the next walk starts, by the pool's strategy.
     pub(crate) fn start(&self, keys: &KeySet) -> usize {
         let n = keys.slots.len();
-        match self.inner.strategy {
+        let strategy = self.strategy();
+        match strategy {
             Strategy::Ordered => 0,
             Strategy::RoundRobin => {
                 self.inner
@@ -465,7 +524,7 @@ impl KeyPool {
             }
             Strategy::LeastLoaded | Strategy::Headroom => {
                 let now = self.inner.clock.now_nanos();
-                let headroom = self.inner.strategy == Strategy::Headroom;
+                let headroom = strategy == Strategy::Headroom;
                 keys.slots
                     .iter()
                     .enumerate()
@@ -612,6 +671,23 @@ impl KeyPool {
         I: IntoIterator<Item = K>,
         K: Into<KeySpec>,
     {
+        Ok(self.prepare_reload(keys, None)?.commit())
+    }
+
+    /// A [`reload`](Self::reload) checked and made ready (new keys' state
+    /// taken, in shared memory their slots), to take effect on
+    /// [`PreparedReload::commit`], which cannot fail; dropped uncommitted, it
+    /// changes nothing. For a server reloading several pools at once: all
+    /// change, or none. `strategy`: the pool's strategy from then on.
+    pub fn prepare_reload<I, K>(
+        &self,
+        keys: I,
+        strategy: Option<Strategy>,
+    ) -> Result<PreparedReload>
+    where
+        I: IntoIterator<Item = K>,
+        K: Into<KeySpec>,
+    {
         let specs = validated(keys.into_iter().map(Into::into))?;
         let old = self.key_set();
         let new = key_set(
@@ -654,19 +730,12 @@ impl KeyPool {
                 .collect(),
             kept: new.slots.len(),
         };
-        let now = self.inner.clock.now_nanos();
-        let unreachable: Vec<Arc<Slot>> = new
-            .slots
-            .iter()
-            .filter(|s| report.moved.iter().any(|(label, _)| **label == *s.label))
-            .filter(|s| s.cell.status_and_unreachable(now).1)
-            .cloned()
-            .collect();
-        self.inner.keys.store(Arc::new(new));
-        for slot in unreachable {
-            Key::new(self.clone(), slot).reset();
-        }
-        Ok(report)
+        Ok(PreparedReload {
+            pool: self.clone(),
+            keys: new,
+            strategy,
+            report,
+        })
     }
 
     /// Every key with its state, in configured order.
@@ -914,6 +983,23 @@ impl std::str::FromStr for Strategy {
 }
 
 impl Strategy {
+    pub const ALL: [Strategy; 4] = [
+        Strategy::Ordered,
+        Strategy::RoundRobin,
+        Strategy::LeastLoaded,
+        Strategy::Headroom,
+    ];
+
+    /// Its place in [`Strategy::ALL`].
+    fn index(self) -> u8 {
+        match self {
+            Strategy::Ordered => 0,
+            Strategy::RoundRobin => 1,
+            Strategy::LeastLoaded => 2,
+            Strategy::Headroom => 3,
+        }
+    }
+
     pub fn as_str(self) -> &'static str {
         match self {
             Strategy::Ordered => "ordered",
@@ -1999,6 +2085,75 @@ mod tests {
         );
         let same = pool.reload(moved()).unwrap();
         assert_eq!(same.summary(), "no change");
+    }
+
+    #[test]
+    fn a_prepared_reload_changes_nothing_until_committed_and_nothing_when_dropped() {
+        let pool = pool_of(2, Strategy::Ordered, &[]);
+        pool.key("key-0").unwrap().mark_permanent();
+        let new = || {
+            [
+                KeySpec::new("key-0", "value-0-xxxxxxxx"),
+                KeySpec::new("key-9", "value-9-xxxxxxxx"),
+            ]
+        };
+        let labels = |pool: &KeyPool| -> Vec<String> {
+            pool.snapshot().into_iter().map(|k| k.label).collect()
+        };
+        let dropped = pool
+            .prepare_reload(new(), Some(Strategy::RoundRobin))
+            .unwrap();
+        assert!(dropped.report().summary().starts_with("added key-9"));
+        assert_eq!(labels(&pool), ["key-0", "key-1"]);
+        drop(dropped);
+        assert_eq!(labels(&pool), ["key-0", "key-1"]);
+        assert_eq!(pool.strategy(), Strategy::Ordered);
+
+        let prepared = pool
+            .prepare_reload(new(), Some(Strategy::RoundRobin))
+            .unwrap();
+        assert_eq!(labels(&pool), ["key-0", "key-1"], "not before the commit");
+        let report = prepared.commit();
+        assert_eq!(report.added.len(), 1);
+        assert_eq!(report.removed.len(), 1);
+        assert_eq!(labels(&pool), ["key-0", "key-9"]);
+        assert_eq!(pool.strategy(), Strategy::RoundRobin);
+        assert_eq!(
+            pool.key("key-0").unwrap().state(),
+            KeyState::Permanent,
+            "a kept key keeps its state under the new strategy"
+        );
+        // Round robin from now on: walks start at each key in turn.
+        let starts: Vec<String> = (0..2).map(|_| walk(&pool)[0].clone()).collect();
+        assert_eq!(starts, ["key-9", "key-9"], "key-0 is retired");
+        pool.key("key-0").unwrap().reset();
+        let starts: Vec<String> = (0..4).map(|_| walk(&pool)[0].clone()).collect();
+        assert_eq!(
+            starts.iter().filter(|s| *s == "key-0").count(),
+            2,
+            "{starts:?}"
+        );
+    }
+
+    #[test]
+    fn an_old_endpoint_found_unreachable_after_the_key_moved_does_not_cool_it() {
+        let at = |url: &str| KeySpec {
+            base_url: Some(url.to_owned()),
+            ..KeySpec::new("a", "value-a-xxxxxxxx")
+        };
+        let pool = KeyPool::build([at("https://old.example")], PoolOptions::default()).unwrap();
+        // A request takes the key at its old endpoint; a reload moves it.
+        let out = pool.key("a").unwrap();
+        pool.reload([at("https://new.example")]).unwrap();
+        let unreachable = || Cause::new(Reason::Unreachable, None);
+        assert!(!out.cool(Some(S(15)), unreachable()));
+        assert_eq!(pool.key("a").unwrap().state(), KeyState::Valid);
+        // Other verdicts on that answer are the key's own, wherever it went.
+        assert!(out.cool(Some(S(15)), Cause::new(Reason::RateLimited, Some(429))));
+        pool.key("a").unwrap().reset();
+        // At its new endpoint, unreachable cools it.
+        assert!(pool.key("a").unwrap().cool(Some(S(15)), unreachable()));
+        assert_eq!(pool.key("a").unwrap().state(), KeyState::Temporary);
     }
 
     #[test]

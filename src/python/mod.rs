@@ -23,6 +23,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<pool::PyWalker>()?;
     m.add_class::<pool::PyKeyState>()?;
     m.add_class::<pool::PyManualClock>()?;
+    m.add_class::<pool::PyPreparedReload>()?;
     m.add_class::<client::PyFailoverClient>()?;
     m.add_class::<client::PyResponse>()?;
     m.add_class::<client::PySyncResponse>()?;

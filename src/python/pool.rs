@@ -13,7 +13,7 @@ use crate::clock::{Clock, ManualClock};
 use crate::error::Error;
 use crate::pool::{
     mask, validate_group, validate_key, Cooldowns, Key, KeyPool, KeySpec, KeyState, PoolOptions,
-    Walker,
+    PreparedReload, Walker,
 };
 use crate::state::StateSpec;
 
@@ -294,6 +294,23 @@ impl PyKeyPool {
         to_py(py, &report.to_json())
     }
 
+    /// `reload`, made ready to take effect on `commit()` (which cannot fail);
+    /// dropped uncommitted, it changes nothing. For reloading several pools
+    /// all at once or not at all. `strategy`: the pool's from then on.
+    #[pyo3(signature = (keys, *, strategy = None))]
+    fn _prepare_reload(
+        &self,
+        py: Python<'_>,
+        keys: &Bound<'_, PyAny>,
+        strategy: Option<&str>,
+    ) -> PyResult<PyPreparedReload> {
+        let specs = key_specs(keys)?;
+        let strategy = strategy.map(str::parse).transpose()?;
+        let pool = self.pool.clone();
+        let prepared = py.detach(|| pool.prepare_reload(specs, strategy))?;
+        Ok(PyPreparedReload(Mutex::new(Some(prepared))))
+    }
+
     /// How sharing goes: {"backend", "connected", "last_error", "pending"}.
     fn sync_status<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
         to_py(py, &self.pool.sync_status().to_json())
@@ -571,6 +588,30 @@ impl PyKey {
                 Some(group) => format!("Key(hint={hint:?}, group={group:?})"),
                 None => format!("Key(hint={hint:?})"),
             },
+        }
+    }
+}
+
+/// A pool's reload made ready (`KeyPool._prepare_reload`).
+#[pyclass(name = "_PreparedReload", module = "keyfailover", frozen)]
+pub struct PyPreparedReload(Mutex<Option<PreparedReload>>);
+
+#[pymethods]
+impl PyPreparedReload {
+    /// Puts the new keys in service; what changed, as `reload` returns it.
+    /// Once only.
+    fn commit<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
+        let prepared = self.0.lock().unwrap_or_else(|e| e.into_inner()).take();
+        let prepared =
+            prepared.ok_or_else(|| Error::Config("this reload was committed already".into()))?;
+        let report = py.detach(|| prepared.commit());
+        to_py(py, &report.to_json())
+    }
+
+    fn __repr__(&self) -> String {
+        match &*self.0.lock().unwrap_or_else(|e| e.into_inner()) {
+            Some(prepared) => format!("<_PreparedReload {}>", prepared.report().summary()),
+            None => "<_PreparedReload committed>".into(),
         }
     }
 }
