@@ -90,10 +90,10 @@ impl Verdict {
 
 /// Whether the verdict for this status depends on the error body, so that a
 /// caller reads (a bounded prefix of) it before classifying: a 429 may be a
-/// spent quota, a 400 a spent credit balance or an invalid Gemini key, a 403
-/// a request the provider refuses whatever the key.
+/// spent quota, a 400 a spent credit balance or an invalid Gemini key, a 401
+/// or 403 a request the provider refuses whatever the key.
 pub fn needs_body(status: u16) -> bool {
-    matches!(status, 400 | 403 | 429)
+    matches!(status, 400 | 401 | 403 | 429)
 }
 
 /// How long from `now` until 00:00 UTC on the 1st of the next month.
@@ -203,12 +203,23 @@ pub fn classify_head(status: u16, retry_after: Option<Duration>, body: Option<&[
         // API" comes as 400 invalid_request_error; Gemini: an invalid or
         // expired key is 400 INVALID_ARGUMENT with reason API_KEY_INVALID.
         // Every other 400 is the caller's.
-        400 if body_says == Some(Verdict::QuotaExhausted) => Verdict::QuotaExhausted,
-        400 if body_says == Some(Verdict::Revoked) => Verdict::Revoked,
-        // A 403 whose body says it is not about the key: Gemini's
-        // PERMISSION_DENIED on a file or tuned model the key's project may
-        // not use, OpenRouter's moderation refusal of the input.
-        403 if body_says == Some(Verdict::NotKeySpecific) => Verdict::NotKeySpecific,
+        // Anthropic also answers 400 when a spend limit set on the workspace
+        // or organization is reached ("You have reached your specified
+        // workspace API usage limits. You will regain access on ...").
+        400 if matches!(
+            body_says,
+            Some(Verdict::QuotaExhausted | Verdict::SpendLimited | Verdict::Revoked)
+        ) =>
+        {
+            body_says.unwrap_or(Verdict::NotKeySpecific)
+        }
+        // A 401 or 403 whose body says it is not about the key: Anthropic's
+        // 401 to a request with an `Origin` (a browser's, "CORS requests are
+        // not allowed for this Organization"), OpenAI's 403 to a country it
+        // does not serve, Gemini's PERMISSION_DENIED on a file or tuned model
+        // the key's project may not use, OpenRouter's moderation refusal of
+        // the input. Any other key would get the same.
+        401 | 403 if body_says == Some(Verdict::NotKeySpecific) => Verdict::NotKeySpecific,
         // 402 billing_error (Anthropic, docs.anthropic.com "Errors": "an issue
         // with your billing or payment information") is fixed by paying, not
         // by a new key: cooled for the quota cooldown, so the key comes back
@@ -286,10 +297,33 @@ pub fn error_body_verdict(body: &[u8]) -> Option<Verdict> {
             return Some(Verdict::NotKeySpecific);
         }
     }
-    if spend_cap {
+    if message.starts_with("cors requests are not allowed")
+        || code == "unsupported_country_region_territory"
+    {
+        // Anthropic (docs.anthropic.com "Errors"): a 401 whose message
+        // begins so "is not a problem with your API key": the request came
+        // with an Origin header. OpenAI ("Error codes"): 403 "Country,
+        // region, or territory not supported", where the request comes from.
+        Some(Verdict::NotKeySpecific)
+    } else if spend_cap
+        || (kind == "invalid_request_error"
+            && message.contains("reached your specified")
+            && message.contains("api usage limits"))
+    {
         // Anthropic: 429 rate_limit_error with this error_code when a monthly
-        // spend limit of the workspace or tier is reached.
+        // spend limit of the workspace or tier is reached; 400 "You have
+        // reached your specified workspace (organization) API usage limits",
+        // a spend limit set by the organization, renewed monthly.
         Some(Verdict::SpendLimited)
+    } else if code == "quota_exceeded" {
+        // Gemini's Interactions API (ai.google.dev "API errors"): 429
+        // quota_exceeded, "You have exceeded the daily quota"; its per-day
+        // quotas reset at midnight Pacific time.
+        Some(if message.contains("daily") {
+            Verdict::DailyQuota
+        } else {
+            Verdict::QuotaExhausted
+        })
     } else if is(&[
         // OpenAI (platform.openai.com "Error codes"): 429 insufficient_quota,
         // "You exceeded your current quota, please check your plan and
@@ -382,6 +416,12 @@ fn google_error_verdict(error: &serde_json::Value, status: &str) -> Option<Verdi
         "UNAUTHENTICATED" => Some(Verdict::Revoked),
         "INVALID_ARGUMENT" | "PERMISSION_DENIED" | "FAILED_PRECONDITION" if about_the_key => {
             Some(Verdict::Revoked)
+        }
+        // "Gemini API free tier is not available in your country. Please
+        // enable billing on your project" (troubleshooting): the key's
+        // project needs billing; a key of a billed project works from here.
+        "FAILED_PRECONDITION" if message.contains("enable billing") => {
+            Some(Verdict::QuotaExhausted)
         }
         // Not the key: a file or tuned model its project may not use, a
         // malformed request, an unsupported location.
@@ -624,7 +664,76 @@ mod tests {
         assert!(!mark(&key, 400, &[], Some(caller)));
         assert!(!mark(&key, 400, &[], None));
         assert_eq!(key.state(), KeyState::Valid);
-        assert!(needs_body(400) && needs_body(429) && !needs_body(401));
+        assert!(needs_body(400) && needs_body(401) && needs_body(429) && !needs_body(500));
+    }
+
+    #[test]
+    fn refusals_the_providers_document_as_not_the_keys_leave_it_valid() {
+        let cases = [
+            // docs.anthropic.com "Errors": "is not a problem with your API key".
+            (
+                401,
+                r#"{"type":"error","error":{"type":"authentication_error","message":"CORS requests are not allowed for this Organization because of the `anthropic-dangerous-direct-browser-access` header being absent."}}"#,
+            ),
+            // platform.openai.com "Error codes": 403 Country, region, or
+            // territory not supported.
+            (
+                403,
+                r#"{"error":{"code":"unsupported_country_region_territory","message":"Country, region, or territory not supported","param":null,"type":"request_forbidden"}}"#,
+            ),
+        ];
+        for (status, body) in cases {
+            let (key, _) = fresh_key();
+            assert!(!mark(&key, status, &[], Some(body)), "{body}");
+            assert_eq!(key.state(), KeyState::Valid, "{body}");
+        }
+        // Without those words, 401 is the key's as ever.
+        let (key, _) = fresh_key();
+        let invalid = r#"{"type":"error","error":{"type":"authentication_error","message":"invalid x-api-key"}}"#;
+        assert!(mark(&key, 401, &[], Some(invalid)));
+        assert_eq!(key.state(), KeyState::Permanent);
+    }
+
+    #[test]
+    fn a_spend_limit_the_organization_set_cools_until_the_first_of_next_month() {
+        for scope in ["workspace", "organization"] {
+            let (key, _) = fresh_key();
+            let body = format!(
+                r#"{{"type":"error","error":{{"type":"invalid_request_error","message":"You have reached your specified {scope} API usage limits. You will regain access on 2027-01-01 at 00:00 UTC."}}}}"#
+            );
+            assert!(mark(&key, 400, &[], Some(&body)), "{scope}");
+            let expected = until_next_month(SystemTime::now());
+            let got = key.status().cooldown_remaining;
+            assert!(
+                expected.abs_diff(got) < Duration::from_secs(5),
+                "{scope}: {got:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn geminis_daily_quota_and_billing_refusals_are_the_keys_projects() {
+        // The Interactions API's error shape: a string code.
+        let (key, _) = fresh_key();
+        let daily =
+            r#"{"error":{"code":"quota_exceeded","message":"You have exceeded the daily quota."}}"#;
+        assert!(mark(&key, 429, &[], Some(daily)));
+        let got = key.status().cooldown_remaining;
+        let expected = until_pacific_midnight(SystemTime::now());
+        assert!(expected.abs_diff(got) < Duration::from_secs(5), "{got:?}");
+        let (key, _) = fresh_key();
+        let other = r#"{"error":{"code":"quota_exceeded","message":"Quota exceeded."}}"#;
+        assert!(mark(&key, 429, &[], Some(other)));
+        assert_eq!(key.status().cooldown_remaining, Duration::from_secs(3600));
+        // troubleshooting: the free tier's countries; a billed project's key works.
+        let (key, _) = fresh_key();
+        let billing = r#"{"error":{"code":400,"message":"Gemini API free tier is not available in your country. Please enable billing on your project in Google AI Studio.","status":"FAILED_PRECONDITION"}}"#;
+        assert!(mark(&key, 400, &[], Some(billing)));
+        assert_eq!(key.status().cooldown_remaining, Duration::from_secs(3600));
+        let (key, _) = fresh_key();
+        let location = r#"{"error":{"code":400,"message":"User location is not supported for the API use.","status":"FAILED_PRECONDITION"}}"#;
+        assert!(!mark(&key, 400, &[], Some(location)));
+        assert_eq!(key.state(), KeyState::Valid);
     }
 
     #[test]

@@ -344,6 +344,47 @@ def test_failover_table(up: MockUpstream, api: Api, stream: bool, case: Case) ->
     assert stats == expected
 
 
+@pytest.mark.parametrize(
+    ("provider", "status", "type_", "message"),
+    [
+        (
+            "anthropic",
+            401,
+            "authentication_error",
+            "CORS requests are not allowed for this Organization because of the "
+            "`anthropic-dangerous-direct-browser-access` header being absent.",
+        ),
+        (
+            "openai",
+            403,
+            "unsupported_country_region_territory",
+            "Country, region, or territory not supported",
+        ),
+    ],
+    ids=["anthropic-401-cors", "openai-403-country"],
+)
+def test_a_refusal_the_provider_says_is_not_the_keys_is_relayed_and_retires_nothing(
+    up: MockUpstream, provider: str, status: int, type_: str, message: str
+) -> None:
+    """Anthropic's 401 to a request with a browser's `Origin` and OpenAI's 403 to a
+    country it does not serve are documented as not the key's: every key would get the
+    same. Retiring keys for them would take the whole pool down for good."""
+    client, pool = make_client(up, provider, 2)
+    reply = Reply.error(status, type_, message, provider=provider)
+    up.enqueue(reply, reply)
+
+    async def call() -> tuple[int, bytes, int]:
+        resp = await client.request(
+            "POST", "/v1/messages", headers={"origin": "https://app.example"}, body=b"{}"
+        )
+        return resp.status, await resp.read(), resp.attempts
+
+    assert run(call()) == (status, reply.body, 1)
+    assert states(pool) == ["valid", "valid"]
+    assert run(call()) == (status, reply.body, 1), "and again: the pool is not exhausted"
+    assert len(up.requests) == 2
+
+
 @pytest.mark.parametrize("api", APIS, ids=str)
 def test_sync_failover_table_subset(up: MockUpstream, api: Api) -> None:
     """request_sync fails over and exhausts exactly as request does."""
