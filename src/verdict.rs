@@ -338,7 +338,14 @@ pub fn error_body_verdict(body: &[u8]) -> Option<Verdict> {
         && message.contains("credit balance is too low"))
     {
         Some(Verdict::QuotaExhausted)
-    } else if is(&["rate_limit_error", "rate_limit_exceeded"]) {
+    } else if message.starts_with("request too large") {
+        // OpenAI: 429 rate_limit_exceeded "Request too large for gpt-4o ... on
+        // tokens per min (TPM): Limit 30000, Requested 50000. The input or
+        // output tokens must be reduced": the request, not the key's use of
+        // its limit; a key of the same tier would refuse it too.
+        Some(Verdict::NotKeySpecific)
+    } else if is(&["rate_limit_error", "rate_limit_exceeded"]) || code == "429" {
+        // Azure OpenAI names a rate limit by its status: {"code": "429", ...}.
         Some(Verdict::RateLimited(delay_in_message(&message)))
     } else if is(&[
         "authentication_error",
@@ -432,7 +439,8 @@ fn google_error_verdict(error: &serde_json::Value, status: &str) -> Option<Verdi
 
 /// A wait a rate-limit message names: "Please retry in 10.689924287s.",
 /// "Please try again in 1m28.8s", "retry after 10h17m" (as Gemini, OpenAI
-/// and Groq word theirs); None when there is none.
+/// and Groq word theirs), "Please retry after 8 seconds." (Azure OpenAI);
+/// None when there is none.
 pub fn delay_in_message(message: &str) -> Option<Duration> {
     let lower = message.to_ascii_lowercase();
     ["retry in ", "try again in ", "retry after "]
@@ -442,7 +450,16 @@ pub fn delay_in_message(message: &str) -> Option<Duration> {
             let end = rest
                 .find(|c: char| !(c.is_ascii_digit() || matches!(c, '.' | 'h' | 'm' | 's')))
                 .unwrap_or(rest.len());
-            crate::ratelimit::go_duration(rest[..end].trim_end_matches('.'))
+            let compact = rest[..end].trim_end_matches('.');
+            crate::ratelimit::go_duration(compact).or_else(|| {
+                // "8 seconds", "1 second"
+                let words = rest[end..].strip_prefix(' ')?;
+                (words.starts_with("second") && !compact.is_empty())
+                    .then(|| compact.parse::<f64>().ok())
+                    .flatten()
+                    .filter(|s| s.is_finite() && *s >= 0.0)
+                    .map(|s| Duration::from_secs_f64(s.min(1e12)))
+            })
         })
         .filter(|d| !d.is_zero())
 }
@@ -1008,6 +1025,25 @@ mod tests {
     }
 
     #[test]
+    fn a_request_larger_than_the_limit_is_the_callers() {
+        let (key, _) = fresh_key();
+        let body = r#"{"error":{"message":"Request too large for gpt-4o in organization org-x on tokens per min (TPM): Limit 30000, Requested 50000. The input or output tokens must be reduced in order to run successfully.","type":"tokens","param":null,"code":"rate_limit_exceeded"}}"#;
+        assert!(!mark(&key, 429, &[], Some(body)));
+        assert_eq!(key.state(), KeyState::Valid);
+    }
+
+    #[test]
+    fn an_azure_rate_limit_without_retry_after_cools_for_the_wait_its_message_names() {
+        let (key, _) = fresh_key();
+        let body = r#"{"error":{"code":"429","message":"Requests to the ChatCompletions_Create Operation under Azure OpenAI API version 2024-10-21 have exceeded token rate limit of your current OpenAI S0 pricing tier. Please retry after 8 seconds."}}"#;
+        assert!(mark(&key, 429, &[], Some(body)));
+        assert_eq!(key.status().cooldown_remaining, Duration::from_secs(8));
+        let (key, _) = fresh_key();
+        assert!(mark(&key, 429, &[("retry-after", "3")], Some(body)));
+        assert_eq!(key.status().cooldown_remaining, Duration::from_secs(3));
+    }
+
+    #[test]
     fn waits_named_in_messages() {
         let cases = [
             ("Please retry in 10.689924287s.", Some(10_689)),
@@ -1019,6 +1055,16 @@ mod tests {
             ("Please try again in 1m28.8s", Some(88_800)),
             ("Please try again in 20ms.", Some(20)),
             ("Retry after 10h17m", Some(37_020_000)),
+            // Azure OpenAI, when no retry-after header comes with it.
+            (
+                "Requests to the ChatCompletions_Create Operation ... have exceeded token \
+                 rate limit of your current OpenAI S0 pricing tier. Please retry after 8 seconds.",
+                Some(8000),
+            ),
+            ("Please retry after 1 second.", Some(1000)),
+            ("Please retry after 2.5 seconds", Some(2500)),
+            ("Please retry after a few seconds.", None),
+            ("Please retry after 8 minutes.", None),
             ("Please retry later.", None),
             ("retry in 0s", None),
             ("", None),
