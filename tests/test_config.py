@@ -215,6 +215,9 @@ def test_three_routes_each_fail_over_on_their_own(up: MockUpstream, serve: Serve
     for key in ALL_KEYS:
         assert key not in err + json.dumps(keys) + metrics
     assert "route /oai (openai, openai): forwarding to" in err
+    # The access log names the path with its route's prefix, as the caller sent it.
+    assert "POST /oai/v1/chat/completions -> 200" in err
+    assert "GET /oai/_keyfailover/keys -> 200" in err
 
 
 def test_a_request_goes_to_the_route_of_its_path_with_dot_segments_resolved(
@@ -278,7 +281,7 @@ def test_sighup_reloads_the_config_keeping_key_state(
     assert serve.proc.returncode == 0
 
 
-def test_dashboard_streams_end_with_an_error_event_on_a_reload_replacing_their_pool_and_a_stop(
+def test_dashboard_streams_end_with_an_error_event_on_a_reload_rebuilding_their_route_and_a_stop(
     up: MockUpstream, serve: Served, config_dir: Path
 ) -> None:
     admin = {"x-api-key": ADMIN}
@@ -286,7 +289,7 @@ def test_dashboard_streams_end_with_an_error_event_on_a_reload_replacing_their_p
     with httpx.stream("GET", events, headers=admin, timeout=10) as stream:
         texts = stream.iter_text()
         assert next(texts).startswith("event: state")
-        # Another strategy: the route gets a new pool, whose dashboard is another.
+        # Another strategy: the route is rebuilt (its pool kept), its dashboard another.
         (config_dir / "kf.toml").write_text(
             config_text(up.url).replace('strategy = "ordered"', 'strategy = "round_robin"')
         )
@@ -294,7 +297,7 @@ def test_dashboard_streams_end_with_an_error_event_on_a_reload_replacing_their_p
         rest = "".join(texts)  # to its end: a cut would raise
     last = rest.strip().split("\n\n")[-1]
     assert last.startswith("event: error"), rest[-500:]
-    assert "a reload replaced this pool" in last
+    assert "a reload rebuilt this route" in last
     with httpx.stream("GET", events, headers=admin, timeout=10) as stream:
         lines = stream.iter_lines()
         assert next(lines) == "event: state"
@@ -506,6 +509,10 @@ def test_a_config_with_an_error_never_starts(config_dir: Path) -> None:
             "--provider is a route's setting: with --config, set it in the file",
         ),
         (["--no-http2"], "--no-http2 is a route's setting: with --config, set it in the file"),
+        (
+            ["--admin-token-env", "KF_TEST_ADMIN"],
+            "--admin-token-env goes in the config with --config: admin_tokens_env in [server]",
+        ),
         (["--server", "uvicorn"], "--config runs the native server"),
         (
             ["--host", "0.0.0.0"],

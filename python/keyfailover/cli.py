@@ -317,6 +317,11 @@ def serve_config(args: argparse.Namespace) -> int:
     given = [name for name in ROUTE_OPTIONS if getattr(args, name) != getattr(defaults, name)]
     if given:
         option = "--no-http2" if given[0] == "http2" else "--" + given[0].replace("_", "-")
+        if given[0] == "admin_token_env":
+            raise CliError(
+                f"{option} goes in the config with --config: admin_tokens_env in [server] "
+                "(the server-wide admin area, every route's too)"
+            )
         raise CliError(f"{option} is a route's setting: with --config, set it in the file")
     if args.server != "native":
         raise CliError("--config runs the native server (--server native)")

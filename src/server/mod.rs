@@ -194,12 +194,12 @@ impl Server {
     pub fn set_routes(&self, routes: Vec<Route>) -> Result<()> {
         let old = self.routes.swap(Arc::new(checked(routes)?));
         let new = self.routes.load();
-        // Dashboards of a pool no route serves any more reconnect, to the new.
+        // Dashboards of a route rebuilt or gone reconnect, to what is there now.
         for route in old.iter() {
             if !new.iter().any(|r| Arc::ptr_eq(&r.gateway, &route.gateway)) {
                 route
                     .gateway
-                    .drain("a reload replaced this pool: reconnect to see the new one");
+                    .drain("a reload rebuilt this route: reconnect to see it as it is now");
             }
         }
         Ok(())
@@ -349,6 +349,8 @@ impl Server {
             Cow::Borrowed(target)
         };
         let target = &*resolved;
+        // What the access log shows: the path with its route's prefix.
+        let full = target;
         let (route, target) = match route(&routes, target) {
             Some(found) if host_ok => found,
             // `OPTIONS *` and the like: the gateway refuses them (400), as it
@@ -426,7 +428,7 @@ impl Server {
             log.log(&Entry {
                 method,
                 // Any route's keys: a caller may name another route's.
-                path: &redacted(&routes, target.split('?').next().unwrap_or(&target)),
+                path: &redacted(&routes, full.split('?').next().unwrap_or(full)),
                 status: response.status,
                 attempts: response.attempts,
                 key: response.key_label.as_deref(),
