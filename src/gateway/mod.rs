@@ -336,9 +336,11 @@ impl Gateway {
         })
     }
 
+    /// Refuses a request for `err`, whose message may quote what the caller
+    /// sent (a path, a header name): the pool's keys in it are masked.
     fn reject(&self, err: &Error) -> Step {
         let (kind, message) = err.answer();
-        self.refuse(kind, &message)
+        self.refuse(kind, &self.client.pool().redact(&message))
     }
 
     /// The answer for a body over the limit (counted as a rejected request).
@@ -625,6 +627,28 @@ mod tests {
             None
         );
         assert_eq!(g.too_large().status, 413);
+    }
+
+    #[test]
+    fn a_refused_path_holding_a_pool_key_is_answered_with_its_hint() {
+        let g = gateway(GatewayOptions::default()).unwrap();
+        for target in [
+            format!("/v1/../../{KEY}"),
+            format!("/v1/%2e%2e/%2e%2e/{KEY}"),
+            format!("/v1/{KEY}/\u{e9}"),
+        ] {
+            let Step::Respond(response) = g.begin("GET", &target, head(&[])) else {
+                panic!("{target} was forwarded");
+            };
+            assert_eq!(response.status, 400, "{target}");
+            let body = match response.body.into_direct() {
+                crate::body::Direct::Full(bytes) => bytes,
+                _ => panic!("an error body is whole"),
+            };
+            let text = String::from_utf8_lossy(&body);
+            assert!(!text.contains(KEY), "{text}");
+            assert!(text.contains(&crate::pool::mask(KEY)), "{text}");
+        }
     }
 
     #[test]
