@@ -218,6 +218,83 @@ def test_a_request_head_not_finished_within_the_header_timeout_closes_the_connec
     assert len(up.requests) == 1
 
 
+H2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
+H2_EMPTY_SETTINGS = b"\x00\x00\x00\x04\x00\x00\x00\x00\x00"
+
+
+def h2_request_then_idle(sock: socket.socket) -> int:
+    """An HTTP/2 request on `sock` (prior knowledge), read to its end; its status."""
+    import h2.config
+    import h2.connection
+    import h2.events
+
+    conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+    conn.initiate_connection()
+    head = [(":method", "POST"), (":path", "/v1/messages"), (":scheme", "http"),
+            (":authority", "proxy"), ("content-type", "application/json")]  # fmt: skip
+    conn.send_headers(1, head)
+    conn.send_data(1, BODY, end_stream=True)
+    sock.sendall(conn.data_to_send())
+    status = 0
+    while True:
+        data = sock.recv(65536)
+        assert data, "closed before the answer"
+        for event in conn.receive_data(data):
+            if isinstance(event, h2.events.ResponseReceived):
+                status = int(dict(event.headers)[b":status"])
+            elif isinstance(event, h2.events.DataReceived):
+                conn.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
+            elif isinstance(event, h2.events.StreamEnded):
+                sock.sendall(conn.data_to_send())
+                return status
+        sock.sendall(conn.data_to_send())
+
+
+def test_connections_that_send_no_request_are_closed_after_the_header_timeout(up, native):
+    """hyper's header timeout starts once it knows HTTP/1 from HTTP/2: a client that sends
+    nothing, or only the start of the HTTP/2 preface, never started it, nor does HTTP/2
+    have one between requests. Each such connection would hold one of the server's
+    connections for good, and a few fill `--limit-concurrency`: they close after the
+    header timeout."""
+    pytest.importorskip("h2")
+    url = native(header_timeout=1.0, max_connections=4)
+    with (
+        connect(url) as silent,
+        connect(url) as ambiguous,
+        connect(url) as preface,
+        connect(url) as between,
+    ):
+        started = time.monotonic()
+        ambiguous.sendall(b"P")  # as the HTTP/2 preface begins
+        preface.sendall(H2_PREFACE + H2_EMPTY_SETTINGS)
+        assert h2_request_then_idle(between) == 200
+        # They hold every connection the server takes meanwhile.
+        with connect(url) as fifth:
+            closed, data = closed_within(fifth, 2)
+        assert closed
+        assert data.startswith(b"HTTP/1.1 503 ")
+        for sock in (silent, ambiguous, preface, between):
+            closed, _ = closed_within(sock, 3)
+            assert closed
+        assert time.monotonic() - started < 4
+    # And once closed, they hold none.
+    assert httpx.post(url + "/v1/messages", json=MESSAGE).status_code == 200
+    assert len(up.requests) == 2
+
+
+def test_a_long_http2_answer_is_not_cut_by_the_header_timeout(up, native):
+    """Idle means no request in flight: an HTTP/2 stream that takes longer than the
+    header timeout to finish, with pauses, is not cut."""
+    url = native(header_timeout=1.0)
+    up.enqueue(Reply.sse(anthropic_stream_events("a b c d"), chunk_delay=0.6))
+    with httpx.Client(http1=False, http2=True, timeout=10) as http:
+        stream = http.post(url + "/v1/messages", json={**MESSAGE, "stream": True})
+        assert stream.http_version == "HTTP/2"
+        assert stream.text.rstrip().endswith('data: {"type":"message_stop"}')
+        # The connection went on being served all along.
+        assert http.post(url + "/v1/messages", json=MESSAGE).status_code == 200
+
+
 def test_connections_over_the_limit_get_503_and_are_closed_not_queued(up, native):
     url = native(max_connections=2)
     with connect(url) as first, connect(url) as second:

@@ -8,8 +8,9 @@
 //! oversized headers 431 (both from hyper; an HTTP/1.1 request without
 //! exactly one `Host` 400 from here), a request head not complete
 //! within `header_timeout` a closed connection (slowloris; the same timer
-//! closes idle keep-alive connections), connections beyond
-//! `max_connections` a 503 and a close.
+//! closes idle keep-alive connections, and a connection that sends no
+//! request at all, or HTTP/2 and then no request for as long), connections
+//! beyond `max_connections` a 503 and a close.
 //!
 //! Shutdown ([`Server::shutdown`]): stop accepting, let requests and streams
 //! in flight finish for `grace`, then end those left with a proper error
@@ -275,25 +276,48 @@ impl Server {
 
     async fn connection(self: &Arc<Self>, stream: TcpStream) {
         let server = self.clone();
-        let service = service_fn(move |request| {
+        let watch = Arc::new(Watch::new());
+        let requests = watch.clone();
+        let service = service_fn(move |request: hyper::Request<Incoming>| {
             let server = server.clone();
+            let busy = requests.request(request.version());
             // Boxed: a connection holds its service's future for as long as
             // it is open, and a request's (about 4 KB) is only needed until
             // the response head is out, not for the rest of a stream.
-            Box::pin(
-                async move { Ok::<_, Infallible>(server.unpanicked(server.handle(request)).await) },
-            )
+            Box::pin(async move {
+                let response = server.unpanicked(server.handle(request)).await;
+                Ok::<_, Infallible>(match busy {
+                    None => response,
+                    Some(busy) => response.map(|body| UnsyncBoxBody::new(Held { body, busy })),
+                })
+            })
         });
         let conn = self
             .http
             .serve_connection(TokioIo::new(Lingering(Some(stream))), service);
         let mut conn = std::pin::pin!(conn);
-        if self.stop.guard(conn.as_mut()).await.is_some() {
-            return;
+        let watched = Watched {
+            conn: conn.as_mut(),
+            watch: &watch,
+            timeout: self.options.header_timeout,
+            sleep: None,
+        };
+        match self.stop.guard(watched).await {
+            Some(Ok(_)) | Some(Err(Idle::BeforeAnyRequest)) => {}
+            // HTTP/2 with no request in flight: a GOAWAY first, briefly.
+            Some(Err(Idle::Between)) => {
+                conn.as_mut().graceful_shutdown();
+                let _ = tokio::time::timeout(Duration::from_secs(1), conn).await;
+            }
+            // Shutting down: a connection that never sent a request has none
+            // to finish (and a client sending nothing would hold the drain).
+            None if !watch.any_request() => {}
+            None => {
+                // Finish the request in flight (if any), then close.
+                conn.as_mut().graceful_shutdown();
+                let _ = conn.await;
+            }
         }
-        // Shutting down: finish the request in flight (if any), then close.
-        conn.as_mut().graceful_shutdown();
-        let _ = conn.await;
     }
 
     /// `handling`'s answer; if it panicked (a bug), a 500 in the provider's
@@ -762,6 +786,155 @@ impl Out {
                 }
             }
         }
+    }
+}
+
+/// What a connection's watchdog ([`Watched`]) knows of its requests.
+struct Watch {
+    /// An HTTP/1 request came: hyper's own header timeout keeps the
+    /// connection from then on.
+    http1: std::sync::atomic::AtomicBool,
+    /// HTTP/2 requests came; how many have their answers still going out;
+    /// since when none has (coarse monotonic nanoseconds).
+    http2: std::sync::atomic::AtomicBool,
+    busy: std::sync::atomic::AtomicUsize,
+    idle_since: std::sync::atomic::AtomicU64,
+}
+
+impl Watch {
+    fn new() -> Self {
+        Self {
+            http1: false.into(),
+            http2: false.into(),
+            busy: 0.into(),
+            idle_since: crate::clock::coarse_monotonic_nanos().into(),
+        }
+    }
+
+    /// A request came; for HTTP/2, the guard to drop with its answer.
+    fn request(self: &Arc<Self>, version: hyper::Version) -> Option<Busy> {
+        use std::sync::atomic::Ordering::Relaxed;
+        if version != hyper::Version::HTTP_2 {
+            if !self.http1.load(Relaxed) {
+                self.http1.store(true, Relaxed);
+            }
+            return None;
+        }
+        self.http2.store(true, Relaxed);
+        self.busy.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+        Some(Busy(self.clone()))
+    }
+
+    fn any_request(&self) -> bool {
+        use std::sync::atomic::Ordering::Relaxed;
+        self.http1.load(Relaxed) || self.http2.load(Relaxed)
+    }
+}
+
+/// An HTTP/2 request's answer still going out (see [`Watch`]).
+struct Busy(Arc<Watch>);
+
+impl Drop for Busy {
+    fn drop(&mut self) {
+        let watch = &self.0;
+        if watch.busy.fetch_sub(1, std::sync::atomic::Ordering::AcqRel) == 1 {
+            let now = crate::clock::coarse_monotonic_nanos();
+            watch
+                .idle_since
+                .store(now, std::sync::atomic::Ordering::Release);
+        }
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// An HTTP/2 answer's body, holding its request's [`Busy`] until it is
+    /// sent or dropped.
+    struct Held {
+        #[pin]
+        body: Body,
+        busy: Busy,
+    }
+}
+
+impl hyper::body::Body for Held {
+    type Data = Bytes;
+    type Error = Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<std::result::Result<Frame<Bytes>, Error>>> {
+        self.project().body.poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.body.size_hint()
+    }
+}
+
+/// Why a connection was closed for idleness.
+enum Idle {
+    /// No request within the header timeout of its opening: nothing sent, or
+    /// not even enough for hyper to tell HTTP/1 from HTTP/2, whose header
+    /// timeouts then never start, or an HTTP/2 preface and no request.
+    BeforeAnyRequest,
+    /// HTTP/2, no request for the header timeout (hyper has no such limit).
+    Between,
+}
+
+/// A connection, closed when it goes `timeout` without a request as
+/// [`Idle`] says. Once an HTTP/1 request came, hyper's own timer keeps it
+/// and the watchdog's sleep goes; until then it is looked at only when the
+/// sleep ends, so a busy connection pays nothing per request for it.
+struct Watched<'a, F> {
+    conn: Pin<&'a mut F>,
+    watch: &'a Watch,
+    timeout: Duration,
+    sleep: Option<Pin<Box<tokio::time::Sleep>>>,
+}
+
+impl<F: std::future::Future> std::future::Future for Watched<'_, F> {
+    type Output = std::result::Result<F::Output, Idle>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        use std::sync::atomic::Ordering::{Acquire, Relaxed};
+        let this = &mut *self;
+        if let Poll::Ready(out) = this.conn.as_mut().poll(cx) {
+            return Poll::Ready(Ok(out));
+        }
+        if this.watch.http1.load(Relaxed) {
+            this.sleep = None;
+            return Poll::Pending;
+        }
+        let timeout = this.timeout;
+        let sleep = this
+            .sleep
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep(timeout)));
+        while sleep.as_mut().poll(cx).is_ready() {
+            let since = this.watch.idle_since.load(Acquire);
+            let idle =
+                Duration::from_nanos(crate::clock::coarse_monotonic_nanos().saturating_sub(since));
+            if this.watch.busy.load(Acquire) == 0 && idle >= timeout {
+                return Poll::Ready(Err(if this.watch.any_request() {
+                    Idle::Between
+                } else {
+                    Idle::BeforeAnyRequest
+                }));
+            }
+            // Busy (look again a whole timeout on), or idle for less (look
+            // again when it could be long enough).
+            let rest = if this.watch.busy.load(Acquire) > 0 {
+                timeout
+            } else {
+                timeout.saturating_sub(idle).max(Duration::from_millis(10))
+            };
+            sleep.as_mut().reset(tokio::time::Instant::now() + rest);
+        }
+        Poll::Pending
     }
 }
 
