@@ -53,6 +53,39 @@ def test_a_client_used_before_fork_works_in_the_child(up: MockUpstream) -> None:
     assert pool.key("key-0").state.value == "temporary"
 
 
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")
+@pytest.mark.parametrize("loop", ["asyncio", "uvloop"])
+def test_a_fork_leaves_the_parents_event_loop_answered(up: MockUpstream, loop: str) -> None:
+    """A process whose event loop has requests going forks (multiprocessing's fork
+    method, a pre-fork pool): the child shares the parent's epoll instance, so what the
+    child does to its inherited loop is done to the parent's. Its at-fork hook took the
+    parent's wake-up socket out of that epoll, and every later request of the parent
+    hung for good."""
+    import asyncio
+
+    import uvloop
+
+    client, _ = make_client(up, "anthropic", 1)
+
+    async def request() -> int:
+        resp = await asyncio.wait_for(client.request("POST", "/v1/messages", body=b"{}"), 5)
+        await resp.read()
+        return resp.status
+
+    async def fork_between_requests() -> list[int]:
+        statuses = [await request()]
+        pending = asyncio.ensure_future(request())  # in flight across the fork
+        pid = os.fork()
+        if pid == 0:
+            os._exit(0)
+        await asyncio.to_thread(os.waitpid, pid, 0)
+        statuses += [await pending, await request()]
+        return statuses
+
+    run = asyncio.run if loop == "asyncio" else uvloop.run
+    assert run(fork_between_requests()) == [200, 200, 200]
+
+
 def _child_times_out(client, queue) -> None:  # type: ignore[no-untyped-def]
     started = time.monotonic()
     status = client.request_sync("POST", "/v1/messages", body=b"{}").status

@@ -57,6 +57,8 @@ struct Inbox {
     queue: Mutex<Option<Vec<Completion>>>,
     /// True while a wake-up byte is pending: one byte per batch is enough.
     signalled: AtomicBool,
+    /// In a forked child: the parent's inbox, not to be read (see `after_fork`).
+    inherited: AtomicBool,
     writer: UnixStream,
     reader: UnixStream,
 }
@@ -69,6 +71,7 @@ impl Inbox {
         Ok(Self {
             queue: Mutex::new(Some(Vec::new())),
             signalled: AtomicBool::new(false),
+            inherited: AtomicBool::new(false),
             writer,
             reader,
         })
@@ -133,6 +136,9 @@ impl Drop for Drain {
 #[pymethods]
 impl Drain {
     fn __call__(&self, py: Python<'_>) {
+        if self.0.inherited.load(Ordering::SeqCst) {
+            return;
+        }
         for Completion { future, outcome } in self.0.take() {
             let future = future.bind(py);
             let cancelled = future
@@ -196,18 +202,22 @@ fn inbox_for(event_loop: &Bound<'_, PyAny>) -> PyResult<Arc<Inbox>> {
     Ok(inbox)
 }
 
-/// Forgets the inboxes a forked child inherited: their sockets are shared
-/// with the parent, whose tokio threads write to them.
+/// Forgets, in a forked child, the inboxes it inherited: their sockets are
+/// the parent's too, whose tokio threads write to them. The loops' reader
+/// registrations are left alone: the child's selector is the parent's epoll
+/// instance, and `remove_reader` here removed the parent's (whose requests
+/// then never completed). Should the child run an inherited loop anyway, its
+/// copies of the drains read nothing: the wake-up bytes are the parent's.
 pub(crate) fn after_fork(py: Python<'_>) -> PyResult<()> {
     let Some(inboxes) = INBOXES.get(py) else {
         return Ok(());
     };
     let inboxes = inboxes.bind(py);
-    for item in inboxes.call_method0("items")?.try_iter()? {
-        let (event_loop, drain): (Bound<'_, PyAny>, Bound<'_, PyWeakrefReference>) =
-            item?.extract()?;
+    for item in inboxes.call_method0("values")?.try_iter()? {
+        let drain = item?;
+        let drain = drain.cast::<PyWeakrefReference>()?;
         if let Some(drain) = drain.upgrade_as::<Drain>()? {
-            let _ = event_loop.call_method1("remove_reader", (drain.get().0.reader.as_raw_fd(),));
+            drain.get().0.inherited.store(true, Ordering::SeqCst);
         }
     }
     inboxes.call_method0("clear")?;
