@@ -321,6 +321,8 @@ pub fn error_body_verdict(body: &[u8]) -> Option<Verdict> {
         // quotas reset at midnight Pacific time.
         Some(if message.contains("daily") {
             Verdict::DailyQuota
+        } else if let Some(wait) = delay_in_message(&message) {
+            Verdict::RateLimited(Some(wait))
         } else {
             Verdict::QuotaExhausted
         })
@@ -742,6 +744,10 @@ mod tests {
         let other = r#"{"error":{"code":"quota_exceeded","message":"Quota exceeded."}}"#;
         assert!(mark(&key, 429, &[], Some(other)));
         assert_eq!(key.status().cooldown_remaining, Duration::from_secs(3600));
+        let (key, _) = fresh_key();
+        let short = r#"{"error":{"code":"quota_exceeded","message":"Quota exceeded. Please retry in 2s."}}"#;
+        assert!(mark(&key, 429, &[], Some(short)));
+        assert_eq!(key.status().cooldown_remaining, Duration::from_secs(2));
         // troubleshooting: the free tier's countries; a billed project's key works.
         let (key, _) = fresh_key();
         let billing = r#"{"error":{"code":400,"message":"Gemini API free tier is not available in your country. Please enable billing on your project in Google AI Studio.","status":"FAILED_PRECONDITION"}}"#;

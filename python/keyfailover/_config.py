@@ -11,8 +11,10 @@
 Loading checks everything and names the file, the route and the field in its
 error. Reloading (SIGHUP, or the config or a keys file changing) builds the new
 routes beside the old ones and swaps them in whole; a route whose pool settings
-(strategy, state, namespace) are unchanged keeps its pool, so its keys keep
-their state. A config with an error changes nothing.
+(state, namespace) are unchanged keeps its pool, so its keys keep their state
+(a new strategy is set on it). The kept pools' new keys go in service together
+once the routes are swapped: a config with an error, or a reload failing in
+any route, changes nothing.
 """
 
 from __future__ import annotations

@@ -292,9 +292,10 @@ impl Server {
                 })
             })
         });
-        let conn = self
-            .http
-            .serve_connection(TokioIo::new(Lingering(Some(stream))), service);
+        let conn = self.http.serve_connection(
+            TokioIo::new(Lingering(Some(stream), watch.clone())),
+            service,
+        );
         let mut conn = std::pin::pin!(conn);
         let watched = Watched {
             conn: conn.as_mut(),
@@ -304,10 +305,15 @@ impl Server {
         };
         match self.stop.guard(watched).await {
             Some(Ok(_)) | Some(Err(Idle::BeforeAnyRequest)) => {}
-            // HTTP/2 with no request in flight: a GOAWAY first, briefly.
+            // HTTP/2 with no request in flight: closed with a GOAWAY saying
+            // that nothing more was processed (see `GOAWAY`), written as the
+            // socket closes. Not hyper's graceful shutdown: its first GOAWAY
+            // still takes streams for a round trip, which the close would
+            // then cut, and the PING after it upsets clients (python-h2).
             Some(Err(Idle::Between)) => {
-                conn.as_mut().graceful_shutdown();
-                let _ = tokio::time::timeout(Duration::from_secs(1), conn).await;
+                watch
+                    .goaway
+                    .store(true, std::sync::atomic::Ordering::Release);
             }
             // Shutting down: a connection that never sent a request has none
             // to finish (and a client sending nothing would hold the drain).
@@ -799,6 +805,8 @@ struct Watch {
     http2: std::sync::atomic::AtomicBool,
     busy: std::sync::atomic::AtomicUsize,
     idle_since: std::sync::atomic::AtomicU64,
+    /// Closed idle: the socket's last bytes are a GOAWAY (see [`GOAWAY`]).
+    goaway: std::sync::atomic::AtomicBool,
 }
 
 impl Watch {
@@ -808,6 +816,7 @@ impl Watch {
             http2: false.into(),
             busy: 0.into(),
             idle_since: crate::clock::coarse_monotonic_nanos().into(),
+            goaway: false.into(),
         }
     }
 
@@ -940,7 +949,13 @@ impl<F: std::future::Future> std::future::Future for Watched<'_, F> {
 
 /// A connection's socket, closed with a linger (see [`LINGER`]) when hyper
 /// is done with it.
-struct Lingering(Option<TcpStream>);
+struct Lingering(Option<TcpStream>, Arc<Watch>);
+
+/// The last frame on an idle HTTP/2 connection the watchdog closes: GOAWAY,
+/// NO_ERROR, last stream 0. Every stream the connection served has its whole
+/// answer (the watchdog closes only then), so any stream above 0 the client
+/// sent meanwhile was not processed, and it may send it again elsewhere.
+const GOAWAY: [u8; 17] = [0, 0, 8, 7, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0];
 
 impl Lingering {
     fn stream(&mut self) -> Pin<&mut TcpStream> {
@@ -995,8 +1010,12 @@ impl Drop for Lingering {
         else {
             return;
         };
+        let goaway = self.1.goaway.load(std::sync::atomic::Ordering::Acquire);
         runtime.spawn(async move {
             let _ = tokio::time::timeout(LINGER, async {
+                if goaway {
+                    let _ = stream.write_all(&GOAWAY).await;
+                }
                 let _ = stream.shutdown().await;
                 let mut buf = vec![0u8; 16 * 1024];
                 let mut read = 0;
