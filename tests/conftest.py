@@ -17,6 +17,7 @@ import subprocess
 import sys
 import textwrap
 import threading
+import time
 from collections.abc import Callable, Coroutine, Iterator
 from datetime import datetime, timezone
 from pathlib import Path
@@ -231,6 +232,20 @@ class LoopbackServer:
             # OSError: the client went; what it sent is recorded already.
             with contextlib.suppress(OSError):
                 self.handle(conn)
+
+
+def wait_listening(proc: subprocess.Popen[str], port: int, timeout: float = 15) -> None:
+    """Until `proc` (a server starting) takes connections on `port`; its output in the
+    assertion if it exits or `timeout` passes first."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port)).close()
+            return
+        except OSError:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise AssertionError(proc.communicate()) from None
+            time.sleep(0.05)
 
 
 def free_port() -> int:

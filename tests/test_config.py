@@ -19,6 +19,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+from conftest import wait_listening
 
 from keyfailover import ConfigError, KeyPool, KeyState
 from keyfailover._config import load_config
@@ -112,15 +113,7 @@ def serving(config_dir: Path, *options: str) -> Iterator[Served]:
         text=True,
     )  # fmt: skip
     served = Served(proc, f"http://127.0.0.1:{port}")
-    deadline = time.monotonic() + 15
-    while True:
-        try:
-            socket.create_connection(("127.0.0.1", port)).close()
-            break
-        except OSError:
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise AssertionError(proc.communicate()) from None
-            time.sleep(0.05)
+    wait_listening(proc, port)
     yield served
     if proc.poll() is None:
         proc.kill()

@@ -38,6 +38,7 @@ from conftest import (
     request_in_child,
     run,
     states,
+    wait_listening,
 )
 
 from keyfailover.testing.pki import Pki, write_pki
@@ -253,15 +254,7 @@ def test_serve_offers_http2_upstream_unless_told_not_to(
         text=True,
     )
     try:
-        deadline = time.monotonic() + 15
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", port)).close()
-                break
-            except OSError:
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    raise AssertionError(proc.communicate()) from None
-                time.sleep(0.05)
+        wait_listening(proc, port)
         conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
         conn.request("POST", "/v1/messages", b"{}", {"content-type": "application/json"})
         resp = conn.getresponse()
