@@ -800,10 +800,12 @@ struct Watch {
     /// An HTTP/1 request came: hyper's own header timeout keeps the
     /// connection from then on.
     http1: std::sync::atomic::AtomicBool,
-    /// HTTP/2 requests came; how many have their answers still going out;
-    /// since when none has (coarse monotonic nanoseconds).
+    /// An HTTP/2 request came.
     http2: std::sync::atomic::AtomicBool,
+    /// HTTP/2 requests whose answers are still going out.
     busy: std::sync::atomic::AtomicUsize,
+    /// Since when none has been (coarse monotonic nanoseconds): the
+    /// connection's opening until its first request.
     idle_since: std::sync::atomic::AtomicU64,
     /// Closed idle: the socket's last bytes are a GOAWAY (see [`GOAWAY`]).
     goaway: std::sync::atomic::AtomicBool,
@@ -897,8 +899,10 @@ enum Idle {
 
 /// A connection, closed when it goes `timeout` without a request as
 /// [`Idle`] says. Once an HTTP/1 request came, hyper's own timer keeps it
-/// and the watchdog's sleep goes; until then it is looked at only when the
-/// sleep ends, so a busy connection pays nothing per request for it.
+/// and the watchdog's sleep goes (an HTTP/1 connection pays a flag's load a
+/// wake-up for it). Otherwise the sleep is polled as the connection wakes,
+/// and idleness is only worked out when it ends: at most every `timeout`
+/// while requests are in flight.
 struct Watched<'a, F> {
     conn: Pin<&'a mut F>,
     watch: &'a Watch,
