@@ -386,6 +386,24 @@ def test_spans_for_a_request_that_failed_over(up: MockUpstream, spans) -> None:
     assert first.end_time <= second.start_time
 
 
+def test_a_client_that_leaves_before_the_head_ends_the_request_span_as_failed(
+    up: MockUpstream, spans
+) -> None:
+    spans.clear()
+    client, _ = make_client(up, "anthropic", 1)
+    up.enqueue(Reply(stall=5))
+    with serve_asgi(FailoverProxy(client)) as url:
+        with pytest.raises(httpx.ReadTimeout):
+            httpx.post(url + "/v1/messages", json={"model": "m", "messages": []}, timeout=0.5)
+        deadline = time.monotonic() + 5
+        while not [s for s in spans.get_finished_spans() if s.name == "keyfailover.request"]:
+            assert time.monotonic() < deadline, "no request span"
+            time.sleep(0.02)
+    [request] = [s for s in spans.get_finished_spans() if s.name == "keyfailover.request"]
+    assert request.attributes["error.type"] == "CancelledError"
+    assert "http.response.status_code" not in request.attributes
+
+
 def test_an_attempt_span_names_the_endpoint_its_key_went_to(up: MockUpstream, spans) -> None:
     """Keys with endpoints of their own: each attempt's `server.address` is the host it
     went to, not the client's base URL's."""

@@ -226,9 +226,11 @@ class FailoverProxy:
         try:
             try:
                 response = await upstream
-            except asyncio.CancelledError:
-                if watcher.done():
-                    return  # the client left before the response head
+            except asyncio.CancelledError as cancelled:
+                if watcher.done():  # the client left before the response head
+                    if span is not None:
+                        span.fail(cancelled)  # its attempts are unknown: no answer came
+                    return
                 raise
             if span is not None:
                 span.attempts(response)
