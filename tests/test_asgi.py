@@ -10,6 +10,7 @@ import contextlib
 import dataclasses
 import gzip
 import json
+import logging
 import socket
 import threading
 import time
@@ -559,6 +560,55 @@ def test_mounted_in_fastapi(up):
     assert own_route == {"ok": True}
 
 
+def test_the_access_log_shows_the_path_with_its_mount(up, caplog):
+    """Two mounts of the proxy log apart, as the native server's routes do."""
+    app = FastAPI()
+    app.mount("/prod", make_proxy(up))
+    app.mount("/test", make_proxy(up))
+    caplog.set_level(logging.INFO, logger="keyfailover.proxy")
+    with serve_asgi(app) as url, httpx.Client(base_url=url) as http:
+        assert http.get("/prod/v1/models").status_code == 200
+        assert http.get("/test/_keyfailover/health").status_code == 200
+    lines = [r.getMessage() for r in caplog.records if r.name == "keyfailover.proxy"]
+    assert [line.split(" -> ")[0] for line in lines] == [
+        "GET /prod/v1/models",
+        "GET /test/_keyfailover/health",
+    ]
+
+
+@pytest.mark.parametrize(
+    ("headers", "version", "status"),
+    [
+        ([], "1.1", 400),
+        ([(b"host", b"a"), (b"host", b"b")], "1.1", 400),
+        ([(b"host", b"a"), (b"x-padding", b"p" * 70_000)], "1.1", 431),
+        ([], "2", 200),
+        ([(b"host", b"a")], "1.1", 200),
+    ],
+    ids=["no-host", "two-hosts", "head-over-64k", "http2-without-host", "fine"],
+)
+def test_a_head_the_native_server_refuses_is_refused_under_any_asgi_server(
+    up, headers, version, status
+):
+    """uvicorn's default parser (httptools) lets through an HTTP/1.1 request without
+    exactly one Host and a head of any size, which the native server's hyper refuses:
+    FailoverProxy refuses them alike, before any upstream call or key."""
+    scope = http_scope("/v1/messages", [(b"content-type", b"application/json"), *headers])
+    scope["http_version"] = version
+    sent: list[Any] = []
+    run(drive(make_proxy(up), scope, [{"type": "http.request", "body": b"{}"}], sent))
+    got, body = sent[0]["status"], b"".join(m.get("body", b"") for m in sent[1:])
+    assert got == status, body
+    if status != 200:
+        assert up.requests == []
+        message = json.loads(body)["error"]["message"]
+        assert message == (
+            "request head exceeds the limit of 65536 bytes"
+            if status == 431
+            else "an HTTP/1.1 request needs exactly one Host header"
+        )
+
+
 def test_mount_below_a_server_root_path_and_nested_mounts(up):
     app = fastapi_app(up)
     with serve_with_root_path(app, "/api") as url, anthropic_sdk(url + "/anthropic") as client:
@@ -809,6 +859,8 @@ async def drive(
 
 
 def http_scope(path: str, headers: list[tuple[bytes, bytes]]) -> dict[str, Any]:
+    """An HTTP/1.1 request's scope, with `headers` as given (the Host among them, which
+    an HTTP/1.1 request needs)."""
     return {
         "type": "http",
         "asgi": {"version": "3.0"},
@@ -839,7 +891,7 @@ def test_websocket_scope_is_closed(up):
 
 
 def test_header_upstream_cannot_take_is_400_in_the_envelope(up):
-    scope = http_scope("/v1/chat/completions", [(b"bad header", b"x")])
+    scope = http_scope("/v1/chat/completions", [(b"host", b"proxy"), (b"bad header", b"x")])
     sent: list[Any] = []
     inbox = [{"type": "http.request", "body": json.dumps(CHAT).encode()}]
     run(drive(make_proxy(up, "openai"), scope, inbox, sent))
@@ -852,7 +904,9 @@ def test_header_upstream_cannot_take_is_400_in_the_envelope(up):
 
 def test_upstream_error_in_a_json_body_starts_no_second_response(up):
     up.enqueue(broken_json(chunked=False))
-    scope = http_scope("/v1/messages", [(b"content-type", b"application/json")])
+    scope = http_scope(
+        "/v1/messages", [(b"host", b"proxy"), (b"content-type", b"application/json")]
+    )
     sent: list[Any] = []
     inbox = [{"type": "http.request", "body": json.dumps(MESSAGE).encode()}]
     with pytest.raises(UpstreamError):  # the server then aborts the connection

@@ -424,12 +424,14 @@ def test_sighup_with_keys_from_the_environment_is_logged_and_ignored(
 
 @pytest.mark.parametrize("server", ["native", "uvicorn"])
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+@pytest.mark.parametrize("twice", [False, True], ids=["once", "twice"])
 def test_sigterm_ends_in_flight_requests_with_proper_errors_after_the_grace_period(
-    up: MockUpstream, server: str, signum: int
+    up: MockUpstream, server: str, signum: int, twice: bool
 ):
     """A request waiting on a stalled upstream gets 503, a stalled stream an error
     event, and the process exits 0 soon after --grace: on either server, for either
-    signal."""
+    signal, and when it comes twice (a Ctrl-C pressed again, on which uvicorn alone
+    quits at once, cutting the streams)."""
     import threading
 
     up.enqueue(Reply(stall=30))
@@ -453,6 +455,9 @@ def test_sigterm_ends_in_flight_requests_with_proper_errors_after_the_grace_peri
     time.sleep(0.3)
     sent = time.monotonic()
     proc.send_signal(signum)
+    if twice:
+        time.sleep(0.3)
+        proc.send_signal(signum)
     for thread in threads:
         thread.join(15)
     proc.communicate(timeout=15)

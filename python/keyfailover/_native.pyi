@@ -291,7 +291,16 @@ class Gateway:
         admin_tokens: Iterable[str] | None = None,
         reload: Callable[[], Sequence[str | Key] | Mapping[str, str | Key]] | None = None,
     ) -> Gateway: ...
-    def begin(self, method: str, target: str | bytes, headers: _Headers) -> Response | Forward: ...
+    def begin(
+        self,
+        method: str,
+        target: str | bytes,
+        headers: _Headers,
+        *,
+        http_version: str | None = None,
+    ) -> Response | Forward:
+        """A `Response` to send as it is, or a `Forward` that wants the body; a head over
+        64 KiB gets 431, and with `http_version="1.1"` one without exactly one Host 400."""
     def too_large(self) -> Response: ...
     def body_stalled(self) -> Response: ...
     def shutting_down(self) -> Response: ...

@@ -38,12 +38,17 @@ def run_uvicorn(uvicorn: Any, proxy: FailoverProxy, sock: socket.socket, args: A
         timer: threading.Timer | None = None
 
         def handle_exit(self, sig: int, frame: Any) -> None:
-            if self.timer is None:
-                log.info("shutting down: in-flight requests have %g s to finish", args.grace)
-                proxy.gateway.drain()  # dashboards' streams end now, not at the grace's end
-                self.timer = threading.Timer(args.grace, proxy.shutdown)
-                self.timer.daemon = True
-                self.timer.start()
+            if self.timer is not None:
+                # Stopping already. uvicorn quits at once on a second SIGINT, cutting
+                # every stream without its error event (a Ctrl-C pressed twice): the
+                # grace period bounds the wait instead, as on the native server.
+                self._captured_signals.clear()
+                return
+            log.info("shutting down: in-flight requests have %g s to finish", args.grace)
+            proxy.gateway.drain()  # dashboards' streams end now, not at the grace's end
+            self.timer = threading.Timer(args.grace, proxy.shutdown)
+            self.timer.daemon = True
+            self.timer.start()
             super().handle_exit(sig, frame)
             # uvicorn re-raises the signal once it has stopped, so the process would
             # die of it; a graceful shutdown is a clean exit (status 0).

@@ -151,11 +151,12 @@ class FailoverProxy:
             return  # the client left
         started = time.perf_counter()
         target = _target(scope)
+        root = _mount(scope)
         step = self.gateway.begin("GET", target, scope["headers"])
         if not isinstance(step, Response):  # never for a handshake (it asks for an upgrade)
             await send({"type": "websocket.close", "code": 1003})
             return
-        self._access("GET", target, step, started, byok=False)
+        self._access("GET", root + target, step, started, byok=False)
         body = await step.read()
         await send(
             {
@@ -179,11 +180,14 @@ class FailoverProxy:
         started = time.perf_counter()
         method: str = scope["method"]
         target = _target(scope)
-        step = self.gateway.begin(method, target, scope["headers"])
+        root = _mount(scope)  # for the access log, as the native server shows its routes'
+        step = self.gateway.begin(
+            method, target, scope["headers"], http_version=scope.get("http_version")
+        )
         if isinstance(step, Response):
             # An answer of the gateway's own; the dashboard's event stream
             # among them never ends by itself: stop it when the client leaves.
-            self._access(method, target, step, started, byok=False)
+            self._access(method, root + target, step, started, byok=False)
             answered: asyncio.Future[Response] = asyncio.get_running_loop().create_future()
             answered.set_result(step)
             watcher = asyncio.ensure_future(_close_on_disconnect(receive, answered))
@@ -198,17 +202,17 @@ class FailoverProxy:
             body = await self._read_body(receive)
         except _BodyTooLarge:
             too_large = self.gateway.too_large()
-            self._access(method, target, too_large, started, byok=step.byok)
+            self._access(method, root + target, too_large, started, byok=step.byok)
             await _relay(too_large, send)
             return
         except _BodyStalled:
             stalled = self.gateway.body_stalled()
-            self._access(method, target, stalled, started, byok=step.byok)
+            self._access(method, root + target, stalled, started, byok=step.byok)
             await _relay(stalled, send)
             return
         except _Expired:
             refused = self.gateway.shutting_down()
-            self._access(method, target, refused, started, byok=step.byok)
+            self._access(method, root + target, refused, started, byok=step.byok)
             await _relay(refused, send)
             return
         except _ClientGone:
@@ -234,7 +238,7 @@ class FailoverProxy:
                 raise
             if span is not None:
                 span.attempts(response)
-            self._access(method, target, response, started, byok=step.byok)
+            self._access(method, root + target, response, started, byok=step.byok)
             await _relay(response, send)
         except BaseException as error:
             if span is not None:
@@ -407,6 +411,12 @@ async def _close_on_disconnect(receive: Receive, upstream: asyncio.Future[Respon
         upstream.cancel()
     elif not upstream.cancelled() and upstream.exception() is None:
         await upstream.result().aclose()
+
+
+def _mount(scope: Scope) -> str:
+    """Where the app is mounted (`root_path`), without its trailing slash: "" at /."""
+    root: str = scope.get("root_path", "")
+    return root.rstrip("/")
 
 
 def _target(scope: Scope) -> str:

@@ -22,6 +22,11 @@ use crate::headers::{unsupported_transfer_coding, upgrade_requested, RequestHead
 use crate::metrics::Outcome;
 use crate::target::normalize_target;
 
+/// The most a request head (request line and fields) may hold: the native
+/// server's hyper answers 431 beyond, and so does the gateway for a head an
+/// ASGI server let through ([`Gateway::refuse_head`]).
+pub const MAX_HEAD_BYTES: usize = 64 * 1024;
+
 /// Where the admin endpoints live, below the proxy's mount.
 pub const ADMIN_PREFIX: &str = "/_keyfailover/";
 /// The admin area's path segment.
@@ -417,6 +422,39 @@ impl Gateway {
     /// An error answer of keyfailover's own, in the provider's envelope.
     pub fn answer(&self, kind: ErrorKind, message: &str) -> Response {
         Response::error(self.client.provider(), kind, message)
+    }
+
+    /// What an ASGI server may let through that the native server refuses
+    /// before the gateway sees it: a head over [`MAX_HEAD_BYTES`] (431; uvicorn's
+    /// default parser has no limit), and an HTTP/1.1 request without exactly
+    /// one `Host` (400; RFC 9112, section 3.2). None when the head is fine.
+    pub fn refuse_head(
+        &self,
+        http11: bool,
+        method: &str,
+        target: &str,
+        headers: &HeaderMap,
+    ) -> Option<Response> {
+        let size = method.len()
+            + target.len()
+            + headers
+                .iter()
+                .map(|(name, value)| name.as_str().len() + value.len() + 4)
+                .sum::<usize>();
+        if size > MAX_HEAD_BYTES {
+            self.client.pool().counters().outcome(Outcome::Rejected);
+            let message = format!("request head exceeds the limit of {MAX_HEAD_BYTES} bytes");
+            let mut response = self.answer(ErrorKind::RequestTooLarge, &message);
+            response.status = 431;
+            return Some(response);
+        }
+        if http11 && headers.get_all(http::header::HOST).iter().count() != 1 {
+            let message = "an HTTP/1.1 request needs exactly one Host header";
+            if let Step::Respond(response) = self.refuse(ErrorKind::InvalidRequest, message) {
+                return Some(response);
+            }
+        }
+        None
     }
 
     fn error_response(&self, err: &Error) -> Response {

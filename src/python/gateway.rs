@@ -169,13 +169,16 @@ impl PyGateway {
     /// Decides from a request head: a `Response` to send as it is, or a
     /// `Forward` that wants the body. `target` is the path below the mount
     /// with its query, as the caller encoded it; `headers` are (name, value)
-    /// pairs as bytes (or str).
+    /// pairs as bytes (or str); `http_version` the ASGI scope's ("1.1": one
+    /// Host is required). A head over 64 KiB is answered 431.
+    #[pyo3(signature = (method, target, headers, *, http_version = None))]
     fn begin<'py>(
         &self,
         py: Python<'py>,
         method: &str,
         target: &Bound<'py, PyAny>,
         headers: &Bound<'py, PyAny>,
+        http_version: Option<&str>,
     ) -> PyResult<Bound<'py, PyAny>> {
         let target = match target.cast::<PyBytes>() {
             Ok(raw) => raw.as_bytes().iter().map(|&b| char::from(b)).collect(),
@@ -191,6 +194,10 @@ impl PyGateway {
                 return PyResponse::from(answer).into_bound_py_any(py);
             }
         };
+        let http11 = http_version == Some("1.1");
+        if let Some(refused) = self.gateway.refuse_head(http11, method, &target, &headers) {
+            return PyResponse::from(refused).into_bound_py_any(py);
+        }
         match self.gateway.begin(method, &target, headers) {
             Step::Respond(response) => PyResponse::from(response).into_bound_py_any(py),
             Step::Forward(forward) => PyForward {

@@ -108,7 +108,7 @@ impl Default for ServerOptions {
         Self {
             header_timeout: Duration::from_secs(30),
             max_connections: 10_000,
-            max_header_bytes: 64 * 1024,
+            max_header_bytes: crate::gateway::MAX_HEAD_BYTES,
             grace: Duration::from_secs(10),
             http2: true,
             access_log: None,
