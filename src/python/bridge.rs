@@ -206,8 +206,10 @@ fn inbox_for(event_loop: &Bound<'_, PyAny>) -> PyResult<Arc<Inbox>> {
 /// the parent's too, whose tokio threads write to them. The loops' reader
 /// registrations are left alone: the child's selector is the parent's epoll
 /// instance, and `remove_reader` here removed the parent's (whose requests
-/// then never completed). Should the child run an inherited loop anyway, its
-/// copies of the drains read nothing: the wake-up bytes are the parent's.
+/// then never completed). A child must not run an inherited loop (asyncio's
+/// loops are not fork-safe: it shares the parent's epoll); if it does, its
+/// copies of the drains read nothing, so the wake-up bytes stay the parent's,
+/// though they wake the child's loop too for as long as they are unread.
 pub(crate) fn after_fork(py: Python<'_>) -> PyResult<()> {
     let Some(inboxes) = INBOXES.get(py) else {
         return Ok(());

@@ -8,9 +8,9 @@
 //! oversized headers 431 (both from hyper; an HTTP/1.1 request without
 //! exactly one `Host` 400 from here), a request head not complete
 //! within `header_timeout` a closed connection (slowloris; the same timer
-//! closes idle keep-alive connections, and a connection that sends no
-//! request at all, or HTTP/2 and then no request for as long), connections
-//! beyond `max_connections` a 503 and a close.
+//! closes idle keep-alive connections; a connection that sends no request
+//! at all, or only an HTTP/2 preface, closes as late), connections beyond
+//! `max_connections` a 503 and a close.
 //!
 //! Shutdown ([`Server::shutdown`]): stop accepting, let requests and streams
 //! in flight finish for `grace`, then end those left with a proper error
@@ -276,45 +276,30 @@ impl Server {
 
     async fn connection(self: &Arc<Self>, stream: TcpStream) {
         let server = self.clone();
-        let watch = Arc::new(Watch::new());
+        let watch = Arc::new(Watch::default());
         let requests = watch.clone();
         let service = service_fn(move |request: hyper::Request<Incoming>| {
             let server = server.clone();
-            let busy = requests.request(request.version());
+            requests.request();
             // Boxed: a connection holds its service's future for as long as
             // it is open, and a request's (about 4 KB) is only needed until
             // the response head is out, not for the rest of a stream.
-            Box::pin(async move {
-                let response = server.unpanicked(server.handle(request)).await;
-                Ok::<_, Infallible>(match busy {
-                    None => response,
-                    Some(busy) => response.map(|body| UnsyncBoxBody::new(Held { body, busy })),
-                })
-            })
+            Box::pin(
+                async move { Ok::<_, Infallible>(server.unpanicked(server.handle(request)).await) },
+            )
         });
-        let conn = self.http.serve_connection(
-            TokioIo::new(Lingering(Some(stream), watch.clone())),
-            service,
-        );
+        let conn = self
+            .http
+            .serve_connection(TokioIo::new(Lingering(Some(stream))), service);
         let mut conn = std::pin::pin!(conn);
         let watched = Watched {
             conn: conn.as_mut(),
             watch: &watch,
-            timeout: self.options.header_timeout,
-            sleep: None,
+            sleep: Some(Box::pin(tokio::time::sleep(self.options.header_timeout))),
         };
         match self.stop.guard(watched).await {
-            Some(Ok(_)) | Some(Err(Idle::BeforeAnyRequest)) => {}
-            // HTTP/2 with no request in flight: closed with a GOAWAY saying
-            // that nothing more was processed (see `GOAWAY`), written as the
-            // socket closes. Not hyper's graceful shutdown: its first GOAWAY
-            // still takes streams for a round trip, which the close would
-            // then cut, and the PING after it upsets clients (python-h2).
-            Some(Err(Idle::Between)) => {
-                watch
-                    .goaway
-                    .store(true, std::sync::atomic::Ordering::Release);
-            }
+            // Done, or closed for sending no request in time.
+            Some(_) => {}
             // Shutting down: a connection that never sent a request has none
             // to finish (and a client sending nothing would hold the drain).
             None if !watch.any_request() => {}
@@ -795,171 +780,60 @@ impl Out {
     }
 }
 
-/// What a connection's watchdog ([`Watched`]) knows of its requests.
-struct Watch {
-    /// An HTTP/1 request came: hyper's own header timeout keeps the
-    /// connection from then on.
-    http1: std::sync::atomic::AtomicBool,
-    /// An HTTP/2 request came.
-    http2: std::sync::atomic::AtomicBool,
-    /// HTTP/2 requests whose answers are still going out.
-    busy: std::sync::atomic::AtomicUsize,
-    /// Since when none has been (coarse monotonic nanoseconds): the
-    /// connection's opening until its first request.
-    idle_since: std::sync::atomic::AtomicU64,
-    /// Closed idle: the socket's last bytes are a GOAWAY (see [`GOAWAY`]).
-    goaway: std::sync::atomic::AtomicBool,
-}
+/// Whether a connection sent a request (see [`Watched`]).
+#[derive(Default)]
+struct Watch(std::sync::atomic::AtomicBool);
 
 impl Watch {
-    fn new() -> Self {
-        Self {
-            http1: false.into(),
-            http2: false.into(),
-            busy: 0.into(),
-            idle_since: crate::clock::coarse_monotonic_nanos().into(),
-            goaway: false.into(),
-        }
-    }
-
-    /// A request came; for HTTP/2, the guard to drop with its answer.
-    fn request(self: &Arc<Self>, version: hyper::Version) -> Option<Busy> {
+    fn request(&self) {
         use std::sync::atomic::Ordering::Relaxed;
-        if version != hyper::Version::HTTP_2 {
-            if !self.http1.load(Relaxed) {
-                self.http1.store(true, Relaxed);
-            }
-            return None;
+        if !self.0.load(Relaxed) {
+            self.0.store(true, Relaxed);
         }
-        self.http2.store(true, Relaxed);
-        self.busy.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
-        Some(Busy(self.clone()))
     }
 
     fn any_request(&self) -> bool {
-        use std::sync::atomic::Ordering::Relaxed;
-        self.http1.load(Relaxed) || self.http2.load(Relaxed)
+        self.0.load(std::sync::atomic::Ordering::Relaxed)
     }
 }
 
-/// An HTTP/2 request's answer still going out (see [`Watch`]).
-struct Busy(Arc<Watch>);
-
-impl Drop for Busy {
-    fn drop(&mut self) {
-        let watch = &self.0;
-        if watch.busy.fetch_sub(1, std::sync::atomic::Ordering::AcqRel) == 1 {
-            let now = crate::clock::coarse_monotonic_nanos();
-            watch
-                .idle_since
-                .store(now, std::sync::atomic::Ordering::Release);
-        }
-    }
-}
-
-pin_project_lite::pin_project! {
-    /// An HTTP/2 answer's body, holding its request's [`Busy`] until it is
-    /// sent or dropped.
-    struct Held {
-        #[pin]
-        body: Body,
-        busy: Busy,
-    }
-}
-
-impl hyper::body::Body for Held {
-    type Data = Bytes;
-    type Error = Error;
-
-    fn poll_frame(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<std::result::Result<Frame<Bytes>, Error>>> {
-        self.project().body.poll_frame(cx)
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.body.is_end_stream()
-    }
-
-    fn size_hint(&self) -> hyper::body::SizeHint {
-        self.body.size_hint()
-    }
-}
-
-/// Why a connection was closed for idleness.
-enum Idle {
-    /// No request within the header timeout of its opening: nothing sent, or
-    /// not even enough for hyper to tell HTTP/1 from HTTP/2, whose header
-    /// timeouts then never start, or an HTTP/2 preface and no request.
-    BeforeAnyRequest,
-    /// HTTP/2, no request for the header timeout (hyper has no such limit).
-    Between,
-}
-
-/// A connection, closed when it goes `timeout` without a request as
-/// [`Idle`] says. Once an HTTP/1 request came, hyper's own timer keeps it
-/// and the watchdog's sleep goes (an HTTP/1 connection pays a flag's load a
-/// wake-up for it). Otherwise the sleep is polled as the connection wakes,
-/// and idleness is only worked out when it ends: at most every `timeout`
-/// while requests are in flight.
+/// A connection, closed when no request has come `timeout` after it
+/// opened: it sent nothing, or not even enough for hyper to tell HTTP/1
+/// from HTTP/2 (whose header timeouts only start then), or an HTTP/2
+/// preface and no request. From its first request on, hyper's timers keep
+/// it, and the watchdog's sleep goes (the connection pays a flag's load a
+/// wake-up for it). An HTTP/2 connection is then not closed for idleness:
+/// closing one while a slow client still reads an answer the kernel holds
+/// would lose it, and `max_connections` bounds them.
 struct Watched<'a, F> {
     conn: Pin<&'a mut F>,
     watch: &'a Watch,
-    timeout: Duration,
     sleep: Option<Pin<Box<tokio::time::Sleep>>>,
 }
 
 impl<F: std::future::Future> std::future::Future for Watched<'_, F> {
-    type Output = std::result::Result<F::Output, Idle>;
+    /// None: closed for sending no request.
+    type Output = Option<F::Output>;
 
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        use std::sync::atomic::Ordering::{Acquire, Relaxed};
         let this = &mut *self;
         if let Poll::Ready(out) = this.conn.as_mut().poll(cx) {
-            return Poll::Ready(Ok(out));
+            return Poll::Ready(Some(out));
         }
-        if this.watch.http1.load(Relaxed) {
+        if this.watch.any_request() {
             this.sleep = None;
             return Poll::Pending;
         }
-        let timeout = this.timeout;
-        let sleep = this
-            .sleep
-            .get_or_insert_with(|| Box::pin(tokio::time::sleep(timeout)));
-        while sleep.as_mut().poll(cx).is_ready() {
-            let since = this.watch.idle_since.load(Acquire);
-            let idle =
-                Duration::from_nanos(crate::clock::coarse_monotonic_nanos().saturating_sub(since));
-            if this.watch.busy.load(Acquire) == 0 && idle >= timeout {
-                return Poll::Ready(Err(if this.watch.any_request() {
-                    Idle::Between
-                } else {
-                    Idle::BeforeAnyRequest
-                }));
-            }
-            // Busy (look again a whole timeout on), or idle for less (look
-            // again when it could be long enough).
-            let rest = if this.watch.busy.load(Acquire) > 0 {
-                timeout
-            } else {
-                timeout.saturating_sub(idle).max(Duration::from_millis(10))
-            };
-            sleep.as_mut().reset(tokio::time::Instant::now() + rest);
+        match this.sleep.as_mut().map(|sleep| sleep.as_mut().poll(cx)) {
+            Some(Poll::Ready(())) => Poll::Ready(None),
+            _ => Poll::Pending,
         }
-        Poll::Pending
     }
 }
 
 /// A connection's socket, closed with a linger (see [`LINGER`]) when hyper
 /// is done with it.
-struct Lingering(Option<TcpStream>, Arc<Watch>);
-
-/// The last frame on an idle HTTP/2 connection the watchdog closes: GOAWAY,
-/// NO_ERROR, last stream 0. Every stream the connection served has its whole
-/// answer (the watchdog closes only then), so any stream above 0 the client
-/// sent meanwhile was not processed, and it may send it again elsewhere.
-const GOAWAY: [u8; 17] = [0, 0, 8, 7, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0];
+struct Lingering(Option<TcpStream>);
 
 impl Lingering {
     fn stream(&mut self) -> Pin<&mut TcpStream> {
@@ -1014,12 +888,8 @@ impl Drop for Lingering {
         else {
             return;
         };
-        let goaway = self.1.goaway.load(std::sync::atomic::Ordering::Acquire);
         runtime.spawn(async move {
             let _ = tokio::time::timeout(LINGER, async {
-                if goaway {
-                    let _ = stream.write_all(&GOAWAY).await;
-                }
                 let _ = stream.shutdown().await;
                 let mut buf = vec![0u8; 16 * 1024];
                 let mut read = 0;
